@@ -1,0 +1,28 @@
+//! Tidings' shared vocabulary: the domain types every other crate speaks.
+//!
+//! - [`ServiceName`], [`Endpoint`], [`EndpointKey`] and [`Tags`] are the domain model of
+//!   DESIGN.md §3. Every type validates itself on construction *and* on deserialisation, so
+//!   a value of these types is always valid, whichever door (JSON, form, bincode) it came in.
+//! - [`api`] holds the JSON shapes of the v1 (lyft/discovery, Envoy v1 SDS) and v2 APIs,
+//!   and the parsers that turn request bodies into endpoints.
+//! - [`codec`] is the one place that knows the binary wire format (bincode 2 behind a
+//!   version byte, with a size limit), used by gossip and the disk cache.
+//!
+//! Invariant: nothing in this crate panics on input from outside the process; every
+//! failure is a [`ValidationError`] or a [`codec::CodecError`].
+
+pub mod api;
+pub mod codec;
+mod endpoint;
+mod error;
+mod name;
+mod tags;
+pub mod timefmt;
+
+pub use endpoint::{Endpoint, EndpointKey};
+pub use error::ValidationError;
+pub use name::{BoundedString, RepoName, Revision, ServiceName, TagKey, TagValue};
+pub use tags::{Tags, Weight, MAX_EXTRA_TAGS};
+
+#[cfg(test)]
+mod tests;
