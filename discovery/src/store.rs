@@ -1,0 +1,79 @@
+//! The storage contract. A store only keeps rows; *policy* (TTL filtering, self-preservation,
+//! warm-up, the index) lives in the registry above it, so both stores behave the same and the
+//! one conformance suite checks them both.
+
+use std::net::IpAddr;
+use std::num::NonZeroU16;
+
+use async_trait::async_trait;
+use schema::{Endpoint, ServiceName, Weight};
+use thiserror::Error;
+
+/// One stored row: the endpoint as last checked in, when, and the operator's weight override.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEndpoint {
+    /// As the host last checked it in, with `tags.load_balancing_weight` already replaced by
+    /// `weight_override` when one is set.
+    pub endpoint: Endpoint,
+    /// Registry clock at the last check-in, epoch ms. Never moves backwards.
+    pub last_check_in_ms: u64,
+    /// Set through `POST /v1/loadbalancing/...`; survives later check-ins.
+    pub weight_override: Option<Weight>,
+}
+
+/// What a check-in did, so the registry can move its index only on real changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckInOutcome {
+    /// Endpoints stored (all of them unless a newer check-in was already there).
+    pub accepted: usize,
+    /// Services whose membership or tags changed (new endpoint, changed revision or tags).
+    /// A plain re-check-in changes nothing and leaves this empty.
+    pub changed_services: Vec<ServiceName>,
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The backend could not be reached or refused the operation (DynamoDB down, throttled
+    /// past the retry budget, timed out). Writes answer 503 with `Retry-After`; reads fall
+    /// back to the registry's last good cache.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend returned something we cannot interpret (a row written by a foreign tool).
+    #[error("corrupt row in store: {0}")]
+    Corrupt(String),
+}
+
+/// A registry backend. Implementations must be safe to share between tasks and between
+/// registry processes (DynamoDB): every method is a self-contained, idempotent operation.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Upserts each endpoint with `last_check_in = now_ms`, never moving an existing
+    /// `last_check_in` backwards, keeping any weight override, and merging tags the way
+    /// lyft/discovery does not: the new tag set replaces the old one (so tags can be removed),
+    /// except the operator's weight override, which is kept separately.
+    async fn check_in(&self, endpoints: &[Endpoint], now_ms: u64) -> Result<CheckInOutcome, StoreError>;
+
+    /// Every row of one service, expired or not (the registry filters).
+    async fn list_service(&self, service: &ServiceName) -> Result<Vec<StoredEndpoint>, StoreError>;
+
+    /// Every row of every service (the catalog, the sweeper, self-preservation accounting).
+    async fn list_all(&self) -> Result<Vec<StoredEndpoint>, StoreError>;
+
+    /// Every row whose `service_repo_name` is `repo`.
+    async fn list_repo(&self, repo: &str) -> Result<Vec<StoredEndpoint>, StoreError>;
+
+    /// Removes the service's rows on `ip` (only the one on `port` when given). Returns how many
+    /// were removed; 0 means unknown (the API answers 404).
+    async fn deregister(&self, service: &ServiceName, ip: IpAddr, port: Option<NonZeroU16>)
+    -> Result<usize, StoreError>;
+
+    /// Sets the weight override on the service's rows on `ip`, or on every row of the service
+    /// when `ip` is `None`. Returns how many rows were updated; 0 means unknown (404).
+    async fn set_weight(&self, service: &ServiceName, ip: Option<IpAddr>, weight: Weight)
+    -> Result<usize, StoreError>;
+
+    /// Deletes at most `max` rows whose `last_check_in` is older than `cutoff_ms`, re-checking
+    /// the time at delete (conditionally, in DynamoDB) so a row that checked in meanwhile is
+    /// kept. Returns how many were deleted.
+    async fn delete_expired(&self, cutoff_ms: u64, max: usize) -> Result<usize, StoreError>;
+}
