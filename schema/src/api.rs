@@ -55,7 +55,11 @@ impl V1Host {
             ip: parse_ip(&self.ip_address)?,
             port: port_from(u64::from(self.port))?,
             revision: Revision::new(self.revision.clone())?,
-            service_repo_name: self.service_repo_name.clone().map(RepoName::new).transpose()?,
+            service_repo_name: self
+                .service_repo_name
+                .clone()
+                .map(RepoName::new)
+                .transpose()?,
             tags: Tags::from_json(&Value::Object(self.tags.clone()))?,
         };
         Ok((ep, parse_rfc3339_ms(&self.last_check_in).unwrap_or(0)))
@@ -115,7 +119,10 @@ impl EndpointSpec {
             (None, None) => return Err(ValidationError::Missing("ip")),
         };
         let port = match &self.port {
-            Value::Number(n) => port_from(n.as_u64().ok_or_else(|| ValidationError::Port(n.to_string()))?)?,
+            Value::Number(n) => port_from(
+                n.as_u64()
+                    .ok_or_else(|| ValidationError::Port(n.to_string()))?,
+            )?,
             Value::String(s) => parse_port(s)?,
             Value::Null => return Err(ValidationError::Missing("port")),
             other => return Err(ValidationError::Port(other.to_string())),
@@ -130,7 +137,10 @@ impl EndpointSpec {
             ip,
             port,
             revision: bounded(self.revision.unwrap_or_default(), "revision", 128)?,
-            service_repo_name: self.service_repo_name.map(|r| bounded(r, "service_repo_name", 128)).transpose()?,
+            service_repo_name: self
+                .service_repo_name
+                .map(|r| bounded(r, "service_repo_name", 128))
+                .transpose()?,
             tags,
         })
     }
@@ -148,15 +158,21 @@ fn parse_tag_string(s: &str) -> Result<Value, ValidationError> {
     if s.trim().is_empty() {
         return Ok(Value::Null);
     }
-    serde_json::from_str(s).map_err(|_| ValidationError::Malformed("Invalid json supplied in tags".into()))
+    serde_json::from_str(s)
+        .map_err(|_| ValidationError::Malformed("Invalid json supplied in tags".into()))
 }
 
 pub fn parse_ip(s: &str) -> Result<IpAddr, ValidationError> {
-    s.trim().parse().map_err(|_| ValidationError::Ip(s.to_string()))
+    s.trim()
+        .parse()
+        .map_err(|_| ValidationError::Ip(s.to_string()))
 }
 
 pub fn parse_port(s: &str) -> Result<NonZeroU16, ValidationError> {
-    let n = s.trim().parse::<u64>().map_err(|_| ValidationError::Port(s.to_string()))?;
+    let n = s
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| ValidationError::Port(s.to_string()))?;
     port_from(n)
 }
 
@@ -169,19 +185,30 @@ fn port_from(n: u64) -> Result<NonZeroU16, ValidationError> {
 
 /// Parses a v1 check-in body for `service`: form-encoded (lyft/discovery's clients, `tags` as
 /// a JSON string) when `is_json` is false, a JSON [`EndpointSpec`] otherwise.
-pub fn parse_v1_checkin(service: &ServiceName, body: &[u8], is_json: bool) -> Result<Endpoint, ValidationError> {
+pub fn parse_v1_checkin(
+    service: &ServiceName,
+    body: &[u8],
+    is_json: bool,
+) -> Result<Endpoint, ValidationError> {
     let spec = if is_json {
-        serde_json::from_slice::<EndpointSpec>(body).map_err(|e| ValidationError::Malformed(e.to_string()))?
+        serde_json::from_slice::<EndpointSpec>(body)
+            .map_err(|e| ValidationError::Malformed(e.to_string()))?
     } else {
-        let form: BTreeMap<String, String> =
-            serde_urlencoded::from_bytes(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+        let form: BTreeMap<String, String> = serde_urlencoded::from_bytes(body)
+            .map_err(|e| ValidationError::Malformed(e.to_string()))?;
         EndpointSpec {
             service: None,
             ip: form.get("ip").cloned(),
-            port: form.get("port").map(|p| Value::String(p.clone())).unwrap_or(Value::Null),
+            port: form
+                .get("port")
+                .map(|p| Value::String(p.clone()))
+                .unwrap_or(Value::Null),
             revision: form.get("revision").cloned(),
             service_repo_name: form.get("service_repo_name").cloned(),
-            tags: form.get("tags").map(|t| Value::String(t.clone())).unwrap_or(Value::Null),
+            tags: form
+                .get("tags")
+                .map(|t| Value::String(t.clone()))
+                .unwrap_or(Value::Null),
         }
     };
     spec.into_endpoint(Some(service), None)
@@ -202,10 +229,16 @@ impl CheckInRequest {
         let req: CheckInRequest =
             serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
         if req.endpoints.len() > MAX_CHECKIN_ENDPOINTS {
-            return Err(ValidationError::TooManyEndpoints { max: MAX_CHECKIN_ENDPOINTS, got: req.endpoints.len() });
+            return Err(ValidationError::TooManyEndpoints {
+                max: MAX_CHECKIN_ENDPOINTS,
+                got: req.endpoints.len(),
+            });
         }
         let default_ip = req.ip.as_deref().map(parse_ip).transpose()?;
-        req.endpoints.into_iter().map(|s| s.into_endpoint(None, default_ip)).collect()
+        req.endpoints
+            .into_iter()
+            .map(|s| s.into_endpoint(None, default_ip))
+            .collect()
     }
 
     /// The request a client sends for `endpoints`.
@@ -221,7 +254,10 @@ impl CheckInRequest {
                 tags: Value::Object(ep.tags.to_json()),
             })
             .collect();
-        CheckInRequest { ip: None, endpoints }
+        CheckInRequest {
+            ip: None,
+            endpoints,
+        }
     }
 }
 
@@ -236,19 +272,27 @@ pub struct CheckInResponse {
 /// (lyft's name; `weight` is accepted too) or a JSON object with the same key.
 pub fn parse_weight_body(body: &[u8], is_json: bool) -> Result<Weight, ValidationError> {
     if is_json {
-        let v: Value = serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
         let w = v.get("load_balancing_weight").or_else(|| v.get("weight"));
         return match w {
-            Some(Value::Number(n)) => n.as_u64().map_or_else(|| Err(ValidationError::Weight(n.to_string())), Weight::new),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .map_or_else(|| Err(ValidationError::Weight(n.to_string())), Weight::new),
             Some(Value::String(s)) => Weight::parse(s),
             Some(other) => Err(ValidationError::Weight(other.to_string())),
             None => Err(ValidationError::Missing("load_balancing_weight")),
         };
     }
-    let form: BTreeMap<String, String> =
-        serde_urlencoded::from_bytes(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
-    let w = form.get("load_balancing_weight").or_else(|| form.get("weight"));
-    w.map_or(Err(ValidationError::Missing("load_balancing_weight")), |w| Weight::parse(w))
+    let form: BTreeMap<String, String> = serde_urlencoded::from_bytes(body)
+        .map_err(|e| ValidationError::Malformed(e.to_string()))?;
+    let w = form
+        .get("load_balancing_weight")
+        .or_else(|| form.get("weight"));
+    w.map_or(
+        Err(ValidationError::Missing("load_balancing_weight")),
+        |w| Weight::parse(w),
+    )
 }
 
 /// One row of `GET /v2/services`.
@@ -293,6 +337,11 @@ pub struct ErrorDetail {
 
 impl ErrorBody {
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        ErrorBody { error: ErrorDetail { code: code.into(), message: message.into() } }
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
     }
 }

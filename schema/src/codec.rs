@@ -44,7 +44,10 @@ pub fn encode<T: Serialize, const LIMIT: usize>(value: &T) -> Result<Vec<u8>, Co
     let mut out = vec![WIRE_VERSION];
     bincode::serde::encode_into_std_write(value, &mut out, cfg::<LIMIT>())?;
     if out.len() > LIMIT {
-        return Err(CodecError::TooLarge { len: out.len(), limit: LIMIT });
+        return Err(CodecError::TooLarge {
+            len: out.len(),
+            limit: LIMIT,
+        });
     }
     Ok(out)
 }
@@ -53,7 +56,10 @@ pub fn encode<T: Serialize, const LIMIT: usize>(value: &T) -> Result<Vec<u8>, Co
 /// input over the limit, malformed data and trailing bytes.
 pub fn decode<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > LIMIT {
-        return Err(CodecError::TooLarge { len: bytes.len(), limit: LIMIT });
+        return Err(CodecError::TooLarge {
+            len: bytes.len(),
+            limit: LIMIT,
+        });
     }
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if version != WIRE_VERSION {

@@ -58,7 +58,11 @@ impl Endpoint {
     }
 
     pub fn key(&self) -> EndpointKey {
-        EndpointKey { service: self.service.clone(), ip: self.ip, port: self.port }
+        EndpointKey {
+            service: self.service.clone(),
+            ip: self.ip,
+            port: self.port,
+        }
     }
 
     pub fn socket_addr(&self) -> SocketAddr {

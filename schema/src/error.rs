@@ -3,7 +3,9 @@ use thiserror::Error;
 /// Why a value from outside the process was refused. The message is safe to show a client.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ValidationError {
-    #[error("invalid service name {0:?}: 1-63 chars of [a-z0-9._-], starting with a letter or digit")]
+    #[error(
+        "invalid service name {0:?}: 1-63 chars of [a-z0-9._-], starting with a letter or digit"
+    )]
     ServiceName(String),
     #[error("{field} is longer than {max} bytes")]
     TooLong { field: &'static str, max: usize },

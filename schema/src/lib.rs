@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod codec;
+pub mod eds;
 mod endpoint;
 mod error;
 mod name;
@@ -22,7 +23,7 @@ pub mod timefmt;
 pub use endpoint::{Endpoint, EndpointKey};
 pub use error::ValidationError;
 pub use name::{BoundedString, RepoName, Revision, ServiceName, TagKey, TagValue};
-pub use tags::{Tags, Weight, MAX_EXTRA_TAGS};
+pub use tags::{MAX_EXTRA_TAGS, Tags, Weight};
 
 #[cfg(test)]
 mod tests;

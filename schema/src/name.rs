@@ -20,7 +20,11 @@ impl ServiceName {
             && name.len() <= Self::MAX_LEN
             && name.chars().all(ok_char)
             && name.starts_with(|c: char| c.is_ascii_alphanumeric());
-        if valid { Ok(Self(name)) } else { Err(ValidationError::ServiceName(name)) }
+        if valid {
+            Ok(Self(name))
+        } else {
+            Err(ValidationError::ServiceName(name))
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -57,7 +61,10 @@ impl<const MAX: usize> BoundedString<MAX> {
     pub fn new(s: impl Into<String>) -> Result<Self, ValidationError> {
         let s = s.into();
         if s.len() > MAX {
-            return Err(ValidationError::TooLong { field: "string", max: MAX });
+            return Err(ValidationError::TooLong {
+                field: "string",
+                max: MAX,
+            });
         }
         Ok(Self(s))
     }

@@ -99,7 +99,10 @@ impl TryFrom<TagsFields> for Tags {
 
 fn check_extra_count(got: usize) -> Result<(), ValidationError> {
     if got > MAX_EXTRA_TAGS {
-        return Err(ValidationError::TooManyTags { max: MAX_EXTRA_TAGS, got });
+        return Err(ValidationError::TooManyTags {
+            max: MAX_EXTRA_TAGS,
+            got,
+        });
     }
     Ok(())
 }
@@ -110,16 +113,26 @@ impl Tags {
     pub fn to_json(&self) -> Map<String, Value> {
         let mut m = Map::new();
         for (k, v) in &self.extra {
-            m.insert(k.as_str().to_string(), Value::String(v.as_str().to_string()));
+            m.insert(
+                k.as_str().to_string(),
+                Value::String(v.as_str().to_string()),
+            );
         }
-        let known = [("az", &self.az), ("region", &self.region), ("instance_id", &self.instance_id)];
+        let known = [
+            ("az", &self.az),
+            ("region", &self.region),
+            ("instance_id", &self.instance_id),
+        ];
         for (k, v) in known {
             if let Some(v) = v {
                 m.insert(k.to_string(), Value::String(v.as_str().to_string()));
             }
         }
         m.insert("canary".into(), Value::Bool(self.canary));
-        m.insert("load_balancing_weight".into(), Value::from(self.load_balancing_weight.get()));
+        m.insert(
+            "load_balancing_weight".into(),
+            Value::from(self.load_balancing_weight.get()),
+        );
         m
     }
 
@@ -129,7 +142,11 @@ impl Tags {
         let obj = match value {
             Value::Object(obj) => obj,
             Value::Null => return Ok(Tags::default()),
-            _ => return Err(ValidationError::Malformed("tags must be a JSON object".into())),
+            _ => {
+                return Err(ValidationError::Malformed(
+                    "tags must be a JSON object".into(),
+                ));
+            }
         };
         let mut tags = Tags::default();
         for (key, v) in obj {
@@ -161,26 +178,41 @@ fn opt_string(key: &str, v: &Value) -> Result<Option<TagValue>, ValidationError>
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
-        _ => return Err(ValidationError::TagType { key: key.to_string(), expected: "a string" }),
+        _ => {
+            return Err(ValidationError::TagType {
+                key: key.to_string(),
+                expected: "a string",
+            });
+        }
     };
     TagValue::new(s)
         .map(Some)
-        .map_err(|_| ValidationError::TooLong { field: "tag value", max: 256 })
+        .map_err(|_| ValidationError::TooLong {
+            field: "tag value",
+            max: 256,
+        })
 }
 
 fn parse_bool(key: &str, v: &Value) -> Result<bool, ValidationError> {
     match v {
         Value::Bool(b) => Ok(*b),
         Value::String(s) if s.eq_ignore_ascii_case("true") || s == "1" => Ok(true),
-        Value::String(s) if s.eq_ignore_ascii_case("false") || s == "0" || s.is_empty() => Ok(false),
+        Value::String(s) if s.eq_ignore_ascii_case("false") || s == "0" || s.is_empty() => {
+            Ok(false)
+        }
         Value::Null => Ok(false),
-        _ => Err(ValidationError::TagType { key: key.to_string(), expected: "a boolean" }),
+        _ => Err(ValidationError::TagType {
+            key: key.to_string(),
+            expected: "a boolean",
+        }),
     }
 }
 
 fn parse_weight(v: &Value) -> Result<Weight, ValidationError> {
     match v {
-        Value::Number(n) => n.as_u64().map_or_else(|| Err(ValidationError::Weight(n.to_string())), Weight::new),
+        Value::Number(n) => n
+            .as_u64()
+            .map_or_else(|| Err(ValidationError::Weight(n.to_string())), Weight::new),
         Value::String(s) => Weight::parse(s),
         Value::Null => Ok(Weight::DEFAULT),
         other => Err(ValidationError::Weight(other.to_string())),

@@ -64,10 +64,17 @@ fn bad_checkins_are_clear_errors() {
         (b"{\"ip\":\"10.0.0.1\"", true),
         (b"{\"ip\":\"10.0.0.1\",\"port\":80,\"bogus\":1}", true),
         (b"{\"ip\":\"10.0.0.1\",\"port\":80,\"tags\":[1]}", true),
-        (b"{\"ip\":\"10.0.0.1\",\"port\":80,\"tags\":{\"load_balancing_weight\":0}}", true),
+        (
+            b"{\"ip\":\"10.0.0.1\",\"port\":80,\"tags\":{\"load_balancing_weight\":0}}",
+            true,
+        ),
     ];
     for (body, is_json) in cases {
-        assert!(parse_v1_checkin(&s, body, *is_json).is_err(), "{}", String::from_utf8_lossy(body));
+        assert!(
+            parse_v1_checkin(&s, body, *is_json).is_err(),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
     }
 }
 
@@ -85,38 +92,75 @@ fn v2_checkin_fills_in_the_host_ip_and_bounds_the_batch() {
     let eps = CheckInRequest::parse(body.to_string().as_bytes()).expect("parses");
     assert_eq!(eps[0].ip.to_string(), "10.1.1.1");
     assert_eq!(eps[1].ip.to_string(), "10.1.1.2");
-    let many: Vec<_> = (0..257).map(|p| json!({"service": "a", "port": p + 1})).collect();
+    let many: Vec<_> = (0..257)
+        .map(|p| json!({"service": "a", "port": p + 1}))
+        .collect();
     let body = json!({"ip": "10.1.1.1", "endpoints": many}).to_string();
-    assert!(matches!(CheckInRequest::parse(body.as_bytes()), Err(ValidationError::TooManyEndpoints { .. })));
+    assert!(matches!(
+        CheckInRequest::parse(body.as_bytes()),
+        Err(ValidationError::TooManyEndpoints { .. })
+    ));
 }
 
 #[test]
 fn weight_bodies() {
-    assert_eq!(parse_weight_body(b"load_balancing_weight=5", false).map(Weight::get), Ok(5));
+    assert_eq!(
+        parse_weight_body(b"load_balancing_weight=5", false).map(Weight::get),
+        Ok(5)
+    );
     assert!(parse_weight_body(b"", false).is_err());
     assert!(parse_weight_body(b"load_balancing_weight=101", false).is_err());
-    assert_eq!(parse_weight_body(b"{\"weight\": 7}", true).map(Weight::get), Ok(7));
+    assert_eq!(
+        parse_weight_body(b"{\"weight\": 7}", true).map(Weight::get),
+        Ok(7)
+    );
 }
 
 #[test]
 fn codec_rejects_unknown_versions_trailing_bytes_and_oversize() {
     let ep = Endpoint::new(svc("web"), "10.0.0.1".parse().expect("ip"), NonZeroU16::MIN);
     let mut bytes = codec::encode_packet(&ep).expect("encodes");
-    assert_eq!(codec::decode_packet::<Endpoint>(&bytes).expect("decodes"), ep);
+    assert_eq!(
+        codec::decode_packet::<Endpoint>(&bytes).expect("decodes"),
+        ep
+    );
     bytes[0] = 99;
-    assert!(matches!(codec::decode_packet::<Endpoint>(&bytes), Err(CodecError::UnknownVersion(99))));
+    assert!(matches!(
+        codec::decode_packet::<Endpoint>(&bytes),
+        Err(CodecError::UnknownVersion(99))
+    ));
     bytes[0] = codec::WIRE_VERSION;
     bytes.push(0);
-    assert!(matches!(codec::decode_packet::<Endpoint>(&bytes), Err(CodecError::Trailing(1))));
-    assert!(matches!(codec::decode_packet::<Endpoint>(&[]), Err(CodecError::Empty)));
+    assert!(matches!(
+        codec::decode_packet::<Endpoint>(&bytes),
+        Err(CodecError::Trailing(1))
+    ));
+    assert!(matches!(
+        codec::decode_packet::<Endpoint>(&[]),
+        Err(CodecError::Empty)
+    ));
     let huge = vec![codec::WIRE_VERSION; codec::PACKET_LIMIT + 1];
-    assert!(matches!(codec::decode_packet::<Endpoint>(&huge), Err(CodecError::TooLarge { .. })));
+    assert!(matches!(
+        codec::decode_packet::<Endpoint>(&huge),
+        Err(CodecError::TooLarge { .. })
+    ));
 }
 
 #[test]
 fn a_forged_length_prefix_does_not_allocate() {
     // version, then a varint length of u64::MAX for a Vec<u8>: must fail on the limit, not OOM.
-    let bytes = [codec::WIRE_VERSION, 253, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+    let bytes = [
+        codec::WIRE_VERSION,
+        253,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+        0xff,
+    ];
     assert!(codec::decode_packet::<Vec<u8>>(&bytes).is_err());
     assert!(codec::decode_packet::<Vec<String>>(&bytes).is_err());
 }
@@ -128,7 +172,10 @@ fn a_decoded_endpoint_is_validated() {
     struct Forged {
         service: String,
     }
-    let bytes = codec::encode_packet(&Forged { service: "NOT VALID".into() }).expect("encodes");
+    let bytes = codec::encode_packet(&Forged {
+        service: "NOT VALID".into(),
+    })
+    .expect("encodes");
     assert!(codec::decode_packet::<ServiceName>(&bytes[..]).is_err());
 }
 
@@ -150,8 +197,14 @@ fn arb_endpoint() -> impl Strategy<Value = Endpoint> {
             ep.tags.canary = canary;
             ep.tags.load_balancing_weight = Weight::new(w).expect("in range");
             for (k, v) in extra {
-                if !matches!(k.as_str(), "az" | "region" | "instance_id" | "canary" | "load_balancing_weight") {
-                    ep.tags.extra.insert(TagKey::new(k).expect("key"), TagValue::new(v).expect("value"));
+                if !matches!(
+                    k.as_str(),
+                    "az" | "region" | "instance_id" | "canary" | "load_balancing_weight"
+                ) {
+                    ep.tags.extra.insert(
+                        TagKey::new(k).expect("key"),
+                        TagValue::new(v).expect("value"),
+                    );
                 }
             }
             ep
