@@ -1,10 +1,61 @@
-//! The Tidings registry (DESIGN.md §4).
+//! The Tidings registry (DESIGN.md §4): a small, stateless REST service in front of a
+//! [`Store`], wire-compatible with lyft/discovery and Envoy v1 SDS, plus v2 batch check-ins and
+//! Consul-style blocking queries.
 //!
-//! - [`store`]: the [`Store`] trait every backend implements, and its error type.
+//! - [`store`]: the [`Store`] trait every backend implements; [`memory`]: [`MemoryStore`], the
+//!   embedded single-process store; [`DynamoStore`] (in [`dynamo`]) for replicas sharing a
+//!   table; [`conformance`]: the suite both pass.
+//! - [`Registry`] (in `registry`): the policy layer over a store — TTL filtering on read,
+//!   self-preservation, warm-up, the content-hash index, the single-flight last-good read
+//!   cache (`cache`), metrics.
+//!   Its decisions are pure functions in [`policy`], driven by an injected [`Clock`].
+//! - [`router`] builds the axum router (routes in `routes_v1`, `routes_v2`, `routes_ops`;
+//!   errors in [`errors`]; write tokens in [`auth`]); [`serve`] runs it on a listener with the
+//!   sweeper ([`run_sweeper`]) until a shutdown token fires.
+//! - [`RegistryClient`] (in [`client`]): the HTTP client the agent and `tidings checkin` use.
+//! - [`RegistryConfig`]: every knob, with defaults and `validate()`.
 //!
-//! Invariants: reads never write; nothing is expired while self-preservation holds; no
-//! request can make a handler panic or answer 500.
+//! Invariants: reads never write (expired rows are filtered on read and deleted only by the
+//! sweeper, at a bounded rate); nothing is expired while self-preservation holds; the index
+//! moves only when membership, tags or weights change, never on a plain re-check-in; no
+//! request can make a handler panic or answer 500 — every error is a JSON
+//! `{"error": {"code", "message"}}` with a 4xx or a 503.
 
+pub mod auth;
+mod cache;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod conformance;
+pub mod dynamo;
+pub mod errors;
+pub mod memory;
+mod metrics;
+mod openapi;
+pub mod policy;
+mod registry;
+mod router;
+mod routes_ops;
+mod routes_v1;
+mod routes_v2;
+mod server;
 pub mod store;
+mod sweep;
 
+pub use auth::{host_token, operator_token};
+pub use client::{ClientError, ReadMeta, RegistryClient};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{ConfigError, RegistryConfig};
+pub use dynamo::{DynamoConfig, DynamoStore};
+pub use errors::ApiError;
+pub use memory::MemoryStore;
+pub use registry::{Registry, View, ViewData};
+pub use router::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, router};
+pub use server::serve;
 pub use store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
+pub use sweep::{SweepReport, run_sweeper};
+
+/// The OpenAPI document served at `/openapi.json`.
+pub fn openapi_document() -> serde_json::Value {
+    openapi::document()
+}

@@ -51,7 +51,11 @@ pub trait Store: Send + Sync + 'static {
     /// `last_check_in` backwards, keeping any weight override, and merging tags the way
     /// lyft/discovery does not: the new tag set replaces the old one (so tags can be removed),
     /// except the operator's weight override, which is kept separately.
-    async fn check_in(&self, endpoints: &[Endpoint], now_ms: u64) -> Result<CheckInOutcome, StoreError>;
+    async fn check_in(
+        &self,
+        endpoints: &[Endpoint],
+        now_ms: u64,
+    ) -> Result<CheckInOutcome, StoreError>;
 
     /// Every row of one service, expired or not (the registry filters).
     async fn list_service(&self, service: &ServiceName) -> Result<Vec<StoredEndpoint>, StoreError>;
@@ -64,13 +68,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes the service's rows on `ip` (only the one on `port` when given). Returns how many
     /// were removed; 0 means unknown (the API answers 404).
-    async fn deregister(&self, service: &ServiceName, ip: IpAddr, port: Option<NonZeroU16>)
-    -> Result<usize, StoreError>;
+    async fn deregister(
+        &self,
+        service: &ServiceName,
+        ip: IpAddr,
+        port: Option<NonZeroU16>,
+    ) -> Result<usize, StoreError>;
 
     /// Sets the weight override on the service's rows on `ip`, or on every row of the service
     /// when `ip` is `None`. Returns how many rows were updated; 0 means unknown (404).
-    async fn set_weight(&self, service: &ServiceName, ip: Option<IpAddr>, weight: Weight)
-    -> Result<usize, StoreError>;
+    async fn set_weight(
+        &self,
+        service: &ServiceName,
+        ip: Option<IpAddr>,
+        weight: Weight,
+    ) -> Result<usize, StoreError>;
 
     /// Deletes at most `max` rows whose `last_check_in` is older than `cutoff_ms`, re-checking
     /// the time at delete (conditionally, in DynamoDB) so a row that checked in meanwhile is

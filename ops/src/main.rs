@@ -1,1 +1,45 @@
-fn main() {}
+//! `tidings`: the one binary. `main` only parses the command line and hands off; every
+//! subcommand body lives in its own module (STYLE.md: thin binaries).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod bench;
+mod checkin;
+mod cli;
+mod registry;
+mod telemetry;
+
+use cli::{Cli, Command};
+
+/// Exit code for bad usage or configuration (sysexits EX_USAGE), as linkerd does.
+pub const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tidings: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Registry(args) => registry::main(args).await,
+            Command::Checkin(args) => checkin::main(args).await,
+            Command::Bench(args) => bench::main(args).await,
+            Command::Demo => {
+                eprintln!(
+                    "tidings demo: not yet — the demo lands with the agent and proxy (issue 7)"
+                );
+                ExitCode::from(EXIT_USAGE)
+            }
+        }
+    })
+}

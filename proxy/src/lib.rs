@@ -1,1 +1,364 @@
-//! placeholder
+//! The Tidings proxy (DESIGN.md §6): a sidecar or edge HTTP proxy that watches the agent for
+//! each upstream service, health-checks the hosts itself, and load-balances over the ones the
+//! *health checks win* table lets through.
+//!
+//! Layout:
+//! - Sans-IO cores, pure and tested without sockets: [`health`] (active check state machine),
+//!   [`merge`] (discovery × health → route/hold/drain/remove, panic threshold), [`outlier`]
+//!   (passive ejection), [`lb`] (round robin, least request, random, ring hash, Maglev,
+//!   zone-aware routing), [`retry`] (policy, back-off, budget), [`breaker`] (circuit breakers).
+//! - The IO shell: [`config`], [`membership`] (blocking-query watch), `checker` (health-check
+//!   tasks), `cluster` (runtime state), `forward` (request path), `server`, `admin`, [`tls`].
+//!
+//! Entry points: [`run`] for the binary, or [`Proxy::bind`] then [`Proxy::run`] for callers
+//! that need the bound addresses (tests bind port 0); [`Proxy::handle`] gives an in-process
+//! view ([`ProxyHandle`]) of what the admin listener serves.
+//!
+//! Observability: one `tracing` event per request on target `tidings_proxy::access` (fields
+//! `request_id`, `method`, `host`, `path`, `status`, `cluster`, `upstream`, `attempts`,
+//! `flag`, `duration_ms`; JSON when the subscriber formats JSON); Prometheus metrics named
+//! `tidings_proxy_<thing>_<unit>` with `cluster` and `host` labels (see [`telemetry`]).
+//!
+//! Discovery statuses: a host listed by the membership source is `Present`; one no longer
+//! listed is `Absent`; one listed with the free-form tag `draining = "true"` is `Drained`
+//! (an explicit deregistration: no new requests, in-flight ones finish, then it goes).
+//!
+//! Invariants: nothing from outside the process can make the proxy panic; on any membership
+//! error a cluster keeps its last set of hosts (fail static); a host that keeps passing its
+//! health checks keeps receiving traffic even when discovery forgets it.
+
+pub mod breaker;
+mod checker;
+pub mod cluster;
+pub mod config;
+pub mod forward;
+pub mod health;
+pub mod lb;
+pub mod membership;
+pub mod merge;
+pub mod outlier;
+pub mod retry;
+pub mod telemetry;
+pub mod tls;
+
+mod admin;
+mod server;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::ProxyConfig;
+
+use crate::breaker::CircuitBreaker;
+use crate::cluster::Cluster;
+use crate::config::ListenerConfig;
+use crate::forward::Route;
+use crate::upstream::Connector;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every listener and the admin server.
+pub(crate) struct Shared {
+    pub config: ProxyConfig,
+    pub routes: Vec<Route>,
+    pub clusters: Vec<Arc<Cluster>>,
+    pub draining: AtomicBool,
+}
+
+/// A proxy whose sockets are bound but which serves nothing until [`Proxy::run`].
+pub struct Proxy {
+    /// The traffic listeners' addresses, in config order.
+    pub listen_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    listeners: Vec<(TcpListener, ListenerConfig, Option<TlsAcceptor>)>,
+    admin: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    background: CancellationToken,
+}
+
+async fn bind_addr(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind { addr, source })
+}
+
+fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, ProxyError> {
+    l.local_addr()
+        .map_err(|source| ProxyError::Bind { addr, source })
+}
+
+impl Proxy {
+    /// Validates the config, loads TLS material and binds every socket. Nothing is spawned yet.
+    pub async fn bind(config: ProxyConfig) -> Result<Proxy, ProxyError> {
+        config.validate()?;
+        let tracker = TaskTracker::new();
+        let background = CancellationToken::new();
+        let mut clusters = Vec::new();
+        for c in &config.clusters {
+            let tls = match &c.tls {
+                Some(t) => {
+                    let name = ServerName::try_from(t.server_name.clone())
+                        .map_err(|e| ProxyError::Config(e.to_string()))?;
+                    Some((tls::client_config(t, c.http2)?, name))
+                }
+                None => None,
+            };
+            let breaker = CircuitBreaker::new(c.circuit_breakers);
+            let is_tls = tls.is_some();
+            let traffic = upstream::client(
+                Connector::new(c.connect_timeout, tls.clone(), Some(breaker.clone())),
+                c.http2,
+            );
+            let checks = upstream::client(Connector::new(c.connect_timeout, tls, None), c.http2);
+            clusters.push(Cluster::new(
+                c.clone(),
+                config.zone.clone(),
+                breaker,
+                traffic,
+                checks,
+                is_tls,
+                tracker.clone(),
+                background.child_token(),
+            ));
+        }
+        let routes = config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let cluster = clusters.iter().find(|c| c.name() == r.cluster)?.clone();
+                Some(Route {
+                    host: r.host.clone(),
+                    path_prefix: r.path_prefix.clone(),
+                    cluster,
+                    timeout: r.timeout,
+                })
+            })
+            .collect();
+        let mut listeners = Vec::new();
+        let mut listen_addrs = Vec::new();
+        for l in &config.listeners {
+            let acceptor = match &l.tls {
+                Some(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
+                None => None,
+            };
+            let socket = bind_addr(l.address).await?;
+            listen_addrs.push(local_addr(&socket, l.address)?);
+            listeners.push((socket, l.clone(), acceptor));
+        }
+        let admin = bind_addr(config.admin.address).await?;
+        let admin_addr = local_addr(&admin, config.admin.address)?;
+        // Install the recorder before any metric is recorded, so none is lost.
+        let _ = telemetry::prometheus_handle();
+        let shared = Arc::new(Shared {
+            config,
+            routes,
+            clusters,
+            draining: AtomicBool::new(false),
+        });
+        Ok(Proxy {
+            listen_addrs,
+            admin_addr,
+            listeners,
+            admin,
+            shared,
+            tracker,
+            background,
+        })
+    }
+
+    /// A view of this proxy that stays valid after [`Proxy::run`] takes it.
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled, then fails readiness, stops accepting, lets
+    /// in-flight requests finish within the drain timeout and stops the background tasks.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ProxyError> {
+        let Proxy {
+            listen_addrs,
+            admin_addr,
+            listeners,
+            admin,
+            shared,
+            tracker,
+            background,
+        } = self;
+        let drain = shared.config.drain_timeout;
+        let watch_client = membership::client();
+        for cluster in &shared.clusters {
+            tracker.spawn(membership::watch(
+                cluster.clone(),
+                watch_client.clone(),
+                background.clone(),
+            ));
+            tracker.spawn(maintain(cluster.clone(), background.clone()));
+        }
+        let traffic = CancellationToken::new();
+        let servers = TaskTracker::new();
+        for ((socket, cfg, acceptor), addr) in listeners.into_iter().zip(&listen_addrs) {
+            tracing::info!(address = %addr, tls = acceptor.is_some(), "proxy listening");
+            servers.spawn(server::serve(
+                socket,
+                cfg,
+                acceptor,
+                shared.clone(),
+                traffic.clone(),
+                drain,
+            ));
+        }
+        tracing::info!(address = %admin_addr, "proxy admin listening");
+        let admin_stop = CancellationToken::new();
+        servers.spawn(serve_admin(admin, shared.clone(), admin_stop.clone()));
+        servers.close();
+
+        shutdown.cancelled().await;
+        tracing::info!(?drain, "shutting down: failing readiness, draining");
+        shared.draining.store(true, Ordering::Release);
+        traffic.cancel();
+        // Listeners drain within `drain`; the admin listener stays up meanwhile so that
+        // operators can watch the drain, then goes too.
+        let _ = tokio::time::timeout(drain + Duration::from_secs(1), async {
+            while servers.len() > 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        admin_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), servers.wait()).await;
+        background.cancel();
+        tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+        tracing::info!("proxy stopped");
+        Ok(())
+    }
+}
+
+/// A cheap, cloneable view of a running proxy, for in-process callers (the demo's live view,
+/// tests) that want what `/clusters` and `/ready` say without going through HTTP.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+}
+
+impl ProxyHandle {
+    /// Every cluster with every host: discovery status, health, weight, zone, active
+    /// requests, ejections.
+    pub fn clusters(&self) -> Vec<cluster::ClusterSnapshot> {
+        self.shared.clusters.iter().map(|c| c.snapshot()).collect()
+    }
+
+    /// What `/ready` answers: every cluster has heard from its membership source and the
+    /// proxy is not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.draining.load(Ordering::Acquire)
+            && self
+                .shared
+                .clusters
+                .iter()
+                .all(|c| c.membership_initialized())
+    }
+}
+
+/// Binds and serves `config` until `shutdown` is cancelled.
+pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> Result<(), ProxyError> {
+    Proxy::bind(config).await?.run(shutdown).await
+}
+
+async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    let make = move |_peer: SocketAddr| {
+        let shared = shared.clone();
+        service_fn(move |req| admin::handle(shared.clone(), req))
+    };
+    server::accept_loop(
+        listener,
+        builder,
+        None,
+        Duration::from_secs(10),
+        make,
+        stop,
+        Duration::from_secs(1),
+    )
+    .await;
+}
+
+/// Per-cluster upkeep: drained hosts leave once idle (checked every second), outlier
+/// multipliers decay once per outlier interval, and the metrics recorder is kept tidy.
+async fn maintain(cluster: Arc<Cluster>, stop: CancellationToken) {
+    let sweep_every = cluster.config.outlier_detection.interval;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sweep = last_sweep.elapsed() >= sweep_every;
+        if sweep {
+            last_sweep = tokio::time::Instant::now();
+            if let Some(h) = telemetry::prometheus_handle() {
+                h.run_upkeep();
+            }
+        }
+        cluster.maintain(sweep);
+        publish_gauges(&cluster);
+    }
+}
+
+/// Per-host gauges, refreshed once a second from the same snapshot `/clusters` serves.
+fn publish_gauges(cluster: &Cluster) {
+    let snap = cluster.snapshot();
+    let name = snap.name.clone();
+    metrics::gauge!("tidings_proxy_cluster_routable_hosts", "cluster" => name.clone())
+        .set(snap.routable_hosts as f64);
+    metrics::gauge!("tidings_proxy_cluster_panic", "cluster" => name.clone()).set(if snap.panic {
+        1.0
+    } else {
+        0.0
+    });
+    metrics::gauge!("tidings_proxy_cluster_active_requests", "cluster" => name.clone())
+        .set(f64::from(snap.active_requests));
+    for h in &snap.hosts {
+        let labels = [("cluster", name.clone()), ("host", h.address.clone())];
+        metrics::gauge!("tidings_proxy_host_active_requests", &labels)
+            .set(f64::from(h.active_requests));
+        metrics::gauge!("tidings_proxy_host_ejected", &labels).set(if h.ejected {
+            1.0
+        } else {
+            0.0
+        });
+        let routed = h.decision == merge::Decision::Route && !h.ejected;
+        metrics::gauge!("tidings_proxy_host_routable", &labels).set(if routed { 1.0 } else { 0.0 });
+    }
+}

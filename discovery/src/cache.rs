@@ -1,0 +1,97 @@
+//! The registry's read cache: per service and for the catalog, the last answer built from the
+//! store. It is reused for a short time (or until a local write changes something) and kept
+//! indefinitely as the fail-static fallback when the store is down. Rebuilds are
+//! single-flight: when a change wakes a thousand blocked catalog queries at once, one of them
+//! reads the store and the others share its answer.
+
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use schema::Endpoint;
+use tokio::sync::OnceCell;
+
+use crate::registry::ViewData;
+use crate::store::StoredEndpoint;
+
+#[derive(Debug, Clone)]
+pub(crate) struct CacheEntry {
+    pub data: Arc<ViewData>,
+    /// The change generation the answer was built at.
+    pub generation: u64,
+    /// Reusable without asking the store until then (registry clock, ms).
+    pub fresh_until_ms: u64,
+}
+
+impl CacheEntry {
+    pub fn fresh(&self, generation: u64, now_ms: u64) -> bool {
+        self.generation == generation && now_ms < self.fresh_until_ms
+    }
+}
+
+/// One store read in progress; everyone who needs the same answer awaits the same cell.
+/// The error is a message: every waiter falls back to the cache on its own.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    generation: u64,
+    pub cell: OnceCell<Result<CacheEntry, String>>,
+}
+
+/// The cached answer for one key, and the read in flight for it.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    entry: RwLock<Option<CacheEntry>>,
+    flight: Mutex<Option<Arc<Flight>>>,
+}
+
+impl Slot {
+    pub fn entry(&self) -> Option<CacheEntry> {
+        self.entry
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stores `new` unless a newer answer got there first.
+    pub fn store(&self, new: CacheEntry) {
+        let mut e = self.entry.write().unwrap_or_else(PoisonError::into_inner);
+        if e.as_ref()
+            .is_none_or(|old| old.generation <= new.generation)
+        {
+            *e = Some(new);
+        }
+    }
+
+    /// Joins the read in flight for `generation`, or starts a new one. A finished flight is
+    /// never joined: its answer is in the cache already, or was an error worth retrying.
+    pub fn flight(&self, generation: u64) -> Arc<Flight> {
+        let mut f = self.flight.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*f {
+            Some(cur) if cur.generation == generation && !cur.cell.initialized() => cur.clone(),
+            _ => {
+                let new = Arc::new(Flight {
+                    generation,
+                    cell: OnceCell::new(),
+                });
+                *f = Some(new.clone());
+                new
+            }
+        }
+    }
+
+    /// Whether any cached answer here is fresh and leaves out one of `eps`.
+    pub fn misses_any(&self, eps: &[Endpoint], generation: u64, now_ms: u64) -> bool {
+        let e = self.entry.read().unwrap_or_else(PoisonError::into_inner);
+        e.as_ref().is_some_and(|c| {
+            c.fresh(generation, now_ms) && eps.iter().any(|ep| !contains(&c.data.rows, ep))
+        })
+    }
+}
+
+/// Whether `ep`'s key is among `rows` (sorted by key, as [`crate::policy::visible`] leaves
+/// them).
+fn contains(rows: &[StoredEndpoint], ep: &Endpoint) -> bool {
+    rows.binary_search_by(|r| {
+        let r = &r.endpoint;
+        (&r.service, r.ip, r.port).cmp(&(&ep.service, ep.ip, ep.port))
+    })
+    .is_ok()
+}

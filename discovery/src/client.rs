@@ -1,0 +1,373 @@
+//! `RegistryClient`: the registry's HTTP/1.1 client, for the agent and `tidings checkin`.
+//! Errors say in one line what went wrong — could not connect, the registry refused (with
+//! its JSON message), or the answer was unreadable — and whether retrying may help.
+
+use std::net::IpAddr;
+use std::num::NonZeroU16;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use schema::api::{
+    Catalog, CheckInRequest, CheckInResponse, ErrorBody, ServicesResponse, V1Listing,
+};
+use schema::{Endpoint, ServiceName, Weight};
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::router::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING};
+
+/// Largest answer the client reads (a catalog of tens of thousands of endpoints).
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("invalid registry url {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("cannot connect to the registry at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("the registry did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection to the registry failed: {0}")]
+    Transport(String),
+    #[error("the registry answered {status}: {message}")]
+    Status {
+        status: u16,
+        code: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("cannot read the registry's answer: {0}")]
+    Decode(String),
+    #[error("cannot encode the request: {0}")]
+    Encode(String),
+}
+
+impl ClientError {
+    /// Whether the same request may succeed later: connection failures, timeouts, 429 and
+    /// 5xx. A 4xx (bad input, auth) will fail again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Timeout(_) | ClientError::Transport(_) => {
+                true
+            }
+            ClientError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    /// The HTTP status, when the registry answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// Metadata of a read, from the answer's headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadMeta {
+    /// `X-Tidings-Index`: pass it back as `index` to block until it changes.
+    pub index: Option<u64>,
+    /// `X-Tidings-Stale`: self-preservation is on or the registry's store failed.
+    pub stale: bool,
+    /// `X-Tidings-Warming`: the registry restarted empty; don't replace a view with this.
+    pub warming: bool,
+}
+
+impl ReadMeta {
+    fn from_headers(h: &HeaderMap) -> Self {
+        let flag = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        };
+        let index = h
+            .get(HEADER_INDEX)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        ReadMeta {
+            index,
+            stale: flag(HEADER_STALE),
+            warming: flag(HEADER_WARMING),
+        }
+    }
+}
+
+/// A client for one registry base URL (`http://host:port`). Cheap to clone; connections are
+/// pooled and kept alive.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    http: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+    token: Option<HeaderValue>,
+    timeout: Duration,
+}
+
+impl RegistryClient {
+    /// `base_url` is `http://host[:port][/prefix]`; `token` is sent as `Authorization:
+    /// Bearer` on writes; `timeout` bounds each request (blocking reads get their wait on top).
+    pub fn new(
+        base_url: &str,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: base_url.to_string(),
+            reason: reason.to_string(),
+        };
+        let uri: Uri = base_url.parse().map_err(|_| invalid("not a URL"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(invalid("only http:// is supported"));
+        }
+        if uri.authority().is_none() {
+            return Err(invalid("missing host"));
+        }
+        if uri.query().is_some() {
+            return Err(invalid("must not have a query"));
+        }
+        let token = match token {
+            Some(t) => Some(
+                HeaderValue::from_str(&format!("Bearer {}", t.trim())).map_err(|_| {
+                    ClientError::InvalidUrl {
+                        url: base_url.to_string(),
+                        reason: "the token has characters a header cannot carry".into(),
+                    }
+                })?,
+            ),
+            None => None,
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout));
+        let http = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(RegistryClient {
+            http,
+            base: base_url.trim_end_matches('/').to_string(),
+            token,
+            timeout,
+        })
+    }
+
+    /// `POST /v2/checkin` with every endpoint in one request.
+    pub async fn check_in(&self, endpoints: &[Endpoint]) -> Result<CheckInResponse, ClientError> {
+        let body = serde_json::to_vec(&CheckInRequest::from_endpoints(endpoints))
+            .map_err(|e| ClientError::Encode(e.to_string()))?;
+        let (_, bytes) = self
+            .send(
+                Method::POST,
+                "/v2/checkin",
+                Some((body, "application/json")),
+                self.timeout,
+            )
+            .await?;
+        decode(&bytes)
+    }
+
+    /// `GET /v1/registration/{service}`.
+    pub async fn service(&self, service: &ServiceName) -> Result<V1Listing, ClientError> {
+        let path = format!("/v1/registration/{service}");
+        let (_, bytes) = self.send(Method::GET, &path, None, self.timeout).await?;
+        decode(&bytes)
+    }
+
+    /// `GET /v2/services/{service}?index=&wait=`: blocks while `index` is current.
+    pub async fn service_blocking(
+        &self,
+        service: &ServiceName,
+        index: Option<u64>,
+        wait: Option<Duration>,
+    ) -> Result<(V1Listing, ReadMeta), ClientError> {
+        let path = format!("/v2/services/{service}{}", blocking_query(index, wait));
+        let (headers, bytes) = self
+            .send(Method::GET, &path, None, self.blocking_timeout(index, wait))
+            .await?;
+        Ok((decode(&bytes)?, ReadMeta::from_headers(&headers)))
+    }
+
+    /// `GET /v2/catalog?index=&wait=`: every service; blocks while `index` is current.
+    pub async fn catalog(
+        &self,
+        index: Option<u64>,
+        wait: Option<Duration>,
+    ) -> Result<(Catalog, ReadMeta), ClientError> {
+        let path = format!("/v2/catalog{}", blocking_query(index, wait));
+        let (headers, bytes) = self
+            .send(Method::GET, &path, None, self.blocking_timeout(index, wait))
+            .await?;
+        Ok((decode(&bytes)?, ReadMeta::from_headers(&headers)))
+    }
+
+    /// `GET /v2/services`.
+    pub async fn services(&self) -> Result<ServicesResponse, ClientError> {
+        let (_, bytes) = self
+            .send(Method::GET, "/v2/services", None, self.timeout)
+            .await?;
+        decode(&bytes)
+    }
+
+    /// `DELETE /v1/registration/{service}/{ip}[?port=]`. Unknown endpoints are a 404 error.
+    pub async fn deregister(
+        &self,
+        service: &ServiceName,
+        ip: IpAddr,
+        port: Option<NonZeroU16>,
+    ) -> Result<(), ClientError> {
+        let port = port.map(|p| format!("?port={p}")).unwrap_or_default();
+        let path = format!("/v1/registration/{service}/{ip}{port}");
+        self.send(Method::DELETE, &path, None, self.timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /v1/loadbalancing/{service}[/{ip}]`.
+    pub async fn set_weight(
+        &self,
+        service: &ServiceName,
+        ip: Option<IpAddr>,
+        weight: Weight,
+    ) -> Result<(), ClientError> {
+        let path = match ip {
+            Some(ip) => format!("/v1/loadbalancing/{service}/{ip}"),
+            None => format!("/v1/loadbalancing/{service}"),
+        };
+        let body = format!("load_balancing_weight={}", weight.get()).into_bytes();
+        self.send(
+            Method::POST,
+            &path,
+            Some((body, "application/x-www-form-urlencoded")),
+            self.timeout,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A blocking read may be held for `wait` (plus the server's 1/16 jitter) before the
+    /// answer even starts.
+    fn blocking_timeout(&self, index: Option<u64>, wait: Option<Duration>) -> Duration {
+        match (index, wait) {
+            (Some(_), Some(w)) => self.timeout + w + w / 16,
+            // No wait given: the server's default is its max_wait (5 min by default).
+            (Some(_), None) => self.timeout + Duration::from_secs(5 * 60 + 20),
+            _ => self.timeout,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Vec<u8>, &'static str)>,
+        timeout: Duration,
+    ) -> Result<(HeaderMap, Bytes), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(&url)
+            .header(header::ACCEPT, "application/json");
+        if method != Method::GET {
+            if let Some(t) = &self.token {
+                req = req.header(header::AUTHORIZATION, t.clone());
+            }
+        }
+        let payload = match body {
+            Some((bytes, ct)) => {
+                req = req.header(header::CONTENT_TYPE, ct);
+                Bytes::from(bytes)
+            }
+            None => Bytes::new(),
+        };
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| ClientError::InvalidUrl {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let exchange = async {
+            let resp = self.http.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    ClientError::Connect {
+                        url: self.base.clone(),
+                        reason: root_cause(&e),
+                    }
+                } else {
+                    ClientError::Transport(root_cause(&e))
+                }
+            })?;
+            let (parts, body) = resp.into_parts();
+            let limited = http_body_util::Limited::new(body, MAX_RESPONSE);
+            let bytes = limited
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+                .to_bytes();
+            Ok::<_, ClientError>((parts, bytes))
+        };
+        let (parts, bytes) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))??;
+        if !parts.status.is_success() {
+            return Err(status_error(parts.status, &parts.headers, &bytes));
+        }
+        Ok((parts.headers, bytes))
+    }
+}
+
+fn blocking_query(index: Option<u64>, wait: Option<Duration>) -> String {
+    let mut q = Vec::new();
+    if let Some(i) = index {
+        q.push(format!("index={i}"));
+    }
+    if let Some(w) = wait {
+        q.push(format!("wait={}ms", w.as_millis()));
+    }
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode(e.to_string()))
+}
+
+fn status_error(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> ClientError {
+    let retry_after = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let (code, message) = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => (e.error.code, e.error.message),
+        Err(_) => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+                .trim()
+                .to_string();
+            let reason = status.canonical_reason().unwrap_or("error").to_string();
+            (String::new(), if text.is_empty() { reason } else { text })
+        }
+    };
+    ClientError::Status {
+        status: status.as_u16(),
+        code,
+        message,
+        retry_after,
+    }
+}
+
+/// The innermost error's message ("Connection refused (os error 111)"), which is what an
+/// operator needs; hyper's outer layers only say "client error (Connect)".
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}

@@ -1,0 +1,260 @@
+//! `RegistryConfig`: every knob of the registry, with defaults, loaded from TOML by the
+//! binary and checked by [`RegistryConfig::validate`]. Durations are humane strings
+//! (`"180s"`, `"5m"`, `"1h 30m"`) or a bare number of seconds.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The registry's configuration. Embed it as its own TOML table (`[registry]`); unknown keys
+/// are refused so a typo is an error, not a silently ignored setting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// An endpoint is live while `now - last_check_in < ttl` (three missed check-ins).
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// How often hosts check in. Sets the warm-up period and the self-preservation window.
+    #[serde(with = "duration")]
+    pub check_in_interval: Duration,
+    /// Self-preservation turns on when renewals fall below this share of the baseline.
+    pub renewal_threshold: f64,
+    /// Whether self-preservation is enabled at all (Eureka's `enableSelfPreservation`).
+    pub self_preservation: bool,
+    /// How often the expected-renewals baseline is recomputed from the live count
+    /// (Eureka's `renewalThresholdUpdateIntervalMs`, 15 min).
+    #[serde(with = "duration")]
+    pub baseline_refresh: Duration,
+    /// How often the sweeper runs (expiry deletes, self-preservation accounting).
+    #[serde(with = "duration")]
+    pub sweep_interval: Duration,
+    /// At most this many expired rows are deleted per sweep: a bounded delete rate.
+    pub sweep_max_per_pass: usize,
+    /// HMAC secret for write tokens (DESIGN.md §4.4). `None`: writes are open.
+    pub secret: Option<String>,
+    /// Shown as `env` in v1 listings (lyft's `APPLICATION_ENV`).
+    pub env: String,
+    /// Largest accepted request body, bytes.
+    pub body_limit: usize,
+    /// Every handler answers within this (blocking queries: within their wait plus this).
+    #[serde(with = "duration")]
+    pub handler_timeout: Duration,
+    /// One store call may take this long before it counts as a failure (reads then fall back
+    /// to the last good cache).
+    #[serde(with = "duration")]
+    pub store_timeout: Duration,
+    /// Longest `wait` a blocking query may ask for.
+    #[serde(with = "duration")]
+    pub max_wait: Duration,
+    /// Blocking queries re-read the store this often even without a local write, to notice
+    /// expiries and writes made by other registries sharing the table.
+    #[serde(with = "duration")]
+    pub recheck_interval: Duration,
+    /// A read answer is reused for this long unless a local write changed something.
+    #[serde(with = "duration")]
+    pub read_cache_ttl: Duration,
+    /// `Retry-After` sent with 503s when the store is unavailable.
+    #[serde(with = "duration")]
+    pub retry_after: Duration,
+    /// On shutdown, `/ready` fails for this long before the listener closes, so load
+    /// balancers stop sending new requests first.
+    #[serde(with = "duration")]
+    pub shutdown_delay: Duration,
+    /// In-flight requests get this long to finish after the listener closes.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            ttl: Duration::from_secs(180),
+            check_in_interval: Duration::from_secs(60),
+            renewal_threshold: 0.85,
+            self_preservation: true,
+            baseline_refresh: Duration::from_secs(15 * 60),
+            sweep_interval: Duration::from_secs(5),
+            sweep_max_per_pass: 1000,
+            secret: None,
+            env: "production".to_string(),
+            body_limit: 64 * 1024,
+            handler_timeout: Duration::from_secs(10),
+            store_timeout: Duration::from_secs(3),
+            max_wait: Duration::from_secs(5 * 60),
+            recheck_interval: Duration::from_secs(1),
+            read_cache_ttl: Duration::from_secs(1),
+            retry_after: Duration::from_secs(5),
+            shutdown_delay: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ConfigError {
+    #[error("registry.{field} must be greater than zero")]
+    Zero { field: &'static str },
+    #[error("registry.ttl ({ttl:?}) must be longer than registry.check_in_interval ({interval:?})")]
+    TtlShorterThanInterval { ttl: Duration, interval: Duration },
+    #[error("registry.renewal_threshold must be within (0, 1], got {0}")]
+    Threshold(String),
+    #[error("registry.secret must not be empty (leave it out to disable auth)")]
+    EmptySecret,
+    #[error("registry.env must be 1-64 characters")]
+    Env,
+}
+
+impl RegistryConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let non_zero = [
+            ("ttl", self.ttl),
+            ("check_in_interval", self.check_in_interval),
+            ("baseline_refresh", self.baseline_refresh),
+            ("sweep_interval", self.sweep_interval),
+            ("handler_timeout", self.handler_timeout),
+            ("store_timeout", self.store_timeout),
+            ("max_wait", self.max_wait),
+            ("recheck_interval", self.recheck_interval),
+        ];
+        for (field, d) in non_zero {
+            if d.is_zero() {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if self.sweep_max_per_pass == 0 {
+            return Err(ConfigError::Zero {
+                field: "sweep_max_per_pass",
+            });
+        }
+        if self.body_limit == 0 {
+            return Err(ConfigError::Zero {
+                field: "body_limit",
+            });
+        }
+        if self.ttl <= self.check_in_interval {
+            return Err(ConfigError::TtlShorterThanInterval {
+                ttl: self.ttl,
+                interval: self.check_in_interval,
+            });
+        }
+        if !(self.renewal_threshold > 0.0 && self.renewal_threshold <= 1.0) {
+            return Err(ConfigError::Threshold(self.renewal_threshold.to_string()));
+        }
+        if self.secret.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::EmptySecret);
+        }
+        if self.env.is_empty() || self.env.len() > 64 {
+            return Err(ConfigError::Env);
+        }
+        Ok(())
+    }
+}
+
+/// Serde for `Duration` as a humane string (`"180s"`, `"5m"`) or a number of seconds.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration such as \"180s\" or \"5m\", or a number of seconds")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse(v).map_err(E::custom)
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+            Ok(Duration::from_secs(v))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+            u64::try_from(v)
+                .map(Duration::from_secs)
+                .map_err(|_| E::custom("a duration cannot be negative"))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
+            Duration::try_from_secs_f64(v).map_err(E::custom)
+        }
+    }
+
+    /// Parses `"30s"`, `"5m"`, `"1h 30m"`, `"250ms"`, or a bare number of seconds (`"30"`):
+    /// the same syntax as blocking queries' `wait=`.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        if let Ok(secs) = s.parse::<u64>() {
+            return Ok(Duration::from_secs(secs));
+        }
+        humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_durations_parse_from_toml_like_json() {
+        RegistryConfig::default()
+            .validate()
+            .expect("defaults are valid");
+        let cfg: RegistryConfig =
+            serde_json::from_str(r#"{"ttl": "3m", "check_in_interval": 30, "max_wait": "1m 30s"}"#)
+                .expect("parses");
+        assert_eq!(cfg.ttl, Duration::from_secs(180));
+        assert_eq!(cfg.check_in_interval, Duration::from_secs(30));
+        assert_eq!(cfg.max_wait, Duration::from_secs(90));
+        assert_eq!(cfg.env, "production");
+        assert!(serde_json::from_str::<RegistryConfig>(r#"{"ttl": "soon"}"#).is_err());
+        assert!(serde_json::from_str::<RegistryConfig>(r#"{"tll": "3m"}"#).is_err());
+    }
+
+    #[test]
+    fn validate_refuses_nonsense() {
+        let bad = [
+            RegistryConfig {
+                ttl: Duration::from_secs(30),
+                ..Default::default()
+            },
+            RegistryConfig {
+                renewal_threshold: 0.0,
+                ..Default::default()
+            },
+            RegistryConfig {
+                renewal_threshold: f64::NAN,
+                ..Default::default()
+            },
+            RegistryConfig {
+                sweep_max_per_pass: 0,
+                ..Default::default()
+            },
+            RegistryConfig {
+                secret: Some(String::new()),
+                ..Default::default()
+            },
+            RegistryConfig {
+                max_wait: Duration::ZERO,
+                ..Default::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! `Registry`: the policy layer between the HTTP API and a [`Store`]. It owns the clock,
+//! the config, self-preservation and warm-up state, the last-good read cache, the change
+//! signal blocking queries wait on, and the metrics. Cheap to clone (one `Arc`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use schema::{Endpoint, ServiceName};
+use tokio::sync::{OnceCell, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Auth;
+use crate::cache::{CacheEntry, Slot};
+use crate::clock::Clock;
+use crate::config::RegistryConfig;
+use crate::errors::ApiError;
+use crate::metrics::Metrics;
+use crate::policy::{self, Preservation};
+use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
+
+/// A computed answer: the visible rows of a service (or of every service) and their index.
+#[derive(Debug)]
+pub struct ViewData {
+    pub rows: Vec<StoredEndpoint>,
+    pub index: u64,
+    /// Self-preservation was on: rows past the TTL are included.
+    pub preserving: bool,
+}
+
+/// A read as handlers see it.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub data: Arc<ViewData>,
+    /// Served from the last-good cache because the store failed.
+    pub from_fallback: bool,
+}
+
+impl View {
+    /// Whether the answer carries `X-Tidings-Stale: true`.
+    pub fn stale(&self) -> bool {
+        self.from_fallback || self.data.preserving
+    }
+}
+
+#[derive(Debug, Default)]
+struct ReadCache {
+    /// Only services that had rows get a slot, so reads of random names cannot grow it.
+    services: RwLock<HashMap<ServiceName, Arc<Slot>>>,
+    catalog: Slot,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Init {
+    store_was_empty: bool,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: RegistryConfig,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) auth: Auth,
+    pub(crate) metrics: Metrics,
+    started_ms: u64,
+    init: OnceCell<Init>,
+    pub(crate) preservation: Mutex<Preservation>,
+    preserving: AtomicBool,
+    changes: watch::Sender<u64>,
+    cache: ReadCache,
+    draining: CancellationToken,
+}
+
+/// The registry. Build one per process (or per test) with [`Registry::new`], then serve it
+/// with [`crate::router`] / [`crate::serve`].
+#[derive(Clone)]
+pub struct Registry {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// `config` should have passed [`RegistryConfig::validate`]. Nothing is read from the
+    /// store here: the first request or sweep looks at it (to decide warm-up and the
+    /// self-preservation baseline), so construction cannot fail.
+    pub fn new(store: Arc<dyn Store>, config: RegistryConfig, clock: Arc<dyn Clock>) -> Registry {
+        let now = clock.now_ms();
+        let preservation = Preservation::new(&config, now, 0);
+        let inner = Inner {
+            store,
+            auth: Auth::new(config.secret.as_deref()),
+            started_ms: now,
+            preservation: Mutex::new(preservation),
+            preserving: AtomicBool::new(false),
+            changes: watch::Sender::new(0),
+            cache: ReadCache::default(),
+            draining: CancellationToken::new(),
+            metrics: Metrics::new(),
+            init: OnceCell::new(),
+            config,
+            clock,
+        };
+        Registry {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.inner.config
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Runs a store call under the store timeout, counting failures.
+    pub(crate) async fn store_call<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let res = match tokio::time::timeout(self.inner.config.store_timeout, fut).await {
+            Ok(res) => res,
+            Err(_) => Err(StoreError::Unavailable(format!("{op} timed out"))),
+        };
+        if let Err(e) = &res {
+            self.inner.metrics.store_error(op);
+            tracing::warn!(op, error = %e, "store call failed");
+        }
+        res
+    }
+
+    /// Looks at the store once, before the first read or write: was it empty (warm-up), and
+    /// how many rows does it hold (the self-preservation baseline). Retried until it works.
+    pub(crate) async fn ensure_init(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner
+            .init
+            .get_or_try_init(|| async {
+                let rows = self.store_call("list_all", inner.store.list_all()).await?;
+                let now = self.now_ms();
+                let mut p = inner
+                    .preservation
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                *p = Preservation::new(&inner.config, now, rows.len() as u64);
+                if rows.is_empty() {
+                    tracing::info!("store empty at start: warming up for one check-in interval");
+                }
+                Ok::<_, StoreError>(Init {
+                    store_was_empty: rows.is_empty(),
+                })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// True while the registry started on an empty store less than one check-in interval
+    /// ago: its answers may be incomplete (`X-Tidings-Warming: true`).
+    pub fn is_warming(&self) -> bool {
+        let inner = &self.inner;
+        let empty = inner.init.get().is_some_and(|i| i.store_was_empty);
+        policy::warming(
+            empty,
+            inner.started_ms,
+            self.now_ms(),
+            inner.config.check_in_interval,
+        )
+    }
+
+    /// True while self-preservation holds (as of the last sweep).
+    pub fn self_preservation_active(&self) -> bool {
+        self.inner.preserving.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_preserving(&self, on: bool) {
+        if self.inner.preserving.swap(on, Ordering::Relaxed) != on {
+            self.inner.metrics.preserving.set(f64::from(u8::from(on)));
+            self.notify_change();
+        }
+    }
+
+    /// Wakes blocking queries and invalidates cached answers.
+    pub(crate) fn notify_change(&self) {
+        self.inner.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    fn generation(&self) -> u64 {
+        *self.inner.changes.borrow()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// `/ready`: false once draining has started.
+    pub fn is_ready(&self) -> bool {
+        !self.inner.draining.is_cancelled()
+    }
+
+    /// Fails readiness and releases every blocking query at once (graceful shutdown).
+    pub fn start_draining(&self) {
+        self.inner.draining.cancel();
+    }
+
+    pub(crate) fn draining(&self) -> &CancellationToken {
+        &self.inner.draining
+    }
+
+    /// The Prometheus text for this registry's metrics.
+    pub fn render_metrics(&self) -> String {
+        self.inner
+            .metrics
+            .warming
+            .set(f64::from(u8::from(self.is_warming())));
+        self.inner.metrics.render()
+    }
+
+    /// Stores a check-in at the registry clock's now and wakes watchers if anything visible
+    /// changed. Authorisation is the caller's job (the HTTP layer).
+    pub async fn check_in(&self, endpoints: &[Endpoint]) -> Result<CheckInOutcome, StoreError> {
+        // Warm-up depends on whether the store was empty *before* the first write.
+        if let Err(e) = self.ensure_init().await {
+            tracing::debug!(error = %e, "init deferred");
+        }
+        let now = self.now_ms();
+        let out = self
+            .store_call("check_in", self.inner.store.check_in(endpoints, now))
+            .await?;
+        self.inner.metrics.checkins.increment(out.accepted as u64);
+        if !out.changed_services.is_empty() || self.revives(endpoints) {
+            self.notify_change();
+        }
+        Ok(out)
+    }
+
+    /// Whether a check-in the store saw as a plain renewal brings back an endpoint that a
+    /// fresh cached answer leaves out (it had expired). The store cannot know that — it does
+    /// not know the TTL — but readers would otherwise miss the return until the cache ages.
+    fn revives(&self, endpoints: &[Endpoint]) -> bool {
+        let (generation, now) = (self.generation(), self.now_ms());
+        let cache = &self.inner.cache;
+        if cache.catalog.misses_any(endpoints, generation, now) {
+            return true;
+        }
+        let services = cache
+            .services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        endpoints.iter().any(|ep| {
+            services
+                .get(&ep.service)
+                .is_some_and(|s| s.misses_any(std::slice::from_ref(ep), generation, now))
+        })
+    }
+
+    pub(crate) async fn deregister(
+        &self,
+        service: &ServiceName,
+        ip: std::net::IpAddr,
+        port: Option<std::num::NonZeroU16>,
+    ) -> Result<usize, StoreError> {
+        let n = self
+            .store_call("deregister", self.inner.store.deregister(service, ip, port))
+            .await?;
+        if n > 0 {
+            self.inner
+                .preservation
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .on_deregister(n as u64);
+            self.notify_change();
+        }
+        Ok(n)
+    }
+
+    pub(crate) async fn set_weight(
+        &self,
+        service: &ServiceName,
+        ip: Option<std::net::IpAddr>,
+        weight: schema::Weight,
+    ) -> Result<usize, StoreError> {
+        let n = self
+            .store_call(
+                "set_weight",
+                self.inner.store.set_weight(service, ip, weight),
+            )
+            .await?;
+        if n > 0 {
+            self.notify_change();
+        }
+        Ok(n)
+    }
+
+    fn build(&self, rows: Vec<StoredEndpoint>, now: u64, generation: u64) -> CacheEntry {
+        let cfg = &self.inner.config;
+        let preserving = self.self_preservation_active();
+        let rows = policy::visible(rows, now, cfg.ttl, preserving);
+        let index = policy::content_index(rows.iter().map(|r| &r.endpoint));
+        let cache_ms = u64::try_from(cfg.read_cache_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut fresh_until_ms = now.saturating_add(cache_ms);
+        if !preserving {
+            // Never serve a cached answer past the moment one of its rows expires.
+            if let Some(t) = policy::next_expiry_ms(&rows, cfg.ttl) {
+                fresh_until_ms = fresh_until_ms.min(t);
+            }
+        }
+        CacheEntry {
+            data: Arc::new(ViewData {
+                rows,
+                index,
+                preserving,
+            }),
+            generation,
+            fresh_until_ms,
+        }
+    }
+
+    /// Answers from `slot` while it is fresh; else reads the store (one read in flight per
+    /// slot, shared by everyone waiting); when the store fails, serves the last good answer
+    /// flagged stale, or 503 if there is none.
+    async fn read_through<F>(&self, slot: &Slot, fetch: F) -> Result<(View, bool), ApiError>
+    where
+        F: Future<Output = Result<Vec<StoredEndpoint>, StoreError>>,
+    {
+        let generation = self.generation();
+        let cached = slot.entry();
+        if let Some(c) = &cached {
+            if c.fresh(generation, self.now_ms()) {
+                return Ok((
+                    View {
+                        data: c.data.clone(),
+                        from_fallback: false,
+                    },
+                    false,
+                ));
+            }
+        }
+        let flight = slot.flight(generation);
+        let res = flight
+            .cell
+            .get_or_init(|| async {
+                let now = self.now_ms();
+                fetch
+                    .await
+                    .map(|rows| self.build(rows, now, generation))
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .clone();
+        match res {
+            Ok(entry) => {
+                let data = entry.data.clone();
+                slot.store(entry);
+                Ok((
+                    View {
+                        data,
+                        from_fallback: false,
+                    },
+                    true,
+                ))
+            }
+            Err(message) => match slot.entry() {
+                Some(c) => {
+                    self.inner.metrics.stale_reads.increment(1);
+                    Ok((
+                        View {
+                            data: c.data,
+                            from_fallback: true,
+                        },
+                        false,
+                    ))
+                }
+                None => Err(ApiError::Unavailable {
+                    message,
+                    retry_after: self.inner.config.retry_after,
+                }),
+            },
+        }
+    }
+
+    /// The visible rows of one service, through the read cache.
+    pub async fn read_service(&self, service: &ServiceName) -> Result<View, ApiError> {
+        let _ = self.ensure_init().await;
+        let cache = &self.inner.cache;
+        let existing = cache
+            .services
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(service)
+            .cloned();
+        let slot = existing.clone().unwrap_or_default();
+        let fetch = self.store_call("list_service", self.inner.store.list_service(service));
+        let (view, fetched) = self.read_through(&slot, fetch).await?;
+        if fetched && existing.is_none() && !view.data.rows.is_empty() {
+            let mut map = cache
+                .services
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.entry(service.clone()).or_insert(slot);
+        }
+        Ok(view)
+    }
+
+    /// Every visible row of every service, through the read cache.
+    pub async fn read_catalog(&self) -> Result<View, ApiError> {
+        let _ = self.ensure_init().await;
+        let fetch = self.store_call("list_all", self.inner.store.list_all());
+        Ok(self.read_through(&self.inner.cache.catalog, fetch).await?.0)
+    }
+
+    /// The visible rows of one repo. Not cached (lyft's repo route is low-rate); when the
+    /// store fails it falls back to the cached catalog.
+    pub async fn read_repo(&self, repo: &str) -> Result<View, ApiError> {
+        let _ = self.ensure_init().await;
+        let now = self.now_ms();
+        match self
+            .store_call("list_repo", self.inner.store.list_repo(repo))
+            .await
+        {
+            Ok(rows) => Ok(View {
+                data: self.build(rows, now, self.generation()).data,
+                from_fallback: false,
+            }),
+            Err(e) => {
+                let Some(c) = self.inner.cache.catalog.entry() else {
+                    return Err(ApiError::from_store(&e, self.inner.config.retry_after));
+                };
+                let rows: Vec<StoredEndpoint> = c
+                    .data
+                    .rows
+                    .iter()
+                    .filter(|r| {
+                        r.endpoint
+                            .service_repo_name
+                            .as_ref()
+                            .is_some_and(|n| n.as_str() == repo)
+                    })
+                    .cloned()
+                    .collect();
+                let index = policy::content_index(rows.iter().map(|r| &r.endpoint));
+                self.inner.metrics.stale_reads.increment(1);
+                Ok(View {
+                    data: Arc::new(ViewData {
+                        rows,
+                        index,
+                        preserving: c.data.preserving,
+                    }),
+                    from_fallback: true,
+                })
+            }
+        }
+    }
+}

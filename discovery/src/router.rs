@@ -1,0 +1,177 @@
+//! The HTTP surface: [`router`] assembles every route (DESIGN.md §4.1) with the layers all
+//! of them share — body limit, handler timeout, request metrics, the warm-up header — and
+//! JSON answers for unknown routes, wrong methods and unreadable requests.
+
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
+};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::errors::ApiError;
+use crate::registry::{Registry, View};
+use crate::{routes_ops, routes_v1, routes_v2};
+
+pub const HEADER_INDEX: &str = "x-tidings-index";
+pub const HEADER_STALE: &str = "x-tidings-stale";
+pub const HEADER_WARMING: &str = "x-tidings-warming";
+
+/// The registry's axum router. Tests drive it with `tower::ServiceExt::oneshot`; [`crate::serve`]
+/// puts it on a socket.
+pub fn router(registry: Registry) -> Router {
+    let cfg = registry.config().clone();
+    // Blocking queries may legitimately run for their whole wait; everything else gets the
+    // plain handler timeout.
+    let blocking_timeout = cfg.max_wait + cfg.max_wait / 16 + cfg.handler_timeout;
+    let blocking = Router::new()
+        .route("/v2/services/{service}", get(routes_v2::service))
+        .route("/v2/catalog", get(routes_v2::catalog))
+        .layer(middleware::from_fn_with_state(blocking_timeout, timeout));
+    let plain = Router::new()
+        .route("/healthcheck", get(routes_ops::healthcheck))
+        .route("/live", get(routes_ops::live))
+        .route("/ready", get(routes_ops::ready))
+        .route("/metrics", get(routes_ops::metrics))
+        .route("/openapi.json", get(routes_ops::openapi))
+        .route(
+            "/v1/registration/{service}",
+            get(routes_v1::list).post(routes_v1::register),
+        )
+        .route(
+            "/v1/registration/{service}/{ip}",
+            axum::routing::delete(routes_v1::deregister),
+        )
+        // lyft's repo route shadows `DELETE /v1/registration/repo/{ip}` for a service called
+        // `repo`; serve that delete here so no service name is unreachable.
+        .route(
+            "/v1/registration/repo/{repo}",
+            get(routes_v1::list_repo).delete(routes_v1::deregister_repo_service),
+        )
+        .route(
+            "/v1/loadbalancing/{service}",
+            post(routes_v1::weight_service),
+        )
+        .route(
+            "/v1/loadbalancing/{service}/{ip}",
+            post(routes_v1::weight_host),
+        )
+        .route("/v2/checkin", post(routes_v2::checkin))
+        .route("/v2/services", get(routes_v2::services))
+        .layer(middleware::from_fn_with_state(cfg.handler_timeout, timeout));
+    plain
+        .merge(blocking)
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(registry.clone(), observe))
+        .layer(DefaultBodyLimit::max(cfg.body_limit))
+        .with_state(registry)
+}
+
+async fn no_route(req: Request) -> ApiError {
+    ApiError::NoRoute(format!("{} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Every handler answers within `limit`, or 503 with a JSON error.
+async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Timeout(limit).into_response(),
+    }
+}
+
+/// Request metrics and the warm-up header, for every answer.
+async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let method = req.method().clone();
+    let mut resp = next.run(req).await;
+    if registry.is_warming() {
+        resp.headers_mut()
+            .insert(HEADER_WARMING, HeaderValue::from_static("true"));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    registry
+        .inner
+        .metrics
+        .request(&route, method.as_str(), resp.status().as_u16(), secs);
+    resp
+}
+
+/// A request body, read whole under the body limit; over the limit is a JSON 413, any other
+/// failure a JSON 400.
+pub struct Body(pub Bytes);
+
+impl FromRequest<Registry> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, registry: &Registry) -> Result<Self, ApiError> {
+        match Bytes::from_request(req, registry).await {
+            Ok(b) => Ok(Body(b)),
+            Err(e) => Err(body_error(&e, registry.config().body_limit)),
+        }
+    }
+}
+
+fn body_error(e: &BytesRejection, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge(limit)
+    } else {
+        ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text()))
+    }
+}
+
+/// `Path` with JSON rejections.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
+/// Whether a write body is JSON (else it is form-encoded, as lyft's clients send).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|ct| ct == "application/json" || ct.ends_with("+json"))
+}
+
+/// Adds the read headers (`X-Tidings-Index`, `X-Tidings-Stale`) to an answer.
+pub fn with_view_headers(mut resp: Response, view: &View) -> Response {
+    let h = resp.headers_mut();
+    h.insert(HEADER_INDEX, HeaderValue::from(view.data.index));
+    if view.stale() {
+        h.insert(HEADER_STALE, HeaderValue::from_static("true"));
+    }
+    resp
+}

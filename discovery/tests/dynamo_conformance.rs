@@ -1,0 +1,36 @@
+//! The one store conformance suite, run on both stores: the in-memory one and the DynamoDB
+//! one against a real moto server (DESIGN.md §4.3: the in-memory store never stands in for
+//! DynamoDB in these tests).
+
+#[path = "support/moto.rs"]
+mod moto;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use discovery::conformance;
+use discovery::dynamo::init_table;
+use discovery::{DynamoStore, MemoryStore};
+
+#[tokio::test]
+async fn memory_store_conforms() {
+    conformance::run_all(|| async { MemoryStore::new() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamo_store_conforms() {
+    let moto = moto::Moto::start();
+    let tables = AtomicUsize::new(0);
+    let started = Instant::now();
+    // A fresh table per case: CreateTable is instant on moto, and cases stay independent.
+    conformance::run_all(|| async {
+        let cfg = moto.config(&format!(
+            "conformance-{}",
+            tables.fetch_add(1, Ordering::SeqCst)
+        ));
+        init_table(&cfg).await.expect("init_table");
+        DynamoStore::connect(&cfg).await.expect("connect")
+    })
+    .await;
+    eprintln!("DynamoDB conformance on moto took {:?}", started.elapsed());
+}

@@ -1,0 +1,218 @@
+//! Expiry, warm-up, self-preservation and the sweeper, on a `ManualClock`; and the last-good
+//! cache when the store fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use discovery::{RegistryConfig, Store};
+use schema::ServiceName;
+use serde_json::json;
+
+use crate::common::{FlakyStore, Harness, T0};
+
+const TTL: Duration = Duration::from_secs(180);
+
+#[tokio::test]
+async fn expired_hosts_are_filtered_on_read_and_reads_never_write() {
+    let h = Harness::new();
+    h.register("web", "10.0.0.1", 80).await;
+    h.clock.advance(TTL - Duration::from_millis(1));
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 1);
+    h.clock.advance(Duration::from_millis(1));
+    assert!(
+        h.get("/v1/registration/web").await.hosts().is_empty(),
+        "expired at exactly the TTL"
+    );
+    assert_eq!(
+        h.store.inner.list_all().await.expect("ok").len(),
+        1,
+        "the read deleted nothing"
+    );
+    // A check-in brings it back.
+    h.register("web", "10.0.0.1", 80).await;
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 1);
+}
+
+#[tokio::test]
+async fn warming_for_one_interval_after_an_empty_start() {
+    let h = Harness::new();
+    let r = h.get("/v1/registration/web").await;
+    assert!(r.warming());
+    assert_eq!(h.get("/v2/catalog").await.json()["warming"], true);
+    assert!(
+        h.post_form("/v1/registration/web", "ip=10.0.0.1&port=80")
+            .await
+            .warming()
+    );
+    h.clock.advance(Duration::from_secs(60));
+    let r = h.get("/v2/catalog").await;
+    assert!(!r.warming());
+    assert_eq!(r.json()["warming"], false);
+}
+
+#[tokio::test]
+async fn no_warming_when_the_store_already_had_rows() {
+    let store = Arc::new(FlakyStore::default());
+    let ep = schema::Endpoint::new(
+        ServiceName::new("web").expect("name"),
+        "10.0.0.1".parse().expect("ip"),
+        std::num::NonZeroU16::new(80).expect("port"),
+    );
+    store.inner.check_in(&[ep], T0).await.expect("ok");
+    let h = Harness::with_store(RegistryConfig::default(), store);
+    let r = h.get("/v2/catalog").await;
+    assert!(!r.warming());
+    assert_eq!(r.json()["warming"], false);
+}
+
+async fn fleet_check_in(h: &Harness, hosts: std::ops::Range<u8>) {
+    let endpoints: Vec<_> = hosts
+        .map(|i| json!({"service": "web", "ip": format!("10.0.0.{i}"), "port": 80}))
+        .collect();
+    let r = h
+        .post_json("/v2/checkin", &json!({ "endpoints": endpoints }))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn self_preservation_stops_expiry_when_check_ins_collapse_and_recovers() {
+    let h = Harness::new();
+    fleet_check_in(&h, 0..20).await;
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert_eq!(rep.baseline, 20);
+    assert!(!rep.preserving);
+
+    // Only half the fleet gets through for the next intervals (a broken path, a cron failure).
+    for _ in 0..4 {
+        h.clock.advance(Duration::from_secs(60));
+        fleet_check_in(&h, 0..10).await;
+        let rep = h.registry.sweep_once().await.expect("sweep");
+        if h.clock_elapsed() > Duration::from_secs(100) {
+            assert!(rep.preserving, "{rep:?}");
+            assert_eq!(rep.deleted, 0);
+        }
+    }
+    assert!(h.registry.self_preservation_active());
+    // Past the TTL for the silent half, yet every host is still served, flagged stale.
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 20);
+    assert!(r.stale());
+    let c = h.get("/v2/catalog").await;
+    assert_eq!(c.json()["stale"], true);
+    assert_eq!(
+        h.store.inner.list_all().await.expect("ok").len(),
+        20,
+        "the sweeper deleted nothing"
+    );
+
+    // The path heals: everyone checks in, expiry resumes.
+    fleet_check_in(&h, 0..20).await;
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(!rep.preserving, "{rep:?}");
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 20);
+    assert!(!r.stale());
+
+    // One host really stops: it expires normally while the rest renew.
+    for _ in 0..4 {
+        h.clock.advance(Duration::from_secs(60));
+        fleet_check_in(&h, 1..20).await;
+        assert!(!h.registry.sweep_once().await.expect("sweep").preserving);
+    }
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 19);
+    assert_eq!(
+        h.store.inner.list_all().await.expect("ok").len(),
+        19,
+        "swept"
+    );
+}
+
+#[tokio::test]
+async fn deregistration_lowers_the_baseline_so_scale_down_does_not_preserve() {
+    let h = Harness::new();
+    fleet_check_in(&h, 0..20).await;
+    h.registry.sweep_once().await.expect("sweep");
+    for i in 10..20 {
+        let r = h
+            .call(
+                "DELETE",
+                &format!("/v1/registration/web/10.0.0.{i}"),
+                &[],
+                "",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    h.clock.advance(Duration::from_secs(60));
+    fleet_check_in(&h, 0..10).await;
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert_eq!(rep.baseline, 10);
+    assert!(!rep.preserving);
+}
+
+#[tokio::test]
+async fn sweeper_deletes_at_a_bounded_rate() {
+    let cfg = RegistryConfig {
+        sweep_max_per_pass: 10,
+        self_preservation: false,
+        ..Default::default()
+    };
+    let h = Harness::with_config(cfg);
+    fleet_check_in(&h, 0..35).await;
+    h.clock.advance(TTL);
+    let mut deleted = Vec::new();
+    for _ in 0..5 {
+        deleted.push(h.registry.sweep_once().await.expect("sweep").deleted);
+    }
+    assert_eq!(deleted, vec![10, 10, 10, 5, 0]);
+    assert!(h.store.inner.is_empty());
+}
+
+#[tokio::test]
+async fn store_failure_answers_503_for_writes_and_stale_cache_for_reads() {
+    let h = Harness::new();
+    h.register("web", "10.0.0.1", 80).await;
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 1);
+    assert_eq!(h.get("/v2/catalog").await.status, StatusCode::OK);
+    h.store.fail(true);
+    h.clock.advance(Duration::from_secs(5));
+
+    let r = h
+        .post_form("/v1/registration/web", "ip=10.0.0.1&port=80")
+        .await;
+    r.assert_error(503, "store_unavailable");
+    assert_eq!(r.header("retry-after"), Some("5"));
+    h.post_json(
+        "/v2/checkin",
+        &json!({"ip": "10.0.0.1", "endpoints": [{"service": "web", "port": 80}]}),
+    )
+    .await
+    .assert_error(503, "store_unavailable");
+
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.stale());
+    assert_eq!(r.hosts().len(), 1);
+    let c = h.get("/v2/catalog").await;
+    assert!(c.stale());
+    assert_eq!(c.json()["stale"], true);
+    let repo = h.get("/v1/registration/repo/x").await;
+    assert!(repo.stale(), "repo reads fall back to the cached catalog");
+
+    h.get("/v1/registration/never-read")
+        .await
+        .assert_error(503, "store_unavailable");
+
+    h.store.fail(false);
+    let r = h.get("/v1/registration/web").await;
+    assert!(!r.stale());
+}
+
+impl Harness {
+    fn clock_elapsed(&self) -> Duration {
+        use discovery::Clock;
+        Duration::from_millis(self.clock.now_ms() - T0)
+    }
+}

@@ -1,0 +1,139 @@
+//! `foca::Codec` over `schema::codec`, and the plaintext envelope of our UDP packets.
+//!
+//! foca decodes a header then a run of members from one buffer, so each item is framed
+//! with a u16 length prefix; inside it is a `schema::codec` message (version byte + bincode
+//! with the packet limit). The prefix costs 2 bytes per item but keeps bincode out of this
+//! crate and every item independently bounded.
+
+use bytes::{Buf, BufMut};
+use foca::{Header, Member};
+use schema::codec::{self, CodecError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use thiserror::Error;
+
+use crate::NodeId;
+
+#[derive(Debug, Error)]
+pub enum FocaCodecError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("truncated item: need {need} bytes, have {have}")]
+    Truncated { need: usize, have: usize },
+    #[error("item of {0} bytes does not fit a u16 length prefix")]
+    TooLarge(usize),
+    #[error("output buffer full")]
+    BufferFull,
+}
+
+/// The codec foca uses for every SWIM message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FocaCodec;
+
+fn put<T: Serialize>(value: &T, mut buf: impl BufMut) -> Result<(), FocaCodecError> {
+    let bytes = codec::encode_packet(value)?;
+    let len = u16::try_from(bytes.len()).map_err(|_| FocaCodecError::TooLarge(bytes.len()))?;
+    // foca needs the buffer left clean when an item does not fit, so check before writing.
+    if buf.remaining_mut() < 2 + bytes.len() {
+        return Err(FocaCodecError::BufferFull);
+    }
+    buf.put_u16(len);
+    buf.put_slice(&bytes);
+    Ok(())
+}
+
+fn take<T: DeserializeOwned>(mut buf: impl Buf) -> Result<T, FocaCodecError> {
+    if buf.remaining() < 2 {
+        return Err(FocaCodecError::Truncated {
+            need: 2,
+            have: buf.remaining(),
+        });
+    }
+    let len = usize::from(buf.get_u16());
+    if buf.remaining() < len {
+        return Err(FocaCodecError::Truncated {
+            need: len,
+            have: buf.remaining(),
+        });
+    }
+    let item = buf.copy_to_bytes(len);
+    Ok(codec::decode_packet(&item)?)
+}
+
+impl foca::Codec<NodeId> for FocaCodec {
+    type Error = FocaCodecError;
+
+    fn encode_header(
+        &mut self,
+        header: &Header<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        put(header, buf)
+    }
+
+    fn decode_header(&mut self, buf: impl Buf) -> Result<Header<NodeId>, Self::Error> {
+        take(buf)
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &Member<NodeId>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        put(member, buf)
+    }
+
+    fn decode_member(&mut self, buf: impl Buf) -> Result<Member<NodeId>, Self::Error> {
+        take(buf)
+    }
+}
+
+/// What the first plaintext byte of a UDP packet says it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum PacketKind {
+    /// A foca (SWIM) message, passed to `Foca::handle_data` as is.
+    Swim = 0,
+    /// A repair digest (`repair::Digest` in `schema::codec`).
+    Digest = 1,
+}
+
+impl PacketKind {
+    pub(crate) fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Swim),
+            1 => Some(Self::Digest),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use foca::{Codec, Message};
+
+    use super::*;
+
+    #[test]
+    fn header_and_member_round_trip_and_truncation_fails() {
+        let a = NodeId::new("127.0.0.1:1".parse().unwrap(), 5);
+        let b = NodeId::new("127.0.0.1:2".parse().unwrap(), 6);
+        let header = Header {
+            src: a,
+            src_incarnation: 3,
+            dst: b,
+            message: Message::Ping(7),
+        };
+        let mut buf = Vec::new();
+        FocaCodec.encode_header(&header, &mut buf).unwrap();
+        FocaCodec
+            .encode_member(&Member::alive(b), &mut buf)
+            .unwrap();
+        let mut rd = &buf[..];
+        assert_eq!(FocaCodec.decode_header(&mut rd).unwrap(), header);
+        assert_eq!(FocaCodec.decode_member(&mut rd).unwrap(), Member::alive(b));
+        assert!(rd.is_empty());
+        assert!(FocaCodec.decode_header(&buf[..buf.len() / 2]).is_err());
+        assert!(FocaCodec.decode_header(&[0xff, 0xff, 1][..]).is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! `GossipConfig`: the one typed config of the gossip subsystem (serde, defaults, validate).
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+use foca::PeriodicParams;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::crypto::{KeyError, KeyRing, SEAL_OVERHEAD};
+use crate::node::MAX_DATAGRAM;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("gossip needs a key (`keys`), or `insecure = true` to run unencrypted")]
+    KeyRequired,
+    #[error("`insecure = true` and `keys` are mutually exclusive")]
+    KeyAndInsecure,
+    #[error("cluster name must be 1-64 bytes")]
+    ClusterName,
+    #[error("{0}")]
+    Interval(&'static str),
+}
+
+/// Gossip settings. Durations are in milliseconds in files (`*_ms`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipConfig {
+    /// UDP (SWIM) and TCP (repair) address; both use the same port. Default `0.0.0.0:7702`.
+    pub bind: SocketAddr,
+    /// The address peers reach this node at, if different from `bind` (e.g. bind 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// Authenticated as associated data: nodes of another cluster cannot talk to us.
+    pub cluster: String,
+    /// Base64 keys (`tidings gossip keygen`): the first seals, all open.
+    pub keys: Vec<String>,
+    /// Run without encryption. Must be explicit.
+    pub insecure: bool,
+    pub seeds: Vec<SocketAddr>,
+    /// SWIM probe period (foca `probe_period`; `new_lan` uses 1 s).
+    pub probe_period_ms: u64,
+    /// SWIM probe timeout (must be below the period).
+    pub probe_rtt_ms: u64,
+    /// Periodic gossip interval: one dissemination round.
+    pub gossip_interval_ms: u64,
+    /// Anti-entropy digest exchange interval.
+    pub repair_interval_ms: u64,
+    /// How long a tombstone is kept at most.
+    pub tombstone_retention_ms: u64,
+    /// How long foca remembers a down member (and we its rows' epoch).
+    pub remove_down_after_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            bind: SocketAddr::from(([0, 0, 0, 0], 7702)),
+            advertise: None,
+            cluster: "tidings".to_string(),
+            keys: Vec::new(),
+            insecure: false,
+            seeds: Vec::new(),
+            probe_period_ms: 1_000,
+            probe_rtt_ms: 500,
+            gossip_interval_ms: 200,
+            repair_interval_ms: 5_000,
+            tombstone_retention_ms: 24 * 3600 * 1000,
+            remove_down_after_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl GossipConfig {
+    /// Checks the config and returns the parsed key ring (`None` in insecure mode).
+    pub fn validate(&self) -> Result<Option<KeyRing>, ConfigError> {
+        if self.cluster.is_empty() || self.cluster.len() > 64 {
+            return Err(ConfigError::ClusterName);
+        }
+        if self.probe_rtt_ms == 0 || self.probe_rtt_ms >= self.probe_period_ms {
+            return Err(ConfigError::Interval(
+                "probe_rtt_ms must be > 0 and below probe_period_ms",
+            ));
+        }
+        if self.gossip_interval_ms == 0 || self.repair_interval_ms == 0 {
+            return Err(ConfigError::Interval(
+                "gossip and repair intervals must be > 0",
+            ));
+        }
+        match (self.insecure, self.keys.is_empty()) {
+            (true, true) => Ok(None),
+            (true, false) => Err(ConfigError::KeyAndInsecure),
+            (false, true) => Err(ConfigError::KeyRequired),
+            (false, false) => Ok(Some(KeyRing::parse(&self.keys)?)),
+        }
+    }
+
+    pub(crate) fn probe_period(&self) -> Duration {
+        Duration::from_millis(self.probe_period_ms)
+    }
+
+    /// Fast settings for tests and the simulator's small clusters.
+    pub fn for_tests(bind: SocketAddr) -> Self {
+        GossipConfig {
+            bind,
+            insecure: true,
+            probe_period_ms: 200,
+            probe_rtt_ms: 80,
+            gossip_interval_ms: 50,
+            repair_interval_ms: 300,
+            ..Default::default()
+        }
+    }
+}
+
+/// foca's config for a cluster of `cluster_size`, from `Config::new_lan` with our periods.
+pub(crate) fn foca_config(cfg: &GossipConfig, cluster_size: u32) -> foca::Config {
+    let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
+    let mut c = foca::Config::new_lan(n);
+    // memberlist's retransmit count, 4·⌈log10(N+1)⌉, not foca's 4·⌊log10(N+1)⌋: a node is
+    // missed by an epidemic with probability ≈ e^-transmissions, and the floor leaves a tail
+    // (N=20 gets 5) that only repair would catch.
+    let tx = 4 * (f64::from(n.get()) + 1.0).log10().ceil().max(1.0) as u8;
+    c.max_transmissions = std::num::NonZeroU8::new(tx).unwrap_or(c.max_transmissions);
+    // new_lan assumes a 1 s probe period; keep its ratios when the period is changed.
+    let scale = cfg.probe_period_ms as f64 / 1000.0;
+    c.probe_period = cfg.probe_period();
+    c.probe_rtt = Duration::from_millis(cfg.probe_rtt_ms);
+    c.suspect_to_down_after = c.suspect_to_down_after.mul_f64(scale);
+    let three = NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN);
+    c.periodic_gossip = Some(PeriodicParams {
+        frequency: Duration::from_millis(cfg.gossip_interval_ms),
+        num_members: three,
+    });
+    if let Some(p) = c.periodic_announce.as_mut() {
+        p.frequency = p.frequency.mul_f64(scale);
+    }
+    if let Some(p) = c.periodic_announce_to_down_members.as_mut() {
+        p.frequency = p.frequency.mul_f64(scale);
+    }
+    c.remove_down_after = Some(Duration::from_millis(cfg.remove_down_after_ms));
+    let payload = MAX_DATAGRAM - SEAL_OVERHEAD - 1;
+    c.max_packet_size = NonZeroUsize::new(payload).unwrap_or(NonZeroUsize::MIN);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        let mut c = GossipConfig::default();
+        assert!(matches!(c.validate(), Err(ConfigError::KeyRequired)));
+        c.insecure = true;
+        assert!(c.validate().unwrap().is_none());
+        c.keys = vec![crate::generate_key()];
+        assert!(matches!(c.validate(), Err(ConfigError::KeyAndInsecure)));
+        c.insecure = false;
+        assert!(c.validate().unwrap().is_some());
+        c.keys = vec!["nope".into()];
+        assert!(matches!(c.validate(), Err(ConfigError::Key(_))));
+        let parsed: GossipConfig =
+            serde_json::from_str(r#"{"cluster":"x","insecure":true}"#).unwrap();
+        assert_eq!(parsed.cluster, "x");
+    }
+}

@@ -1,0 +1,580 @@
+//! The sans-IO gossip node: foca SWIM + endpoint rows + snapshots + repair, driven by the
+//! caller with packets, timers and a clock, answering with [`Effect`]s.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use foca::{AccumulatingRuntime, Foca, Member, OwnedNotification};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use schema::codec;
+use schema::{Endpoint, EndpointKey};
+
+use crate::NodeId;
+use crate::broadcast::{BroadcastItem, RowBroadcasts, SharedStore, Store, lock};
+use crate::codec::{FocaCodec, PacketKind};
+use crate::config::{ConfigError, GossipConfig, foca_config};
+use crate::crypto::{KeyRing, SEAL_OVERHEAD, Sealer};
+use crate::metrics::Metrics;
+use crate::repair::{self, Digest, RepairFrame};
+use crate::rows::{Merge, Row, RowStatus, Version};
+use crate::snapshot::Snapshot;
+use crate::view::MemberInfo;
+
+/// Largest UDP datagram we produce or accept, sealed (memberlist's 1400).
+pub const MAX_DATAGRAM: usize = 1400;
+/// Largest repair TCP frame (sealed); checked against the length prefix before allocating.
+pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Broadcast items above this are left to repair: SWIM updates fill packets first, and a big
+/// item would never fit next to them.
+const MAX_BROADCAST_ITEM: usize = 1000;
+
+type Swim = Foca<NodeId, FocaCodec, StdRng, RowBroadcasts>;
+
+/// A timer the caller must deliver back through [`Node::handle_timer`] (late is fine, lost
+/// is not: foca's probe cycle depends on every timer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Timer {
+    Swim(foca::Timer<NodeId>),
+    Repair,
+    Housekeeping,
+}
+
+/// What the node asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send this sealed datagram over UDP.
+    Send { to: SocketAddr, packet: Vec<u8> },
+    /// Call `handle_timer(timer)` after `after`.
+    Schedule { after: Duration, timer: Timer },
+    /// Open a TCP connection to `peer`, send `frame`; feed every frame received on it to
+    /// [`Node::handle_repair_frame`] and send back what that returns.
+    Repair { peer: SocketAddr, frame: Vec<u8> },
+}
+
+/// One gossip node. Not thread-safe by design: one task owns it.
+pub struct Node {
+    cfg: GossipConfig,
+    pub(crate) me: NodeId,
+    pub(crate) swim: Swim,
+    rt: AccumulatingRuntime<NodeId>,
+    pub(crate) store: SharedStore,
+    sealer: Sealer,
+    rng: StdRng,
+    effects: Vec<Effect>,
+    pub(crate) members: BTreeMap<SocketAddr, MemberInfo>,
+    /// Owners seen in SWIM membership, so their rows can go when foca forgets them.
+    seen_owners: BTreeSet<SocketAddr>,
+    /// Owners with rows but never seen in SWIM, and since when (ms).
+    unknown_owners: BTreeMap<SocketAddr, u64>,
+    local: BTreeMap<EndpointKey, Endpoint>,
+    pub(crate) seq: u64,
+    now_ms: u64,
+    sized_for: u32,
+    pub(crate) membership_changes: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Node {
+    /// Builds a node. `epoch` must grow across restarts of this address (wall-clock ms at
+    /// start, or persisted + 1); `rng_seed` seeds every random choice and nonce.
+    pub fn new(cfg: GossipConfig, epoch: u64, rng_seed: u64) -> Result<Node, ConfigError> {
+        let ring = cfg.validate()?;
+        let me = NodeId::new(cfg.advertise.unwrap_or(cfg.bind), epoch);
+        let store: SharedStore = Arc::new(Mutex::new(Store::default()));
+        let handler = RowBroadcasts {
+            store: store.clone(),
+        };
+        let swim_rng = StdRng::seed_from_u64(rng_seed);
+        let swim =
+            Foca::with_custom_broadcast(me, foca_config(&cfg, 1), swim_rng, FocaCodec, handler);
+        Ok(Node {
+            sealer: Sealer::new(&cfg.cluster, ring.as_ref()),
+            cfg,
+            me,
+            swim,
+            rt: AccumulatingRuntime::new(),
+            store,
+            rng: StdRng::seed_from_u64(rng_seed ^ 0x9e37_79b9_7f4a_7c15),
+            effects: Vec::new(),
+            members: BTreeMap::new(),
+            seen_owners: BTreeSet::new(),
+            unknown_owners: BTreeMap::new(),
+            local: BTreeMap::new(),
+            seq: 0,
+            now_ms: 0,
+            sized_for: 1,
+            membership_changes: 0,
+            metrics: Arc::new(Metrics::default()),
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Takes the effects produced so far; call after every entry point.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        lock(&self.store).now_ms = self.now_ms;
+    }
+
+    /// Schedules the node's own timers and announces to the seeds.
+    pub fn start(&mut self, now_ms: u64) {
+        self.set_now(now_ms);
+        let jitter = self.rng.random_range(0..self.cfg.repair_interval_ms.max(1));
+        self.schedule(Duration::from_millis(jitter), Timer::Repair);
+        self.schedule(self.cfg.probe_period(), Timer::Housekeeping);
+        self.announce_to_seeds();
+        self.drain();
+    }
+
+    fn schedule(&mut self, after: Duration, timer: Timer) {
+        self.effects.push(Effect::Schedule { after, timer });
+    }
+
+    fn announce_to_seeds(&mut self) {
+        for seed in self.cfg.seeds.clone() {
+            if seed != self.me.addr
+                && let Err(e) = self.swim.announce(NodeId::seed(seed), &mut self.rt)
+            {
+                tracing::debug!(%seed, error = %e, "announce failed");
+            }
+        }
+    }
+
+    /// Feeds identities known from elsewhere (disk cache, a simulator's roster) as alive,
+    /// without broadcasting them.
+    pub fn assume_members(&mut self, now_ms: u64, ids: impl IntoIterator<Item = NodeId>) {
+        self.set_now(now_ms);
+        let members = ids
+            .into_iter()
+            .filter(|id| id.addr != self.me.addr)
+            .map(Member::alive);
+        if let Err(e) = self.swim.apply_many(members, false, &mut self.rt) {
+            tracing::debug!(error = %e, "apply_many failed");
+        }
+        self.drain();
+    }
+
+    /// Replaces the key ring (rotation). Takes effect for the next packet.
+    pub fn set_key_ring(&mut self, ring: Option<&KeyRing>) {
+        self.sealer = Sealer::new(&self.cfg.cluster, ring);
+    }
+
+    /// Handles one UDP datagram from `from`.
+    pub fn handle_packet(&mut self, now_ms: u64, from: SocketAddr, data: &[u8]) {
+        self.set_now(now_ms);
+        Metrics::bump(&self.metrics.packets_in, 1);
+        Metrics::bump(&self.metrics.bytes_in, data.len() as u64);
+        if data.len() > MAX_DATAGRAM {
+            Metrics::bump(&self.metrics.dropped_oversize, 1);
+            return;
+        }
+        let plain = match self.sealer.open(data) {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.dropped(e);
+                return;
+            }
+        };
+        match plain
+            .split_first()
+            .and_then(|(k, body)| PacketKind::from_byte(*k).map(|k| (k, body)))
+        {
+            Some((PacketKind::Swim, body)) => {
+                let before = lock(&self.store).rows_received;
+                let result = self.swim.handle_data(body, &mut self.rt);
+                // Relay news at once instead of at the next gossip tick: each hop then costs
+                // one network delay, not half a gossip interval. Transmissions stay bounded
+                // by max_transmissions.
+                if lock(&self.store).rows_received > before {
+                    self.gossip_now();
+                }
+                if let Err(e) = result {
+                    let counter = match e {
+                        foca::Error::Decode(_)
+                        | foca::Error::MalformedPacket
+                        | foca::Error::CustomBroadcast(_) => &self.metrics.dropped_malformed,
+                        _ => &self.metrics.swim_errors,
+                    };
+                    Metrics::bump(counter, 1);
+                    tracing::trace!(%from, error = %e, "swim packet not handled");
+                }
+            }
+            Some((PacketKind::Digest, body)) => match codec::decode_packet::<Digest>(body) {
+                Ok(d) => self.on_digest(from, &d),
+                Err(_) => Metrics::bump(&self.metrics.dropped_malformed, 1),
+            },
+            None => Metrics::bump(&self.metrics.dropped_malformed, 1),
+        }
+        self.drain();
+    }
+
+    fn on_digest(&mut self, from: SocketAddr, digest: &Digest) {
+        let down = digest
+            .down
+            .iter()
+            .take(repair::DIGEST_MAX_DOWN)
+            .copied()
+            .map(Member::down);
+        if let Err(e) = self.swim.apply_many(down, true, &mut self.rt) {
+            tracing::debug!(%from, error = %e, "down verdicts from digest not applied");
+        }
+        // A digest from a member we think is down means it is back (a healed partition):
+        // announcing makes SWIM sort it out now rather than at the next periodic announce.
+        if let Some(m) = self.members.get(&from)
+            && !m.active
+            && let Err(e) = self.swim.announce(m.id, &mut self.rt)
+        {
+            tracing::debug!(%from, error = %e, "announce to returning member failed");
+        }
+        let req = repair::on_digest(&mut lock(&self.store), self.me.addr, from, digest);
+        match req {
+            Some(req) => {
+                if let Some(frame) = self.seal_frame(&RepairFrame::Request(req)) {
+                    Metrics::bump(&self.metrics.repair_exchanges, 1);
+                    self.effects.push(Effect::Repair { peer: from, frame });
+                }
+            }
+            None if digest.buckets.len() != repair::DIGEST_BUCKETS => {
+                Metrics::bump(&self.metrics.dropped_malformed, 1);
+            }
+            None => {}
+        }
+    }
+
+    fn seal_frame(&mut self, frame: &RepairFrame) -> Option<Vec<u8>> {
+        match codec::encode::<_, { MAX_FRAME - SEAL_OVERHEAD }>(frame) {
+            Ok(bytes) => Some(self.sealer.seal(&bytes, &mut self.rng)),
+            Err(e) => {
+                tracing::warn!(error = %e, "repair frame not sent");
+                None
+            }
+        }
+    }
+
+    /// Handles one sealed repair frame received over TCP; returns the sealed reply, if any.
+    pub fn handle_repair_frame(&mut self, now_ms: u64, data: &[u8]) -> Option<Vec<u8>> {
+        self.set_now(now_ms);
+        let plain = match self.sealer.open(data) {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.dropped(e);
+                return None;
+            }
+        };
+        let frame = match codec::decode::<RepairFrame, { MAX_FRAME - SEAL_OVERHEAD }>(&plain) {
+            Ok(f) => f,
+            Err(_) => {
+                Metrics::bump(&self.metrics.dropped_malformed, 1);
+                return None;
+            }
+        };
+        let reply = {
+            let mut store = lock(&self.store);
+            let before = store.rows_received;
+            let reply = match frame {
+                RepairFrame::Request(req) => Some(RepairFrame::Response(repair::respond(
+                    &store,
+                    self.me.addr,
+                    &req,
+                ))),
+                RepairFrame::Response(resp) => {
+                    repair::on_response(&mut store, self.me.addr, resp).map(RepairFrame::Push)
+                }
+                RepairFrame::Push(p) => {
+                    repair::apply(&mut store, p.from, p.rows, p.snapshots);
+                    None
+                }
+            };
+            Metrics::bump(
+                &self.metrics.repair_rows_applied,
+                store.rows_received - before,
+            );
+            reply
+        };
+        reply.and_then(|r| self.seal_frame(&r))
+    }
+
+    /// Delivers a timer scheduled through [`Effect::Schedule`].
+    pub fn handle_timer(&mut self, now_ms: u64, timer: Timer) {
+        self.set_now(now_ms);
+        match timer {
+            Timer::Swim(t) => {
+                let gossip_tick = matches!(t, foca::Timer::PeriodicGossip(_));
+                if let Err(e) = self.swim.handle_timer(t, &mut self.rt) {
+                    Metrics::bump(&self.metrics.swim_errors, 1);
+                    tracing::trace!(error = %e, "swim timer");
+                }
+                // foca fills packets with SWIM updates first and gives custom broadcasts
+                // what is left; under churn or loss that starves rows (memberlist #299).
+                // A broadcast-only message per round gives rows their own room.
+                if gossip_tick && self.swim.custom_broadcast_backlog() > 0 {
+                    self.gossip_now();
+                }
+            }
+            Timer::Repair => {
+                self.schedule(
+                    Duration::from_millis(self.cfg.repair_interval_ms),
+                    Timer::Repair,
+                );
+                self.send_digest();
+            }
+            Timer::Housekeeping => {
+                self.schedule(self.cfg.probe_period(), Timer::Housekeeping);
+                self.tick(now_ms);
+            }
+        }
+        self.drain();
+    }
+
+    fn send_digest(&mut self) {
+        // Down members are candidates too (memberlist's "gossip to the dead"): after a
+        // partition heals, repair crosses it before SWIM has rejoined the halves.
+        let peers: Vec<SocketAddr> = self.members.keys().copied().collect();
+        if peers.is_empty() {
+            return;
+        }
+        let peer = peers[self.rng.random_range(0..peers.len())];
+        let mut digest = Digest::of(&lock(&self.store));
+        let mut down: Vec<NodeId> = self
+            .members
+            .values()
+            .filter(|m| !m.active)
+            .map(|m| m.id)
+            .collect();
+        while down.len() > repair::DIGEST_MAX_DOWN {
+            down.swap_remove(self.rng.random_range(0..down.len()));
+        }
+        digest.down = down;
+        if let Ok(body) = codec::encode_packet(&digest) {
+            self.send_plain(peer, PacketKind::Digest, &body);
+        }
+    }
+
+    fn send_plain(&mut self, to: SocketAddr, kind: PacketKind, body: &[u8]) {
+        let mut plain = Vec::with_capacity(1 + body.len());
+        plain.push(kind as u8);
+        plain.extend_from_slice(body);
+        let packet = self.sealer.seal(&plain, &mut self.rng);
+        Metrics::bump(&self.metrics.packets_out, 1);
+        Metrics::bump(&self.metrics.bytes_out, packet.len() as u64);
+        self.effects.push(Effect::Send { to, packet });
+    }
+
+    /// Housekeeping: resync membership from foca, resize foca's config, forget rows of
+    /// forgotten owners, collect tombstones, re-announce when alone.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.set_now(now_ms);
+        self.resync_members();
+        let active = self.members.values().filter(|m| m.active).count() as u32 + 1;
+        if active != self.sized_for {
+            let new = foca_config(&self.cfg, active);
+            let old = foca_config(&self.cfg, self.sized_for);
+            if (new.max_transmissions, new.suspect_to_down_after)
+                != (old.max_transmissions, old.suspect_to_down_after)
+                && self.swim.set_config(new).is_err()
+            {
+                tracing::warn!("foca rejected the resized config");
+            }
+            self.sized_for = active;
+        }
+        self.forget_owners();
+        let live: BTreeSet<SocketAddr> = self
+            .members
+            .values()
+            .filter(|m| m.active)
+            .map(|m| m.id.addr)
+            .collect();
+        lock(&self.store).rows.gc_tombstones(
+            now_ms,
+            self.cfg.tombstone_retention_ms,
+            self.me.addr,
+            &live,
+        );
+        if self.swim.num_members() == 0 {
+            self.announce_to_seeds();
+        }
+    }
+
+    fn resync_members(&mut self) {
+        let fresh: BTreeMap<SocketAddr, MemberInfo> = self
+            .swim
+            .iter_membership_state()
+            .map(|m| {
+                (
+                    m.id().addr,
+                    MemberInfo {
+                        id: *m.id(),
+                        active: m.state() != foca::State::Down,
+                    },
+                )
+            })
+            .collect();
+        if fresh != self.members {
+            self.members = fresh;
+            self.membership_changes += 1;
+        }
+        let mut store = lock(&self.store);
+        for m in self.members.values() {
+            store.rows.observe_epoch(m.id.addr, m.id.epoch);
+        }
+    }
+
+    fn forget_owners(&mut self) {
+        let mut store = lock(&self.store);
+        let owners: Vec<SocketAddr> = store
+            .rows
+            .owners()
+            .copied()
+            .filter(|o| *o != self.me.addr)
+            .collect();
+        for owner in owners {
+            if self.members.contains_key(&owner) {
+                self.seen_owners.insert(owner);
+                self.unknown_owners.remove(&owner);
+            } else if self.seen_owners.remove(&owner) {
+                store.rows.drop_owner(&owner);
+            } else {
+                let since = *self.unknown_owners.entry(owner).or_insert(self.now_ms);
+                if self.now_ms.saturating_sub(since) > self.cfg.remove_down_after_ms {
+                    store.rows.drop_owner(&owner);
+                    self.unknown_owners.remove(&owner);
+                }
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some((to, data)) = self.rt.to_send() {
+            self.send_plain(to.addr, PacketKind::Swim, &data);
+        }
+        while let Some((after, t)) = self.rt.to_schedule() {
+            self.schedule(after, Timer::Swim(t));
+        }
+        while let Some(n) = self.rt.to_notify() {
+            self.on_notification(n);
+        }
+    }
+
+    fn on_notification(&mut self, n: OwnedNotification<NodeId>) {
+        match n {
+            OwnedNotification::MemberUp(id) => self.set_member(id, true),
+            OwnedNotification::MemberDown(id) => {
+                Metrics::bump(&self.metrics.members_declared_down, 1);
+                self.set_member(id, false);
+            }
+            OwnedNotification::Rename(_, new) => self.set_member(new, true),
+            OwnedNotification::Rejoin(new) => {
+                tracing::info!(?new, "rejoined the cluster with a renewed identity");
+                self.me = new;
+            }
+            OwnedNotification::Defunct => tracing::warn!("declared down and cannot renew identity"),
+            OwnedNotification::Idle => self.announce_to_seeds(),
+            OwnedNotification::Active => {}
+        }
+    }
+
+    fn set_member(&mut self, id: NodeId, active: bool) {
+        let prev = self.members.insert(id.addr, MemberInfo { id, active });
+        if prev.map(|p| p.active) != Some(active) || prev.map(|p| p.id) != Some(id) {
+            self.membership_changes += 1;
+        }
+        lock(&self.store).rows.observe_epoch(id.addr, id.epoch);
+    }
+
+    /// Publishes this node's own endpoints: diffs them against the last call into row
+    /// upserts and tombstones, each with the next `seq`.
+    pub fn publish_local(&mut self, now_ms: u64, endpoints: Vec<Endpoint>) {
+        self.set_now(now_ms);
+        let new: BTreeMap<EndpointKey, Endpoint> =
+            endpoints.into_iter().map(|e| (e.key(), e)).collect();
+        let mut changes: Vec<(EndpointKey, RowStatus)> = new
+            .iter()
+            .filter(|(k, e)| self.local.get(*k) != Some(*e))
+            .map(|(k, e)| (k.clone(), RowStatus::Up(e.clone())))
+            .collect();
+        changes.extend(
+            self.local
+                .keys()
+                .filter(|k| !new.contains_key(*k))
+                .map(|k| (k.clone(), RowStatus::Deregistered)),
+        );
+        self.local = new;
+        for (key, status) in changes {
+            self.seq += 1;
+            let version = Version {
+                epoch: self.me.epoch,
+                seq: self.seq,
+            };
+            self.disseminate(BroadcastItem::Row(Box::new(Row::new(
+                self.me.addr,
+                key,
+                status,
+                version,
+            ))));
+        }
+        self.gossip_now();
+        self.drain();
+    }
+
+    /// Sends pending rows and snapshots (no SWIM updates) to a few random members now.
+    fn gossip_now(&mut self) {
+        if let Err(e) = self.swim.broadcast(&mut self.rt) {
+            tracing::trace!(error = %e, "gossip failed");
+        }
+    }
+
+    /// Stores a registry snapshot this agent fetched; the newest per service wins everywhere.
+    pub fn apply_registry_snapshot(&mut self, now_ms: u64, snapshot: Snapshot) {
+        self.set_now(now_ms);
+        self.disseminate(BroadcastItem::Snapshot(snapshot));
+        self.gossip_now();
+        self.drain();
+    }
+
+    /// Merges locally and queues the item for foca's broadcasts when it is small enough;
+    /// bigger items reach peers through repair only.
+    fn disseminate(&mut self, item: BroadcastItem) {
+        if let Ok(bytes) = item.encode()
+            && bytes.len() <= MAX_BROADCAST_ITEM
+            && self.swim.add_broadcast(&bytes).is_ok()
+        {
+            return;
+        }
+        let mut store = lock(&self.store);
+        let now = store.now_ms;
+        match item {
+            BroadcastItem::Row(row) => {
+                let _: Merge = store.rows.merge(*row, now);
+            }
+            BroadcastItem::Snapshot(s) => {
+                store.snapshots.merge(s);
+            }
+        }
+    }
+
+    /// Leaves the cluster gracefully (peers see us down at once, not after suspicion).
+    pub fn leave(&mut self, now_ms: u64) {
+        self.set_now(now_ms);
+        if let Err(e) = self.swim.leave_cluster(&mut self.rt) {
+            tracing::debug!(error = %e, "leave failed");
+        }
+        self.drain();
+    }
+}
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

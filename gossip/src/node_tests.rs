@@ -1,0 +1,104 @@
+use super::*;
+
+#[test]
+fn foca_config_scales_with_cluster_and_period() {
+    let cfg = GossipConfig {
+        insecure: true,
+        ..Default::default()
+    };
+    let small = foca_config(&cfg, 10);
+    let big = foca_config(&cfg, 1000);
+    assert!(big.max_transmissions > small.max_transmissions);
+    assert!(big.suspect_to_down_after > small.suspect_to_down_after);
+    assert_eq!(big.max_packet_size.get() + SEAL_OVERHEAD + 1, MAX_DATAGRAM);
+    let fast = foca_config(&GossipConfig::for_tests("127.0.0.1:1".parse().unwrap()), 10);
+    assert!(fast.suspect_to_down_after < small.suspect_to_down_after);
+}
+
+fn node(epoch: u64) -> Node {
+    Node::new(
+        GossipConfig::for_tests("127.0.0.1:7702".parse().unwrap()),
+        epoch,
+        1,
+    )
+    .unwrap()
+}
+
+fn ep(port: u16) -> Endpoint {
+    let service = schema::ServiceName::new("web").unwrap();
+    Endpoint::new(
+        service,
+        "10.0.0.1".parse().unwrap(),
+        std::num::NonZeroU16::new(port).unwrap(),
+    )
+}
+
+fn own_versions(n: &Node) -> Vec<Version> {
+    lock(&n.store)
+        .rows
+        .owner_rows(&n.id().addr)
+        .iter()
+        .map(Row::version)
+        .collect()
+}
+
+proptest::proptest! {
+    /// Whatever a process published, its successor (started later, so with a larger
+    /// epoch) only writes strictly larger versions, and `seq` grows by one per change.
+    #[test]
+    fn versions_are_never_reused_across_restarts(
+        first in proptest::collection::vec(proptest::collection::btree_set(1u16..6, 0..4), 1..6),
+        second in proptest::collection::vec(proptest::collection::btree_set(1u16..6, 0..4), 1..6),
+        epoch in 1u64..1_000_000,
+        gap in 1u64..1_000,
+    ) {
+        let mut a = node(epoch);
+        let mut seen = Vec::new();
+        for set in &first {
+            a.publish_local(0, set.iter().map(|p| ep(*p)).collect());
+            seen.extend(own_versions(&a));
+        }
+        let max_first = seen.iter().copied().max().unwrap_or_default();
+        proptest::prop_assert!(a.local_version().seq as usize <= first.iter().map(|s| s.len()).sum::<usize>() * 2);
+        let mut b = node(epoch + gap);
+        for set in &second {
+            b.publish_local(0, set.iter().map(|p| ep(*p)).collect());
+            for v in own_versions(&b) {
+                proptest::prop_assert!(v > max_first);
+            }
+        }
+    }
+}
+
+#[test]
+fn hostile_packets_and_frames_are_dropped_and_counted() {
+    let ring = KeyRing::parse(&[crate::generate_key()]).unwrap();
+    let cfg = GossipConfig {
+        keys: vec![ring.primary.to_base64()],
+        insecure: false,
+        ..GossipConfig::for_tests("127.0.0.1:1".parse().unwrap())
+    };
+    let mut n = Node::new(cfg, 1, 1).unwrap();
+    let from: SocketAddr = "127.0.0.1:2".parse().unwrap();
+    n.handle_packet(0, from, &[]);
+    n.handle_packet(0, from, &[1, 2, 3]);
+    n.handle_packet(0, from, &[9u8; 200]);
+    n.handle_packet(0, from, &vec![0u8; MAX_DATAGRAM + 1]);
+    // Sealed with the right key but garbage inside.
+    let mut rng = StdRng::seed_from_u64(9);
+    let sealer = Sealer::new("tidings", Some(&ring));
+    n.handle_packet(0, from, &sealer.seal(&[0, 0xff, 0xff, 1], &mut rng));
+    n.handle_packet(0, from, &sealer.seal(&[1, 1, 2, 3], &mut rng));
+    n.handle_packet(0, from, &sealer.seal(&[7], &mut rng));
+    assert_eq!(n.handle_repair_frame(0, &[5u8; 100]), None);
+    assert_eq!(
+        n.handle_repair_frame(0, &sealer.seal(b"nonsense", &mut rng)),
+        None
+    );
+    let m = n.metrics().snapshot();
+    assert_eq!(m.dropped_truncated, 2, "{m}");
+    assert_eq!(m.dropped_unknown_key, 2, "{m}");
+    assert_eq!(m.dropped_oversize, 1, "{m}");
+    assert_eq!(m.dropped_malformed, 4, "{m}");
+    assert!(n.take_effects().is_empty());
+}

@@ -1,0 +1,259 @@
+//! Anti-entropy: convergence that does not depend on any broadcast arriving.
+//!
+//! Every repair interval a node sends a random peer a constant-size [`Digest`] (64 buckets
+//! × 8 bytes, one UDP packet) of its per-owner summaries and snapshot versions. A peer whose
+//! digest differs opens a TCP exchange for the differing buckets only:
+//!
+//! 1. peer → node: [`RepairRequest`] — the peer's summaries for those buckets;
+//! 2. node → peer: [`RepairResponse`] — every row of each owner whose summary differs (an
+//!    owner's rows are few: one host's endpoints), newer snapshots, and the node's summaries;
+//! 3. peer → node: [`RepairPush`] — what the node turned out to lack.
+//!
+//! Bytes are proportional to the owners that differ, not to the whole state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+use crate::broadcast::Store;
+use crate::rows::{OwnerSummary, Row, addr_bytes, stable_hash};
+use crate::snapshot::{Snapshot, SnapshotSummary};
+
+pub const DIGEST_BUCKETS: usize = 64;
+
+/// Most down verdicts a digest carries.
+pub const DIGEST_MAX_DOWN: usize = 8;
+
+/// XOR of per-owner and per-service fingerprints, bucketed by owner / service, plus a few
+/// members the sender knows are down: SWIM gives up on an update after max_transmissions,
+/// and a node that missed a Down verdict would otherwise show a dead owner's endpoints
+/// until it happens to probe that owner itself (up to N probe periods).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    pub buckets: Vec<u64>,
+    pub down: Vec<NodeId>,
+}
+
+fn owner_bucket(owner: &SocketAddr) -> usize {
+    (stable_hash(&[&addr_bytes(owner)]) % DIGEST_BUCKETS as u64) as usize
+}
+
+fn service_bucket(service: &str) -> usize {
+    (stable_hash(&[b"svc", service.as_bytes()]) % DIGEST_BUCKETS as u64) as usize
+}
+
+fn owner_fingerprint(s: &OwnerSummary) -> u64 {
+    stable_hash(&[
+        &addr_bytes(&s.owner),
+        &s.hash.to_le_bytes(),
+        &s.max.epoch.to_le_bytes(),
+        &s.max.seq.to_le_bytes(),
+    ])
+}
+
+fn snapshot_fingerprint(s: &SnapshotSummary) -> u64 {
+    stable_hash(&[
+        b"svc",
+        s.service.as_str().as_bytes(),
+        &s.generated_at_ms.to_le_bytes(),
+        &s.hash.to_le_bytes(),
+    ])
+}
+
+impl Digest {
+    pub fn of(store: &Store) -> Digest {
+        let mut buckets = vec![0u64; DIGEST_BUCKETS];
+        for owner in store.rows.owners() {
+            if let Some(s) = store.rows.summary(owner) {
+                buckets[owner_bucket(owner)] ^= owner_fingerprint(&s);
+            }
+        }
+        for (_, s) in store.snapshots.iter() {
+            buckets[service_bucket(s.service.as_str())] ^= snapshot_fingerprint(s);
+        }
+        Digest {
+            buckets,
+            down: Vec::new(),
+        }
+    }
+
+    /// Buckets that differ, or `None` if the digest is malformed.
+    pub fn diff(&self, other: &Digest) -> Option<BTreeSet<u8>> {
+        if self.buckets.len() != DIGEST_BUCKETS || other.buckets.len() != DIGEST_BUCKETS {
+            return None;
+        }
+        Some(
+            (0..DIGEST_BUCKETS)
+                .filter(|&i| self.buckets[i] != other.buckets[i])
+                .filter_map(|i| u8::try_from(i).ok())
+                .collect(),
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairRequest {
+    pub from: SocketAddr,
+    pub buckets: BTreeSet<u8>,
+    pub owners: Vec<OwnerSummary>,
+    pub snapshots: Vec<SnapshotSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairResponse {
+    pub from: SocketAddr,
+    pub buckets: BTreeSet<u8>,
+    pub rows: Vec<Row>,
+    pub snapshots: Vec<Snapshot>,
+    pub owners: Vec<OwnerSummary>,
+    pub snapshot_summaries: Vec<SnapshotSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairPush {
+    pub from: SocketAddr,
+    pub rows: Vec<Row>,
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// One TCP frame of a repair exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RepairFrame {
+    Request(RepairRequest),
+    Response(RepairResponse),
+    Push(RepairPush),
+}
+
+fn owner_summaries(store: &Store, buckets: &BTreeSet<u8>) -> Vec<OwnerSummary> {
+    store
+        .rows
+        .owners()
+        .filter(|o| buckets.contains(&(owner_bucket(o) as u8)))
+        .filter_map(|o| store.rows.summary(o))
+        .collect()
+}
+
+fn snapshot_summaries(store: &Store, buckets: &BTreeSet<u8>) -> Vec<SnapshotSummary> {
+    store
+        .snapshots
+        .iter()
+        .filter(|(_, s)| buckets.contains(&(service_bucket(s.service.as_str()) as u8)))
+        .map(|(_, s)| s.clone())
+        .collect()
+}
+
+/// Rows of every owner in `buckets` whose summary is not exactly `theirs`.
+fn rows_they_lack(store: &Store, buckets: &BTreeSet<u8>, theirs: &[OwnerSummary]) -> Vec<Row> {
+    let theirs: BTreeMap<SocketAddr, &OwnerSummary> = theirs.iter().map(|s| (s.owner, s)).collect();
+    owner_summaries(store, buckets)
+        .into_iter()
+        .filter(|mine| theirs.get(&mine.owner).is_none_or(|t| *t != mine))
+        .flat_map(|mine| store.rows.owner_rows(&mine.owner))
+        .collect()
+}
+
+fn snapshots_they_lack(
+    store: &Store,
+    buckets: &BTreeSet<u8>,
+    theirs: &[SnapshotSummary],
+) -> Vec<Snapshot> {
+    let theirs: BTreeMap<_, _> = theirs
+        .iter()
+        .map(|s| (s.service.clone(), (s.generated_at_ms, s.hash)))
+        .collect();
+    snapshot_summaries(store, buckets)
+        .into_iter()
+        .filter(|mine| {
+            theirs
+                .get(&mine.service)
+                .is_none_or(|r| *r < (mine.generated_at_ms, mine.hash))
+        })
+        .filter_map(|mine| store.snapshots.get(&mine.service).cloned())
+        .collect()
+}
+
+/// The digest receiver's side: which buckets to ask about (and GC evidence for the rest).
+pub fn on_digest(
+    store: &mut Store,
+    me: SocketAddr,
+    peer: SocketAddr,
+    theirs: &Digest,
+) -> Option<RepairRequest> {
+    let diff = Digest::of(store).diff(theirs)?;
+    let owners: Vec<SocketAddr> = store.rows.owners().copied().collect();
+    for owner in owners {
+        if !diff.contains(&(owner_bucket(&owner) as u8)) {
+            store.rows.mark_synced(&owner, peer);
+        }
+    }
+    if diff.is_empty() {
+        return None;
+    }
+    Some(RepairRequest {
+        from: me,
+        owners: owner_summaries(store, &diff),
+        snapshots: snapshot_summaries(store, &diff),
+        buckets: diff,
+    })
+}
+
+pub fn respond(store: &Store, me: SocketAddr, req: &RepairRequest) -> RepairResponse {
+    RepairResponse {
+        from: me,
+        buckets: req.buckets.clone(),
+        rows: rows_they_lack(store, &req.buckets, &req.owners),
+        snapshots: snapshots_they_lack(store, &req.buckets, &req.snapshots),
+        owners: owner_summaries(store, &req.buckets),
+        snapshot_summaries: snapshot_summaries(store, &req.buckets),
+    }
+}
+
+/// Applies rows and snapshots from a peer. A peer's full row set of its *own* rows is
+/// authoritative: rows of it we hold and it no longer has were deleted.
+pub fn apply(
+    store: &mut Store,
+    from: SocketAddr,
+    rows: Vec<Row>,
+    snapshots: Vec<Snapshot>,
+) -> usize {
+    let now = store.now_ms;
+    let mut applied = 0;
+    let mut own: Option<BTreeSet<_>> = None;
+    for row in rows {
+        if row.owner == from {
+            own.get_or_insert_default().insert(row.key.clone());
+        }
+        if store.rows.merge(row, now) == crate::rows::Merge::Applied {
+            applied += 1;
+        }
+    }
+    if let (Some(present), Some(max)) = (own, store.rows.max_version(&from)) {
+        store.rows.prune_to_authoritative(&from, &present, max);
+    }
+    for snap in snapshots {
+        applied += usize::from(store.snapshots.merge(snap));
+    }
+    store.rows_received += applied as u64;
+    applied
+}
+
+/// The requester's side after the response: merge, then push what the responder lacks.
+pub fn on_response(store: &mut Store, me: SocketAddr, resp: RepairResponse) -> Option<RepairPush> {
+    let RepairResponse {
+        from,
+        buckets,
+        rows,
+        snapshots,
+        owners,
+        snapshot_summaries,
+    } = resp;
+    apply(store, from, rows, snapshots);
+    let push = RepairPush {
+        from: me,
+        rows: rows_they_lack(store, &buckets, &owners),
+        snapshots: snapshots_they_lack(store, &buckets, &snapshot_summaries),
+    };
+    (!push.rows.is_empty() || !push.snapshots.is_empty()).then_some(push)
+}

@@ -1,0 +1,456 @@
+//! The thin tokio shell around [`Node`]: one task owns the node, the UDP socket and a single
+//! timer heap (foca wants timers in order, so no task per timer); TCP repair connections run
+//! in their own tasks and hand frames to the node task over a channel.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use schema::Endpoint;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::crypto::KeyRing;
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::node::{Effect, MAX_DATAGRAM, MAX_FRAME, Node, Timer};
+use crate::snapshot::Snapshot;
+use crate::view::{GossipView, MemberInfo};
+use crate::{ConfigError, GossipConfig, NodeId};
+
+const REPAIR_IO_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REPAIR_CONNECTIONS: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind gossip sockets on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bind address {0} is unspecified: set `advertise` to the address peers should use")]
+    Advertise(SocketAddr),
+    #[error("the gossip task has stopped")]
+    Stopped,
+}
+
+enum Command {
+    PublishLocal(Vec<Endpoint>),
+    Snapshot(Snapshot),
+    KeyRing(Option<KeyRing>),
+    /// Stop without leaving the cluster, as a crash would.
+    Crash,
+    Frame {
+        data: Vec<u8>,
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
+}
+
+/// The agent's handle on a running gossip node. Cheap to clone.
+#[derive(Clone)]
+pub struct GossipHandle {
+    cmd: mpsc::Sender<Command>,
+    view: watch::Receiver<Arc<GossipView>>,
+    metrics: Arc<Metrics>,
+    id: NodeId,
+    tracker: TaskTracker,
+}
+
+impl GossipHandle {
+    /// Replaces this node's own endpoints (diffed into row upserts and tombstones).
+    pub async fn publish_local(&self, endpoints: Vec<Endpoint>) -> Result<(), RuntimeError> {
+        self.send(Command::PublishLocal(endpoints)).await
+    }
+
+    /// Stores and gossips a registry snapshot of one service.
+    pub async fn apply_registry_snapshot(&self, snapshot: Snapshot) -> Result<(), RuntimeError> {
+        self.send(Command::Snapshot(snapshot)).await
+    }
+
+    /// Rotates keys: the new ring's primary seals from now on, all its keys open.
+    pub async fn set_key_ring(&self, ring: Option<KeyRing>) -> Result<(), RuntimeError> {
+        self.send(Command::KeyRing(ring)).await
+    }
+
+    /// Stops the node without telling peers, like a crash (tests and chaos drills).
+    pub async fn crash(&self) -> Result<(), RuntimeError> {
+        self.send(Command::Crash).await
+    }
+
+    async fn send(&self, c: Command) -> Result<(), RuntimeError> {
+        self.cmd.send(c).await.map_err(|_| RuntimeError::Stopped)
+    }
+
+    /// The merged gossip view; changes whenever rows, snapshots or membership change.
+    pub fn view(&self) -> watch::Receiver<Arc<GossipView>> {
+        self.view.clone()
+    }
+
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.view.borrow().members.clone()
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// This node's identity; `id().addr` is its UDP and TCP address.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Waits until every task of this node has finished (after shutdown or a crash).
+    pub async fn closed(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch: the default epoch of a starting node.
+pub fn epoch_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Starts a gossip node with `epoch_now()` as its epoch. See [`run_with_epoch`].
+pub async fn run(
+    config: GossipConfig,
+    local: Vec<Endpoint>,
+    shutdown: CancellationToken,
+) -> Result<GossipHandle, RuntimeError> {
+    run_with_epoch(config, epoch_now(), local, shutdown).await
+}
+
+/// Binds UDP and TCP on `config.bind` (same port; port 0 picks one), starts the node task
+/// and returns its handle. `epoch` must exceed every epoch this address used before (the
+/// agent may persist it; wall-clock ms works while clocks don't jump back). On `shutdown`
+/// the node leaves the cluster and its tasks stop.
+pub async fn run_with_epoch(
+    mut config: GossipConfig,
+    epoch: u64,
+    local: Vec<Endpoint>,
+    shutdown: CancellationToken,
+) -> Result<GossipHandle, RuntimeError> {
+    config.validate()?;
+    let (udp, tcp) = bind_pair(config.bind).await?;
+    let bound = udp.local_addr().map_err(|source| RuntimeError::Bind {
+        addr: config.bind,
+        source,
+    })?;
+    let advertise = config.advertise.unwrap_or(bound);
+    if advertise.ip().is_unspecified() {
+        return Err(RuntimeError::Advertise(advertise));
+    }
+    config.advertise = Some(advertise);
+    let mut node = Node::new(config, epoch, rand::random())?;
+    let now = now_ms();
+    node.start(now);
+    node.publish_local(now, local);
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let (view_tx, view_rx) = watch::channel(Arc::new(GossipView::default()));
+    let tracker = TaskTracker::new();
+    let handle = GossipHandle {
+        cmd: cmd_tx.clone(),
+        view: view_rx,
+        metrics: node.metrics(),
+        id: node.id(),
+        tracker: tracker.clone(),
+    };
+    let stop = shutdown.child_token();
+    let task = NodeTask {
+        node,
+        udp: Arc::new(udp),
+        cmd_tx: cmd_tx.clone(),
+        timers: Timers::default(),
+        view_tx,
+        last_gen: u64::MAX,
+        tracker: tracker.clone(),
+    };
+    tracker.spawn(accept_loop(
+        tcp,
+        cmd_tx,
+        handle.metrics.clone(),
+        stop.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(task.run(cmd_rx, stop));
+    tracker.close();
+    tracing::info!(addr = %advertise, epoch, "gossip started");
+    Ok(handle)
+}
+
+async fn bind_pair(addr: SocketAddr) -> Result<(UdpSocket, TcpListener), RuntimeError> {
+    let err = |source| RuntimeError::Bind { addr, source };
+    // With port 0 the UDP port is picked first and TCP must get the same number; retry if
+    // that TCP port happens to be taken.
+    let mut last = None;
+    for _ in 0..16 {
+        let udp = UdpSocket::bind(addr).await.map_err(err)?;
+        let port = udp.local_addr().map_err(err)?.port();
+        match TcpListener::bind(SocketAddr::new(addr.ip(), port)).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if addr.port() == 0 => last = Some(e),
+            Err(e) => return Err(err(e)),
+        }
+    }
+    Err(err(last.unwrap_or_else(|| {
+        std::io::Error::other("no free port pair")
+    })))
+}
+
+fn now_ms() -> u64 {
+    epoch_now()
+}
+
+#[derive(Default)]
+struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    timers: HashMap<u64, Timer>,
+    seq: u64,
+}
+
+impl Timers {
+    fn push(&mut self, after: Duration, timer: Timer) {
+        self.seq += 1;
+        self.heap.push(Reverse((Instant::now() + after, self.seq)));
+        self.timers.insert(self.seq, timer);
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn pop_due(&mut self, now: Instant) -> Vec<Timer> {
+        let mut due = Vec::new();
+        while let Some(Reverse((at, seq))) = self.heap.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.heap.pop();
+            due.extend(self.timers.remove(&seq));
+        }
+        due
+    }
+}
+
+struct NodeTask {
+    node: Node,
+    udp: Arc<UdpSocket>,
+    cmd_tx: mpsc::Sender<Command>,
+    timers: Timers,
+    view_tx: watch::Sender<Arc<GossipView>>,
+    last_gen: u64,
+    tracker: TaskTracker,
+}
+
+impl NodeTask {
+    async fn run(mut self, mut cmd_rx: mpsc::Receiver<Command>, stop: CancellationToken) {
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        self.apply_effects().await;
+        loop {
+            let next = self
+                .timers
+                .next()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    self.node.leave(now_ms());
+                    self.apply_effects().await;
+                    break;
+                }
+                r = self.udp.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.node.handle_packet(now_ms(), from, &buf[..n]),
+                    Err(e) => tracing::debug!(error = %e, "udp receive failed"),
+                },
+                () = sleep_until(next) => {
+                    for t in self.timers.pop_due(Instant::now()) {
+                        self.node.handle_timer(now_ms(), t);
+                    }
+                }
+                cmd = cmd_rx.recv() => match cmd {
+                    None | Some(Command::Crash) => break,
+                    Some(Command::PublishLocal(eps)) => self.node.publish_local(now_ms(), eps),
+                    Some(Command::Snapshot(s)) => self.node.apply_registry_snapshot(now_ms(), s),
+                    Some(Command::KeyRing(r)) => self.node.set_key_ring(r.as_ref()),
+                    Some(Command::Frame { data, reply }) => {
+                        let _ = reply.send(self.node.handle_repair_frame(now_ms(), &data));
+                    }
+                },
+            }
+            self.apply_effects().await;
+            self.publish_view();
+        }
+        stop.cancel();
+    }
+
+    async fn apply_effects(&mut self) {
+        for effect in self.node.take_effects() {
+            match effect {
+                Effect::Send { to, packet } => {
+                    if let Err(e) = self.udp.send_to(&packet, to).await {
+                        tracing::debug!(%to, error = %e, "udp send failed");
+                    }
+                }
+                Effect::Schedule { after, timer } => self.timers.push(after, timer),
+                Effect::Repair { peer, frame } => {
+                    let (cmd, metrics) = (self.cmd_tx.clone(), self.node.metrics());
+                    self.tracker.spawn(async move {
+                        let r = timeout(
+                            REPAIR_IO_TIMEOUT,
+                            initiate_repair(peer, frame, &cmd, &metrics),
+                        )
+                        .await;
+                        if !matches!(r, Ok(Ok(()))) {
+                            Metrics::bump(&metrics.repair_failures, 1);
+                            tracing::debug!(%peer, "repair exchange failed");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn publish_view(&mut self) {
+        let generation = self.node.view_generation();
+        if generation == self.last_gen {
+            return;
+        }
+        self.last_gen = generation;
+        let view = GossipView {
+            endpoints: self.node.visible_endpoints(),
+            snapshots: self.node.snapshots(),
+            members: self.node.members(),
+        };
+        self.view_tx.send_if_modified(|cur| {
+            let changed = **cur != view;
+            if changed {
+                *cur = Arc::new(view);
+            }
+            changed
+        });
+    }
+}
+
+#[derive(Debug, Error)]
+enum FrameError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes exceeds the limit")]
+    Oversize(usize),
+    #[error("node stopped")]
+    Stopped,
+}
+
+async fn write_frame(s: &mut TcpStream, data: &[u8]) -> Result<(), FrameError> {
+    let len = u32::try_from(data.len()).map_err(|_| FrameError::Oversize(data.len()))?;
+    s.write_all(&len.to_be_bytes()).await?;
+    s.write_all(data).await?;
+    Ok(())
+}
+
+/// Reads one length-prefixed frame; `None` on a clean end of stream. The length is checked
+/// against [`MAX_FRAME`] before anything is allocated.
+async fn read_frame(s: &mut TcpStream, metrics: &Metrics) -> Result<Option<Vec<u8>>, FrameError> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        Metrics::bump(&metrics.dropped_oversize, 1);
+        return Err(FrameError::Oversize(len));
+    }
+    let mut data = vec![0u8; len];
+    s.read_exact(&mut data).await?;
+    Ok(Some(data))
+}
+
+async fn to_node(
+    cmd: &mpsc::Sender<Command>,
+    data: Vec<u8>,
+) -> Result<Option<Vec<u8>>, FrameError> {
+    let (reply, rx) = oneshot::channel();
+    cmd.send(Command::Frame { data, reply })
+        .await
+        .map_err(|_| FrameError::Stopped)?;
+    rx.await.map_err(|_| FrameError::Stopped)
+}
+
+/// Requester: send the request, apply the response, push back what the peer lacks.
+async fn initiate_repair(
+    peer: SocketAddr,
+    request: Vec<u8>,
+    cmd: &mpsc::Sender<Command>,
+    metrics: &Metrics,
+) -> Result<(), FrameError> {
+    let mut s = TcpStream::connect(peer).await?;
+    write_frame(&mut s, &request).await?;
+    if let Some(response) = read_frame(&mut s, metrics).await?
+        && let Some(push) = to_node(cmd, response).await?
+    {
+        write_frame(&mut s, &push).await?;
+    }
+    s.shutdown().await?;
+    Ok(())
+}
+
+/// Responder: answer the request, then apply an optional push until the peer closes.
+async fn serve_repair(
+    mut s: TcpStream,
+    cmd: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+) -> Result<(), FrameError> {
+    while let Some(frame) = read_frame(&mut s, &metrics).await? {
+        if let Some(reply) = to_node(&cmd, frame).await? {
+            write_frame(&mut s, &reply).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    tcp: TcpListener,
+    cmd: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_REPAIR_CONNECTIONS));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = tcp.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        // Over the limit: drop the connection rather than queue it; repair retries later.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (cmd, metrics) = (cmd.clone(), metrics.clone());
+        tracker.spawn(async move {
+            if let Err(e) = timeout(REPAIR_IO_TIMEOUT, serve_repair(stream, cmd, metrics))
+                .await
+                .unwrap_or(Err(FrameError::Stopped))
+            {
+                tracing::debug!(%peer, error = %e, "repair connection closed");
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,525 @@
+//! A deterministic simulator: N sans-IO nodes in virtual time with a seeded RNG, packet
+//! loss, delay and a partition. It measures what an operator sizing a cluster wants to know
+//! (`tidings gossip simulate`): rounds until a new endpoint reaches 99.99 % of nodes, time
+//! until a dead owner's endpoints are hidden everywhere, false "down" verdicts, steady-state
+//! bytes per node per second, and convergence after a partition heals.
+//!
+//! Phases: bootstrap (every node knows the roster and publishes one endpoint) → warm-up →
+//! steady window (bytes, no changes) → dissemination of one new endpoint → kill one owner →
+//! optional partition of the cluster in two halves, a write on each side, heal.
+//! Packets are unencrypted unless `encrypt` is set (sealing adds 41 bytes per packet).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU16;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use schema::{Endpoint, EndpointKey, ServiceName};
+
+use crate::GossipConfig;
+use crate::crypto::{KeyRing, SecretKey};
+use crate::node::{Effect, Node, Timer};
+use crate::rows::Version;
+
+/// What to simulate. `Default` is a 100-node LAN cluster with no loss.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub nodes: usize,
+    /// Probability that a UDP datagram is lost (TCP frames are never lost, only cut by a
+    /// partition).
+    pub loss: f64,
+    pub seed: u64,
+    /// One-way delay, uniform in `[min_delay_ms, max_delay_ms]`.
+    pub min_delay_ms: u64,
+    pub max_delay_ms: u64,
+    pub probe_period_ms: u64,
+    pub gossip_interval_ms: u64,
+    pub repair_interval_ms: u64,
+    /// Bootstrap settling time before measuring.
+    pub warmup_ms: u64,
+    /// Length of the steady-state bandwidth window.
+    pub steady_ms: u64,
+    /// Split the cluster in two halves for this long (0 = no partition phase).
+    pub partition_ms: u64,
+    /// Give up waiting for any one phase after this long.
+    pub phase_timeout_ms: u64,
+    pub encrypt: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 100,
+            loss: 0.0,
+            seed: 1,
+            min_delay_ms: 1,
+            max_delay_ms: 5,
+            probe_period_ms: 1_000,
+            gossip_interval_ms: 200,
+            repair_interval_ms: 5_000,
+            warmup_ms: 20_000,
+            steady_ms: 10_000,
+            partition_ms: 0,
+            phase_timeout_ms: 60_000,
+            encrypt: false,
+        }
+    }
+}
+
+/// What the simulator measured. `None` means "did not happen within the phase timeout".
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimReport {
+    pub nodes: usize,
+    pub loss: f64,
+    pub seed: u64,
+    pub gossip_interval_ms: u64,
+    pub repair_interval_ms: u64,
+    /// Gossip rounds (intervals) until a new endpoint was known to 99.99 % of nodes.
+    pub rounds_to_9999: Option<u64>,
+    pub secs_to_9999: Option<f64>,
+    /// Seconds until every node knew it.
+    pub secs_to_all: Option<f64>,
+    /// Seconds from an owner's crash until no node shows its endpoints.
+    pub secs_dead_hidden: Option<f64>,
+    /// MemberDown notifications about healthy members outside the kill and partition phases.
+    pub false_down_verdicts: u64,
+    /// Mean bytes sent per node per second in the steady window (UDP + TCP).
+    pub steady_bytes_per_node_sec: f64,
+    /// Seconds from a partition healing until every node has the rows written on both sides.
+    pub secs_partition_converged: Option<f64>,
+    /// Seconds from the heal until every node sees every live node as alive again.
+    pub secs_partition_members_healed: Option<f64>,
+    pub udp_lost: u64,
+    /// Packets nodes themselves dropped (undecodable, unknown key, ...). Expect 0.
+    pub node_drops: u64,
+    pub virtual_secs: f64,
+}
+
+impl fmt::Display for SimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt = |v: Option<f64>| v.map_or("not reached".to_string(), |s| format!("{s:.2} s"));
+        writeln!(
+            f,
+            "nodes {}  loss {:.1} %  seed {}",
+            self.nodes,
+            self.loss * 100.0,
+            self.seed
+        )?;
+        let rounds = self
+            .rounds_to_9999
+            .map_or("not reached".to_string(), |r| r.to_string());
+        writeln!(
+            f,
+            "new endpoint at 99.99 %:  {rounds} rounds of {} ms ({})",
+            self.gossip_interval_ms,
+            opt(self.secs_to_9999)
+        )?;
+        writeln!(f, "new endpoint everywhere:  {}", opt(self.secs_to_all))?;
+        writeln!(
+            f,
+            "dead owner hidden:        {}",
+            opt(self.secs_dead_hidden)
+        )?;
+        writeln!(f, "false down verdicts:      {}", self.false_down_verdicts)?;
+        writeln!(
+            f,
+            "steady state:             {:.0} B/s per node",
+            self.steady_bytes_per_node_sec
+        )?;
+        if let Some(s) = self.secs_partition_converged {
+            let periods = s * 1000.0 / self.repair_interval_ms as f64;
+            writeln!(
+                f,
+                "partition healed, converged in {s:.2} s ({periods:.1} repair periods)"
+            )?;
+            writeln!(
+                f,
+                "partition healed, membership whole in {}",
+                opt(self.secs_partition_members_healed)
+            )?;
+        } else {
+            writeln!(f, "partition healed, converged in: n/a")?;
+        }
+        write!(
+            f,
+            "udp lost {}  node drops {}  virtual time {:.1} s",
+            self.udp_lost, self.node_drops, self.virtual_secs
+        )
+    }
+}
+
+enum Event {
+    Timer {
+        node: usize,
+        timer: Timer,
+    },
+    Packet {
+        to: usize,
+        from: SocketAddr,
+        data: Vec<u8>,
+    },
+    Frame {
+        to: usize,
+        peer: usize,
+        data: Vec<u8>,
+    },
+}
+
+struct Sim {
+    cfg: SimConfig,
+    nodes: Vec<Node>,
+    alive: Vec<bool>,
+    index: HashMap<SocketAddr, usize>,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: HashMap<u64, Event>,
+    next_seq: u64,
+    now: u64,
+    rng: StdRng,
+    /// `Some(split)`: nodes below `split` cannot talk to the others.
+    partition: Option<usize>,
+    bytes_sent: u64,
+    udp_lost: u64,
+    /// The row being tracked and who has it.
+    watch: Option<(SocketAddr, EndpointKey, Version)>,
+    has_watch: Vec<bool>,
+    watch_count: usize,
+}
+
+pub fn addr_of(i: usize) -> SocketAddr {
+    let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
+    SocketAddr::new(IpAddr::V4(ip), 7702)
+}
+
+fn endpoint_of(i: usize, port: u16) -> Endpoint {
+    let service =
+        ServiceName::new(format!("svc-{}", i % 20)).unwrap_or_else(|_| unreachable!("valid name"));
+    let port = NonZeroU16::new(port).unwrap_or(NonZeroU16::MIN);
+    Endpoint::new(service, addr_of(i).ip(), port)
+}
+
+impl Sim {
+    fn new(cfg: SimConfig) -> Sim {
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let ring = cfg
+            .encrypt
+            .then(|| KeyRing::new(SecretKey::random(&mut rng)));
+        let nodes: Vec<Node> = (0..cfg.nodes)
+            .map(|i| {
+                let gc = GossipConfig {
+                    bind: addr_of(i),
+                    cluster: "sim".into(),
+                    insecure: ring.is_none(),
+                    keys: ring.iter().map(|r| r.primary.to_base64()).collect(),
+                    seeds: vec![addr_of(0)],
+                    probe_period_ms: cfg.probe_period_ms,
+                    probe_rtt_ms: cfg.probe_period_ms / 2,
+                    gossip_interval_ms: cfg.gossip_interval_ms,
+                    repair_interval_ms: cfg.repair_interval_ms,
+                    ..GossipConfig::default()
+                };
+                Node::new(
+                    gc,
+                    1_000 + i as u64,
+                    cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+                )
+                .unwrap_or_else(|e| unreachable!("simulator config is valid: {e}"))
+            })
+            .collect();
+        let n = nodes.len();
+        Sim {
+            index: (0..n).map(|i| (addr_of(i), i)).collect(),
+            alive: vec![true; n],
+            nodes,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            next_seq: 0,
+            now: 0,
+            rng,
+            partition: None,
+            bytes_sent: 0,
+            udp_lost: 0,
+            watch: None,
+            has_watch: vec![false; n],
+            watch_count: 0,
+            cfg,
+        }
+    }
+
+    fn push(&mut self, at: u64, ev: Event) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Reverse((at, seq)));
+        self.events.insert(seq, ev);
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        self.partition.is_some_and(|s| (a < s) != (b < s))
+    }
+
+    fn delay(&mut self) -> u64 {
+        self.rng
+            .random_range(self.cfg.min_delay_ms..=self.cfg.max_delay_ms.max(self.cfg.min_delay_ms))
+    }
+
+    fn flush(&mut self, i: usize) {
+        for effect in self.nodes[i].take_effects() {
+            match effect {
+                Effect::Schedule { after, timer } => {
+                    let at = self.now + after.as_millis() as u64;
+                    self.push(at, Event::Timer { node: i, timer });
+                }
+                Effect::Send { to, packet } => {
+                    self.bytes_sent += packet.len() as u64;
+                    let Some(&j) = self.index.get(&to) else {
+                        continue;
+                    };
+                    if self.cut(i, j) || self.rng.random_bool(self.cfg.loss.clamp(0.0, 1.0)) {
+                        self.udp_lost += 1;
+                        continue;
+                    }
+                    let at = self.now + self.delay();
+                    self.push(
+                        at,
+                        Event::Packet {
+                            to: j,
+                            from: addr_of(i),
+                            data: packet,
+                        },
+                    );
+                }
+                Effect::Repair { peer, frame } => {
+                    if let Some(&j) = self.index.get(&peer) {
+                        self.send_frame(i, j, frame);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_frame(&mut self, from: usize, to: usize, data: Vec<u8>) {
+        self.bytes_sent += data.len() as u64;
+        if self.cut(from, to) {
+            return;
+        }
+        // A TCP exchange costs a handshake round trip before the first frame.
+        let at = self.now + 2 * self.delay();
+        self.push(
+            at,
+            Event::Frame {
+                to,
+                peer: from,
+                data,
+            },
+        );
+    }
+
+    fn check_watch(&mut self, i: usize) {
+        if let Some((owner, key, version)) = &self.watch
+            && !self.has_watch[i]
+            && self.nodes[i].has_row(owner, key, *version)
+        {
+            self.has_watch[i] = true;
+            self.watch_count += 1;
+        }
+    }
+
+    fn step(&mut self) -> bool {
+        let Some(Reverse((at, seq))) = self.queue.pop() else {
+            return false;
+        };
+        let Some(ev) = self.events.remove(&seq) else {
+            return true;
+        };
+        self.now = at;
+        match ev {
+            Event::Timer { node, timer } if self.alive[node] => {
+                self.nodes[node].handle_timer(at, timer);
+                self.flush(node);
+            }
+            Event::Packet { to, from, data } if self.alive[to] => {
+                self.nodes[to].handle_packet(at, from, &data);
+                self.check_watch(to);
+                self.flush(to);
+            }
+            Event::Frame { to, peer, data } if self.alive[to] => {
+                let reply = self.nodes[to].handle_repair_frame(at, &data);
+                self.check_watch(to);
+                self.flush(to);
+                if let Some(reply) = reply {
+                    self.send_frame(to, peer, reply);
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn run_until(&mut self, t: u64) {
+        while self.queue.peek().is_some_and(|Reverse((at, _))| *at <= t) {
+            self.step();
+        }
+        self.now = self.now.max(t);
+    }
+
+    /// Runs until `done` holds (checked every `every` ms) or `timeout` ms pass; returns the
+    /// elapsed ms.
+    fn run_until_cond(
+        &mut self,
+        every: u64,
+        timeout: u64,
+        mut done: impl FnMut(&Sim) -> bool,
+    ) -> Option<u64> {
+        let start = self.now;
+        while self.now - start <= timeout {
+            if done(self) {
+                return Some(self.now - start);
+            }
+            self.run_until(self.now + every);
+        }
+        None
+    }
+
+    fn live_count(&self) -> usize {
+        self.alive.iter().filter(|a| **a).count()
+    }
+
+    fn downs(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.metrics().snapshot().members_declared_down)
+            .sum()
+    }
+
+    fn publish(&mut self, i: usize, endpoints: Vec<Endpoint>) {
+        self.nodes[i].publish_local(self.now, endpoints);
+        self.flush(i);
+    }
+
+    fn watch_row(&mut self, owner: usize, ep: &Endpoint) {
+        let version = self.nodes[owner].local_version();
+        self.watch = Some((addr_of(owner), ep.key(), version));
+        self.has_watch = vec![false; self.nodes.len()];
+        self.watch_count = 0;
+        for i in 0..self.nodes.len() {
+            self.check_watch(i);
+        }
+    }
+}
+
+/// Runs one simulation. Deterministic for a given config.
+pub fn simulate(cfg: SimConfig) -> SimReport {
+    let n = cfg.nodes.max(2);
+    let mut sim = Sim::new(SimConfig { nodes: n, ..cfg });
+    let roster: Vec<_> = sim.nodes.iter().map(Node::id).collect();
+    for i in 0..n {
+        sim.nodes[i].assume_members(0, roster.iter().copied());
+        sim.nodes[i].start(0);
+        sim.nodes[i].publish_local(0, vec![endpoint_of(i, 8080)]);
+        sim.flush(i);
+    }
+    let c = sim.cfg.clone();
+    sim.run_until(c.warmup_ms);
+
+    // Steady state: no changes, count bytes.
+    let downs0 = sim.downs();
+    let bytes0 = sim.bytes_sent;
+    sim.run_until(sim.now + c.steady_ms);
+    let steady = (sim.bytes_sent - bytes0) as f64 / n as f64 / (c.steady_ms.max(1) as f64 / 1000.0);
+
+    // Dissemination of one new endpoint from node 0.
+    let fresh = endpoint_of(0, 9090);
+    sim.publish(0, vec![endpoint_of(0, 8080), fresh.clone()]);
+    sim.watch_row(0, &fresh);
+    let target = ((n as f64) * 0.9999).ceil() as usize;
+    let t_9999 = sim.run_until_cond(c.gossip_interval_ms / 4, c.phase_timeout_ms, |s| {
+        s.watch_count >= target
+    });
+    let t_all = match t_9999 {
+        Some(t) => sim
+            .run_until_cond(c.gossip_interval_ms / 4, c.phase_timeout_ms, |s| {
+                s.watch_count >= n
+            })
+            .map(|x| x + t),
+        None => None,
+    };
+    let false_downs = sim.downs() - downs0;
+
+    // Kill the last node; wait until nobody shows its endpoint.
+    let victim = n - 1;
+    let victim_key = endpoint_of(victim, 8080).key();
+    sim.alive[victim] = false;
+    let t_hidden = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
+        (0..n)
+            .filter(|&i| s.alive[i])
+            .all(|i| !s.nodes[i].sees_row(&addr_of(victim), &victim_key))
+    });
+
+    // Partition in two halves, a write on each side, heal.
+    let mut t_heal = None;
+    let mut t_members = None;
+    if c.partition_ms > 0 && n >= 4 {
+        let split = n / 2;
+        sim.partition = Some(split);
+        let (a, b) = (endpoint_of(0, 7070), endpoint_of(split, 7070));
+        sim.publish(0, vec![endpoint_of(0, 8080), fresh.clone(), a.clone()]);
+        let va = (addr_of(0), a.key(), sim.nodes[0].local_version());
+        sim.publish(split, vec![endpoint_of(split, 8080), b.clone()]);
+        let vb = (addr_of(split), b.key(), sim.nodes[split].local_version());
+        sim.run_until(sim.now + c.partition_ms);
+        sim.partition = None;
+        let heal_at = sim.now;
+        let live = sim.live_count();
+        t_heal = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
+            (0..n)
+                .filter(|&i| {
+                    s.alive[i]
+                        && s.nodes[i].has_row(&va.0, &va.1, va.2)
+                        && s.nodes[i].has_row(&vb.0, &vb.1, vb.2)
+                })
+                .count()
+                == live
+        });
+        // Rows of the other half become visible again once SWIM has merged the halves.
+        let start = sim.now;
+        let healed = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
+            let alive: Vec<usize> = (0..n).filter(|&i| s.alive[i]).collect();
+            alive.iter().all(|&i| {
+                alive
+                    .iter()
+                    .all(|&j| i == j || s.nodes[i].is_member_active(&addr_of(j)))
+            })
+        });
+        t_members = healed.map(|t| t + start - heal_at);
+    }
+
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    SimReport {
+        nodes: n,
+        loss: c.loss,
+        seed: c.seed,
+        gossip_interval_ms: c.gossip_interval_ms,
+        repair_interval_ms: c.repair_interval_ms,
+        rounds_to_9999: t_9999.map(|t| t.div_ceil(c.gossip_interval_ms.max(1))),
+        secs_to_9999: t_9999.map(secs),
+        secs_to_all: t_all.map(secs),
+        secs_dead_hidden: t_hidden.map(secs),
+        false_down_verdicts: false_downs,
+        steady_bytes_per_node_sec: steady,
+        secs_partition_converged: t_heal.map(secs),
+        secs_partition_members_healed: t_members.map(secs),
+        udp_lost: sim.udp_lost,
+        node_drops: sim
+            .nodes
+            .iter()
+            .map(|n| n.metrics().snapshot().dropped_total())
+            .sum(),
+        virtual_secs: secs(sim.now),
+    }
+}
+
+#[cfg(test)]
+#[path = "sim_tests.rs"]
+mod tests;

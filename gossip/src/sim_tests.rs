@@ -1,0 +1,167 @@
+use std::num::NonZeroU16;
+
+use schema::{Endpoint, ServiceName};
+
+use super::*;
+
+#[test]
+fn small_cluster_converges() {
+    let r = simulate(SimConfig {
+        nodes: 20,
+        seed: 7,
+        warmup_ms: 10_000,
+        steady_ms: 5_000,
+        ..Default::default()
+    });
+    println!("{r}");
+    assert!(r.secs_to_all.is_some(), "{r}");
+    assert!(r.secs_dead_hidden.is_some(), "{r}");
+    assert_eq!(r.false_down_verdicts, 0, "{r}");
+    assert_eq!(r.node_drops, 0, "{r}");
+}
+
+#[test]
+fn hundred_nodes_with_loss_and_a_healing_partition() {
+    let r = simulate(SimConfig {
+        nodes: 120,
+        loss: 0.10,
+        seed: 42,
+        partition_ms: 15_000,
+        ..Default::default()
+    });
+    println!("{r}");
+    assert!(r.rounds_to_9999.is_some_and(|x| x <= 11), "{r}");
+    assert!(r.secs_dead_hidden.is_some_and(|s| s <= 20.0), "{r}");
+    assert_eq!(r.false_down_verdicts, 0, "{r}");
+    assert!(r.steady_bytes_per_node_sec <= 1024.0, "{r}");
+    // Repair (every 5 s) must converge the halves within 3 periods of the heal.
+    assert!(r.secs_partition_converged.is_some_and(|s| s <= 15.0), "{r}");
+    assert_eq!(r.node_drops, 0, "{r}");
+}
+
+#[test]
+fn hundred_nodes_at_quarter_loss() {
+    let r = simulate(SimConfig {
+        nodes: 100,
+        loss: 0.25,
+        seed: 3,
+        warmup_ms: 10_000,
+        steady_ms: 2_000,
+        phase_timeout_ms: 30_000,
+        ..Default::default()
+    });
+    println!("{r}");
+    // At 25 % loss plain SWIM (no Lifeguard) wrongly declares a few members down during
+    // bootstrap; peers stop gossiping to them until they rejoin, so the last nodes are
+    // reached by repair: within two repair periods, not by the epidemic alone.
+    assert!(r.secs_to_all.is_some_and(|s| s <= 10.0), "{r}");
+    assert!(r.secs_dead_hidden.is_some_and(|s| s <= 20.0), "{r}");
+    assert_eq!(r.node_drops, 0, "{r}");
+}
+
+#[test]
+fn steady_state_bandwidth_is_flat_in_cluster_size() {
+    let quick = |nodes| SimConfig {
+        nodes,
+        seed: 11,
+        warmup_ms: 15_000,
+        steady_ms: 10_000,
+        phase_timeout_ms: 30_000,
+        ..Default::default()
+    };
+    let small = simulate(quick(50));
+    let big = simulate(quick(150));
+    println!("{small}\n{big}");
+    for r in [&small, &big] {
+        assert!(r.steady_bytes_per_node_sec <= 1024.0, "{r}");
+        assert_eq!(r.false_down_verdicts, 0, "{r}");
+    }
+    let ratio = big.steady_bytes_per_node_sec / small.steady_bytes_per_node_sec;
+    assert!((0.67..1.5).contains(&ratio), "not flat: {ratio:.2}");
+}
+
+#[test]
+fn snapshots_and_tombstones_reach_everyone() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 12,
+        seed: 5,
+        encrypt: true,
+        ..Default::default()
+    });
+    let roster: Vec<_> = sim.nodes.iter().map(Node::id).collect();
+    for i in 0..12 {
+        sim.nodes[i].assume_members(0, roster.iter().copied());
+        sim.nodes[i].start(0);
+        sim.nodes[i].publish_local(0, vec![endpoint_of(i, 8080)]);
+        sim.flush(i);
+    }
+    sim.run_until(5_000);
+    // A registry snapshot too big for a broadcast (it travels by repair only) and a small one.
+    let big_service = ServiceName::new("big").unwrap();
+    let entries = (1..200u16)
+        .map(|p| crate::SnapshotEntry {
+            endpoint: Endpoint::new(
+                big_service.clone(),
+                "10.8.0.1".parse().unwrap(),
+                NonZeroU16::new(p).unwrap(),
+            ),
+            last_check_in_ms: 1,
+        })
+        .collect();
+    let big = crate::Snapshot {
+        service: big_service,
+        generated_at_ms: 10,
+        entries,
+    };
+    let small_ep = Endpoint::new(
+        ServiceName::new("cron").unwrap(),
+        "10.8.0.2".parse().unwrap(),
+        NonZeroU16::new(80).unwrap(),
+    );
+    let small = crate::Snapshot {
+        service: small_ep.service.clone(),
+        generated_at_ms: 10,
+        entries: vec![crate::SnapshotEntry {
+            endpoint: small_ep.clone(),
+            last_check_in_ms: 9,
+        }],
+    };
+    sim.nodes[0].apply_registry_snapshot(sim.now, big);
+    sim.nodes[0].apply_registry_snapshot(sim.now, small);
+    sim.flush(0);
+    // Node 3 deregisters its endpoint: a tombstone.
+    sim.publish(3, vec![]);
+    let gone = endpoint_of(3, 8080);
+    let done = sim.run_until_cond(100, 30_000, |s| {
+        s.nodes.iter().all(|n| {
+            let view = n.visible_endpoints();
+            view.len() == 11 + 199 + 1
+                && !view.iter().any(|e| e.endpoint == gone)
+                && view.iter().any(|e| e.endpoint == small_ep)
+        })
+    });
+    assert!(done.is_some(), "snapshots and tombstone did not converge");
+    assert_eq!(
+        sim.nodes
+            .iter()
+            .map(|n| n.metrics().snapshot().dropped_total())
+            .sum::<u64>(),
+        0
+    );
+}
+
+/// The 1 000-node figures of DESIGN.md §5.2 — run with `--release -- --ignored` only.
+#[test]
+#[ignore]
+fn thousand_nodes() {
+    for loss in [0.0, 0.10, 0.25] {
+        let r = simulate(SimConfig {
+            nodes: 1000,
+            loss,
+            seed: 1,
+            partition_ms: 15_000,
+            ..Default::default()
+        });
+        println!("{r}\n");
+    }
+}

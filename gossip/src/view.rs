@@ -1,0 +1,231 @@
+//! The merged gossip view (DESIGN.md §5.3) and membership as the agent sees them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use schema::{Endpoint, EndpointKey};
+
+use crate::broadcast::Store;
+use crate::node::Node;
+use crate::rows::RowStatus;
+use crate::rows::Version;
+use crate::snapshot::Snapshot;
+use crate::{NodeId, broadcast::lock};
+
+/// Where an endpoint of the view comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A live row of this owner (an agent alive in SWIM).
+    Gossip { owner: SocketAddr },
+    /// The newest registry snapshot of the service.
+    Registry {
+        generated_at_ms: u64,
+        last_check_in_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewEntry {
+    pub endpoint: Endpoint,
+    pub source: Source,
+}
+
+/// One member as SWIM sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    /// Alive or suspect (foca treats both as active).
+    pub active: bool,
+}
+
+/// What the runtime publishes on its watch channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GossipView {
+    pub endpoints: Vec<ViewEntry>,
+    pub snapshots: Vec<Snapshot>,
+    pub members: Vec<MemberInfo>,
+}
+
+/// Live owned rows ∪ registry entries; an owned row overrides the registry entry for the same
+/// key while its owner is alive, and a live owner's tombstone removes the endpoint.
+pub(crate) fn merged_view(store: &Store, alive: impl Fn(&SocketAddr) -> bool) -> Vec<ViewEntry> {
+    let mut out: BTreeMap<EndpointKey, ViewEntry> = BTreeMap::new();
+    for (snap, _) in store.snapshots.iter() {
+        for e in &snap.entries {
+            let source = Source::Registry {
+                generated_at_ms: snap.generated_at_ms,
+                last_check_in_ms: e.last_check_in_ms,
+            };
+            out.insert(
+                e.endpoint.key(),
+                ViewEntry {
+                    endpoint: e.endpoint.clone(),
+                    source,
+                },
+            );
+        }
+    }
+    let mut up: BTreeMap<EndpointKey, ViewEntry> = BTreeMap::new();
+    let mut gone: BTreeSet<EndpointKey> = BTreeSet::new();
+    for (owner, key, reg) in store.rows.iter_owner_entries() {
+        if !alive(owner) {
+            continue;
+        }
+        match &reg.val {
+            RowStatus::Up(ep) => {
+                up.entry(key.clone()).or_insert_with(|| ViewEntry {
+                    endpoint: ep.clone(),
+                    source: Source::Gossip { owner: *owner },
+                });
+            }
+            RowStatus::Deregistered => {
+                gone.insert(key.clone());
+            }
+        }
+    }
+    for key in gone.iter().filter(|k| !up.contains_key(*k)) {
+        out.remove(key);
+    }
+    out.extend(up);
+    out.into_values().collect()
+}
+
+/// View queries of a node.
+impl Node {
+    pub(crate) fn owner_alive(&self, owner: &SocketAddr) -> bool {
+        *owner == self.me.addr || self.members.get(owner).is_some_and(|m| m.active)
+    }
+
+    /// The merged view: live owned rows ∪ registry snapshot entries (DESIGN.md §5.3).
+    pub fn visible_endpoints(&self) -> Vec<ViewEntry> {
+        merged_view(&lock(&self.store), |o| self.owner_alive(o))
+    }
+
+    /// Whether `owner`'s row for `key` is known and visible here (simulator probe).
+    pub fn sees_row(&self, owner: &SocketAddr, key: &EndpointKey) -> bool {
+        self.owner_alive(owner)
+            && lock(&self.store)
+                .rows
+                .get(owner, key)
+                .is_some_and(|r| matches!(r.reg.val, RowStatus::Up(_)))
+    }
+
+    /// Whether this node has the row at least at `version` (visible or not).
+    pub fn has_row(&self, owner: &SocketAddr, key: &EndpointKey, version: Version) -> bool {
+        lock(&self.store)
+            .rows
+            .get(owner, key)
+            .is_some_and(|r| r.version() >= version)
+    }
+
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        lock(&self.store)
+            .snapshots
+            .iter()
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    /// Every member foca knows, down ones included (until it forgets them).
+    pub fn members(&self) -> Vec<MemberInfo> {
+        self.members.values().copied().collect()
+    }
+
+    pub fn is_member_active(&self, addr: &SocketAddr) -> bool {
+        self.members.get(addr).is_some_and(|m| m.active)
+    }
+
+    /// Moves whenever the view may have changed (rows, snapshots or membership).
+    pub fn view_generation(&self) -> u64 {
+        let store = lock(&self.store);
+        store.rows.changes() + store.snapshots.changes() + self.membership_changes
+    }
+
+    /// The version the next local change would get minus one (for tests).
+    pub fn local_version(&self) -> Version {
+        Version {
+            epoch: self.me.epoch,
+            seq: self.seq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU16;
+
+    use schema::ServiceName;
+
+    use super::*;
+    use crate::rows::Row;
+    use crate::snapshot::SnapshotEntry;
+
+    fn ep(port: u16) -> Endpoint {
+        let service = ServiceName::new("web").unwrap();
+        Endpoint::new(
+            service,
+            "10.0.0.1".parse().unwrap(),
+            NonZeroU16::new(port).unwrap(),
+        )
+    }
+
+    #[test]
+    fn rows_override_registry_tombstones_remove_and_dead_owners_hide() {
+        let (alive, dead): (SocketAddr, SocketAddr) = (
+            "10.0.0.2:7702".parse().unwrap(),
+            "10.0.0.3:7702".parse().unwrap(),
+        );
+        let mut store = Store::default();
+        let entries = [1, 2, 3]
+            .map(|p| SnapshotEntry {
+                endpoint: ep(p),
+                last_check_in_ms: 5,
+            })
+            .to_vec();
+        store.snapshots.merge(Snapshot {
+            service: ep(1).service,
+            generated_at_ms: 7,
+            entries,
+        });
+        let v = |seq| Version { epoch: 1, seq };
+        let mut tagged = ep(1);
+        tagged.tags.canary = true;
+        store.rows.merge(
+            Row::new(alive, ep(1).key(), RowStatus::Up(tagged.clone()), v(1)),
+            0,
+        );
+        store.rows.merge(
+            Row::new(alive, ep(2).key(), RowStatus::Deregistered, v(2)),
+            0,
+        );
+        store.rows.merge(
+            Row::new(dead, ep(3).key(), RowStatus::Deregistered, v(1)),
+            0,
+        );
+        store
+            .rows
+            .merge(Row::new(dead, ep(4).key(), RowStatus::Up(ep(4)), v(2)), 0);
+        let view = merged_view(&store, |o| *o == alive);
+        let got: Vec<(u16, Source)> = view
+            .iter()
+            .map(|e| (e.endpoint.port.get(), e.source.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, Source::Gossip { owner: alive }),
+                (
+                    3,
+                    Source::Registry {
+                        generated_at_ms: 7,
+                        last_check_in_ms: 5
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            view[0].endpoint, tagged,
+            "the owner's row overrides the registry entry"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The command line. Flags mirror config-file keys; a flag given overrides the file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidings",
+    version,
+    about = "Eventually consistent service discovery with gossiping proxies"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "TIDINGS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info,discovery=debug`); RUST_LOG also works.
+    #[arg(long, global = true, env = "TIDINGS_LOG")]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the registry (REST API in front of the in-memory store or DynamoDB).
+    Registry(RegistryArgs),
+    /// Check this host's endpoint in once, for cron. Exit codes: 0 stored; 1 refused by the
+    /// registry (bad input or token: fix the command line); 2 registry unreachable or failing
+    /// after retries (transient: the next cron run retries); 64 bad usage.
+    Checkin(CheckinArgs),
+    /// Load generators for the benchmarks in ops/bench/ (loopback targets only).
+    #[command(hide = true)]
+    Bench(BenchArgs),
+    /// The whole system on loopback in one command (arrives with the demo issue).
+    Demo,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct RegistryArgs {
+    #[command(subcommand)]
+    pub action: Option<RegistryAction>,
+    /// TOML config file (see ops/deploy/registry.toml); flags override its keys.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 0.0.0.0:7700].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// How long an endpoint stays live after its last check-in [default: 180s].
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// How often hosts check in [default: 60s]; drives warm-up and self-preservation.
+    #[arg(long, value_parser = parse_duration)]
+    pub check_in_interval: Option<Duration>,
+    /// File holding the HMAC secret; when set, writes need a host or operator token.
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Backing store [default: memory].
+    #[arg(long, value_enum)]
+    pub store: Option<StoreKind>,
+    /// DynamoDB table name.
+    #[arg(long)]
+    pub dynamodb_table: Option<String>,
+    /// DynamoDB endpoint URL (for a local emulator); default: the AWS regional endpoint.
+    #[arg(long)]
+    pub dynamodb_endpoint: Option<String>,
+    /// AWS region; default: the standard AWS chain (AWS_REGION, profile).
+    #[arg(long)]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Memory,
+    Dynamodb,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RegistryAction {
+    /// Create the DynamoDB table (idempotent) and enable TTL on `expires_at`.
+    InitTable {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// TTL used to compute `expires_at` [default: 180s].
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Print a write token: a host token for `--ip`, or the operator token.
+    Token {
+        #[arg(long)]
+        secret_file: PathBuf,
+        #[arg(
+            long,
+            conflicts_with = "operator",
+            required_unless_present = "operator"
+        )]
+        ip: Option<IpAddr>,
+        #[arg(long)]
+        operator: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CheckinArgs {
+    /// Registry base URL, e.g. http://registry.internal:7700.
+    #[arg(long, env = "TIDINGS_REGISTRY")]
+    pub registry: String,
+    #[arg(long)]
+    pub service: String,
+    #[arg(long)]
+    pub port: u16,
+    /// This host's address; default: the local address the kernel would use to reach the
+    /// registry (found without sending a packet).
+    #[arg(long)]
+    pub ip: Option<IpAddr>,
+    #[arg(long, default_value = "")]
+    pub revision: String,
+    /// Tag as key=value (az, region, instance_id, canary, load_balancing_weight, or free-form).
+    #[arg(long = "tag", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
+    /// Bearer token file (a host token from `tidings registry token --ip ...`).
+    #[arg(long, env = "TIDINGS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Longest splay: the host waits a stable offset in [0, splay) so a fleet's cron runs
+    /// spread over the minute instead of hitting the registry at :00.
+    #[arg(long, value_parser = parse_duration, default_value = "45s")]
+    pub splay: Duration,
+    /// Check in at once.
+    #[arg(long)]
+    pub no_splay: bool,
+    /// Per-attempt timeout.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub target: crate::bench::BenchTarget,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m, 250ms)"))
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("tag {s:?} must be key=value"))
+}

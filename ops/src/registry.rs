@@ -1,0 +1,220 @@
+//! `tidings registry`: load the config (TOML, then flags), build the store, serve, drain.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use discovery::dynamo::{DynamoConfig, DynamoStore, init_table};
+use discovery::{MemoryStore, Registry, RegistryConfig, Store, SystemClock};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::EXIT_USAGE;
+use crate::cli::{RegistryAction, RegistryArgs, StoreArgs, StoreKind};
+
+/// The registry's config file (`ops/deploy/registry.toml` is the commented example).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryFile {
+    pub listen: Option<SocketAddr>,
+    /// File holding the HMAC write secret (kept out of the config file itself).
+    pub secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub kind: Option<StoreKind>,
+    pub table: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
+impl StoreSection {
+    fn overlay(mut self, flags: &StoreArgs) -> Self {
+        self.kind = flags.store.or(self.kind);
+        self.table = flags.dynamodb_table.clone().or(self.table);
+        self.endpoint = flags.dynamodb_endpoint.clone().or(self.endpoint);
+        self.region = flags.region.clone().or(self.region);
+        self
+    }
+
+    fn dynamo(&self, ttl: Duration) -> Result<DynamoConfig> {
+        let table = self
+            .table
+            .clone()
+            .context("the DynamoDB store needs a table (--dynamodb-table)")?;
+        Ok(DynamoConfig {
+            table,
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            ttl,
+        })
+    }
+}
+
+/// The validated result of file + flags.
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub store: StoreSection,
+    pub registry: RegistryConfig,
+}
+
+/// Reads the file (if any), applies the flags, loads the secret and validates everything.
+pub fn settings(args: &RegistryArgs) -> Result<Settings> {
+    let file: RegistryFile = match &args.config {
+        Some(path) => load_file(path)?,
+        None => RegistryFile::default(),
+    };
+    let mut registry = file.registry;
+    if let Some(ttl) = args.ttl {
+        registry.ttl = ttl;
+    }
+    if let Some(i) = args.check_in_interval {
+        registry.check_in_interval = i;
+    }
+    if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
+        registry.secret = Some(read_secret(path)?);
+    }
+    registry.validate()?;
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7700)));
+    Ok(Settings {
+        listen,
+        store: file.store.overlay(&args.store),
+        registry,
+    })
+}
+
+pub fn load_file<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+}
+
+fn read_secret(path: &Path) -> Result<String> {
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read secret file {}", path.display()))?;
+    let s = s.trim().to_string();
+    if s.len() < 16 {
+        bail!("the secret in {} is shorter than 16 bytes", path.display());
+    }
+    Ok(s)
+}
+
+pub async fn main(args: RegistryArgs) -> ExitCode {
+    match &args.action {
+        Some(RegistryAction::InitTable { store, ttl }) => {
+            return report(
+                init(store, ttl.unwrap_or(Duration::from_secs(180))).await,
+                "init-table",
+            );
+        }
+        Some(RegistryAction::Token {
+            secret_file,
+            ip,
+            operator,
+        }) => {
+            return report(print_token(secret_file, *ip, *operator), "token");
+        }
+        None => {}
+    }
+    let settings = match settings(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tidings registry: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    report(serve(settings).await, "registry")
+}
+
+fn report(r: Result<()>, what: &str) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tidings {what}: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn init(store: &StoreArgs, ttl: Duration) -> Result<()> {
+    let cfg = StoreSection::default().overlay(store).dynamo(ttl)?;
+    init_table(&cfg).await?;
+    println!("table {} is ready (TTL on expires_at)", cfg.table);
+    Ok(())
+}
+
+fn print_token(secret_file: &Path, ip: Option<std::net::IpAddr>, operator: bool) -> Result<()> {
+    let secret = read_secret(secret_file)?;
+    let token = match (ip, operator) {
+        (Some(ip), false) => discovery::host_token(&secret, ip),
+        _ => discovery::operator_token(&secret),
+    };
+    println!("{token}");
+    Ok(())
+}
+
+async fn build_store(settings: &Settings) -> Result<Arc<dyn Store>> {
+    Ok(match settings.store.kind.unwrap_or(StoreKind::Memory) {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Dynamodb => {
+            Arc::new(DynamoStore::connect(&settings.store.dynamo(settings.registry.ttl)?).await?)
+        }
+    })
+}
+
+async fn serve(settings: Settings) -> Result<()> {
+    let store = build_store(&settings).await?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    let kind = settings.store.kind.unwrap_or(StoreKind::Memory);
+    tracing::info!(%addr, store = ?kind, ttl = ?settings.registry.ttl, "registry listening");
+    let registry = Registry::new(store, settings.registry, Arc::new(SystemClock));
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        crate::telemetry::shutdown_signal().await;
+        tracing::info!("shutdown signal: draining");
+        trigger.cancel();
+    });
+    discovery::serve(listener, registry, shutdown).await?;
+    tracing::info!("registry stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/registry.toml");
+        let file: RegistryFile = load_file(&path).expect("example parses");
+        file.registry.validate().expect("example validates");
+        assert_eq!(
+            file.registry,
+            RegistryConfig::default(),
+            "the example documents the defaults"
+        );
+        assert_eq!(file.listen, Some(SocketAddr::from(([0, 0, 0, 0], 7700))));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<RegistryFile>("[registry]\nttl_secs = 3").is_err());
+        assert!(toml::from_str::<RegistryFile>("lsiten = \"0.0.0.0:1\"").is_err());
+    }
+}

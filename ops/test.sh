@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The README's test command, and exactly what CI runs (.ci/run calls it).
+# On a fresh machine it installs what the tests need, then runs formatting, clippy
+# (-D warnings) and every test of the workspace. Safe to run again: installs are skipped
+# when already done.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export RUST_BACKTRACE=1
+step() { printf '\n==> %s\n' "$*"; }
+
+step "Rust components (rustfmt, clippy)"
+for c in rustfmt clippy; do
+  if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then rustup component add "$c"; fi
+done
+
+# moto_server is a real DynamoDB-compatible server; discovery's DynamoDB tests start it on
+# an ephemeral loopback port. Pinned in ops/moto-requirements.txt, installed in ./.venv.
+step "Python venv with moto_server (pinned in ops/moto-requirements.txt)"
+if [ -f ops/moto-requirements.txt ]; then
+  want="$(sha256sum ops/moto-requirements.txt | cut -d' ' -f1)"
+  have="$(cat .venv/.requirements.sha 2>/dev/null || true)"
+  if [ ! -x .venv/bin/moto_server ] || [ "$want" != "$have" ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check -r ops/moto-requirements.txt
+    echo "$want" > .venv/.requirements.sha
+  fi
+  export TIDINGS_MOTO_SERVER="$root/.venv/bin/moto_server"
+  "$TIDINGS_MOTO_SERVER" --help >/dev/null
+fi
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# End-to-end tests in tests/ start the real binary; build it first so they find it.
+step "build the tidings binary"
+cargo build --locked --bin tidings
+
+step "cargo test"
+cargo test --workspace --locked

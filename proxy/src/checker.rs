@@ -1,0 +1,95 @@
+//! The active health checker of one host: a thin task around [`crate::health::HealthState`].
+//! It sleeps until the state machine says the next check is due, runs one HTTP or TCP check
+//! with the policy's timeout, and feeds the outcome back. It ends when the host is removed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Empty};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cluster::Cluster;
+use crate::config::HealthCheckKind;
+use crate::health::CheckOutcome;
+
+pub fn spawn(
+    cluster: Arc<Cluster>,
+    addr: SocketAddr,
+    token: CancellationToken,
+    tracker: &TaskTracker,
+) {
+    tracker.spawn(async move {
+        loop {
+            let Some(at) = cluster.next_check_at(addr) else {
+                return;
+            };
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+            }
+            let outcome = tokio::select! {
+                _ = token.cancelled() => return,
+                o = check_once(&cluster, addr) => o,
+            };
+            if !cluster.record_health(addr, outcome) {
+                return;
+            }
+        }
+    });
+}
+
+async fn check_once(cluster: &Cluster, addr: SocketAddr) -> CheckOutcome {
+    let Some(policy) = cluster.health_policy() else {
+        return CheckOutcome::Success;
+    };
+    let hc = &cluster.config.health_check;
+    let check = async {
+        match hc.kind {
+            HealthCheckKind::None => CheckOutcome::Success,
+            HealthCheckKind::Tcp => match TcpStream::connect(addr).await {
+                Ok(_) => CheckOutcome::Success,
+                Err(_) => CheckOutcome::NetworkFailure,
+            },
+            HealthCheckKind::Http => http_check(cluster, addr).await,
+        }
+    };
+    tokio::time::timeout(policy.timeout, check)
+        .await
+        .unwrap_or(CheckOutcome::NetworkFailure)
+}
+
+async fn http_check(cluster: &Cluster, addr: SocketAddr) -> CheckOutcome {
+    let hc = &cluster.config.health_check;
+    let uri = format!("{}://{}{}", cluster.scheme, addr, hc.path);
+    let body = Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    // Host is the service name, as Envoy sends the cluster name: a backend serving several
+    // services can tell which one is being checked.
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(uri)
+        .header(header::HOST, cluster.config.service.as_str())
+        .header(header::USER_AGENT, "tidings-proxy/health-check")
+        .body(body);
+    let Ok(req) = req else {
+        return CheckOutcome::BadResponse;
+    };
+    match cluster.hc_client.request(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            // Drain the body so the pooled connection can be reused for the next check.
+            let _ = resp.into_body().collect().await;
+            if hc.expected_statuses.contains(&status) {
+                CheckOutcome::Success
+            } else {
+                CheckOutcome::BadResponse
+            }
+        }
+        Err(_) => CheckOutcome::NetworkFailure,
+    }
+}

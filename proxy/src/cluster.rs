@@ -1,0 +1,495 @@
+//! One upstream cluster at run time: its hosts with their discovery status, health and outlier
+//! state, the balancer, the breaker and the pooled clients. The sans-IO cores decide; this
+//! module only keeps their state behind one short-held lock and applies their answers.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::breaker::CircuitBreaker;
+use crate::config::{ClusterConfig, HealthCheckKind};
+use crate::health::{CheckOutcome, HealthPolicy, HealthState, HealthStatus, Transition};
+use crate::lb::{Balancer, LbHost};
+use crate::merge::{self, Candidate, Decision, DiscoveryStatus};
+use crate::outlier::{OutlierPolicy, OutlierState, RequestResult};
+use crate::retry::RetryPolicy;
+use crate::upstream::UpstreamClient;
+
+/// How many picks a retry makes to avoid the host that just failed.
+const HOST_SELECTION_ATTEMPTS: u64 = 3;
+
+/// The clock every runtime decision uses: tokio's, so tests can pause it.
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A host as discovery lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedHost {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub zone: Option<String>,
+    pub canary: bool,
+    /// Explicitly deregistered: drain it.
+    pub draining: bool,
+}
+
+struct HostEntry {
+    /// `ip:port`, kept once so that balancing allocates nothing per request.
+    key: Arc<str>,
+    weight: u32,
+    zone: Option<Arc<str>>,
+    canary: bool,
+    discovery: DiscoveryStatus,
+    health: HealthState,
+    outlier: OutlierState,
+    active: Arc<AtomicU32>,
+    checker: Option<CancellationToken>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MembershipStatus {
+    /// At least one answer from the membership source has been applied.
+    pub initialized: bool,
+    pub index: Option<String>,
+    /// Milliseconds since the last good answer.
+    pub last_ok_ms_ago: Option<u64>,
+    pub consecutive_errors: u32,
+    pub last_error: Option<String>,
+    #[serde(skip)]
+    last_ok: Option<Instant>,
+}
+
+struct State {
+    hosts: BTreeMap<SocketAddr, HostEntry>,
+    balancer: Balancer,
+    rng: SmallRng,
+    membership: MembershipStatus,
+}
+
+pub struct Cluster {
+    pub config: ClusterConfig,
+    health_policy: Option<HealthPolicy>,
+    outlier_policy: Option<OutlierPolicy>,
+    pub retry_policy: RetryPolicy,
+    pub breaker: CircuitBreaker,
+    pub client: UpstreamClient,
+    pub hc_client: UpstreamClient,
+    pub scheme: &'static str,
+    pub active_requests: AtomicU32,
+    pub active_retries: AtomicU32,
+    state: Mutex<State>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+/// Counts a request against its host until dropped.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<AtomicU32>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Cluster {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: ClusterConfig,
+        local_zone: Option<String>,
+        breaker: CircuitBreaker,
+        client: UpstreamClient,
+        hc_client: UpstreamClient,
+        tls: bool,
+        tracker: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let health_policy = (config.health_check.kind != HealthCheckKind::None)
+            .then(|| config.health_check.policy());
+        let outlier_policy = config
+            .outlier_detection
+            .enabled
+            .then(|| config.outlier_detection.policy());
+        let zone = if config.zone_aware { local_zone } else { None };
+        let state = State {
+            hosts: BTreeMap::new(),
+            balancer: Balancer::new(config.lb_policy, zone),
+            rng: SmallRng::from_rng(&mut rand::rng()),
+            membership: MembershipStatus::default(),
+        };
+        Arc::new(Cluster {
+            retry_policy: config.retries.policy(),
+            health_policy,
+            outlier_policy,
+            breaker,
+            client,
+            hc_client,
+            scheme: if tls { "https" } else { "http" },
+            active_requests: AtomicU32::new(0),
+            active_retries: AtomicU32::new(0),
+            state: Mutex::new(state),
+            tracker,
+            shutdown,
+            config,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn health_policy(&self) -> Option<&HealthPolicy> {
+        self.health_policy.as_ref()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than stopping traffic would, so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one membership answer. A warming source's empty answer never empties a known
+    /// cluster (DESIGN.md §4.2). New hosts get a health checker whose first check runs at once.
+    pub fn apply_listing(
+        self: &Arc<Self>,
+        listed: Vec<ListedHost>,
+        index: Option<String>,
+        warming: bool,
+    ) {
+        let now = now();
+        let mut st = self.lock();
+        if warming && listed.is_empty() && !st.hosts.is_empty() {
+            return;
+        }
+        let mut seen = BTreeMap::new();
+        for h in listed {
+            // Duplicate addresses in one answer: the first wins, as in Envoy.
+            seen.entry(h.addr).or_insert(h);
+        }
+        let mut new_hosts = Vec::new();
+        for (addr, entry) in st.hosts.iter_mut() {
+            match seen.get(addr) {
+                Some(h) => {
+                    entry.weight = h.weight;
+                    entry.zone = h.zone.as_deref().map(Arc::from);
+                    entry.canary = h.canary;
+                    entry.discovery = if h.draining {
+                        DiscoveryStatus::Drained
+                    } else {
+                        DiscoveryStatus::Present
+                    };
+                }
+                // A drained host stays drained until its requests finish.
+                None if entry.discovery == DiscoveryStatus::Drained => {}
+                None => entry.discovery = DiscoveryStatus::Absent,
+            }
+        }
+        for (addr, h) in seen {
+            if st.hosts.contains_key(&addr) || h.draining {
+                continue;
+            }
+            let mut health = HealthState::new(now);
+            let checker = match self.health_policy {
+                Some(_) => {
+                    let token = self.shutdown.child_token();
+                    new_hosts.push((addr, token.clone()));
+                    Some(token)
+                }
+                None => {
+                    health.force_healthy();
+                    None
+                }
+            };
+            tracing::info!(cluster = %self.name(), host = %addr, "host discovered");
+            st.hosts.insert(
+                addr,
+                HostEntry {
+                    weight: h.weight.max(1),
+                    key: Arc::from(addr.to_string()),
+                    zone: h.zone.as_deref().map(Arc::from),
+                    canary: h.canary,
+                    discovery: DiscoveryStatus::Present,
+                    health,
+                    outlier: OutlierState::default(),
+                    active: Arc::new(AtomicU32::new(0)),
+                    checker,
+                },
+            );
+        }
+        st.membership.initialized = true;
+        st.membership.index = index;
+        st.membership.last_ok = Some(now);
+        st.membership.consecutive_errors = 0;
+        st.membership.last_error = None;
+        self.reconcile(&mut st);
+        drop(st);
+        for (addr, token) in new_hosts {
+            crate::checker::spawn(self.clone(), addr, token, &self.tracker);
+        }
+    }
+
+    /// The membership source failed: keep the last set (fail static) and say so.
+    pub fn membership_error(&self, error: String) {
+        let mut st = self.lock();
+        st.membership.consecutive_errors = st.membership.consecutive_errors.saturating_add(1);
+        st.membership.last_error = Some(error);
+    }
+
+    pub fn membership_initialized(&self) -> bool {
+        self.lock().membership.initialized
+    }
+
+    /// Forgets hosts the merge table says to remove, and stops their checkers.
+    fn reconcile(&self, st: &mut State) {
+        let checked = self.health_policy.is_some();
+        let gone: Vec<SocketAddr> = st
+            .hosts
+            .iter()
+            .filter(|(_, h)| {
+                let d = merge::decide(h.discovery, h.health.status(), checked);
+                merge::can_forget(d, h.active.load(Ordering::Acquire))
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in gone {
+            if let Some(h) = st.hosts.remove(&addr) {
+                if let Some(t) = h.checker {
+                    t.cancel();
+                }
+                tracing::info!(cluster = %self.name(), host = %addr, discovery = ?h.discovery, health = ?h.health.status(), "host removed");
+                metrics::gauge!("tidings_proxy_host_healthy", "cluster" => self.name().to_string(), "host" => addr.to_string()).set(0.0);
+            }
+        }
+    }
+
+    /// When the host's next check is due, or `None` once it is gone.
+    pub fn next_check_at(&self, addr: SocketAddr) -> Option<Instant> {
+        self.lock()
+            .hosts
+            .get(&addr)
+            .map(|h| h.health.next_check_at())
+    }
+
+    /// Applies a health-check result; returns false once the host is gone.
+    pub fn record_health(&self, addr: SocketAddr, outcome: CheckOutcome) -> bool {
+        let Some(policy) = self.health_policy.clone() else {
+            return false;
+        };
+        let now = now();
+        let mut st = self.lock();
+        let State { hosts, rng, .. } = &mut *st;
+        let Some(h) = hosts.get_mut(&addr) else {
+            return false;
+        };
+        let transition = h.health.on_result(outcome, now, &policy, rng);
+        if outcome == CheckOutcome::Success
+            && self
+                .config
+                .outlier_detection
+                .uneject_on_health_check_success
+        {
+            h.outlier.on_health_check_success();
+        }
+        let status = h.health.status();
+        if transition == Transition::Changed {
+            tracing::info!(cluster = %self.name(), host = %addr, ?status, ?outcome, "health changed");
+        }
+        let labels = [
+            ("cluster", self.name().to_string()),
+            ("host", addr.to_string()),
+        ];
+        metrics::gauge!("tidings_proxy_host_healthy", &labels).set(
+            if status == HealthStatus::Healthy {
+                1.0
+            } else {
+                0.0
+            },
+        );
+        let result = if outcome == CheckOutcome::Success {
+            "success"
+        } else {
+            "failure"
+        };
+        metrics::counter!("tidings_proxy_health_checks_total", "cluster" => self.name().to_string(), "host" => addr.to_string(), "result" => result).increment(1);
+        self.reconcile(&mut st);
+        st.hosts.contains_key(&addr)
+    }
+
+    /// Picks a host for a new request and counts the request against it. `avoid` is the host
+    /// of the previous attempt, skipped when there is any other choice.
+    pub fn pick(
+        &self,
+        hash: Option<u64>,
+        avoid: Option<SocketAddr>,
+    ) -> Option<(SocketAddr, ActiveGuard)> {
+        let now = now();
+        let mut st = self.lock();
+        let State {
+            hosts,
+            balancer,
+            rng,
+            ..
+        } = &mut *st;
+        let checked = self.health_policy.is_some();
+        let entries: Vec<(&SocketAddr, &HostEntry)> = hosts.iter().collect();
+        let candidates: Vec<Candidate> = entries
+            .iter()
+            .map(|(_, h)| Candidate {
+                decision: merge::decide(h.discovery, h.health.status(), checked),
+                ejected: h.outlier.is_ejected(now),
+            })
+            .collect();
+        let routable = merge::routable(&candidates, self.config.panic_threshold_percent);
+        let chosen: Vec<usize> = routable.hosts;
+        let lb_hosts: Vec<LbHost> = chosen
+            .iter()
+            .map(|&i| {
+                let (_, h) = entries[i];
+                LbHost {
+                    key: h.key.clone(),
+                    weight: h.weight,
+                    active: h.active.load(Ordering::Acquire),
+                    zone: h.zone.clone(),
+                }
+            })
+            .collect();
+        // Envoy's previous-host predicate: re-pick a few times (perturbing the hash, as Envoy
+        // does for hash balancers) rather than change the host set, which would reset the
+        // balancer's schedule.
+        let mut picked = None;
+        for attempt in 0..HOST_SELECTION_ATTEMPTS {
+            let h = hash.map(|h| h.wrapping_add(attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            picked = balancer.pick(&lb_hosts, routable.panic, h, rng);
+            match (picked, avoid) {
+                (Some(i), Some(avoid)) if *entries[chosen[i]].0 == avoid && chosen.len() > 1 => {
+                    continue;
+                }
+                _ => break,
+            }
+        }
+        let mut picked = picked?;
+        if avoid.is_some_and(|a| *entries[chosen[picked]].0 == a) && chosen.len() > 1 {
+            // Unlucky draws: take the neighbour rather than repeat a failed host.
+            picked = (picked + 1) % chosen.len();
+        }
+        let (addr, h) = entries[*chosen.get(picked)?];
+        h.active.fetch_add(1, Ordering::AcqRel);
+        Some((*addr, ActiveGuard(h.active.clone())))
+    }
+
+    /// Feeds passive outlier detection with one request's result.
+    pub fn record_result(&self, addr: SocketAddr, result: RequestResult) {
+        let Some(policy) = &self.outlier_policy else {
+            return;
+        };
+        let now = now();
+        let mut st = self.lock();
+        let total = st.hosts.len();
+        let ejected = st
+            .hosts
+            .values()
+            .filter(|h| h.outlier.is_ejected(now))
+            .count();
+        let Some(h) = st.hosts.get_mut(&addr) else {
+            return;
+        };
+        if let Some(until) = h.outlier.record(result, now, policy, ejected, total) {
+            tracing::warn!(cluster = %self.name(), host = %addr, ejected_for_ms = (until - now).as_millis() as u64, "host ejected by outlier detection");
+            metrics::counter!("tidings_proxy_ejections_total", "cluster" => self.name().to_string(), "host" => addr.to_string()).increment(1);
+        }
+    }
+
+    /// Periodic upkeep: outlier sweep (when `sweep_outliers`) and removal of drained hosts
+    /// whose in-flight requests have finished.
+    pub fn maintain(&self, sweep_outliers: bool) {
+        let now = now();
+        let mut st = self.lock();
+        if sweep_outliers {
+            for h in st.hosts.values_mut() {
+                h.outlier.sweep(now);
+            }
+        }
+        self.reconcile(&mut st);
+    }
+
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        let now = now();
+        let st = self.lock();
+        let checked = self.health_policy.is_some();
+        let mut hosts = Vec::with_capacity(st.hosts.len());
+        let mut candidates = Vec::with_capacity(st.hosts.len());
+        for (addr, h) in &st.hosts {
+            let decision = merge::decide(h.discovery, h.health.status(), checked);
+            let ejected = h.outlier.is_ejected(now);
+            candidates.push(Candidate { decision, ejected });
+            hosts.push(HostSnapshot {
+                address: addr.to_string(),
+                discovery: h.discovery,
+                health: h.health.status(),
+                decision,
+                weight: h.weight,
+                zone: h.zone.as_deref().map(str::to_string),
+                canary: h.canary,
+                active_requests: h.active.load(Ordering::Acquire),
+                ejected,
+                ejections_total: h.outlier.total_ejections(),
+                health_checks: h.health.checks(),
+            });
+        }
+        let routable = merge::routable(&candidates, self.config.panic_threshold_percent);
+        let mut membership = st.membership.clone();
+        membership.last_ok_ms_ago = membership
+            .last_ok
+            .map(|t| now.saturating_duration_since(t).as_millis() as u64);
+        ClusterSnapshot {
+            name: self.config.name.clone(),
+            service: self.config.service.clone(),
+            lb_policy: st.balancer.policy(),
+            panic: routable.panic,
+            routable_hosts: routable.hosts.len(),
+            active_requests: self.active_requests.load(Ordering::Acquire),
+            membership,
+            hosts,
+        }
+    }
+}
+
+/// `/clusters` output for one cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterSnapshot {
+    pub name: String,
+    pub service: String,
+    pub lb_policy: crate::lb::LbPolicy,
+    pub panic: bool,
+    pub routable_hosts: usize,
+    pub active_requests: u32,
+    pub membership: MembershipStatus,
+    pub hosts: Vec<HostSnapshot>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostSnapshot {
+    pub address: String,
+    pub discovery: DiscoveryStatus,
+    pub health: HealthStatus,
+    pub decision: Decision,
+    pub weight: u32,
+    pub zone: Option<String>,
+    pub canary: bool,
+    pub active_requests: u32,
+    pub ejected: bool,
+    pub ejections_total: u64,
+    pub health_checks: u64,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,202 @@
+//! The runtime cluster applying the merge table to listings and health results. Health
+//! checkers are not started (the shutdown token is cancelled up front), so results are fed
+//! by hand.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::*;
+use crate::config::{ClusterConfig, HealthCheckKind};
+use crate::upstream::{Connector, client};
+
+fn cluster(kind: HealthCheckKind) -> Arc<Cluster> {
+    let mut cfg = ClusterConfig {
+        name: "c".into(),
+        service: "svc".into(),
+        ..ClusterConfig::default()
+    };
+    cfg.health_check.kind = kind;
+    let connector = Connector::new(Duration::from_secs(1), None, None);
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    Cluster::new(
+        cfg,
+        None,
+        CircuitBreaker::default(),
+        client(connector.clone(), false),
+        client(connector, false),
+        false,
+        TaskTracker::new(),
+        stopped,
+    )
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i], 80))
+}
+
+fn listed(i: u8) -> ListedHost {
+    ListedHost {
+        addr: addr(i),
+        weight: 100,
+        zone: None,
+        canary: false,
+        draining: false,
+    }
+}
+
+fn decision(c: &Cluster, i: u8) -> Option<Decision> {
+    c.snapshot()
+        .hosts
+        .iter()
+        .find(|h| h.address == addr(i).to_string())
+        .map(|h| h.decision)
+}
+
+#[tokio::test]
+async fn new_hosts_wait_for_their_first_check() {
+    let c = cluster(HealthCheckKind::Http);
+    c.apply_listing(vec![listed(1), listed(2)], Some("1".into()), false);
+    assert_eq!(decision(&c, 1), Some(Decision::Hold));
+    assert!(c.record_health(addr(2), CheckOutcome::Success));
+    for _ in 0..10 {
+        assert_eq!(c.pick(None, None).map(|(a, _)| a), Some(addr(2)));
+    }
+    assert!(c.record_health(addr(1), CheckOutcome::Success));
+    assert!((0..10).any(|_| c.pick(None, None).map(|(a, _)| a) == Some(addr(1))));
+}
+
+#[tokio::test]
+async fn when_too_few_hosts_are_healthy_the_cluster_panics_and_uses_all() {
+    let c = cluster(HealthCheckKind::Http);
+    c.apply_listing(vec![listed(1), listed(2), listed(3)], None, false);
+    c.record_health(addr(1), CheckOutcome::Success);
+    // One of three routable (33 % < 50 %): every known host gets traffic.
+    let picked: std::collections::BTreeSet<_> = (0..30)
+        .filter_map(|_| c.pick(None, None).map(|(a, _)| a))
+        .collect();
+    assert_eq!(picked.len(), 3);
+    assert!(c.snapshot().panic);
+}
+
+#[tokio::test]
+async fn absent_healthy_host_stays_and_reappearing_keeps_its_health() {
+    let c = cluster(HealthCheckKind::Http);
+    c.apply_listing(vec![listed(1), listed(2)], None, false);
+    c.record_health(addr(1), CheckOutcome::Success);
+    c.record_health(addr(2), CheckOutcome::Success);
+    c.apply_listing(vec![listed(2)], None, false);
+    assert_eq!(decision(&c, 1), Some(Decision::Route));
+    c.apply_listing(vec![listed(1), listed(2)], None, false);
+    let h = c
+        .snapshot()
+        .hosts
+        .into_iter()
+        .find(|h| h.address == addr(1).to_string())
+        .expect("host");
+    assert_eq!(
+        (h.discovery, h.health),
+        (DiscoveryStatus::Present, HealthStatus::Healthy)
+    );
+}
+
+#[tokio::test]
+async fn absent_host_that_fails_is_removed() {
+    let c = cluster(HealthCheckKind::Http);
+    c.apply_listing(vec![listed(1), listed(2)], None, false);
+    c.record_health(addr(1), CheckOutcome::Success);
+    c.apply_listing(vec![listed(2)], None, false);
+    assert!(
+        !c.record_health(addr(1), CheckOutcome::BadResponse),
+        "host is gone"
+    );
+    assert_eq!(decision(&c, 1), None);
+}
+
+#[tokio::test]
+async fn drained_host_leaves_once_idle() {
+    let c = cluster(HealthCheckKind::None);
+    c.apply_listing(vec![listed(1), listed(2)], None, false);
+    let (_, guard) = loop {
+        let (a, g) = c.pick(None, None).expect("pick");
+        if a == addr(2) {
+            break (a, g);
+        }
+    };
+    c.apply_listing(
+        vec![
+            listed(1),
+            ListedHost {
+                draining: true,
+                ..listed(2)
+            },
+        ],
+        None,
+        false,
+    );
+    assert_eq!(decision(&c, 2), Some(Decision::Drain));
+    for _ in 0..10 {
+        assert_eq!(c.pick(None, None).map(|(a, _)| a), Some(addr(1)));
+    }
+    c.maintain(false);
+    assert_eq!(
+        decision(&c, 2),
+        Some(Decision::Drain),
+        "still has a request in flight"
+    );
+    drop(guard);
+    c.maintain(false);
+    assert_eq!(decision(&c, 2), None);
+}
+
+#[tokio::test]
+async fn without_health_checks_absent_hosts_go_at_once() {
+    let c = cluster(HealthCheckKind::None);
+    c.apply_listing(vec![listed(1), listed(2)], None, false);
+    assert_eq!(decision(&c, 1), Some(Decision::Route));
+    c.apply_listing(vec![listed(2)], None, false);
+    assert_eq!(decision(&c, 1), None);
+}
+
+#[tokio::test]
+async fn a_warming_sources_empty_answer_is_ignored() {
+    let c = cluster(HealthCheckKind::None);
+    c.apply_listing(vec![listed(1)], None, false);
+    c.apply_listing(vec![], None, true);
+    assert_eq!(decision(&c, 1), Some(Decision::Route));
+    c.apply_listing(vec![], None, false);
+    assert_eq!(decision(&c, 1), None);
+}
+
+#[tokio::test]
+async fn retries_avoid_the_previous_host() {
+    let c = cluster(HealthCheckKind::None);
+    c.apply_listing(vec![listed(1), listed(2), listed(3)], None, false);
+    for _ in 0..30 {
+        let (a, _) = c.pick(Some(42), Some(addr(2))).expect("pick");
+        assert_ne!(a, addr(2));
+    }
+    // With one host there is no choice.
+    let c = cluster(HealthCheckKind::None);
+    c.apply_listing(vec![listed(1)], None, false);
+    assert_eq!(c.pick(None, Some(addr(1))).map(|(a, _)| a), Some(addr(1)));
+}
+
+#[tokio::test]
+async fn outlier_ejection_takes_a_host_out_of_rotation() {
+    let c = cluster(HealthCheckKind::None);
+    c.apply_listing(vec![listed(1), listed(2)], None, false);
+    for _ in 0..5 {
+        c.record_result(addr(1), RequestResult::Failure);
+    }
+    for _ in 0..10 {
+        assert_eq!(c.pick(None, None).map(|(a, _)| a), Some(addr(2)));
+    }
+    let h = c
+        .snapshot()
+        .hosts
+        .into_iter()
+        .find(|h| h.address == addr(1).to_string())
+        .expect("host");
+    assert!(h.ejected);
+}

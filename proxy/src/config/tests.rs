@@ -1,0 +1,146 @@
+use std::time::Duration;
+
+use super::*;
+
+const EXAMPLE: &str = include_str!("../../example.toml");
+
+#[test]
+fn example_parses_validates_and_equals_the_defaults() {
+    let cfg = ProxyConfig::from_toml(EXAMPLE).expect("example parses");
+    cfg.validate().expect("example validates");
+    let c = &cfg.clusters[0];
+    let defaults = ClusterConfig {
+        name: "users".into(),
+        service: "users".into(),
+        ..ClusterConfig::default()
+    };
+    assert_eq!(c, &defaults, "example.toml must show the defaults");
+    assert_eq!(cfg.listeners, vec![ListenerConfig::default()]);
+    assert_eq!(cfg.routes[0].timeout, Duration::from_secs(15));
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let cfg = ProxyConfig::from_toml(
+        r#"
+        [[routes]]
+        cluster = "api"
+        [[clusters]]
+        name = "api"
+        service = "api"
+        "#,
+    )
+    .expect("parses");
+    cfg.validate().expect("valid");
+    assert_eq!(cfg.admin.address.to_string(), "127.0.0.1:7711");
+    assert_eq!(cfg.listeners[0].address.to_string(), "127.0.0.1:7710");
+    let c = &cfg.clusters[0];
+    assert_eq!(c.membership_url, "http://127.0.0.1:7701");
+    assert_eq!(c.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.health_check.interval, Duration::from_secs(5));
+    assert_eq!(c.retries.num_retries, 1);
+    assert_eq!(c.circuit_breakers.max_retries, 3);
+}
+
+#[test]
+fn unknown_keys_are_rejected() {
+    let err =
+        ProxyConfig::from_toml("[[clusters]]\nname = \"a\"\nservise = \"a\"\n").expect_err("typo");
+    assert!(err.to_string().contains("servise"), "{err}");
+}
+
+fn base() -> ProxyConfig {
+    ProxyConfig {
+        routes: vec![RouteConfig {
+            cluster: "a".into(),
+            ..RouteConfig::default()
+        }],
+        clusters: vec![ClusterConfig {
+            name: "a".into(),
+            service: "a".into(),
+            ..ClusterConfig::default()
+        }],
+        ..ProxyConfig::default()
+    }
+}
+
+#[test]
+fn validate_rejects_bad_values() {
+    type Mutation = Box<dyn Fn(&mut ProxyConfig)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        (
+            "unknown cluster",
+            Box::new(|c| c.routes[0].cluster = "nope".into()),
+        ),
+        ("no routes", Box::new(|c| c.routes.clear())),
+        ("no listeners", Box::new(|c| c.listeners.clear())),
+        (
+            "duplicate",
+            Box::new(|c| c.clusters.push(c.clusters[0].clone())),
+        ),
+        (
+            "service name",
+            Box::new(|c| c.clusters[0].service = "Bad Name".into()),
+        ),
+        (
+            "membership_url",
+            Box::new(|c| c.clusters[0].membership_url = "ftp://x".into()),
+        ),
+        (
+            "panic",
+            Box::new(|c| c.clusters[0].panic_threshold_percent = 101),
+        ),
+        (
+            "thresholds",
+            Box::new(|c| c.clusters[0].health_check.healthy_threshold = 0),
+        ),
+        (
+            "path",
+            Box::new(|c| c.clusters[0].health_check.path = "health".into()),
+        ),
+        (
+            "statuses",
+            Box::new(|c| c.clusters[0].health_check.expected_statuses = vec![700]),
+        ),
+        (
+            "prefix",
+            Box::new(|c| c.routes[0].path_prefix = Some("api".into())),
+        ),
+        (
+            "header bytes",
+            Box::new(|c| c.listeners[0].max_header_bytes = 100),
+        ),
+        (
+            "hash header",
+            Box::new(|c| c.clusters[0].hash_header = Some("bad header".into())),
+        ),
+    ];
+    for (what, mutate) in cases {
+        let mut c = base();
+        mutate(&mut c);
+        assert!(c.validate().is_err(), "{what} should be rejected");
+    }
+    base().validate().expect("base is valid");
+}
+
+#[test]
+fn no_health_check_needs_no_check_settings() {
+    let mut c = base();
+    c.clusters[0].health_check.kind = HealthCheckKind::None;
+    c.clusters[0].health_check.path = String::new();
+    c.validate().expect("valid");
+}
+
+#[test]
+fn durations_parse_and_round_trip() {
+    assert_eq!(duration::parse("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(duration::parse("5s"), Ok(Duration::from_secs(5)));
+    assert_eq!(duration::parse("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(duration::parse("1h"), Ok(Duration::from_secs(3600)));
+    for bad in ["", "5", "5 days", "ms", "-1s", "99999999999999999999h"] {
+        assert!(duration::parse(bad).is_err(), "{bad}");
+    }
+    let cfg = base();
+    let text = toml::to_string(&cfg).expect("serialises");
+    assert_eq!(ProxyConfig::from_toml(&text).expect("round trip"), cfg);
+}

@@ -1,0 +1,167 @@
+//! Retry policy, jittered back-off and the retry budget (DESIGN.md §6.5, envoy-semantics §2.4).
+
+use std::time::Duration;
+
+use http::Method;
+use rand::{Rng, RngExt};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub num_retries: u32,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Status codes that are retried (connect failures and resets always are).
+    pub retry_statuses: Vec<u16>,
+    /// Share of the cluster's active requests that may be retries at once.
+    pub budget_percent: u32,
+    /// Retries always allowed regardless of the budget (Envoy's `min_retry_concurrency`).
+    pub min_retry_concurrency: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            num_retries: 1,
+            base_backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            retry_statuses: vec![502, 503, 504],
+            budget_percent: 20,
+            min_retry_concurrency: 3,
+        }
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// No connection could be made: the request was never sent.
+    ConnectFailure,
+    /// The connection broke after the request may have been sent.
+    Reset,
+    /// The per-try or route timeout fired.
+    Timeout,
+    Status(u16),
+}
+
+/// Methods that may be repeated without changing the result (RFC 9110 §9.2.2).
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Whether the outcome of attempt number `attempt` (0 = first try) warrants another try.
+/// Timeouts are not retried: the route timeout covers every try, so a timed-out request has
+/// no time left (Envoy behaves the same without a per-try timeout).
+pub fn should_retry(
+    policy: &RetryPolicy,
+    method: &Method,
+    outcome: AttemptOutcome,
+    attempt: u32,
+) -> bool {
+    if attempt >= policy.num_retries || !is_idempotent(method) {
+        return false;
+    }
+    match outcome {
+        AttemptOutcome::ConnectFailure | AttemptOutcome::Reset => true,
+        AttemptOutcome::Status(s) => policy.retry_statuses.contains(&s),
+        AttemptOutcome::Timeout => false,
+    }
+}
+
+/// Fully jittered exponential back-off before retry number `retry` (1-based): uniform in
+/// `[0, (2^retry - 1) × base)`, the window capped at `max`.
+pub fn backoff(policy: &RetryPolicy, retry: u32, rng: &mut impl Rng) -> Duration {
+    let base = policy.base_backoff.as_millis() as u64;
+    let factor = (1u64 << retry.clamp(1, 32)) - 1;
+    let window = base
+        .saturating_mul(factor)
+        .min(policy.max_backoff.as_millis() as u64);
+    if window == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(rng.random_range(0..window))
+}
+
+/// The retry budget: may one more retry start while `active_retries` are running among
+/// `active_requests`?
+pub fn budget_allows(policy: &RetryPolicy, active_requests: u32, active_retries: u32) -> bool {
+    let budget = u64::from(active_requests) * u64::from(policy.budget_percent) / 100;
+    u64::from(active_retries) < budget.max(u64::from(policy.min_retry_concurrency))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    #[test]
+    fn get_is_retried_once_on_connect_failure_reset_and_gateway_errors() {
+        let p = RetryPolicy::default();
+        for o in [
+            AttemptOutcome::ConnectFailure,
+            AttemptOutcome::Reset,
+            AttemptOutcome::Status(502),
+            AttemptOutcome::Status(503),
+            AttemptOutcome::Status(504),
+        ] {
+            assert!(should_retry(&p, &Method::GET, o, 0), "{o:?}");
+            assert!(!should_retry(&p, &Method::GET, o, 1), "{o:?} second retry");
+        }
+    }
+
+    #[test]
+    fn other_statuses_and_timeouts_are_not_retried() {
+        let p = RetryPolicy::default();
+        for o in [
+            AttemptOutcome::Status(500),
+            AttemptOutcome::Status(404),
+            AttemptOutcome::Status(200),
+            AttemptOutcome::Timeout,
+        ] {
+            assert!(!should_retry(&p, &Method::GET, o, 0), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn non_idempotent_methods_are_not_retried() {
+        let p = RetryPolicy::default();
+        assert!(!should_retry(
+            &p,
+            &Method::POST,
+            AttemptOutcome::Status(503),
+            0
+        ));
+        assert!(!should_retry(&p, &Method::PATCH, AttemptOutcome::Reset, 0));
+        assert!(should_retry(&p, &Method::PUT, AttemptOutcome::Reset, 0));
+    }
+
+    #[test]
+    fn backoff_windows_follow_envoy() {
+        let p = RetryPolicy::default();
+        let mut rng = SmallRng::seed_from_u64(3);
+        for (retry, window) in [(1, 25), (2, 75), (3, 175), (4, 250), (10, 250)] {
+            let mut hi = Duration::ZERO;
+            for _ in 0..2_000 {
+                let d = backoff(&p, retry, &mut rng);
+                assert!(d < Duration::from_millis(window), "retry {retry}: {d:?}");
+                hi = hi.max(d);
+            }
+            assert!(
+                hi >= Duration::from_millis(window * 8 / 10),
+                "retry {retry}: max {hi:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn budget_is_twenty_percent_with_a_floor_of_three() {
+        let p = RetryPolicy::default();
+        assert!(budget_allows(&p, 0, 2));
+        assert!(!budget_allows(&p, 0, 3));
+        assert!(budget_allows(&p, 100, 19));
+        assert!(!budget_allows(&p, 100, 20));
+    }
+}

@@ -1,0 +1,78 @@
+//! A small blocking HTTP client for the end-to-end tests (hyper-util on a private runtime),
+//! so a test reads like the steps an operator would take.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub struct Response {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("test runtime: {e}"))
+    })
+}
+
+/// Sends one request and reads the whole answer, failing after `timeout`.
+pub fn request(
+    method: &str,
+    url: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Response> {
+    let method = Method::from_bytes(method.as_bytes())?;
+    let mut req = Request::builder().method(method).uri(url);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    let req = req.body(Full::new(Bytes::copy_from_slice(body)))?;
+    runtime().block_on(async move {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let fut = async {
+            let resp = client.request(req).await?;
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await?.to_bytes();
+            anyhow::Ok(Response {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(timeout, fut)
+            .await
+            .context("request timed out")?
+    })
+}
+
+pub fn get(url: &str) -> Result<Response> {
+    request("GET", url, None, b"", Duration::from_secs(10))
+}
