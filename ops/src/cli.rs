@@ -37,6 +37,17 @@ pub enum Command {
     /// registry (bad input or token: fix the command line); 2 registry unreachable or failing
     /// after retries (transient: the next cron run retries); 64 bad usage.
     Checkin(CheckinArgs),
+    /// Run the per-host agent: check-in, registry sync, gossip, disk cache, local API.
+    Agent(crate::agent_cmd::AgentArgs),
+    /// Print a service's hosts, from an agent (default) or a registry, with their freshness.
+    Lookup(crate::agent_cmd::LookupArgs),
+    /// List the gossip members an agent knows and their state.
+    Members(crate::agent_cmd::MembersArgs),
+    /// Run the proxy: listeners, routes, health-checked and load-balanced clusters.
+    Proxy(crate::proxy_cmd::ProxyArgs),
+    /// Gossip tools: a deterministic cluster simulator and key generation.
+    #[command(subcommand)]
+    Gossip(crate::gossip_cmd::GossipCommand),
     /// Load generators for the benchmarks in ops/bench/ (loopback targets only).
     #[command(hide = true)]
     Bench(BenchArgs),

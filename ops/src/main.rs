@@ -5,9 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod agent_cmd;
 mod bench;
 mod checkin;
 mod cli;
+mod gossip_cmd;
+mod proxy_cmd;
 mod registry;
 mod telemetry;
 
@@ -33,6 +36,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Registry(args) => registry::main(args).await,
             Command::Checkin(args) => checkin::main(args).await,
+            Command::Agent(args) => agent_cmd::agent(args).await,
+            Command::Lookup(args) => agent_cmd::lookup(args).await,
+            Command::Members(args) => agent_cmd::members(args).await,
+            Command::Proxy(args) => proxy_cmd::main(args).await,
+            Command::Gossip(cmd) => gossip_cmd::main(cmd).await,
             Command::Bench(args) => bench::main(args).await,
             Command::Demo => {
                 eprintln!(
