@@ -86,8 +86,10 @@ impl Census {
 /// hosts died at once, and stops expiring anything until renewals recover.
 ///
 /// How the baseline moves, and so the scale-down story:
-/// - **At start** it is every row in the store, expired or not: a registry back from an
-///   outage longer than the TTL sees old rows and preserves them until hosts return.
+/// - **At start** it is the number of rows that were live when the newest check-in in the
+///   store happened ([`startup_baseline`]): a registry back from an outage longer than the
+///   TTL expects the fleet it last saw and preserves it until hosts return, while rows that
+///   had already expired before the outage do not count.
 /// - **Growth is taken at once**: renewals above the baseline raise it (Eureka raises its
 ///   expectation on every register).
 /// - **Deregistration lowers it at once** by the number of rows removed (Eureka's cancel):
@@ -110,12 +112,13 @@ pub struct Preservation {
 }
 
 impl Preservation {
-    pub fn new(cfg: &RegistryConfig, now_ms: u64, stored_rows: u64) -> Self {
+    /// `baseline` is the starting expectation ([`startup_baseline`]; 0 for an empty store).
+    pub fn new(cfg: &RegistryConfig, now_ms: u64, baseline: u64) -> Self {
         Preservation {
             enabled: cfg.self_preservation,
             threshold: cfg.renewal_threshold,
             refresh_ms: ms(cfg.baseline_refresh),
-            baseline: stored_rows,
+            baseline,
             last_refresh_ms: now_ms,
             active: false,
         }
@@ -150,6 +153,17 @@ impl Preservation {
     pub fn baseline(&self) -> u64 {
         self.baseline
     }
+}
+
+/// The baseline a registry starts with: rows within the TTL of the newest check-in in the
+/// store, i.e. the fleet as it was when check-ins last arrived, however long ago that was.
+pub fn startup_baseline(rows: &[StoredEndpoint], ttl: Duration) -> u64 {
+    let Some(newest) = rows.iter().map(|r| r.last_check_in_ms).max() else {
+        return 0;
+    };
+    rows.iter()
+        .filter(|r| is_live(newest, r.last_check_in_ms, ttl))
+        .count() as u64
 }
 
 /// A registry whose store was empty at start answers `warming` for one check-in interval:

@@ -138,7 +138,8 @@ impl Registry {
     }
 
     /// Looks at the store once, before the first read or write: was it empty (warm-up), and
-    /// how many rows does it hold (the self-preservation baseline). Retried until it works.
+    /// what fleet did it last see (the self-preservation baseline, and whether preservation
+    /// must hold from the first answer on). Retried until it works.
     pub(crate) async fn ensure_init(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         inner
@@ -146,11 +147,21 @@ impl Registry {
             .get_or_try_init(|| async {
                 let rows = self.store_call("list_all", inner.store.list_all()).await?;
                 let now = self.now_ms();
-                let mut p = inner
+                let mut p = Preservation::new(
+                    &inner.config,
+                    now,
+                    policy::startup_baseline(&rows, inner.config.ttl),
+                );
+                p.observe(policy::Census::take(&rows, now, &inner.config), now);
+                let preserving = p.active();
+                *inner
                     .preservation
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                *p = Preservation::new(&inner.config, now, rows.len() as u64);
+                    .unwrap_or_else(PoisonError::into_inner) = p;
+                if preserving {
+                    tracing::warn!("store holds only old check-ins at start: self-preservation ON");
+                }
+                self.set_preserving(preserving);
                 if rows.is_empty() {
                     tracing::info!("store empty at start: warming up for one check-in interval");
                 }

@@ -30,6 +30,8 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Broadcast items above this are left to repair: SWIM updates fill packets first, and a big
 /// item would never fit next to them.
 const MAX_BROADCAST_ITEM: usize = 1000;
+/// Most rows from one repair frame that are re-broadcast (see `Node::rebroadcast`).
+const REBROADCAST_MAX: usize = 32;
 
 type Swim = Foca<NodeId, FocaCodec, StdRng, RowBroadcasts>;
 
@@ -70,6 +72,8 @@ pub struct Node {
     /// Owners with rows but never seen in SWIM, and since when (ms).
     unknown_owners: BTreeMap<SocketAddr, u64>,
     local: BTreeMap<EndpointKey, Endpoint>,
+    /// Members declared down recently, and since when (ms): announced to every tick.
+    recently_down: BTreeMap<SocketAddr, u64>,
     pub(crate) seq: u64,
     now_ms: u64,
     sized_for: u32,
@@ -103,6 +107,7 @@ impl Node {
             seen_owners: BTreeSet::new(),
             unknown_owners: BTreeMap::new(),
             local: BTreeMap::new(),
+            recently_down: BTreeMap::new(),
             seq: 0,
             now_ms: 0,
             sized_for: 1,
@@ -281,9 +286,14 @@ impl Node {
                 return None;
             }
         };
+        let before = lock(&self.store).rows_received;
+        match &frame {
+            RepairFrame::Response(r) => self.rebroadcast(&r.rows),
+            RepairFrame::Push(p) => self.rebroadcast(&p.rows),
+            RepairFrame::Request(_) => {}
+        }
         let reply = {
             let mut store = lock(&self.store);
-            let before = store.rows_received;
             let reply = match frame {
                 RepairFrame::Request(req) => Some(RepairFrame::Response(repair::respond(
                     &store,
@@ -304,7 +314,29 @@ impl Node {
             );
             reply
         };
+        self.drain();
         reply.and_then(|r| self.seal_frame(&r))
+    }
+
+    /// A few rows learned by repair are news to the rest of our side too (typically after a
+    /// partition heals): queue them as broadcasts, so the epidemic spreads them in about a
+    /// second instead of repair doing it pairwise over several periods. Large catch-ups (a
+    /// new node) are not re-broadcast: everyone else already has those rows.
+    fn rebroadcast(&mut self, rows: &[Row]) {
+        if rows.is_empty() || rows.len() > REBROADCAST_MAX {
+            return;
+        }
+        let mut queued = false;
+        for row in rows {
+            if let Ok(bytes) = BroadcastItem::Row(Box::new(row.clone())).encode()
+                && bytes.len() <= MAX_BROADCAST_ITEM
+            {
+                queued |= self.swim.add_broadcast(&bytes).unwrap_or(false);
+            }
+        }
+        if queued {
+            self.gossip_now();
+        }
     }
 
     /// Delivers a timer scheduled through [`Effect::Schedule`].
@@ -406,6 +438,30 @@ impl Node {
         if self.swim.num_members() == 0 {
             self.announce_to_seeds();
         }
+        self.announce_to_recently_down();
+    }
+
+    /// memberlist's "gossip to the dead", for foca: after a partition heals both halves hold
+    /// each other down, and foca only announces to down members every 65 probe periods.
+    /// One announce per tick to a member that went down in the last minute lets the halves
+    /// find each other (the peer answers TurnUndead and one side renews) within seconds.
+    fn announce_to_recently_down(&mut self) {
+        let window = 60 * self.cfg.probe_period_ms;
+        let now = self.now_ms;
+        self.recently_down
+            .retain(|_, since| now.saturating_sub(*since) <= window);
+        let candidates: Vec<NodeId> = self
+            .recently_down
+            .keys()
+            .filter_map(|a| self.members.get(a).filter(|m| !m.active).map(|m| m.id))
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let target = candidates[self.rng.random_range(0..candidates.len())];
+        if let Err(e) = self.swim.announce(target, &mut self.rt) {
+            tracing::trace!(?target, error = %e, "announce to down member failed");
+        }
     }
 
     fn resync_members(&mut self) {
@@ -423,6 +479,13 @@ impl Node {
             })
             .collect();
         if fresh != self.members {
+            for (addr, m) in &fresh {
+                if m.active {
+                    self.recently_down.remove(addr);
+                } else if self.members.get(addr).is_none_or(|old| old.active) {
+                    self.recently_down.entry(*addr).or_insert(self.now_ms);
+                }
+            }
             self.members = fresh;
             self.membership_changes += 1;
         }
@@ -487,6 +550,11 @@ impl Node {
     }
 
     fn set_member(&mut self, id: NodeId, active: bool) {
+        if active {
+            self.recently_down.remove(&id.addr);
+        } else {
+            self.recently_down.entry(id.addr).or_insert(self.now_ms);
+        }
         let prev = self.members.insert(id.addr, MemberInfo { id, active });
         if prev.map(|p| p.active) != Some(active) || prev.map(|p| p.id) != Some(id) {
             self.membership_changes += 1;

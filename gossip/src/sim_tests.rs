@@ -3,6 +3,7 @@ use std::num::NonZeroU16;
 use schema::{Endpoint, ServiceName};
 
 use super::*;
+use crate::broadcast::lock;
 
 #[test]
 fn small_cluster_converges() {
@@ -163,5 +164,31 @@ fn thousand_nodes() {
             ..Default::default()
         });
         println!("{r}\n");
+    }
+}
+
+#[test]
+#[ignore]
+fn debug_steady() {
+    let cfg = SimConfig { nodes: 120, loss: 0.1, seed: 42, ..Default::default() };
+    let mut sim = Sim::new(cfg);
+    let n = 120;
+    let roster: Vec<_> = sim.nodes.iter().map(Node::id).collect();
+    for i in 0..n {
+        sim.nodes[i].assume_members(0, roster.iter().copied());
+        sim.nodes[i].start(0);
+        sim.nodes[i].publish_local(0, vec![endpoint_of(i, 8080)]);
+        sim.flush(i);
+    }
+    for _ in 0..12 {
+        let m0: Vec<_> = sim.nodes.iter().map(|n| n.metrics().snapshot()).collect();
+        let b0 = sim.bytes_sent;
+        sim.run_until(sim.now + 5_000);
+        let m1: Vec<_> = sim.nodes.iter().map(|n| n.metrics().snapshot()).collect();
+        let ex: u64 = m0.iter().zip(&m1).map(|(a, b)| b.repair_exchanges - a.repair_exchanges).sum();
+        let rows: u64 = m0.iter().zip(&m1).map(|(a, b)| b.repair_rows_applied - a.repair_rows_applied).sum();
+        let downs: u64 = m0.iter().zip(&m1).map(|(a, b)| b.members_declared_down - a.members_declared_down).sum();
+        let rowcount: Vec<usize> = sim.nodes.iter().take(5).map(|n| lock(&n.store).rows.len()).collect();
+        println!("t={} B/s/node={} exchanges={ex} rows={rows} downs={downs} rowcounts={rowcount:?}", sim.now, (sim.bytes_sent - b0) / 5 / n as u64);
     }
 }

@@ -143,37 +143,9 @@ pub async fn forward(
     let _active = CountGuard(cluster);
     let (parts, body) = req.into_parts();
     let policy = &cluster.retry_policy;
-    let small = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|n| n <= MAX_RETRY_BODY)
-        || (body.is_end_stream() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
-    let mut body = if policy.num_retries > 0 && retry::is_idempotent(&parts.method) && small {
-        match tokio::time::timeout_at(
-            deadline,
-            Limited::new(body, MAX_RETRY_BODY as usize).collect(),
-        )
-        .await
-        {
-            Ok(Ok(c)) => ReqBody::Buffered(c.to_bytes()),
-            Ok(Err(_)) => {
-                return local_reply(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "could not read the request body",
-                );
-            }
-            Err(_) => {
-                return local_reply(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    "request body not received in time",
-                );
-            }
-        }
-    } else {
-        ReqBody::Streamed(Some(body))
+    let mut body = match request_body(cluster, &parts, body, deadline).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
     };
     let hash = cluster
         .config
@@ -201,16 +173,13 @@ pub async fn forward(
                 "request body already sent",
             );
         };
-        let up_req = match upstream_request(&parts, up_body, cluster.scheme, addr, request_id, peer)
-        {
-            Ok(r) => r,
-            Err(_) => {
-                return local_reply(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "request cannot be forwarded",
-                );
-            }
+        let Ok(up_req) = upstream_request(&parts, up_body, cluster.scheme, addr, request_id, peer)
+        else {
+            return local_reply(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "request cannot be forwarded",
+            );
         };
         let pending = match cluster.breaker.try_acquire(Resource::Pending) {
             Ok(p) => p,
@@ -218,31 +187,19 @@ pub async fn forward(
         };
         let result = tokio::time::timeout_at(deadline, cluster.client.request(up_req)).await;
         drop(pending);
-        let outcome = match &result {
-            Err(_) => AttemptOutcome::Timeout,
-            Ok(Ok(resp)) => AttemptOutcome::Status(resp.status().as_u16()),
-            Ok(Err(e)) if e.is_connect() => AttemptOutcome::ConnectFailure,
-            Ok(Err(_)) => AttemptOutcome::Reset,
-        };
-        let overflowed = matches!(&result, Ok(Err(e)) if is_overflow(e));
+        let (outcome, overflowed) = classify(&result);
         if !overflowed {
-            let failed = !matches!(outcome, AttemptOutcome::Status(s) if s < 500);
+            let ok = matches!(outcome, AttemptOutcome::Status(s) if s < 500);
             cluster.record_result(
                 addr,
-                if failed {
-                    RequestResult::Failure
-                } else {
+                if ok {
                     RequestResult::Success
+                } else {
+                    RequestResult::Failure
                 },
             );
         }
-        let upstream_outcome = match outcome {
-            AttemptOutcome::Status(s) => format!("{}xx", s / 100),
-            AttemptOutcome::ConnectFailure => "connect_failure".into(),
-            AttemptOutcome::Reset => "reset".into(),
-            AttemptOutcome::Timeout => "timeout".into(),
-        };
-        metrics::counter!("tidings_proxy_upstream_requests_total", "cluster" => cluster.name().to_string(), "host" => addr.to_string(), "outcome" => upstream_outcome).increment(1);
+        metrics::counter!("tidings_proxy_upstream_requests_total", "cluster" => cluster.name().to_string(), "host" => addr.to_string(), "outcome" => outcome_label(outcome)).increment(1);
         if !overflowed
             && body.replayable()
             && retry::should_retry(policy, &parts.method, outcome, out.attempts - 1)
@@ -251,8 +208,7 @@ pub async fn forward(
                 let wait = retry::backoff(policy, out.attempts, &mut rand::rng());
                 if Instant::now() + wait < deadline {
                     metrics::counter!("tidings_proxy_retries_total", "cluster" => cluster.name().to_string()).increment(1);
-                    drop(result);
-                    drop(guard);
+                    drop((result, guard));
                     tokio::time::sleep(wait).await;
                     previous = Some(addr);
                     _retry_permit = Some(permit);
@@ -264,6 +220,7 @@ pub async fn forward(
             Ok(Ok(resp)) => {
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
+                cluster.active_requests.fetch_add(1, Ordering::AcqRel);
                 let guarded = Guarded {
                     inner: rb,
                     deadline: Box::pin(tokio::time::sleep_until(deadline)),
@@ -271,27 +228,10 @@ pub async fn forward(
                     _permit: req_permit,
                     _count: cluster.clone(),
                 };
-                cluster.active_requests.fetch_add(1, Ordering::AcqRel);
                 Response::from_parts(rp, guarded.boxed_unsync())
             }
             Ok(Err(_)) if overflowed => overflow(cluster, Resource::Connections, out),
-            Ok(Err(e)) if e.is_connect() => {
-                out.flag = Some("upstream_connect_failure");
-                local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream_connect_failure",
-                    "upstream connect error",
-                )
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, upstream = %addr, "upstream failed");
-                out.flag = Some("upstream_reset");
-                local_reply(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_reset",
-                    "upstream reset or sent an invalid response",
-                )
-            }
+            Ok(Err(e)) => failure_reply(&e, addr, out),
             Err(_) => {
                 out.flag = Some("upstream_timeout");
                 local_reply(
@@ -301,6 +241,95 @@ pub async fn forward(
                 )
             }
         };
+    }
+}
+
+type AttemptResult = Result<
+    Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+    tokio::time::error::Elapsed,
+>;
+
+/// How an attempt ended, and whether it never left because the connection limit was hit
+/// (which says nothing about the host, so outlier detection and retries ignore it).
+fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
+    match result {
+        Err(_) => (AttemptOutcome::Timeout, false),
+        Ok(Ok(resp)) => (AttemptOutcome::Status(resp.status().as_u16()), false),
+        Ok(Err(e)) if e.is_connect() => (AttemptOutcome::ConnectFailure, is_overflow(e)),
+        Ok(Err(_)) => (AttemptOutcome::Reset, false),
+    }
+}
+
+fn outcome_label(o: AttemptOutcome) -> &'static str {
+    match o {
+        AttemptOutcome::Status(100..=199) => "1xx",
+        AttemptOutcome::Status(200..=299) => "2xx",
+        AttemptOutcome::Status(300..=399) => "3xx",
+        AttemptOutcome::Status(400..=499) => "4xx",
+        AttemptOutcome::Status(_) => "5xx",
+        AttemptOutcome::ConnectFailure => "connect_failure",
+        AttemptOutcome::Reset => "reset",
+        AttemptOutcome::Timeout => "timeout",
+    }
+}
+
+fn failure_reply(
+    e: &hyper_util::client::legacy::Error,
+    addr: SocketAddr,
+    out: &mut Outcome,
+) -> Response<ProxyBody> {
+    tracing::debug!(error = %e, upstream = %addr, "upstream failed");
+    if e.is_connect() {
+        out.flag = Some("upstream_connect_failure");
+        local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_connect_failure",
+            "upstream connect error",
+        )
+    } else {
+        out.flag = Some("upstream_reset");
+        local_reply(
+            StatusCode::BAD_GATEWAY,
+            "upstream_reset",
+            "upstream reset or sent an invalid response",
+        )
+    }
+}
+
+/// Buffers small bodies of retryable requests so they can be sent again; everything else
+/// streams through with a single attempt.
+async fn request_body(
+    cluster: &Cluster,
+    parts: &Parts,
+    body: Incoming,
+    deadline: Instant,
+) -> Result<ReqBody, Response<ProxyBody>> {
+    let small = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|n| n <= MAX_RETRY_BODY)
+        || (body.is_end_stream() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
+    if cluster.retry_policy.num_retries == 0 || !retry::is_idempotent(&parts.method) || !small {
+        return Ok(ReqBody::Streamed(Some(body)));
+    }
+    match tokio::time::timeout_at(
+        deadline,
+        Limited::new(body, MAX_RETRY_BODY as usize).collect(),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(ReqBody::Buffered(c.to_bytes())),
+        Ok(Err(_)) => Err(local_reply(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "could not read the request body",
+        )),
+        Err(_) => Err(local_reply(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "request body not received in time",
+        )),
     }
 }
 

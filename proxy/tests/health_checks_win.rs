@@ -70,7 +70,7 @@ async fn endpoint_failing_checks_stops_receiving_traffic_within_interval_times_t
     .await;
     // interval 100 ms ± 10 % × threshold 2, plus scheduling slack.
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_secs(2),
         "took {:?}",
         started.elapsed()
     );

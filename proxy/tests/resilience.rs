@@ -373,10 +373,29 @@ async fn response_body_that_stalls_is_cut_at_the_route_timeout() {
     .expect("body ends");
     assert!(body.is_err(), "a truncated body must not look complete");
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );
     assert_eq!(p.admin("/live").await.0, 200);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_overflow_is_503_with_header() {
+    let a = Backend::start(1, Duration::ZERO).await;
+    let m = Membership::start(vec![Listed::up(a.addr)]).await;
+    let mut cfg = config(&m.url());
+    cfg.clusters[0].circuit_breakers.max_connections = 0;
+    let p = start(cfg).await;
+    // Health checks have their own connections, outside the breaker.
+    p.wait_routed(&[a.addr]).await;
+    let r = p.get("/").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(
+        r.headers.get("x-tidings-overflow").map(|v| v.as_bytes()),
+        Some(&b"connections"[..])
+    );
+    assert_eq!(a.hits(), 0);
     p.stop().await;
 }

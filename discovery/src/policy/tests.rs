@@ -197,3 +197,17 @@ fn blocking_wait_is_capped_and_jittered_by_a_sixteenth() {
     assert!(blocking_wait(Duration::from_secs(3600), max, 1.0) <= max + max / 16);
     assert_eq!(blocking_wait(Duration::ZERO, max, 0.7), Duration::ZERO);
 }
+
+#[test]
+fn startup_baseline_counts_the_fleet_as_last_seen() {
+    assert_eq!(startup_baseline(&[], TTL), 0);
+    // The newest check-in was an hour before the restart; two rows were live then, one had
+    // expired long before and is junk the sweeper had not reached.
+    let hour_ago = 10_000_000;
+    let rows = vec![
+        row(1, hour_ago),
+        row(2, hour_ago - 60_000),
+        row(3, hour_ago - 1_000_000),
+    ];
+    assert_eq!(startup_baseline(&rows, TTL), 2);
+}

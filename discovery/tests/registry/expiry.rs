@@ -66,6 +66,41 @@ async fn no_warming_when_the_store_already_had_rows() {
     assert_eq!(r.json()["warming"], false);
 }
 
+#[tokio::test]
+async fn a_restart_after_an_outage_longer_than_the_ttl_preserves_the_last_fleet() {
+    let store = Arc::new(FlakyStore::default());
+    let eps: Vec<_> = (0..10u8)
+        .map(|i| {
+            let ip = std::net::IpAddr::from([10, 0, 0, i]);
+            schema::Endpoint::new(
+                ServiceName::new("web").expect("name"),
+                ip,
+                std::num::NonZeroU16::new(80).expect("port"),
+            )
+        })
+        .collect();
+    // The fleet last checked in an hour before this registry starts.
+    store
+        .inner
+        .check_in(&eps, T0 - 3_600_000)
+        .await
+        .expect("ok");
+    let h = Harness::with_store(RegistryConfig::default(), store);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 10, "preserved from the first answer");
+    assert!(r.stale());
+    assert!(!r.warming());
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(rep.preserving);
+    assert_eq!((rep.baseline, rep.deleted), (10, 0));
+
+    fleet_check_in(&h, 0..10).await;
+    assert!(!h.registry.sweep_once().await.expect("sweep").preserving);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 10);
+    assert!(!r.stale());
+}
+
 async fn fleet_check_in(h: &Harness, hosts: std::ops::Range<u8>) {
     let endpoints: Vec<_> = hosts
         .map(|i| json!({"service": "web", "ip": format!("10.0.0.{i}"), "port": 80}))
