@@ -9,7 +9,7 @@ use thiserror::Error;
 
 /// The registry's configuration. Embed it as its own TOML table (`[registry]`); unknown keys
 /// are refused so a typo is an error, not a silently ignored setting.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
     /// An endpoint is live while `now - last_check_in < ttl` (three missed check-ins).
@@ -31,12 +31,17 @@ pub struct RegistryConfig {
     pub sweep_interval: Duration,
     /// At most this many expired rows are deleted per sweep: a bounded delete rate.
     pub sweep_max_per_pass: usize,
-    /// HMAC secret for write tokens (DESIGN.md §4.4). `None`: writes are open.
+    /// HMAC secret for write tokens (DESIGN.md §4.4). `None`: writes are open. Never
+    /// serialised or printed by `Debug`, so dumping the config cannot leak it.
+    #[serde(skip_serializing)]
     pub secret: Option<String>,
     /// Shown as `env` in v1 listings (lyft's `APPLICATION_ENV`).
     pub env: String,
     /// Largest accepted request body, bytes.
     pub body_limit: usize,
+    /// At most this many API requests (blocking queries and probes aside) are handled at
+    /// once; more are answered 429 with `Retry-After` instead of queueing into timeouts.
+    pub max_in_flight: usize,
     /// Every handler answers within this (blocking queries: within their wait plus this).
     #[serde(with = "duration")]
     pub handler_timeout: Duration,
@@ -79,6 +84,7 @@ impl Default for RegistryConfig {
             secret: None,
             env: "production".to_string(),
             body_limit: 64 * 1024,
+            max_in_flight: 4096,
             handler_timeout: Duration::from_secs(10),
             store_timeout: Duration::from_secs(3),
             max_wait: Duration::from_secs(5 * 60),
@@ -97,12 +103,30 @@ pub enum ConfigError {
     Zero { field: &'static str },
     #[error("registry.ttl ({ttl:?}) must be longer than registry.check_in_interval ({interval:?})")]
     TtlShorterThanInterval { ttl: Duration, interval: Duration },
+    #[error(
+        "registry.store_timeout ({store:?}) must be shorter than registry.handler_timeout ({handler:?}), \
+         or a slow store could never fall back to the cache"
+    )]
+    StoreTimeout { store: Duration, handler: Duration },
     #[error("registry.renewal_threshold must be within (0, 1], got {0}")]
     Threshold(String),
     #[error("registry.secret must not be empty (leave it out to disable auth)")]
     EmptySecret,
     #[error("registry.env must be 1-64 characters")]
     Env,
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every field but the secret, via the serialised form (which skips it).
+        let fields = serde_json::to_string(self).unwrap_or_default();
+        let secret = if self.secret.is_some() {
+            "<redacted>"
+        } else {
+            "none"
+        };
+        write!(f, "RegistryConfig {{ secret: {secret}, {fields} }}")
+    }
 }
 
 impl RegistryConfig {
@@ -127,6 +151,11 @@ impl RegistryConfig {
                 field: "sweep_max_per_pass",
             });
         }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::Zero {
+                field: "max_in_flight",
+            });
+        }
         if self.body_limit == 0 {
             return Err(ConfigError::Zero {
                 field: "body_limit",
@@ -136,6 +165,12 @@ impl RegistryConfig {
             return Err(ConfigError::TtlShorterThanInterval {
                 ttl: self.ttl,
                 interval: self.check_in_interval,
+            });
+        }
+        if self.store_timeout >= self.handler_timeout {
+            return Err(ConfigError::StoreTimeout {
+                store: self.store_timeout,
+                handler: self.handler_timeout,
             });
         }
         if !(self.renewal_threshold > 0.0 && self.renewal_threshold <= 1.0) {
@@ -223,6 +258,21 @@ mod tests {
         assert_eq!(cfg.env, "production");
         assert!(serde_json::from_str::<RegistryConfig>(r#"{"ttl": "soon"}"#).is_err());
         assert!(serde_json::from_str::<RegistryConfig>(r#"{"tll": "3m"}"#).is_err());
+    }
+
+    #[test]
+    fn the_secret_never_shows() {
+        let cfg = RegistryConfig {
+            secret: Some("hunter2-hunter2".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert!(
+            !serde_json::to_string(&cfg)
+                .expect("json")
+                .contains("hunter2")
+        );
+        assert!(format!("{cfg:?}").contains("\"ttl\":\"3m\""), "{cfg:?}");
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body exceeds the limit of {0} bytes")]
     TooLarge(usize),
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
     #[error("the store is unavailable: {message}")]
     Unavailable {
         message: String,
@@ -48,6 +50,7 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -62,6 +65,7 @@ impl ApiError {
             ApiError::NoRoute(_) => "route_not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::TooLarge(_) => "body_too_large",
+            ApiError::Overloaded => "overloaded",
             ApiError::Unavailable { .. } => "store_unavailable",
             ApiError::Timeout(_) => "timeout",
         }
@@ -88,7 +92,7 @@ impl IntoResponse for ApiError {
                 let secs = retry_after.as_secs().max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            ApiError::Timeout(_) => {
+            ApiError::Timeout(_) | ApiError::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             ApiError::Unauthorized(_) => {

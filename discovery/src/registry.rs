@@ -65,6 +65,7 @@ pub(crate) struct Inner {
     started_ms: u64,
     init: OnceCell<Init>,
     pub(crate) preservation: Mutex<Preservation>,
+    /// Mirrors `preservation.active()` so every read can check it without the lock.
     preserving: AtomicBool,
     changes: watch::Sender<u64>,
     cache: ReadCache,
@@ -132,7 +133,9 @@ impl Registry {
         };
         if let Err(e) = &res {
             self.inner.metrics.store_error(op);
-            tracing::warn!(op, error = %e, "store call failed");
+            // Debug, not warn: with the store down this fires on every request. The counter
+            // carries the rate, and the sweeper warns every pass while it lasts.
+            tracing::debug!(op, error = %e, "store call failed");
         }
         res
     }

@@ -2,6 +2,7 @@
 //! of them share — body limit, handler timeout, request metrics, the warm-up header — and
 //! JSON answers for unknown routes, wrong methods and unreadable requests.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -10,12 +11,13 @@ use axum::extract::{
     DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
 };
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
 
 use crate::errors::ApiError;
 use crate::registry::{Registry, View};
@@ -35,13 +37,25 @@ pub fn router(registry: Registry) -> Router {
     let blocking = Router::new()
         .route("/v2/services/{service}", get(routes_v2::service))
         .route("/v2/catalog", get(routes_v2::catalog))
-        .layer(middleware::from_fn_with_state(blocking_timeout, timeout));
-    let plain = Router::new()
+        .layer(middleware::from_fn_with_state(
+            Limits::timeout(blocking_timeout),
+            limit,
+        ));
+    // Probes and metrics are never shed: an overloaded registry must still say so.
+    let ops = Router::new()
         .route("/healthcheck", get(routes_ops::healthcheck))
         .route("/live", get(routes_ops::live))
         .route("/ready", get(routes_ops::ready))
         .route("/metrics", get(routes_ops::metrics))
         .route("/openapi.json", get(routes_ops::openapi))
+        .layer(middleware::from_fn_with_state(
+            Limits::timeout(cfg.handler_timeout),
+            limit,
+        ));
+    let in_flight = Some(Arc::new(Semaphore::new(
+        cfg.max_in_flight.min(Semaphore::MAX_PERMITS),
+    )));
+    let api = Router::new()
         .route(
             "/v1/registration/{service}",
             get(routes_v1::list).post(routes_v1::register),
@@ -66,14 +80,52 @@ pub fn router(registry: Registry) -> Router {
         )
         .route("/v2/checkin", post(routes_v2::checkin))
         .route("/v2/services", get(routes_v2::services))
-        .layer(middleware::from_fn_with_state(cfg.handler_timeout, timeout));
-    plain
+        .layer(middleware::from_fn_with_state(
+            Limits {
+                timeout: cfg.handler_timeout,
+                in_flight,
+            },
+            limit,
+        ));
+    api.merge(ops)
         .merge(blocking)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(registry.clone(), observe))
         .layer(DefaultBodyLimit::max(cfg.body_limit))
         .with_state(registry)
+}
+
+/// Per route group: how long a handler may take, and how many may run at once.
+#[derive(Debug, Clone)]
+struct Limits {
+    timeout: Duration,
+    in_flight: Option<Arc<Semaphore>>,
+}
+
+impl Limits {
+    fn timeout(timeout: Duration) -> Self {
+        Limits {
+            timeout,
+            in_flight: None,
+        }
+    }
+}
+
+/// Sheds load past `max_in_flight` with a 429 (rather than queueing into timeouts), and
+/// bounds every handler's time with a JSON 503.
+async fn limit(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+    let _permit = match &limits.in_flight {
+        Some(sem) => match sem.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => return ApiError::Overloaded.into_response(),
+        },
+        None => None,
+    };
+    match tokio::time::timeout(limits.timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Timeout(limits.timeout).into_response(),
+    }
 }
 
 async fn no_route(req: Request) -> ApiError {
@@ -84,14 +136,6 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// Every handler answers within `limit`, or 503 with a JSON error.
-async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError::Timeout(limit).into_response(),
-    }
-}
-
 /// Request metrics and the warm-up header, for every answer.
 async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -100,7 +144,17 @@ async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> 
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
-    let method = req.method().clone();
+    // Only standard methods become labels: any other token would grow the series unbounded.
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    };
     let mut resp = next.run(req).await;
     if registry.is_warming() {
         resp.headers_mut()
@@ -110,7 +164,7 @@ async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> 
     registry
         .inner
         .metrics
-        .request(&route, method.as_str(), resp.status().as_u16(), secs);
+        .request(&route, method, resp.status().as_u16(), secs);
     resp
 }
 

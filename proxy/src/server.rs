@@ -17,6 +17,7 @@ use rand::RngExt;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::Shared;
 use crate::config::ListenerConfig;
@@ -183,7 +184,13 @@ pub async fn handle(
             .iter()
             .find(|r| r.matches(host.as_deref(), &path));
         let mut resp = match route {
-            Some(route) => forward::forward(route, req, &rid, peer, &mut out).await,
+            Some(route) => {
+                // Everything logged while proxying (retries, ejections) carries the request id.
+                let span = tracing::debug_span!("request", request_id = rid.to_str().unwrap_or(""));
+                forward::forward(route, req, &rid, peer, &mut out)
+                    .instrument(span)
+                    .await
+            }
             None => {
                 out.flag = Some("no_route");
                 forward::local_reply(

@@ -279,3 +279,39 @@ async fn every_route_in_the_openapi_document_exists() {
     }
     assert!(checked >= 15);
 }
+
+#[tokio::test(start_paused = true)]
+async fn past_max_in_flight_the_api_sheds_with_429_but_probes_answer() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::with_config(RegistryConfig {
+        max_in_flight: 1,
+        ..Default::default()
+    });
+    h.register("web", "10.0.0.1", 80).await;
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 1);
+    h.clock.advance(std::time::Duration::from_secs(5));
+    h.store.hang.store(true, Ordering::SeqCst);
+    let stuck = tokio::spawn(crate::common::send(
+        h.app.clone(),
+        crate::common::get_req("/v1/registration/web"),
+    ));
+    // Bounded: yield until the first request holds the only slot.
+    let mut shed = None;
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+        let r = h.get("/v2/services").await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            shed = Some(r);
+            break;
+        }
+    }
+    let r = shed.expect("a second request is shed while the first holds the slot");
+    r.assert_error(429, "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(h.get("/live").await.status, StatusCode::OK);
+    assert_eq!(h.get("/healthcheck").await.status, StatusCode::OK);
+    h.store.hang.store(false, Ordering::SeqCst);
+    let first = stuck.await.expect("join");
+    assert!(first.stale(), "the stuck read timed out into the cache");
+    assert_eq!(h.get("/v2/services").await.status, StatusCode::OK);
+}

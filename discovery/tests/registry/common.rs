@@ -27,6 +27,8 @@ pub struct FlakyStore {
     pub inner: MemoryStore,
     pub failing: AtomicBool,
     pub slow: AtomicBool,
+    /// Every call hangs forever (a blackholed network path).
+    pub hang: AtomicBool,
     pub list_all_calls: AtomicUsize,
 }
 
@@ -35,7 +37,10 @@ impl FlakyStore {
         self.failing.store(on, Ordering::SeqCst);
     }
 
-    fn check(&self) -> Result<(), StoreError> {
+    async fn check(&self) -> Result<(), StoreError> {
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.failing.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable("injected failure".into()))
         } else {
@@ -51,11 +56,11 @@ impl Store for FlakyStore {
         endpoints: &[Endpoint],
         now_ms: u64,
     ) -> Result<CheckInOutcome, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.check_in(endpoints, now_ms).await
     }
     async fn list_service(&self, service: &ServiceName) -> Result<Vec<StoredEndpoint>, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.list_service(service).await
     }
     async fn list_all(&self) -> Result<Vec<StoredEndpoint>, StoreError> {
@@ -63,11 +68,11 @@ impl Store for FlakyStore {
         if self.slow.load(Ordering::SeqCst) {
             tokio::task::yield_now().await;
         }
-        self.check()?;
+        self.check().await?;
         self.inner.list_all().await
     }
     async fn list_repo(&self, repo: &str) -> Result<Vec<StoredEndpoint>, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.list_repo(repo).await
     }
     async fn deregister(
@@ -76,7 +81,7 @@ impl Store for FlakyStore {
         ip: IpAddr,
         port: Option<NonZeroU16>,
     ) -> Result<usize, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.deregister(service, ip, port).await
     }
     async fn set_weight(
@@ -85,11 +90,11 @@ impl Store for FlakyStore {
         ip: Option<IpAddr>,
         weight: Weight,
     ) -> Result<usize, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.set_weight(service, ip, weight).await
     }
     async fn delete_expired(&self, cutoff_ms: u64, max: usize) -> Result<usize, StoreError> {
-        self.check()?;
+        self.check().await?;
         self.inner.delete_expired(cutoff_ms, max).await
     }
 }

@@ -251,3 +251,42 @@ impl Harness {
         Duration::from_millis(self.clock.now_ms() - T0)
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_store_times_out_into_503_and_stale_reads() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new();
+    h.register("web", "10.0.0.1", 80).await;
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 1);
+    h.store.hang.store(true, Ordering::SeqCst);
+    h.clock.advance(Duration::from_secs(5));
+    let start = tokio::time::Instant::now();
+    h.post_form("/v1/registration/web", "ip=10.0.0.1&port=80")
+        .await
+        .assert_error(503, "store_unavailable");
+    assert_eq!(start.elapsed(), h.registry.config().store_timeout);
+    let r = h.get("/v1/registration/web").await;
+    assert!(r.stale());
+    assert_eq!(r.hosts().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_timeout_is_a_json_503() {
+    use std::sync::atomic::Ordering;
+    let cfg = RegistryConfig {
+        handler_timeout: Duration::from_millis(1500),
+        store_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let h = Harness::with_config(cfg);
+    h.store.hang.store(true, Ordering::SeqCst);
+    // Two store calls of 1 s each (the start-up look at the store, then the write) outlast
+    // the handler's own limit, which answers.
+    let start = tokio::time::Instant::now();
+    let r = h
+        .post_form("/v1/registration/web", "ip=10.0.0.1&port=80")
+        .await;
+    r.assert_error(503, "timeout");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(start.elapsed(), Duration::from_millis(1500));
+}

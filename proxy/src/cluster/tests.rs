@@ -200,3 +200,68 @@ async fn outlier_ejection_takes_a_host_out_of_rotation() {
         .expect("host");
     assert!(h.ejected);
 }
+
+#[tokio::test(start_paused = true)]
+async fn checker_runs_the_first_check_at_once_then_every_interval_with_jitter() {
+    let mut cfg = ClusterConfig {
+        name: "c".into(),
+        service: "svc".into(),
+        ..ClusterConfig::default()
+    };
+    cfg.health_check.kind = HealthCheckKind::Tcp;
+    let connector = Connector::new(Duration::from_secs(1), None, None);
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let c = Cluster::new(
+        cfg,
+        None,
+        CircuitBreaker::default(),
+        client(connector.clone(), false),
+        client(connector, false),
+        false,
+        tracker.clone(),
+        stop.clone(),
+    );
+    // Nothing listens on port 1: every check fails fast (refused, or the 1 s timeout).
+    let dead = SocketAddr::from(([127, 0, 0, 1], 1));
+    let start = tokio::time::Instant::now();
+    c.apply_listing(
+        vec![ListedHost {
+            addr: dead,
+            weight: 1,
+            zone: None,
+            canary: false,
+            draining: false,
+        }],
+        None,
+        false,
+    );
+    let checks = |c: &Cluster| {
+        c.snapshot()
+            .hosts
+            .first()
+            .map(|h| h.health_checks)
+            .unwrap_or(0)
+    };
+    for _ in 0..200 {
+        if checks(&c) >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(checks(&c), 1, "first check ran at once");
+    assert!(start.elapsed() < Duration::from_millis(4_500));
+    assert_eq!(c.snapshot().hosts[0].health, HealthStatus::Unhealthy);
+    // The next check is due 5 s ± 10 % after the first one finished.
+    tokio::time::sleep_until(start + Duration::from_millis(4_400)).await;
+    assert_eq!(checks(&c), 1, "no check before interval - 10 %");
+    tokio::time::sleep_until(start + Duration::from_millis(6_700)).await;
+    assert_eq!(
+        checks(&c),
+        2,
+        "second check within interval + 10 % (+ the 1 s timeout)"
+    );
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
