@@ -33,6 +33,7 @@ use aws_sdk_dynamodb::config::retry::RetryConfig;
 use aws_sdk_dynamodb::config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_sdk_dynamodb::types::ReturnValue;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use futures_util::StreamExt;
 use schema::{Endpoint, ServiceName, Weight};
 
@@ -93,7 +94,13 @@ impl DynamoStore {
             .operation_attempt_timeout(retry::ATTEMPT_TIMEOUT)
             .operation_timeout(retry::ATTEMPT_TIMEOUT)
             .build();
+        // rustls on ring, not the SDK's default aws-lc-rs: the same TLS to AWS (native roots)
+        // without a large C build. Used for DynamoDB and the credential providers alike.
+        let https = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
+            .build_https();
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(https)
             .timeout_config(timeouts)
             .retry_config(RetryConfig::disabled());
         match (&cfg.region, &cfg.endpoint) {

@@ -76,6 +76,7 @@ pub struct Node {
     recently_down: BTreeMap<SocketAddr, u64>,
     pub(crate) seq: u64,
     now_ms: u64,
+    started_ms: u64,
     sized_for: u32,
     pub(crate) membership_changes: u64,
     metrics: Arc<Metrics>,
@@ -110,6 +111,7 @@ impl Node {
             recently_down: BTreeMap::new(),
             seq: 0,
             now_ms: 0,
+            started_ms: 0,
             sized_for: 1,
             membership_changes: 0,
             metrics: Arc::new(Metrics::default()),
@@ -137,6 +139,7 @@ impl Node {
     /// Schedules the node's own timers and announces to the seeds.
     pub fn start(&mut self, now_ms: u64) {
         self.set_now(now_ms);
+        self.started_ms = now_ms;
         let jitter = self.rng.random_range(0..self.cfg.repair_interval_ms.max(1));
         self.schedule(Duration::from_millis(jitter), Timer::Repair);
         self.schedule(self.cfg.probe_period(), Timer::Housekeeping);
@@ -244,7 +247,13 @@ impl Node {
         {
             tracing::debug!(%from, error = %e, "announce to returning member failed");
         }
-        let req = repair::on_digest(&mut lock(&self.store), self.me.addr, from, digest);
+        // The exchange is symmetric for down verdicts and tombstone evidence; only the side
+        // that received the first digest starts a repair, so a mismatch costs one exchange.
+        if !digest.reply {
+            self.digest_to(from, true);
+        }
+        let req = repair::on_digest(&mut lock(&self.store), self.me.addr, from, digest)
+            .filter(|_| !digest.reply);
         match req {
             Some(req) => {
                 if let Some(frame) = self.seal_frame(&RepairFrame::Request(req)) {
@@ -320,10 +329,13 @@ impl Node {
 
     /// A few rows learned by repair are news to the rest of our side too (typically after a
     /// partition heals): queue them as broadcasts, so the epidemic spreads them in about a
-    /// second instead of repair doing it pairwise over several periods. Large catch-ups (a
-    /// new node) are not re-broadcast: everyone else already has those rows.
+    /// second instead of repair doing it pairwise over several periods. Catch-ups (more
+    /// than `REBROADCAST_MAX` rows, or a node in its first two repair periods) are not
+    /// re-broadcast: everyone else already has those rows.
     fn rebroadcast(&mut self, rows: &[Row]) {
-        if rows.is_empty() || rows.len() > REBROADCAST_MAX {
+        // A node in its first repair periods is catching up on old news: don't re-spread it.
+        let catching_up = self.now_ms < self.started_ms + 2 * self.cfg.repair_interval_ms;
+        if catching_up || rows.is_empty() || rows.len() > REBROADCAST_MAX {
             return;
         }
         let mut queued = false;
@@ -379,8 +391,13 @@ impl Node {
             return;
         }
         let peer = peers[self.rng.random_range(0..peers.len())];
+        self.digest_to(peer, false);
+    }
+
+    fn digest_to(&mut self, peer: SocketAddr, reply: bool) {
         let mut digest = Digest::of(&lock(&self.store));
         digest.down = self.down_sample();
+        digest.reply = reply;
         if let Ok(body) = codec::encode_packet(&digest) {
             self.send_plain(peer, PacketKind::Digest, &body);
         }
@@ -452,9 +469,7 @@ impl Node {
         if self.swim.num_members() == 0 {
             self.announce_to_seeds();
         }
-        if std::env::var_os("NO_ARD").is_none() {
-            self.announce_to_recently_down();
-        }
+        self.announce_to_recently_down();
     }
 
     /// memberlist's "gossip to the dead", for foca: after a partition heals both halves hold

@@ -34,6 +34,8 @@ pub const DIGEST_MAX_DOWN: usize = 8;
 pub struct Digest {
     pub buckets: Vec<u64>,
     pub down: Vec<NodeId>,
+    /// An answer to a peer's digest (answers are not answered).
+    pub reply: bool,
 }
 
 fn owner_bucket(owner: &SocketAddr) -> usize {
@@ -76,6 +78,7 @@ impl Digest {
         Digest {
             buckets,
             down: Vec::new(),
+            reply: false,
         }
     }
 

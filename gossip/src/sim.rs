@@ -457,24 +457,6 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
             .all(|i| !s.nodes[i].sees_row(&addr_of(victim), &victim_key))
     });
 
-    if t_hidden.is_none() && std::env::var_os("SIMDBG").is_some() {
-        for i in
-            (0..n).filter(|&i| sim.alive[i] && sim.nodes[i].sees_row(&addr_of(victim), &victim_key))
-        {
-            eprintln!(
-                "node {i} sees victim {:?}; me {:?} active {}",
-                sim.nodes[i].members.get(&addr_of(victim)),
-                sim.nodes[i].id(),
-                sim.nodes[i].members.values().filter(|m| m.active).count()
-            );
-            for j in 0..3 {
-                eprintln!(
-                    "  node {j} thinks {:?}",
-                    sim.nodes[j].members.get(&addr_of(victim))
-                );
-            }
-        }
-    }
     // Partition in two halves, a write on each side, heal.
     let mut t_heal = None;
     let mut t_members = None;

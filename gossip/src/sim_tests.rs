@@ -171,23 +171,3 @@ fn thousand_nodes() {
         println!("{r}\n");
     }
 }
-
-#[test]
-#[ignore]
-fn debug_seeds() {
-    for seed in 1..7 {
-        let r = simulate(SimConfig {
-            nodes: 100,
-            loss: 0.25,
-            seed,
-            warmup_ms: 10_000,
-            steady_ms: 2_000,
-            phase_timeout_ms: 30_000,
-            ..Default::default()
-        });
-        println!(
-            "seed {seed}: all {:?} hidden {:?} fd {}",
-            r.secs_to_all, r.secs_dead_hidden, r.false_down_verdicts
-        );
-    }
-}

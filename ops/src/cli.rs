@@ -51,8 +51,9 @@ pub enum Command {
     /// Load generators for the benchmarks in ops/bench/ (loopback targets only).
     #[command(hide = true)]
     Bench(BenchArgs),
-    /// The whole system on loopback in one command (arrives with the demo issue).
-    Demo,
+    /// The whole system on loopback in one command: registry, agents, backends, a proxy,
+    /// traffic, then a registry SIGKILL, a backend kill and a registry restart.
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ mod agent_cmd;
 mod bench;
 mod checkin;
 mod cli;
+mod demo;
 mod gossip_cmd;
 mod proxy_cmd;
 mod registry;
@@ -22,10 +23,11 @@ pub const EXIT_USAGE: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, cli.log_level.as_deref());
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli.command {
+        Command::Proxy(args) => args.worker_threads.map(usize::from),
+        _ => None,
+    };
+    let runtime = match runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tidings: cannot start the async runtime: {e}");
@@ -42,12 +44,16 @@ fn main() -> ExitCode {
             Command::Proxy(args) => proxy_cmd::main(args).await,
             Command::Gossip(cmd) => gossip_cmd::main(cmd).await,
             Command::Bench(args) => bench::main(args).await,
-            Command::Demo => {
-                eprintln!(
-                    "tidings demo: not yet — the demo lands with the agent and proxy (issue 7)"
-                );
-                ExitCode::from(EXIT_USAGE)
-            }
+            Command::Demo(args) => demo::main(args).await,
         }
     })
+}
+
+/// The one multi-threaded runtime; `threads` sizes it (default: one worker per CPU).
+fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
 }

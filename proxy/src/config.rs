@@ -1,6 +1,6 @@
 //! The proxy's configuration (DESIGN.md §6.1): one serde struct, loaded from TOML with
 //! defaults for everything but the routes and clusters, then checked by [`ProxyConfig::validate`].
-//! `proxy/example.toml` shows every key.
+//! `ops/deploy/proxy.toml` shows every key (its test is in `config/tests.rs`).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -309,14 +309,17 @@ pub struct UpstreamTlsConfig {
 impl ProxyConfig {
     /// Parses TOML; unknown keys are errors so that typos do not silently fall back to defaults.
     pub fn from_toml(text: &str) -> Result<Self, ProxyError> {
-        toml::from_str(text).map_err(|e| ProxyError::Config(e.to_string()))
+        toml::from_str(text).map_err(|e| ProxyError::Config(one_line(text, &e)))
     }
 
     /// Reads and parses a TOML file (not yet validated).
     pub fn from_file(path: &std::path::Path) -> Result<Self, ProxyError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ProxyError::Config(format!("reading {}: {e}", path.display())))?;
-        Self::from_toml(&text)
+        Self::from_toml(&text).map_err(|e| match e {
+            ProxyError::Config(m) => ProxyError::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
     }
 
     /// Checks everything that can be checked without touching the network or files.
@@ -365,6 +368,20 @@ impl ProxyConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// toml's own message spans several lines with a source excerpt; operators get one line.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
     }
 }
 

@@ -222,7 +222,7 @@ impl Proxy {
         let traffic = CancellationToken::new();
         let servers = TaskTracker::new();
         for ((socket, cfg, acceptor), addr) in listeners.into_iter().zip(&listen_addrs) {
-            tracing::info!(address = %addr, tls = acceptor.is_some(), "proxy listening");
+            tracing::debug!(%addr, tls = acceptor.is_some(), "serving listener");
             servers.spawn(server::serve(
                 socket,
                 cfg,
@@ -232,7 +232,7 @@ impl Proxy {
                 drain,
             ));
         }
-        tracing::info!(address = %admin_addr, "proxy admin listening");
+        tracing::debug!(addr = %admin_addr, "serving admin");
         let admin_stop = CancellationToken::new();
         servers.spawn(serve_admin(admin, shared.clone(), admin_stop.clone()));
         servers.close();

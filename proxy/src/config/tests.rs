@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::*;
 
-const EXAMPLE: &str = include_str!("../../example.toml");
+const EXAMPLE: &str = include_str!("../../../ops/deploy/proxy.toml");
 
 #[test]
 fn example_parses_validates_and_equals_the_defaults() {

@@ -1,0 +1,316 @@
+//! The merged view the local API serves (DESIGN.md §5.3), as a sans-IO [`Merger`]: gossip's
+//! view (live owned rows ∪ registry snapshots, already merged by the `gossip` crate) plus
+//! what the disk cache held at start, until live data covers it. Time is passed in.
+//!
+//! Cache rules: an entry loaded from disk is served until live data replaces it —
+//! - any entry, as soon as gossip's view has the same key;
+//! - a registry-snapshot entry, when gossip holds a snapshot of its service at least as new;
+//! - an owned-row entry, when its owner has been alive in SWIM for `settle` (repair has then
+//!   brought the owner's current rows), when SWIM declares it down, or when it was our own.
+//!
+//! Provenance of a host (and the `X-Tidings-Source` rule): `registry` when the registry's
+//! newest snapshot of the service lists it (even if an owned row overrides its fields);
+//! `gossip` when only a live owned row has it (e.g. it joined while the registry was down);
+//! `cache` when only the disk cache has it. An answer's source is its weakest host's
+//! (`cache` < `gossip` < `registry`); an empty answer takes the view's fallback.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use gossip::{GossipView, Source};
+use schema::{Endpoint, EndpointKey, ServiceName};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Where a host of an answer is known from, strongest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Provenance {
+    Registry,
+    Gossip,
+    Cache,
+}
+
+impl Provenance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provenance::Registry => "registry",
+            Provenance::Gossip => "gossip",
+            Provenance::Cache => "cache",
+        }
+    }
+}
+
+/// Where a cached entry originally came from; decides when live data supersedes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Origin {
+    Row { owner: SocketAddr },
+    Registry { generated_at_ms: u64 },
+}
+
+/// One host as the disk cache stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedHost {
+    pub endpoint: Endpoint,
+    pub origin: Origin,
+    pub last_check_in_ms: u64,
+}
+
+/// One host of the merged view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub endpoint: Endpoint,
+    pub provenance: Provenance,
+    /// Registry clock when the registry lists it; else when this agent first saw it.
+    pub last_check_in_ms: u64,
+    pub origin: Origin,
+}
+
+impl Host {
+    pub fn to_cached(&self) -> CachedHost {
+        CachedHost {
+            endpoint: self.endpoint.clone(),
+            origin: self.origin,
+            last_check_in_ms: self.last_check_in_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceHosts {
+    pub hosts: Vec<Host>,
+    /// Content hash of the hosts' endpoints: moves only when they change.
+    pub index: u64,
+}
+
+/// A published state of the view. Immutable; the API reads it through a watch channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedView {
+    services: BTreeMap<ServiceName, ServiceHosts>,
+    index: u64,
+    fallback: Provenance,
+}
+
+impl Default for MergedView {
+    fn default() -> Self {
+        MergedView {
+            services: BTreeMap::new(),
+            index: content_index(std::iter::empty()),
+            fallback: Provenance::Gossip,
+        }
+    }
+}
+
+impl MergedView {
+    pub fn hosts(&self, service: &ServiceName) -> &[Host] {
+        self.services.get(service).map_or(&[], |s| &s.hosts)
+    }
+
+    /// The index of one service (the empty-list index for an unknown one).
+    pub fn service_index(&self, service: &ServiceName) -> u64 {
+        self.services
+            .get(service)
+            .map_or_else(|| content_index(std::iter::empty()), |s| s.index)
+    }
+
+    /// The index of the whole view.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &ServiceHosts)> {
+        self.services.iter()
+    }
+
+    pub fn all_hosts(&self) -> impl Iterator<Item = &Host> {
+        self.services.values().flat_map(|s| s.hosts.iter())
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.values().map(|s| s.hosts.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The source of an answer made of `hosts`: the weakest provenance among them.
+    pub fn source_of<'a>(&self, hosts: impl IntoIterator<Item = &'a Host>) -> Provenance {
+        hosts
+            .into_iter()
+            .map(|h| h.provenance)
+            .max()
+            .unwrap_or(self.fallback)
+    }
+}
+
+/// Hash of endpoints in key order: the blocking-query index. Equal content, equal index, so
+/// a plain re-check-in or a source change wakes no watcher.
+fn content_index<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> u64 {
+    let mut h = Sha256::new();
+    for ep in endpoints {
+        h.update(schema::codec::encode_file(ep).unwrap_or_default());
+    }
+    let d = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    // Keep it within JSON's exact integer range, so any client can pass it back unchanged.
+    u64::from_be_bytes(first) >> 11
+}
+
+/// The merge state: cache entries not yet superseded, and when each member came alive.
+#[derive(Debug, Clone)]
+pub struct Merger {
+    me: SocketAddr,
+    settle_ms: u64,
+    cache: BTreeMap<EndpointKey, CachedHost>,
+    alive_since: BTreeMap<SocketAddr, u64>,
+    first_seen: BTreeMap<EndpointKey, u64>,
+}
+
+impl Merger {
+    /// `me` is this agent's gossip address: cached rows it owned are dropped at once (the
+    /// agent republishes what it serves now).
+    pub fn new(me: SocketAddr, settle_ms: u64, cached: Vec<CachedHost>) -> Self {
+        let cache = cached
+            .into_iter()
+            .filter(|c| c.origin != Origin::Row { owner: me })
+            .map(|c| (c.endpoint.key(), c))
+            .collect();
+        Merger {
+            me,
+            settle_ms,
+            cache,
+            alive_since: BTreeMap::new(),
+            first_seen: BTreeMap::new(),
+        }
+    }
+
+    /// How many cache entries are still served.
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Merges gossip's view with what is left of the cache at `now_ms`.
+    pub fn merge(&mut self, gossip: &GossipView, now_ms: u64) -> MergedView {
+        let mut down = BTreeSet::new();
+        for m in &gossip.members {
+            if m.active {
+                self.alive_since.entry(m.id.addr).or_insert(now_ms);
+            } else {
+                self.alive_since.remove(&m.id.addr);
+                down.insert(m.id.addr);
+            }
+        }
+        let known: BTreeSet<SocketAddr> = gossip.members.iter().map(|m| m.id.addr).collect();
+        self.alive_since.retain(|a, _| known.contains(a));
+
+        // Newest registry snapshot per service: its time and what it lists.
+        let snaps: BTreeMap<&ServiceName, (u64, BTreeMap<EndpointKey, u64>)> = gossip
+            .snapshots
+            .iter()
+            .map(|s| {
+                let keys = s
+                    .entries
+                    .iter()
+                    .map(|e| (e.endpoint.key(), e.last_check_in_ms))
+                    .collect();
+                (&s.service, (s.generated_at_ms, keys))
+            })
+            .collect();
+        let live: BTreeSet<EndpointKey> = gossip.endpoints.iter().map(|e| e.endpoint.key()).collect();
+        let settled = |owner: &SocketAddr| {
+            self.alive_since
+                .get(owner)
+                .is_some_and(|since| now_ms.saturating_sub(*since) >= self.settle_ms)
+        };
+        let me = self.me;
+        self.cache.retain(|key, c| {
+            if live.contains(key) {
+                return false;
+            }
+            match c.origin {
+                Origin::Registry { generated_at_ms } => snaps
+                    .get(&key.service)
+                    .is_none_or(|(at, _)| *at < generated_at_ms),
+                Origin::Row { owner } => owner != me && !down.contains(&owner) && !settled(&owner),
+            }
+        });
+
+        let mut hosts: Vec<Host> = Vec::with_capacity(gossip.endpoints.len() + self.cache.len());
+        for entry in &gossip.endpoints {
+            let key = entry.endpoint.key();
+            let listed = snaps
+                .get(&key.service)
+                .and_then(|(at, keys)| keys.get(&key).map(|lci| (*at, *lci)));
+            let seen = *self.first_seen.entry(key).or_insert(now_ms);
+            let host = match (&entry.source, listed) {
+                (
+                    Source::Registry {
+                        generated_at_ms,
+                        last_check_in_ms,
+                    },
+                    _,
+                ) => Host {
+                    endpoint: entry.endpoint.clone(),
+                    provenance: Provenance::Registry,
+                    last_check_in_ms: *last_check_in_ms,
+                    origin: Origin::Registry {
+                        generated_at_ms: *generated_at_ms,
+                    },
+                },
+                // The registry lists it too: confirmed; cache it as registry data, which is
+                // kept until a newer snapshot (fail static), unlike a row of a dead owner.
+                (Source::Gossip { .. }, Some((generated_at_ms, lci))) => Host {
+                    endpoint: entry.endpoint.clone(),
+                    provenance: Provenance::Registry,
+                    last_check_in_ms: lci,
+                    origin: Origin::Registry { generated_at_ms },
+                },
+                (Source::Gossip { owner }, None) => Host {
+                    endpoint: entry.endpoint.clone(),
+                    provenance: Provenance::Gossip,
+                    last_check_in_ms: seen,
+                    origin: Origin::Row { owner: *owner },
+                },
+            };
+            hosts.push(host);
+        }
+        self.first_seen.retain(|k, _| live.contains(k));
+        hosts.extend(self.cache.values().map(|c| Host {
+            endpoint: c.endpoint.clone(),
+            provenance: Provenance::Cache,
+            last_check_in_ms: c.last_check_in_ms,
+            origin: c.origin,
+        }));
+
+        let mut services: BTreeMap<ServiceName, ServiceHosts> = BTreeMap::new();
+        for h in hosts {
+            services
+                .entry(h.endpoint.service.clone())
+                .or_default()
+                .hosts
+                .push(h);
+        }
+        for s in services.values_mut() {
+            s.hosts.sort_by_key(|h| h.endpoint.key());
+            s.index = content_index(s.hosts.iter().map(|h| &h.endpoint));
+        }
+        let index = content_index(services.values().flat_map(|s| s.hosts.iter().map(|h| &h.endpoint)));
+        let fallback = if !self.cache.is_empty() {
+            Provenance::Cache
+        } else if gossip.snapshots.is_empty() {
+            Provenance::Gossip
+        } else {
+            Provenance::Registry
+        };
+        MergedView {
+            services,
+            index,
+            fallback,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "view_tests.rs"]
+mod tests;

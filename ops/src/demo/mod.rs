@@ -1,0 +1,479 @@
+//! `tidings demo`: the whole system on loopback in one command (DESIGN.md §7).
+//!
+//! A registry (memory store), N hosts (each an agent plus two backend services on its own
+//! 127.0.0.x address) and a proxy; steady traffic through the proxy and lookups against every
+//! agent; then the chaos: SIGKILL the registry, kill a backend, bring the registry back empty.
+//! It exits 0 only if no request and no lookup failed while the registry was down.
+
+mod backends;
+mod procs;
+mod traffic;
+mod view;
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::parse_duration;
+use backends::Backend;
+use procs::Proc;
+use traffic::Stats;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long the scripted run lasts (traffic, registry kill, backend kill, restart).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub duration: Duration,
+    /// Hosts, each with an agent and two backend services (2-40).
+    #[arg(long, default_value_t = 4)]
+    pub hosts: usize,
+    /// Requests per second through the proxy.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// Print the final summary as JSON (and no live view).
+    #[arg(long)]
+    pub json: bool,
+}
+
+const SERVICES: [&str; 2] = ["web", "api"];
+/// Short on purpose so the demo shows a whole check-in cycle in seconds.
+const CHECK_IN: &str = "2s";
+
+fn host_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 11 + u8::try_from(i).unwrap_or(0)))
+}
+
+pub async fn main(args: DemoArgs) -> ExitCode {
+    if !(2..=40).contains(&args.hosts)
+        || args.duration < Duration::from_secs(10)
+        || args.rate == 0
+        || args.rate > 5000
+    {
+        eprintln!("tidings demo: --hosts must be 2-40, --duration at least 10s, --rate 1-5000");
+        return ExitCode::from(crate::EXIT_USAGE);
+    }
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tidings demo: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    registry: Proc,
+    registry_addr: std::net::SocketAddr,
+    /// Held, not read: the agent processes live (kill_on_drop) as long as the demo does.
+    _agents: Vec<Proc>,
+    agent_apis: Vec<String>,
+    backends: Vec<Backend>,
+    proxy: Proc,
+    proxy_addr: String,
+    admin_addr: String,
+}
+
+async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
+    let dir = tempfile::tempdir()?;
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let registry = Proc::start(
+        "registry",
+        &strings(&[
+            "registry",
+            "--listen",
+            "127.0.0.2:0",
+            "--ttl",
+            "10s",
+            "--check-in-interval",
+            CHECK_IN,
+        ]),
+        1,
+        log("registry"),
+    )
+    .await?;
+    let registry_addr = registry.addr("registry")?;
+    say(&format!(
+        "registry (memory store) listening on {registry_addr}"
+    ));
+
+    let key_file = dir.path().join("gossip.key");
+    std::fs::write(&key_file, gossip::generate_key())?;
+    let mut backends = Vec::new();
+    let mut agents: Vec<Proc> = Vec::new();
+    let mut agent_apis = Vec::new();
+    let mut seed: Option<String> = None;
+    for i in 0..args.hosts {
+        let ip = host_ip(i);
+        let mut a = strings(&["agent", "--registry", &format!("http://{registry_addr}")]);
+        a.extend(strings(&[
+            "--api",
+            &format!("{ip}:0"),
+            "--gossip",
+            &format!("{ip}:0"),
+        ]));
+        a.extend(strings(&[
+            "--data-dir",
+            &dir.path().join(format!("agent-{i}")).to_string_lossy(),
+        ]));
+        a.extend(strings(&[
+            "--gossip-key-file",
+            &key_file.to_string_lossy(),
+            "--check-in-interval",
+            CHECK_IN,
+        ]));
+        a.extend(strings(&["--zone", &format!("zone-{}", i % 2)]));
+        for svc in SERVICES {
+            let b = Backend::start(svc, i, ip).await?;
+            a.extend(strings(&[
+                "--endpoint",
+                &format!("{svc}:{}@{ip}", b.addr.port()),
+            ]));
+            backends.push(b);
+        }
+        if let Some(s) = &seed {
+            a.extend(strings(&["--join", s]));
+        }
+        let agent = Proc::start(&format!("agent-{i}"), &a, 2, log(&format!("agent-{i}"))).await?;
+        let api = agent.addr("api")?.to_string();
+        if seed.is_none() {
+            seed = Some(agent.addr("gossip")?.to_string());
+        }
+        say(&format!(
+            "host-{i} on {ip}: agent api {api}, backends web+api"
+        ));
+        agent_apis.push(api);
+        agents.push(agent);
+    }
+
+    let mut p = strings(&["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    p.extend(strings(&[
+        "--agent",
+        &format!("http://{}", agent_apis[0]),
+        "--health-interval",
+        "1s",
+        "--zone",
+        "zone-0",
+    ]));
+    for svc in SERVICES {
+        p.extend(strings(&["--route", svc]));
+    }
+    let proxy = Proc::start("proxy", &p, 2, log("proxy")).await?;
+    let admin_addr = proxy.addr("admin")?.to_string();
+    let proxy_addr = proxy
+        .addrs
+        .iter()
+        .find(|(m, _)| !m.contains("admin"))
+        .map(|(_, a)| a.to_string())
+        .context("the proxy reported no listener")?;
+    say(&format!(
+        "proxy listening on {proxy_addr}, admin on {admin_addr}"
+    ));
+    Ok(Cluster {
+        dir,
+        registry,
+        registry_addr,
+        _agents: agents,
+        agent_apis,
+        backends,
+        proxy,
+        proxy_addr,
+        admin_addr,
+    })
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// Waits until the proxy routes to every backend (gossip and checks have settled).
+async fn settle(c: &Cluster, expected: usize) -> Result<()> {
+    let client = traffic::client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let hosts = view::proxy_hosts(&client, &c.admin_addr).await;
+        if hosts.iter().filter(|h| h.decision == "route").count() >= expected {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!(
+        "the proxy did not see all {expected} backends healthy within 60 s (logs in {})",
+        c.dir.path().display()
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Steady,
+    RegistryKilled,
+    BackendKilled,
+    RegistryBack,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Steady => "steady traffic",
+            Phase::RegistryKilled => "registry SIGKILLed: lookups and traffic must go on",
+            Phase::BackendKilled => "backend killed: health checks take it out",
+            Phase::RegistryBack => "registry restarted empty: repopulating from check-ins",
+        }
+    }
+}
+
+async fn run(args: DemoArgs) -> Result<bool> {
+    let live = !args.json && std::io::stdout().is_terminal();
+    let quiet = args.json;
+    let say = |m: &str| {
+        if !quiet {
+            println!("{m}");
+        }
+    };
+    let mut c = start(&args, &say).await?;
+    let services: Vec<String> = SERVICES.iter().map(|s| s.to_string()).collect();
+    settle(&c, args.hosts * SERVICES.len()).await?;
+    say("all backends routable; starting traffic");
+
+    let stats = Arc::new(Stats::default());
+    let stop = CancellationToken::new();
+    let start_at = Instant::now();
+    let deadline = start_at + args.duration;
+    let driver = tokio::spawn(traffic::drive(
+        c.proxy_addr.clone(),
+        services.clone(),
+        args.rate,
+        deadline,
+        stats.clone(),
+        stop.clone(),
+    ));
+    let looker = tokio::spawn(traffic::lookups(
+        c.agent_apis.clone(),
+        services.clone(),
+        deadline,
+        stats.clone(),
+        stop.clone(),
+    ));
+
+    let at = |share: f64| args.duration.mul_f64(share);
+    let (mut phase, mut events) = (Phase::Steady, Vec::<String>::new());
+    let mut down_since: Option<Instant> = None;
+    let mut downtime = Duration::ZERO;
+    let mut back_at: Option<Instant> = None;
+    let mut repopulated: Option<Duration> = None;
+    let client = traffic::client();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let expected_endpoints = args.hosts * SERVICES.len();
+    let killed_backend = c.backends.len() - 2; // the last host's web service
+
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let elapsed = start_at.elapsed();
+        let note = |e: String, events: &mut Vec<String>| {
+            let line = format!("[{:>3}s] {e}", elapsed.as_secs());
+            if !live && !quiet {
+                println!("{line}");
+            }
+            events.push(line);
+        };
+        if phase == Phase::Steady && elapsed >= at(0.15) {
+            c.registry.kill().await;
+            stats.registry_down.store(true, Ordering::Relaxed);
+            down_since = Some(Instant::now());
+            phase = Phase::RegistryKilled;
+            note("SIGKILL registry".into(), &mut events);
+        } else if phase == Phase::RegistryKilled && elapsed >= at(0.35) {
+            let b = &c.backends[killed_backend];
+            b.kill();
+            phase = Phase::BackendKilled;
+            note(
+                format!(
+                    "killed backend {} of host-{} at {}",
+                    b.service, b.host, b.addr
+                ),
+                &mut events,
+            );
+        } else if phase == Phase::BackendKilled && elapsed >= at(0.6) {
+            let listen = c.registry_addr.to_string();
+            let log = c.dir.path().join("registry-2.log");
+            let args = strings(&[
+                "registry",
+                "--listen",
+                &listen,
+                "--ttl",
+                "10s",
+                "--check-in-interval",
+                CHECK_IN,
+            ]);
+            c.registry = Proc::start("registry", &args, 1, log).await?;
+            stats.registry_down.store(false, Ordering::Relaxed);
+            if let Some(t) = down_since.take() {
+                downtime = t.elapsed();
+            }
+            back_at = Some(Instant::now());
+            phase = Phase::RegistryBack;
+            note(
+                format!(
+                    "registry restarted on {listen} with an empty store (down {:.1}s)",
+                    downtime.as_secs_f64()
+                ),
+                &mut events,
+            );
+        }
+        if let (Some(t), None) = (back_at, repopulated) {
+            let url = format!("http://{}/v2/services", c.registry_addr);
+            if let Ok((200, _, body)) =
+                traffic::get(&client, &url, None, Duration::from_secs(1)).await
+            {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let n: u64 = v["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|s| SERVICES.contains(&s["service"].as_str().unwrap_or("")))
+                    .filter_map(|s| s["hosts"].as_u64())
+                    .sum();
+                if n as usize >= expected_endpoints {
+                    repopulated = Some(t.elapsed());
+                    note(
+                        format!(
+                            "registry repopulated: {n} endpoints after {:.1}s",
+                            t.elapsed().as_secs_f64()
+                        ),
+                        &mut events,
+                    );
+                }
+            }
+        }
+        if quiet {
+            continue;
+        }
+        let mut agents = Vec::new();
+        for (i, api) in c.agent_apis.iter().enumerate() {
+            agents.push(view::agent_row(&client, &format!("agent-{i}"), api, &services).await);
+        }
+        let hosts = view::proxy_hosts(&client, &c.admin_addr).await;
+        let (rps, errs) = stats.take_window();
+        let (requests, errors_total) = stats
+            .counts
+            .lock()
+            .map(|c| (c.requests, c.errors))
+            .unwrap_or_default();
+        let frame = view::Frame {
+            elapsed,
+            total: args.duration,
+            phase: phase.label(),
+            registry_up: !stats.registry_down.load(Ordering::Relaxed),
+            rps,
+            errors: errs,
+            requests,
+            errors_total,
+            services: &services,
+            agents: &agents,
+            hosts: &hosts,
+            events: &events,
+        };
+        if live {
+            print!("{}", view::screen(&frame))
+        } else {
+            println!("{}", view::line(&frame))
+        }
+    }
+    stop.cancel();
+    let _ = driver.await;
+    let _ = looker.await;
+    if let Some(t) = down_since.take() {
+        downtime = t.elapsed();
+    }
+    let counts = stats.counts.lock().map(|c| c.clone()).unwrap_or_default();
+    let summary = summary(&counts, downtime, repopulated, args.duration);
+    let ok = counts.errors_while_registry_down == 0
+        && counts.lookups_while_registry_down > 0
+        && counts.lookups_served_while_registry_down == counts.lookups_while_registry_down;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary, ok, c.dir.path());
+    }
+    drop(c.proxy);
+    Ok(ok)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    f64::from(sorted[idx.min(sorted.len() - 1)]) / 1000.0
+}
+
+fn summary(
+    c: &traffic::Counts,
+    downtime: Duration,
+    repopulated: Option<Duration>,
+    duration: Duration,
+) -> serde_json::Value {
+    let mut lat = c.latencies_us.clone();
+    lat.sort_unstable();
+    serde_json::json!({
+        "duration_s": duration.as_secs_f64(),
+        "requests": c.requests,
+        "errors": c.errors,
+        "errors_while_registry_down": c.errors_while_registry_down,
+        "requests_while_registry_down": c.requests_while_registry_down,
+        "p50_ms": percentile(&lat, 0.50),
+        "p99_ms": percentile(&lat, 0.99),
+        "registry_down_s": downtime.as_secs_f64(),
+        "lookups": c.lookups,
+        "lookups_failed": c.lookups_failed,
+        "lookups_while_registry_down": c.lookups_while_registry_down,
+        "lookups_served_while_registry_down": c.lookups_served_while_registry_down,
+        "registry_repopulated_s": repopulated.map(|d| d.as_secs_f64()),
+        "last_error": c.last_error,
+    })
+}
+
+fn print_summary(s: &serde_json::Value, ok: bool, logs: &std::path::Path) {
+    println!("\n=== Tidings demo summary ===");
+    println!(
+        "requests through the proxy: {}   errors: {}   p50 {:.2} ms   p99 {:.2} ms",
+        s["requests"],
+        s["errors"],
+        s["p50_ms"].as_f64().unwrap_or(0.0),
+        s["p99_ms"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "registry down for {:.1} s: {} requests, {} errors",
+        s["registry_down_s"].as_f64().unwrap_or(0.0),
+        s["requests_while_registry_down"],
+        s["errors_while_registry_down"]
+    );
+    println!(
+        "lookups while the registry was down: {} of {} served",
+        s["lookups_served_while_registry_down"], s["lookups_while_registry_down"]
+    );
+    match s["registry_repopulated_s"].as_f64() {
+        Some(t) => println!("registry repopulated {t:.1} s after its restart"),
+        None => println!("registry NOT repopulated before the end"),
+    }
+    if let Some(e) = s["last_error"].as_str() {
+        println!("last error: {e}");
+    }
+    println!("logs: {} (removed on exit)", logs.display());
+    println!(
+        "{}",
+        if ok {
+            "PASS: the registry outage cost no request and no lookup"
+        } else {
+            "FAIL: the registry outage was visible to clients"
+        }
+    );
+}
