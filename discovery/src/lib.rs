@@ -35,6 +35,7 @@ mod openapi;
 pub mod policy;
 mod registry;
 mod router;
+mod routes_eds;
 mod routes_ops;
 mod routes_v1;
 mod routes_v2;

@@ -90,6 +90,9 @@ pub fn document() -> Value {
             },
             "/v2/catalog": {
                 "get": op("blocking query on every service", &[], "200", json_ok("Catalog"), &["index", "wait"])
+            },
+            "/v3/discovery:endpoints": {
+                "post": with_body(op("Envoy EDS (REST-JSON): one ClusterLoadAssignment; 304 when version_info is current", &[], "200", json_ok("DiscoveryResponse"), &[]), &["application/json"])
             }
         },
         "components": {
@@ -113,7 +116,10 @@ pub fn document() -> Value {
                     "items": {"type": "object", "properties": {"service": {"type": "string"}, "hosts": {"type": "integer"}}}}}},
                 "Catalog": {"type": "object", "properties": {"index": {"type": "integer"}, "generated_at_ms": {"type": "integer"},
                     "warming": {"type": "boolean"}, "stale": {"type": "boolean"}, "services": {"type": "object",
-                    "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/V1Host"}}}}}
+                    "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/V1Host"}}}}},
+                "DiscoveryResponse": {"type": "object", "description": "Envoy v3 DiscoveryResponse: version_info, type_url and zero or one ClusterLoadAssignment",
+                    "properties": {"version_info": {"type": "string"}, "type_url": {"type": "string"},
+                    "resources": {"type": "array", "maxItems": 1, "items": {"type": "object"}}}}
             }
         }
     })

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::errors::ApiError;
 use crate::registry::{Registry, View};
-use crate::{routes_ops, routes_v1, routes_v2};
+use crate::{routes_eds, routes_ops, routes_v1, routes_v2};
 
 pub const HEADER_INDEX: &str = "x-tidings-index";
 pub const HEADER_STALE: &str = "x-tidings-stale";
@@ -79,6 +79,7 @@ pub fn router(registry: Registry) -> Router {
             post(routes_v1::weight_host),
         )
         .route("/v2/checkin", post(routes_v2::checkin))
+        .route("/v3/discovery:endpoints", post(routes_eds::endpoints))
         .route("/v2/services", get(routes_v2::services))
         .layer(middleware::from_fn_with_state(
             Limits {

@@ -471,6 +471,11 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
         sim.run_until(sim.now + c.partition_ms);
         sim.partition = None;
         let heal_at = sim.now;
+        if std::env::var_os("SIMDBG").is_some() {
+            let a = (0..n).filter(|&i| sim.nodes[i].has_row(&va.0, &va.1, va.2)).count();
+            let b = (0..n).filter(|&i| sim.nodes[i].has_row(&vb.0, &vb.1, vb.2)).count();
+            eprintln!("at heal: {a} have A's row, {b} have B's row");
+        }
         let live = sim.live_count();
         t_heal = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
             (0..n)

@@ -213,7 +213,7 @@ async fn unknown_routes_and_methods_are_json() {
     h.get("/nope").await.assert_error(404, "route_not_found");
     h.get("/v3/discovery:endpoints")
         .await
-        .assert_error(404, "route_not_found");
+        .assert_error(405, "method_not_allowed");
     h.call("PUT", "/v2/checkin", &[], "")
         .await
         .assert_error(405, "method_not_allowed");

@@ -6,6 +6,7 @@
 mod auth_limits;
 mod blocking;
 mod common;
+mod eds;
 mod expiry;
 mod fuzz;
 mod socket;

@@ -1,0 +1,256 @@
+//! What the agent's tasks share: config, the registry client, the gossip handle, the
+//! published merged view, this host's endpoints, registry freshness and metrics.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use discovery::RegistryClient;
+use gossip::GossipHandle;
+use schema::timefmt::unix_ms_now;
+use schema::{Endpoint, EndpointKey};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::view::MergedView;
+
+/// A monotonically increasing counter for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The agent's counters. Gauges are computed when `/metrics` is rendered.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub checkins_ok: Counter,
+    pub checkins_failed: Counter,
+    pub sync_applied: Counter,
+    pub sync_warming: Counter,
+    pub sync_errors: Counter,
+    pub cache_writes: Counter,
+    pub cache_write_errors: Counter,
+    pub cache_load_errors: Counter,
+    pub requests: Counter,
+}
+
+/// This host's endpoints: from the config, registered at runtime, and the agent's own.
+#[derive(Debug, Clone, Default)]
+pub struct LocalEndpoints {
+    pub configured: Vec<Endpoint>,
+    pub runtime: BTreeMap<EndpointKey, Endpoint>,
+    pub agent: Option<Endpoint>,
+}
+
+impl LocalEndpoints {
+    /// Everything this host serves; a runtime registration overrides a configured one.
+    pub fn all(&self) -> Vec<Endpoint> {
+        let mut by_key: BTreeMap<EndpointKey, Endpoint> = self
+            .configured
+            .iter()
+            .chain(self.agent.as_ref())
+            .map(|e| (e.key(), e.clone()))
+            .collect();
+        by_key.extend(self.runtime.iter().map(|(k, e)| (k.clone(), e.clone())));
+        by_key.into_values().collect()
+    }
+}
+
+pub struct Shared {
+    pub config: AgentConfig,
+    pub client: RegistryClient,
+    pub gossip: GossipHandle,
+    pub gossip_addr: SocketAddr,
+    pub host_ip: IpAddr,
+    pub view: watch::Receiver<Arc<MergedView>>,
+    pub local: Mutex<LocalEndpoints>,
+    /// Bumped on every change of `local`: the cache writer persists runtime endpoints.
+    pub local_version: watch::Sender<u64>,
+    /// Check in now (after a small random delay): the registry restarted or endpoints changed.
+    pub recheck: Notify,
+    /// A check-in succeeded after failures: the registry is back, sync now.
+    pub registry_back: Notify,
+    /// Wall-clock ms of the last successful registry sync (0: never, here or in the cache).
+    pub last_sync_ms: AtomicU64,
+    registry_ok: AtomicBool,
+    /// Fires when the agent starts shutting down: readiness fails, blocking queries answer.
+    pub draining: CancellationToken,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: AgentConfig,
+        client: RegistryClient,
+        gossip: GossipHandle,
+        host_ip: IpAddr,
+        view: watch::Receiver<Arc<MergedView>>,
+        local: LocalEndpoints,
+        last_sync_ms: u64,
+        draining: CancellationToken,
+    ) -> Self {
+        let gossip_addr = gossip.id().addr;
+        Shared {
+            config,
+            client,
+            gossip,
+            gossip_addr,
+            host_ip,
+            view,
+            local: Mutex::new(local),
+            local_version: watch::Sender::new(0),
+            recheck: Notify::new(),
+            registry_back: Notify::new(),
+            last_sync_ms: AtomicU64::new(last_sync_ms),
+            registry_ok: AtomicBool::new(false),
+            draining,
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn local(&self) -> MutexGuard<'_, LocalEndpoints> {
+        // A panic while holding the lock cannot leave the endpoint set half-updated (every
+        // update is a single insert or remove), so a poisoned lock is still usable.
+        self.local.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes this host's current endpoints to gossip and asks for a check-in.
+    pub async fn local_changed(&self) {
+        let all = self.local().all();
+        if self.gossip.publish_local(all).await.is_err() {
+            tracing::warn!("gossip has stopped; local endpoints not published");
+        }
+        self.local_version.send_modify(|v| *v += 1);
+        self.recheck.notify_one();
+    }
+
+    pub fn mark_synced(&self) {
+        self.last_sync_ms.store(unix_ms_now(), Ordering::Relaxed);
+    }
+
+    pub fn set_registry_ok(&self, ok: bool) {
+        self.registry_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// Whether the last registry sync attempt succeeded.
+    pub fn registry_ok(&self) -> bool {
+        self.registry_ok.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the last successful registry sync (by this process or, before
+    /// its first, the one recorded in the disk cache); `None` if there never was one.
+    pub fn registry_age_ms(&self) -> Option<u64> {
+        match self.last_sync_ms.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(unix_ms_now().saturating_sub(at)),
+        }
+    }
+
+    pub fn current_view(&self) -> Arc<MergedView> {
+        self.view.borrow().clone()
+    }
+
+    /// Prometheus text exposition of the agent's metrics.
+    pub fn render_metrics(&self) -> String {
+        let view = self.current_view();
+        let members = self.gossip.members();
+        let alive = members.iter().filter(|m| m.active).count();
+        let m = &self.metrics;
+        let age = self
+            .registry_age_ms()
+            .map_or(-1.0, |ms| ms as f64 / 1000.0);
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in samples {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        metric(
+            "tidings_agent_checkins_total",
+            "counter",
+            "Check-in rounds by result.",
+            &[
+                ("{result=\"ok\"}", m.checkins_ok.get() as f64),
+                ("{result=\"failed\"}", m.checkins_failed.get() as f64),
+            ],
+        );
+        metric(
+            "tidings_agent_registry_syncs_total",
+            "counter",
+            "Catalog answers by outcome (applied, warming: ignored, error).",
+            &[
+                ("{result=\"applied\"}", m.sync_applied.get() as f64),
+                ("{result=\"warming\"}", m.sync_warming.get() as f64),
+                ("{result=\"error\"}", m.sync_errors.get() as f64),
+            ],
+        );
+        metric(
+            "tidings_agent_registry_age_seconds",
+            "gauge",
+            "Seconds since the last successful registry sync (-1: never).",
+            &[("", age)],
+        );
+        metric(
+            "tidings_agent_view_endpoints",
+            "gauge",
+            "Endpoints in the merged view.",
+            &[("", view.len() as f64)],
+        );
+        metric(
+            "tidings_agent_view_services",
+            "gauge",
+            "Services in the merged view.",
+            &[("", view.services().count() as f64)],
+        );
+        metric(
+            "tidings_agent_gossip_members",
+            "gauge",
+            "Gossip members by state, this agent excluded.",
+            &[
+                ("{state=\"alive\"}", alive as f64),
+                ("{state=\"down\"}", (members.len() - alive) as f64),
+            ],
+        );
+        metric(
+            "tidings_agent_local_endpoints",
+            "gauge",
+            "Endpoints this host serves (the agent's own included).",
+            &[("", self.local().all().len() as f64)],
+        );
+        metric(
+            "tidings_agent_cache_writes_total",
+            "counter",
+            "Disk cache writes by result.",
+            &[
+                ("{result=\"ok\"}", m.cache_writes.get() as f64),
+                ("{result=\"error\"}", m.cache_write_errors.get() as f64),
+            ],
+        );
+        metric(
+            "tidings_agent_cache_load_errors_total",
+            "counter",
+            "Disk cache files that could not be loaded (ignored).",
+            &[("", m.cache_load_errors.get() as f64)],
+        );
+        metric(
+            "tidings_agent_requests_total",
+            "counter",
+            "Local API requests.",
+            &[("", m.requests.get() as f64)],
+        );
+        out
+    }
+}

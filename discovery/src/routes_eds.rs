@@ -1,0 +1,39 @@
+//! `POST /v3/discovery:endpoints`: Envoy EDS over REST-JSON, so a stock Envoy can read the
+//! registry directly (reference/discovery-api.md §2.2). The shapes live in `schema::eds`.
+//!
+//! The version is the service's content index, so an unchanged membership answers 304 and
+//! Envoy keeps what it has. We deliberately set no `policy.endpoint_stale_after`: Envoy would
+//! drop every host when refreshes stop, which is exactly the registry outage Tidings is built
+//! to survive (fail static).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use schema::eds::{DiscoveryRequest, response};
+use schema::{Endpoint, ServiceName};
+
+use crate::errors::ApiError;
+use crate::registry::Registry;
+use crate::router::{Body, with_view_headers};
+
+pub async fn endpoints(
+    State(registry): State<Registry>,
+    Body(body): Body,
+) -> Result<Response, ApiError> {
+    let (req, name) = DiscoveryRequest::parse(&body)?;
+    let service = ServiceName::new(name.clone())?;
+    let view = registry.read_service(&service).await?;
+    let version = view.data.index.to_string();
+    if req.version_info == version {
+        return Ok(with_view_headers(
+            StatusCode::NOT_MODIFIED.into_response(),
+            &view,
+        ));
+    }
+    let endpoints: Vec<Endpoint> = view.data.rows.iter().map(|r| r.endpoint.clone()).collect();
+    Ok(with_view_headers(
+        Json(response(&name, &version, &endpoints, None)).into_response(),
+        &view,
+    ))
+}
