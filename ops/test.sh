@@ -15,6 +15,17 @@ for c in rustfmt clippy; do
   if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then rustup component add "$c"; fi
 done
 
+# Debian packages the tests use: systemd-analyze (the unit files in ops/deploy/systemd are
+# verified), iproute2 (network namespaces for partition tests).
+step "Debian packages (systemd, iproute2)"
+missing=()
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v ip >/dev/null || missing+=(iproute2)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 # moto_server is a real DynamoDB-compatible server; discovery's DynamoDB tests start it on
 # an ephemeral loopback port. Pinned in ops/moto-requirements.txt, installed in ./.venv.
 step "Python venv with moto_server (pinned in ops/moto-requirements.txt)"

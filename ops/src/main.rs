@@ -13,6 +13,7 @@ mod demo;
 mod gossip_cmd;
 mod proxy_cmd;
 mod registry;
+mod systemd;
 mod telemetry;
 
 use cli::{Cli, Command};

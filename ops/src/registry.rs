@@ -188,8 +188,11 @@ async fn serve(settings: Settings) -> Result<()> {
     tokio::spawn(async move {
         crate::telemetry::shutdown_signal().await;
         tracing::info!("shutdown signal: draining");
+        crate::systemd::stopping();
         trigger.cancel();
     });
+    crate::systemd::ready(&format!("serving on {addr}"));
+    crate::systemd::spawn_watchdog(shutdown.clone());
     discovery::serve(listener, registry, shutdown).await?;
     tracing::info!("registry stopped");
     Ok(())

@@ -42,8 +42,20 @@ impl Proc {
         expect_listeners: usize,
         deadline: Duration,
     ) -> Result<Proc> {
+        Proc::start_env(name, args, &[], expect_listeners, deadline)
+    }
+
+    /// [`Proc::start`] with extra environment variables.
+    pub fn start_env(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        expect_listeners: usize,
+        deadline: Duration,
+    ) -> Result<Proc> {
         let bin = tidings_bin();
         let mut child = Command::new(&bin)
+            .envs(env.iter().copied())
             .args(["--log-format", "json", "--log-level", "info"])
             .args(args)
             .stdin(Stdio::null())
