@@ -64,7 +64,9 @@ pub fn encode(file: &CacheFile) -> Result<Vec<u8>, CacheError> {
 }
 
 pub fn decode(bytes: &[u8]) -> Result<CacheFile, CacheError> {
-    let body = bytes.strip_prefix(MAGIC.as_slice()).ok_or(CacheError::Foreign)?;
+    let body = bytes
+        .strip_prefix(MAGIC.as_slice())
+        .ok_or(CacheError::Foreign)?;
     Ok(codec::decode_file(body)?)
 }
 
@@ -102,17 +104,18 @@ pub fn store(dir: &Path, file: &CacheFile) -> Result<(), CacheError> {
     Ok(())
 }
 
-/// What would be written now.
-fn snapshot_of(shared: &Shared) -> CacheFile {
+/// What would be written now, and the index of the view it holds.
+fn snapshot_of(shared: &Shared) -> (CacheFile, u64) {
     let view = shared.current_view();
-    CacheFile {
+    let file = CacheFile {
         written_at_ms: unix_ms_now(),
         last_sync_ms: shared
             .last_sync_ms
             .load(std::sync::atomic::Ordering::Relaxed),
         hosts: view.all_hosts().map(|h| h.to_cached()).collect(),
         runtime: shared.local().runtime.values().cloned().collect(),
-    }
+    };
+    (file, view.index())
 }
 
 /// Writes the cache whenever the view or the runtime endpoints change, at most once a
@@ -128,9 +131,11 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
             r = view.changed() => r.is_err(),
             r = local.changed() => r.is_err(),
         };
-        let mut next = snapshot_of(&shared);
+        let (mut next, index) = snapshot_of(&shared);
         let unchanged = last.as_ref().is_some_and(|l| {
-            l.hosts == next.hosts && l.runtime == next.runtime && l.last_sync_ms == next.last_sync_ms
+            l.hosts == next.hosts
+                && l.runtime == next.runtime
+                && l.last_sync_ms == next.last_sync_ms
         });
         if !unchanged {
             let dir2 = dir.clone();
@@ -139,6 +144,9 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
             match res {
                 Ok(Ok(())) => {
                     shared.metrics.cache_writes.inc();
+                    shared
+                        .cache_index
+                        .store(index, std::sync::atomic::Ordering::Relaxed);
                     next.written_at_ms = 0;
                     last = Some(next);
                 }
@@ -200,7 +208,10 @@ mod tests {
     #[test]
     fn foreign_truncated_versioned_and_random_files_are_errors_not_panics() {
         let good = encode(&file()).expect("encodes");
-        assert!(matches!(decode(b"{\"json\": true}"), Err(CacheError::Foreign)));
+        assert!(matches!(
+            decode(b"{\"json\": true}"),
+            Err(CacheError::Foreign)
+        ));
         assert!(matches!(decode(b""), Err(CacheError::Foreign)));
         assert!(decode(&good[..good.len() - 3]).is_err());
         let mut other_version = good.clone();

@@ -31,7 +31,9 @@ pub fn splay(identity: &str, interval: Duration) -> Duration {
 /// The first wall-clock time (ms) after `now_ms` that is `offset` into an interval: check-ins
 /// stay on the host's slot across restarts.
 pub fn next_due(now_ms: u64, interval: Duration, offset: Duration) -> u64 {
-    let interval = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
+    let interval = u64::try_from(interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
     let offset = u64::try_from(offset.as_millis()).unwrap_or(0) % interval;
     let base = now_ms - now_ms % interval + offset;
     if base > now_ms { base } else { base + interval }
@@ -140,7 +142,10 @@ mod tests {
             assert!(s < i);
             buckets[usize::try_from(s.as_secs() / 10).expect("small")] += 1;
         }
-        assert!(buckets.iter().all(|&b| (850..1150).contains(&b)), "{buckets:?}");
+        assert!(
+            buckets.iter().all(|&b| (850..1150).contains(&b)),
+            "{buckets:?}"
+        );
         assert_eq!(splay("x", Duration::ZERO), Duration::ZERO);
     }
 

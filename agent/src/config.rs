@@ -49,8 +49,13 @@ pub struct AgentConfig {
     pub registry: Option<String>,
     /// File holding a bearer token for check-ins (a host token); read by the binary.
     pub registry_token_file: Option<PathBuf>,
+    /// The token itself, as read from `registry_token_file` (never in the file).
+    #[serde(skip)]
+    pub registry_token: Option<String>,
     /// Loopback address of the local API.
     pub api: SocketAddr,
+    /// Shown as `env` in v1 listings, as the registry does.
+    pub env: String,
     /// Where the disk cache lives.
     pub data_dir: PathBuf,
     /// This host's address for endpoints that name none; default: the gossip address.
@@ -91,7 +96,9 @@ impl Default for AgentConfig {
         AgentConfig {
             registry: None,
             registry_token_file: None,
+            registry_token: None,
             api: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            env: "production".to_string(),
             data_dir: PathBuf::from("/var/lib/tidings/agent"),
             host_ip: None,
             zone: None,
@@ -138,7 +145,7 @@ impl AgentConfig {
     /// A registry client for `registry`.
     pub fn client(&self) -> Result<RegistryClient, ConfigError> {
         let url = self.registry.as_deref().ok_or(ConfigError::NoRegistry)?;
-        RegistryClient::new(url, None, self.request_timeout)
+        RegistryClient::new(url, self.registry_token.clone(), self.request_timeout)
             .map_err(|e| ConfigError::Registry(e.to_string()))
     }
 

@@ -1,1 +1,35 @@
-//! placeholder
+//! The Tidings agent (DESIGN.md §5): one per host. It checks in the host's endpoints, syncs
+//! the registry's catalog, gossips with the other agents, and serves the merged view on
+//! loopback with the registry's own API — so a proxy, an Envoy (EDS) or a script can read
+//! the agent instead of the registry. **Its answers never depend on the registry being up.**
+//!
+//! - [`run`] (in `run`): the whole agent on a caller-bound API listener until a shutdown
+//!   token fires (mini-redis shape). [`AgentConfig`] (in [`config`]): every knob, `validate()`.
+//! - Loops: [`checkin`] (splayed `POST /v2/checkin`, backoff, re-check-in when the registry
+//!   restarted), [`sync`] (blocking `/v2/catalog` → registry snapshots into gossip), the view
+//!   task, and the [`cache`] writer (atomic, ≤ 1/s, only on change).
+//! - [`view`]: the sans-IO [`Merger`] — gossip's merged view (§5.3) plus disk-cache entries
+//!   until live data covers them, with per-host provenance and content-hash indexes.
+//! - [`api`]: the local API router (v1, v2 blocking, EDS, `/v1/agent/*`, probes, metrics).
+//!
+//! Invariants: a failed or warming registry answer never replaces a snapshot; registry
+//! entries stay until a newer successful snapshot (fail static); an owned row overrides the
+//! registry entry while its owner is alive and a tombstone removes it; cached entries are
+//! served from the first request and never make a restart shrink the view while the registry
+//! is down; a corrupt cache file is logged and ignored; the blocking-query index moves only
+//! when endpoints change; every answer carries `X-Tidings-Registry-Age-Ms` and
+//! `X-Tidings-Source`.
+
+pub mod api;
+pub mod cache;
+pub mod checkin;
+pub mod config;
+mod run;
+mod state;
+pub mod sync;
+pub mod view;
+
+pub use config::{AGENT_SERVICE, AgentConfig, ConfigError, parse_endpoint_flag};
+pub use run::{AgentError, run};
+pub use state::{LocalEndpoints, Metrics, Shared};
+pub use view::{MergedView, Merger, Provenance};

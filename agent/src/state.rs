@@ -83,6 +83,8 @@ pub struct Shared {
     pub registry_back: Notify,
     /// Wall-clock ms of the last successful registry sync (0: never, here or in the cache).
     pub last_sync_ms: AtomicU64,
+    /// Index of the view the disk cache last stored (0: none yet).
+    pub cache_index: AtomicU64,
     registry_ok: AtomicBool,
     /// Fires when the agent starts shutting down: readiness fails, blocking queries answer.
     pub draining: CancellationToken,
@@ -114,6 +116,7 @@ impl Shared {
             recheck: Notify::new(),
             registry_back: Notify::new(),
             last_sync_ms: AtomicU64::new(last_sync_ms),
+            cache_index: AtomicU64::new(0),
             registry_ok: AtomicBool::new(false),
             draining,
             metrics: Metrics::default(),
@@ -149,10 +152,21 @@ impl Shared {
         self.registry_ok.load(Ordering::Relaxed)
     }
 
-    /// Milliseconds since the last successful registry sync (by this process or, before
-    /// its first, the one recorded in the disk cache); `None` if there never was one.
+    /// Age of the freshest registry data this agent holds: milliseconds since its own last
+    /// successful sync (or the one recorded in the disk cache) or since the newest registry
+    /// snapshot it received through gossip, whichever is more recent. `None`: never any.
     pub fn registry_age_ms(&self) -> Option<u64> {
-        match self.last_sync_ms.load(Ordering::Relaxed) {
+        let own = self.last_sync_ms.load(Ordering::Relaxed);
+        let relayed = self
+            .gossip
+            .view()
+            .borrow()
+            .snapshots
+            .iter()
+            .map(|s| s.generated_at_ms)
+            .max()
+            .unwrap_or(0);
+        match own.max(relayed) {
             0 => None,
             at => Some(unix_ms_now().saturating_sub(at)),
         }
@@ -168,9 +182,7 @@ impl Shared {
         let members = self.gossip.members();
         let alive = members.iter().filter(|m| m.active).count();
         let m = &self.metrics;
-        let age = self
-            .registry_age_ms()
-            .map_or(-1.0, |ms| ms as f64 / 1000.0);
+        let age = self.registry_age_ms().map_or(-1.0, |ms| ms as f64 / 1000.0);
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

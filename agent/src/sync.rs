@@ -1,18 +1,22 @@
 //! Registry sync (DESIGN.md §5.1): blocking queries on `/v2/catalog`; a successful,
-//! non-warming answer becomes per-service registry snapshots fed into gossip. The decisions —
-//! whether an answer may replace what we hold, and how long to wait before the next
-//! attempt — are pure functions ([`plan`], [`Pacer`]); [`run_sync`] is the IO shell.
+//! non-warming answer becomes per-service registry snapshots fed into gossip, and the
+//! registry's `tidings-agent` listing brings in agents gossip does not know yet. The
+//! decisions — whether an answer may replace what we hold, whom to join, how long to wait
+//! before the next attempt — are pure functions ([`plan`], [`seeds_to_join`], [`Pacer`]);
+//! [`run_sync`] is the IO shell.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use discovery::ReadMeta;
-use gossip::{Snapshot, SnapshotEntry};
+use gossip::{MemberInfo, Snapshot, SnapshotEntry};
 use schema::ServiceName;
 use schema::api::Catalog;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::AGENT_SERVICE;
 use crate::state::Shared;
 
 /// What to do with one catalog answer.
@@ -84,9 +88,8 @@ pub fn plan(catalog: &Catalog, meta: &ReadMeta, held: &[Snapshot]) -> Plan {
     let snapshots = fresh
         .into_values()
         .filter(|s| {
-            held.get(&s.service).is_none_or(|old| {
-                old.generated_at_ms < s.generated_at_ms && !same_hosts(old, s)
-            })
+            held.get(&s.service)
+                .is_none_or(|old| old.generated_at_ms < s.generated_at_ms && !same_hosts(old, s))
         })
         .collect();
     Plan::Apply { snapshots, invalid }
@@ -98,6 +101,23 @@ fn same_hosts(a: &Snapshot, b: &Snapshot) -> bool {
     x.sort_by_key(|e| e.key());
     y.sort_by_key(|e| e.key());
     x == y
+}
+
+/// Agents the registry lists that gossip should announce to: all of them when this agent is
+/// alone, else those SWIM has never heard of (e.g. two halves that started while the
+/// registry was down, each without seeds).
+pub fn seeds_to_join(catalog: &Catalog, me: SocketAddr, members: &[MemberInfo]) -> Vec<SocketAddr> {
+    let alone = !members.iter().any(|m| m.active);
+    let known: BTreeSet<SocketAddr> = members.iter().map(|m| m.id.addr).collect();
+    catalog
+        .services
+        .get(AGENT_SERVICE)
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h.to_endpoint().ok())
+        .map(|(e, _)| e.socket_addr())
+        .filter(|a| *a != me && (alone || !known.contains(a)))
+        .collect()
 }
 
 /// Pacing of sync attempts. `jitter` arguments are uniform in `[0, 1)`.
@@ -202,7 +222,10 @@ pub async fn run_sync(shared: Arc<Shared>, stop: CancellationToken) {
                     Plan::Apply { snapshots, invalid } => {
                         warming_noted = false;
                         if invalid > 0 {
-                            tracing::warn!(invalid, "registry listed hosts that do not validate; skipped");
+                            tracing::warn!(
+                                invalid,
+                                "registry listed hosts that do not validate; skipped"
+                            );
                         }
                         let changed = snapshots.len();
                         for s in snapshots {
@@ -210,9 +233,21 @@ pub async fn run_sync(shared: Arc<Shared>, stop: CancellationToken) {
                                 tracing::warn!("gossip has stopped; registry snapshot not applied");
                             }
                         }
+                        let members = shared.gossip.members();
+                        let join = seeds_to_join(&catalog, shared.gossip_addr, &members);
+                        if !join.is_empty() {
+                            tracing::info!(seeds = ?join, "joining agents the registry lists");
+                            if shared.gossip.join(join).await.is_err() {
+                                tracing::warn!("gossip has stopped; cannot join");
+                            }
+                        }
                         shared.metrics.sync_applied.inc();
                         shared.mark_synced();
-                        tracing::debug!(index = catalog.index, changed, "registry snapshot applied");
+                        tracing::debug!(
+                            index = catalog.index,
+                            changed,
+                            "registry snapshot applied"
+                        );
                         let same = index == Some(catalog.index);
                         let quick = started.elapsed() < cfg.sync_wait / 2;
                         index = Some(meta.index.unwrap_or(catalog.index));
@@ -321,6 +356,32 @@ mod tests {
     }
 
     #[test]
+    fn alone_agents_join_everyone_listed_others_only_strangers() {
+        let agents = catalog(10, false, &[("tidings-agent", &[7702, 7703, 7704])]);
+        let me: SocketAddr = "10.0.0.1:7702".parse().expect("addr");
+        let addr = |p: u16| SocketAddr::new(me.ip(), p);
+        let member = |p: u16, active: bool| MemberInfo {
+            id: gossip::NodeId::new(addr(p), 1),
+            active,
+        };
+        assert_eq!(
+            seeds_to_join(&agents, me, &[]),
+            vec![addr(7703), addr(7704)]
+        );
+        assert_eq!(
+            seeds_to_join(&agents, me, &[member(7703, false)]),
+            vec![addr(7703), addr(7704)],
+            "only down members known: still alone"
+        );
+        assert_eq!(
+            seeds_to_join(&agents, me, &[member(7703, true)]),
+            vec![addr(7704)]
+        );
+        let both = [member(7703, true), member(7704, false)];
+        assert!(seeds_to_join(&agents, me, &both).is_empty());
+    }
+
+    #[test]
     fn pacing_backs_off_to_the_cap_and_polls_within_ten_percent() {
         let mut p = Pacer::new(Duration::from_secs(30), Duration::from_secs(8));
         let waits: Vec<u64> = (0..6).map(|_| p.after_failure(0.5).as_secs()).collect();
@@ -329,6 +390,9 @@ mod tests {
         assert!(!p.after_success());
         assert_eq!(p.poll(0.0), Duration::from_secs(27));
         assert!(p.poll(0.999_999) <= Duration::from_secs(33));
-        assert_eq!(warming_poll(Duration::from_secs(1)), Duration::from_millis(250));
+        assert_eq!(
+            warming_poll(Duration::from_secs(1)),
+            Duration::from_millis(250)
+        );
     }
 }

@@ -217,7 +217,8 @@ impl Merger {
                 (&s.service, (s.generated_at_ms, keys))
             })
             .collect();
-        let live: BTreeSet<EndpointKey> = gossip.endpoints.iter().map(|e| e.endpoint.key()).collect();
+        let live: BTreeSet<EndpointKey> =
+            gossip.endpoints.iter().map(|e| e.endpoint.key()).collect();
         let settled = |owner: &SocketAddr| {
             self.alive_since
                 .get(owner)
@@ -295,7 +296,11 @@ impl Merger {
             s.hosts.sort_by_key(|h| h.endpoint.key());
             s.index = content_index(s.hosts.iter().map(|h| &h.endpoint));
         }
-        let index = content_index(services.values().flat_map(|s| s.hosts.iter().map(|h| &h.endpoint)));
+        let index = content_index(
+            services
+                .values()
+                .flat_map(|s| s.hosts.iter().map(|h| &h.endpoint)),
+        );
         let fallback = if !self.cache.is_empty() {
             Provenance::Cache
         } else if gossip.snapshots.is_empty() {

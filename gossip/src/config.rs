@@ -85,11 +85,24 @@ impl GossipConfig {
                 "probe_rtt_ms must be > 0 and below probe_period_ms",
             ));
         }
-        if self.gossip_interval_ms == 0 || self.repair_interval_ms == 0 {
+        // Upper bounds keep every derived duration far from overflow (foca scales them).
+        if !(10..=60_000).contains(&self.probe_period_ms) {
+            return Err(ConfigError::Interval("probe_period_ms must be 10..=60000"));
+        }
+        if !(1..=60_000).contains(&self.gossip_interval_ms)
+            || !(1..=3_600_000).contains(&self.repair_interval_ms)
+        {
             return Err(ConfigError::Interval(
-                "gossip and repair intervals must be > 0",
+                "gossip_interval_ms must be 1..=60000 and repair_interval_ms 1..=3600000",
             ));
         }
+        const MONTH_MS: u64 = 31 * 24 * 3600 * 1000;
+        if self.tombstone_retention_ms > MONTH_MS || self.remove_down_after_ms > MONTH_MS {
+            return Err(ConfigError::Interval(
+                "tombstone_retention_ms and remove_down_after_ms must be at most 31 days",
+            ));
+        }
+
         match (self.insecure, self.keys.is_empty()) {
             (true, true) => Ok(None),
             (true, false) => Err(ConfigError::KeyAndInsecure),
@@ -163,6 +176,9 @@ mod tests {
         assert!(c.validate().unwrap().is_some());
         c.keys = vec!["nope".into()];
         assert!(matches!(c.validate(), Err(ConfigError::Key(_))));
+        c.keys = vec![crate::generate_key()];
+        c.probe_period_ms = u64::MAX;
+        assert!(matches!(c.validate(), Err(ConfigError::Interval(_))));
         let parsed: GossipConfig =
             serde_json::from_str(r#"{"cluster":"x","insecure":true}"#).unwrap();
         assert_eq!(parsed.cluster, "x");

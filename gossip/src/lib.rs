@@ -4,31 +4,40 @@
 //! - **Membership** is foca (SWIM) over UDP. A node's [`NodeId`] is its gossip address plus
 //!   an epoch (fixed per process, growing across restarts) and a bump counter that foca
 //!   renews when the node was declared down, so a restarted agent is never ignored as
-//!   known-dead. foca's config is `Config::new_lan(n)`, resized as the cluster grows.
-//! - **Endpoint rows** ([`rows`]) are owner-written LWW registers keyed
+//!   known-dead. foca's config is `Config::new_lan(n)` (periods scaled to the configured
+//!   probe period), resized with `set_config` as the cluster grows; periodic gossip is on.
+//! - **Endpoint rows** ([`rows`]) are owner-written `crdts::LWWReg`s keyed
 //!   `(owner, service, ip, port)` and ordered by `(owner epoch, seq)`. Merge is the per-key
 //!   maximum, so any subset of rows is a valid delta. A row is visible only while its owner is
 //!   alive in SWIM; rows of an older epoch of an owner are dropped.
 //! - **Registry snapshots** ([`snapshot`]) travel too; per service the newest wins.
-//! - **Dissemination**: new rows ride foca custom broadcasts ([`broadcast`]). **Repair**
-//!   ([`repair`]): a constant-size digest with a random peer every few seconds, and on
-//!   mismatch a TCP exchange of only the owners and snapshots that differ.
+//! - **Dissemination**: new rows ride foca custom broadcasts ([`broadcast`]), relayed at
+//!   once on receipt and given a broadcast-only message per gossip round so SWIM churn cannot
+//!   starve them. **Repair** ([`repair`]): every repair interval a constant-size digest
+//!   exchange with a random peer (down members included, to cross healed partitions); on
+//!   mismatch a TCP exchange of only the owners and snapshots that differ. Digests also carry
+//!   a few recent down verdicts, so a node that missed one does not show a dead owner's rows.
+//! - **Views** ([`view`]): live owned rows ∪ registry snapshot entries (§5.3), published by
+//!   the runtime on a `tokio::sync::watch` ([`GossipView`]).
 //! - **Security** ([`crypto`]): every datagram and frame is sealed with XChaCha20-Poly1305
-//!   under a [`KeyRing`], cluster name as associated data; failures are dropped and counted.
+//!   under a [`KeyRing`], cluster name as associated data; failures are dropped and counted
+//!   in [`Metrics`].
 //!
 //! The core, [`Node`], is sans-IO: no sockets, no clock, no global RNG. Callers pass the time
-//! and a seed and carry out its [`Effect`]s. [`runtime`] drives it over tokio sockets;
-//! [`sim`] drives many of them in virtual time.
+//! and a seed and carry out its [`Effect`]s. [`runtime`] drives it over tokio sockets
+//! ([`run`] → [`GossipHandle`]); [`sim`] drives many of them in virtual time ([`simulate`]).
 //!
-//! Invariants: versions are never reused (an epoch grows across restarts and `seq` grows by
-//! one per change); nothing received from the network can panic the node or make it
-//! allocate beyond [`node::MAX_DATAGRAM`] / [`node::MAX_FRAME`].
+//! Invariants: versions are never reused (the epoch grows across restarts: wall-clock ms at
+//! start by default, see [`runtime::run_with_epoch`]; `seq` grows by one per change); nothing
+//! received from the network can panic the node or make it allocate beyond
+//! [`node::MAX_DATAGRAM`] / [`node::MAX_FRAME`].
 
 pub mod broadcast;
 mod codec;
 pub mod config;
 pub mod crypto;
 mod identity;
+mod membership;
 pub mod metrics;
 pub mod node;
 pub mod repair;
@@ -45,7 +54,7 @@ pub use identity::NodeId;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use node::{Effect, Node, Timer};
 pub use rows::{Row, RowStatus, Version};
-pub use runtime::{GossipHandle, RuntimeError, run};
+pub use runtime::{GossipHandle, RuntimeError, epoch_now, run, run_with_epoch};
 pub use sim::{SimConfig, SimReport, simulate};
 pub use snapshot::{Snapshot, SnapshotEntry};
 pub use view::{GossipView, MemberInfo, Source, ViewEntry};

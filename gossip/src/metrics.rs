@@ -23,7 +23,7 @@ macro_rules! counters {
 
         impl fmt::Display for MetricsSnapshot {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                $(writeln!(f, "tidings_gossip_{} {}", stringify!($name), self.$name)?;)*
+                $(writeln!(f, "tidings_gossip_{}_total {}", stringify!($name), self.$name)?;)*
                 Ok(())
             }
         }

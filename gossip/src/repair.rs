@@ -32,6 +32,9 @@ pub const DIGEST_MAX_DOWN: usize = 8;
 /// until it happens to probe that owner itself (up to N probe periods).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digest {
+    /// Fixed 8 bytes per bucket on the wire (not varints): the digest costs the same
+    /// whatever the cluster size, so steady-state bandwidth is flat in N.
+    #[serde(with = "fixed_u64s")]
     pub buckets: Vec<u64>,
     pub down: Vec<NodeId>,
     /// An answer to a peer's digest (answers are not answered).
@@ -93,6 +96,23 @@ impl Digest {
                 .filter_map(|i| u8::try_from(i).ok())
                 .collect(),
         )
+    }
+}
+
+mod fixed_u64s {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u64], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        s.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        let bytes = Vec::<u8>::deserialize(d)?;
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect())
     }
 }
 

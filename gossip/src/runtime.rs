@@ -46,6 +46,7 @@ enum Command {
     PublishLocal(Vec<Endpoint>),
     Snapshot(Snapshot),
     KeyRing(Option<KeyRing>),
+    Join(Vec<SocketAddr>),
     /// Stop without leaving the cluster, as a crash would.
     Crash,
     Frame {
@@ -78,6 +79,11 @@ impl GossipHandle {
     /// Rotates keys: the new ring's primary seals from now on, all its keys open.
     pub async fn set_key_ring(&self, ring: Option<KeyRing>) -> Result<(), RuntimeError> {
         self.send(Command::KeyRing(ring)).await
+    }
+
+    /// Adds seeds (for instance the registry's `tidings-agent` hosts) and announces to them.
+    pub async fn join(&self, seeds: Vec<SocketAddr>) -> Result<(), RuntimeError> {
+        self.send(Command::Join(seeds)).await
     }
 
     /// Stops the node without telling peers, like a crash (tests and chaos drills).
@@ -281,6 +287,7 @@ impl NodeTask {
                     Some(Command::PublishLocal(eps)) => self.node.publish_local(now_ms(), eps),
                     Some(Command::Snapshot(s)) => self.node.apply_registry_snapshot(now_ms(), s),
                     Some(Command::KeyRing(r)) => self.node.set_key_ring(r.as_ref()),
+                    Some(Command::Join(seeds)) => self.node.join(now_ms(), &seeds),
                     Some(Command::Frame { data, reply }) => {
                         let _ = reply.send(self.node.handle_repair_frame(now_ms(), &data));
                     }

@@ -151,6 +151,30 @@ impl fmt::Display for SimReport {
     }
 }
 
+impl SimConfig {
+    /// Largest simulated cluster (addresses are 10.x.y.z).
+    pub const MAX_NODES: usize = 1 << 16;
+
+    fn clamped(self) -> SimConfig {
+        let probe_period_ms = self.probe_period_ms.clamp(10, 60_000);
+        let min_delay_ms = self.min_delay_ms.min(60_000);
+        SimConfig {
+            nodes: self.nodes.clamp(2, Self::MAX_NODES),
+            loss: if self.loss.is_finite() {
+                self.loss.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
+            max_delay_ms: self.max_delay_ms.clamp(min_delay_ms, 60_000),
+            min_delay_ms,
+            probe_period_ms,
+            gossip_interval_ms: self.gossip_interval_ms.clamp(1, 60_000),
+            repair_interval_ms: self.repair_interval_ms.clamp(1, 3_600_000),
+            ..self
+        }
+    }
+}
+
 enum Event {
     Timer {
         node: usize,
@@ -188,7 +212,7 @@ struct Sim {
     watch_count: usize,
 }
 
-pub fn addr_of(i: usize) -> SocketAddr {
+pub(crate) fn addr_of(i: usize) -> SocketAddr {
     let ip = Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8);
     SocketAddr::new(IpAddr::V4(ip), 7702)
 }
@@ -410,9 +434,11 @@ impl Sim {
 }
 
 /// Runs one simulation. Deterministic for a given config.
+/// Out-of-range settings (they come from a command line) are clamped, never a panic.
 pub fn simulate(cfg: SimConfig) -> SimReport {
-    let n = cfg.nodes.max(2);
-    let mut sim = Sim::new(SimConfig { nodes: n, ..cfg });
+    let cfg = cfg.clamped();
+    let n = cfg.nodes;
+    let mut sim = Sim::new(cfg);
     let roster: Vec<_> = sim.nodes.iter().map(Node::id).collect();
     for i in 0..n {
         sim.nodes[i].assume_members(0, roster.iter().copied());
@@ -434,12 +460,12 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
     sim.publish(0, vec![endpoint_of(0, 8080), fresh.clone()]);
     sim.watch_row(0, &fresh);
     let target = ((n as f64) * 0.9999).ceil() as usize;
-    let t_9999 = sim.run_until_cond(c.gossip_interval_ms / 4, c.phase_timeout_ms, |s| {
+    let t_9999 = sim.run_until_cond((c.gossip_interval_ms / 4).max(1), c.phase_timeout_ms, |s| {
         s.watch_count >= target
     });
     let t_all = match t_9999 {
         Some(t) => sim
-            .run_until_cond(c.gossip_interval_ms / 4, c.phase_timeout_ms, |s| {
+            .run_until_cond((c.gossip_interval_ms / 4).max(1), c.phase_timeout_ms, |s| {
                 s.watch_count >= n
             })
             .map(|x| x + t),
@@ -471,11 +497,6 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
         sim.run_until(sim.now + c.partition_ms);
         sim.partition = None;
         let heal_at = sim.now;
-        if std::env::var_os("SIMDBG").is_some() {
-            let a = (0..n).filter(|&i| sim.nodes[i].has_row(&va.0, &va.1, va.2)).count();
-            let b = (0..n).filter(|&i| sim.nodes[i].has_row(&vb.0, &vb.1, vb.2)).count();
-            eprintln!("at heal: {a} have A's row, {b} have B's row");
-        }
         let live = sim.live_count();
         t_heal = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
             (0..n)

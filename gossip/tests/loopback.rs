@@ -102,7 +102,8 @@ async fn rows_propagate_hide_on_crash_return_on_rejoin_and_late_node_repairs() {
     .await;
 
     // A node started now has missed every broadcast: it catches up through repair.
-    let late = start(&keys, vec![seed], any_port(), vec![], &stop).await;
+    let late = start(&keys, vec![], any_port(), vec![], &stop).await;
+    late.join(vec![seed]).await.unwrap();
     eventually("late node has every row", Duration::from_secs(20), || {
         (0..5).all(|i| sees(&late, &endpoint(i)))
     })

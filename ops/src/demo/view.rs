@@ -180,8 +180,8 @@ pub fn screen(f: &Frame<'_>) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{:<8}{:<22}{:<10}{:<11}{}",
-        "cluster", "host", "discovery", "health", "decision"
+        "\n{:<8}{:<22}{:<10}{:<11}decision",
+        "cluster", "host", "discovery", "health"
     );
     for h in f.hosts {
         let _ = writeln!(

@@ -1,0 +1,419 @@
+//! The local API (DESIGN.md §5.3), served from the merged view on loopback: the registry's
+//! v1, v2 blocking and EDS routes, plus the agent's own routes. Every answer carries
+//! `X-Tidings-Registry-Age-Ms` — ms since the last successful registry sync: this agent's
+//! own, or the newest registry snapshot a peer relayed through gossip, whichever is more
+//! recent; `-1` if there never was one. A blocking catalog query that times out unchanged
+//! counts as a sync, so with a healthy registry it stays below `sync_wait`. — and
+//! `X-Tidings-Source` (`registry`, `gossip` or `cache`: the weakest
+//! provenance among the hosts of the answer — see [`crate::view`] — or, for answers that
+//! list no hosts, of the whole view).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use discovery::ApiError;
+use discovery::config::duration;
+use schema::api::{Catalog, EndpointSpec, ServiceSummary, ServicesResponse, V1Host, V1Listing};
+use schema::eds::{self, DiscoveryRequest};
+use schema::{EndpointKey, ServiceName, ValidationError};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::state::Shared;
+use crate::view::{Host, MergedView, Provenance};
+
+pub const HEADER_REGISTRY_AGE: &str = "x-tidings-registry-age-ms";
+pub const HEADER_SOURCE: &str = "x-tidings-source";
+pub use discovery::HEADER_INDEX;
+
+/// Longest `wait` of a blocking query (as the registry's default).
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+type AppState = Arc<Shared>;
+
+/// The local API's router. Tests drive it with `tower::ServiceExt::oneshot`.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/registration/{service}", get(v1_listing))
+        .route("/v2/services", get(v2_services))
+        .route("/v2/services/{service}", get(v2_service))
+        .route("/v2/catalog", get(v2_catalog))
+        .route("/v3/discovery:endpoints", post(eds_endpoints))
+        .route("/v1/agent/members", get(members))
+        .route("/v1/agent/self", get(self_info))
+        .route("/v1/agent/endpoints", get(list_local).put(register))
+        .route("/v1/agent/endpoints/{service}/{port}", delete(deregister))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(no_route)
+        .layer(middleware::from_fn_with_state(shared.clone(), freshness))
+        .with_state(shared)
+}
+
+async fn no_route(req: Request) -> ApiError {
+    ApiError::NoRoute(format!("{} {}", req.method(), req.uri().path()))
+}
+
+/// Adds the freshness headers to every answer that has not set its own source.
+async fn freshness(State(shared): State<AppState>, req: Request, next: Next) -> Response {
+    shared.metrics.requests.inc();
+    let mut resp = next.run(req).await;
+    let age = shared
+        .registry_age_ms()
+        .map_or_else(|| HeaderValue::from_static("-1"), HeaderValue::from);
+    let h = resp.headers_mut();
+    h.insert(HEADER_REGISTRY_AGE, age);
+    if !h.contains_key(HEADER_SOURCE) {
+        let view = shared.current_view();
+        let source = view.source_of(view.all_hosts());
+        h.insert(HEADER_SOURCE, HeaderValue::from_static(source.as_str()));
+    }
+    resp
+}
+
+fn with_meta(mut resp: Response, index: u64, source: Provenance) -> Response {
+    let h = resp.headers_mut();
+    h.insert(HEADER_INDEX, HeaderValue::from(index));
+    h.insert(HEADER_SOURCE, HeaderValue::from_static(source.as_str()));
+    resp
+}
+
+fn service_name(s: String) -> Result<ServiceName, ApiError> {
+    Ok(ServiceName::new(s)?)
+}
+
+fn listing(shared: &Shared, service: &ServiceName, hosts: &[Host]) -> V1Listing {
+    V1Listing {
+        service: service.to_string(),
+        env: shared.config.env.clone(),
+        hosts: hosts
+            .iter()
+            .map(|h| V1Host::from_endpoint(&h.endpoint, h.last_check_in_ms))
+            .collect(),
+    }
+}
+
+/// `GET /v1/registration/{service}`: the v1 listing (unknown service: `hosts: []`).
+async fn v1_listing(
+    State(shared): State<AppState>,
+    Path(service): Path<String>,
+) -> Result<Response, ApiError> {
+    let service = service_name(service)?;
+    let view = shared.current_view();
+    let hosts = view.hosts(&service);
+    let body = Json(listing(&shared, &service, hosts)).into_response();
+    Ok(with_meta(
+        body,
+        view.service_index(&service),
+        view.source_of(hosts),
+    ))
+}
+
+/// `GET /v2/services`: every service with hosts, and how many.
+async fn v2_services(State(shared): State<AppState>) -> Response {
+    let view = shared.current_view();
+    let services = view
+        .services()
+        .map(|(s, h)| ServiceSummary {
+            service: s.to_string(),
+            hosts: h.hosts.len(),
+        })
+        .collect();
+    let body = Json(ServicesResponse {
+        index: view.index(),
+        services,
+    });
+    with_meta(
+        body.into_response(),
+        view.index(),
+        view.source_of(view.all_hosts()),
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct BlockingQuery {
+    index: Option<String>,
+    wait: Option<String>,
+}
+
+fn blocking_params(query: Option<&str>) -> Result<(Option<u64>, Duration), ApiError> {
+    let q: BlockingQuery = match query {
+        Some(q) => serde_urlencoded::from_str(q)
+            .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,
+        None => BlockingQuery::default(),
+    };
+    let index =
+        match q.index.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                ApiError::BadRequest(format!("index must be an integer, got {s:?}"))
+            })?),
+            None => None,
+        };
+    let wait = match q.wait.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) => duration::parse(s).map_err(|e| ApiError::BadRequest(format!("wait: {e}")))?,
+        None => MAX_WAIT,
+    };
+    Ok((index, wait.min(MAX_WAIT)))
+}
+
+/// Answers at once unless `index` is current; then waits until the index moves, `wait`
+/// (plus up to 1/16 jitter, so watchers spread out) elapses, or the agent drains.
+async fn block(
+    shared: &Shared,
+    index: Option<u64>,
+    wait: Duration,
+    index_of: impl Fn(&MergedView) -> u64,
+) -> Arc<MergedView> {
+    let mut rx = shared.view.clone();
+    let current = rx.borrow_and_update().clone();
+    let Some(index) = index else { return current };
+    if index_of(&current) != index {
+        return current;
+    }
+    let wait = wait + (wait / 16).mul_f64(rand::random::<f64>());
+    let deadline = tokio::time::sleep(wait);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            () = shared.draining.cancelled() => break,
+            r = rx.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                let v = rx.borrow_and_update().clone();
+                if index_of(&v) != index {
+                    return v;
+                }
+            }
+        }
+    }
+    shared.current_view()
+}
+
+/// `GET /v2/services/{service}?index=I&wait=30s`: the v1 listing, blocking.
+async fn v2_service(
+    State(shared): State<AppState>,
+    Path(service): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let service = service_name(service)?;
+    let (index, wait) = blocking_params(query.as_deref())?;
+    let view = block(&shared, index, wait, |v| v.service_index(&service)).await;
+    let hosts = view.hosts(&service);
+    let body = Json(listing(&shared, &service, hosts)).into_response();
+    Ok(with_meta(
+        body,
+        view.service_index(&service),
+        view.source_of(hosts),
+    ))
+}
+
+/// `GET /v2/catalog?index=I&wait=30s`: every service at once, blocking.
+async fn v2_catalog(
+    State(shared): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let (index, wait) = blocking_params(query.as_deref())?;
+    let view = block(&shared, index, wait, MergedView::index).await;
+    let services: BTreeMap<String, Vec<V1Host>> = view
+        .services()
+        .map(|(s, h)| {
+            let hosts = h
+                .hosts
+                .iter()
+                .map(|h| V1Host::from_endpoint(&h.endpoint, h.last_check_in_ms))
+                .collect();
+            (s.to_string(), hosts)
+        })
+        .collect();
+    let body = Catalog {
+        index: view.index(),
+        generated_at_ms: schema::timefmt::unix_ms_now(),
+        warming: false,
+        // The agent's data is not confirmed by the registry right now.
+        stale: !shared.registry_ok(),
+        services,
+    };
+    let source = view.source_of(view.all_hosts());
+    Ok(with_meta(Json(body).into_response(), view.index(), source))
+}
+
+/// `POST /v3/discovery:endpoints`: Envoy EDS; the service's index is the version, and a
+/// current `version_info` is answered 304 with an empty body.
+async fn eds_endpoints(State(shared): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let (req, name) = DiscoveryRequest::parse(&body)?;
+    let service = service_name(name.clone())?;
+    let view = shared.current_view();
+    let index = view.service_index(&service);
+    let version = index.to_string();
+    let hosts = view.hosts(&service);
+    let source = view.source_of(hosts);
+    if req.version_info == version {
+        return Ok(with_meta(
+            StatusCode::NOT_MODIFIED.into_response(),
+            index,
+            source,
+        ));
+    }
+    let endpoints: Vec<_> = hosts.iter().map(|h| h.endpoint.clone()).collect();
+    let resp = eds::response(&name, &version, &endpoints, None);
+    Ok(with_meta(Json(resp).into_response(), index, source))
+}
+
+/// `GET /v1/agent/members`: the gossip members this agent knows, itself first.
+async fn members(State(shared): State<AppState>) -> Json<Value> {
+    let me = shared.gossip.id();
+    let mut list = vec![json!({
+        "addr": me.addr.to_string(), "epoch": me.epoch, "bump": me.bump, "state": "alive", "self": true,
+    })];
+    let mut others = shared.gossip.members();
+    others.sort_by_key(|m| m.id.addr);
+    list.extend(others.iter().map(|m| {
+        json!({
+            "addr": m.id.addr.to_string(), "epoch": m.id.epoch, "bump": m.id.bump,
+            "state": if m.active { "alive" } else { "down" }, "self": false,
+        })
+    }));
+    Json(json!({ "members": list }))
+}
+
+/// `GET /v1/agent/self`: who this agent is and how fresh its view is.
+async fn self_info(State(shared): State<AppState>) -> Json<Value> {
+    let view = shared.current_view();
+    let local: Vec<Value> = shared
+        .local()
+        .all()
+        .iter()
+        .map(|e| json!({"service": e.service.to_string(), "addr": e.socket_addr().to_string()}))
+        .collect();
+    Json(json!({
+        "gossip_addr": shared.gossip_addr.to_string(),
+        "epoch": shared.gossip.id().epoch,
+        "host_ip": shared.host_ip.to_string(),
+        "zone": shared.config.zone,
+        "registry": shared.config.registry,
+        "registry_ok": shared.registry_ok(),
+        "registry_age_ms": shared.registry_age_ms(),
+        "endpoints": local,
+        "cache": {
+            "entries_pending": view.all_hosts().filter(|h| h.provenance == Provenance::Cache).count(),
+            "stored_index": shared.cache_index.load(std::sync::atomic::Ordering::Relaxed),
+        },
+        "view": {
+            "index": view.index(),
+            "services": view.services().count(),
+            "hosts": view.len(),
+            "source": view.source_of(view.all_hosts()).as_str(),
+        },
+    }))
+}
+
+fn local_json(shared: &Shared) -> Json<Value> {
+    let all: Vec<V1Host> = shared
+        .local()
+        .all()
+        .iter()
+        .map(|e| V1Host::from_endpoint(e, 0))
+        .collect();
+    Json(json!({ "endpoints": all }))
+}
+
+/// `GET /v1/agent/endpoints`: this host's endpoints.
+async fn list_local(State(shared): State<AppState>) -> Json<Value> {
+    local_json(&shared)
+}
+
+/// `PUT /v1/agent/endpoints`: registers (or updates) an endpoint of this host; `ip`
+/// defaults to the host's. Gossiped at once and checked in right away.
+async fn register(State(shared): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let spec: EndpointSpec = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Validation(ValidationError::Malformed(e.to_string())))?;
+    let mut ep = spec.into_endpoint(None, Some(shared.host_ip))?;
+    if ep.tags.az.is_none() {
+        ep.tags.az = shared
+            .config
+            .zone
+            .clone()
+            .and_then(|z| schema::TagValue::new(z).ok());
+    }
+    tracing::info!(endpoint = %ep.key(), "endpoint registered through the local API");
+    shared.local().runtime.insert(ep.key(), ep.clone());
+    shared.local_changed().await;
+    Ok(Json(V1Host::from_endpoint(&ep, 0)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IpQuery {
+    ip: Option<String>,
+}
+
+/// `DELETE /v1/agent/endpoints/{service}/{port}[?ip=]`: withdraws an endpoint registered at
+/// runtime: a tombstone in gossip and a deregistration in the registry.
+async fn deregister(
+    State(shared): State<AppState>,
+    Path((service, port)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let q: IpQuery = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    let key = EndpointKey {
+        service: service_name(service)?,
+        ip: match q.ip {
+            Some(ip) => schema::api::parse_ip(&ip)?,
+            None => shared.host_ip,
+        },
+        port: schema::api::parse_port(&port)?,
+    };
+    let removed = shared.local().runtime.remove(&key);
+    let Some(ep) = removed else {
+        return Err(ApiError::NotFound(format!(
+            "{key} is not an endpoint registered through this agent's API"
+        )));
+    };
+    tracing::info!(endpoint = %key, "endpoint deregistered through the local API");
+    shared.local_changed().await;
+    // In the background: the local answer must not wait on a slow or absent registry (if it
+    // is down, the entry expires there since it is no longer checked in).
+    let bg = shared.clone();
+    tokio::spawn(async move { crate::checkin::deregister_all(&bg, &[ep]).await });
+    Ok(local_json(&shared).into_response())
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({"status": "live"}))
+}
+
+/// `GET /ready`: 503 once draining. The view is ready from the start — served from the
+/// disk cache, gossip or the registry, whichever is first.
+async fn ready(State(shared): State<AppState>) -> Response {
+    if shared.draining.is_cancelled() {
+        let body = schema::api::ErrorBody::new("draining", "the agent is shutting down");
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    let view = shared.current_view();
+    Json(json!({"status": "ready", "hosts": view.len()})).into_response()
+}
+
+async fn metrics(State(shared): State<AppState>) -> Response {
+    let mut resp = shared.render_metrics().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+#[path = "api_tests.rs"]
+mod tests;

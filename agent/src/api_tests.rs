@@ -1,0 +1,210 @@
+use std::num::NonZeroU16;
+
+use axum::body::Body;
+use axum::http::Request;
+use gossip::{GossipConfig, GossipView, Snapshot, SnapshotEntry, Source, ViewEntry};
+use http_body_util::BodyExt;
+use schema::Endpoint;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use super::*;
+use crate::config::AgentConfig;
+use crate::state::LocalEndpoints;
+use crate::view::Merger;
+
+fn ep(port: u16) -> Endpoint {
+    Endpoint::new(
+        ServiceName::new("web").expect("name"),
+        "127.0.0.1".parse().expect("ip"),
+        NonZeroU16::new(port).expect("port"),
+    )
+}
+
+fn view(ports: &[u16]) -> MergedView {
+    let snap = Snapshot {
+        service: ServiceName::new("web").expect("name"),
+        generated_at_ms: 10,
+        entries: ports
+            .iter()
+            .map(|p| SnapshotEntry {
+                endpoint: ep(*p),
+                last_check_in_ms: 9,
+            })
+            .collect(),
+    };
+    let g = GossipView {
+        endpoints: ports
+            .iter()
+            .map(|p| ViewEntry {
+                endpoint: ep(*p),
+                source: Source::Registry {
+                    generated_at_ms: 10,
+                    last_check_in_ms: 9,
+                },
+            })
+            .collect(),
+        snapshots: vec![snap],
+        members: Vec::new(),
+    };
+    Merger::new("127.0.0.1:1".parse().expect("addr"), 0, Vec::new()).merge(&g, 1)
+}
+
+struct Fixture {
+    app: Router,
+    tx: watch::Sender<Arc<MergedView>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+async fn fixture() -> Fixture {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gcfg = GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr"));
+    let gossip = gossip::run(gcfg, Vec::new(), stop.clone())
+        .await
+        .expect("gossip starts");
+    let config = AgentConfig {
+        registry: Some("http://127.0.0.1:9".into()),
+        request_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let client = config.client().expect("client");
+    let (tx, rx) = watch::channel(Arc::new(view(&[1, 2])));
+    let shared = Arc::new(Shared::new(
+        config,
+        client,
+        gossip,
+        "127.0.0.1".parse().expect("ip"),
+        rx,
+        LocalEndpoints::default(),
+        0,
+        stop.child_token(),
+    ));
+    Fixture {
+        app: router(shared),
+        tx,
+        stop,
+    }
+}
+
+async fn send(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, HeaderMapOut, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, headers, v)
+}
+
+type HeaderMapOut = axum::http::HeaderMap;
+
+fn hdr<'a>(h: &'a HeaderMapOut, name: &str) -> &'a str {
+    h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+#[tokio::test]
+async fn every_answer_says_how_fresh_it_is() {
+    let f = fixture().await;
+    for uri in [
+        "/v1/registration/web",
+        "/v1/registration/unknown",
+        "/v2/services",
+        "/v2/catalog",
+        "/v1/agent/members",
+        "/v1/agent/self",
+        "/live",
+        "/ready",
+        "/metrics",
+        "/nope",
+    ] {
+        let (_, h, _) = send(&f.app, "GET", uri, "").await;
+        assert_eq!(hdr(&h, HEADER_REGISTRY_AGE), "-1", "{uri}: never synced");
+        assert_eq!(hdr(&h, HEADER_SOURCE), "registry", "{uri}");
+    }
+    let (status, _, v) = send(&f.app, "GET", "/v1/registration/web", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(v["hosts"].as_array().map(Vec::len), Some(2));
+    let (status, _, v) = send(&f.app, "GET", "/v1/registration/Bad%20Name", "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"]["code"].is_string());
+    let (status, _, v) = send(&f.app, "GET", "/nope", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "route_not_found");
+    f.stop.cancel();
+}
+
+#[tokio::test]
+async fn eds_answers_304_when_current() {
+    let f = fixture().await;
+    let body = r#"{"version_info":"","resource_names":["web"]}"#;
+    let (status, h, v) = send(&f.app, "POST", "/v3/discovery:endpoints", body).await;
+    assert_eq!(status, StatusCode::OK);
+    let version = v["version_info"].as_str().expect("version").to_string();
+    assert_eq!(hdr(&h, HEADER_INDEX), version);
+    assert_eq!(v["resources"][0]["cluster_name"], "web");
+    let again = format!(r#"{{"version_info":"{version}","resource_names":["web"]}}"#);
+    let (status, _, _) = send(&f.app, "POST", "/v3/discovery:endpoints", &again).await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    let (status, _, _) = send(&f.app, "POST", "/v3/discovery:endpoints", "{").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    f.stop.cancel();
+}
+
+#[tokio::test]
+async fn blocking_queries_wake_on_change_and_time_out_otherwise() {
+    let f = fixture().await;
+    let (_, h, _) = send(&f.app, "GET", "/v2/services/web", "").await;
+    let index: u64 = hdr(&h, HEADER_INDEX).parse().expect("index");
+    // Nothing changes: answered after the wait with the same index.
+    let uri = format!("/v2/services/web?index={index}&wait=100ms");
+    let (_, h, _) = send(&f.app, "GET", &uri, "").await;
+    assert_eq!(hdr(&h, HEADER_INDEX), index.to_string());
+    // A new view with the same endpoints does not wake it; a real change does.
+    let uri = format!("/v2/services/web?index={index}&wait=30s");
+    let app = f.app.clone();
+    let waiter = tokio::spawn(async move { send(&app, "GET", &uri, "").await });
+    f.tx.send_replace(Arc::new(view(&[1, 2])));
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished());
+    f.tx.send_replace(Arc::new(view(&[1, 2, 3])));
+    let (_, h, v) = waiter.await.expect("joined");
+    assert_ne!(hdr(&h, HEADER_INDEX), index.to_string());
+    assert_eq!(v["hosts"].as_array().map(Vec::len), Some(3));
+    let (status, _, _) = send(&f.app, "GET", "/v2/catalog?index=x", "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    f.stop.cancel();
+}
+
+#[tokio::test]
+async fn endpoints_register_and_deregister_at_runtime() {
+    let f = fixture().await;
+    let (status, _, v) = send(
+        &f.app,
+        "PUT",
+        "/v1/agent/endpoints",
+        r#"{"service":"api","port":9000,"tags":{"az":"zone-b"}}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["ip_address"], "127.0.0.1", "the host's ip by default");
+    let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
+    assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(1));
+    let (status, _, _) = send(&f.app, "PUT", "/v1/agent/endpoints", r#"{"port":0}"#).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, _) = send(&f.app, "DELETE", "/v1/agent/endpoints/api/9000", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(&f.app, "DELETE", "/v1/agent/endpoints/api/9000", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
+    assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(0));
+    f.stop.cancel();
+}

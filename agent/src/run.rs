@@ -1,0 +1,283 @@
+//! `run`: the agent's tasks wired together, from start (disk cache first, so the API answers
+//! at once) to shutdown (readiness fails, optional deregistration, final cache write).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gossip::{GossipHandle, GossipView};
+use schema::ServiceName;
+use schema::timefmt::unix_ms_now;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cache::{self, CacheFile};
+use crate::checkin::{deregister_all, run_checkin};
+use crate::config::{AGENT_SERVICE, AgentConfig, ConfigError};
+use crate::state::{LocalEndpoints, Shared};
+use crate::sync::run_sync;
+use crate::view::{MergedView, Merger};
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot use the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gossip: {0}")]
+    Gossip(#[from] gossip::RuntimeError),
+    #[error("local API: {0}")]
+    Serve(std::io::Error),
+}
+
+/// How long a start waits for the registry's agent listing when it has no other seeds.
+const SEED_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// After publishing tombstones on shutdown, time for them to leave before gossip stops.
+const TOMBSTONE_FLUSH: Duration = Duration::from_millis(300);
+const GOSSIP_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Runs the agent until `shutdown` fires. The caller binds the local API's listener (and
+/// logs its address), so tests can use port 0.
+pub async fn run(
+    config: AgentConfig,
+    api: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    config.validate()?;
+    let client = config.client()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let (cached, cache_failed) = load_cache(&config);
+
+    let mut gcfg = config.gossip.clone();
+    if gcfg.seeds.is_empty() {
+        gcfg.seeds = seeds_from_cache(&cached, gcfg.bind);
+    }
+    if gcfg.advertise.is_none() && gcfg.bind.ip().is_unspecified() {
+        match (config.host_ip, gcfg.bind.port()) {
+            (Some(ip), port) if port != 0 => gcfg.advertise = Some(SocketAddr::new(ip, port)),
+            _ => return Err(ConfigError::NoHostIp(gcfg.bind).into()),
+        }
+    }
+    if gcfg.seeds.is_empty() {
+        // Known before binding unless the port is 0 (tests).
+        let planned = gcfg.advertise.unwrap_or(gcfg.bind);
+        let me = (planned.port() != 0)
+            .then(|| config.agent_endpoint(planned))
+            .flatten();
+        gcfg.seeds = seeds_from_registry(&client, me).await;
+    }
+    let gossip_stop = CancellationToken::new();
+    let gossip = gossip::run(gcfg.clone(), Vec::new(), gossip_stop.clone()).await?;
+    let gossip_addr = gossip.id().addr;
+    tracing::info!(addr = %gossip_addr, seeds = ?gcfg.seeds, "gossip listening");
+
+    let host_ip: IpAddr = config.host_ip.unwrap_or(gossip_addr.ip());
+    let local = LocalEndpoints {
+        configured: config.endpoints(host_ip)?,
+        runtime: cached
+            .runtime
+            .iter()
+            .map(|e| (e.key(), e.clone()))
+            .collect(),
+        agent: config.agent_endpoint(gossip_addr),
+    };
+    let settle_ms = u64::try_from(config.cache_settle.as_millis()).unwrap_or(u64::MAX);
+    let mut merger = Merger::new(gossip_addr, settle_ms, cached.hosts);
+    let first = merger.merge(&gossip.view().borrow(), unix_ms_now());
+    tracing::info!(
+        hosts = first.len(),
+        from_cache = merger.cache_len(),
+        "serving the view"
+    );
+    let (view_tx, view_rx) = watch::channel(Arc::new(first));
+    let draining = CancellationToken::new();
+    let shared = Arc::new(Shared::new(
+        config,
+        client,
+        gossip.clone(),
+        host_ip,
+        view_rx,
+        local,
+        cached.last_sync_ms,
+        draining.clone(),
+    ));
+    if cache_failed {
+        shared.metrics.cache_load_errors.inc();
+    }
+    shared.local_changed().await;
+
+    let tracker = TaskTracker::new();
+    let loops = CancellationToken::new();
+    let view_stop = CancellationToken::new();
+    tracker.spawn(run_view(merger, gossip.clone(), view_tx, view_stop.clone()));
+    tracker.spawn(run_sync(shared.clone(), loops.clone()));
+    tracker.spawn(run_checkin(shared.clone(), loops.clone()));
+    let writer_stop = CancellationToken::new();
+    let writer = tokio::spawn(cache::run_writer(shared.clone(), writer_stop.clone()));
+    let api_stop = CancellationToken::new();
+    let server = {
+        let stop = api_stop.clone();
+        let app = crate::api::router(shared.clone());
+        tokio::spawn(async move {
+            axum::serve(api, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: readiness fails");
+    draining.cancel();
+    loops.cancel();
+    if shared.config.deregister_on_shutdown {
+        deregister(&shared, &gossip).await;
+    }
+    gossip_stop.cancel();
+    if tokio::time::timeout(GOSSIP_STOP_TIMEOUT, gossip.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!("gossip did not stop in time");
+    }
+    view_stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    writer_stop.cancel();
+    if let Err(e) = writer.await {
+        tracing::warn!(error = %e, "cache writer failed");
+    }
+    api_stop.cancel();
+    let served = tokio::time::timeout(API_DRAIN_TIMEOUT, server).await;
+    tracing::info!("agent stopped");
+    match served {
+        Ok(Ok(Err(e))) => Err(AgentError::Serve(e)),
+        _ => Ok(()),
+    }
+}
+
+/// SIGTERM with `deregister_on_shutdown`: tombstones to gossip, deletes to the registry.
+async fn deregister(shared: &Shared, gossip: &GossipHandle) {
+    let endpoints = shared.local().all();
+    tracing::info!(
+        endpoints = endpoints.len(),
+        "deregistering this host's endpoints"
+    );
+    if gossip.publish_local(Vec::new()).await.is_ok() {
+        tokio::time::sleep(TOMBSTONE_FLUSH).await;
+    }
+    let limit = shared.config.request_timeout * 2;
+    if tokio::time::timeout(limit, deregister_all(shared, &endpoints))
+        .await
+        .is_err()
+    {
+        tracing::warn!("registry deregistration did not finish in time");
+    }
+}
+
+/// Loads the disk cache; a missing file is normal, a bad one is logged and ignored.
+fn load_cache(config: &AgentConfig) -> (CacheFile, bool) {
+    let path = cache::path(&config.data_dir);
+    match cache::load(&config.data_dir) {
+        Ok(Some(file)) => {
+            tracing::info!(path = %path.display(), hosts = file.hosts.len(), "disk cache loaded");
+            (file, false)
+        }
+        Ok(None) => {
+            tracing::info!(path = %path.display(), "no disk cache yet");
+            (CacheFile::default(), false)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "disk cache ignored (corrupt or foreign)");
+            (CacheFile::default(), true)
+        }
+    }
+}
+
+fn seeds_from_cache(cached: &CacheFile, bind: SocketAddr) -> Vec<SocketAddr> {
+    cached
+        .hosts
+        .iter()
+        .filter(|h| h.endpoint.service.as_str() == AGENT_SERVICE)
+        .map(|h| h.endpoint.socket_addr())
+        .filter(|a| *a != bind)
+        .collect()
+}
+
+/// The registry's listing of agents, when it answers quickly; empty otherwise. `me` is
+/// checked in first: of two agents starting at once, the one that reads second then finds
+/// the other, so no two agents stay alone (gossip takes seeds only at start).
+async fn seeds_from_registry(
+    client: &discovery::RegistryClient,
+    me: Option<schema::Endpoint>,
+) -> Vec<SocketAddr> {
+    let Ok(service) = ServiceName::new(AGENT_SERVICE) else {
+        return Vec::new();
+    };
+    let own = me.as_ref().map(schema::Endpoint::socket_addr);
+    let lookup = async {
+        if let Some(me) = me {
+            let _ = client.check_in(&[me]).await;
+        }
+        client.service(&service).await
+    };
+    // One budget for both: a blackholed registry must not hold the start up for long.
+    match tokio::time::timeout(SEED_LOOKUP_TIMEOUT, lookup).await {
+        Ok(Ok(listing)) => listing
+            .hosts
+            .iter()
+            .filter_map(|h| h.to_endpoint().ok())
+            .map(|(e, _)| e.socket_addr())
+            .filter(|a| Some(*a) != own)
+            .collect(),
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "no gossip seeds from the registry");
+            Vec::new()
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Recomputes the merged view when gossip's view changes, and every second while disk-cache
+/// entries wait to be superseded (their `settle` time passes without any gossip event).
+async fn run_view(
+    mut merger: Merger,
+    gossip: GossipHandle,
+    tx: watch::Sender<Arc<MergedView>>,
+    stop: CancellationToken,
+) {
+    let mut rx = gossip.view();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let cache_pending = merger.cache_len() > 0;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+            _ = tick.tick(), if cache_pending => {}
+        }
+        let g: Arc<GossipView> = rx.borrow_and_update().clone();
+        let before = merger.cache_len();
+        let view = merger.merge(&g, unix_ms_now());
+        if before > 0 && merger.cache_len() == 0 {
+            tracing::info!("every disk-cache entry is now covered by live data");
+        }
+        tx.send_if_modified(|cur| {
+            let changed = **cur != view;
+            if changed {
+                *cur = Arc::new(view);
+            }
+            changed
+        });
+    }
+}

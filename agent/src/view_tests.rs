@@ -1,0 +1,277 @@
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+
+use gossip::{GossipView, MemberInfo, NodeId, Snapshot, SnapshotEntry, Source, ViewEntry};
+use schema::{Endpoint, ServiceName};
+
+use super::*;
+
+fn ep(service: &str, port: u16) -> Endpoint {
+    Endpoint::new(
+        ServiceName::new(service).expect("name"),
+        "10.0.0.1".parse().expect("ip"),
+        NonZeroU16::new(port).expect("port"),
+    )
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+fn ports(view: &MergedView, service: &str) -> Vec<(u16, Provenance)> {
+    view.hosts(&ServiceName::new(service).expect("name"))
+        .iter()
+        .map(|h| (h.endpoint.port.get(), h.provenance))
+        .collect()
+}
+
+fn row(e: Endpoint, owner: &str) -> ViewEntry {
+    ViewEntry {
+        endpoint: e,
+        source: Source::Gossip { owner: addr(owner) },
+    }
+}
+
+fn snap(service: &str, at: u64, p: &[u16]) -> Snapshot {
+    Snapshot {
+        service: ServiceName::new(service).expect("name"),
+        generated_at_ms: at,
+        entries: p
+            .iter()
+            .map(|p| SnapshotEntry {
+                endpoint: ep(service, *p),
+                last_check_in_ms: at - 1,
+            })
+            .collect(),
+    }
+}
+
+fn reg(e: Endpoint, at: u64) -> ViewEntry {
+    ViewEntry {
+        endpoint: e,
+        source: Source::Registry {
+            generated_at_ms: at,
+            last_check_in_ms: at - 1,
+        },
+    }
+}
+
+fn member(a: &str, active: bool) -> MemberInfo {
+    MemberInfo {
+        id: NodeId::new(addr(a), 1),
+        active,
+    }
+}
+
+const ME: &str = "10.0.0.9:7702";
+
+#[test]
+fn provenance_is_registry_when_listed_gossip_when_only_owned() {
+    let mut m = Merger::new(addr(ME), 1_000, Vec::new());
+    let g = GossipView {
+        endpoints: vec![
+            row(ep("web", 1), "10.0.0.2:7702"),
+            row(ep("web", 2), "10.0.0.2:7702"),
+        ],
+        snapshots: vec![snap("web", 10, &[1])],
+        members: vec![member("10.0.0.2:7702", true)],
+    };
+    let v = m.merge(&g, 100);
+    assert_eq!(
+        ports(&v, "web"),
+        vec![(1, Provenance::Registry), (2, Provenance::Gossip)]
+    );
+    let hosts = v.hosts(&ServiceName::new("web").expect("name"));
+    assert_eq!(
+        v.source_of(hosts),
+        Provenance::Gossip,
+        "the weakest host decides"
+    );
+    assert_eq!(v.source_of(&hosts[..1]), Provenance::Registry);
+    assert_eq!(hosts[0].last_check_in_ms, 9, "registry time when listed");
+    assert_eq!(hosts[1].last_check_in_ms, 100, "first seen otherwise");
+}
+
+#[test]
+fn cache_entries_are_served_until_live_data_covers_them() {
+    let owner = "10.0.0.2:7702";
+    let cached = vec![
+        CachedHost {
+            endpoint: ep("web", 1),
+            origin: Origin::Registry {
+                generated_at_ms: 10,
+            },
+            last_check_in_ms: 9,
+        },
+        CachedHost {
+            endpoint: ep("web", 2),
+            origin: Origin::Row { owner: addr(owner) },
+            last_check_in_ms: 9,
+        },
+        CachedHost {
+            endpoint: ep("db", 3),
+            origin: Origin::Registry {
+                generated_at_ms: 10,
+            },
+            last_check_in_ms: 9,
+        },
+        // Our own previous rows: republished by this process, never from the cache.
+        CachedHost {
+            endpoint: ep("mine", 4),
+            origin: Origin::Row { owner: addr(ME) },
+            last_check_in_ms: 9,
+        },
+    ];
+    let mut m = Merger::new(addr(ME), 1_000, cached);
+    // At start, nothing live: everything cached (but our own) is served.
+    let v = m.merge(&GossipView::default(), 0);
+    assert_eq!(v.len(), 3);
+    assert_eq!(v.source_of(v.all_hosts()), Provenance::Cache);
+
+    // Gossip brings web:1 as a row (replaces the cache entry), an older db snapshot
+    // (does not supersede), and the owner comes alive (not settled yet).
+    let mut g = GossipView {
+        endpoints: vec![row(ep("web", 1), owner)],
+        snapshots: vec![snap("db", 5, &[])],
+        members: vec![member(owner, true)],
+    };
+    let v = m.merge(&g, 100);
+    assert_eq!(
+        ports(&v, "web"),
+        vec![(1, Provenance::Gossip), (2, Provenance::Cache)]
+    );
+    assert_eq!(ports(&v, "db"), vec![(3, Provenance::Cache)]);
+
+    // A db snapshot at least as new supersedes the cached db entries, even empty ones.
+    g.snapshots = vec![snap("db", 10, &[])];
+    let v = m.merge(&g, 200);
+    assert!(ports(&v, "db").is_empty());
+    // Once the owner has been alive for `settle`, its cached rows give way.
+    let v = m.merge(&g, 1_100);
+    assert_eq!(ports(&v, "web"), vec![(1, Provenance::Gossip)]);
+    assert_eq!(m.cache_len(), 0);
+}
+
+#[test]
+fn a_cached_row_of_an_owner_declared_down_is_dropped() {
+    let owner = "10.0.0.2:7702";
+    let cached = vec![CachedHost {
+        endpoint: ep("web", 2),
+        origin: Origin::Row { owner: addr(owner) },
+        last_check_in_ms: 9,
+    }];
+    let mut m = Merger::new(addr(ME), 60_000, cached);
+    let unknown = GossipView {
+        members: vec![member("10.0.0.3:7702", true)],
+        ..Default::default()
+    };
+    assert_eq!(m.merge(&unknown, 1).len(), 1, "unknown owner: fail static");
+    let down = GossipView {
+        members: vec![member(owner, false)],
+        ..Default::default()
+    };
+    assert!(m.merge(&down, 2).is_empty());
+}
+
+#[test]
+fn registry_entries_stay_and_rows_override_them() {
+    // §5.3 as gossip computes it, seen through the agent: registry entries plus rows.
+    let mut m = Merger::new(addr(ME), 1_000, Vec::new());
+    let mut tagged = ep("web", 1);
+    tagged.tags.canary = true;
+    let g = GossipView {
+        endpoints: vec![row(tagged.clone(), "10.0.0.2:7702"), reg(ep("web", 2), 10)],
+        snapshots: vec![snap("web", 10, &[1, 2])],
+        members: vec![member("10.0.0.2:7702", true)],
+    };
+    let v = m.merge(&g, 5);
+    let hosts = v.hosts(&ServiceName::new("web").expect("name"));
+    assert_eq!(hosts[0].endpoint, tagged, "the owner's row wins");
+    assert_eq!(v.source_of(hosts), Provenance::Registry);
+}
+
+#[test]
+fn the_index_moves_only_when_endpoints_change() {
+    let mut m = Merger::new(addr(ME), 1_000, Vec::new());
+    let g1 = GossipView {
+        endpoints: vec![reg(ep("web", 1), 10)],
+        snapshots: vec![snap("web", 10, &[1])],
+        members: Vec::new(),
+    };
+    let a = m.merge(&g1, 1);
+    // A newer snapshot with the same endpoints (a re-check-in): same index.
+    let g2 = GossipView {
+        endpoints: vec![reg(ep("web", 1), 20)],
+        snapshots: vec![snap("web", 20, &[1])],
+        members: Vec::new(),
+    };
+    let b = m.merge(&g2, 2);
+    let web = ServiceName::new("web").expect("name");
+    assert_eq!(a.index(), b.index());
+    assert_eq!(a.service_index(&web), b.service_index(&web));
+    let g3 = GossipView {
+        endpoints: vec![reg(ep("web", 1), 30), reg(ep("web", 2), 30)],
+        snapshots: vec![snap("web", 30, &[1, 2])],
+        members: Vec::new(),
+    };
+    let c = m.merge(&g3, 3);
+    assert_ne!(a.index(), c.index());
+    assert_ne!(a.service_index(&web), c.service_index(&web));
+    let other = ServiceName::new("db").expect("name");
+    assert_eq!(a.service_index(&other), c.service_index(&other));
+}
+
+/// §5.3 end to end through the real gossip core (sans-IO, no sockets): registry snapshots,
+/// this node's own rows, tombstones, and the agent's merge on top.
+mod through_gossip {
+    use gossip::{GossipConfig, Node};
+
+    use super::*;
+
+    fn observe(node: &Node, m: &mut Merger, now: u64) -> MergedView {
+        let g = GossipView {
+            endpoints: node.visible_endpoints(),
+            snapshots: node.snapshots(),
+            members: node.members(),
+        };
+        m.merge(&g, now)
+    }
+
+    #[test]
+    fn rows_override_tombstones_remove_and_only_newer_snapshots_replace() {
+        let me = addr(ME);
+        let mut node = Node::new(GossipConfig::for_tests(me), 1, 7).expect("node");
+        node.start(1);
+        let mut m = Merger::new(me, 1_000, Vec::new());
+        node.apply_registry_snapshot(2, snap("web", 10, &[1, 2]));
+        assert_eq!(
+            ports(&observe(&node, &mut m, 2), "web"),
+            vec![(1, Provenance::Registry), (2, Provenance::Registry)]
+        );
+
+        // An owned row overrides the registry's entry for the same key.
+        let mut mine = ep("web", 1);
+        mine.tags.canary = true;
+        node.publish_local(3, vec![mine.clone()]);
+        let v = observe(&node, &mut m, 3);
+        assert_eq!(v.hosts(&mine.service)[0].endpoint, mine);
+
+        // An older snapshot (a late or failed answer relayed by a peer) replaces nothing.
+        node.apply_registry_snapshot(4, snap("web", 5, &[]));
+        assert_eq!(observe(&node, &mut m, 4).hosts(&mine.service).len(), 2);
+
+        // The owner's tombstone removes the endpoint, although the registry still lists it.
+        node.publish_local(5, Vec::new());
+        assert_eq!(
+            ports(&observe(&node, &mut m, 5), "web"),
+            vec![(2, Provenance::Registry)]
+        );
+
+        // A newer successful snapshot replaces the registry entries.
+        node.apply_registry_snapshot(6, snap("web", 20, &[3]));
+        assert_eq!(
+            ports(&observe(&node, &mut m, 6), "web"),
+            vec![(3, Provenance::Registry)]
+        );
+    }
+}
