@@ -203,8 +203,12 @@ async fn run_agent(cfg: &mut AgentConfig) -> Result<()> {
     tokio::spawn(async move {
         crate::telemetry::shutdown_signal().await;
         tracing::info!("shutdown signal");
+        crate::systemd::stopping();
         trigger.cancel();
     });
+    // The local API answers (from the disk cache if need be) from the moment it is bound.
+    crate::systemd::ready(&format!("local API on {addr}"));
+    crate::systemd::spawn_watchdog(shutdown.clone());
     agent::run(cfg.clone(), listener, shutdown).await?;
     Ok(())
 }
