@@ -69,7 +69,7 @@ async fn simulate(args: SimulateArgs) -> ExitCode {
     // The simulator is CPU-bound and synchronous: keep it off the async workers.
     match tokio::task::spawn_blocking(move || gossip::simulate(cfg)).await {
         Ok(report) => {
-            print!("{report}");
+            println!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => {
