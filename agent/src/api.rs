@@ -21,7 +21,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use discovery::ApiError;
-use discovery::config::duration;
 use schema::api::{Catalog, EndpointSpec, ServiceSummary, ServicesResponse, V1Host, V1Listing};
 use schema::eds::{self, DiscoveryRequest};
 use schema::{EndpointKey, ServiceName, ValidationError};
@@ -140,30 +139,10 @@ async fn v2_services(State(shared): State<AppState>) -> Response {
     )
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct BlockingQuery {
-    index: Option<String>,
-    wait: Option<String>,
-}
-
+/// The registry's own parsing of `index` and `wait`, with the agent's cap on `wait`.
 fn blocking_params(query: Option<&str>) -> Result<(Option<u64>, Duration), ApiError> {
-    let q: BlockingQuery = match query {
-        Some(q) => serde_urlencoded::from_str(q)
-            .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,
-        None => BlockingQuery::default(),
-    };
-    let index =
-        match q.index.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                ApiError::BadRequest(format!("index must be an integer, got {s:?}"))
-            })?),
-            None => None,
-        };
-    let wait = match q.wait.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        Some(s) => duration::parse(s).map_err(|e| ApiError::BadRequest(format!("wait: {e}")))?,
-        None => MAX_WAIT,
-    };
-    Ok((index, wait.min(MAX_WAIT)))
+    let (index, wait) = discovery::blocking_params(query)?;
+    Ok((index, wait.unwrap_or(MAX_WAIT).min(MAX_WAIT)))
 }
 
 /// Answers at once unless `index` is current; then waits until the index moves, `wait`

@@ -52,6 +52,7 @@ pub use errors::ApiError;
 pub use memory::MemoryStore;
 pub use registry::{Registry, View, ViewData};
 pub use router::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, router};
+pub use routes_v2::blocking_params;
 pub use server::serve;
 pub use store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 pub use sweep::{SweepReport, run_sweeper};

@@ -76,7 +76,8 @@ struct BlockingQuery {
 }
 
 /// `index` and `wait` of a blocking query; other parameters are ignored, as Consul does.
-fn blocking_params(query: Option<&str>) -> Result<(Option<u64>, Option<Duration>), ApiError> {
+/// Shared with the agent's local API, which answers the same queries.
+pub fn blocking_params(query: Option<&str>) -> Result<(Option<u64>, Option<Duration>), ApiError> {
     let q: BlockingQuery = match query {
         Some(q) => serde_urlencoded::from_str(q)
             .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,

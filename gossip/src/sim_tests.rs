@@ -173,24 +173,3 @@ fn snapshots_and_tombstones_reach_everyone() {
         0
     );
 }
-
-/// The 1 000-node figures of DESIGN.md §5.2 — run with `--release -- --ignored` only
-/// (`GOSSIP_SIM_NODES` overrides the size).
-#[test]
-#[ignore]
-fn thousand_nodes() {
-    let nodes = std::env::var("GOSSIP_SIM_NODES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    for loss in [0.0, 0.10, 0.25] {
-        let r = simulate(SimConfig {
-            nodes,
-            loss,
-            seed: 1,
-            partition_ms: 15_000,
-            ..Default::default()
-        });
-        println!("{r}\n");
-    }
-}
