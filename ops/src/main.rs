@@ -53,11 +53,17 @@ fn main() -> ExitCode {
     })
 }
 
-/// The one multi-threaded runtime; `threads` sizes it (default: one worker per CPU).
+/// The one runtime; `threads` sizes it (default: one worker per CPU). One thread means the
+/// current-thread scheduler: everything on this thread, with no cross-thread hand-offs.
 fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(n);
-    }
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     builder.enable_all().build()
 }

@@ -298,8 +298,14 @@ mod tests {
             assert_eq!(c.health_check.path, "/healthcheck");
         }
         let r = &cfg.routes;
-        assert_eq!((r[0].host.as_deref(), r[0].path_prefix.as_deref()), (Some("web"), None));
-        assert_eq!((r[1].host.as_deref(), r[1].path_prefix.as_deref()), (None, Some("/api")));
+        assert_eq!(
+            (r[0].host.as_deref(), r[0].path_prefix.as_deref()),
+            (Some("web"), None)
+        );
+        assert_eq!(
+            (r[1].host.as_deref(), r[1].path_prefix.as_deref()),
+            (None, Some("/api"))
+        );
         assert_eq!(r[2].host.as_deref(), Some("api.internal"));
         assert_eq!(r[2].cluster, "api");
     }
@@ -320,7 +326,10 @@ mod tests {
         ]))
         .expect("valid");
         assert_eq!(cfg.listeners[0].address.to_string(), "127.0.0.1:9000");
-        assert_eq!(cfg.listeners[0].max_header_bytes, 65536, "kept from the file");
+        assert_eq!(
+            cfg.listeners[0].max_header_bytes, 65536,
+            "kept from the file"
+        );
         let names: Vec<&str> = cfg.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["users", "orders"]);
         assert!(cfg.clusters.iter().all(|c| c.health_check.path == "/up"));

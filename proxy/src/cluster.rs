@@ -23,6 +23,10 @@ use crate::outlier::{OutlierPolicy, OutlierState, RequestResult};
 use crate::retry::RetryPolicy;
 use crate::upstream::UpstreamClient;
 
+mod handle;
+
+pub use self::handle::{ClusterMetrics, HostHandle, OUTCOMES};
+
 /// How many picks a retry makes to avoid the host that just failed.
 const HOST_SELECTION_ATTEMPTS: u64 = 3;
 
@@ -51,7 +55,7 @@ struct HostEntry {
     discovery: DiscoveryStatus,
     health: HealthState,
     outlier: OutlierState,
-    active: Arc<AtomicU32>,
+    handle: Arc<HostHandle>,
     checker: Option<CancellationToken>,
 }
 
@@ -73,6 +77,16 @@ struct State {
     balancer: Balancer,
     rng: SmallRng,
     membership: MembershipStatus,
+    scratch: Scratch,
+}
+
+/// Buffers [`Cluster::pick`] refills on every request, kept so that picking allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    addrs: Vec<SocketAddr>,
+    candidates: Vec<Candidate>,
+    routable: Vec<usize>,
+    lb: Vec<LbHost>,
 }
 
 pub struct Cluster {
@@ -86,6 +100,8 @@ pub struct Cluster {
     pub scheme: &'static str,
     pub active_requests: AtomicU32,
     pub active_retries: AtomicU32,
+    pub metrics: ClusterMetrics,
+    name: Arc<str>,
     state: Mutex<State>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
@@ -93,11 +109,17 @@ pub struct Cluster {
 
 /// Counts a request against its host until dropped.
 #[derive(Debug)]
-pub struct ActiveGuard(Arc<AtomicU32>);
+pub struct ActiveGuard(Arc<HostHandle>);
+
+impl ActiveGuard {
+    pub fn host(&self) -> &HostHandle {
+        &self.0
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -125,7 +147,9 @@ impl Cluster {
             balancer: Balancer::new(config.lb_policy, zone),
             rng: SmallRng::from_rng(&mut rand::rng()),
             membership: MembershipStatus::default(),
+            scratch: Scratch::default(),
         };
+        let name: Arc<str> = Arc::from(config.name.as_str());
         Arc::new(Cluster {
             retry_policy: config.retries.policy(),
             health_policy,
@@ -136,6 +160,8 @@ impl Cluster {
             scheme: if tls { "https" } else { "http" },
             active_requests: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
+            metrics: ClusterMetrics::new(name.clone()),
+            name,
             state: Mutex::new(state),
             tracker,
             shutdown,
@@ -220,7 +246,7 @@ impl Cluster {
                     discovery: DiscoveryStatus::Present,
                     health,
                     outlier: OutlierState::default(),
-                    active: Arc::new(AtomicU32::new(0)),
+                    handle: Arc::new(HostHandle::new(addr, self.name.clone())),
                     checker,
                 },
             );
@@ -256,7 +282,7 @@ impl Cluster {
             .iter()
             .filter(|(_, h)| {
                 let d = merge::decide(h.discovery, h.health.status(), checked);
-                merge::can_forget(d, h.active.load(Ordering::Acquire))
+                merge::can_forget(d, h.handle.active())
             })
             .map(|(a, _)| *a)
             .collect();
@@ -337,53 +363,63 @@ impl Cluster {
             hosts,
             balancer,
             rng,
+            scratch,
             ..
         } = &mut *st;
         let checked = self.health_policy.is_some();
-        let entries: Vec<(&SocketAddr, &HostEntry)> = hosts.iter().collect();
-        let candidates: Vec<Candidate> = entries
-            .iter()
-            .map(|(_, h)| Candidate {
+        let Scratch {
+            addrs,
+            candidates,
+            routable,
+            lb,
+        } = scratch;
+        addrs.clear();
+        candidates.clear();
+        for (addr, h) in hosts.iter() {
+            addrs.push(*addr);
+            candidates.push(Candidate {
                 decision: merge::decide(h.discovery, h.health.status(), checked),
                 ejected: h.outlier.is_ejected(now),
-            })
-            .collect();
-        let routable = merge::routable(&candidates, self.config.panic_threshold_percent);
-        let chosen: Vec<usize> = routable.hosts;
-        let lb_hosts: Vec<LbHost> = chosen
-            .iter()
-            .map(|&i| {
-                let (_, h) = entries[i];
-                LbHost {
+            });
+        }
+        let panic = merge::routable_into(candidates, self.config.panic_threshold_percent, routable);
+        lb.clear();
+        // `routable` holds ascending indices into `hosts`: one walk collects them.
+        let mut wanted = routable.iter().copied().peekable();
+        for (i, h) in hosts.values().enumerate() {
+            if wanted.next_if_eq(&i).is_some() {
+                lb.push(LbHost {
                     key: h.key.clone(),
                     weight: h.weight,
-                    active: h.active.load(Ordering::Acquire),
+                    active: h.handle.active(),
                     zone: h.zone.clone(),
-                }
-            })
-            .collect();
+                });
+            }
+        }
+        let addr_of = |i: usize| addrs[routable[i]];
         // Envoy's previous-host predicate: re-pick a few times (perturbing the hash, as Envoy
         // does for hash balancers) rather than change the host set, which would reset the
         // balancer's schedule.
         let mut picked = None;
         for attempt in 0..HOST_SELECTION_ATTEMPTS {
             let h = hash.map(|h| h.wrapping_add(attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-            picked = balancer.pick(&lb_hosts, routable.panic, h, rng);
+            picked = balancer.pick(lb, panic, h, rng);
             match (picked, avoid) {
-                (Some(i), Some(avoid)) if *entries[chosen[i]].0 == avoid && chosen.len() > 1 => {
-                    continue;
-                }
+                (Some(i), Some(avoid)) if addr_of(i) == avoid && routable.len() > 1 => continue,
                 _ => break,
             }
         }
         let mut picked = picked?;
-        if avoid.is_some_and(|a| *entries[chosen[picked]].0 == a) && chosen.len() > 1 {
+        if avoid.is_some_and(|a| addr_of(picked) == a) && routable.len() > 1 {
             // Unlucky draws: take the neighbour rather than repeat a failed host.
-            picked = (picked + 1) % chosen.len();
+            picked = (picked + 1) % routable.len();
         }
-        let (addr, h) = entries[*chosen.get(picked)?];
-        h.active.fetch_add(1, Ordering::AcqRel);
-        Some((*addr, ActiveGuard(h.active.clone())))
+        let handle = hosts
+            .get(addrs.get(*routable.get(picked)?)?)?
+            .handle
+            .clone();
+        handle.active.fetch_add(1, Ordering::AcqRel);
+        Some((handle.addr, ActiveGuard(handle)))
     }
 
     /// Feeds passive outlier detection with one request's result.
@@ -394,11 +430,14 @@ impl Cluster {
         let now = now();
         let mut st = self.lock();
         let total = st.hosts.len();
-        let ejected = st
-            .hosts
-            .values()
-            .filter(|h| h.outlier.is_ejected(now))
-            .count();
+        let ejected = match result {
+            RequestResult::Success => 0,
+            RequestResult::Failure => st
+                .hosts
+                .values()
+                .filter(|h| h.outlier.is_ejected(now))
+                .count(),
+        };
         let Some(h) = st.hosts.get_mut(&addr) else {
             return;
         };
@@ -439,7 +478,7 @@ impl Cluster {
                 weight: h.weight,
                 zone: h.zone.as_deref().map(str::to_string),
                 canary: h.canary,
-                active_requests: h.active.load(Ordering::Acquire),
+                active_requests: h.handle.active(),
                 ejected,
                 ejections_total: h.outlier.total_ejections(),
                 health_checks: h.health.checks(),

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -29,6 +30,9 @@ const MAX_RETRY_BODY: u64 = 64 * 1024;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static OVERFLOW: HeaderName = HeaderName::from_static("x-tidings-overflow");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// A resolved route.
 pub struct Route {
@@ -56,7 +60,6 @@ impl Route {
 /// What the access log records about one request beyond the request line.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    pub cluster: Option<String>,
     pub upstream: Option<SocketAddr>,
     pub attempts: u32,
     pub flag: Option<&'static str>,
@@ -64,16 +67,41 @@ pub struct Outcome {
 
 /// The request's host without port, from the URI (HTTP/2 :authority) or the Host header.
 pub fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req.uri().host().map(str::to_string).or_else(|| {
-        let h = req.headers().get(header::HOST)?.to_str().ok()?;
-        let uri: Uri = format!("http://{h}/").parse().ok()?;
-        uri.host().map(str::to_string)
-    })?;
-    Some(
-        raw.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-    )
+    host_of(req.uri(), req.headers().get(header::HOST)).map(str::to_string)
+}
+
+/// [`request_host`] without allocating: a view into the URI or the Host header value. A Host
+/// header that is not a valid `host[:port]` authority gives `None`.
+pub fn host_of<'a>(uri: &'a Uri, host_header: Option<&'a HeaderValue>) -> Option<&'a str> {
+    let raw = match uri.host() {
+        Some(h) => h,
+        None => {
+            let h = host_header?.to_str().ok()?;
+            let valid = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b);
+            if h.is_empty() || !h.bytes().all(valid) {
+                return None;
+            }
+            let (host, port) = match h.strip_prefix('[') {
+                Some(v6) => {
+                    let (inside, rest) = v6.split_once(']')?;
+                    (
+                        inside,
+                        rest.strip_prefix(':')
+                            .or(Some(rest).filter(|r| r.is_empty()))?,
+                    )
+                }
+                None => h.split_once(':').unwrap_or((h, "")),
+            };
+            if host.is_empty()
+                || host.contains(['[', ']'])
+                || !port.bytes().all(|b| b.is_ascii_digit())
+            {
+                return None;
+            }
+            host
+        }
+    };
+    Some(raw.trim_start_matches('[').trim_end_matches(']'))
 }
 
 /// A local answer in the registry's error shape.
@@ -129,11 +157,15 @@ pub async fn forward(
     route: &Route,
     req: Request<Incoming>,
     request_id: &HeaderValue,
-    peer: SocketAddr,
+    peer_ip: &HeaderValue,
     out: &mut Outcome,
 ) -> Response<ProxyBody> {
     let cluster = &route.cluster;
-    out.cluster = Some(cluster.name().to_string());
+    let scheme = if cluster.scheme == "https" {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
     let deadline = Instant::now() + route.timeout;
     let req_permit = match cluster.breaker.try_acquire(Resource::Requests) {
         Ok(p) => p,
@@ -173,8 +205,8 @@ pub async fn forward(
                 "request body already sent",
             );
         };
-        let Ok(up_req) = upstream_request(&parts, up_body, cluster.scheme, addr, request_id, peer)
-        else {
+        let target = (&scheme, &guard.host().authority);
+        let Ok(up_req) = upstream_request(&parts, up_body, target, request_id, peer_ip) else {
             return local_reply(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -199,7 +231,7 @@ pub async fn forward(
                 },
             );
         }
-        metrics::counter!("tidings_proxy_upstream_requests_total", "cluster" => cluster.name().to_string(), "host" => addr.to_string(), "outcome" => outcome_label(outcome)).increment(1);
+        guard.host().count_outcome(outcome_index(outcome));
         if !overflowed
             && body.replayable()
             && retry::should_retry(policy, &parts.method, outcome, out.attempts - 1)
@@ -260,16 +292,17 @@ fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
     }
 }
 
-fn outcome_label(o: AttemptOutcome) -> &'static str {
+/// Index of the outcome's label in [`crate::cluster::OUTCOMES`].
+fn outcome_index(o: AttemptOutcome) -> usize {
     match o {
-        AttemptOutcome::Status(100..=199) => "1xx",
-        AttemptOutcome::Status(200..=299) => "2xx",
-        AttemptOutcome::Status(300..=399) => "3xx",
-        AttemptOutcome::Status(400..=499) => "4xx",
-        AttemptOutcome::Status(_) => "5xx",
-        AttemptOutcome::ConnectFailure => "connect_failure",
-        AttemptOutcome::Reset => "reset",
-        AttemptOutcome::Timeout => "timeout",
+        AttemptOutcome::Status(100..=199) => 0,
+        AttemptOutcome::Status(200..=299) => 1,
+        AttemptOutcome::Status(300..=399) => 2,
+        AttemptOutcome::Status(400..=499) => 3,
+        AttemptOutcome::Status(_) => 4,
+        AttemptOutcome::ConnectFailure => 5,
+        AttemptOutcome::Reset => 6,
+        AttemptOutcome::Timeout => 7,
     }
 }
 
@@ -312,6 +345,10 @@ async fn request_body(
         || (body.is_end_stream() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
     if cluster.retry_policy.num_retries == 0 || !retry::is_idempotent(&parts.method) || !small {
         return Ok(ReqBody::Streamed(Some(body)));
+    }
+    if body.is_end_stream() {
+        // The common GET: nothing to read.
+        return Ok(ReqBody::Buffered(Bytes::new()));
     }
     match tokio::time::timeout_at(
         deadline,
@@ -367,23 +404,30 @@ fn is_overflow(e: &hyper_util::client::legacy::Error) -> bool {
 fn upstream_request(
     parts: &Parts,
     body: ProxyBody,
-    scheme: &str,
-    addr: SocketAddr,
+    (scheme, authority): (&Scheme, &Authority),
     request_id: &HeaderValue,
-    peer: SocketAddr,
+    peer_ip: &HeaderValue,
 ) -> Result<Request<ProxyBody>, http::Error> {
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = format!("{scheme}://{addr}{pq}").parse()?;
-    let mut req = Request::builder()
-        .method(parts.method.clone())
-        .uri(uri)
-        .body(body)?;
+    // Built from parts that share their bytes with the request: no formatting, no re-parsing.
+    let mut target = http::uri::Parts::default();
+    target.scheme = Some(scheme.clone());
+    target.authority = Some(authority.clone());
+    target.path_and_query = Some(
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = Uri::from_parts(target)?;
     let headers = req.headers_mut();
-    *headers = parts.headers.clone();
+    // Room for what we add, so the map is allocated once and never grows.
+    headers.reserve(parts.headers.len() + 3);
+    for (name, value) in &parts.headers {
+        headers.append(name.clone(), value.clone());
+    }
     strip_hop_by_hop(headers);
     if !headers.contains_key(header::HOST) {
         if let Some(auth) = parts
@@ -395,12 +439,18 @@ fn upstream_request(
         }
     }
     headers.insert(REQUEST_ID.clone(), request_id.clone());
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer_ip.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
+        }
+        None => Some(peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     Ok(req)
 }
@@ -408,26 +458,34 @@ fn upstream_request(
 /// Removes connection-specific headers (RFC 9110 §7.6.1), including those named by
 /// `Connection`: they describe one hop, and HTTP/2 forbids them outright.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    } else if let Some(v) = headers.remove(header::CONNECTION) {
+        // One Connection header, the usual case: remove what it names by &str, which
+        // (unlike building a HeaderName) allocates nothing.
+        for n in v.to_str().unwrap_or_default().split(',') {
+            headers.remove(n.trim());
+        }
     }
     for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::TE,
+        &header::TRAILER,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
     ] {
         headers.remove(n);
     }

@@ -115,6 +115,8 @@ impl Proxy {
     /// Validates the config, loads TLS material and binds every socket. Nothing is spawned yet.
     pub async fn bind(config: ProxyConfig) -> Result<Proxy, ProxyError> {
         config.validate()?;
+        // Install the recorder before any metric is recorded, so none is lost.
+        let _ = telemetry::prometheus_handle();
         let tracker = TaskTracker::new();
         let background = CancellationToken::new();
         let mut clusters = Vec::new();
@@ -171,8 +173,6 @@ impl Proxy {
         }
         let admin = bind_addr(config.admin.address).await?;
         let admin_addr = local_addr(&admin, config.admin.address)?;
-        // Install the recorder before any metric is recorded, so none is lost.
-        let _ = telemetry::prometheus_handle();
         let shared = Arc::new(Shared {
             config,
             routes,
@@ -313,7 +313,7 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
 }
 
 /// Per-cluster upkeep: drained hosts leave once idle (checked every second), outlier
-/// multipliers decay once per outlier interval, and the metrics recorder is kept tidy.
+/// multipliers decay once per outlier interval, and the metrics recorder is drained every second.
 async fn maintain(cluster: Arc<Cluster>, stop: CancellationToken) {
     let sweep_every = cluster.config.outlier_detection.interval;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -327,9 +327,11 @@ async fn maintain(cluster: Arc<Cluster>, stop: CancellationToken) {
         let sweep = last_sweep.elapsed() >= sweep_every;
         if sweep {
             last_sweep = tokio::time::Instant::now();
-            if let Some(h) = telemetry::prometheus_handle() {
-                h.run_upkeep();
-            }
+        }
+        // Histogram samples pile up in the recorder until upkeep drains them: at tens of
+        // thousands of requests a second, draining every second keeps that to a few hundred KB.
+        if let Some(h) = telemetry::prometheus_handle() {
+            h.run_upkeep();
         }
         cluster.maintain(sweep);
         publish_gauges(&cluster);

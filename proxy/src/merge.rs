@@ -84,28 +84,29 @@ pub struct Routable {
 /// hosts beats overloading the few good ones. Draining hosts are not "known" here: they take
 /// no new requests even in panic.
 pub fn routable(candidates: &[Candidate], panic_threshold_percent: u32) -> Routable {
-    let known: Vec<usize> = (0..candidates.len())
-        .filter(|&i| matches!(candidates[i].decision, Decision::Route | Decision::Hold))
-        .collect();
-    let healthy: Vec<usize> = known
-        .iter()
-        .copied()
-        .filter(|&i| candidates[i].decision == Decision::Route && !candidates[i].ejected)
-        .collect();
+    let mut hosts = Vec::new();
+    let panic = routable_into(candidates, panic_threshold_percent, &mut hosts);
+    Routable { hosts, panic }
+}
+
+/// [`routable`] into a caller's buffer (cleared first), for the per-request path; returns
+/// whether the cluster is in panic.
+pub fn routable_into(
+    candidates: &[Candidate],
+    panic_threshold_percent: u32,
+    hosts: &mut Vec<usize>,
+) -> bool {
+    let is_known: fn(&Candidate) -> bool =
+        |c| matches!(c.decision, Decision::Route | Decision::Hold);
+    let is_healthy: fn(&Candidate) -> bool = |c| c.decision == Decision::Route && !c.ejected;
+    let known = candidates.iter().filter(|c| is_known(c)).count();
+    let healthy = candidates.iter().filter(|c| is_healthy(c)).count();
     let threshold = u64::from(panic_threshold_percent.min(100));
-    let in_panic =
-        !known.is_empty() && (healthy.len() as u64) * 100 < threshold * known.len() as u64;
-    if in_panic {
-        Routable {
-            hosts: known,
-            panic: true,
-        }
-    } else {
-        Routable {
-            hosts: healthy,
-            panic: false,
-        }
-    }
+    let panic = known > 0 && (healthy as u64) * 100 < threshold * known as u64;
+    let keep = if panic { is_known } else { is_healthy };
+    hosts.clear();
+    hosts.extend((0..candidates.len()).filter(|&i| keep(&candidates[i])));
+    panic
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::HeaderValue;
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -46,7 +46,10 @@ pub async fn serve(
         .max_header_list_size(cfg.max_header_bytes as u32);
     let service = move |peer: SocketAddr| {
         let shared = shared.clone();
-        service_fn(move |req| handle(shared.clone(), req, peer))
+        // x-forwarded-for, formatted once per connection rather than per request.
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        service_fn(move |req| handle(shared.clone(), req, peer, peer_ip.clone()))
     };
     accept_loop(
         listener,
@@ -162,7 +165,11 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
         }
     }
     let id: u128 = rand::rng().random();
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let mut hex = [0u8; 32];
+    for (i, b) in hex.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// One downstream request: route, forward, and log.
@@ -170,58 +177,60 @@ pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    peer_ip: HeaderValue,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    {
-        let start = tokio::time::Instant::now();
-        let rid = request_id(&req);
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let host = forward::request_host(&req);
-        let version = req.version();
-        let mut out = Outcome::default();
-        let route = shared
-            .routes
-            .iter()
-            .find(|r| r.matches(host.as_deref(), &path));
-        let mut resp = match route {
-            Some(route) => {
-                // Everything logged while proxying (retries, ejections) carries the request id.
-                let span = tracing::debug_span!("request", request_id = rid.to_str().unwrap_or(""));
-                forward::forward(route, req, &rid, peer, &mut out)
-                    .instrument(span)
-                    .await
-            }
-            None => {
-                out.flag = Some("no_route");
-                forward::local_reply(
-                    StatusCode::NOT_FOUND,
-                    "no_route",
-                    "no route matches this request",
-                )
-            }
-        };
-        resp.headers_mut().insert(REQUEST_ID.clone(), rid.clone());
-        let elapsed = start.elapsed();
-        let cluster = out.cluster.clone().unwrap_or_default();
-        metrics::counter!("tidings_proxy_requests_total", "cluster" => cluster.clone(), "code" => resp.status().as_u16().to_string()).increment(1);
-        metrics::histogram!("tidings_proxy_request_duration_seconds", "cluster" => cluster.clone())
-            .record(elapsed.as_secs_f64());
-        tracing::info!(
-            target: "tidings_proxy::access",
-            request_id = rid.to_str().unwrap_or(""),
-            peer = %peer,
-            method = %method,
-            host = host.as_deref().unwrap_or(""),
-            path = %path,
-            version = ?version,
-            status = resp.status().as_u16(),
-            cluster = %cluster,
-            upstream = out.upstream.map(|a| a.to_string()).unwrap_or_default(),
-            attempts = out.attempts,
-            flag = out.flag.unwrap_or(""),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
-        Ok(resp)
+    let start = tokio::time::Instant::now();
+    let rid = request_id(&req);
+    let method = req.method().clone();
+    // Both share their bytes with the request, so keeping them for the log copies nothing.
+    let uri = req.uri().clone();
+    let host_header = req.headers().get(header::HOST).cloned();
+    let host = forward::host_of(&uri, host_header.as_ref());
+    let version = req.version();
+    let mut out = Outcome::default();
+    let route = shared.routes.iter().find(|r| r.matches(host, uri.path()));
+    let mut resp = match route {
+        Some(route) => {
+            // Everything logged while proxying (retries, ejections) carries the request id.
+            let span = tracing::debug_span!("request", request_id = rid.to_str().unwrap_or(""));
+            forward::forward(route, req, &rid, &peer_ip, &mut out)
+                .instrument(span)
+                .await
+        }
+        None => {
+            out.flag = Some("no_route");
+            forward::local_reply(
+                StatusCode::NOT_FOUND,
+                "no_route",
+                "no route matches this request",
+            )
+        }
+    };
+    resp.headers_mut().insert(REQUEST_ID.clone(), rid.clone());
+    let elapsed = start.elapsed();
+    let status = resp.status().as_u16();
+    let cluster = route.map(|r| r.cluster.name()).unwrap_or("");
+    match route {
+        Some(r) => r.cluster.metrics.request(status, elapsed),
+        None => {
+            metrics::counter!("tidings_proxy_requests_total", "cluster" => "", "code" => status.to_string()).increment(1);
+        }
     }
+    tracing::info!(
+        target: "tidings_proxy::access",
+        request_id = rid.to_str().unwrap_or(""),
+        peer = %peer,
+        method = %method,
+        host = host.unwrap_or(""),
+        path = uri.path(),
+        version = ?version,
+        status,
+        cluster,
+        upstream = out.upstream.map(|a| a.to_string()).unwrap_or_default(),
+        attempts = out.attempts,
+        flag = out.flag.unwrap_or(""),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+    Ok(resp)
 }

@@ -28,7 +28,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 const START: Duration = Duration::from_secs(20);
 /// How long a `/slow` request takes at a backend: long enough to be in flight at SIGTERM.
-const SLOW: Duration = Duration::from_millis(1500);
+const SLOW: Duration = Duration::from_millis(2500);
 
 /// A small HTTP server answering `/healthcheck` with 200 and anything else with its name.
 struct Backend {
@@ -238,7 +238,10 @@ fn proxy_spreads_load_survives_a_dead_backend_and_the_registry_and_drains() -> R
         .enable_all()
         .build()?;
     let mut backends = Vec::new();
-    for (i, ip) in ["127.0.0.11", "127.0.0.12", "127.0.0.13"].iter().enumerate() {
+    for (i, ip) in ["127.0.0.11", "127.0.0.12", "127.0.0.13"]
+        .iter()
+        .enumerate()
+    {
         backends.push(rt.block_on(Backend::start(ip, &format!("backend-{}", i + 1)))?);
     }
 
@@ -303,8 +306,10 @@ fn proxy_spreads_load_survives_a_dead_backend_and_the_registry_and_drains() -> R
         assert!(n >= 15, "{} got {n} of 90: {:?}", b.name, spread.ok);
     }
 
-    // Kill a backend under load: retries and health checks hide it from every client.
-    let loadrun = LoadRun::start(&rt, &client, listen, 4);
+    // Kill a backend under load: retries and health checks hide it from every client. Three
+    // loops: every failed first attempt may then hold a retry, within the default budget
+    // (min_retry_concurrency 3, max_retries 3).
+    let loadrun = LoadRun::start(&rt, &client, listen, 3);
     loadrun.wait_for(100)?;
     let dead = backends.remove(0);
     let (dead_name, dead_addr) = (dead.name.clone(), dead.addr);
@@ -322,7 +327,7 @@ fn proxy_spreads_load_survives_a_dead_backend_and_the_registry_and_drains() -> R
         tally.errors.len(),
         &tally.errors[..tally.errors.len().min(5)]
     );
-    assert!(tally.total_ok() >= sent_at_unhealthy + 200 - 4, "{tally:?}");
+    assert!(tally.total_ok() >= sent_at_unhealthy + 200, "{tally:?}");
     for b in &backends {
         assert!(tally.ok.contains_key(&b.name), "{} got nothing", b.name);
     }
@@ -346,7 +351,11 @@ fn proxy_spreads_load_survives_a_dead_backend_and_the_registry_and_drains() -> R
     assert_eq!(after.total_ok(), 60, "{after:?}");
     assert!(!after.ok.contains_key(&dead_name), "{after:?}");
     for b in &backends {
-        assert!(after.ok.contains_key(&b.name), "{} got nothing: {after:?}", b.name);
+        assert!(
+            after.ok.contains_key(&b.name),
+            "{} got nothing: {after:?}",
+            b.name
+        );
     }
 
     // SIGTERM: readiness fails at once, the in-flight request finishes, the proxy exits 0.
@@ -421,6 +430,9 @@ fn the_deployed_example_config_serves_and_stops() -> Result<()> {
             "127.0.0.1:0",
             "--agent",
             "http://127.0.0.1:9",
+            // One thread: the current-thread runtime the benchmark uses.
+            "--worker-threads",
+            "1",
         ],
         2,
         START,

@@ -60,3 +60,16 @@ fn local_replies_use_the_json_error_shape() {
         Some(&b"application/json"[..])
     );
 }
+
+#[test]
+fn host_of_refuses_malformed_host_headers_without_allocating() {
+    let uri: Uri = "/x".parse().expect("uri");
+    let host =
+        |h: &'static str| host_of(&uri, Some(&HeaderValue::from_static(h))).map(str::to_string);
+    assert_eq!(host("web").as_deref(), Some("web"));
+    assert_eq!(host("web:").as_deref(), Some("web"));
+    assert_eq!(host("[::1]").as_deref(), Some("::1"));
+    for bad in ["", "a]b", "[::1]x", "web:80:90", "web:http", "we b", "a/b"] {
+        assert_eq!(host(bad), None, "{bad:?}");
+    }
+}

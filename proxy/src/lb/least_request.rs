@@ -17,7 +17,12 @@ pub fn effective_weight(weight: u32, active: u32, bias: f64) -> f64 {
 /// Power of two choices: two distinct random hosts, the one with fewer active requests
 /// (the first on a tie). `active[i]` is host i's in-flight count.
 pub fn p2c(active: &[u32], rng: &mut impl Rng) -> Option<usize> {
-    match active.len() {
+    p2c_with(active.len(), |i| active[i], rng)
+}
+
+/// [`p2c`] over `n` hosts whose in-flight counts `active(i)` gives (no slice needed).
+pub fn p2c_with(n: usize, active: impl Fn(usize) -> u32, rng: &mut impl Rng) -> Option<usize> {
+    match n {
         0 => None,
         1 => Some(0),
         n => {
@@ -27,7 +32,7 @@ pub fn p2c(active: &[u32], rng: &mut impl Rng) -> Option<usize> {
             if b >= a {
                 b += 1;
             }
-            Some(if active[b] < active[a] { b } else { a })
+            Some(if active(b) < active(a) { b } else { a })
         }
     }
 }
@@ -49,12 +54,22 @@ impl WeightedLeastRequest {
     }
 
     pub fn pick(&mut self, weights: &[u32], active: &[u32], bias: f64) -> Option<usize> {
+        self.pick_with(
+            |i| {
+                (
+                    weights.get(i).copied().unwrap_or(1),
+                    active.get(i).copied().unwrap_or(0),
+                )
+            },
+            bias,
+        )
+    }
+
+    /// [`Self::pick`] reading host i's (weight, active) through `host(i)`.
+    pub fn pick_with(&mut self, host: impl Fn(usize) -> (u32, u32), bias: f64) -> Option<usize> {
         self.edf.pick(|i| {
-            effective_weight(
-                weights.get(i).copied().unwrap_or(1),
-                active.get(i).copied().unwrap_or(0),
-                bias,
-            )
+            let (w, a) = host(i);
+            effective_weight(w, a, bias)
         })
     }
 }

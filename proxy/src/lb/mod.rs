@@ -59,11 +59,11 @@ enum Algo {
 }
 
 impl Algo {
-    fn build(policy: LbPolicy, hosts: &[&LbHost], rng: &mut impl Rng) -> Self {
-        let weights: Vec<u32> = hosts.iter().map(|h| h.weight).collect();
+    /// `view[j]` is the j-th host of the subset the algorithm balances over.
+    fn build(policy: LbPolicy, view: View<'_>, rng: &mut impl Rng) -> Self {
+        let weights: Vec<u32> = view.iter().map(|h| h.weight).collect();
         let keyed = || {
-            hosts
-                .iter()
+            view.iter()
                 .map(|h| (h.key.to_string(), h.weight))
                 .collect::<Vec<_>>()
         };
@@ -71,7 +71,7 @@ impl Algo {
             LbPolicy::RoundRobin => Algo::RoundRobin(RoundRobin::new(&weights, rng)),
             LbPolicy::LeastRequest if weights.windows(2).all(|w| w[0] == w[1]) => Algo::P2c,
             LbPolicy::LeastRequest => {
-                let active: Vec<u32> = hosts.iter().map(|h| h.active).collect();
+                let active: Vec<u32> = view.iter().map(|h| h.active).collect();
                 Algo::WeightedLeastRequest(WeightedLeastRequest::new(
                     &weights,
                     &active,
@@ -88,25 +88,44 @@ impl Algo {
         }
     }
 
-    fn pick(&mut self, hosts: &[&LbHost], hash: u64, rng: &mut impl Rng) -> Option<usize> {
+    /// Picks an index into `view`; allocates nothing.
+    fn pick(&mut self, view: View<'_>, hash: u64, rng: &mut impl Rng) -> Option<usize> {
         match self {
             Algo::RoundRobin(rr) => rr.pick(),
-            Algo::P2c => {
-                let active: Vec<u32> = hosts.iter().map(|h| h.active).collect();
-                least_request::p2c(&active, rng)
-            }
-            Algo::WeightedLeastRequest(lr) => {
-                let weights: Vec<u32> = hosts.iter().map(|h| h.weight).collect();
-                let active: Vec<u32> = hosts.iter().map(|h| h.active).collect();
-                lr.pick(&weights, &active, least_request::DEFAULT_BIAS)
-            }
-            Algo::Random => {
-                let weights: Vec<u32> = hosts.iter().map(|h| h.weight).collect();
-                random::pick(&weights, rng)
-            }
+            Algo::P2c => least_request::p2c_with(view.len(), |j| view.get(j).active, rng),
+            Algo::WeightedLeastRequest(lr) => lr.pick_with(
+                |j| {
+                    let h = view.get(j);
+                    (h.weight, h.active)
+                },
+                least_request::DEFAULT_BIAS,
+            ),
+            Algo::Random => random::pick_with(view.len(), |j| view.get(j).weight, rng),
             Algo::Ring(r) => r.pick(hash),
             Algo::Maglev(m) => m.pick(hash),
         }
+    }
+}
+
+/// A subset of the hosts, by index, without copying them.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    hosts: &'a [LbHost],
+    subset: &'a [usize],
+}
+
+impl<'a> View<'a> {
+    fn len(&self) -> usize {
+        self.subset.len()
+    }
+    /// Callers index within `0..len()`; out of range falls back to the first host rather
+    /// than panicking.
+    fn get(&self, j: usize) -> &'a LbHost {
+        let i = self.subset.get(j).copied().unwrap_or(0);
+        &self.hosts[i.min(self.hosts.len().saturating_sub(1))]
+    }
+    fn iter(&self) -> impl Iterator<Item = &'a LbHost> + '_ {
+        self.subset.iter().map(|&i| &self.hosts[i])
     }
 }
 
@@ -120,6 +139,8 @@ pub struct Balancer {
     fingerprint: Vec<(Arc<str>, u32, Option<Arc<str>>)>,
     /// Per zone subset (`None` = every host).
     algos: HashMap<Option<String>, Algo>,
+    /// Indices of the hosts in the zone being picked from; reused so picks do not allocate.
+    subset: Vec<usize>,
 }
 
 impl Balancer {
@@ -130,6 +151,7 @@ impl Balancer {
             min_cluster_size: zone::MIN_CLUSTER_SIZE,
             fingerprint: Vec::new(),
             algos: HashMap::new(),
+            subset: Vec::new(),
         }
     }
 
@@ -173,20 +195,25 @@ impl Balancer {
         } else {
             self.choose_zone(hosts, rng)
         };
-        let subset: Vec<usize> = match &zone {
-            Some(z) => (0..hosts.len())
-                .filter(|&i| hosts[i].zone.as_deref().unwrap_or("") == z.as_str())
-                .collect(),
-            None => (0..hosts.len()).collect(),
-        };
-        let refs: Vec<&LbHost> = subset.iter().map(|&i| &hosts[i]).collect();
-        let policy = self.policy;
-        let algo = self
-            .algos
+        let Balancer {
+            policy,
+            subset,
+            algos,
+            ..
+        } = self;
+        subset.clear();
+        match &zone {
+            Some(z) => subset.extend(
+                (0..hosts.len()).filter(|&i| hosts[i].zone.as_deref().unwrap_or("") == z.as_str()),
+            ),
+            None => subset.extend(0..hosts.len()),
+        }
+        let view = View { hosts, subset };
+        let algo = algos
             .entry(zone)
-            .or_insert_with(|| Algo::build(policy, &refs, rng));
-        algo.pick(&refs, hash, rng)
-            .and_then(|i| subset.get(i).copied())
+            .or_insert_with(|| Algo::build(*policy, view, rng));
+        algo.pick(view, hash, rng)
+            .and_then(|j| subset.get(j).copied())
     }
 
     /// The zone to pick from, if zone-aware routing applies. Without a view of the local

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# The proxy, side by side with HAProxy and nginx, in one run on this machine.
+#
+#   ops/bench/proxy.sh [seconds-per-phase]        (default 10)
+#   env: CONNECTIONS (wrk, default 64), RATE (fixed-rate phase, requests/s, default 5000),
+#        TIDINGS_BIN (skip the release build and use this binary; for trying the script)
+#
+# One backend for all three: an nginx worker answering every path with a 3-byte body, pinned
+# to CPU 1, with its membership in a real registry (`tidings registry` + `tidings checkin`).
+# In front of it, each with ONE worker thread and pinned to CPU 0, keep-alive to the backend:
+# `tidings proxy --worker-threads 1`, HAProxy 2.6 (`nbthread 1`), nginx 1.22 (`worker_processes
+# 1`, upstream keepalive). The load generators (wrk, h2load; one thread) share CPU 1 with the
+# backend and the registry: the machine has two CPUs, and the proxy under test gets one to
+# itself. Proxies are measured one after the other, never at the same time. Access logs are
+# off for all three (ours: log level warn). Everything stays on 127.0.0.1 and every phase is
+# bounded in time (and by `timeout`).
+#
+# Phases per proxy: warm-up (2 s), peak throughput (wrk, keep-alive, CONNECTIONS connections),
+# latency at a fixed rate (h2load --h1 --rps, 50 clients, p50/p99 from its per-request log).
+# Then each proxy's peak RSS (VmHWM from /proc/PID/status).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+secs="${1:-10}"
+conns="${CONNECTIONS:-64}"
+rate="${RATE:-5000}"
+clients=50
+
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v nginx >/dev/null || need+=(nginx)
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+if ((${#need[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [[ -n "${TIDINGS_BIN:-}" ]]; then
+  bin="$TIDINGS_BIN"
+else
+  cargo build --release --quiet --bin tidings
+  bin="$root/target/release/tidings"
+fi
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { # url, then up to 10 s
+  for _ in $(seq 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "no answer from $1" >&2; return 1
+}
+
+backend_port="$(free_port)"; reg_port="$(free_port)"
+ours_port="$(free_port)"; admin_port="$(free_port)"; hap_port="$(free_port)"; ngx_port="$(free_port)"
+
+# nginx wants its temp paths writable; give each instance its own prefix.
+nginx_conf() { # prefix, body of the server block
+  mkdir -p "$1/logs"
+  cat >"$1/nginx.conf" <<EOF
+worker_processes 1;
+pid $1/nginx.pid;
+error_log $1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1/body; proxy_temp_path $1/proxy; fastcgi_temp_path $1/fcgi;
+  uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
+  keepalive_requests 1000000;
+  $2
+}
+EOF
+}
+nginx_conf "$work/backend" "server { listen 127.0.0.1:$backend_port; location / { return 200 \"ok\n\"; } }"
+taskset -c 1 nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+wait_http "http://127.0.0.1:$backend_port/healthcheck"
+
+taskset -c 1 "$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" >"$work/registry.log" 2>&1 &
+pids+=($!)
+wait_http "http://127.0.0.1:$reg_port/healthcheck"
+"$bin" checkin --registry "http://127.0.0.1:$reg_port" --service web --ip 127.0.0.1 \
+  --port "$backend_port" --no-splay >/dev/null
+
+taskset -c 0 "$bin" --log-level warn proxy --listen "127.0.0.1:$ours_port" \
+  --admin "127.0.0.1:$admin_port" --agent "http://127.0.0.1:$reg_port" --route web=/ \
+  --worker-threads 1 >"$work/proxy.log" 2>&1 &
+ours_pid=$!
+pids+=($ours_pid)
+for _ in $(seq 100); do
+  curl -fsS "http://127.0.0.1:$admin_port/clusters" 2>/dev/null | grep -q '"routable_hosts": 1' && break
+  sleep 0.1
+done
+curl -fsS "http://127.0.0.1:$admin_port/clusters" | grep -q '"routable_hosts": 1' \
+  || { echo "tidings proxy never routed to the backend" >&2; cat "$work/proxy.log" >&2; exit 1; }
+
+cat >"$work/haproxy.cfg" <<EOF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend in
+  bind 127.0.0.1:$hap_port
+  default_backend web
+backend web
+  server b1 127.0.0.1:$backend_port
+EOF
+taskset -c 0 haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
+hap_pid=$!
+pids+=($hap_pid)
+
+nginx_conf "$work/front" "upstream web { server 127.0.0.1:$backend_port; keepalive 128; }
+  server { listen 127.0.0.1:$ngx_port; location / { proxy_pass http://web;
+    proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+taskset -c 0 nginx -p "$work/front" -c "$work/front/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+wait_http "http://127.0.0.1:$ours_port/"
+wait_http "http://127.0.0.1:$hap_port/"
+wait_http "http://127.0.0.1:$ngx_port/"
+ngx_worker="$(pgrep -P "$(cat "$work/front/nginx.pid")" | head -1)"
+
+peak() { # name port -> wrk output file
+  local url="http://127.0.0.1:$2/"
+  timeout 30 taskset -c 1 wrk -t1 -c"$conns" -d2s "$url" >/dev/null
+  timeout $((secs + 30)) taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "$url" >"$work/wrk-$1.txt"
+}
+fixed() { # name port -> h2load per-request log
+  local per=$((rate / clients))
+  timeout $((secs + 30)) taskset -c 1 h2load --h1 -c"$clients" --rps="$per" -D "$secs" \
+    --warm-up-time=1 --log-file="$work/h2load-$1.log" "http://127.0.0.1:$2/" >"$work/h2load-$1.txt"
+}
+for t in "ours $ours_port" "haproxy $hap_port" "nginx $ngx_port"; do
+  # shellcheck disable=SC2086
+  peak $t
+  # shellcheck disable=SC2086
+  fixed $t
+done
+hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
+rss_ours="$(hwm "$ours_pid")"; rss_hap="$(hwm "$hap_pid")"; rss_ngx="$(hwm "$ngx_worker")"
+
+python3 - "$work" "$secs" "$conns" "$rate" "$rss_ours" "$rss_hap" "$rss_ngx" <<'PY'
+import re, sys
+work, secs, conns, rate = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+rss = dict(zip(("ours", "haproxy", "nginx"), (int(x) / 1024 for x in sys.argv[5:8])))
+names = ("ours", "haproxy", "nginx")
+
+def wrk(name):
+    text = open(f"{work}/wrk-{name}.txt").read()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors += int(m.group(1)) if m else 0
+    return rps, errors
+
+def fixed(name):
+    lat, bad = [], 0
+    for line in open(f"{work}/h2load-{name}.log"):
+        cols = line.split("\t")
+        if len(cols) < 3:
+            continue
+        if cols[1] != "200":
+            bad += 1
+        lat.append(int(cols[2]))
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000 if lat else float("nan")
+    achieved = len(lat) / float(secs)
+    return q(0.50), q(0.99), q(0.999), achieved, bad
+
+w = {n: wrk(n) for n in names}
+f = {n: fixed(n) for n in names}
+print(f"proxy benchmark: one worker thread each on CPU 0; backend (nginx), registry and load on CPU 1;"
+      f" {secs} s per phase")
+print(f"{'':34}{'tidings':>11}{'haproxy':>11}{'nginx':>11}{'vs haproxy':>12}{'vs nginx':>10}")
+def row(label, vals, fmt, ratio=True, lower_better=False):
+    a, b, c = vals
+    out = f"{label:34}" + "".join(f"{v:>11{fmt}}" for v in vals)
+    if ratio:
+        r = (lambda x, y: y / x if lower_better else x / y)
+        out += f"{r(a, b):>11.2f}x{r(a, c):>9.2f}x"
+    print(out)
+row(f"peak req/s (wrk, {conns} conns)", [w[n][0] for n in names], ",.0f")
+row("  errors", [w[n][1] for n in names], "d", ratio=False)
+row(f"p50 ms at {rate}/s (h2load --h1)", [f[n][0] for n in names], ".3f", lower_better=True)
+row(f"p99 ms at {rate}/s", [f[n][1] for n in names], ".3f", lower_better=True)
+row(f"p99.9 ms at {rate}/s", [f[n][2] for n in names], ".3f", lower_better=True)
+row("  achieved req/s", [f[n][3] for n in names], ",.0f", ratio=False)
+row("  non-200", [f[n][4] for n in names], "d", ratio=False)
+row("peak RSS MB (VmHWM)", [rss[n] for n in names], ".1f", lower_better=True)
+print("(ratios: >1x means tidings is better: more throughput, lower latency, less memory)")
+PY
