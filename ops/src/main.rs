@@ -24,7 +24,10 @@ pub const EXIT_USAGE: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The simulator runs a thousand nodes in one process: their info logs are noise there.
-    let quiet = matches!(cli.command, Command::Gossip(gossip_cmd::GossipCommand::Simulate(_)));
+    let quiet = matches!(
+        cli.command,
+        Command::Gossip(gossip_cmd::GossipCommand::Simulate(_))
+    );
     let level = cli.log_level.as_deref().or(quiet.then_some("warn"));
     telemetry::init(cli.log_format, level);
     let threads = match &cli.command {
