@@ -2,8 +2,10 @@
 //! in-memory one, the DynamoDB one, any future one) is held to the same behaviour by the same
 //! code (DESIGN.md §4.3). It panics on the first broken expectation, naming the case.
 //!
-//! ```ignore
-//! discovery::conformance::run_all(|| async { MemoryStore::new() }).await;
+//! ```
+//! # tokio::runtime::Runtime::new().expect("runtime").block_on(async {
+//! discovery::conformance::run_all(|| async { discovery::MemoryStore::new() }).await;
+//! # });
 //! ```
 //!
 //! Each case gets a fresh, empty store from the factory, so cases can use `list_all` and
