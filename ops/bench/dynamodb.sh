@@ -38,22 +38,8 @@ hosts="${HOSTS:-20}"
 if [ ! -x .venv/bin/moto_server ]; then
   python3 -m venv .venv && .venv/bin/pip install --quiet -r ops/moto-requirements.txt
 fi
-if [ -n "${TIDINGS_BIN:-}" ]; then
-  bin="$TIDINGS_BIN"
-else
-  cargo build --release --quiet --bin tidings
-  bin="$root/target/release/tidings"
-fi
-work="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { # url, seconds
-  for _ in $(seq $(($2 * 10))); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "no answer from $1 within $2 s" >&2; return 1
-}
+# shellcheck source=ops/bench/common.sh
+source "$root/ops/bench/common.sh"
 # utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat, counted
 # after the parenthesised command name, which may hold spaces).
 ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }

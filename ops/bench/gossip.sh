@@ -10,8 +10,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 n="${1:-1000}"
-cargo build --release --quiet --bin tidings
-bin="$root/target/release/tidings"
+# shellcheck source=ops/bench/common.sh
+source "$root/ops/bench/common.sh"
 run() { echo "### tidings gossip simulate $*"; timeout 900 "$bin" --log-level warn gossip simulate "$@"; echo; }
 run --nodes 100 --seed 1
 run --nodes "$n" --seed 1

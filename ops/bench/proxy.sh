@@ -34,22 +34,8 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if [[ -n "${TIDINGS_BIN:-}" ]]; then
-  bin="$TIDINGS_BIN"
-else
-  cargo build --release --quiet --bin tidings
-  bin="$root/target/release/tidings"
-fi
-work="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { # url, then up to 10 s
-  for _ in $(seq 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "no answer from $1" >&2; return 1
-}
+# shellcheck source=ops/bench/common.sh
+source "$root/ops/bench/common.sh"
 
 backend_port="$(free_port)"; reg_port="$(free_port)"
 ours_port="$(free_port)"; admin_port="$(free_port)"; hap_port="$(free_port)"; ngx_port="$(free_port)"

@@ -17,18 +17,8 @@ conc="${CONCURRENCY:-64}"
 if ! command -v etcd >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
 fi
-cargo build --release --quiet --bin tidings
-bin="$root/target/release/tidings"
-work="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { # url, then up to 10 s
-  for _ in $(seq 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "no answer from $1" >&2; return 1
-}
+# shellcheck source=ops/bench/common.sh
+source "$root/ops/bench/common.sh"
 
 reg_port="$(free_port)"; etcd_port="$(free_port)"; etcd_peer="$(free_port)"
 taskset -c 0 "$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" >"$work/registry.log" 2>&1 &

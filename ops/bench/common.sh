@@ -1,0 +1,24 @@
+# Shared setup for the benchmark scripts (sourced, not run): the release binary, a scratch
+# directory, cleanup of every process a script started, and two loopback helpers.
+# Expects `root` (the workspace) to be set and the working directory to be it.
+
+if [[ -n "${TIDINGS_BIN:-}" ]]; then
+  bin="$TIDINGS_BIN"
+else
+  cargo build --release --quiet --bin tidings
+  bin="$root/target/release/tidings"
+fi
+work="$(mktemp -d)"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# A free TCP port on 127.0.0.1.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_http URL [SECONDS=10]: poll until URL answers 2xx, bounded.
+wait_http() {
+  local secs="${2:-10}"
+  for _ in $(seq $((secs * 10))); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "no answer from $1 within $secs s" >&2; return 1
+}
