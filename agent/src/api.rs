@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::state::Shared;
-use crate::view::{Host, MergedView, Provenance};
+use crate::view::{MergedView, Provenance};
 
 pub const HEADER_REGISTRY_AGE: &str = "x-tidings-registry-age-ms";
 pub const HEADER_SOURCE: &str = "x-tidings-source";
@@ -91,30 +91,65 @@ fn service_name(s: String) -> Result<ServiceName, ApiError> {
     Ok(ServiceName::new(s)?)
 }
 
-fn listing(shared: &Shared, service: &ServiceName, hosts: &[Host]) -> V1Listing {
+fn listing(shared: &Shared, service: &ServiceName, view: &MergedView, draining: bool) -> V1Listing {
+    let mut hosts: Vec<V1Host> = view
+        .hosts(service)
+        .iter()
+        .map(|h| V1Host::from_endpoint(&h.endpoint, h.last_check_in_ms))
+        .collect();
+    if draining {
+        hosts.extend(view.draining(service).iter().map(|d| {
+            let mut h = V1Host::from_endpoint(&d.endpoint, d.since_ms);
+            h.tags
+                .insert("draining".to_string(), Value::String("true".to_string()));
+            h
+        }));
+    }
     V1Listing {
         service: service.to_string(),
         env: shared.config.env.clone(),
-        hosts: hosts
-            .iter()
-            .map(|h| V1Host::from_endpoint(&h.endpoint, h.last_check_in_ms))
-            .collect(),
+        hosts,
     }
 }
 
-/// `GET /v1/registration/{service}`: the v1 listing (unknown service: `hosts: []`).
+#[derive(Debug, Default, Deserialize)]
+struct ListingQuery {
+    draining: Option<String>,
+}
+
+/// `draining=true` adds hosts deregistered within the last minute, tagged
+/// `draining = "true"` (see [`crate::view::DRAIN_LISTING_MS`]); other parameters are the
+/// blocking query's or ignored. The registry ignores it, so one client works with both.
+fn wants_draining(query: Option<&str>) -> Result<bool, ApiError> {
+    let q: ListingQuery = match query {
+        Some(q) => serde_urlencoded::from_str(q)
+            .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,
+        None => ListingQuery::default(),
+    };
+    match q.draining.as_deref() {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "draining must be true or false, got {other:?}"
+        ))),
+    }
+}
+
+/// `GET /v1/registration/{service}`: the v1 listing (unknown service: `hosts: []`);
+/// `?draining=true` as in [`wants_draining`].
 async fn v1_listing(
     State(shared): State<AppState>,
     Path(service): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let service = service_name(service)?;
+    let draining = wants_draining(query.as_deref())?;
     let view = shared.current_view();
-    let hosts = view.hosts(&service);
-    let body = Json(listing(&shared, &service, hosts)).into_response();
+    let body = Json(listing(&shared, &service, &view, draining)).into_response();
     Ok(with_meta(
         body,
         view.service_index(&service),
-        view.source_of(hosts),
+        view.source_of(view.hosts(&service)),
     ))
 }
 
@@ -188,13 +223,13 @@ async fn v2_service(
 ) -> Result<Response, ApiError> {
     let service = service_name(service)?;
     let (index, wait) = blocking_params(query.as_deref())?;
+    let draining = wants_draining(query.as_deref())?;
     let view = block(&shared, index, wait, |v| v.service_index(&service)).await;
-    let hosts = view.hosts(&service);
-    let body = Json(listing(&shared, &service, hosts)).into_response();
+    let body = Json(listing(&shared, &service, &view, draining)).into_response();
     Ok(with_meta(
         body,
         view.service_index(&service),
-        view.source_of(hosts),
+        view.source_of(view.hosts(&service)),
     ))
 }
 

@@ -34,6 +34,7 @@ fn view(ports: &[u16]) -> MergedView {
             .collect(),
     };
     let g = GossipView {
+        deregistered: Vec::new(),
         endpoints: ports
             .iter()
             .map(|p| ViewEntry {
@@ -206,5 +207,67 @@ async fn endpoints_register_and_deregister_at_runtime() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
     assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(0));
+    f.stop.cancel();
+}
+
+#[tokio::test]
+async fn draining_hosts_are_listed_only_on_request_and_tagged() {
+    let f = fixture().await;
+    let owner: std::net::SocketAddr = "127.0.0.2:7702".parse().expect("addr");
+    let rows = |ports: &[u16], deregistered: Vec<EndpointKey>| GossipView {
+        deregistered,
+        endpoints: ports
+            .iter()
+            .map(|p| ViewEntry {
+                endpoint: ep(*p),
+                source: Source::Gossip { owner },
+            })
+            .collect(),
+        snapshots: Vec::new(),
+        members: vec![gossip::MemberInfo {
+            id: gossip::NodeId::new(owner, 1),
+            active: true,
+        }],
+    };
+    let mut m = Merger::new("127.0.0.1:1".parse().expect("addr"), 0, Vec::new());
+    m.merge(&rows(&[1, 2], Vec::new()), 1);
+    f.tx.send_replace(Arc::new(m.merge(&rows(&[1], vec![ep(2).key()]), 2)));
+
+    let port_tags = |v: &Value| -> Vec<(u64, Value)> {
+        v["hosts"]
+            .as_array()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h["port"].as_u64().unwrap_or(0),
+                            h["tags"]["draining"].clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for uri in ["/v1/registration/web", "/v2/services/web"] {
+        let (status, _, v) = send(&f.app, "GET", uri, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            port_tags(&v),
+            vec![(1, Value::Null)],
+            "{uri}: plain listing"
+        );
+        for q in ["draining=true", "draining=1&index=0"] {
+            let (status, _, v) = send(&f.app, "GET", &format!("{uri}?{q}"), "").await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(
+                port_tags(&v),
+                vec![(1, Value::Null), (2, json!("true"))],
+                "{uri}?{q}"
+            );
+        }
+        let (status, _, v) = send(&f.app, "GET", &format!("{uri}?draining=maybe"), "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert!(v.to_string().contains("draining"), "{v}");
+    }
     f.stop.cancel();
 }

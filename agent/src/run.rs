@@ -249,7 +249,8 @@ async fn seeds_from_registry(
 }
 
 /// Recomputes the merged view when gossip's view changes, and every second while disk-cache
-/// entries wait to be superseded (their `settle` time passes without any gossip event).
+/// entries wait to be superseded (their `settle` time passes without any gossip event) or
+/// deregistered hosts are listed as draining.
 async fn run_view(
     mut merger: Merger,
     gossip: GossipHandle,
@@ -260,11 +261,11 @@ async fn run_view(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let cache_pending = merger.cache_len() > 0;
+        let time_pending = merger.time_pending();
         tokio::select! {
             () = stop.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
-            _ = tick.tick(), if cache_pending => {}
+            _ = tick.tick(), if time_pending => {}
         }
         let g: Arc<GossipView> = rx.borrow_and_update().clone();
         let before = merger.cache_len();

@@ -82,12 +82,28 @@ pub struct ServiceHosts {
     pub index: u64,
 }
 
+/// How long an explicitly deregistered host is still listed, tagged `draining`, to callers
+/// that ask for it (`?draining=true`, as the proxy does). A proxy's blocking query sees the
+/// removal within milliseconds; the window covers proxies that are reconnecting or backing
+/// off. Without it a deregistered host that still passes health checks would stay routed,
+/// because for a host that is merely absent from discovery, health checks win (§6.3).
+pub const DRAIN_LISTING_MS: u64 = 60_000;
+
+/// A host that left the view because its owner deregistered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drain {
+    pub endpoint: Endpoint,
+    /// When this agent saw the deregistration (unix ms).
+    pub since_ms: u64,
+}
+
 /// A published state of the view. Immutable; the API reads it through a watch channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergedView {
     services: BTreeMap<ServiceName, ServiceHosts>,
     index: u64,
     fallback: Provenance,
+    draining: BTreeMap<ServiceName, Vec<Drain>>,
 }
 
 impl Default for MergedView {
@@ -96,6 +112,7 @@ impl Default for MergedView {
             services: BTreeMap::new(),
             index: content_index(std::iter::empty()),
             fallback: Provenance::Gossip,
+            draining: BTreeMap::new(),
         }
     }
 }
@@ -115,6 +132,11 @@ impl MergedView {
     /// The index of the whole view.
     pub fn index(&self) -> u64 {
         self.index
+    }
+
+    /// Hosts of `service` deregistered within the last [`DRAIN_LISTING_MS`].
+    pub fn draining(&self, service: &ServiceName) -> &[Drain] {
+        self.draining.get(service).map_or(&[], Vec::as_slice)
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &ServiceHosts)> {
@@ -165,6 +187,10 @@ pub struct Merger {
     cache: BTreeMap<EndpointKey, CachedHost>,
     alive_since: BTreeMap<SocketAddr, u64>,
     first_seen: BTreeMap<EndpointKey, u64>,
+    /// The endpoints of the last merge: what a deregistration removed is taken from here
+    /// (a tombstone carries no endpoint).
+    listed: BTreeMap<EndpointKey, Endpoint>,
+    draining: BTreeMap<EndpointKey, Drain>,
 }
 
 impl Merger {
@@ -182,12 +208,20 @@ impl Merger {
             cache,
             alive_since: BTreeMap::new(),
             first_seen: BTreeMap::new(),
+            listed: BTreeMap::new(),
+            draining: BTreeMap::new(),
         }
     }
 
     /// How many cache entries are still served.
     pub fn cache_len(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Whether the view will change with time alone (cache entries settling, drains ending),
+    /// so it must be recomputed even without gossip events.
+    pub fn time_pending(&self) -> bool {
+        !self.cache.is_empty() || !self.draining.is_empty()
     }
 
     /// Merges gossip's view with what is left of the cache at `now_ms`.
@@ -308,11 +342,49 @@ impl Merger {
         } else {
             Provenance::Registry
         };
+        let draining = self.track_drains(&services, &gossip.deregistered, now_ms);
         MergedView {
             services,
             index,
             fallback,
+            draining,
         }
+    }
+
+    /// A host listed last time, gone now, with a tombstone: deregistered, so drained for
+    /// [`DRAIN_LISTING_MS`] unless it comes back. Anything else that disappears (expired,
+    /// owner crashed) is merely absent.
+    fn track_drains(
+        &mut self,
+        services: &BTreeMap<ServiceName, ServiceHosts>,
+        deregistered: &[EndpointKey],
+        now_ms: u64,
+    ) -> BTreeMap<ServiceName, Vec<Drain>> {
+        let now_listed: BTreeMap<EndpointKey, Endpoint> = services
+            .values()
+            .flat_map(|s| s.hosts.iter())
+            .map(|h| (h.endpoint.key(), h.endpoint.clone()))
+            .collect();
+        for key in deregistered {
+            if now_listed.contains_key(key) {
+                continue;
+            }
+            if let Some(endpoint) = self.listed.get(key) {
+                self.draining.entry(key.clone()).or_insert_with(|| Drain {
+                    endpoint: endpoint.clone(),
+                    since_ms: now_ms,
+                });
+            }
+        }
+        self.draining.retain(|key, d| {
+            !now_listed.contains_key(key) && now_ms.saturating_sub(d.since_ms) < DRAIN_LISTING_MS
+        });
+        self.listed = now_listed;
+        let mut out: BTreeMap<ServiceName, Vec<Drain>> = BTreeMap::new();
+        for (key, d) in &self.draining {
+            out.entry(key.service.clone()).or_default().push(d.clone());
+        }
+        out
     }
 }
 

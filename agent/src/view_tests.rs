@@ -69,6 +69,7 @@ const ME: &str = "10.0.0.9:7702";
 fn provenance_is_registry_when_listed_gossip_when_only_owned() {
     let mut m = Merger::new(addr(ME), 1_000, Vec::new());
     let g = GossipView {
+        deregistered: Vec::new(),
         endpoints: vec![
             row(ep("web", 1), "10.0.0.2:7702"),
             row(ep("web", 2), "10.0.0.2:7702"),
@@ -131,6 +132,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     // Gossip brings web:1 as a row (replaces the cache entry), an older db snapshot
     // (does not supersede), and the owner comes alive (not settled yet).
     let mut g = GossipView {
+        deregistered: Vec::new(),
         endpoints: vec![row(ep("web", 1), owner)],
         snapshots: vec![snap("db", 5, &[])],
         members: vec![member(owner, true)],
@@ -162,11 +164,13 @@ fn a_cached_row_of_an_owner_declared_down_is_dropped() {
     }];
     let mut m = Merger::new(addr(ME), 60_000, cached);
     let unknown = GossipView {
+        deregistered: Vec::new(),
         members: vec![member("10.0.0.3:7702", true)],
         ..Default::default()
     };
     assert_eq!(m.merge(&unknown, 1).len(), 1, "unknown owner: fail static");
     let down = GossipView {
+        deregistered: Vec::new(),
         members: vec![member(owner, false)],
         ..Default::default()
     };
@@ -180,6 +184,7 @@ fn registry_entries_stay_and_rows_override_them() {
     let mut tagged = ep("web", 1);
     tagged.tags.canary = true;
     let g = GossipView {
+        deregistered: Vec::new(),
         endpoints: vec![row(tagged.clone(), "10.0.0.2:7702"), reg(ep("web", 2), 10)],
         snapshots: vec![snap("web", 10, &[1, 2])],
         members: vec![member("10.0.0.2:7702", true)],
@@ -194,6 +199,7 @@ fn registry_entries_stay_and_rows_override_them() {
 fn the_index_moves_only_when_endpoints_change() {
     let mut m = Merger::new(addr(ME), 1_000, Vec::new());
     let g1 = GossipView {
+        deregistered: Vec::new(),
         endpoints: vec![reg(ep("web", 1), 10)],
         snapshots: vec![snap("web", 10, &[1])],
         members: Vec::new(),
@@ -201,6 +207,7 @@ fn the_index_moves_only_when_endpoints_change() {
     let a = m.merge(&g1, 1);
     // A newer snapshot with the same endpoints (a re-check-in): same index.
     let g2 = GossipView {
+        deregistered: Vec::new(),
         endpoints: vec![reg(ep("web", 1), 20)],
         snapshots: vec![snap("web", 20, &[1])],
         members: Vec::new(),
@@ -210,6 +217,7 @@ fn the_index_moves_only_when_endpoints_change() {
     assert_eq!(a.index(), b.index());
     assert_eq!(a.service_index(&web), b.service_index(&web));
     let g3 = GossipView {
+        deregistered: Vec::new(),
         endpoints: vec![reg(ep("web", 1), 30), reg(ep("web", 2), 30)],
         snapshots: vec![snap("web", 30, &[1, 2])],
         members: Vec::new(),
@@ -230,6 +238,7 @@ mod through_gossip {
 
     fn observe(node: &Node, m: &mut Merger, now: u64) -> MergedView {
         let g = GossipView {
+            deregistered: node.deregistered_keys(),
             endpoints: node.visible_endpoints(),
             snapshots: node.snapshots(),
             members: node.members(),
@@ -273,5 +282,56 @@ mod through_gossip {
             ports(&observe(&node, &mut m, 6), "web"),
             vec![(3, Provenance::Registry)]
         );
+    }
+
+    fn drained(v: &MergedView, service: &str) -> Vec<(u16, u64)> {
+        v.draining(&ServiceName::new(service).expect("name"))
+            .iter()
+            .map(|d| (d.endpoint.port.get(), d.since_ms))
+            .collect()
+    }
+
+    #[test]
+    fn a_deregistered_host_is_listed_draining_for_a_window_and_an_expired_one_is_not() {
+        let me = addr(ME);
+        let mut node = Node::new(GossipConfig::for_tests(me), 1, 7).expect("node");
+        node.start(1);
+        let mut m = Merger::new(me, 1_000, Vec::new());
+        node.publish_local(2, vec![ep("web", 1), ep("web", 2)]);
+        node.apply_registry_snapshot(2, snap("web", 10, &[3]));
+        let v = observe(&node, &mut m, 2);
+        assert_eq!(v.hosts(&ServiceName::new("web").expect("name")).len(), 3);
+        assert!(drained(&v, "web").is_empty());
+
+        // Port 2 deregistered (a tombstone): gone from the view, listed as draining, with
+        // the endpoint it had. Port 3 vanishing from a newer snapshot (it expired) is not a
+        // deregistration.
+        node.publish_local(1_000, vec![ep("web", 1)]);
+        node.apply_registry_snapshot(1_000, snap("web", 20, &[]));
+        let v = observe(&node, &mut m, 1_000);
+        assert_eq!(ports(&v, "web"), vec![(1, Provenance::Gossip)]);
+        assert_eq!(drained(&v, "web"), vec![(2, 1_000)]);
+        assert!(m.time_pending(), "the drain must end by itself");
+
+        // Still draining just before the window ends, and gone after it.
+        let v = observe(&node, &mut m, 1_000 + DRAIN_LISTING_MS - 1);
+        assert_eq!(drained(&v, "web"), vec![(2, 1_000)]);
+        let v = observe(&node, &mut m, 1_000 + DRAIN_LISTING_MS);
+        assert!(drained(&v, "web").is_empty());
+        assert!(!m.time_pending());
+
+        // Registered again: listed, not draining, even inside a new window.
+        node.publish_local(70_000, vec![ep("web", 1)]);
+        let v = observe(&node, &mut m, 70_000);
+        assert_eq!(drained(&v, "web"), vec![]);
+        node.publish_local(70_001, Vec::new());
+        assert_eq!(
+            drained(&observe(&node, &mut m, 70_001), "web"),
+            vec![(1, 70_001)]
+        );
+        node.publish_local(70_002, vec![ep("web", 1)]);
+        let v = observe(&node, &mut m, 70_002);
+        assert_eq!(ports(&v, "web"), vec![(1, Provenance::Gossip)]);
+        assert!(drained(&v, "web").is_empty());
     }
 }

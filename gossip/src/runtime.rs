@@ -336,6 +336,7 @@ impl NodeTask {
             endpoints: self.node.visible_endpoints(),
             snapshots: self.node.snapshots(),
             members: self.node.members(),
+            deregistered: self.node.deregistered_keys(),
         };
         self.view_tx.send_if_modified(|cur| {
             let changed = **cur != view;

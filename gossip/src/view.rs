@@ -44,6 +44,11 @@ pub struct GossipView {
     pub endpoints: Vec<ViewEntry>,
     pub snapshots: Vec<Snapshot>,
     pub members: Vec<MemberInfo>,
+    /// Keys whose owner wrote a tombstone (alive or not) and no owner lists as up: what was
+    /// explicitly deregistered, as opposed to expired or crashed. The agent lists such hosts
+    /// as draining for a while, so proxies finish in-flight requests and stop routing even
+    /// when the host still passes health checks (DESIGN.md §6.3 "Drained").
+    pub deregistered: Vec<EndpointKey>,
 }
 
 /// Live owned rows ∪ registry entries; an owned row overrides the registry entry for the same
@@ -90,6 +95,19 @@ pub(crate) fn merged_view(store: &Store, alive: impl Fn(&SocketAddr) -> bool) ->
     out.into_values().collect()
 }
 
+/// Keys with a tombstone and no `Up` row of any owner, whether the owners are alive or not.
+pub(crate) fn deregistered(store: &Store) -> Vec<EndpointKey> {
+    let mut up = BTreeSet::new();
+    let mut gone = BTreeSet::new();
+    for (_, key, reg) in store.rows.iter_owner_entries() {
+        match reg.val {
+            RowStatus::Up(_) => up.insert(key),
+            RowStatus::Deregistered => gone.insert(key),
+        };
+    }
+    gone.difference(&up).map(|k| (*k).clone()).collect()
+}
+
 /// View queries of a node.
 impl Node {
     pub(crate) fn owner_alive(&self, owner: &SocketAddr) -> bool {
@@ -99,6 +117,11 @@ impl Node {
     /// The merged view: live owned rows ∪ registry snapshot entries (DESIGN.md §5.3).
     pub fn visible_endpoints(&self) -> Vec<ViewEntry> {
         merged_view(&lock(&self.store), |o| self.owner_alive(o))
+    }
+
+    /// Keys with a tombstone and no `Up` row of any owner (see [`GossipView::deregistered`]).
+    pub fn deregistered_keys(&self) -> Vec<EndpointKey> {
+        deregistered(&lock(&self.store))
     }
 
     /// Whether `owner`'s row for `key` is known and visible here (simulator probe).
@@ -227,5 +250,13 @@ mod tests {
             view[0].endpoint, tagged,
             "the owner's row overrides the registry entry"
         );
+        // Tombstones count as deregistrations whether their owner is alive (2) or not (3);
+        // a key another owner still lists as up (here 1, re-registered elsewhere) does not.
+        store.rows.merge(
+            Row::new(dead, ep(1).key(), RowStatus::Deregistered, v(3)),
+            0,
+        );
+        let ports: Vec<u16> = deregistered(&store).iter().map(|k| k.port.get()).collect();
+        assert_eq!(ports, vec![2, 3]);
     }
 }

@@ -1,6 +1,9 @@
 //! The membership watch (DESIGN.md §6.2): blocking queries against the agent (or any
 //! registry) for one service. On any error the cluster keeps its last set and the watch
-//! retries with jittered exponential back-off.
+//! retries with jittered exponential back-off. It asks for `draining=true`, so an agent also
+//! lists hosts deregistered within the last minute, tagged `draining`; those are `Drained`
+//! (finish in-flight requests, route no new ones) rather than `Absent` (where health checks
+//! win). A registry ignores the parameter.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +57,7 @@ pub async fn watch(cluster: Arc<Cluster>, client: WatchClient, shutdown: Cancell
     let mut backoff = MIN_BACKOFF;
     loop {
         let url = format!(
-            "{base}/v2/services/{service}?index={}&wait={}s",
+            "{base}/v2/services/{service}?draining=true&index={}&wait={}s",
             index.as_deref().unwrap_or("0"),
             WAIT.as_secs()
         );
