@@ -65,7 +65,7 @@ async fn no_route(req: Request) -> ApiError {
 
 /// Adds the freshness headers to every answer that has not set its own source.
 async fn freshness(State(shared): State<AppState>, req: Request, next: Next) -> Response {
-    shared.metrics.requests.inc();
+    shared.metrics.requests.increment(1);
     let mut resp = next.run(req).await;
     let age = shared
         .registry_age_ms()

@@ -271,3 +271,48 @@ async fn draining_hosts_are_listed_only_on_request_and_tagged() {
     }
     f.stop.cancel();
 }
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_with_agent_and_gossip_series() {
+    let f = fixture().await;
+    for _ in 0..3 {
+        send(&f.app, "GET", "/v1/registration/web", "").await;
+    }
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .expect("request");
+    let resp = f.app.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    let value = |series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    // The three listings, counted before /metrics itself was answered.
+    assert!(
+        value("tidings_agent_requests_total").is_some_and(|v| v >= 3.0),
+        "{text}"
+    );
+    assert_eq!(value("tidings_agent_view_endpoints"), Some(2.0), "{text}");
+    assert_eq!(
+        value("tidings_agent_draining_endpoints"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("tidings_agent_registry_age_seconds"),
+        Some(-1.0),
+        "{text}"
+    );
+    assert!(
+        value("tidings_gossip_dropped_unknown_key_total").is_some(),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE tidings_agent_checkins_total counter"),
+        "{text}"
+    );
+    f.stop.cancel();
+}

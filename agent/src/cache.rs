@@ -143,7 +143,7 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
             let res = tokio::task::spawn_blocking(move || store(&dir2, &file)).await;
             match res {
                 Ok(Ok(())) => {
-                    shared.metrics.cache_writes.inc();
+                    shared.metrics.cache_writes.increment(1);
                     shared
                         .cache_index
                         .store(index, std::sync::atomic::Ordering::Relaxed);
@@ -151,7 +151,7 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
                     last = Some(next);
                 }
                 Ok(Err(e)) => {
-                    shared.metrics.cache_write_errors.inc();
+                    shared.metrics.cache_write_errors.increment(1);
                     tracing::warn!(error = %e, "disk cache not written");
                 }
                 Err(e) => tracing::warn!(error = %e, "disk cache writer failed"),

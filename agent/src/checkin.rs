@@ -72,7 +72,7 @@ pub async fn run_checkin(shared: Arc<Shared>, stop: CancellationToken) {
         };
         match outcome {
             Ok(n) => {
-                shared.metrics.checkins_ok.inc();
+                shared.metrics.checkins_ok.increment(1);
                 if failing {
                     tracing::info!(endpoints = n, "check-in succeeded again");
                     shared.registry_back.notify_one();
@@ -80,7 +80,7 @@ pub async fn run_checkin(shared: Arc<Shared>, stop: CancellationToken) {
                 failing = false;
             }
             Err(e) => {
-                shared.metrics.checkins_failed.inc();
+                shared.metrics.checkins_failed.increment(1);
                 if !failing {
                     tracing::warn!(error = %e, "check-in failed; will retry next interval");
                 }

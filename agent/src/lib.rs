@@ -24,12 +24,14 @@ pub mod api;
 pub mod cache;
 pub mod checkin;
 pub mod config;
+pub mod metrics;
 mod run;
 mod state;
 pub mod sync;
 pub mod view;
 
 pub use config::{AGENT_SERVICE, AgentConfig, ConfigError, parse_endpoint_flag};
+pub use metrics::Metrics;
 pub use run::{AgentError, run};
-pub use state::{LocalEndpoints, Metrics, Shared};
+pub use state::{LocalEndpoints, Shared};
 pub use view::{MergedView, Merger, Provenance};

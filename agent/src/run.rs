@@ -113,7 +113,7 @@ pub async fn run(
         draining.clone(),
     ));
     if cache_failed {
-        shared.metrics.cache_load_errors.inc();
+        shared.metrics.cache_load_errors.increment(1);
     }
     shared.local_changed().await;
 

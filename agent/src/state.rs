@@ -2,7 +2,6 @@
 //! published merged view, this host's endpoints, registry freshness and metrics.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,35 +14,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
+use crate::metrics::{Metrics, Readings};
 use crate::view::MergedView;
-
-/// A monotonically increasing counter for `/metrics`.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// The agent's counters. Gauges are computed when `/metrics` is rendered.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    pub checkins_ok: Counter,
-    pub checkins_failed: Counter,
-    pub sync_applied: Counter,
-    pub sync_warming: Counter,
-    pub sync_errors: Counter,
-    pub cache_writes: Counter,
-    pub cache_write_errors: Counter,
-    pub cache_load_errors: Counter,
-    pub requests: Counter,
-}
 
 /// This host's endpoints: from the config, registered at runtime, and the agent's own.
 #[derive(Debug, Clone, Default)]
@@ -181,88 +153,15 @@ impl Shared {
         let view = self.current_view();
         let members = self.gossip.members();
         let alive = members.iter().filter(|m| m.active).count();
-        let m = &self.metrics;
-        let age = self.registry_age_ms().map_or(-1.0, |ms| ms as f64 / 1000.0);
-        let mut out = String::new();
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        metric(
-            "tidings_agent_checkins_total",
-            "counter",
-            "Check-in rounds by result.",
-            &[
-                ("{result=\"ok\"}", m.checkins_ok.get() as f64),
-                ("{result=\"failed\"}", m.checkins_failed.get() as f64),
-            ],
-        );
-        metric(
-            "tidings_agent_registry_syncs_total",
-            "counter",
-            "Catalog answers by outcome (applied, warming: ignored, error).",
-            &[
-                ("{result=\"applied\"}", m.sync_applied.get() as f64),
-                ("{result=\"warming\"}", m.sync_warming.get() as f64),
-                ("{result=\"error\"}", m.sync_errors.get() as f64),
-            ],
-        );
-        metric(
-            "tidings_agent_registry_age_seconds",
-            "gauge",
-            "Seconds since the last successful registry sync (-1: never).",
-            &[("", age)],
-        );
-        metric(
-            "tidings_agent_view_endpoints",
-            "gauge",
-            "Endpoints in the merged view.",
-            &[("", view.len() as f64)],
-        );
-        metric(
-            "tidings_agent_view_services",
-            "gauge",
-            "Services in the merged view.",
-            &[("", view.services().count() as f64)],
-        );
-        metric(
-            "tidings_agent_gossip_members",
-            "gauge",
-            "Gossip members by state, this agent excluded.",
-            &[
-                ("{state=\"alive\"}", alive as f64),
-                ("{state=\"down\"}", (members.len() - alive) as f64),
-            ],
-        );
-        metric(
-            "tidings_agent_local_endpoints",
-            "gauge",
-            "Endpoints this host serves (the agent's own included).",
-            &[("", self.local().all().len() as f64)],
-        );
-        metric(
-            "tidings_agent_cache_writes_total",
-            "counter",
-            "Disk cache writes by result.",
-            &[
-                ("{result=\"ok\"}", m.cache_writes.get() as f64),
-                ("{result=\"error\"}", m.cache_write_errors.get() as f64),
-            ],
-        );
-        metric(
-            "tidings_agent_cache_load_errors_total",
-            "counter",
-            "Disk cache files that could not be loaded (ignored).",
-            &[("", m.cache_load_errors.get() as f64)],
-        );
-        metric(
-            "tidings_agent_requests_total",
-            "counter",
-            "Local API requests.",
-            &[("", m.requests.get() as f64)],
-        );
-        out
+        self.metrics.render(&Readings {
+            registry_age_s: self.registry_age_ms().map_or(-1.0, |ms| ms as f64 / 1000.0),
+            view_endpoints: view.len(),
+            view_services: view.services().count(),
+            draining_endpoints: view.draining_len(),
+            members_alive: alive,
+            members_down: members.len() - alive,
+            local_endpoints: self.local().all().len(),
+            gossip: self.gossip.metrics(),
+        })
     }
 }

@@ -188,7 +188,7 @@ pub async fn run_sync(shared: Arc<Shared>, stop: CancellationToken) {
         };
         let pause = match answer {
             Err(e) => {
-                shared.metrics.sync_errors.inc();
+                shared.metrics.sync_errors.increment(1);
                 shared.set_registry_ok(false);
                 index = None;
                 let pause = pacer.after_failure(rand::random());
@@ -208,7 +208,7 @@ pub async fn run_sync(shared: Arc<Shared>, stop: CancellationToken) {
                 let held = shared.gossip.view().borrow().snapshots.clone();
                 match plan(&catalog, &meta, &held) {
                     Plan::Warming => {
-                        shared.metrics.sync_warming.inc();
+                        shared.metrics.sync_warming.increment(1);
                         if !warming_noted {
                             warming_noted = true;
                             tracing::info!(
@@ -241,7 +241,7 @@ pub async fn run_sync(shared: Arc<Shared>, stop: CancellationToken) {
                                 tracing::warn!("gossip has stopped; cannot join");
                             }
                         }
-                        shared.metrics.sync_applied.inc();
+                        shared.metrics.sync_applied.increment(1);
                         shared.mark_synced();
                         tracing::debug!(
                             index = catalog.index,

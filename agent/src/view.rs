@@ -139,6 +139,11 @@ impl MergedView {
         self.draining.get(service).map_or(&[], Vec::as_slice)
     }
 
+    /// How many hosts are listed as draining, all services together.
+    pub fn draining_len(&self) -> usize {
+        self.draining.values().map(Vec::len).sum()
+    }
+
     pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &ServiceHosts)> {
         self.services.iter()
     }

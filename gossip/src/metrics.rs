@@ -21,6 +21,13 @@ macro_rules! counters {
             }
         }
 
+        impl MetricsSnapshot {
+            /// Every counter as (name without prefix, help, value), for exporters.
+            pub fn each(&self, mut f: impl FnMut(&'static str, &'static str, u64)) {
+                $(f(stringify!($name), $doc, self.$name);)*
+            }
+        }
+
         impl fmt::Display for MetricsSnapshot {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 $(writeln!(f, "tidings_gossip_{}_total {}", stringify!($name), self.$name)?;)*
