@@ -16,11 +16,13 @@ for c in rustfmt clippy; do
 done
 
 # Debian packages the tests use: systemd-analyze (the unit files in ops/deploy/systemd are
-# verified), iproute2 (network namespaces for partition tests).
-step "Debian packages (systemd, iproute2)"
+# verified), iproute2 (network namespaces for partition tests), chromium (headless, loads the
+# dashboards in tests/tests/dashboard.rs).
+step "Debian packages (systemd, iproute2, chromium)"
 missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v ip >/dev/null || missing+=(iproute2)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -316,3 +316,51 @@ async fn metrics_are_prometheus_text_with_agent_and_gossip_series() {
     );
     f.stop.cancel();
 }
+
+#[tokio::test]
+async fn the_dashboard_and_its_assets_are_served_with_a_strict_csp() {
+    let f = fixture().await;
+    for (uri, ct, needle) in [
+        (
+            "/ui",
+            "text/html; charset=utf-8",
+            "<title>Tidings agent</title>",
+        ),
+        ("/ui/", "text/html; charset=utf-8", "/ui/app.js"),
+        (
+            "/ui/app.js",
+            "text/javascript; charset=utf-8",
+            "/v1/agent/members",
+        ),
+        (
+            "/ui/common.js",
+            "text/javascript; charset=utf-8",
+            "textContent",
+        ),
+        ("/ui/ui.css", "text/css; charset=utf-8", "table"),
+    ] {
+        let req = Request::builder()
+            .uri(uri)
+            .body(Body::empty())
+            .expect("request");
+        let resp = f.app.clone().oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+        let h = resp.headers().clone();
+        assert_eq!(hdr(&h, "content-type"), ct, "{uri}");
+        let csp = hdr(&h, "content-security-policy");
+        assert!(
+            csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+            "{uri}: {csp}"
+        );
+        assert_eq!(hdr(&h, "cache-control"), "no-store", "{uri}");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(
+            String::from_utf8_lossy(&body).contains(needle),
+            "{uri} lacks {needle}"
+        );
+    }
+    let (status, _, v) = send(&f.app, "GET", "/ui/missing.js", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "route_not_found");
+    f.stop.cancel();
+}

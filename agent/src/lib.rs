@@ -10,7 +10,8 @@
 //!   task, and the [`cache`] writer (atomic, ≤ 1/s, only on change).
 //! - [`view`]: the sans-IO [`Merger`] — gossip's merged view (§5.3) plus disk-cache entries
 //!   until live data covers them, with per-host provenance and content-hash indexes.
-//! - [`api`]: the local API router (v1, v2 blocking, EDS, `/v1/agent/*`, probes, metrics).
+//! - [`api`]: the local API router (v1, v2 blocking, EDS, `/v1/agent/*`, probes, metrics);
+//!   [`ui`]: the web dashboard it serves at `/ui`.
 //!
 //! Invariants: a failed or warming registry answer never replaces a snapshot; registry
 //! entries stay until a newer successful snapshot (fail static); an owned row overrides the
@@ -28,6 +29,7 @@ pub mod metrics;
 mod run;
 mod state;
 pub mod sync;
+pub mod ui;
 pub mod view;
 
 pub use config::{AGENT_SERVICE, AgentConfig, ConfigError, parse_endpoint_flag};

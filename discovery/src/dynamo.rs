@@ -415,6 +415,10 @@ fn check_table_name(name: &str) -> Result<(), StoreError> {
 
 #[async_trait]
 impl Store for DynamoStore {
+    fn kind(&self) -> &'static str {
+        "dynamodb"
+    }
+
     async fn check_in(
         &self,
         endpoints: &[Endpoint],

@@ -11,7 +11,9 @@
 //!   Its decisions are pure functions in [`policy`], driven by an injected [`Clock`].
 //! - [`router`] builds the axum router (routes in `routes_v1`, `routes_v2`, `routes_ops`;
 //!   errors in [`errors`]; write tokens in [`auth`]); [`serve`] runs it on a listener with the
-//!   sweeper ([`run_sweeper`]) until a shutdown token fires.
+//!   sweeper ([`run_sweeper`]) until a shutdown token fires. `GET /v1/ops/status`
+//!   ([`Status`]) reports warm-up, self-preservation and the last sweep; [`ui`] is the web
+//!   dashboard at `/ui`.
 //! - [`RegistryClient`] (in [`client`]): the HTTP client the agent and `tidings checkin` use.
 //! - [`RegistryConfig`]: every knob, with defaults and `validate()`.
 //!
@@ -40,8 +42,10 @@ mod routes_ops;
 mod routes_v1;
 mod routes_v2;
 mod server;
+mod status;
 pub mod store;
 mod sweep;
+pub mod ui;
 
 pub use auth::{host_token, operator_token};
 pub use client::{ClientError, ReadMeta, RegistryClient};
@@ -54,6 +58,7 @@ pub use registry::{Registry, View, ViewData};
 pub use router::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, router};
 pub use routes_v2::blocking_params;
 pub use server::serve;
+pub use status::{PreservationStatus, Status, SweepError, SweepStatus};
 pub use store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 pub use sweep::{SweepReport, run_sweeper};
 

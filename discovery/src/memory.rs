@@ -176,6 +176,10 @@ fn upsert(rows: &mut BTreeMap<RowKey, Row>, ep: &Endpoint, now_ms: u64) -> (bool
 
 #[async_trait]
 impl Store for MemoryStore {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
     async fn check_in(
         &self,
         endpoints: &[Endpoint],

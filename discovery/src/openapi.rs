@@ -33,6 +33,10 @@ fn text_ok() -> Value {
     json!({"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}})
 }
 
+fn html_ok() -> Value {
+    json!({"description": "ok", "content": {"text/html": {"schema": {"type": "string"}}}})
+}
+
 fn any_ok() -> Value {
     json!({"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}})
 }
@@ -65,6 +69,8 @@ pub fn document() -> Value {
             "/ready": {"get": op("readiness (503 while draining)", &[], "200", any_ok(), &[])},
             "/metrics": {"get": op("Prometheus metrics", &[], "200", text_ok(), &[])},
             "/openapi.json": {"get": op("this document", &[], "200", any_ok(), &[])},
+            "/v1/ops/status": {"get": op("store kind, warm-up, self-preservation (expected vs actual renewals) and the last sweep", &[], "200", json_ok("Status"), &[])},
+            "/ui": {"get": op("the web dashboard (HTML; its script and styles are under /ui/)", &[], "200", html_ok(), &[])},
             "/v1/registration/{service}": {
                 "get": op("live hosts of a service", &["service"], "200", json_ok("V1Listing"), &[]),
                 "post": with_body(op("check in one endpoint", &["service"], "200", any_ok(), &[]), &form_or_json)
@@ -117,6 +123,19 @@ pub fn document() -> Value {
                 "Catalog": {"type": "object", "properties": {"index": {"type": "integer"}, "generated_at_ms": {"type": "integer"},
                     "warming": {"type": "boolean"}, "stale": {"type": "boolean"}, "services": {"type": "object",
                     "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/V1Host"}}}}},
+                "Status": {"type": "object", "properties": {
+                    "store": {"type": "string", "enum": ["memory", "dynamodb", "custom"]}, "env": {"type": "string"},
+                    "ready": {"type": "boolean"}, "warming": {"type": "boolean"}, "uptime_ms": {"type": "integer"},
+                    "ttl_ms": {"type": "integer"}, "check_in_interval_ms": {"type": "integer"},
+                    "self_preservation": {"type": "object", "properties": {
+                        "enabled": {"type": "boolean"}, "active": {"type": "boolean"}, "threshold": {"type": "number"},
+                        "expected_renewals": {"type": "integer"}, "min_renewals": {"type": "integer"},
+                        "renewals": {"type": "integer", "nullable": true}}},
+                    "last_sweep": {"type": "object", "nullable": true, "properties": {
+                        "ms_ago": {"type": "integer"}, "live": {"type": "integer"}, "stored": {"type": "integer"},
+                        "renewed": {"type": "integer"}, "deleted": {"type": "integer"}}},
+                    "last_sweep_error": {"type": "object", "nullable": true, "properties": {
+                        "ms_ago": {"type": "integer"}, "message": {"type": "string"}}}}},
                 "DiscoveryResponse": {"type": "object", "description": "Envoy v3 DiscoveryResponse: version_info, type_url and zero or one ClusterLoadAssignment",
                     "properties": {"version_info": {"type": "string"}, "type_url": {"type": "string"},
                     "resources": {"type": "array", "maxItems": 1, "items": {"type": "object"}}}}

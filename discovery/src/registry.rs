@@ -18,6 +18,7 @@ use crate::config::RegistryConfig;
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{self, Preservation};
+use crate::status::SweepLog;
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
 /// A computed answer: the visible rows of a service (or of every service) and their index.
@@ -62,11 +63,13 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) auth: Auth,
     pub(crate) metrics: Metrics,
-    started_ms: u64,
+    pub(crate) started_ms: u64,
     init: OnceCell<Init>,
     pub(crate) preservation: Mutex<Preservation>,
     /// Mirrors `preservation.active()` so every read can check it without the lock.
     preserving: AtomicBool,
+    /// What the last sweeps found, for `GET /v1/ops/status`.
+    pub(crate) sweeps: Mutex<SweepLog>,
     changes: watch::Sender<u64>,
     cache: ReadCache,
     draining: CancellationToken,
@@ -100,6 +103,7 @@ impl Registry {
             started_ms: now,
             preservation: Mutex::new(preservation),
             preserving: AtomicBool::new(false),
+            sweeps: Mutex::default(),
             changes: watch::Sender::new(0),
             cache: ReadCache::default(),
             draining: CancellationToken::new(),

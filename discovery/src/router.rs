@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::errors::ApiError;
 use crate::registry::{Registry, View};
-use crate::{routes_eds, routes_ops, routes_v1, routes_v2};
+use crate::{routes_eds, routes_ops, routes_v1, routes_v2, ui};
 
 pub const HEADER_INDEX: &str = "x-tidings-index";
 pub const HEADER_STALE: &str = "x-tidings-stale";
@@ -41,13 +41,18 @@ pub fn router(registry: Registry) -> Router {
             Limits::timeout(blocking_timeout),
             limit,
         ));
-    // Probes and metrics are never shed: an overloaded registry must still say so.
+    // Probes, metrics, status and the dashboard are never shed: an overloaded registry
+    // must still say so.
     let ops = Router::new()
         .route("/healthcheck", get(routes_ops::healthcheck))
         .route("/live", get(routes_ops::live))
         .route("/ready", get(routes_ops::ready))
         .route("/metrics", get(routes_ops::metrics))
         .route("/openapi.json", get(routes_ops::openapi))
+        .route("/v1/ops/status", get(routes_ops::status))
+        .route("/ui", get(ui::handler))
+        .route("/ui/", get(ui::handler))
+        .route("/ui/{asset}", get(ui::handler))
         .layer(middleware::from_fn_with_state(
             Limits::timeout(cfg.handler_timeout),
             limit,

@@ -1,5 +1,5 @@
-//! Operational routes: lyft's `/healthcheck`, liveness, readiness, Prometheus metrics and
-//! the OpenAPI document.
+//! Operational routes: lyft's `/healthcheck`, liveness, readiness, Prometheus metrics, the
+//! registry's status and the OpenAPI document.
 
 use axum::Json;
 use axum::extract::State;
@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::openapi;
 use crate::registry::Registry;
+use crate::status::Status;
 
 /// `GET /healthcheck`: `200 OK`, as lyft/discovery answers.
 pub async fn healthcheck() -> &'static str {
@@ -38,6 +39,11 @@ pub async fn metrics(State(registry): State<Registry>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
+}
+
+/// `GET /v1/ops/status`: store kind, warm-up, self-preservation and the last sweep.
+pub async fn status(State(registry): State<Registry>) -> Json<Status> {
+    Json(registry.status())
 }
 
 /// `GET /openapi.json`.

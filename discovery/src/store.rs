@@ -47,6 +47,11 @@ pub enum StoreError {
 /// registry processes (DynamoDB): every method is a self-contained, idempotent operation.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// What backs this store, for operators (`GET /v1/ops/status`, the dashboard).
+    fn kind(&self) -> &'static str {
+        "custom"
+    }
+
     /// Upserts each endpoint with `last_check_in = now_ms`, never moving an existing
     /// `last_check_in` backwards, keeping any weight override, and merging tags the way
     /// lyft/discovery does not: the new tag set replaces the old one (so tags can be removed),

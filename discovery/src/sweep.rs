@@ -27,6 +27,17 @@ impl Registry {
     /// `sweep_max_per_pass` expired rows. [`run_sweeper`] calls this every `sweep_interval`;
     /// tests call it directly after moving a [`crate::ManualClock`].
     pub async fn sweep_once(&self) -> Result<SweepReport, StoreError> {
+        let res = self.sweep().await;
+        let now = self.now_ms();
+        self.inner
+            .sweeps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(&res, now);
+        res
+    }
+
+    async fn sweep(&self) -> Result<SweepReport, StoreError> {
         self.ensure_init().await?;
         let inner = &self.inner;
         let cfg = &inner.config;

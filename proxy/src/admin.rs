@@ -1,5 +1,6 @@
-//! The admin listener: `/clusters`, `/ready`, `/live`, `/metrics`, `/config`. Loopback only
-//! by default; it exposes topology, never secrets (TLS paths are shown, not keys).
+//! The admin listener: `/clusters`, `/ready`, `/live`, `/metrics`, `/config`, and the web
+//! dashboard over them at `/ui` ([`crate::admin_ui`]). Loopback only by default; it exposes
+//! topology, never secrets (TLS paths are shown, not keys).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,7 +9,6 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::Shared;
@@ -26,9 +26,10 @@ fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBo
     resp
 }
 
-pub async fn handle(
+/// Generic over the body, which no admin route reads, so tests can call it directly.
+pub async fn handle<B>(
     shared: Arc<Shared>,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(local_reply(
@@ -67,10 +68,11 @@ pub async fn handle(
                 "another metrics recorder is installed in this process",
             ),
         },
+        p if p == "/ui" || p.starts_with("/ui/") => crate::admin_ui::respond(p),
         _ => local_reply(
             StatusCode::NOT_FOUND,
             "not_found",
-            "try /clusters, /ready, /live, /metrics or /config",
+            "try /ui, /clusters, /ready, /live, /metrics or /config",
         ),
     };
     Ok(resp)
@@ -97,5 +99,77 @@ fn ready(shared: &Shared) -> Response<ProxyBody> {
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"ready": false, "reason": "no membership yet", "clusters": waiting}),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::ProxyConfig;
+
+    async fn get(path: &str) -> (StatusCode, http::HeaderMap, String) {
+        let shared = Arc::new(Shared {
+            config: ProxyConfig::default(),
+            routes: Vec::new(),
+            clusters: Vec::new(),
+            draining: AtomicBool::new(false),
+        });
+        let req = Request::get(path).body(()).expect("request");
+        let resp = handle(shared, req).await.unwrap_or_else(|e| match e {});
+        let (parts, body) = resp.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
+    fn hdr<'a>(h: &'a http::HeaderMap, name: &str) -> &'a str {
+        h.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    #[tokio::test]
+    async fn the_dashboard_and_its_assets_are_served_with_a_strict_csp() {
+        for (path, ct, needle) in [
+            (
+                "/ui",
+                "text/html; charset=utf-8",
+                "<title>Tidings proxy</title>",
+            ),
+            ("/ui/app.js", "text/javascript; charset=utf-8", "/clusters"),
+            (
+                "/ui/common.js",
+                "text/javascript; charset=utf-8",
+                "textContent",
+            ),
+            ("/ui/ui.css", "text/css; charset=utf-8", "table"),
+        ] {
+            let (status, h, body) = get(path).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert_eq!(hdr(&h, "content-type"), ct, "{path}");
+            let csp = hdr(&h, "content-security-policy");
+            assert!(
+                csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+                "{path}: {csp}"
+            );
+            assert_eq!(hdr(&h, "cache-control"), "no-store", "{path}");
+            assert!(body.contains(needle), "{path} lacks {needle}");
+        }
+        let (status, h, body) = get("/ui/other.js").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(hdr(&h, "content-type"), "application/json");
+        assert!(body.contains("not_found"), "{body}");
+        // The page's data sources answer on the same listener.
+        assert_eq!(get("/clusters").await.0, StatusCode::OK);
+        assert_eq!(get("/ready").await.0, StatusCode::OK);
     }
 }

@@ -8,7 +8,8 @@
 //!   (passive ejection), [`lb`] (round robin, least request, random, ring hash, Maglev,
 //!   zone-aware routing), [`retry`] (policy, back-off, budget), [`breaker`] (circuit breakers).
 //! - The IO shell: [`config`], [`membership`] (blocking-query watch), `checker` (health-check
-//!   tasks), `cluster` (runtime state), `forward` (request path), `server`, `admin`, [`tls`].
+//!   tasks), `cluster` (runtime state), `forward` (request path), `server`, `admin` (with its
+//!   web dashboard, `admin_ui`), [`tls`].
 //!
 //! Entry points: [`run`] for the binary, or [`Proxy::bind`] then [`Proxy::run`] for callers
 //! that need the bound addresses (tests bind port 0); [`Proxy::handle`] gives an in-process
@@ -42,6 +43,7 @@ pub mod telemetry;
 pub mod tls;
 
 mod admin;
+mod admin_ui;
 mod server;
 mod upstream;
 

@@ -7,6 +7,8 @@
 //!   and the parsers that turn request bodies into endpoints.
 //! - [`codec`] is the one place that knows the binary wire format (bincode 2 behind a
 //!   version byte, with a size limit), used by gossip and the disk cache.
+//! - [`ui`] holds what the components' web dashboards share: stylesheet, JS helpers, and
+//!   the strict response headers (CSP) they are served with.
 //!
 //! Invariant: nothing in this crate panics on input from outside the process; every
 //! failure is a [`ValidationError`] or a [`codec::CodecError`].
@@ -19,6 +21,7 @@ mod error;
 mod name;
 mod tags;
 pub mod timefmt;
+pub mod ui;
 
 pub use endpoint::{Endpoint, EndpointKey};
 pub use error::ValidationError;

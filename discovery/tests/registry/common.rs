@@ -51,6 +51,10 @@ impl FlakyStore {
 
 #[async_trait]
 impl Store for FlakyStore {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
     async fn check_in(
         &self,
         endpoints: &[Endpoint],
@@ -264,4 +268,18 @@ pub fn get_req(uri: &str) -> Request<Body> {
         .uri(uri)
         .body(Body::empty())
         .expect("request")
+}
+
+/// `web` on 10.0.0.{i}:80 for every `i` in `hosts`, in one v2 check-in; asserts it succeeded.
+pub async fn fleet_check_in(h: &Harness, hosts: std::ops::Range<u8>) {
+    let endpoints: Vec<_> = hosts
+        .map(|i| serde_json::json!({"service": "web", "ip": format!("10.0.0.{i}"), "port": 80}))
+        .collect();
+    let r = h
+        .post_json(
+            "/v2/checkin",
+            &serde_json::json!({ "endpoints": endpoints }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
 }

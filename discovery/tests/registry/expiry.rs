@@ -9,7 +9,7 @@ use discovery::{RegistryConfig, Store};
 use schema::ServiceName;
 use serde_json::json;
 
-use crate::common::{FlakyStore, Harness, T0};
+use crate::common::{FlakyStore, Harness, T0, fleet_check_in};
 
 const TTL: Duration = Duration::from_secs(180);
 
@@ -99,16 +99,6 @@ async fn a_restart_after_an_outage_longer_than_the_ttl_preserves_the_last_fleet(
     let r = h.get("/v1/registration/web").await;
     assert_eq!(r.hosts().len(), 10);
     assert!(!r.stale());
-}
-
-async fn fleet_check_in(h: &Harness, hosts: std::ops::Range<u8>) {
-    let endpoints: Vec<_> = hosts
-        .map(|i| json!({"service": "web", "ip": format!("10.0.0.{i}"), "port": 80}))
-        .collect();
-    let r = h
-        .post_json("/v2/checkin", &json!({ "endpoints": endpoints }))
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
 }
 
 #[tokio::test]

@@ -10,5 +10,6 @@ mod eds;
 mod expiry;
 mod fuzz;
 mod socket;
+mod ui;
 mod v1;
 mod v2;

@@ -59,7 +59,15 @@ pub async fn main(args: DemoArgs) -> ExitCode {
         eprintln!("tidings demo: --hosts must be 2-40, --duration at least 10s, --rate 1-5000");
         return ExitCode::from(crate::EXIT_USAGE);
     }
-    match run(args).await {
+    // On SIGTERM or Ctrl-C, dropping `run` drops every child process handle, and each kills
+    // its process: an interrupted demo leaves no registry, agent or proxy behind.
+    let outcome = tokio::select! {
+        res = run(args) => res,
+        () = crate::telemetry::shutdown_signal() => {
+            Err(anyhow::anyhow!("interrupted; every process it started is stopped"))
+        }
+    };
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -101,8 +109,9 @@ async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
     )
     .await?;
     let registry_addr = registry.addr("registry")?;
+    announce(args.json, "registry", registry_addr);
     say(&format!(
-        "registry (memory store) listening on {registry_addr}"
+        "registry (memory store) listening on {registry_addr}, dashboard http://{registry_addr}/ui"
     ));
 
     let key_file = dir.path().join("gossip.key");
@@ -143,12 +152,14 @@ async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
             a.extend(strings(&["--join", s]));
         }
         let agent = Proc::start(&format!("agent-{i}"), &a, 2, log(&format!("agent-{i}"))).await?;
-        let api = agent.addr("api")?.to_string();
+        let api_addr = agent.addr("api")?;
+        let api = api_addr.to_string();
         if seed.is_none() {
             seed = Some(agent.addr("gossip")?.to_string());
         }
+        announce(args.json, &format!("agent-{i} api"), api_addr);
         say(&format!(
-            "host-{i} on {ip}: agent api {api}, backends web+api"
+            "host-{i} on {ip}: agent api {api} (dashboard http://{api}/ui), backends web+api"
         ));
         agent_apis.push(api);
         agents.push(agent);
@@ -167,15 +178,19 @@ async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
         p.extend(strings(&["--route", svc]));
     }
     let proxy = Proc::start("proxy", &p, 2, log("proxy")).await?;
-    let admin_addr = proxy.addr("admin")?.to_string();
-    let proxy_addr = proxy
+    let admin = proxy.addr("admin")?;
+    let admin_addr = admin.to_string();
+    let listener = proxy
         .addrs
         .iter()
         .find(|(m, _)| !m.contains("admin"))
-        .map(|(_, a)| a.to_string())
+        .map(|(_, a)| *a)
         .context("the proxy reported no listener")?;
+    let proxy_addr = listener.to_string();
+    announce(args.json, "proxy", listener);
+    announce(args.json, "proxy admin", admin);
     say(&format!(
-        "proxy listening on {proxy_addr}, admin on {admin_addr}"
+        "proxy listening on {proxy_addr}, admin on {admin_addr} (dashboard http://{admin_addr}/ui)"
     ));
     Ok(Cluster {
         dir,
@@ -188,6 +203,15 @@ async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
         proxy_addr,
         admin_addr,
     })
+}
+
+/// With `--json` stdout carries only the summary, so the demo logs where its parts listen
+/// instead, as every `tidings` process does ("... listening", with `addr`): that is how a
+/// harness finds the running demo's APIs and dashboards.
+fn announce(json: bool, what: &str, addr: std::net::SocketAddr) {
+    if json {
+        tracing::info!(%addr, "demo {what} listening");
+    }
 }
 
 fn strings(a: &[&str]) -> Vec<String> {
