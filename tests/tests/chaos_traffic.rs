@@ -1,0 +1,195 @@
+//! Chaos under client traffic: an agent is SIGKILLed on the host whose proxy is routing, and
+//! then a backend dies. Real processes on a loopback /24 of this run: a registry, three
+//! agents (one `web` endpoint and one backend per host), and a proxy whose membership comes
+//! from agent 1. A client sends requests through the proxy the whole time, and the other
+//! agents are read all the time; neither may see a single failure.
+//!
+//! The registry's own SIGKILL under traffic is covered by `demo.rs` (the demo's summary) and
+//! `chaos_registry.rs` (outages longer than the TTL).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use tests::backend::Backend;
+use tests::fleet::{self, Agent, AgentSpec, Hammer, lookup, members};
+use tests::traffic::Load;
+use tests::{http, poll};
+
+const START: Duration = Duration::from_secs(20);
+/// The proxy's health checks (fleet::proxy): every 300 ms ± 10 %, unhealthy after 2 failures.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(300);
+const UNHEALTHY_THRESHOLD: u32 = 2;
+
+fn ip(host: u8) -> String {
+    fleet::loopback(2, host)
+}
+
+/// Consecutive errors of the proxy's membership watch (on its agent).
+fn watch_errors(admin: &str) -> Result<u64> {
+    let v = http::get(&format!("http://{admin}/clusters"))?.json()?;
+    v["clusters"][0]["membership"]["consecutive_errors"]
+        .as_u64()
+        .with_context(|| format!("no membership errors in {v}"))
+}
+
+/// `addr`'s epoch as the agent at `base` knows it, if it thinks it alive.
+fn alive_epoch(base: &str, addr: &str) -> Option<u64> {
+    members(base)
+        .ok()?
+        .into_iter()
+        .find(|m| m.addr == addr && m.alive)
+        .map(|m| m.epoch)
+}
+
+#[test]
+fn agent_restarts_and_backend_kills_cost_no_request() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut backends = Vec::new();
+    for h in 1..=3u8 {
+        backends.push(rt.block_on(Backend::start_on(&ip(h), 8080, &format!("host-{h}")))?);
+    }
+    let all: BTreeSet<String> = (1..=3u8).map(|h| format!("{}:8080", ip(h))).collect();
+
+    let reg_addr = format!("{}:7700", ip(100));
+    let reg_url = format!("http://{reg_addr}");
+    let _reg = fleet::registry(&reg_addr, "10s", "4s")?;
+    let mut agents = Vec::new();
+    for h in 1..=3u8 {
+        let me = ip(h);
+        let seed = format!("{}:7702", ip(1));
+        let mut extra = vec!["--endpoint", "web:8080"];
+        if h > 1 {
+            extra.extend_from_slice(&["--join", &seed]);
+        }
+        agents.push(Agent::start(AgentSpec {
+            name: format!("agent-{h}"),
+            netns: None,
+            gossip: format!("{me}:7702"),
+            api: format!("{me}:7701"),
+            url: format!("http://{me}:7701"),
+            registry: &reg_url,
+            dir: &tmp.path().join(format!("agent-{h}")),
+            extra: &extra,
+        })?);
+    }
+    for a in &agents {
+        poll(&format!("{} to list every host", a.url()), START, || {
+            (lookup(&a.url(), "web").ok()?.hosts == all).then_some(())
+        })?;
+    }
+    let a1_url = agents[0].url();
+    let a1_gossip = agents[0].gossip();
+    let peers: Vec<String> = agents[1..].iter().map(Agent::url).collect();
+    let old_epoch = poll("agent 2 to know agent 1 alive", START, || {
+        alive_epoch(&peers[0], &a1_gossip)
+    })?;
+    let proxy = fleet::proxy(None, &ip(1), &a1_url, "web")?;
+    let admin = proxy.addr("admin")?.to_string();
+    let listen = proxy.addr("proxy listening")?;
+    poll("the proxy to route to every host", START, || {
+        fleet::all_routed(&admin, &all).ok()
+    })?;
+    let load = Load::start(
+        format!("http://{listen}/"),
+        "web".into(),
+        50_000,
+        Duration::from_secs(90),
+    );
+    load.wait_for(50)?;
+
+    // 1) SIGKILL the proxy's agent: the proxy keeps its last set and routes to every host.
+    let (check_admin, check_all) = (admin.clone(), all.clone());
+    let hammer = Hammer::with_check(
+        peers.clone(),
+        vec![("web", all.clone())],
+        Box::new(move || fleet::all_routed(&check_admin, &check_all)),
+    );
+    agents[0].proc.signal("KILL")?;
+    agents[0].proc.wait_exit(Duration::from_secs(5))?;
+    let killed = Instant::now();
+    let noticed = poll("the proxy to notice its agent is gone", START, || {
+        (watch_errors(&admin).ok()? >= 1).then(|| killed.elapsed())
+    })?;
+    let sent_before = load.sent();
+    hammer.hold(Duration::from_secs(2))?;
+    let sent_while_down = load.sent() - sent_before;
+
+    // 2) Restart it: its first answer comes from the disk cache, whole; its peers see its
+    // new epoch; the proxy's watch reconnects.
+    agents[0].restart()?;
+    let restarted = Instant::now();
+    let first = lookup(&a1_url, "web")?;
+    let first_answer = restarted.elapsed();
+    ensure!(
+        first.hosts == all && first.source == "cache",
+        "first answer after the restart: {:?} from {:?}",
+        first.hosts,
+        first.source
+    );
+    let mut new_epoch = 0;
+    let epoch_seen = poll("every peer to see agent 1's new epoch", START, || {
+        for p in &peers {
+            new_epoch = alive_epoch(p, &a1_gossip).filter(|e| *e > old_epoch)?;
+        }
+        Some(restarted.elapsed())
+    })?;
+    let rewatched = poll("the proxy's watch to reconnect", START, || {
+        (watch_errors(&admin).ok()? == 0).then(|| restarted.elapsed())
+    })?;
+    let (lookups_1, rounds_1) = hammer.finish()?;
+    println!(
+        "agent 1 SIGKILLed for {:.1?}: the proxy noticed after {noticed:.1?} and kept routing to \
+         all {} hosts ({rounds_1} checks), {sent_while_down} requests sent meanwhile; restarted: \
+         first answer (from cache, every host) {first_answer:.1?} after start, peers saw epoch \
+         {old_epoch} -> {new_epoch} after {epoch_seen:.1?}, proxy watch back after \
+         {rewatched:.1?}; {lookups_1} lookups on the other agents, all complete",
+        restarted.duration_since(killed),
+        all.len()
+    );
+
+    // 3) A backend dies under traffic: retries hide it from the client, and health checks
+    // take it out within interval × threshold.
+    let hammer = Hammer::start(peers.clone(), vec![("web", all.clone())]);
+    let dead = backends.pop().context("three backends")?;
+    let dead_addr = dead.addr.to_string();
+    rt.block_on(dead.kill());
+    let killed = Instant::now();
+    let removed = poll("health checks to take the dead backend out", START, || {
+        let (hosts, _) = fleet::routing(&admin).ok()?;
+        let h = hosts.get(&dead_addr)?;
+        (h.health == "unhealthy" && h.decision != "route").then(|| killed.elapsed())
+    })?;
+    let sent_at_removal = load.sent();
+    load.wait_for(200)?;
+    let report = load.finish()?;
+    let (lookups_2, _) = hammer.finish()?;
+    let bound = HEALTH_INTERVAL.mul_f64(1.1) * UNHEALTHY_THRESHOLD;
+    println!(
+        "backend {dead_addr} killed: unhealthy and out of routing after {removed:.0?} \
+         (bound: {UNHEALTHY_THRESHOLD} checks × {HEALTH_INTERVAL:?} + 10 % jitter = {bound:.0?}); \
+         {} requests after that; {lookups_2} more lookups, all complete",
+        report.total() - sent_at_removal
+    );
+    println!("traffic through the proxy: {}", report.line());
+    ensure!(
+        report.errors.is_empty(),
+        "clients saw {} errors, first: {:?}",
+        report.errors.len(),
+        &report.errors[..report.errors.len().min(5)]
+    );
+    // One second on top of the bound: this machine's 2 cores are shared with the agents,
+    // the registry, the proxy and the client.
+    ensure!(
+        removed <= bound + Duration::from_secs(1),
+        "health checks took {removed:?} (bound {bound:?})"
+    );
+    for b in backends {
+        rt.block_on(b.kill());
+    }
+    Ok(())
+}
