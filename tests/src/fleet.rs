@@ -204,11 +204,22 @@ pub struct Hammer {
 
 impl Hammer {
     pub fn start(targets: Vec<String>, expect: Expect) -> Hammer {
-        Hammer::with_check(targets, expect, Box::new(|| Ok(())))
+        Hammer::with_check(
+            targets,
+            expect,
+            Duration::from_millis(10),
+            Box::new(|| Ok(())),
+        )
     }
 
-    /// [`Hammer::start`] that also runs `check` once per round.
-    pub fn with_check(targets: Vec<String>, expect: Expect, mut check: Check) -> Hammer {
+    /// [`Hammer::start`] that also runs `check` once per round, and pauses `pause` between
+    /// rounds.
+    pub fn with_check(
+        targets: Vec<String>,
+        expect: Expect,
+        pause: Duration,
+        mut check: Check,
+    ) -> Hammer {
         let targets = Arc::new(Mutex::new((targets, expect)));
         let stop = Arc::new(AtomicBool::new(false));
         let total = Arc::new(AtomicU64::new(0));
@@ -247,7 +258,7 @@ impl Hammer {
                 }
                 r.fetch_add(1, Ordering::Relaxed);
                 // Pacing, not waiting: keep a steady stream without starving the agents.
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(pause);
             }
         });
         Hammer {
@@ -404,4 +415,31 @@ pub fn all_routed(admin: &str, want: &BTreeSet<String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Polls until the agent's disk cache holds its current view (it is written at most once a
+/// second), so that a crash now loses nothing.
+pub fn wait_cache_current(base: &str) -> Result<()> {
+    poll(&format!("{base}'s disk cache to be current"), START, || {
+        let v = http::get(&format!("{base}/v1/agent/self"))
+            .ok()?
+            .json()
+            .ok()?;
+        (v["cache"]["stored_index"] == v["view"]["index"]).then_some(())
+    })
+}
+
+/// An agent's whole view: every `service ip:port` of its `/v2/catalog`.
+pub fn catalog(base: &str) -> Result<BTreeSet<String>> {
+    let v = http::get(&format!("{base}/v2/catalog"))?.json()?;
+    let services = v["services"].as_object().context("services")?;
+    Ok(services
+        .iter()
+        .flat_map(|(name, hosts)| {
+            hosts.as_array().into_iter().flatten().map(move |h| {
+                let ip = h["ip_address"].as_str().unwrap_or("?");
+                format!("{name} {ip}:{}", h["port"])
+            })
+        })
+        .collect())
 }

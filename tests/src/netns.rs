@@ -176,9 +176,9 @@ impl Lab {
         self.nft(
             i,
             &format!(
-                "table ip tdapi {{ chain pre {{ type nat hook prerouting priority dstnat; \
-                 policy accept; iifname \"eth0\" tcp dport {API_PORT} \
-                 dnat to 127.0.0.1:{API_PORT}; }} }}"
+                "table ip tdapi {{\n chain pre {{\n type nat hook prerouting priority dstnat; \
+                 policy accept;\n iifname \"eth0\" tcp dport {API_PORT} \
+                 dnat to 127.0.0.1:{API_PORT}\n }}\n}}\n"
             ),
         )
     }
@@ -242,8 +242,8 @@ impl Lab {
                 self.nft(
                     i,
                     &format!(
-                        "table inet tdcut {{ chain in {{ type filter hook input priority 0; \
-                         policy accept; ip saddr {{ {} }} drop; }} }}",
+                        "table inet tdcut {{\n chain in {{\n type filter hook input \
+                         priority 0; policy accept;\n ip saddr {{ {} }} drop\n }}\n}}\n",
                         ips.join(", ")
                     ),
                 )?;
@@ -266,11 +266,12 @@ impl Lab {
         self.nft(
             i,
             &format!(
-                "table inet tdloss {{ \
-                 chain gossip {{ counter; numgen random mod 100 < {percent} counter drop; accept; }} \
-                 chain in {{ type filter hook input priority 0; policy accept; \
-                 meta l4proto {{ tcp, udp }} th dport {port} jump gossip; \
-                 meta l4proto {{ tcp, udp }} th sport {port} jump gossip; }} }}"
+                "table inet tdloss {{\n\
+                 chain gossip {{\n counter\n numgen random mod 100 < {percent} counter drop\n \
+                 accept\n }}\n\
+                 chain in {{\n type filter hook input priority 0; policy accept;\n\
+                 meta l4proto {{ tcp, udp }} th dport {port} jump gossip\n\
+                 meta l4proto {{ tcp, udp }} th sport {port} jump gossip\n }}\n}}\n"
             ),
         )
     }

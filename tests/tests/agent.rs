@@ -202,14 +202,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
 
     // 4) Restart an agent (crash) while the registry is down: it answers from its cache at once.
     hammer.set_targets(vec![a1.url(), a2.url(), a4.url()])?;
-    // Its disk cache holds the current view (it is written at most once a second).
-    poll("agent 3's disk cache to be current", START, || {
-        let v = http::get(&format!("{}/v1/agent/self", a3.url()))
-            .ok()?
-            .json()
-            .ok()?;
-        (v["cache"]["stored_index"] == v["view"]["index"]).then_some(())
-    })?;
+    fleet::wait_cache_current(&a3.url())?;
     a3.proc.signal("KILL")?;
     a3.proc.wait_exit(Duration::from_secs(5))?;
     a3.restart()?;

@@ -172,6 +172,7 @@ fn registry_down_longer_than_the_ttl_removes_no_host() -> Result<()> {
     let hammer = Hammer::with_check(
         urls.clone(),
         expect,
+        Duration::from_millis(10),
         Box::new(move || {
             counter.fetch_add(1, Ordering::Relaxed);
             fleet::all_routed(&check_admin, &check_all)

@@ -107,8 +107,10 @@ fn agent_restarts_and_backend_kills_cost_no_request() -> Result<()> {
     let hammer = Hammer::with_check(
         peers.clone(),
         vec![("web", all.clone())],
+        Duration::from_millis(10),
         Box::new(move || fleet::all_routed(&check_admin, &check_all)),
     );
+    fleet::wait_cache_current(&a1_url)?;
     agents[0].proc.signal("KILL")?;
     agents[0].proc.wait_exit(Duration::from_secs(5))?;
     let killed = Instant::now();
