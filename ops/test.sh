@@ -16,11 +16,13 @@ for c in rustfmt clippy; do
 done
 
 # Debian packages the tests use: systemd-analyze (the unit files in ops/deploy/systemd are
-# verified), iproute2 (network namespaces for partition tests).
-step "Debian packages (systemd, iproute2)"
+# verified), iproute2 (network namespaces, veths and a bridge for the chaos tests) and
+# nftables (their partitions and packet loss: this kernel has no netem qdisc).
+step "Debian packages (systemd, iproute2, nftables)"
 missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

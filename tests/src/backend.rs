@@ -21,6 +21,14 @@ use tokio::task::{JoinHandle, JoinSet};
 /// How long a `/slow` request takes at a backend: long enough to be in flight at SIGTERM.
 pub const SLOW: Duration = Duration::from_millis(2500);
 
+/// A one-thread runtime for a test's backends.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
+}
+
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,

@@ -119,6 +119,86 @@ impl Agent {
     }
 }
 
+/// Starts agent `name` on loopback address `ip` (API on 7701, gossip on 7702), its disk
+/// cache in `dir`.
+pub fn local_agent(
+    name: &str,
+    ip: &str,
+    dir: &Path,
+    registry: &str,
+    extra: &[&str],
+) -> Result<Agent> {
+    Agent::start(AgentSpec {
+        name: name.to_string(),
+        netns: None,
+        gossip: format!("{ip}:7702"),
+        api: format!("{ip}:7701"),
+        url: format!("http://{ip}:7701"),
+        registry,
+        dir,
+        extra,
+    })
+}
+
+/// Agents `hosts` on `ip(host)`, each with a `web:8080` endpoint, all joining the first;
+/// disk caches under `dir`.
+pub fn local_web_agents(
+    hosts: &[u8],
+    ip: impl Fn(u8) -> String,
+    dir: &Path,
+    registry: &str,
+) -> Result<Vec<Agent>> {
+    let seed = format!("{}:7702", ip(hosts.first().copied().unwrap_or(1)));
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(n, &h)| {
+            let extra = joining(n == 0, &seed, &["--endpoint", "web:8080"]);
+            let d = dir.join(format!("agent-{h}"));
+            local_agent(&format!("agent-{h}"), &ip(h), &d, registry, &extra)
+        })
+        .collect()
+}
+
+/// `extra` plus `--join seed`, except for the seed itself (agent 1 of a test).
+pub fn joining<'a>(first: bool, seed: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut all = extra.to_vec();
+    if !first {
+        all.extend_from_slice(&["--join", seed]);
+    }
+    all
+}
+
+/// `PUT /v1/agent/endpoints` on the agent at `base` (`spec`: the JSON endpoint).
+pub fn register(base: &str, spec: &str) -> Result<()> {
+    let r = http::request(
+        "PUT",
+        &format!("{base}/v1/agent/endpoints"),
+        Some("application/json"),
+        spec.as_bytes(),
+        Duration::from_secs(5),
+    )?;
+    ensure!(r.status == 200, "PUT: {}", String::from_utf8_lossy(&r.body));
+    Ok(())
+}
+
+/// `DELETE /v1/agent/endpoints/{service}/{port}` on the agent at `base`.
+pub fn deregister(base: &str, service: &str, port: u16) -> Result<()> {
+    let r = http::request(
+        "DELETE",
+        &format!("{base}/v1/agent/endpoints/{service}/{port}"),
+        None,
+        b"",
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        r.status == 200,
+        "DELETE: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    Ok(())
+}
+
 fn spawn(netns: Option<&str>, name: &str, args: &[String]) -> Result<Proc> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     match netns {
@@ -369,6 +449,23 @@ pub fn proxy(netns: Option<&str>, ip: &str, agent: &str, service: &str) -> Resul
         Some(ns) => Proc::start_in(ns, "proxy", &args, 2, START),
         None => Proc::start("proxy", &args, 2, START),
     }
+}
+
+/// [`proxy`], once it routes to every host of `all`: (the proxy, its admin address, its
+/// listener).
+pub fn routing_proxy(
+    netns: Option<&str>,
+    ip: &str,
+    agent: &str,
+    all: &BTreeSet<String>,
+) -> Result<(Proc, String, std::net::SocketAddr)> {
+    let proxy = self::proxy(netns, ip, agent, "web")?;
+    let admin = proxy.addr("admin")?.to_string();
+    let listen = proxy.addr("proxy listening")?;
+    poll("the proxy to route to every host", START, || {
+        all_routed(&admin, all).ok()
+    })?;
+    Ok((proxy, admin, listen))
 }
 
 /// One host of a proxy cluster as `/clusters` shows it.

@@ -18,11 +18,15 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::fleet::{Agent, AgentSpec};
+
 /// The agents' local API port. The API only listens on loopback (DESIGN.md §5.3); inside a
 /// host's namespace a DNAT rule sends `<host ip>:API_PORT` to `127.0.0.1:API_PORT`, with
 /// `route_localnet` on `eth0` so the kernel routes to and from a loopback address there
 /// (as kube-proxy does for localhost node ports). Nothing of the agent changes.
 pub const API_PORT: u16 = 7701;
+/// The agents' gossip port (UDP and TCP).
+pub const GOSSIP_PORT: u16 = 7702;
 
 const PREFIX: &str = "td";
 
@@ -200,6 +204,21 @@ impl Lab {
     /// Base URL of host `i`'s agent API, as the test reaches it.
     pub fn api_url(&self, i: usize) -> String {
         format!("http://{}:{API_PORT}", self.ip(i))
+    }
+
+    /// Starts an agent in host `i`'s namespace: gossip on its address, the local API on
+    /// its loopback (reached through [`Lab::api_url`]), its disk cache in `dir`.
+    pub fn agent(&self, i: usize, dir: &Path, registry: &str, extra: &[&str]) -> Result<Agent> {
+        Agent::start(AgentSpec {
+            name: format!("agent-{i}"),
+            netns: Some(self.ns(i)),
+            gossip: format!("{}:{GOSSIP_PORT}", self.ip(i)),
+            api: format!("127.0.0.1:{API_PORT}"),
+            url: self.api_url(i),
+            registry,
+            dir,
+            extra,
+        })
     }
 
     /// Runs `program args` inside host `i`'s namespace.

@@ -39,6 +39,17 @@ impl Report {
         l[idx.min(last)] as f64 / 1000.0
     }
 
+    /// Fails unless every request succeeded, showing the first failures.
+    pub fn ensure_no_errors(&self) -> Result<()> {
+        anyhow::ensure!(
+            self.errors.is_empty(),
+            "clients saw {} errors, first: {:?}",
+            self.errors.len(),
+            &self.errors[..self.errors.len().min(5)]
+        );
+        Ok(())
+    }
+
     /// One line: counts and latencies.
     pub fn line(&self) -> String {
         format!(

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use tests::fleet::{self, Agent, AgentSpec, Hammer, lookup, set};
+use tests::fleet::{self, Agent, Hammer, lookup, set};
 use tests::{Proc, http, poll, run};
 
 const START: Duration = Duration::from_secs(20);
@@ -22,17 +22,7 @@ fn ip(host: u8) -> String {
 }
 
 fn agent(host: u8, dir: &Path, registry: &str, extra: &[&str]) -> Result<Agent> {
-    let me = ip(host);
-    Agent::start(AgentSpec {
-        name: format!("agent-{host}"),
-        netns: None,
-        gossip: format!("{me}:7702"),
-        api: format!("{me}:7701"),
-        url: format!("http://{me}:7701"),
-        registry,
-        dir,
-        extra,
-    })
+    fleet::local_agent(&format!("agent-{host}"), &ip(host), dir, registry, extra)
 }
 
 /// A host without an agent, checking in by cron (here: every half second, as long as the
@@ -300,14 +290,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
 
     // Endpoints registered at runtime through the local API reach every agent and the
     // registry; deregistered ones leave both.
-    let r = http::request(
-        "PUT",
-        &format!("{}/v1/agent/endpoints", a2.url()),
-        Some("application/json"),
-        br#"{"service": "exporter", "port": 9100}"#,
-        Duration::from_secs(5),
-    )?;
-    ensure!(r.status == 200, "PUT: {}", String::from_utf8_lossy(&r.body));
+    fleet::register(&a2.url(), r#"{"service": "exporter", "port": 9100}"#)?;
     let exporter = set(&[format!("{}:9100", ip(2))]);
     wait_for(
         &[&a1, &a2, &a3, &a4, &a5],
@@ -325,18 +308,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
                 .then_some(())
         },
     )?;
-    let r = http::request(
-        "DELETE",
-        &format!("{}/v1/agent/endpoints/exporter/9100", a2.url()),
-        None,
-        b"",
-        Duration::from_secs(5),
-    )?;
-    ensure!(
-        r.status == 200,
-        "DELETE: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    fleet::deregister(&a2.url(), "exporter", 9100)?;
     poll(
         "runtime endpoint gone everywhere",
         Duration::from_secs(10),

@@ -13,9 +13,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
-use tests::fleet::{self, Agent, AgentSpec, catalog, lookup, members};
-use tests::netns::{API_PORT, Lab};
-use tests::{http, poll};
+use tests::fleet::{self, catalog, lookup, members};
+use tests::netns::{GOSSIP_PORT, Lab};
+use tests::poll;
 
 const START: Duration = Duration::from_secs(30);
 const AGENTS: usize = 6;
@@ -43,24 +43,13 @@ fn a_gossip_partition_heals_and_converges() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let reg_url = format!("http://{}:7700", lab.gateway());
     let mut reg = fleet::registry(&format!("{}:7700", lab.gateway()), "10s", "4s")?;
-    let gossip = |i: usize| format!("{}:7702", lab.ip(i));
+    let gossip = |i: usize| format!("{}:{GOSSIP_PORT}", lab.ip(i));
     let mut agents = Vec::new();
+    let seed = gossip(1);
     for i in 1..=AGENTS {
-        let seed = gossip(1);
-        let mut extra = vec!["--endpoint", "web:8080"];
-        if i > 1 {
-            extra.extend_from_slice(&["--join", &seed]);
-        }
-        agents.push(Agent::start(AgentSpec {
-            name: format!("agent-{i}"),
-            netns: Some(lab.ns(i)),
-            gossip: gossip(i),
-            api: format!("127.0.0.1:{API_PORT}"),
-            url: lab.api_url(i),
-            registry: &reg_url,
-            dir: &tmp.path().join(format!("agent-{i}")),
-            extra: &extra,
-        })?);
+        let extra = fleet::joining(i == 1, &seed, &["--endpoint", "web:8080"]);
+        let dir = tmp.path().join(format!("agent-{i}"));
+        agents.push(lab.agent(i, &dir, &reg_url, &extra)?);
     }
     let url = |i: usize| agents[i - 1].url();
     let all_web: BTreeSet<String> = (1..=AGENTS)
@@ -69,14 +58,7 @@ fn a_gossip_partition_heals_and_converges() -> Result<()> {
     let everyone: Vec<String> = (1..=AGENTS).map(gossip).collect();
     // The exporter lives on host 6 (group B); it is withdrawn during the partition.
     let exporter: BTreeSet<String> = [format!("{}:9100", lab.ip(6))].into();
-    let r = http::request(
-        "PUT",
-        &format!("{}/v1/agent/endpoints", url(6)),
-        Some("application/json"),
-        br#"{"service": "exporter", "port": 9100}"#,
-        Duration::from_secs(5),
-    )?;
-    ensure!(r.status == 200, "PUT: {}", String::from_utf8_lossy(&r.body));
+    fleet::register(&url(6), r#"{"service": "exporter", "port": 9100}"#)?;
     for i in 1..=AGENTS {
         poll(&format!("agent {i} to see the whole fleet"), START, || {
             let ok = hosts(&url(i), "web")? == all_web
@@ -119,26 +101,8 @@ fn a_gossip_partition_heals_and_converges() -> Result<()> {
 
     // One change on each side.
     let api: BTreeSet<String> = [format!("{}:9200", lab.ip(1))].into();
-    let r = http::request(
-        "PUT",
-        &format!("{}/v1/agent/endpoints", url(1)),
-        Some("application/json"),
-        br#"{"service": "api", "port": 9200}"#,
-        Duration::from_secs(5),
-    )?;
-    ensure!(r.status == 200, "PUT: {}", String::from_utf8_lossy(&r.body));
-    let r = http::request(
-        "DELETE",
-        &format!("{}/v1/agent/endpoints/exporter/9100", url(6)),
-        None,
-        b"",
-        Duration::from_secs(5),
-    )?;
-    ensure!(
-        r.status == 200,
-        "DELETE: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    fleet::register(&url(1), r#"{"service": "api", "port": 9200}"#)?;
+    fleet::deregister(&url(6), "exporter", 9100)?;
     let changed = Instant::now();
     let empty = BTreeSet::new();
     for &i in &A {

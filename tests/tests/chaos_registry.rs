@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use tests::backend::Backend;
-use tests::fleet::{self, Agent, AgentSpec, Hammer, lookup};
+use tests::fleet::{self, Agent, Hammer, lookup};
 use tests::traffic::Load;
 use tests::{Proc, http, poll};
 
@@ -114,10 +114,7 @@ fn synced_after(agents: &[&Agent], since: Instant) -> Result<Duration> {
 #[test]
 fn registry_down_longer_than_the_ttl_removes_no_host() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
+    let rt = tests::backend::runtime()?;
     let hosts = [1u8, 2, 3, CRON_HOST];
     let mut backends = Vec::new();
     for h in hosts {
@@ -131,24 +128,7 @@ fn registry_down_longer_than_the_ttl_removes_no_host() -> Result<()> {
     let cron_stop = Arc::new(AtomicBool::new(false));
     let cron_thread = cron(reg_url.clone(), ip(CRON_HOST), cron_stop.clone());
 
-    let mut agents = Vec::new();
-    for h in 1..=3u8 {
-        let me = ip(h);
-        let seed = format!("{}:7702", ip(1));
-        let join: &[&str] = if h == 1 { &[] } else { &["--join", &seed] };
-        let mut extra = vec!["--endpoint", "web:8080"];
-        extra.extend_from_slice(join);
-        agents.push(Agent::start(AgentSpec {
-            name: format!("agent-{h}"),
-            netns: None,
-            gossip: format!("{me}:7702"),
-            api: format!("{me}:7701"),
-            url: format!("http://{me}:7701"),
-            registry: &reg_url,
-            dir: &tmp.path().join(format!("agent-{h}")),
-            extra: &extra,
-        })?);
-    }
+    let agents = fleet::local_web_agents(&[1, 2, 3], ip, tmp.path(), &reg_url)?;
     let agent_refs: Vec<&Agent> = agents.iter().collect();
     let urls: Vec<String> = agents.iter().map(Agent::url).collect();
     for a in &agents {
@@ -157,12 +137,7 @@ fn registry_down_longer_than_the_ttl_removes_no_host() -> Result<()> {
             (l.hosts == all && l.source == "registry").then_some(())
         })?;
     }
-    let proxy = fleet::proxy(None, &ip(1), &urls[0], "web")?;
-    let admin = proxy.addr("admin")?.to_string();
-    let listen = proxy.addr("proxy listening")?;
-    poll("the proxy to route to every host", START, || {
-        fleet::all_routed(&admin, &all).ok()
-    })?;
+    let (_proxy, admin, listen) = fleet::routing_proxy(None, &ip(1), &urls[0], &all)?;
 
     // From here on, every round checks every agent and the proxy's routing.
     let expect = vec![("web", all.clone())];
@@ -278,12 +253,7 @@ fn registry_down_longer_than_the_ttl_removes_no_host() -> Result<()> {
             &short[..short.len().min(5)]
         );
     }
-    ensure!(
-        report.errors.is_empty(),
-        "clients saw {} errors, first: {:?}",
-        report.errors.len(),
-        &report.errors[..report.errors.len().min(5)]
-    );
+    report.ensure_no_errors()?;
     ensure!(
         report.by_backend.len() == all.len(),
         "traffic did not reach every host: {:?}",
