@@ -2,7 +2,7 @@
 //! rows. Reads never write; this is the only place rows expire from the store.
 
 use std::sync::PoisonError;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
@@ -80,20 +80,20 @@ impl Registry {
 
     /// Before a read filters rows by the TTL: if the fleet was last counted longer than the
     /// [`policy::shelf_life`] ago (the process was stopped or starved, so the sweeper did
-    /// not run), the self-preservation decision is stale — count now. A failed count is
-    /// tried again by the next read only after another shelf life, so a dead store does
-    /// not double every read's wait.
+    /// not run), the self-preservation decision is stale — count now, and let every other
+    /// read wait for that count rather than answer from the stale decision. A failed count
+    /// is tried again by a read only after another shelf life, so a dead store does not
+    /// double every read's wait.
     pub(crate) async fn recount_if_blind(&self) {
-        let shelf = ms(policy::shelf_life(&self.inner.config));
-        let blind = || {
-            let last = self.inner.census_try_ms.load(Ordering::Relaxed);
-            self.now_ms().saturating_sub(last) >= shelf
-        };
-        if !blind() {
+        let inner = &self.inner;
+        let shelf = ms(policy::shelf_life(&inner.config));
+        let older =
+            |at: &AtomicU64| self.now_ms().saturating_sub(at.load(Ordering::Relaxed)) >= shelf;
+        if !older(&inner.census_ok_ms) {
             return;
         }
-        let _one = self.inner.census_lock.lock().await;
-        if blind() {
+        let _one = inner.census_lock.lock().await;
+        if older(&inner.census_ok_ms) && older(&inner.census_try_ms) {
             if let Err(e) = self.count_fleet().await {
                 tracing::debug!(error = %e, "fleet count before a read failed");
             }
@@ -111,7 +111,7 @@ impl Registry {
         drop(rows);
         // Blind since the last good count: longer than the shelf life, and the renewals
         // counted now reflect the registry's absence, not the fleet's.
-        let blind_ms = now.saturating_sub(inner.census_ok_ms.swap(now, Ordering::Relaxed));
+        let blind_ms = now.saturating_sub(inner.census_ok_ms.load(Ordering::Relaxed));
         let blind = blind_ms >= ms(policy::shelf_life(cfg));
         let (preserving, baseline) = {
             let mut p = inner
@@ -151,6 +151,8 @@ impl Registry {
             }
         }
         self.set_preserving(preserving);
+        // Only now: reads that see a fresh count must also see its decision.
+        inner.census_ok_ms.store(now, Ordering::Relaxed);
         Ok(FleetCount {
             census,
             preserving,

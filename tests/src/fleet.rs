@@ -312,9 +312,10 @@ impl Hammer {
             rounds.clone(),
             failures.clone(),
         );
+        let t0 = std::time::Instant::now();
         let record = move |p: String| {
             if let Ok(mut f) = f.lock() {
-                f.push(p);
+                f.push(format!("{:.1?} in: {p}", t0.elapsed()));
             }
         };
         let thread = std::thread::spawn(move || {

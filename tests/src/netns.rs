@@ -316,8 +316,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Deleting a namespace removes its end of the veth, and so the other end.
         for i in 1..=self.hosts {
+            // The kernel removes a namespace's veths when it tears the namespace down, but
+            // lazily: delete the pair now so the next run finds nothing of ours.
+            let _ = sh("ip", &["link", "del", &format!("{}v{i}", self.prefix)]);
             if let Err(e) = sh("ip", &["netns", "del", &self.ns(i)]) {
                 eprintln!("lab cleanup: {e:#}");
             }

@@ -197,6 +197,21 @@ async fn a_registry_paused_past_the_ttl_serves_every_host_until_they_check_in_ag
 }
 
 #[tokio::test]
+async fn reads_racing_the_first_count_after_a_pause_wait_for_its_decision() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new();
+    fleet_check_in(&h, 0..10).await;
+    h.registry.sweep_once().await.expect("sweep");
+    h.clock.advance(2 * TTL);
+    // The count's store read yields, so the second read runs while the first one counts: it
+    // must wait for that decision, not answer from the one made before the pause.
+    h.store.slow.store(true, Ordering::SeqCst);
+    let (a, b) = tokio::join!(h.get("/v1/registration/web"), h.get("/v1/registration/web"));
+    assert_eq!((a.hosts().len(), b.hosts().len()), (10, 10));
+    assert!(a.stale() && b.stale());
+}
+
+#[tokio::test]
 async fn deregistration_lowers_the_baseline_so_scale_down_does_not_preserve() {
     let h = Harness::new();
     fleet_check_in(&h, 0..20).await;
