@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// How long a process may take to start, or a condition to come true, in these tests.
+pub const START: Duration = Duration::from_secs(20);
+
 /// Path of the binary under test.
 pub fn tidings_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("TIDINGS_BIN") {
@@ -251,6 +254,8 @@ pub fn run(args: &[&str], deadline: Duration) -> Result<(i32, String, String)> {
 
 pub mod backend;
 pub mod fleet;
+pub mod hammer;
 pub mod http;
 pub mod netns;
+pub mod proxy;
 pub mod traffic;

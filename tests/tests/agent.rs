@@ -10,7 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use tests::fleet::{self, Agent, Hammer, lookup, set};
+use tests::fleet::{self, Agent, lookup, set};
+use tests::hammer::Hammer;
 use tests::{Proc, http, poll, run};
 
 const START: Duration = Duration::from_secs(20);

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use tests::backend::Backend;
-use tests::fleet::{self, Agent, Hammer, lookup, members};
+use tests::fleet::{self, Agent, lookup, members};
+use tests::hammer::Hammer;
 use tests::netns::{API_PORT, GOSSIP_PORT, Lab};
 use tests::poll;
 use tests::traffic::Load;
@@ -111,7 +112,7 @@ fn twenty_percent_gossip_loss_removes_no_healthy_host_from_routing() -> Result<(
     }
     let agent_api = format!("http://127.0.0.1:{API_PORT}");
     let (_proxy, admin, listen) =
-        fleet::routing_proxy(Some(&lab.ns(1)), &lab.ip(1), &agent_api, &all)?;
+        tests::proxy::start_routing(Some(&lab.ns(1)), &lab.ip(1), &agent_api, &all)?;
     reg.signal("KILL")?;
     reg.wait_exit(Duration::from_secs(5))?;
 
@@ -140,7 +141,7 @@ fn twenty_percent_gossip_loss_removes_no_healthy_host_from_routing() -> Result<(
         Box::new(move || {
             let mut s = obs_seen.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
             observe(&obs_urls, &obs_all, t0, &mut s)?;
-            fleet::all_routed(&obs_admin, &obs_all)
+            tests::proxy::all_routed(&obs_admin, &obs_all)
         }),
     );
     watcher.hold(LOSS_FOR)?;

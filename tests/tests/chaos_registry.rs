@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use tests::backend::Backend;
-use tests::fleet::{self, Agent, Hammer, lookup};
+use tests::fleet::{self, Agent, lookup};
+use tests::hammer::Hammer;
 use tests::traffic::Load;
 use tests::{Proc, http, poll};
 
@@ -137,7 +138,7 @@ fn registry_down_longer_than_the_ttl_removes_no_host() -> Result<()> {
             (l.hosts == all && l.source == "registry").then_some(())
         })?;
     }
-    let (_proxy, admin, listen) = fleet::routing_proxy(None, &ip(1), &urls[0], &all)?;
+    let (_proxy, admin, listen) = tests::proxy::start_routing(None, &ip(1), &urls[0], &all)?;
 
     // From here on, every round checks every agent and the proxy's routing.
     let expect = vec![("web", all.clone())];
@@ -150,7 +151,7 @@ fn registry_down_longer_than_the_ttl_removes_no_host() -> Result<()> {
         Duration::from_millis(10),
         Box::new(move || {
             counter.fetch_add(1, Ordering::Relaxed);
-            fleet::all_routed(&check_admin, &check_all)
+            tests::proxy::all_routed(&check_admin, &check_all)
         }),
     );
     let load = Load::start(
