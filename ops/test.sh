@@ -16,12 +16,14 @@ for c in rustfmt clippy; do
 done
 
 # Debian packages the tests use: systemd-analyze (the unit files in ops/deploy/systemd are
-# verified), iproute2 (network namespaces for partition tests), chromium (headless, loads the
-# dashboards in tests/tests/dashboard.rs).
-step "Debian packages (systemd, iproute2, chromium)"
+# verified), iproute2 (network namespaces, veths and a bridge for the chaos tests), nftables
+# (their partitions and packet loss: this kernel has no netem qdisc) and chromium (headless,
+# loads the dashboards in tests/tests/dashboard.rs).
+step "Debian packages (systemd, iproute2, nftables, chromium)"
 missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v ip >/dev/null || missing+=(iproute2)
+command -v nft >/dev/null || missing+=(nftables)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq

@@ -51,6 +51,16 @@ pub fn next_expiry_ms(rows: &[StoredEndpoint], ttl: Duration) -> Option<u64> {
         .min()
 }
 
+/// How long a self-preservation decision can be trusted: `ttl - check_in_interval`. A
+/// registry that has not counted its fleet for that long (its process was paused, its runtime
+/// starved, its store unreadable) may find that hosts which checked in just before look
+/// expired, only because their check-ins could not reach it. Eureka compensates evictions
+/// for such pauses; we count again before answering, and hold preservation for a renewal
+/// window ([`Preservation::hold`]) so every host gets its chance to check in.
+pub fn shelf_life(cfg: &RegistryConfig) -> Duration {
+    cfg.ttl.saturating_sub(cfg.check_in_interval)
+}
+
 /// Counts for self-preservation, taken from the store so they hold across replicas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Census {
@@ -108,6 +118,8 @@ pub struct Preservation {
     refresh_ms: u64,
     baseline: u64,
     last_refresh_ms: u64,
+    /// Preservation holds until then, whatever the renewals say ([`Preservation::hold`]).
+    hold_until_ms: u64,
     active: bool,
 }
 
@@ -120,6 +132,7 @@ impl Preservation {
             refresh_ms: ms(cfg.baseline_refresh),
             baseline,
             last_refresh_ms: now_ms,
+            hold_until_ms: 0,
             active: false,
         }
     }
@@ -137,8 +150,17 @@ impl Preservation {
             }
         }
         let was = self.active;
-        self.active = self.enabled && self.baseline > 0 && !healthy(self.baseline);
+        let held = now_ms < self.hold_until_ms;
+        self.active = self.enabled && self.baseline > 0 && (held || !healthy(self.baseline));
         was != self.active
+    }
+
+    /// The registry was blind to check-ins for longer than the [`shelf_life`]: the renewals
+    /// it counts now say more about its own absence than about the fleet. Preservation (if
+    /// enabled, and once there is a baseline) holds until `until_ms` — one renewal window
+    /// after the registry can see again, the time every host needs to check in once.
+    pub fn hold(&mut self, until_ms: u64) {
+        self.hold_until_ms = self.hold_until_ms.max(until_ms);
     }
 
     /// Rows were deregistered on purpose: expect that many fewer renewals.

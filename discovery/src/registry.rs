@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use schema::{Endpoint, ServiceName};
@@ -70,6 +70,11 @@ pub(crate) struct Inner {
     preserving: AtomicBool,
     /// What the last sweeps found, for `GET /v1/ops/status`.
     pub(crate) sweeps: Mutex<SweepLog>,
+    /// When the fleet was last counted successfully, and when a count was last tried (ms).
+    pub(crate) census_ok_ms: AtomicU64,
+    pub(crate) census_try_ms: AtomicU64,
+    /// One fleet count at a time (the sweeper's, or a read's after a blind spot).
+    pub(crate) census_lock: tokio::sync::Mutex<()>,
     changes: watch::Sender<u64>,
     cache: ReadCache,
     draining: CancellationToken,
@@ -104,6 +109,9 @@ impl Registry {
             preservation: Mutex::new(preservation),
             preserving: AtomicBool::new(false),
             sweeps: Mutex::default(),
+            census_ok_ms: AtomicU64::new(now),
+            census_try_ms: AtomicU64::new(now),
+            census_lock: tokio::sync::Mutex::new(()),
             changes: watch::Sender::new(0),
             cache: ReadCache::default(),
             draining: CancellationToken::new(),
@@ -165,6 +173,8 @@ impl Registry {
                     .preservation
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner) = p;
+                inner.census_ok_ms.store(now, Ordering::Relaxed);
+                inner.census_try_ms.store(now, Ordering::Relaxed);
                 if preserving {
                     tracing::warn!("store holds only old check-ins at start: self-preservation ON");
                 }
@@ -407,6 +417,7 @@ impl Registry {
     /// The visible rows of one service, through the read cache.
     pub async fn read_service(&self, service: &ServiceName) -> Result<View, ApiError> {
         let _ = self.ensure_init().await;
+        self.recount_if_blind().await;
         let cache = &self.inner.cache;
         let existing = cache
             .services
@@ -430,6 +441,7 @@ impl Registry {
     /// Every visible row of every service, through the read cache.
     pub async fn read_catalog(&self) -> Result<View, ApiError> {
         let _ = self.ensure_init().await;
+        self.recount_if_blind().await;
         let fetch = self.store_call("list_all", self.inner.store.list_all());
         Ok(self.read_through(&self.inner.cache.catalog, fetch).await?.0)
     }
@@ -438,6 +450,7 @@ impl Registry {
     /// store fails it falls back to the cached catalog.
     pub async fn read_repo(&self, repo: &str) -> Result<View, ApiError> {
         let _ = self.ensure_init().await;
+        self.recount_if_blind().await;
         let now = self.now_ms();
         match self
             .store_call("list_repo", self.inner.store.list_repo(repo))

@@ -3,6 +3,7 @@
 //! "new" (and foca keeps spreading it, at most `max_transmissions` times) exactly when it
 //! changed the store, and a newer version of the same row invalidates a queued older one.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -23,6 +24,26 @@ pub struct Store {
     /// The node's clock at its last entry point, so merges can stamp receive times.
     pub now_ms: u64,
     pub rows_received: u64,
+}
+
+impl Store {
+    /// Tombstone collection ([`RowStore::gc_tombstones_keeping`]), keeping the tombstones
+    /// that hide an entry of a registry snapshot held here.
+    pub fn gc_tombstones(
+        &mut self,
+        now_ms: u64,
+        retention_ms: u64,
+        me: SocketAddr,
+        live_peers: &BTreeSet<SocketAddr>,
+    ) {
+        let listed: BTreeSet<EndpointKey> = self
+            .snapshots
+            .iter()
+            .flat_map(|(s, _)| s.entries.iter().map(|e| e.endpoint.key()))
+            .collect();
+        self.rows
+            .gc_tombstones_keeping(now_ms, retention_ms, me, live_peers, &listed);
+    }
 }
 
 pub(crate) type SharedStore = Arc<Mutex<Store>>;

@@ -64,7 +64,7 @@ impl Node {
             .filter(|m| m.active)
             .map(|m| m.id.addr)
             .collect();
-        lock(&self.store).rows.gc_tombstones(
+        lock(&self.store).gc_tombstones(
             now_ms,
             self.cfg.tombstone_retention_ms,
             self.me.addr,

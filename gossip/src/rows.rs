@@ -313,15 +313,31 @@ impl RowStore {
         me: SocketAddr,
         live_peers: &BTreeSet<SocketAddr>,
     ) {
+        self.gc_tombstones_keeping(now_ms, retention_ms, me, live_peers, &BTreeSet::new());
+    }
+
+    /// [`RowStore::gc_tombstones`], but tombstones of keys in `shadowing` (listed by a
+    /// registry snapshot this node holds) stay until their retention ends: they are what
+    /// hides that fail-static entry. Dropped early, the endpoint would come back from the
+    /// snapshot — and "every live peer has it" says nothing of peers behind a partition.
+    pub fn gc_tombstones_keeping(
+        &mut self,
+        now_ms: u64,
+        retention_ms: u64,
+        me: SocketAddr,
+        live_peers: &BTreeSet<SocketAddr>,
+        shadowing: &BTreeSet<EndpointKey>,
+    ) {
         for (owner, o) in self.owners.iter_mut() {
             let all_have =
                 *owner != me && !live_peers.is_empty() && live_peers.is_subset(&o.synced);
             let dead: Vec<EndpointKey> = o
                 .rows
                 .iter()
-                .filter(|(_, e)| {
+                .filter(|(k, e)| {
                     matches!(e.reg.val, RowStatus::Deregistered)
-                        && (all_have || now_ms.saturating_sub(e.at_ms) >= retention_ms)
+                        && ((all_have && !shadowing.contains(*k))
+                            || now_ms.saturating_sub(e.at_ms) >= retention_ms)
                 })
                 .map(|(k, _)| k.clone())
                 .collect();

@@ -193,6 +193,62 @@ mod tests {
     }
 
     #[test]
+    fn a_tombstone_hiding_a_registry_entry_outlives_every_peer_having_it() {
+        let (owner, peer): (SocketAddr, SocketAddr) = (
+            "10.0.0.2:7702".parse().unwrap(),
+            "10.0.0.3:7702".parse().unwrap(),
+        );
+        let me: SocketAddr = "10.0.0.9:7702".parse().unwrap();
+        let snapshot = |at, ports: &[u16]| Snapshot {
+            service: ep(1).service,
+            generated_at_ms: at,
+            entries: ports
+                .iter()
+                .map(|p| SnapshotEntry {
+                    endpoint: ep(*p),
+                    last_check_in_ms: 5,
+                })
+                .collect(),
+        };
+        let mut store = Store::default();
+        store.snapshots.merge(snapshot(7, &[1, 2]));
+        let v = |seq| Version { epoch: 1, seq };
+        for (key, seq) in [(ep(1).key(), 1), (ep(3).key(), 1)] {
+            store
+                .rows
+                .merge(Row::new(owner, key, RowStatus::Deregistered, v(seq)), 0);
+        }
+        // Every live peer has the owner's rows: only the tombstone of port 3, which hides
+        // nothing, may go. Port 1's keeps the registry's (stale) entry hidden.
+        let live: BTreeSet<SocketAddr> = [peer].into();
+        store.rows.mark_synced(&owner, peer);
+        store.gc_tombstones(10, 1_000, me, &live);
+        assert_eq!(store.rows.len(), 1);
+        let ports = |store: &Store| -> Vec<u16> {
+            merged_view(store, |o| *o == owner)
+                .iter()
+                .map(|e| e.endpoint.port.get())
+                .collect()
+        };
+        assert_eq!(ports(&store), vec![2], "port 1 stays deregistered");
+        // A newer snapshot without it: the tombstone has nothing left to hide.
+        store.snapshots.merge(snapshot(8, &[2]));
+        store.gc_tombstones(11, 1_000, me, &live);
+        assert_eq!(store.rows.len(), 0);
+        assert_eq!(ports(&store), vec![2]);
+        // Retention ends a shadowing tombstone too.
+        store.snapshots.merge(snapshot(9, &[1, 2]));
+        store.rows.merge(
+            Row::new(owner, ep(1).key(), RowStatus::Deregistered, v(3)),
+            20,
+        );
+        store.gc_tombstones(1_019, 1_000, me, &live);
+        assert_eq!(store.rows.len(), 1);
+        store.gc_tombstones(1_020, 1_000, me, &live);
+        assert_eq!(store.rows.len(), 0);
+    }
+
+    #[test]
     fn rows_override_registry_tombstones_remove_and_dead_owners_hide() {
         let (alive, dead): (SocketAddr, SocketAddr) = (
             "10.0.0.2:7702".parse().unwrap(),

@@ -48,10 +48,25 @@ pub fn request(
     body: &[u8],
     timeout: Duration,
 ) -> Result<Response> {
+    let headers: &[(&str, &str)] = match content_type {
+        Some(ct) => &[("content-type", ct)],
+        None => &[],
+    };
+    request_with(method, url, headers, body, timeout)
+}
+
+/// [`request`] with any headers (e.g. `Host`, to pick a proxy route).
+pub fn request_with(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Response> {
     let method = Method::from_bytes(method.as_bytes())?;
     let mut req = Request::builder().method(method).uri(url);
-    if let Some(ct) = content_type {
-        req = req.header("content-type", ct);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
     }
     let req = req.body(Full::new(Bytes::copy_from_slice(body)))?;
     runtime().block_on(async move {

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+/// How long a process may take to start, or a condition to come true, in these tests.
+pub const START: Duration = Duration::from_secs(20);
+
 /// Path of the binary under test.
 pub fn tidings_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("TIDINGS_BIN") {
@@ -53,8 +56,40 @@ impl Proc {
         expect_listeners: usize,
         deadline: Duration,
     ) -> Result<Proc> {
+        Proc::launch(None, name, args, env, expect_listeners, deadline)
+    }
+
+    /// [`Proc::start`] inside the network namespace `netns` (`ip netns exec`, which execs
+    /// the binary in place: the child's pid is the `tidings` process itself, so
+    /// [`Proc::signal`] reaches it).
+    pub fn start_in(
+        netns: &str,
+        name: &str,
+        args: &[&str],
+        expect_listeners: usize,
+        deadline: Duration,
+    ) -> Result<Proc> {
+        Proc::launch(Some(netns), name, args, &[], expect_listeners, deadline)
+    }
+
+    fn launch(
+        netns: Option<&str>,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        expect_listeners: usize,
+        deadline: Duration,
+    ) -> Result<Proc> {
         let bin = tidings_bin();
-        let mut child = Command::new(&bin)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .envs(env.iter().copied())
             .args(["--log-format", "json", "--log-level", "info"])
             .args(args)
@@ -217,4 +252,10 @@ pub fn run(args: &[&str], deadline: Duration) -> Result<(i32, String, String)> {
     ))
 }
 
+pub mod backend;
+pub mod fleet;
+pub mod hammer;
 pub mod http;
+pub mod netns;
+pub mod proxy;
+pub mod traffic;

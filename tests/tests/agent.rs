@@ -3,13 +3,15 @@
 //! outage must not cost a single lookup (DESIGN.md §1: answers never depend on the registry).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
+use tests::fleet::{self, Agent, lookup, set};
+use tests::hammer::Hammer;
 use tests::{Proc, http, poll, run};
 
 const START: Duration = Duration::from_secs(20);
@@ -20,203 +22,8 @@ fn ip(host: u8) -> String {
     format!("127.0.{net}.{host}")
 }
 
-struct Agent {
-    proc: Proc,
-    host: u8,
-    dir: PathBuf,
-    args: Vec<String>,
-}
-
-impl Agent {
-    fn start(host: u8, dir: &Path, registry: &str, extra: &[&str]) -> Result<Agent> {
-        let me = ip(host);
-        let mut args: Vec<String> = [
-            "agent",
-            "--registry",
-            registry,
-            "--api",
-            &format!("{me}:7701"),
-            "--gossip",
-            &format!("{me}:7702"),
-            "--check-in-interval",
-            "1s",
-            "--gossip-insecure",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.push("--data-dir".into());
-        args.push(dir.display().to_string());
-        // Test-speed gossip (SWIM probes and anti-entropy repair); flags cover the rest.
-        std::fs::create_dir_all(dir)?;
-        let config = dir.with_extension("toml");
-        std::fs::write(
-            &config,
-            "[gossip]\nprobe_period_ms = 500\nprobe_rtt_ms = 200\nrepair_interval_ms = 1000\n",
-        )?;
-        args.push("--config".into());
-        args.push(config.display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = Self::spawn(host, &args)?;
-        Ok(Agent {
-            proc,
-            host,
-            dir: dir.to_path_buf(),
-            args,
-        })
-    }
-
-    fn spawn(host: u8, args: &[String]) -> Result<Proc> {
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start(&format!("agent-{host}"), &refs, 2, START)
-    }
-
-    fn restart(&mut self) -> Result<()> {
-        self.proc = Self::spawn(self.host, &self.args)?;
-        Ok(())
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}:7701", ip(self.host))
-    }
-
-    fn gossip(&self) -> String {
-        format!("{}:7702", ip(self.host))
-    }
-}
-
-/// One lookup: the set of `ip:port` of a service, the source and the registry age.
-struct Lookup {
-    hosts: BTreeSet<String>,
-    source: String,
-    age_ms: i64,
-}
-
-fn lookup(base: &str, service: &str) -> Result<Lookup> {
-    let r = http::get(&format!("{base}/v1/registration/{service}"))?;
-    ensure!(r.status == 200, "{base}: status {}", r.status);
-    let v = r.json()?;
-    let hosts = v["hosts"]
-        .as_array()
-        .context("hosts")?
-        .iter()
-        .map(|h| format!("{}:{}", h["ip_address"].as_str().unwrap_or("?"), h["port"]))
-        .collect();
-    Ok(Lookup {
-        hosts,
-        source: r.header("x-tidings-source").unwrap_or("").to_string(),
-        age_ms: r
-            .header("x-tidings-registry-age-ms")
-            .and_then(|a| a.parse().ok())
-            .context("registry age header")?,
-    })
-}
-
-fn set(items: &[String]) -> BTreeSet<String> {
-    items.iter().cloned().collect()
-}
-
-/// Lookups on every target, all the time: every one must answer 200 with at least the
-/// expected hosts of each service.
-type Expect = Vec<(&'static str, BTreeSet<String>)>;
-
-struct Hammer {
-    targets: Arc<Mutex<(Vec<String>, Expect)>>,
-    stop: Arc<AtomicBool>,
-    total: Arc<AtomicU64>,
-    rounds: Arc<AtomicU64>,
-    failures: Arc<Mutex<Vec<String>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Hammer {
-    fn start(targets: Vec<String>, expect: Expect) -> Hammer {
-        let targets = Arc::new(Mutex::new((targets, expect)));
-        let stop = Arc::new(AtomicBool::new(false));
-        let total = Arc::new(AtomicU64::new(0));
-        let rounds = Arc::new(AtomicU64::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let (t, s, n, r, f) = (
-            targets.clone(),
-            stop.clone(),
-            total.clone(),
-            rounds.clone(),
-            failures.clone(),
-        );
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let (list, expect) = t.lock().map(|l| l.clone()).unwrap_or_default();
-                for base in list {
-                    for (service, want) in &expect {
-                        n.fetch_add(1, Ordering::Relaxed);
-                        let problem = match lookup(&base, service) {
-                            Ok(l) if l.hosts.is_superset(want) => None,
-                            Ok(l) => Some(format!(
-                                "{base} {service}: {:?} lacks some of {want:?}",
-                                l.hosts
-                            )),
-                            Err(e) => Some(format!("{base} {service}: {e:#}")),
-                        };
-                        if let Some(p) = problem {
-                            if let Ok(mut f) = f.lock() {
-                                f.push(p);
-                            }
-                        }
-                    }
-                }
-                r.fetch_add(1, Ordering::Relaxed);
-                // Pacing, not waiting: keep a steady stream without starving the agents.
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
-        Hammer {
-            targets,
-            stop,
-            total,
-            rounds,
-            failures,
-            thread: Some(thread),
-        }
-    }
-
-    /// Replaces the targets; returns once no round on the old list is still running.
-    fn set_targets(&self, targets: Vec<String>) -> Result<()> {
-        if let Ok(mut t) = self.targets.lock() {
-            t.0 = targets;
-        }
-        self.settle()
-    }
-
-    /// Raises what every lookup must include (views only ever grow in this test).
-    fn set_expect(&self, expect: Expect) -> Result<()> {
-        if let Ok(mut t) = self.targets.lock() {
-            t.1 = expect;
-        }
-        self.settle()
-    }
-
-    fn settle(&self) -> Result<()> {
-        let r0 = self.rounds.load(Ordering::Relaxed);
-        poll("the hammer to pick up new targets", START, || {
-            (self.rounds.load(Ordering::Relaxed) >= r0 + 2).then_some(())
-        })
-    }
-
-    fn finish(mut self) -> Result<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let failures = self.failures.lock().map(|f| f.clone()).unwrap_or_default();
-        let total = self.total.load(Ordering::Relaxed);
-        ensure!(
-            failures.is_empty(),
-            "{} of {total} lookups failed, first: {:?}",
-            failures.len(),
-            &failures[..failures.len().min(5)]
-        );
-        Ok(total)
-    }
+fn agent(host: u8, dir: &Path, registry: &str, extra: &[&str]) -> Result<Agent> {
+    fleet::local_agent(&format!("agent-{host}"), &ip(host), dir, registry, extra)
 }
 
 /// A host without an agent, checking in by cron (here: every half second, as long as the
@@ -250,20 +57,7 @@ fn cron(registry: String, ip: String, stop: Arc<AtomicBool>) -> JoinHandle<()> {
 /// the slowest host's next check-in — here the cron host, whose runs take about 2 s while
 /// the registry is down (three tries with backoff) — as a minute covers a real crontab.
 fn registry(addr: &str) -> Result<Proc> {
-    Proc::start(
-        "registry",
-        &[
-            "registry",
-            "--listen",
-            addr,
-            "--ttl",
-            "10s",
-            "--check-in-interval",
-            "4s",
-        ],
-        1,
-        START,
-    )
+    fleet::registry(addr, "10s", "4s")
 }
 
 fn wait_for(
@@ -298,7 +92,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
     let cron_thread = cron(reg_url.clone(), ip(50), cron_stop.clone());
 
     // Three agents; the first seeds the others through the registry's tidings-agent listing.
-    let a1 = Agent::start(
+    let a1 = agent(
         1,
         &dir(1),
         &reg_url,
@@ -309,8 +103,8 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
             .ok()
             .filter(|r| String::from_utf8_lossy(&r.body).contains(&ip(1)))
     })?;
-    let mut a2 = Agent::start(2, &dir(2), &reg_url, &["--endpoint", "web:8080"])?;
-    let mut a3 = Agent::start(3, &dir(3), &reg_url, &["--endpoint", "web:8080"])?;
+    let mut a2 = agent(2, &dir(2), &reg_url, &["--endpoint", "web:8080"])?;
+    let mut a3 = agent(3, &dir(3), &reg_url, &["--endpoint", "web:8080"])?;
     let web = |hosts: &[u8]| {
         set(&hosts
             .iter()
@@ -344,7 +138,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
     );
 
     // 2) A new host's agent joins while the registry is down: listed everywhere within 5 s.
-    let a4 = Agent::start(
+    let a4 = agent(
         4,
         &dir(4),
         &reg_url,
@@ -366,7 +160,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
 
     // 3) A fresh agent with no disk cache learns the whole view, cron-only hosts included.
     let joined = Instant::now();
-    let mut a5 = Agent::start(
+    let mut a5 = agent(
         5,
         &dir(5),
         &reg_url,
@@ -382,7 +176,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
     wait_for(&[&a1, &a2, &a3, &a4], "api", &api, Duration::from_secs(5))?;
     // An agent that starts with no seeds at all (no --join, no cache, registry down) is
     // alone in gossip until the registry's agent listing brings it in (step 5).
-    let a6 = Agent::start(6, &dir(6), &reg_url, &["--endpoint", "solo:6000"])?;
+    let a6 = agent(6, &dir(6), &reg_url, &["--endpoint", "solo:6000"])?;
     let solo = set(&[format!("{}:6000", ip(6))]);
 
     // The freshness header says how old the registry data is, and it grows.
@@ -399,14 +193,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
 
     // 4) Restart an agent (crash) while the registry is down: it answers from its cache at once.
     hammer.set_targets(vec![a1.url(), a2.url(), a4.url()])?;
-    // Its disk cache holds the current view (it is written at most once a second).
-    poll("agent 3's disk cache to be current", START, || {
-        let v = http::get(&format!("{}/v1/agent/self", a3.url()))
-            .ok()?
-            .json()
-            .ok()?;
-        (v["cache"]["stored_index"] == v["view"]["index"]).then_some(())
-    })?;
+    fleet::wait_cache_current(&a3.url())?;
     a3.proc.signal("KILL")?;
     a3.proc.wait_exit(Duration::from_secs(5))?;
     a3.restart()?;
@@ -499,19 +286,12 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
     );
     hammer.set_targets(vec![a1.url(), a2.url(), a3.url(), a4.url(), a5.url()])?;
 
-    let lookups = hammer.finish()?;
+    let (lookups, _) = hammer.finish()?;
     eprintln!("{lookups} lookups during the outage and restarts, all served");
 
     // Endpoints registered at runtime through the local API reach every agent and the
     // registry; deregistered ones leave both.
-    let r = http::request(
-        "PUT",
-        &format!("{}/v1/agent/endpoints", a2.url()),
-        Some("application/json"),
-        br#"{"service": "exporter", "port": 9100}"#,
-        Duration::from_secs(5),
-    )?;
-    ensure!(r.status == 200, "PUT: {}", String::from_utf8_lossy(&r.body));
+    fleet::register(&a2.url(), r#"{"service": "exporter", "port": 9100}"#)?;
     let exporter = set(&[format!("{}:9100", ip(2))]);
     wait_for(
         &[&a1, &a2, &a3, &a4, &a5],
@@ -529,18 +309,7 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
                 .then_some(())
         },
     )?;
-    let r = http::request(
-        "DELETE",
-        &format!("{}/v1/agent/endpoints/exporter/9100", a2.url()),
-        None,
-        b"",
-        Duration::from_secs(5),
-    )?;
-    ensure!(
-        r.status == 200,
-        "DELETE: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    fleet::deregister(&a2.url(), "exporter", 9100)?;
     poll(
         "runtime endpoint gone everywhere",
         Duration::from_secs(10),

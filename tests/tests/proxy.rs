@@ -6,7 +6,6 @@
 //! is bounded in count and time, and everything stays on loopback.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,73 +14,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
+use tests::backend::Backend;
 use tests::{Proc, http, poll, run};
-use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 
 const START: Duration = Duration::from_secs(20);
-/// How long a `/slow` request takes at a backend: long enough to be in flight at SIGTERM.
-const SLOW: Duration = Duration::from_millis(2500);
-
-/// A small HTTP server answering `/healthcheck` with 200 and anything else with its name.
-struct Backend {
-    name: String,
-    addr: SocketAddr,
-    slow_started: Arc<AtomicU64>,
-    task: JoinHandle<()>,
-}
-
-impl Backend {
-    async fn start(ip: &str, name: &str) -> Result<Backend> {
-        let listener = TcpListener::bind((ip, 0)).await?;
-        let addr = listener.local_addr()?;
-        let slow_started = Arc::new(AtomicU64::new(0));
-        let (body, slow) = (Bytes::from(name.to_string()), slow_started.clone());
-        let task = tokio::spawn(async move {
-            // Connections live in this set, so aborting the task closes every one of them
-            // along with the listener: the backend is gone, as if its process died.
-            let mut conns = JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                let (body, slow) = (body.clone(), slow.clone());
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let (body, slow) = (body.clone(), slow.clone());
-                    async move {
-                        if req.uri().path() == "/slow" {
-                            slow.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(SLOW).await;
-                        }
-                        Ok::<_, Infallible>(Response::new(Full::new(body)))
-                    }
-                });
-                conns.spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
-        Ok(Backend {
-            name: name.to_string(),
-            addr,
-            slow_started,
-            task,
-        })
-    }
-
-    /// Closes the listener and every open connection, and waits until they are closed.
-    async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 

@@ -136,6 +136,33 @@ fn a_restart_after_a_long_outage_preserves_old_rows() {
 }
 
 #[test]
+fn a_hold_keeps_preservation_on_until_it_ends_but_needs_a_baseline() {
+    let mut p = Preservation::new(&cfg(), 0, 0);
+    p.hold(5_000);
+    p.observe(census(0), 1_000);
+    assert!(!p.active(), "no baseline yet: nothing to preserve");
+    p.observe(census(100), 2_000);
+    p.hold(5_000);
+    p.observe(census(100), 3_000);
+    assert!(p.active(), "held although every host renewed");
+    assert!(p.observe(census(100), 5_000), "the hold ends");
+    assert!(!p.active());
+    let disabled = RegistryConfig {
+        self_preservation: false,
+        ..cfg()
+    };
+    let mut p = Preservation::new(&disabled, 0, 100);
+    p.hold(5_000);
+    p.observe(census(0), 1_000);
+    assert!(!p.active(), "disabled means disabled");
+}
+
+#[test]
+fn shelf_life_is_the_ttl_less_one_interval() {
+    assert_eq!(shelf_life(&cfg()), Duration::from_secs(120));
+}
+
+#[test]
 fn census_counts_live_and_renewed() {
     let now = 1_000_000;
     let rows = vec![

@@ -155,6 +155,53 @@ async fn self_preservation_stops_expiry_when_check_ins_collapse_and_recovers() {
 }
 
 #[tokio::test]
+async fn a_registry_paused_past_the_ttl_serves_every_host_until_they_check_in_again() {
+    let h = Harness::new();
+    fleet_check_in(&h, 0..10).await;
+    assert!(!h.registry.sweep_once().await.expect("sweep").preserving);
+    // SIGSTOP (or a VM pause) for twice the TTL: no sweep ran, no check-in got through.
+    h.clock.advance(2 * TTL);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(
+        r.hosts().len(),
+        10,
+        "the first read after waking expires nobody"
+    );
+    assert!(r.stale());
+    // Most hosts are back within moments; one is slower. Renewals are above 85 %, yet every
+    // host gets one renewal window (75 s) before expiry resumes.
+    h.clock.advance(Duration::from_secs(1));
+    fleet_check_in(&h, 0..9).await;
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(rep.preserving && rep.deleted == 0, "{rep:?}");
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 10);
+    // The window has passed and host 9 never came back: it expires as usual.
+    h.clock.advance(Duration::from_secs(75));
+    fleet_check_in(&h, 0..9).await;
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(!rep.preserving, "{rep:?}");
+    assert_eq!(rep.deleted, 1);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 9);
+    assert!(!r.stale());
+}
+
+#[tokio::test]
+async fn reads_racing_the_first_count_after_a_pause_wait_for_its_decision() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new();
+    fleet_check_in(&h, 0..10).await;
+    h.registry.sweep_once().await.expect("sweep");
+    h.clock.advance(2 * TTL);
+    // The count's store read yields, so the second read runs while the first one counts: it
+    // must wait for that decision, not answer from the one made before the pause.
+    h.store.slow.store(true, Ordering::SeqCst);
+    let (a, b) = tokio::join!(h.get("/v1/registration/web"), h.get("/v1/registration/web"));
+    assert_eq!((a.hosts().len(), b.hosts().len()), (10, 10));
+    assert!(a.stale() && b.stale());
+}
+
+#[tokio::test]
 async fn deregistration_lowers_the_baseline_so_scale_down_does_not_preserve() {
     let h = Harness::new();
     fleet_check_in(&h, 0..20).await;

@@ -1,0 +1,295 @@
+//! The pieces of a fleet as the end-to-end tests drive them: a registry, agents (on a
+//! loopback address or inside a network namespace), and what their local API says —
+//! lookups, members, the whole catalog — and the runtime endpoints registered through it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::{Proc, START, http, poll};
+
+/// Test-speed gossip (SWIM probes and anti-entropy repair); flags cover the rest.
+pub const FAST_GOSSIP: &str =
+    "[gossip]\nprobe_period_ms = 500\nprobe_rtt_ms = 200\nrepair_interval_ms = 1000\n";
+
+/// Starts a memory registry on `addr` with the given TTL and check-in interval (which is
+/// also its warm-up after an empty start).
+pub fn registry(addr: &str, ttl: &str, check_in_interval: &str) -> Result<Proc> {
+    Proc::start(
+        "registry",
+        &[
+            "registry",
+            "--listen",
+            addr,
+            "--ttl",
+            ttl,
+            "--check-in-interval",
+            check_in_interval,
+        ],
+        1,
+        START,
+    )
+}
+
+/// How to run one agent.
+pub struct AgentSpec<'a> {
+    pub name: String,
+    /// Run inside this network namespace (`ip netns exec`); `None`: the test's own.
+    pub netns: Option<String>,
+    /// Gossip address (UDP and TCP); its ip is the host's.
+    pub gossip: String,
+    /// Local API address (loopback, as the agent insists).
+    pub api: String,
+    /// Where the test reaches the local API (differs from `api` inside a namespace).
+    pub url: String,
+    pub registry: &'a str,
+    /// Data directory (disk cache); its `.toml` sibling gets the gossip config.
+    pub dir: &'a Path,
+    pub extra: &'a [&'a str],
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub name: String,
+    pub dir: PathBuf,
+    netns: Option<String>,
+    url: String,
+    gossip: String,
+    args: Vec<String>,
+}
+
+impl Agent {
+    pub fn start(spec: AgentSpec<'_>) -> Result<Agent> {
+        std::fs::create_dir_all(spec.dir)?;
+        let config = spec.dir.with_extension("toml");
+        std::fs::write(&config, FAST_GOSSIP)?;
+        let mut args: Vec<String> = [
+            "agent",
+            "--registry",
+            spec.registry,
+            "--api",
+            &spec.api,
+            "--gossip",
+            &spec.gossip,
+            "--check-in-interval",
+            "1s",
+            "--gossip-insecure",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push("--data-dir".into());
+        args.push(spec.dir.display().to_string());
+        args.push("--config".into());
+        args.push(config.display().to_string());
+        args.extend(spec.extra.iter().map(|s| s.to_string()));
+        let proc = spawn(spec.netns.as_deref(), &spec.name, &args)?;
+        Ok(Agent {
+            proc,
+            name: spec.name,
+            dir: spec.dir.to_path_buf(),
+            netns: spec.netns,
+            url: spec.url,
+            gossip: spec.gossip,
+            args,
+        })
+    }
+
+    /// Starts the same agent again (after a kill): same flags, same disk cache.
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc = spawn(self.netns.as_deref(), &self.name, &self.args)?;
+        Ok(())
+    }
+
+    /// Base URL of the local API, as the test reaches it.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// The gossip address (`ip:port`), also this agent's identity among its peers.
+    pub fn gossip(&self) -> String {
+        self.gossip.clone()
+    }
+}
+
+/// Starts agent `name` on loopback address `ip` (API on 7701, gossip on 7702), its disk
+/// cache in `dir`.
+pub fn local_agent(
+    name: &str,
+    ip: &str,
+    dir: &Path,
+    registry: &str,
+    extra: &[&str],
+) -> Result<Agent> {
+    Agent::start(AgentSpec {
+        name: name.to_string(),
+        netns: None,
+        gossip: format!("{ip}:7702"),
+        api: format!("{ip}:7701"),
+        url: format!("http://{ip}:7701"),
+        registry,
+        dir,
+        extra,
+    })
+}
+
+/// Agents `hosts` on `ip(host)`, each with a `web:8080` endpoint, all joining the first;
+/// disk caches under `dir`.
+pub fn local_web_agents(
+    hosts: &[u8],
+    ip: impl Fn(u8) -> String,
+    dir: &Path,
+    registry: &str,
+) -> Result<Vec<Agent>> {
+    let seed = format!("{}:7702", ip(hosts.first().copied().unwrap_or(1)));
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(n, &h)| {
+            let extra = joining(n == 0, &seed, &["--endpoint", "web:8080"]);
+            let d = dir.join(format!("agent-{h}"));
+            local_agent(&format!("agent-{h}"), &ip(h), &d, registry, &extra)
+        })
+        .collect()
+}
+
+/// `extra` plus `--join seed`, except for the seed itself (agent 1 of a test).
+pub fn joining<'a>(first: bool, seed: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut all = extra.to_vec();
+    if !first {
+        all.extend_from_slice(&["--join", seed]);
+    }
+    all
+}
+
+/// `PUT /v1/agent/endpoints` on the agent at `base` (`spec`: the JSON endpoint).
+pub fn register(base: &str, spec: &str) -> Result<()> {
+    let r = http::request(
+        "PUT",
+        &format!("{base}/v1/agent/endpoints"),
+        Some("application/json"),
+        spec.as_bytes(),
+        Duration::from_secs(5),
+    )?;
+    ensure!(r.status == 200, "PUT: {}", String::from_utf8_lossy(&r.body));
+    Ok(())
+}
+
+/// `DELETE /v1/agent/endpoints/{service}/{port}` on the agent at `base`.
+pub fn deregister(base: &str, service: &str, port: u16) -> Result<()> {
+    let r = http::request(
+        "DELETE",
+        &format!("{base}/v1/agent/endpoints/{service}/{port}"),
+        None,
+        b"",
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        r.status == 200,
+        "DELETE: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    Ok(())
+}
+
+fn spawn(netns: Option<&str>, name: &str, args: &[String]) -> Result<Proc> {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    match netns {
+        Some(ns) => Proc::start_in(ns, name, &refs, 2, START),
+        None => Proc::start(name, &refs, 2, START),
+    }
+}
+
+/// One lookup: the set of `ip:port` of a service, the source and the registry age.
+pub struct Lookup {
+    pub hosts: BTreeSet<String>,
+    pub source: String,
+    pub age_ms: i64,
+}
+
+pub fn lookup(base: &str, service: &str) -> Result<Lookup> {
+    let r = http::get(&format!("{base}/v1/registration/{service}"))?;
+    ensure!(r.status == 200, "{base}: status {}", r.status);
+    let v = r.json()?;
+    let hosts = v["hosts"]
+        .as_array()
+        .context("hosts")?
+        .iter()
+        .map(|h| format!("{}:{}", h["ip_address"].as_str().unwrap_or("?"), h["port"]))
+        .collect();
+    Ok(Lookup {
+        hosts,
+        source: r.header("x-tidings-source").unwrap_or("").to_string(),
+        age_ms: r
+            .header("x-tidings-registry-age-ms")
+            .and_then(|a| a.parse().ok())
+            .context("registry age header")?,
+    })
+}
+
+/// One gossip member as an agent's `/v1/agent/members` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub addr: String,
+    pub epoch: u64,
+    pub alive: bool,
+    pub is_self: bool,
+}
+
+pub fn members(base: &str) -> Result<Vec<Member>> {
+    let v = http::get(&format!("{base}/v1/agent/members"))?.json()?;
+    v["members"]
+        .as_array()
+        .context("members")?
+        .iter()
+        .map(|m| {
+            Ok(Member {
+                addr: m["addr"].as_str().context("addr")?.to_string(),
+                epoch: m["epoch"].as_u64().context("epoch")?,
+                alive: m["state"] == "alive",
+                is_self: m["self"] == true,
+            })
+        })
+        .collect()
+}
+
+pub fn set(items: &[String]) -> BTreeSet<String> {
+    items.iter().cloned().collect()
+}
+
+/// A loopback address of its own for each test and run: `127.<run>.<test>.<host>`, so
+/// suites that run at the same time (other test binaries, other checkouts) never share an
+/// address, whatever ports they use.
+pub fn loopback(test: u8, host: u8) -> String {
+    let run = 1 + std::process::id() % 250;
+    format!("127.{run}.{test}.{host}")
+}
+
+/// Polls until the agent's disk cache holds its current view (it is written at most once a
+/// second), so that a crash now loses nothing.
+pub fn wait_cache_current(base: &str) -> Result<()> {
+    poll(&format!("{base}'s disk cache to be current"), START, || {
+        let v = http::get(&format!("{base}/v1/agent/self"))
+            .ok()?
+            .json()
+            .ok()?;
+        (v["cache"]["stored_index"] == v["view"]["index"]).then_some(())
+    })
+}
+
+/// An agent's whole view: every `service ip:port` of its `/v2/catalog`.
+pub fn catalog(base: &str) -> Result<BTreeSet<String>> {
+    let v = http::get(&format!("{base}/v2/catalog"))?.json()?;
+    let services = v["services"].as_object().context("services")?;
+    Ok(services
+        .iter()
+        .flat_map(|(name, hosts)| {
+            hosts.as_array().into_iter().flatten().map(move |h| {
+                let ip = h["ip_address"].as_str().unwrap_or("?");
+                format!("{name} {ip}:{}", h["port"])
+            })
+        })
+        .collect())
+}
