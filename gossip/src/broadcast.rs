@@ -1,22 +1,18 @@
-//! Rows and small snapshots ride foca custom broadcasts. foca owns the handler, so the
-//! handler shares the node's [`Store`] and merges items as they arrive: an item is
-//! "new" (and foca keeps spreading it, at most `max_transmissions` times) exactly when it
-//! changed the store, and a newer version of the same row invalidates a queued older one.
+//! What gossip replicates ([`Store`]) and the items that spread it ([`BroadcastItem`]): an
+//! item is news, and worth passing on ([`crate::spread`]), exactly when merging it changed
+//! the store; a newer version of the same row or service supersedes a queued older one.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
 
-use foca::{BroadcastHandler, Invalidates};
 use schema::codec::{self, CodecError};
 use schema::{EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
 
-use crate::NodeId;
 use crate::rows::{Merge, Row, RowStore, Version};
 use crate::snapshot::{Snapshot, SnapshotStore};
 
-/// Everything gossip replicates, shared by the node and foca's broadcast handler.
+/// Everything gossip replicates.
 #[derive(Debug, Default)]
 pub struct Store {
     pub rows: RowStore,
@@ -46,17 +42,7 @@ impl Store {
     }
 }
 
-pub(crate) type SharedStore = Arc<Mutex<Store>>;
-
-/// Locks the store. The lock is only held by straight-line code that cannot panic half-way
-/// through an update, so a poisoned lock still guards consistent data.
-pub(crate) fn lock(store: &SharedStore) -> MutexGuard<'_, Store> {
-    store
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// One custom broadcast.
+/// One item of dissemination: a row or a registry snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum BroadcastItem {
     Row(Box<Row>),
@@ -83,8 +69,9 @@ pub enum BroadcastKey {
     },
 }
 
-impl Invalidates for BroadcastKey {
-    fn invalidates(&self, other: &Self) -> bool {
+impl BroadcastKey {
+    /// Whether `self` supersedes `other` (same row or service, newer).
+    pub fn invalidates(&self, other: &Self) -> bool {
         match (self, other) {
             (
                 Self::Row {
@@ -110,48 +97,29 @@ impl Invalidates for BroadcastKey {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BroadcastError {
-    #[error("undecodable broadcast: {0}")]
-    Decode(#[from] CodecError),
-}
-
-pub struct RowBroadcasts {
-    pub(crate) store: SharedStore,
-}
-
-impl BroadcastHandler<NodeId> for RowBroadcasts {
-    type Key = BroadcastKey;
-    type Error = BroadcastError;
-
-    fn receive_item(
-        &mut self,
-        data: &[u8],
-        _sender: Option<&NodeId>,
-    ) -> Result<Option<BroadcastKey>, BroadcastError> {
-        let item: BroadcastItem = codec::decode_packet(data)?;
-        let mut store = lock(&self.store);
-        let now = store.now_ms;
-        Ok(match item {
-            BroadcastItem::Row(row) => {
-                let row = *row;
-                let key = BroadcastKey::Row {
-                    owner: row.owner,
-                    key: row.key.clone(),
-                    version: row.version(),
-                };
-                let applied = store.rows.merge(row, now) == Merge::Applied;
-                store.rows_received += u64::from(applied);
-                applied.then_some(key)
-            }
-            BroadcastItem::Snapshot(snap) => {
-                let s = snap.summary();
-                let key = BroadcastKey::Snapshot {
-                    service: s.service,
-                    rank: (s.generated_at_ms, s.hash),
-                };
-                store.snapshots.merge(snap).then_some(key)
-            }
-        })
+/// Merges one item into the store: its key when it was news (it changed the store), which
+/// is exactly when the node should pass it on.
+pub(crate) fn merge(store: &mut Store, item: BroadcastItem) -> Option<BroadcastKey> {
+    let now = store.now_ms;
+    match item {
+        BroadcastItem::Row(row) => {
+            let row = *row;
+            let key = BroadcastKey::Row {
+                owner: row.owner,
+                key: row.key.clone(),
+                version: row.version(),
+            };
+            let applied = store.rows.merge(row, now) == Merge::Applied;
+            store.rows_received += u64::from(applied);
+            applied.then_some(key)
+        }
+        BroadcastItem::Snapshot(snap) => {
+            let s = snap.summary();
+            let key = BroadcastKey::Snapshot {
+                service: s.service,
+                rank: (s.generated_at_ms, s.hash),
+            };
+            store.snapshots.merge(snap).then_some(key)
+        }
     }
 }

@@ -96,6 +96,8 @@ pub(crate) enum PacketKind {
     Swim = 0,
     /// A repair digest (`repair::Digest` in `schema::codec`).
     Digest = 1,
+    /// Rows and snapshots (`crate::spread`): `[u16 length][BroadcastItem]`...
+    Rows = 2,
 }
 
 impl PacketKind {
@@ -103,6 +105,7 @@ impl PacketKind {
         match b {
             0 => Some(Self::Swim),
             1 => Some(Self::Digest),
+            2 => Some(Self::Rows),
             _ => None,
         }
     }

@@ -129,24 +129,30 @@ impl GossipConfig {
     }
 }
 
-/// foca's config for a cluster of `cluster_size`, from `Config::new_lan` with our periods.
-pub(crate) fn foca_config(cfg: &GossipConfig, cluster_size: u32) -> foca::Config {
+/// foca's config for a cluster of `cluster_size`, from `Config::new_lan` with our periods
+/// and `indirect_probes` (see [`crate::probing`]).
+pub(crate) fn foca_config(
+    cfg: &GossipConfig,
+    cluster_size: u32,
+    indirect_probes: usize,
+) -> foca::Config {
     let n = NonZeroU32::new(cluster_size.max(1)).unwrap_or(NonZeroU32::MIN);
     let mut c = foca::Config::new_lan(n);
-    // memberlist's retransmit count, 4·⌈log10(N+1)⌉, not foca's 4·⌊log10(N+1)⌋: a node is
-    // missed by an epidemic with probability ≈ e^-transmissions, and the floor leaves a tail
-    // (N=20 gets 5) that only repair would catch.
-    let tx = 4 * (f64::from(n.get()) + 1.0).log10().ceil().max(1.0) as u8;
+    // The same budget as rows (`spread::retransmits`): memberlist's 4·⌈log10(N+1)⌉, not
+    // foca's 4·⌊log10(N+1)⌋.
+    let tx = u8::try_from(crate::spread::retransmits(n.get())).unwrap_or(u8::MAX);
     c.max_transmissions = std::num::NonZeroU8::new(tx).unwrap_or(c.max_transmissions);
+    c.num_indirect_probes = NonZeroUsize::new(indirect_probes).unwrap_or(c.num_indirect_probes);
     // new_lan assumes a 1 s probe period; keep its ratios when the period is changed.
     let scale = cfg.probe_period_ms as f64 / 1000.0;
     c.probe_period = cfg.probe_period();
     c.probe_rtt = Duration::from_millis(cfg.probe_rtt_ms);
     c.suspect_to_down_after = c.suspect_to_down_after.mul_f64(scale);
-    let three = NonZeroUsize::new(3).unwrap_or(NonZeroUsize::MIN);
+    // SWIM updates only: rows and snapshots have their own rounds (`spread`).
+    let fanout = NonZeroUsize::new(crate::spread::FANOUT).unwrap_or(NonZeroUsize::MIN);
     c.periodic_gossip = Some(PeriodicParams {
         frequency: Duration::from_millis(cfg.gossip_interval_ms),
-        num_members: three,
+        num_members: fanout,
     });
     if let Some(p) = c.periodic_announce.as_mut() {
         p.frequency = p.frequency.mul_f64(scale);

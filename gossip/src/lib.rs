@@ -6,14 +6,19 @@
 //!   renews when the node was declared down, so a restarted agent is never ignored as
 //!   known-dead. foca's config is `Config::new_lan(n)` (periods scaled to the configured
 //!   probe period), resized with `set_config` as the cluster grows; periodic gossip is on.
+//!   The number of indirect probes follows the loss this node observes ([`probing`]), so
+//!   false suspicions, each gossiped cluster-wide, stay rare under loss. foca 2.0.0 tells a
+//!   member "you are down" when a suspicion of it ends even if it refuted it; the node drops
+//!   that message (see `Node::drop_spurious_turn_undead`).
 //! - **Endpoint rows** ([`rows`]) are owner-written `crdts::LWWReg`s keyed
 //!   `(owner, service, ip, port)` and ordered by `(owner epoch, seq)`. Merge is the per-key
 //!   maximum, so any subset of rows is a valid delta. A row is visible only while its owner is
 //!   alive in SWIM; rows of an older epoch of an owner are dropped.
 //! - **Registry snapshots** ([`snapshot`]) travel too; per service the newest wins.
-//! - **Dissemination**: new rows ride foca custom broadcasts ([`broadcast`]), relayed at
-//!   once on receipt and given a broadcast-only message per gossip round so SWIM churn cannot
-//!   starve them. **Repair** ([`repair`]): every repair interval a constant-size digest
+//! - **Dissemination** ([`spread`]): new rows and small snapshots travel in packets of
+//!   their own, beside SWIM rather than inside foca's: each node that learns one sends it
+//!   to 3 random members at once and on every gossip round, λ·⌈log10(N+1)⌉ times in all.
+//!   **Repair** ([`repair`]): every repair interval a constant-size digest
 //!   exchange with a random peer (down members included, to cross healed partitions); on
 //!   mismatch a TCP exchange of only the owners and snapshots that differ. Digests also carry
 //!   a few recent down verdicts, so a node that missed one does not show a dead owner's rows.
@@ -40,11 +45,13 @@ mod identity;
 mod membership;
 pub mod metrics;
 pub mod node;
+pub mod probing;
 pub mod repair;
 pub mod rows;
 pub mod runtime;
 pub mod sim;
 pub mod snapshot;
+pub mod spread;
 pub mod view;
 
 pub use codec::{FocaCodec, FocaCodecError};

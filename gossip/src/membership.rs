@@ -9,7 +9,7 @@ use foca::OwnedNotification;
 use rand::RngExt;
 
 use crate::NodeId;
-use crate::broadcast::lock;
+use crate::codec::PacketKind;
 use crate::config::foca_config;
 use crate::metrics::Metrics;
 use crate::node::Node;
@@ -46,16 +46,17 @@ impl Node {
         self.set_now(now_ms);
         self.resync_members();
         let active = self.members.values().filter(|m| m.active).count() as u32 + 1;
-        if active != self.sized_for {
-            let new = foca_config(&self.cfg, active);
-            let old = foca_config(&self.cfg, self.sized_for);
-            if (new.max_transmissions, new.suspect_to_down_after)
-                != (old.max_transmissions, old.suspect_to_down_after)
-                && self.swim.set_config(new).is_err()
+        let indirect = self.probing.indirect_probes(active);
+        if (active, indirect) != (self.sized_for, self.indirect_probes) {
+            if self
+                .swim
+                .set_config(foca_config(&self.cfg, active, indirect))
+                .is_err()
             {
                 tracing::warn!("foca rejected the resized config");
             }
             self.sized_for = active;
+            self.indirect_probes = indirect;
         }
         self.forget_owners();
         let live: BTreeSet<SocketAddr> = self
@@ -64,12 +65,8 @@ impl Node {
             .filter(|m| m.active)
             .map(|m| m.id.addr)
             .collect();
-        lock(&self.store).gc_tombstones(
-            now_ms,
-            self.cfg.tombstone_retention_ms,
-            self.me.addr,
-            &live,
-        );
+        self.store
+            .gc_tombstones(now_ms, self.cfg.tombstone_retention_ms, self.me.addr, &live);
         if self.swim.num_members() == 0 {
             self.announce_to_seeds();
         }
@@ -124,14 +121,14 @@ impl Node {
             self.members = fresh;
             self.membership_changes += 1;
         }
-        let mut store = lock(&self.store);
+        let store = &mut self.store;
         for m in self.members.values() {
             store.rows.observe_epoch(m.id.addr, m.id.epoch);
         }
     }
 
     fn forget_owners(&mut self) {
-        let mut store = lock(&self.store);
+        let store = &mut self.store;
         let owners: Vec<SocketAddr> = store
             .rows
             .owners()
@@ -154,6 +151,37 @@ impl Node {
         }
     }
 
+    /// foca 2.0.0 answers every suspicion timer with a courtesy TurnUndead, even when the
+    /// member refuted the suspicion in time and is still alive (`apply_existing_if` returns
+    /// `Some` when its condition fails). The healthy member then believes it was declared
+    /// down and renews its identity; peers that still address it by the old one have their
+    /// payloads ignored (foca checks `dst`), so it misses gossip and answers no probes until
+    /// the rename has spread. In the simulator at 1 000 nodes and 10 % loss, 140 healthy
+    /// nodes renewed their identity in the first 45 s, and the last new row reached them by
+    /// repair seconds later. Called right after such a timer, while the runtime holds only
+    /// what the timer produced: if the member is still active, nothing was declared down and
+    /// the message is dropped.
+    pub(crate) fn drop_spurious_turn_undead(&mut self, addr: SocketAddr) {
+        let still_active = self
+            .swim
+            .iter_membership_state()
+            .any(|m| m.id().addr == addr && m.state() != foca::State::Down);
+        if !still_active {
+            return;
+        }
+        let mut keep = Vec::new();
+        while let Some((to, data)) = self.rt.to_send() {
+            if to.addr == addr {
+                Metrics::bump(&self.metrics.spurious_turn_undead, 1);
+            } else {
+                keep.push((to, data));
+            }
+        }
+        for (to, data) in keep {
+            self.send_plain(to.addr, PacketKind::Swim, &data);
+        }
+    }
+
     pub(crate) fn on_notification(&mut self, n: OwnedNotification<NodeId>) {
         match n {
             OwnedNotification::MemberUp(id) => self.set_member(id, true),
@@ -163,6 +191,7 @@ impl Node {
             }
             OwnedNotification::Rename(_, new) => self.set_member(new, true),
             OwnedNotification::Rejoin(new) => {
+                Metrics::bump(&self.metrics.rejoins, 1);
                 tracing::info!(?new, "rejoined the cluster with a renewed identity");
                 self.me = new;
             }
@@ -182,6 +211,6 @@ impl Node {
         if prev.map(|p| p.active) != Some(active) || prev.map(|p| p.id) != Some(id) {
             self.membership_changes += 1;
         }
-        lock(&self.store).rows.observe_epoch(id.addr, id.epoch);
+        self.store.rows.observe_epoch(id.addr, id.epoch);
     }
 }

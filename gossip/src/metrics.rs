@@ -52,6 +52,8 @@ counters! {
     repair_rows_applied: "Rows and snapshots learned through repair.",
     repair_failures: "Repair connections that failed or timed out.",
     members_declared_down: "Times SWIM told this node a member went down.",
+    rejoins: "Times this node renewed its identity after learning it was declared down.",
+    spurious_turn_undead: "foca 'you are down' messages to members still alive, not sent.",
 }
 
 impl Metrics {

@@ -3,43 +3,47 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use foca::{AccumulatingRuntime, Foca, Member};
+use foca::{AccumulatingRuntime, Foca, Member, NoCustomBroadcast};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use schema::codec;
 use schema::{Endpoint, EndpointKey};
 
 use crate::NodeId;
-use crate::broadcast::{BroadcastItem, RowBroadcasts, SharedStore, Store, lock};
+use crate::broadcast::{BroadcastItem, Store};
 use crate::codec::{FocaCodec, PacketKind};
 use crate::config::{ConfigError, GossipConfig, foca_config};
 use crate::crypto::{KeyRing, SEAL_OVERHEAD, Sealer};
 use crate::metrics::Metrics;
+use crate::probing::ProbeHealth;
 use crate::repair::{self, Digest, RepairFrame};
-use crate::rows::{Merge, Row, RowStatus, Version};
+use crate::rows::{Row, RowStatus, Version};
 use crate::snapshot::Snapshot;
+use crate::spread::Outbox;
 use crate::view::MemberInfo;
 
 /// Largest UDP datagram we produce or accept, sealed (memberlist's 1400).
 pub const MAX_DATAGRAM: usize = 1400;
 /// Largest repair TCP frame (sealed); checked against the length prefix before allocating.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
-/// Broadcast items above this are left to repair: SWIM updates fill packets first, and a big
-/// item would never fit next to them.
-const MAX_BROADCAST_ITEM: usize = 1000;
+/// Broadcast items above this are left to repair, so that a packet always has room for a
+/// few items.
+pub(crate) const MAX_BROADCAST_ITEM: usize = 1000;
 /// Most rows from one repair frame that are re-broadcast (see `Node::rebroadcast`).
 const REBROADCAST_MAX: usize = 32;
 
-type Swim = Foca<NodeId, FocaCodec, StdRng, RowBroadcasts>;
+type Swim = Foca<NodeId, FocaCodec, StdRng, NoCustomBroadcast>;
 
 /// A timer the caller must deliver back through [`Node::handle_timer`] (late is fine, lost
 /// is not: foca's probe cycle depends on every timer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Timer {
     Swim(foca::Timer<NodeId>),
+    /// One dissemination round of rows and snapshots ([`crate::spread`]).
+    Gossip,
     Repair,
     Housekeeping,
 }
@@ -62,7 +66,7 @@ pub struct Node {
     pub(crate) me: NodeId,
     pub(crate) swim: Swim,
     pub(crate) rt: AccumulatingRuntime<NodeId>,
-    pub(crate) store: SharedStore,
+    pub(crate) store: Store,
     pub(crate) sealer: Sealer,
     pub(crate) rng: StdRng,
     pub(crate) effects: Vec<Effect>,
@@ -80,6 +84,11 @@ pub struct Node {
     pub(crate) sized_for: u32,
     pub(crate) membership_changes: u64,
     pub(crate) metrics: Arc<Metrics>,
+    /// Rows and snapshots still to be passed on.
+    pub(crate) outbox: Outbox,
+    /// Outcomes of our direct probes, which set foca's number of indirect probes.
+    pub(crate) probing: ProbeHealth,
+    pub(crate) indirect_probes: usize,
 }
 
 impl Node {
@@ -88,20 +97,21 @@ impl Node {
     pub fn new(cfg: GossipConfig, epoch: u64, rng_seed: u64) -> Result<Node, ConfigError> {
         let ring = cfg.validate()?;
         let me = NodeId::new(cfg.advertise.unwrap_or(cfg.bind), epoch);
-        let store: SharedStore = Arc::new(Mutex::new(Store::default()));
-        let handler = RowBroadcasts {
-            store: store.clone(),
-        };
         let swim_rng = StdRng::seed_from_u64(rng_seed);
-        let swim =
-            Foca::with_custom_broadcast(me, foca_config(&cfg, 1), swim_rng, FocaCodec, handler);
+        let indirect_probes = crate::probing::MIN_INDIRECT_PROBES;
+        let swim = Foca::new(
+            me,
+            foca_config(&cfg, 1, indirect_probes),
+            swim_rng,
+            FocaCodec,
+        );
         Ok(Node {
             sealer: Sealer::new(&cfg.cluster, ring.as_ref()),
             cfg,
             me,
             swim,
             rt: AccumulatingRuntime::new(),
-            store,
+            store: Store::default(),
             rng: StdRng::seed_from_u64(rng_seed ^ 0x9e37_79b9_7f4a_7c15),
             effects: Vec::new(),
             members: BTreeMap::new(),
@@ -115,6 +125,9 @@ impl Node {
             sized_for: 1,
             membership_changes: 0,
             metrics: Arc::new(Metrics::default()),
+            outbox: Outbox::default(),
+            probing: ProbeHealth::default(),
+            indirect_probes,
         })
     }
 
@@ -133,7 +146,7 @@ impl Node {
 
     pub(crate) fn set_now(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
-        lock(&self.store).now_ms = self.now_ms;
+        self.store.now_ms = self.now_ms;
     }
 
     /// Schedules the node's own timers and announces to the seeds.
@@ -142,6 +155,8 @@ impl Node {
         self.started_ms = now_ms;
         let jitter = self.rng.random_range(0..self.cfg.repair_interval_ms.max(1));
         self.schedule(Duration::from_millis(jitter), Timer::Repair);
+        let jitter = self.rng.random_range(0..self.cfg.gossip_interval_ms.max(1));
+        self.schedule(Duration::from_millis(jitter), Timer::Gossip);
         self.schedule(self.cfg.probe_period(), Timer::Housekeeping);
         self.announce_to_seeds();
         self.drain();
@@ -213,15 +228,7 @@ impl Node {
             .and_then(|(k, body)| PacketKind::from_byte(*k).map(|k| (k, body)))
         {
             Some((PacketKind::Swim, body)) => {
-                let before = lock(&self.store).rows_received;
-                let result = self.swim.handle_data(body, &mut self.rt);
-                // Relay news at once instead of at the next gossip tick: each hop then costs
-                // one network delay, not half a gossip interval. Transmissions stay bounded
-                // by max_transmissions.
-                if lock(&self.store).rows_received > before {
-                    self.gossip_now();
-                }
-                if let Err(e) = result {
+                if let Err(e) = self.swim.handle_data(body, &mut self.rt) {
                     let counter = match e {
                         foca::Error::Decode(_)
                         | foca::Error::MalformedPacket
@@ -232,6 +239,7 @@ impl Node {
                     tracing::trace!(%from, error = %e, "swim packet not handled");
                 }
             }
+            Some((PacketKind::Rows, body)) => self.on_rows(body),
             Some((PacketKind::Digest, body)) => match codec::decode_packet::<Digest>(body) {
                 Ok(d) => self.on_digest(from, &d),
                 Err(_) => Metrics::bump(&self.metrics.dropped_malformed, 1),
@@ -264,7 +272,7 @@ impl Node {
         if !digest.reply {
             self.digest_to(from, true);
         }
-        let req = repair::on_digest(&mut lock(&self.store), self.me.addr, from, digest)
+        let req = repair::on_digest(&mut self.store, self.me.addr, from, digest)
             .filter(|_| !digest.reply);
         match req {
             Some(req) => {
@@ -307,25 +315,25 @@ impl Node {
                 return None;
             }
         };
-        let before = lock(&self.store).rows_received;
+        let before = self.store.rows_received;
         match &frame {
             RepairFrame::Response(r) => self.rebroadcast(&r.rows),
             RepairFrame::Push(p) => self.rebroadcast(&p.rows),
             RepairFrame::Request(_) => {}
         }
         let reply = {
-            let mut store = lock(&self.store);
+            let store = &mut self.store;
             let reply = match frame {
                 RepairFrame::Request(req) => Some(RepairFrame::Response(repair::respond(
-                    &store,
+                    store,
                     self.me.addr,
                     &req,
                 ))),
                 RepairFrame::Response(resp) => {
-                    repair::on_response(&mut store, self.me.addr, resp).map(RepairFrame::Push)
+                    repair::on_response(store, self.me.addr, resp).map(RepairFrame::Push)
                 }
                 RepairFrame::Push(p) => {
-                    repair::apply(&mut store, p.from, p.rows, p.snapshots);
+                    repair::apply(store, p.from, p.rows, p.snapshots);
                     None
                 }
             };
@@ -340,7 +348,7 @@ impl Node {
     }
 
     /// A few rows learned by repair are news to the rest of our side too (typically after a
-    /// partition heals): queue them as broadcasts, so the epidemic spreads them in about a
+    /// partition heals): queue them to be passed on, so the epidemic spreads them in about a
     /// second instead of repair doing it pairwise over several periods. Catch-ups (more
     /// than `REBROADCAST_MAX` rows, or a node in its first two repair periods) are not
     /// re-broadcast: everyone else already has those rows.
@@ -350,16 +358,12 @@ impl Node {
         if catching_up || rows.is_empty() || rows.len() > REBROADCAST_MAX {
             return;
         }
-        let mut queued = false;
+        let mut news = false;
         for row in rows {
-            if let Ok(bytes) = BroadcastItem::Row(Box::new(row.clone())).encode()
-                && bytes.len() <= MAX_BROADCAST_ITEM
-            {
-                queued |= self.swim.add_broadcast(&bytes).unwrap_or(false);
-            }
+            news |= self.learn(BroadcastItem::Row(Box::new(row.clone())));
         }
-        if queued {
-            self.gossip_now();
+        if news {
+            self.spread_now();
         }
     }
 
@@ -368,17 +372,29 @@ impl Node {
         self.set_now(now_ms);
         match timer {
             Timer::Swim(t) => {
-                let gossip_tick = matches!(t, foca::Timer::PeriodicGossip(_));
+                let probe_stage = matches!(t, foca::Timer::SendIndirectProbe { .. });
+                let suspicion_end = match &t {
+                    foca::Timer::ChangeSuspectToDown { member_id, .. } => Some(member_id.addr),
+                    _ => None,
+                };
                 if let Err(e) = self.swim.handle_timer(t, &mut self.rt) {
                     Metrics::bump(&self.metrics.swim_errors, 1);
                     tracing::trace!(error = %e, "swim timer");
                 }
-                // foca fills packets with SWIM updates first and gives custom broadcasts
-                // what is left; under churn or loss that starves rows (memberlist #299).
-                // A broadcast-only message per round gives rows their own room.
-                if gossip_tick && self.swim.custom_broadcast_backlog() > 0 {
-                    self.gossip_now();
+                // At this stage foca sends ping-reqs, and only if the direct ping got no
+                // ack: the one outcome it does not report, and the loss measure behind the
+                // number of indirect probes (`probing`).
+                if probe_stage {
+                    self.probing.record(self.rt.backlog() > 0);
                 }
+                if let Some(addr) = suspicion_end {
+                    self.drop_spurious_turn_undead(addr);
+                }
+            }
+            Timer::Gossip => {
+                let every = Duration::from_millis(self.cfg.gossip_interval_ms);
+                self.schedule(every, Timer::Gossip);
+                self.spread_now();
             }
             Timer::Repair => {
                 self.schedule(
@@ -407,7 +423,7 @@ impl Node {
     }
 
     fn digest_to(&mut self, peer: SocketAddr, reply: bool) {
-        let mut digest = Digest::of(&lock(&self.store));
+        let mut digest = Digest::of(&self.store);
         digest.down = self.down_sample();
         digest.reply = reply;
         if let Ok(body) = codec::encode_packet(&digest) {
@@ -415,7 +431,7 @@ impl Node {
         }
     }
 
-    fn send_plain(&mut self, to: SocketAddr, kind: PacketKind, body: &[u8]) {
+    pub(crate) fn send_plain(&mut self, to: SocketAddr, kind: PacketKind, body: &[u8]) {
         let mut plain = Vec::with_capacity(1 + body.len());
         plain.push(kind as u8);
         plain.extend_from_slice(body);
@@ -461,51 +477,23 @@ impl Node {
                 epoch: self.me.epoch,
                 seq: self.seq,
             };
-            self.disseminate(BroadcastItem::Row(Box::new(Row::new(
+            self.learn(BroadcastItem::Row(Box::new(Row::new(
                 self.me.addr,
                 key,
                 status,
                 version,
             ))));
         }
-        self.gossip_now();
+        self.spread_now();
         self.drain();
-    }
-
-    /// Sends pending rows and snapshots (no SWIM updates) to a few random members now.
-    fn gossip_now(&mut self) {
-        if let Err(e) = self.swim.broadcast(&mut self.rt) {
-            tracing::trace!(error = %e, "gossip failed");
-        }
     }
 
     /// Stores a registry snapshot this agent fetched; the newest per service wins everywhere.
     pub fn apply_registry_snapshot(&mut self, now_ms: u64, snapshot: Snapshot) {
         self.set_now(now_ms);
-        self.disseminate(BroadcastItem::Snapshot(snapshot));
-        self.gossip_now();
+        self.learn(BroadcastItem::Snapshot(snapshot));
+        self.spread_now();
         self.drain();
-    }
-
-    /// Merges locally and queues the item for foca's broadcasts when it is small enough;
-    /// bigger items reach peers through repair only.
-    fn disseminate(&mut self, item: BroadcastItem) {
-        if let Ok(bytes) = item.encode()
-            && bytes.len() <= MAX_BROADCAST_ITEM
-            && self.swim.add_broadcast(&bytes).is_ok()
-        {
-            return;
-        }
-        let mut store = lock(&self.store);
-        let now = store.now_ms;
-        match item {
-            BroadcastItem::Row(row) => {
-                let _: Merge = store.rows.merge(*row, now);
-            }
-            BroadcastItem::Snapshot(s) => {
-                store.snapshots.merge(s);
-            }
-        }
     }
 
     /// Leaves the cluster gracefully (peers see us down at once, not after suspicion).

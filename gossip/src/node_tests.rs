@@ -6,12 +6,17 @@ fn foca_config_scales_with_cluster_and_period() {
         insecure: true,
         ..Default::default()
     };
-    let small = foca_config(&cfg, 10);
-    let big = foca_config(&cfg, 1000);
+    let small = foca_config(&cfg, 10, 3);
+    let big = foca_config(&cfg, 1000, 8);
     assert!(big.max_transmissions > small.max_transmissions);
     assert!(big.suspect_to_down_after > small.suspect_to_down_after);
+    assert_eq!(big.num_indirect_probes.get(), 8);
     assert_eq!(big.max_packet_size.get() + SEAL_OVERHEAD + 1, MAX_DATAGRAM);
-    let fast = foca_config(&GossipConfig::for_tests("127.0.0.1:1".parse().unwrap()), 10);
+    let fast = foca_config(
+        &GossipConfig::for_tests("127.0.0.1:1".parse().unwrap()),
+        10,
+        3,
+    );
     assert!(fast.suspect_to_down_after < small.suspect_to_down_after);
 }
 
@@ -34,7 +39,7 @@ fn ep(port: u16) -> Endpoint {
 }
 
 fn own_versions(n: &Node) -> Vec<Version> {
-    lock(&n.store)
+    n.store
         .rows
         .owner_rows(&n.id().addr)
         .iter()
@@ -101,4 +106,91 @@ fn hostile_packets_and_frames_are_dropped_and_counted() {
     assert_eq!(m.dropped_oversize, 1, "{m}");
     assert_eq!(m.dropped_malformed, 4, "{m}");
     assert!(n.take_effects().is_empty());
+}
+
+/// Delivers `node`'s timers in order up to `until` (ms); returns every datagram it sent.
+fn run_timers(
+    node: &mut Node,
+    timers: &mut Vec<(u64, Timer)>,
+    now: &mut u64,
+    until: u64,
+) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut sent = Vec::new();
+    loop {
+        for effect in node.take_effects() {
+            match effect {
+                Effect::Schedule { after, timer } => {
+                    timers.push((*now + after.as_millis() as u64, timer));
+                }
+                Effect::Send { to, packet } => sent.push((to, packet)),
+                Effect::Repair { .. } => {}
+            }
+        }
+        let Some(next) = timers
+            .iter()
+            .enumerate()
+            .filter(|(_, (at, _))| *at <= until)
+            .min_by_key(|(_, (at, _))| *at)
+            .map(|(i, _)| i)
+        else {
+            *now = until;
+            return sent;
+        };
+        let (at, timer) = timers.swap_remove(next);
+        *now = at;
+        node.handle_timer(at, timer);
+    }
+}
+
+/// foca 2.0.0 sends "you are down" (TurnUndead) at the end of every suspicion, even one the
+/// member refuted; the member would then renew its identity and miss gossip addressed to the
+/// old one. The node must drop that message and keep the member.
+#[test]
+fn a_refuted_suspicion_does_not_tell_the_member_it_is_down() {
+    let peer = NodeId::new("127.0.0.1:7703".parse().unwrap(), 5);
+    let mut n = node(1);
+    n.assume_members(0, [peer]);
+    n.start(0);
+    let (mut timers, mut now) = (Vec::new(), 0);
+    // The peer answers nothing, so a probe fails and the peer becomes suspect.
+    let mut suspicion = None;
+    for step in 1..=20 {
+        run_timers(&mut n, &mut timers, &mut now, step * 100);
+        suspicion = timers.iter().find_map(|(at, t)| match t {
+            Timer::Swim(foca::Timer::ChangeSuspectToDown { member_id, .. })
+                if *member_id == peer =>
+            {
+                Some(*at)
+            }
+            _ => None,
+        });
+        if suspicion.is_some() {
+            break;
+        }
+    }
+    let due = suspicion.expect("the silent peer was never suspected");
+    // The peer refutes: any message from it with a higher incarnation.
+    let header = foca::Header {
+        src: peer,
+        src_incarnation: 1,
+        dst: n.id(),
+        message: foca::Message::Gossip,
+    };
+    let mut plain = vec![PacketKind::Swim as u8];
+    foca::Codec::encode_header(&mut FocaCodec, &header, &mut plain).unwrap();
+    plain.extend_from_slice(&0u16.to_be_bytes());
+    let packet = Sealer::new("tidings", None).seal(&plain, &mut StdRng::seed_from_u64(1));
+    n.handle_packet(now, peer.addr, &packet);
+    assert!(n.is_member_active(&peer.addr));
+    let sent = run_timers(&mut n, &mut timers, &mut now, due);
+    let told_down = sent.iter().any(|(to, packet)| {
+        let body = Sealer::new("tidings", None).open(packet).unwrap();
+        *to == peer.addr
+            && body.first() == Some(&(PacketKind::Swim as u8))
+            && foca::Codec::decode_header(&mut FocaCodec, &body[1..])
+                .is_ok_and(|h| h.message == foca::Message::TurnUndead)
+    });
+    assert!(!told_down, "the refuted member was told it is down");
+    assert_eq!(n.metrics().snapshot().spurious_turn_undead, 1);
+    assert!(n.is_member_active(&peer.addr));
 }

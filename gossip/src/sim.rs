@@ -86,6 +86,16 @@ pub struct SimReport {
     pub secs_dead_hidden: Option<f64>,
     /// MemberDown notifications about healthy members outside the kill and partition phases.
     pub false_down_verdicts: u64,
+    /// Identity renewals in the same window: a healthy node told it was down. Peers that
+    /// still address it by its old identity have their SWIM payloads ignored until the new
+    /// one has spread.
+    pub rejoins: u64,
+    /// Nodes that first got the new endpoint from a repair exchange rather than from gossip
+    /// (a repair can also just happen to come first).
+    pub reached_by_repair: usize,
+    /// Mean number of indirect probes nodes had settled on (`probing`) after the steady
+    /// window: 3 on a clean network, more under loss.
+    pub mean_indirect_probes: f64,
     /// Mean bytes sent per node per second in the steady window (UDP + TCP).
     pub steady_bytes_per_node_sec: f64,
     /// Seconds from a partition healing until every node has the rows written on both sides.
@@ -123,7 +133,21 @@ impl fmt::Display for SimReport {
             "dead owner hidden:        {}",
             opt(self.secs_dead_hidden)
         )?;
-        writeln!(f, "false down verdicts:      {}", self.false_down_verdicts)?;
+        writeln!(
+            f,
+            "new endpoint via repair:  {} nodes",
+            self.reached_by_repair
+        )?;
+        writeln!(
+            f,
+            "false down verdicts:      {}  (identity renewals {})",
+            self.false_down_verdicts, self.rejoins
+        )?;
+        writeln!(
+            f,
+            "indirect probes:          {:.1} per failed ping (mean)",
+            self.mean_indirect_probes
+        )?;
         writeln!(
             f,
             "steady state:             {:.0} B/s per node",
@@ -210,6 +234,7 @@ struct Sim {
     watch: Option<(SocketAddr, EndpointKey, Version)>,
     has_watch: Vec<bool>,
     watch_count: usize,
+    via_repair: usize,
 }
 
 pub(crate) fn addr_of(i: usize) -> SocketAddr {
@@ -268,6 +293,7 @@ impl Sim {
             watch: None,
             has_watch: vec![false; n],
             watch_count: 0,
+            via_repair: 0,
             cfg,
         }
     }
@@ -340,13 +366,14 @@ impl Sim {
         );
     }
 
-    fn check_watch(&mut self, i: usize) {
+    fn check_watch(&mut self, i: usize, by_repair: bool) {
         if let Some((owner, key, version)) = &self.watch
             && !self.has_watch[i]
             && self.nodes[i].has_row(owner, key, *version)
         {
             self.has_watch[i] = true;
             self.watch_count += 1;
+            self.via_repair += usize::from(by_repair);
         }
     }
 
@@ -365,12 +392,12 @@ impl Sim {
             }
             Event::Packet { to, from, data } if self.alive[to] => {
                 self.nodes[to].handle_packet(at, from, &data);
-                self.check_watch(to);
+                self.check_watch(to, false);
                 self.flush(to);
             }
             Event::Frame { to, peer, data } if self.alive[to] => {
                 let reply = self.nodes[to].handle_repair_frame(at, &data);
-                self.check_watch(to);
+                self.check_watch(to, true);
                 self.flush(to);
                 if let Some(reply) = reply {
                     self.send_frame(to, peer, reply);
@@ -417,6 +444,13 @@ impl Sim {
             .sum()
     }
 
+    fn rejoins(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| n.metrics().snapshot().rejoins)
+            .sum()
+    }
+
     fn publish(&mut self, i: usize, endpoints: Vec<Endpoint>) {
         self.nodes[i].publish_local(self.now, endpoints);
         self.flush(i);
@@ -427,8 +461,9 @@ impl Sim {
         self.watch = Some((addr_of(owner), ep.key(), version));
         self.has_watch = vec![false; self.nodes.len()];
         self.watch_count = 0;
+        self.via_repair = 0;
         for i in 0..self.nodes.len() {
-            self.check_watch(i);
+            self.check_watch(i, false);
         }
     }
 }
@@ -450,10 +485,16 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
     sim.run_until(c.warmup_ms);
 
     // Steady state: no changes, count bytes.
-    let downs0 = sim.downs();
+    let (downs0, rejoins0) = (sim.downs(), sim.rejoins());
     let bytes0 = sim.bytes_sent;
     sim.run_until(sim.now + c.steady_ms);
     let steady = (sim.bytes_sent - bytes0) as f64 / n as f64 / (c.steady_ms.max(1) as f64 / 1000.0);
+    let mean_indirect_probes = sim
+        .nodes
+        .iter()
+        .map(|n| n.indirect_probes as f64)
+        .sum::<f64>()
+        / n as f64;
 
     // Dissemination of one new endpoint from node 0.
     let fresh = endpoint_of(0, 9090);
@@ -472,6 +513,8 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
         None => None,
     };
     let false_downs = sim.downs() - downs0;
+    let rejoins = sim.rejoins() - rejoins0;
+    let reached_by_repair = sim.via_repair;
 
     // Kill the last node; wait until nobody shows its endpoint.
     let victim = n - 1;
@@ -533,6 +576,9 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
         secs_to_all: t_all.map(secs),
         secs_dead_hidden: t_hidden.map(secs),
         false_down_verdicts: false_downs,
+        rejoins,
+        reached_by_repair,
+        mean_indirect_probes,
         steady_bytes_per_node_sec: steady,
         secs_partition_converged: t_heal.map(secs),
         secs_partition_members_healed: t_members.map(secs),

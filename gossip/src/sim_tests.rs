@@ -38,6 +38,15 @@ fn hostile_settings_are_clamped_not_a_panic() {
     assert_eq!(r.nodes, 2);
 }
 
+/// Rounds an infection with fan-out `f` needs to reach `n` nodes when nothing is lost:
+/// ⌈log_(f+1) n⌉ to reach them all with every hop doubling up, plus ⌈ln n / f⌉ for the tail
+/// (gossip-notes §7.2, the "clearly beats serf" target: 8 rounds at N = 1 000, where serf's
+/// model needs 11 without loss and 15 at 25 % loss).
+fn epidemic_rounds(n: usize) -> u64 {
+    let (n, f) = (n as f64, crate::spread::FANOUT as f64);
+    (n.ln() / (f + 1.0).ln()).ceil() as u64 + (n.ln() / f).ceil() as u64
+}
+
 #[test]
 fn hundred_nodes_with_loss_and_a_healing_partition() {
     let r = simulate(SimConfig {
@@ -48,12 +57,13 @@ fn hundred_nodes_with_loss_and_a_healing_partition() {
         ..Default::default()
     });
     println!("{r}");
-    assert!(r.rounds_to_9999.is_some_and(|x| x <= 11), "{r}");
+    assert!(
+        r.rounds_to_9999.is_some_and(|x| x <= epidemic_rounds(120)),
+        "{r}"
+    );
     assert!(r.secs_dead_hidden.is_some_and(|s| s <= 20.0), "{r}");
-    assert_eq!(r.false_down_verdicts, 0, "{r}");
-    // At 10 % loss SWIM's indirect probes and suspicion gossip cost more than the
-    // loss-free 1 KB/s budget (asserted in `steady_state_bandwidth_is_flat_in_cluster_size`).
-    assert!(r.steady_bytes_per_node_sec <= 2048.0, "{r}");
+    assert_eq!((r.false_down_verdicts, r.rejoins), (0, 0), "{r}");
+    assert!(r.steady_bytes_per_node_sec <= 1024.0, "{r}");
     assert!(
         r.secs_partition_members_healed.is_some_and(|s| s <= 30.0),
         "{r}"
@@ -63,24 +73,56 @@ fn hundred_nodes_with_loss_and_a_healing_partition() {
     assert_eq!(r.node_drops, 0, "{r}");
 }
 
+/// Under heavy loss the epidemic alone reaches every node, well within the model bound:
+/// repair runs once a minute here, so it cannot be what closes the tail.
 #[test]
-fn hundred_nodes_at_quarter_loss() {
+fn quarter_loss_the_epidemic_alone_reaches_everyone() {
     let r = simulate(SimConfig {
-        nodes: 100,
+        nodes: 200,
         loss: 0.25,
         seed: 3,
         warmup_ms: 10_000,
         steady_ms: 2_000,
+        repair_interval_ms: 60_000,
         phase_timeout_ms: 30_000,
         ..Default::default()
     });
     println!("{r}");
-    // At 25 % loss plain SWIM (no Lifeguard) wrongly declares a few members down during
-    // bootstrap; peers stop gossiping to them until they rejoin, so the last nodes are
-    // reached by repair: within two repair periods, not by the epidemic alone.
-    assert!(r.secs_to_all.is_some_and(|s| s <= 10.0), "{r}");
+    assert!(
+        r.rounds_to_9999.is_some_and(|x| x <= epidemic_rounds(200)),
+        "{r}"
+    );
+    assert!(r.secs_to_all.is_some_and(|s| s <= 2.0), "{r}");
+    assert_eq!(r.reached_by_repair, 0, "{r}");
+    // Indirect probes scale with the loss, so no healthy member is declared down, nor
+    // told so.
+    assert_eq!((r.false_down_verdicts, r.rejoins), (0, 0), "{r}");
+    assert!(r.mean_indirect_probes > 10.0, "{r}");
     assert!(r.secs_dead_hidden.is_some_and(|s| s <= 20.0), "{r}");
     assert_eq!(r.node_drops, 0, "{r}");
+}
+
+/// The bandwidth budget holds under 10 % loss too: suspicions, each gossiped to the
+/// whole cluster, stay rare because the indirect probe count follows the loss.
+#[test]
+fn ten_percent_loss_stays_within_a_kilobyte_per_node() {
+    let r = simulate(SimConfig {
+        nodes: 200,
+        loss: 0.10,
+        seed: 8,
+        warmup_ms: 20_000,
+        steady_ms: 10_000,
+        phase_timeout_ms: 30_000,
+        ..Default::default()
+    });
+    println!("{r}");
+    assert!(r.steady_bytes_per_node_sec <= 1024.0, "{r}");
+    assert_eq!((r.false_down_verdicts, r.rejoins), (0, 0), "{r}");
+    assert!(r.mean_indirect_probes > 3.0, "{r}");
+    assert!(
+        r.rounds_to_9999.is_some_and(|x| x <= epidemic_rounds(200)),
+        "{r}"
+    );
 }
 
 #[test]

@@ -5,12 +5,12 @@ use std::net::SocketAddr;
 
 use schema::{Endpoint, EndpointKey};
 
+use crate::NodeId;
 use crate::broadcast::Store;
 use crate::node::Node;
 use crate::rows::RowStatus;
 use crate::rows::Version;
 use crate::snapshot::Snapshot;
-use crate::{NodeId, broadcast::lock};
 
 /// Where an endpoint of the view comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,18 +116,19 @@ impl Node {
 
     /// The merged view: live owned rows ∪ registry snapshot entries (DESIGN.md §5.3).
     pub fn visible_endpoints(&self) -> Vec<ViewEntry> {
-        merged_view(&lock(&self.store), |o| self.owner_alive(o))
+        merged_view(&self.store, |o| self.owner_alive(o))
     }
 
     /// Keys with a tombstone and no `Up` row of any owner (see [`GossipView::deregistered`]).
     pub fn deregistered_keys(&self) -> Vec<EndpointKey> {
-        deregistered(&lock(&self.store))
+        deregistered(&self.store)
     }
 
     /// Whether `owner`'s row for `key` is known and visible here (simulator probe).
     pub fn sees_row(&self, owner: &SocketAddr, key: &EndpointKey) -> bool {
         self.owner_alive(owner)
-            && lock(&self.store)
+            && self
+                .store
                 .rows
                 .get(owner, key)
                 .is_some_and(|r| matches!(r.reg.val, RowStatus::Up(_)))
@@ -135,14 +136,14 @@ impl Node {
 
     /// Whether this node has the row at least at `version` (visible or not).
     pub fn has_row(&self, owner: &SocketAddr, key: &EndpointKey, version: Version) -> bool {
-        lock(&self.store)
+        self.store
             .rows
             .get(owner, key)
             .is_some_and(|r| r.version() >= version)
     }
 
     pub fn snapshots(&self) -> Vec<Snapshot> {
-        lock(&self.store)
+        self.store
             .snapshots
             .iter()
             .map(|(s, _)| s.clone())
@@ -160,7 +161,7 @@ impl Node {
 
     /// Moves whenever the view may have changed (rows, snapshots or membership).
     pub fn view_generation(&self) -> u64 {
-        let store = lock(&self.store);
+        let store = &self.store;
         store.rows.changes() + store.snapshots.changes() + self.membership_changes
     }
 
