@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::breaker::Permit;
@@ -25,6 +25,10 @@ pub(super) enum ReqBody {
 impl ReqBody {
     pub(super) fn take(&mut self) -> Option<ProxyBody> {
         match self {
+            // Boxing an empty body allocates nothing: the common GET costs no allocation here.
+            ReqBody::Buffered(b) if b.is_empty() => {
+                Some(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            }
             ReqBody::Buffered(b) => Some(full(b.clone())),
             ReqBody::Streamed(s) => s
                 .take()

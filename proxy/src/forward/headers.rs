@@ -33,19 +33,21 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 /// one hop, and HTTP/2 forbids them outright.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Which of the fixed list are present, as bits: most messages carry one or none of them,
-    // and comparing names costs far less than a hashed lookup per name.
+    // and comparing names costs far less than a hashed lookup per name. The lengths of the
+    // names in the list rule out most headers before any comparison.
     let list = hop_by_hop();
     let mut present = 0u16;
     for name in headers.keys() {
+        if !matches!(name.as_str().len(), 2 | 7 | 10 | 16..=19) {
+            continue;
+        }
         if let Some(i) = list.iter().position(|h| *h == name) {
             present |= 1 << i;
         }
     }
-    if present == 0 {
-        return;
-    }
     if present & 1 != 0 {
         strip_named_by_connection(headers);
+        present &= !1;
     }
     for (i, name) in list.iter().enumerate() {
         if present & (1 << i) != 0 {
@@ -54,25 +56,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes `Connection` and the headers it names.
 fn strip_named_by_connection(headers: &mut HeaderMap) {
-    if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
-        }
-    } else if let Some(v) = headers.remove(header::CONNECTION) {
-        // One Connection header, the usual case: remove what it names by &str, which
-        // (unlike building a HeaderName) allocates nothing.
+    let header::Entry::Occupied(e) = headers.entry(&header::CONNECTION) else {
+        return;
+    };
+    let (_, mut values) = e.remove_entry_mult();
+    let first = values.next();
+    // Several Connection lines are rare; only they cost an allocation.
+    let more: Vec<HeaderValue> = values.collect();
+    for v in first.iter().chain(&more) {
+        // By &str, which (unlike building a HeaderName) allocates nothing.
         for n in v.to_str().unwrap_or_default().split(',') {
             let n = n.trim();
-            // `keep-alive` and `close` are the usual values; the first is stripped anyway,
-            // the second names no header.
+            // The usual values: `keep-alive` is in the fixed list, `close` names no header.
             if !n.eq_ignore_ascii_case("close") && !n.eq_ignore_ascii_case("keep-alive") {
                 headers.remove(n);
             }

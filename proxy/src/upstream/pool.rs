@@ -141,8 +141,10 @@ impl Upstream {
         addr: SocketAddr,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
+        // Dialling and HTTP/2 are boxed: their futures (TLS handshake included) are large, and
+        // every request would otherwise move them around in its own future.
         if self.http2 {
-            return self.send_h2(conns, addr, req).await;
+            return Box::pin(self.send_h2(conns, addr, req)).await;
         }
         let now = Instant::now();
         for _ in 0..STALE_TRIES {
@@ -158,11 +160,22 @@ impl Upstream {
                 Err(e) => req = unsent(e)?,
             }
         }
+        Box::pin(self.dial(conns, addr, req)).await
+    }
+
+    /// Sends `req` on a new connection.
+    async fn dial(
+        &self,
+        conns: &HostConns,
+        addr: SocketAddr,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
         let (io, h2) = self.connector.connect(addr).await?;
         if h2 {
             return self.handshake_h2(conns, io, req).await;
         }
         let (mut tx, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(io)
             .await
             .map_err(UpstreamError::Send)?;
