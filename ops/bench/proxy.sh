@@ -3,7 +3,7 @@
 #
 #   ops/bench/proxy.sh [seconds-per-phase]        (default 10)
 #   env: CONNECTIONS (wrk, default 64), RATE (fixed-rate phase, requests/s, default 5000),
-#        TIDINGS_BIN (skip the release build and use this binary; for trying the script)
+#        ROUNDS (default 3), TIDINGS_BIN (skip the release build and use this binary)
 #
 # One backend for all three: an nginx worker answering every path with a 3-byte body, pinned
 # to CPU 1, with its membership in a real registry (`tidings registry` + `tidings checkin`).
@@ -17,13 +17,20 @@
 #
 # Phases per proxy: warm-up (2 s), peak throughput (wrk, keep-alive, CONNECTIONS connections),
 # latency at a fixed rate (h2load --h1 --rps, 50 clients, p50/p99 from its per-request log).
-# Then each proxy's peak RSS (VmHWM from /proc/PID/status).
+# The three proxies take turns, phase by phase, for ROUNDS rounds: on a shared machine the
+# load from other work drifts, and taking turns spreads it over all three instead of landing
+# on whichever ran last. Peak req/s is the median of the rounds, the ratio is the median of
+# the per-round ratios, latencies are percentiles over all rounds' requests. CPU time per
+# request (user + system, from /proc/PID/stat over the peak phases) does not depend on how
+# much of the CPU the proxy got, so it is the steadiest figure here. Then each proxy's peak
+# RSS (VmHWM from /proc/PID/status).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
 secs="${1:-10}"
 conns="${CONNECTIONS:-64}"
 rate="${RATE:-5000}"
+rounds="${ROUNDS:-3}"
 clients=50
 
 need=()
@@ -36,6 +43,10 @@ if ((${#need[@]})); then
 fi
 # shellcheck source=ops/bench/common.sh
 source "$root/ops/bench/common.sh"
+# A SIGKILLed nginx master leaves its workers running (holding the port and our stdout):
+# stop the masters with TERM, which takes the workers down, before the common cleanup.
+stop_nginx() { for f in "$work"/*/nginx.pid; do [[ -f $f ]] && kill -TERM "$(cat "$f")" 2>/dev/null; done; sleep 0.3; }
+trap 'stop_nginx; cleanup' EXIT
 
 backend_port="$(free_port)"; reg_port="$(free_port)"
 ours_port="$(free_port)"; admin_port="$(free_port)"; hap_port="$(free_port)"; ngx_port="$(free_port)"
@@ -111,72 +122,95 @@ wait_http "http://127.0.0.1:$hap_port/"
 wait_http "http://127.0.0.1:$ngx_port/"
 ngx_worker="$(pgrep -P "$(cat "$work/front/nginx.pid")" | head -1)"
 
-peak() { # name port -> wrk output file
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, in clock ticks
+peak() { # name port pid round -> wrk output file, CPU ticks used
   local url="http://127.0.0.1:$2/"
   timeout 30 taskset -c 1 wrk -t1 -c"$conns" -d2s "$url" >/dev/null
-  timeout $((secs + 30)) taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "$url" >"$work/wrk-$1.txt"
+  local t0; t0="$(cpu_ticks "$3")"
+  timeout $((secs + 30)) taskset -c 1 wrk -t1 -c"$conns" -d"${secs}s" --latency "$url" >"$work/wrk-$1-$4.txt"
+  echo $(($(cpu_ticks "$3") - t0)) >"$work/cpu-$1-$4.txt"
 }
-fixed() { # name port -> h2load per-request log
+fixed() { # name port round -> h2load per-request log
   local per=$((rate / clients))
   timeout $((secs + 30)) taskset -c 1 h2load --h1 -c"$clients" --rps="$per" -D "$secs" \
-    --warm-up-time=1 --log-file="$work/h2load-$1.log" "http://127.0.0.1:$2/" >"$work/h2load-$1.txt"
+    --warm-up-time=1 --log-file="$work/h2load-$1-$3.log" "http://127.0.0.1:$2/" >"$work/h2load-$1-$3.txt"
 }
-for t in "ours $ours_port" "haproxy $hap_port" "nginx $ngx_port"; do
-  # shellcheck disable=SC2086
-  peak $t
-  # shellcheck disable=SC2086
-  fixed $t
+hap_worker="$hap_pid"
+for r in $(seq "$rounds"); do
+  for t in "ours $ours_port $ours_pid" "haproxy $hap_port $hap_worker" "nginx $ngx_port $ngx_worker"; do
+    # shellcheck disable=SC2086
+    set -- $t
+    peak "$1" "$2" "$3" "$r"
+  done
+  for t in "ours $ours_port" "haproxy $hap_port" "nginx $ngx_port"; do
+    # shellcheck disable=SC2086
+    set -- $t
+    fixed "$1" "$2" "$r"
+  done
 done
 hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 rss_ours="$(hwm "$ours_pid")"; rss_hap="$(hwm "$hap_pid")"; rss_ngx="$(hwm "$ngx_worker")"
 
-python3 - "$work" "$secs" "$conns" "$rate" "$rss_ours" "$rss_hap" "$rss_ngx" <<'PY'
-import re, sys
-work, secs, conns, rate = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-rss = dict(zip(("ours", "haproxy", "nginx"), (int(x) / 1024 for x in sys.argv[5:8])))
+python3 - "$work" "$secs" "$conns" "$rate" "$rounds" "$(getconf CLK_TCK)" "$rss_ours" "$rss_hap" "$rss_ngx" <<'PY'
+import re, statistics, sys
+work, secs, conns, rate, rounds, tck = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+rss = dict(zip(("ours", "haproxy", "nginx"), (int(x) / 1024 for x in sys.argv[7:10])))
 names = ("ours", "haproxy", "nginx")
+rounds = range(1, rounds + 1)
 
-def wrk(name):
-    text = open(f"{work}/wrk-{name}.txt").read()
+def wrk(name, r):
+    text = open(f"{work}/wrk-{name}-{r}.txt").read()
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    total = int(re.search(r"(\d+) requests in", text).group(1))
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
     m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
     errors += int(m.group(1)) if m else 0
-    return rps, errors
+    cpu_us = int(open(f"{work}/cpu-{name}-{r}.txt").read()) / tck * 1e6 / max(total, 1)
+    return rps, errors, cpu_us
 
 def fixed(name):
     lat, bad = [], 0
-    for line in open(f"{work}/h2load-{name}.log"):
-        cols = line.split("\t")
-        if len(cols) < 3:
-            continue
-        if cols[1] != "200":
-            bad += 1
-        lat.append(int(cols[2]))
+    for r in rounds:
+        for line in open(f"{work}/h2load-{name}-{r}.log"):
+            cols = line.split("\t")
+            if len(cols) < 3:
+                continue
+            if cols[1] != "200":
+                bad += 1
+            lat.append(int(cols[2]))
     lat.sort()
     q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000 if lat else float("nan")
-    achieved = len(lat) / float(secs)
+    achieved = len(lat) / float(secs) / len(rounds)
     return q(0.50), q(0.99), q(0.999), achieved, bad
 
-w = {n: wrk(n) for n in names}
+w = {n: [wrk(n, r) for r in rounds] for n in names}
 f = {n: fixed(n) for n in names}
+med = statistics.median
 print(f"proxy benchmark: one worker thread each on CPU 0; backend (nginx), registry and load on CPU 1;"
-      f" {secs} s per phase")
+      f" {secs} s per phase, {len(rounds)} rounds taking turns")
+for r in rounds:
+    print(f"  round {r}: peak req/s " + ", ".join(f"{n} {w[n][r - 1][0]:,.0f}" for n in names))
 print(f"{'':34}{'tidings':>11}{'haproxy':>11}{'nginx':>11}{'vs haproxy':>12}{'vs nginx':>10}")
-def row(label, vals, fmt, ratio=True, lower_better=False):
+def row(label, vals, fmt, ratio=True, lower_better=False, ratios=None):
     a, b, c = vals
     out = f"{label:34}" + "".join(f"{v:>11{fmt}}" for v in vals)
-    if ratio:
+    if ratios:
+        out += f"{ratios[0]:>11.2f}x{ratios[1]:>9.2f}x"
+    elif ratio:
         r = (lambda x, y: y / x if lower_better else x / y)
         out += f"{r(a, b):>11.2f}x{r(a, c):>9.2f}x"
     print(out)
-row(f"peak req/s (wrk, {conns} conns)", [w[n][0] for n in names], ",.0f")
-row("  errors", [w[n][1] for n in names], "d", ratio=False)
+per_round = lambda peer: med([w["ours"][i][0] / w[peer][i][0] for i in range(len(rounds))])
+row(f"peak req/s (wrk, {conns} conns, median)", [med(x[0] for x in w[n]) for n in names], ",.0f",
+    ratios=(per_round("haproxy"), per_round("nginx")))
+row("  errors", [sum(x[1] for x in w[n]) for n in names], "d", ratio=False)
+row("CPU us per request at peak", [med(x[2] for x in w[n]) for n in names], ".2f", lower_better=True)
 row(f"p50 ms at {rate}/s (h2load --h1)", [f[n][0] for n in names], ".3f", lower_better=True)
 row(f"p99 ms at {rate}/s", [f[n][1] for n in names], ".3f", lower_better=True)
 row(f"p99.9 ms at {rate}/s", [f[n][2] for n in names], ".3f", lower_better=True)
 row("  achieved req/s", [f[n][3] for n in names], ",.0f", ratio=False)
 row("  non-200", [f[n][4] for n in names], "d", ratio=False)
 row("peak RSS MB (VmHWM)", [rss[n] for n in names], ".1f", lower_better=True)
-print("(ratios: >1x means tidings is better: more throughput, lower latency, less memory)")
+print("(ratios: >1x means tidings is better: more throughput, less CPU, lower latency, less memory;"
+      " the peak ratio is the median of the per-round ratios)")
 PY

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::cluster::Cluster;
 use crate::config::HealthCheckKind;
 use crate::health::CheckOutcome;
+use crate::upstream::HostConns;
 
 pub fn spawn(
     cluster: Arc<Cluster>,
@@ -23,6 +24,9 @@ pub fn spawn(
     tracker: &TaskTracker,
 ) {
     tracker.spawn(async move {
+        // The checker's own keep-alive connection: checks neither wait for traffic's
+        // connections nor count against its breaker.
+        let conns = Arc::new(HostConns::default());
         loop {
             let Some(at) = cluster.next_check_at(addr) else {
                 return;
@@ -33,7 +37,7 @@ pub fn spawn(
             }
             let outcome = tokio::select! {
                 _ = token.cancelled() => return,
-                o = check_once(&cluster, addr) => o,
+                o = check_once(&cluster, &conns, addr) => o,
             };
             if !cluster.record_health(addr, outcome) {
                 return;
@@ -42,7 +46,7 @@ pub fn spawn(
     });
 }
 
-async fn check_once(cluster: &Cluster, addr: SocketAddr) -> CheckOutcome {
+async fn check_once(cluster: &Cluster, conns: &Arc<HostConns>, addr: SocketAddr) -> CheckOutcome {
     let Some(policy) = cluster.health_policy() else {
         return CheckOutcome::Success;
     };
@@ -54,7 +58,7 @@ async fn check_once(cluster: &Cluster, addr: SocketAddr) -> CheckOutcome {
                 Ok(_) => CheckOutcome::Success,
                 Err(_) => CheckOutcome::NetworkFailure,
             },
-            HealthCheckKind::Http => http_check(cluster, addr).await,
+            HealthCheckKind::Http => http_check(cluster, conns, addr).await,
         }
     };
     tokio::time::timeout(policy.timeout, check)
@@ -62,9 +66,14 @@ async fn check_once(cluster: &Cluster, addr: SocketAddr) -> CheckOutcome {
         .unwrap_or(CheckOutcome::NetworkFailure)
 }
 
-async fn http_check(cluster: &Cluster, addr: SocketAddr) -> CheckOutcome {
+async fn http_check(cluster: &Cluster, conns: &Arc<HostConns>, addr: SocketAddr) -> CheckOutcome {
     let hc = &cluster.config.health_check;
-    let uri = format!("{}://{}{}", cluster.scheme, addr, hc.path);
+    // HTTP/1 takes the origin form; HTTP/2 needs scheme and authority for its pseudo-headers.
+    let uri = if cluster.config.http2 {
+        format!("{}://{}{}", cluster.scheme, addr, hc.path)
+    } else {
+        hc.path.clone()
+    };
     let body = Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed_unsync();
@@ -79,10 +88,10 @@ async fn http_check(cluster: &Cluster, addr: SocketAddr) -> CheckOutcome {
     let Ok(req) = req else {
         return CheckOutcome::BadResponse;
     };
-    match cluster.hc_client.request(req).await {
+    match cluster.checks.send(conns, addr, req).await {
         Ok(resp) => {
             let status = resp.status().as_u16();
-            // Drain the body so the pooled connection can be reused for the next check.
+            // Read the whole body: then the connection can carry the next check.
             let _ = resp.into_body().collect().await;
             if hc.expected_statuses.contains(&status) {
                 CheckOutcome::Success

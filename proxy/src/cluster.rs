@@ -21,7 +21,7 @@ use crate::lb::{Balancer, LbHost};
 use crate::merge::{self, Candidate, Decision, DiscoveryStatus};
 use crate::outlier::{OutlierPolicy, OutlierState, RequestResult};
 use crate::retry::RetryPolicy;
-use crate::upstream::UpstreamClient;
+use crate::upstream::Upstream;
 
 mod handle;
 
@@ -95,8 +95,10 @@ pub struct Cluster {
     outlier_policy: Option<OutlierPolicy>,
     pub retry_policy: RetryPolicy,
     pub breaker: CircuitBreaker,
-    pub client: UpstreamClient,
-    pub hc_client: UpstreamClient,
+    /// Traffic connections, counted against the breaker.
+    pub upstream: Upstream,
+    /// Health-check connections, outside the breaker.
+    pub checks: Upstream,
     pub scheme: &'static str,
     pub active_requests: AtomicU32,
     pub active_retries: AtomicU32,
@@ -124,14 +126,12 @@ impl Drop for ActiveGuard {
 }
 
 impl Cluster {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ClusterConfig,
         local_zone: Option<String>,
         breaker: CircuitBreaker,
-        client: UpstreamClient,
-        hc_client: UpstreamClient,
-        tls: bool,
+        upstream: Upstream,
+        checks: Upstream,
         tracker: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -155,9 +155,9 @@ impl Cluster {
             health_policy,
             outlier_policy,
             breaker,
-            client,
-            hc_client,
-            scheme: if tls { "https" } else { "http" },
+            scheme: if upstream.is_tls() { "https" } else { "http" },
+            upstream,
+            checks,
             active_requests: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
             metrics: ClusterMetrics::new(name.clone()),
@@ -447,15 +447,17 @@ impl Cluster {
         }
     }
 
-    /// Periodic upkeep: outlier sweep (when `sweep_outliers`) and removal of drained hosts
-    /// whose in-flight requests have finished.
+    /// Periodic upkeep: outlier sweep (when `sweep_outliers`), closing of upstream connections
+    /// idle past the idle timeout, and removal of drained hosts whose in-flight requests have
+    /// finished.
     pub fn maintain(&self, sweep_outliers: bool) {
         let now = now();
         let mut st = self.lock();
-        if sweep_outliers {
-            for h in st.hosts.values_mut() {
+        for h in st.hosts.values_mut() {
+            if sweep_outliers {
                 h.outlier.sweep(now);
             }
+            self.upstream.evict_idle(&h.handle.conns);
         }
         self.reconcile(&mut st);
     }

@@ -1,38 +1,37 @@
 //! The request path: route → breaker → pick a host → pooled upstream request, with retries,
 //! back-off and the route timeout around all of it → response.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::Scheme;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Incoming};
 use tokio::time::Instant;
 
 use crate::breaker::{Permit, Resource};
-use crate::cluster::{ActiveGuard, Cluster};
+use crate::cluster::Cluster;
 use crate::outlier::RequestResult;
 use crate::retry::{self, AttemptOutcome};
-use crate::upstream::{BoxError, ConnectError, ProxyBody};
+use crate::upstream::{ProxyBody, UpstreamBody, UpstreamError};
+
+mod body;
+mod headers;
+
+use self::body::{Guarded, ReqBody};
+pub use self::headers::{REQUEST_ID, strip_hop_by_hop};
 
 /// Bodies up to this size are buffered so idempotent requests can be retried; larger ones
 /// stream through and get a single attempt.
 const MAX_RETRY_BODY: u64 = 64 * 1024;
 
-pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static OVERFLOW: HeaderName = HeaderName::from_static("x-tidings-overflow");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// A resolved route.
 pub struct Route {
@@ -133,25 +132,6 @@ fn overflow(cluster: &Cluster, r: Resource, out: &mut Outcome) -> Response<Proxy
     resp
 }
 
-enum ReqBody {
-    Buffered(Bytes),
-    Streamed(Option<Incoming>),
-}
-
-impl ReqBody {
-    fn take(&mut self) -> Option<ProxyBody> {
-        match self {
-            ReqBody::Buffered(b) => Some(full(b.clone())),
-            ReqBody::Streamed(s) => s
-                .take()
-                .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
-        }
-    }
-    fn replayable(&self) -> bool {
-        matches!(self, ReqBody::Buffered(_))
-    }
-}
-
 /// Proxies one request over `route`'s cluster within the route timeout.
 pub async fn forward(
     route: &Route,
@@ -161,11 +141,6 @@ pub async fn forward(
     out: &mut Outcome,
 ) -> Response<ProxyBody> {
     let cluster = &route.cluster;
-    let scheme = if cluster.scheme == "https" {
-        Scheme::HTTPS
-    } else {
-        Scheme::HTTP
-    };
     let deadline = Instant::now() + route.timeout;
     let req_permit = match cluster.breaker.try_acquire(Resource::Requests) {
         Ok(p) => p,
@@ -173,7 +148,7 @@ pub async fn forward(
     };
     cluster.active_requests.fetch_add(1, Ordering::AcqRel);
     let _active = CountGuard(cluster);
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let policy = &cluster.retry_policy;
     let mut body = match request_body(cluster, &parts, body, deadline).await {
         Ok(b) => b,
@@ -185,6 +160,9 @@ pub async fn forward(
         .as_deref()
         .and_then(|h| parts.headers.get(h))
         .map(|v| xxhash_rust::xxh64::xxh64(v.as_bytes(), 0));
+    // One timer for the whole request, response body included (see `Guarded`).
+    let mut timeout = Box::pin(tokio::time::sleep_until(deadline));
+    let mut prepared = None;
     let mut previous = None;
     let mut _retry_permit: Option<Permit> = None;
     loop {
@@ -205,19 +183,40 @@ pub async fn forward(
                 "request body already sent",
             );
         };
-        let target = (&scheme, &guard.host().authority);
-        let Ok(up_req) = upstream_request(&parts, up_body, target, request_id, peer_ip) else {
+        let host = guard.host();
+        let headers = prepared.get_or_insert_with(|| {
+            let downstream = std::mem::take(&mut parts.headers);
+            headers::upstream_headers(downstream, &parts.uri, &host.authority, request_id, peer_ip)
+        });
+        // An attempt that may be followed by another sends a copy.
+        let headers = if body.replayable() {
+            headers.clone()
+        } else {
+            std::mem::take(headers)
+        };
+        let scheme = if cluster.scheme == "https" {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let absolute = cluster.config.http2.then_some((&scheme, &host.authority));
+        let Ok(uri) = headers::target(&parts.uri, absolute) else {
             return local_reply(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 "request cannot be forwarded",
             );
         };
+        let up_req = headers::request(&parts.method, uri, headers, up_body);
         let pending = match cluster.breaker.try_acquire(Resource::Pending) {
             Ok(p) => p,
             Err(r) => return overflow(cluster, r, out),
         };
-        let result = tokio::time::timeout_at(deadline, cluster.client.request(up_req)).await;
+        let result = tokio::select! {
+            biased;
+            r = cluster.upstream.send(&host.conns, addr, up_req) => Some(r),
+            () = timeout.as_mut() => None,
+        };
         drop(pending);
         let (outcome, overflowed) = classify(&result);
         if !overflowed {
@@ -231,7 +230,7 @@ pub async fn forward(
                 },
             );
         }
-        guard.host().count_outcome(outcome_index(outcome));
+        host.count_outcome(outcome_index(outcome));
         if !overflowed
             && body.replayable()
             && retry::should_retry(policy, &parts.method, outcome, out.attempts - 1)
@@ -240,6 +239,8 @@ pub async fn forward(
                 let wait = retry::backoff(policy, out.attempts, &mut rand::rng());
                 if Instant::now() + wait < deadline {
                     metrics::counter!("tidings_proxy_retries_total", "cluster" => cluster.name().to_string()).increment(1);
+                    // A response we give up on, with its connection, is dropped here: its
+                    // body was not read, so the connection cannot be reused.
                     drop((result, guard));
                     tokio::time::sleep(wait).await;
                     previous = Some(addr);
@@ -249,22 +250,10 @@ pub async fn forward(
             }
         }
         return match result {
-            Ok(Ok(resp)) => {
-                let (mut rp, rb) = resp.into_parts();
-                strip_hop_by_hop(&mut rp.headers);
-                cluster.active_requests.fetch_add(1, Ordering::AcqRel);
-                let guarded = Guarded {
-                    inner: rb,
-                    deadline: Box::pin(tokio::time::sleep_until(deadline)),
-                    _guard: guard,
-                    _permit: req_permit,
-                    _count: cluster.clone(),
-                };
-                Response::from_parts(rp, guarded.boxed_unsync())
-            }
-            Ok(Err(_)) if overflowed => overflow(cluster, Resource::Connections, out),
-            Ok(Err(e)) => failure_reply(&e, addr, out),
-            Err(_) => {
+            Some(Ok(resp)) => respond(resp, guard, timeout, req_permit, cluster),
+            Some(Err(e)) if e.is_overflow() => overflow(cluster, Resource::Connections, out),
+            Some(Err(e)) => failure_reply(&e, addr, out),
+            None => {
                 out.flag = Some("upstream_timeout");
                 local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -276,19 +265,39 @@ pub async fn forward(
     }
 }
 
-type AttemptResult = Result<
-    Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-    tokio::time::error::Elapsed,
->;
+/// The downstream response around the upstream one: hop-by-hop headers stripped, the body
+/// wrapped so it keeps its counts and its timeout until it is complete.
+fn respond(
+    resp: Response<UpstreamBody>,
+    guard: crate::cluster::ActiveGuard,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    permit: Permit,
+    cluster: &Arc<Cluster>,
+) -> Response<ProxyBody> {
+    let (mut rp, rb) = resp.into_parts();
+    strip_hop_by_hop(&mut rp.headers);
+    cluster.active_requests.fetch_add(1, Ordering::AcqRel);
+    let guarded = Guarded {
+        inner: rb,
+        deadline,
+        _guard: guard,
+        _permit: permit,
+        cluster: cluster.clone(),
+    };
+    Response::from_parts(rp, guarded.boxed_unsync())
+}
+
+/// An attempt's result; `None` when the route timeout fired first.
+type AttemptResult = Option<Result<Response<UpstreamBody>, UpstreamError>>;
 
 /// How an attempt ended, and whether it never left because the connection limit was hit
 /// (which says nothing about the host, so outlier detection and retries ignore it).
 fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
     match result {
-        Err(_) => (AttemptOutcome::Timeout, false),
-        Ok(Ok(resp)) => (AttemptOutcome::Status(resp.status().as_u16()), false),
-        Ok(Err(e)) if e.is_connect() => (AttemptOutcome::ConnectFailure, is_overflow(e)),
-        Ok(Err(_)) => (AttemptOutcome::Reset, false),
+        None => (AttemptOutcome::Timeout, false),
+        Some(Ok(resp)) => (AttemptOutcome::Status(resp.status().as_u16()), false),
+        Some(Err(e)) if e.is_connect() => (AttemptOutcome::ConnectFailure, e.is_overflow()),
+        Some(Err(_)) => (AttemptOutcome::Reset, false),
     }
 }
 
@@ -306,11 +315,7 @@ fn outcome_index(o: AttemptOutcome) -> usize {
     }
 }
 
-fn failure_reply(
-    e: &hyper_util::client::legacy::Error,
-    addr: SocketAddr,
-    out: &mut Outcome,
-) -> Response<ProxyBody> {
+fn failure_reply(e: &UpstreamError, addr: SocketAddr, out: &mut Outcome) -> Response<ProxyBody> {
     tracing::debug!(error = %e, upstream = %addr, "upstream failed");
     if e.is_connect() {
         out.flag = Some("upstream_connect_failure");
@@ -328,7 +333,6 @@ fn failure_reply(
         )
     }
 }
-
 /// Buffers small bodies of retryable requests so they can be sent again; everything else
 /// streams through with a single attempt.
 async fn request_body(
@@ -387,161 +391,11 @@ fn retry_permit(cluster: &Cluster) -> Option<Permit> {
     }
 }
 
-fn is_overflow(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if matches!(
-            s.downcast_ref::<ConnectError>(),
-            Some(ConnectError::Overflow)
-        ) {
-            return true;
-        }
-        src = s.source();
-    }
-    false
-}
-
-fn upstream_request(
-    parts: &Parts,
-    body: ProxyBody,
-    (scheme, authority): (&Scheme, &Authority),
-    request_id: &HeaderValue,
-    peer_ip: &HeaderValue,
-) -> Result<Request<ProxyBody>, http::Error> {
-    // Built from parts that share their bytes with the request: no formatting, no re-parsing.
-    let mut target = http::uri::Parts::default();
-    target.scheme = Some(scheme.clone());
-    target.authority = Some(authority.clone());
-    target.path_and_query = Some(
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = Uri::from_parts(target)?;
-    let headers = req.headers_mut();
-    // Room for what we add, so the map is allocated once and never grows.
-    headers.reserve(parts.headers.len() + 3);
-    for (name, value) in &parts.headers {
-        headers.append(name.clone(), value.clone());
-    }
-    strip_hop_by_hop(headers);
-    if !headers.contains_key(header::HOST) {
-        if let Some(auth) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            headers.insert(header::HOST, auth);
-        }
-    }
-    headers.insert(REQUEST_ID.clone(), request_id.clone());
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + peer_ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(peer_ip.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
-        }
-        None => Some(peer_ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    Ok(req)
-}
-
-/// Removes connection-specific headers (RFC 9110 §7.6.1), including those named by
-/// `Connection`: they describe one hop, and HTTP/2 forbids them outright.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
-        }
-    } else if let Some(v) = headers.remove(header::CONNECTION) {
-        // One Connection header, the usual case: remove what it names by &str, which
-        // (unlike building a HeaderName) allocates nothing.
-        for n in v.to_str().unwrap_or_default().split(',') {
-            headers.remove(n.trim());
-        }
-    }
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TRANSFER_ENCODING,
-        &header::TE,
-        &header::TRAILER,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(n);
-    }
-}
-
 struct CountGuard<'a>(&'a Cluster);
 
 impl Drop for CountGuard<'_> {
     fn drop(&mut self) {
         self.0.active_requests.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The upstream response body; it holds the host's active count, the request's breaker slot
-/// and a cluster active-request count until the body is done, so draining hosts are removed
-/// only after their responses have been delivered.
-struct Guarded {
-    inner: Incoming,
-    /// The route timeout runs until the response is complete, as in Envoy: a backend that
-    /// sends headers and then stalls cannot hold the stream forever.
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    _guard: ActiveGuard,
-    _permit: Permit,
-    _count: Arc<Cluster>,
-}
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        self._count.active_requests.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Body for Guarded {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(
-                    "route timeout while streaming the response".into(),
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
-            ready => ready.map_err(|e| Box::new(e) as BoxError),
-        }
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -67,7 +67,12 @@ use crate::breaker::CircuitBreaker;
 use crate::cluster::Cluster;
 use crate::config::ListenerConfig;
 use crate::forward::Route;
-use crate::upstream::Connector;
+use crate::upstream::{Connector, Upstream};
+
+/// How long an upstream connection may sit idle before the proxy closes it: above common
+/// backend keep-alive timeouts is harmless (a request that finds its pooled connection closed
+/// before sending goes out on another), so this only bounds idle sockets.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -132,19 +137,26 @@ impl Proxy {
                 None => None,
             };
             let breaker = CircuitBreaker::new(c.circuit_breakers);
-            let is_tls = tls.is_some();
-            let traffic = upstream::client(
+            let traffic = Upstream::new(
                 Connector::new(c.connect_timeout, tls.clone(), Some(breaker.clone())),
                 c.http2,
+                UPSTREAM_IDLE_TIMEOUT,
+                // Idle connections hold breaker slots too, so the limit bounds them anyway.
+                c.circuit_breakers.max_connections as usize,
             );
-            let checks = upstream::client(Connector::new(c.connect_timeout, tls, None), c.http2);
+            // A checker sends one request at a time: it never needs a second connection.
+            let checks = Upstream::new(
+                Connector::new(c.connect_timeout, tls, None),
+                c.http2,
+                UPSTREAM_IDLE_TIMEOUT,
+                1,
+            );
             clusters.push(Cluster::new(
                 c.clone(),
                 config.zone.clone(),
                 breaker,
                 traffic,
                 checks,
-                is_tls,
                 tracker.clone(),
                 background.child_token(),
             ));

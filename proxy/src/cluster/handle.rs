@@ -1,6 +1,6 @@
 //! What the request path needs of a host and of a cluster without taking the cluster lock or
-//! allocating: the host's upstream authority, its active-request count, and metric handles
-//! registered once (a `metrics::counter!` with labels builds and hashes its key every call).
+//! allocating: the host's upstream authority, its active-request count, its pooled upstream
+//! connections, and metric handles registered once (a `metrics::counter!` with labels builds and hashes its key every call).
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use metrics::{Counter, Histogram};
+
+use crate::upstream::HostConns;
 
 /// Outcome labels of `tidings_proxy_upstream_requests_total`, in a fixed order.
 pub const OUTCOMES: [&str; 8] = [
@@ -29,6 +31,8 @@ pub struct HostHandle {
     /// `ip:port` as the upstream URI's authority, built once.
     pub authority: Authority,
     pub(super) active: AtomicU32,
+    /// Idle keep-alive connections to this host; they close when the host is forgotten.
+    pub conns: std::sync::Arc<HostConns>,
     cluster: std::sync::Arc<str>,
     outcomes: [OnceLock<Counter>; OUTCOMES.len()],
 }
@@ -42,6 +46,7 @@ impl HostHandle {
             addr,
             authority,
             active: AtomicU32::new(0),
+            conns: std::sync::Arc::default(),
             cluster,
             outcomes: Default::default(),
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{ClusterConfig, HealthCheckKind};
-use crate::upstream::{Connector, client};
+use crate::upstream::{Connector, Upstream};
 
 fn cluster(kind: HealthCheckKind) -> Arc<Cluster> {
     let mut cfg = ClusterConfig {
@@ -23,12 +23,15 @@ fn cluster(kind: HealthCheckKind) -> Arc<Cluster> {
         cfg,
         None,
         CircuitBreaker::default(),
-        client(connector.clone(), false),
-        client(connector, false),
-        false,
+        upstream(connector.clone()),
+        upstream(connector),
         TaskTracker::new(),
         stopped,
     )
+}
+
+fn upstream(connector: Connector) -> Upstream {
+    Upstream::new(connector, false, Duration::from_secs(90), 8)
 }
 
 fn addr(i: u8) -> SocketAddr {
@@ -216,9 +219,8 @@ async fn checker_runs_the_first_check_at_once_then_every_interval_with_jitter() 
         cfg,
         None,
         CircuitBreaker::default(),
-        client(connector.clone(), false),
-        client(connector, false),
-        false,
+        upstream(connector.clone()),
+        upstream(connector),
         tracker.clone(),
         stop.clone(),
     );

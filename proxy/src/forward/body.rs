@@ -1,0 +1,90 @@
+//! Bodies on the request path: the request body as attempts see it, and the upstream response
+//! body, which holds the request's counts and its upstream connection until it is complete.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::breaker::Permit;
+use crate::cluster::{ActiveGuard, Cluster};
+use crate::upstream::{BoxError, ProxyBody, UpstreamBody};
+
+use super::full;
+
+pub(super) enum ReqBody {
+    Buffered(Bytes),
+    Streamed(Option<Incoming>),
+}
+
+impl ReqBody {
+    pub(super) fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            // Boxing an empty body allocates nothing: the common GET costs no allocation here.
+            ReqBody::Buffered(b) if b.is_empty() => {
+                Some(Empty::new().map_err(|never| match never {}).boxed_unsync())
+            }
+            ReqBody::Buffered(b) => Some(full(b.clone())),
+            ReqBody::Streamed(s) => s
+                .take()
+                .map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()),
+        }
+    }
+
+    pub(super) fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Buffered(_))
+    }
+}
+
+/// The upstream response body. It holds the host's active count, the request's breaker slot
+/// and a cluster active-request count until the body is done, so draining hosts are removed
+/// only after their responses have been delivered.
+pub(super) struct Guarded {
+    pub(super) inner: UpstreamBody,
+    /// The route timeout runs until the response is complete, as in Envoy: a backend that
+    /// sends headers and then stalls cannot hold the stream forever.
+    pub(super) deadline: Pin<Box<tokio::time::Sleep>>,
+    pub(super) _guard: ActiveGuard,
+    pub(super) _permit: Permit,
+    pub(super) cluster: Arc<Cluster>,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.cluster.active_requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(
+                    "route timeout while streaming the response".into(),
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            ready => ready.map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
