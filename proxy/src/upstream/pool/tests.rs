@@ -204,6 +204,13 @@ async fn the_idle_stack_never_holds_more_than_its_bound() {
     .await;
 }
 
+/// Moves the paused clock just past `d`; real time (and the sockets) run on around it.
+async fn outlast(d: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(d + Duration::from_millis(1)).await;
+    tokio::time::resume();
+}
+
 #[tokio::test]
 async fn a_connection_idle_past_the_timeout_is_not_reused_and_the_sweep_closes_it() {
     let b = Backend::start(false);
@@ -213,9 +220,7 @@ async fn a_connection_idle_past_the_timeout_is_not_reused_and_the_sweep_closes_i
     let conn = get(&up, &conns, b.addr).await;
     up.release(&conns, conn);
 
-    tokio::time::pause();
-    tokio::time::advance(idle + Duration::from_millis(1)).await;
-    tokio::time::resume();
+    outlast(idle).await;
     // A request skips it (and drops it) ...
     let conn = get(&up, &conns, b.addr).await;
     up.release(&conns, conn);
@@ -228,9 +233,7 @@ async fn a_connection_idle_past_the_timeout_is_not_reused_and_the_sweep_closes_i
     // ... and so does the sweep, for hosts no request asks for.
     up.evict_idle(&conns);
     assert_eq!(conns.idle_count(), 1, "not yet idle for the timeout");
-    tokio::time::pause();
-    tokio::time::advance(idle + Duration::from_millis(1)).await;
-    tokio::time::resume();
+    outlast(idle).await;
     up.evict_idle(&conns);
     assert_eq!(conns.idle_count(), 0);
     eventually("the swept connection is closed", || {
