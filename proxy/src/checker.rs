@@ -26,7 +26,7 @@ pub fn spawn(
     tracker.spawn(async move {
         // The checker's own keep-alive connection: checks neither wait for traffic's
         // connections nor count against its breaker.
-        let conns = Arc::new(HostConns::default());
+        let conns = HostConns::default();
         loop {
             let Some(at) = cluster.next_check_at(addr) else {
                 return;
@@ -46,7 +46,7 @@ pub fn spawn(
     });
 }
 
-async fn check_once(cluster: &Cluster, conns: &Arc<HostConns>, addr: SocketAddr) -> CheckOutcome {
+async fn check_once(cluster: &Cluster, conns: &HostConns, addr: SocketAddr) -> CheckOutcome {
     let Some(policy) = cluster.health_policy() else {
         return CheckOutcome::Success;
     };
@@ -66,7 +66,7 @@ async fn check_once(cluster: &Cluster, conns: &Arc<HostConns>, addr: SocketAddr)
         .unwrap_or(CheckOutcome::NetworkFailure)
 }
 
-async fn http_check(cluster: &Cluster, conns: &Arc<HostConns>, addr: SocketAddr) -> CheckOutcome {
+async fn http_check(cluster: &Cluster, conns: &HostConns, addr: SocketAddr) -> CheckOutcome {
     let hc = &cluster.config.health_check;
     // HTTP/1 takes the origin form; HTTP/2 needs scheme and authority for its pseudo-headers.
     let uri = if cluster.config.http2 {
@@ -89,10 +89,12 @@ async fn http_check(cluster: &Cluster, conns: &Arc<HostConns>, addr: SocketAddr)
         return CheckOutcome::BadResponse;
     };
     match cluster.checks.send(conns, addr, req).await {
-        Ok(resp) => {
+        Ok((resp, conn)) => {
             let status = resp.status().as_u16();
-            // Read the whole body: then the connection can carry the next check.
-            let _ = resp.into_body().collect().await;
+            // Read the whole body so the connection can carry the next check.
+            if resp.into_body().collect().await.is_ok() {
+                cluster.checks.release(conns, conn);
+            }
             if hc.expected_statuses.contains(&status) {
                 CheckOutcome::Success
             } else {

@@ -19,7 +19,7 @@ use crate::breaker::{Permit, Resource};
 use crate::cluster::Cluster;
 use crate::outlier::RequestResult;
 use crate::retry::{self, AttemptOutcome};
-use crate::upstream::{ProxyBody, UpstreamBody, UpstreamError};
+use crate::upstream::{Conn, ProxyBody, UpstreamError};
 
 mod body;
 mod headers;
@@ -250,7 +250,7 @@ pub async fn forward(
             }
         }
         return match result {
-            Some(Ok(resp)) => respond(resp, guard, timeout, req_permit, cluster),
+            Some(Ok((resp, conn))) => respond(resp, conn, guard, timeout, req_permit, cluster),
             Some(Err(e)) if e.is_overflow() => overflow(cluster, Resource::Connections, out),
             Some(Err(e)) => failure_reply(&e, addr, out),
             None => {
@@ -266,9 +266,10 @@ pub async fn forward(
 }
 
 /// The downstream response around the upstream one: hop-by-hop headers stripped, the body
-/// wrapped so it keeps its counts and its timeout until it is complete.
+/// wrapped so it keeps its counts, its timeout and its connection until it is complete.
 fn respond(
-    resp: Response<UpstreamBody>,
+    resp: Response<Incoming>,
+    conn: Conn,
     guard: crate::cluster::ActiveGuard,
     deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
     permit: Permit,
@@ -280,7 +281,9 @@ fn respond(
     let guarded = Guarded {
         inner: rb,
         deadline,
-        _guard: guard,
+        conn: Some(conn),
+        done: false,
+        guard,
         _permit: permit,
         cluster: cluster.clone(),
     };
@@ -288,14 +291,14 @@ fn respond(
 }
 
 /// An attempt's result; `None` when the route timeout fired first.
-type AttemptResult = Option<Result<Response<UpstreamBody>, UpstreamError>>;
+type AttemptResult = Option<Result<(Response<Incoming>, Conn), UpstreamError>>;
 
 /// How an attempt ended, and whether it never left because the connection limit was hit
 /// (which says nothing about the host, so outlier detection and retries ignore it).
 fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
     match result {
         None => (AttemptOutcome::Timeout, false),
-        Some(Ok(resp)) => (AttemptOutcome::Status(resp.status().as_u16()), false),
+        Some(Ok((resp, _))) => (AttemptOutcome::Status(resp.status().as_u16()), false),
         Some(Err(e)) if e.is_connect() => (AttemptOutcome::ConnectFailure, e.is_overflow()),
         Some(Err(_)) => (AttemptOutcome::Reset, false),
     }

@@ -22,7 +22,7 @@ use crate::breaker::{CircuitBreaker, Permit, Resource};
 
 mod pool;
 
-pub use self::pool::{HostConns, Upstream, UpstreamBody, UpstreamError};
+pub use self::pool::{Conn, HostConns, Upstream, UpstreamError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Request and response bodies inside the proxy.

@@ -32,7 +32,7 @@ pub struct HostHandle {
     pub authority: Authority,
     pub(super) active: AtomicU32,
     /// Idle keep-alive connections to this host; they close when the host is forgotten.
-    pub conns: std::sync::Arc<HostConns>,
+    pub conns: HostConns,
     cluster: std::sync::Arc<str>,
     outcomes: [OnceLock<Counter>; OUTCOMES.len()],
 }
@@ -46,7 +46,7 @@ impl HostHandle {
             addr,
             authority,
             active: AtomicU32::new(0),
-            conns: std::sync::Arc::default(),
+            conns: HostConns::default(),
             cluster,
             outcomes: Default::default(),
         }

@@ -13,7 +13,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::breaker::Permit;
 use crate::cluster::{ActiveGuard, Cluster};
-use crate::upstream::{BoxError, ProxyBody, UpstreamBody};
+use crate::upstream::{BoxError, Conn, ProxyBody};
 
 use super::full;
 
@@ -43,19 +43,31 @@ impl ReqBody {
 
 /// The upstream response body. It holds the host's active count, the request's breaker slot
 /// and a cluster active-request count until the body is done, so draining hosts are removed
-/// only after their responses have been delivered.
+/// only after their responses have been delivered; and the connection it came on, which goes
+/// back to the host's pool once the body is complete (never earlier: HTTP/1 cannot start the
+/// next request while this one is being read).
 pub(super) struct Guarded {
-    pub(super) inner: UpstreamBody,
+    pub(super) inner: Incoming,
     /// The route timeout runs until the response is complete, as in Envoy: a backend that
     /// sends headers and then stalls cannot hold the stream forever.
     pub(super) deadline: Pin<Box<tokio::time::Sleep>>,
-    pub(super) _guard: ActiveGuard,
+    pub(super) conn: Option<Conn>,
+    pub(super) done: bool,
+    pub(super) guard: ActiveGuard,
     pub(super) _permit: Permit,
     pub(super) cluster: Arc<Cluster>,
 }
 
 impl Drop for Guarded {
     fn drop(&mut self) {
+        // A body dropped half-read leaves the connection mid-message: hyper closes it.
+        if let Some(conn) = self.conn.take() {
+            if self.done || self.inner.is_end_stream() {
+                self.cluster
+                    .upstream
+                    .release(&self.guard.host().conns, conn);
+            }
+        }
         self.cluster.active_requests.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -76,6 +88,10 @@ impl Body for Guarded {
                 ))),
                 Poll::Pending => Poll::Pending,
             },
+            Poll::Ready(None) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
             ready => ready.map_err(|e| Box::new(e) as BoxError),
         }
     }

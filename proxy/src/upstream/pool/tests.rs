@@ -115,12 +115,13 @@ fn request() -> Request<ProxyBody> {
     req
 }
 
-/// One complete exchange: the body is read, which puts the connection back in the pool.
-async fn get(up: &Upstream, conns: &Arc<HostConns>, addr: SocketAddr) {
-    let resp = up.send(conns, addr, request()).await.expect("response");
+/// One complete exchange; the connection is handed back to the caller.
+async fn get(up: &Upstream, conns: &HostConns, addr: SocketAddr) -> Conn {
+    let (resp, conn) = up.send(conns, addr, request()).await.expect("response");
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"ok");
+    conn
 }
 
 /// Polls `cond` every 10 ms (letting connection tasks run) until it holds, for at most 5 s.
@@ -132,13 +133,18 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+fn first_idle(conns: &HostConns, f: impl Fn(&http1::SendRequest<ProxyBody>) -> bool) -> bool {
+    conns.idle().first().is_some_and(|c| f(&c.tx))
+}
+
 #[tokio::test]
 async fn a_kept_alive_connection_is_reused() {
     let b = Backend::start(false);
     let up = upstream(None, 8, Duration::from_secs(90));
-    let conns = Arc::new(HostConns::default());
+    let conns = HostConns::default();
     for _ in 0..3 {
-        get(&up, &conns, b.addr).await;
+        let conn = get(&up, &conns, b.addr).await;
+        up.release(&conns, conn);
         assert_eq!(conns.idle_count(), 1);
     }
     assert_eq!(b.count(|c| &c.requests), 3);
@@ -150,64 +156,47 @@ async fn a_kept_alive_connection_is_reused() {
 }
 
 #[tokio::test]
-async fn a_response_dropped_before_its_body_is_read_does_not_return_its_connection() {
-    let b = Backend::start(false);
-    let up = upstream(None, 8, Duration::from_secs(90));
-    let conns = Arc::new(HostConns::default());
-    let resp = up.send(&conns, b.addr, request()).await.expect("response");
-    drop(resp);
-    assert_eq!(conns.idle_count(), 0);
-    get(&up, &conns, b.addr).await;
-    assert_eq!(b.count(|c| &c.accepted), 2);
-}
-
-#[tokio::test]
 async fn a_connection_the_backend_closed_is_not_reused() {
     // Closed with `Connection: close` after the response.
     let b = Backend::start(true);
     let up = upstream(None, 8, Duration::from_secs(90));
-    let conns = Arc::new(HostConns::default());
+    let conns = HostConns::default();
+    let conn = get(&up, &conns, b.addr).await;
+    up.release(&conns, conn);
     get(&up, &conns, b.addr).await;
+    assert_eq!(b.count(|c| &c.accepted), 2);
+
+    // Closed while idle in the pool, and the pool has seen it.
+    let b = Backend::start(false);
+    let conns = HostConns::default();
+    let conn = get(&up, &conns, b.addr).await;
+    up.release(&conns, conn);
+    b.close_all();
+    eventually("the pooled connection sees the close", || {
+        first_idle(&conns, |tx| tx.is_closed())
+    })
+    .await;
     get(&up, &conns, b.addr).await;
     assert_eq!(b.count(|c| &c.accepted), 2);
     assert_eq!(b.count(|c| &c.requests), 2);
 }
 
 #[tokio::test]
-async fn a_request_on_a_connection_closed_while_idle_goes_out_on_a_fresh_one() {
-    let b = Backend::start(false);
-    let up = upstream(None, 8, Duration::from_secs(90));
-    let conns = Arc::new(HostConns::default());
-    get(&up, &conns, b.addr).await;
-    assert_eq!(conns.idle_count(), 1);
-    // The backend closes it (as at its keep-alive timeout, or a restart). The close is in the
-    // socket when `close_all` returns; one turn of the runtime lets its IO driver record it,
-    // as it would have long since for a connection that sat idle.
-    b.close_all();
-    tokio::task::yield_now().await;
-    get(&up, &conns, b.addr).await;
-    assert_eq!(b.count(|c| &c.accepted), 2);
-    assert_eq!(
-        b.count(|c| &c.requests),
-        2,
-        "the closed connection never saw it"
-    );
-    assert_eq!(conns.idle_count(), 1);
-}
-
-#[tokio::test]
 async fn the_idle_stack_never_holds_more_than_its_bound() {
     let b = Backend::start(false);
     let up = upstream(None, 2, Duration::from_secs(90));
-    let conns = Arc::new(HostConns::default());
+    let conns = HostConns::default();
     // Four at once: none finds an idle connection, so each dials its own.
-    tokio::join!(
+    let (a, b2, c, d) = tokio::join!(
         get(&up, &conns, b.addr),
         get(&up, &conns, b.addr),
         get(&up, &conns, b.addr),
         get(&up, &conns, b.addr)
     );
     assert_eq!(b.count(|c| &c.accepted), 4);
+    for conn in [a, b2, c, d] {
+        up.release(&conns, conn);
+    }
     assert_eq!(conns.idle_count(), 2);
     eventually("the two extra connections are closed", || {
         b.count(|c| &c.closed) == 2
@@ -215,19 +204,26 @@ async fn the_idle_stack_never_holds_more_than_its_bound() {
     .await;
 }
 
+/// Moves the paused clock just past `d`; real time (and the sockets) run on around it.
+async fn outlast(d: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(d + Duration::from_millis(1)).await;
+    tokio::time::resume();
+}
+
 #[tokio::test]
 async fn a_connection_idle_past_the_timeout_is_not_reused_and_the_sweep_closes_it() {
     let b = Backend::start(false);
     let idle = Duration::from_secs(30);
     let up = upstream(None, 8, idle);
-    let conns = Arc::new(HostConns::default());
-    get(&up, &conns, b.addr).await;
+    let conns = HostConns::default();
+    let conn = get(&up, &conns, b.addr).await;
+    up.release(&conns, conn);
 
-    tokio::time::pause();
-    tokio::time::advance(idle + Duration::from_millis(1)).await;
-    tokio::time::resume();
+    outlast(idle).await;
     // A request skips it (and drops it) ...
-    get(&up, &conns, b.addr).await;
+    let conn = get(&up, &conns, b.addr).await;
+    up.release(&conns, conn);
     assert_eq!(b.count(|c| &c.accepted), 2);
     eventually("the expired connection is closed", || {
         b.count(|c| &c.closed) == 1
@@ -237,15 +233,44 @@ async fn a_connection_idle_past_the_timeout_is_not_reused_and_the_sweep_closes_i
     // ... and so does the sweep, for hosts no request asks for.
     up.evict_idle(&conns);
     assert_eq!(conns.idle_count(), 1, "not yet idle for the timeout");
-    tokio::time::pause();
-    tokio::time::advance(idle + Duration::from_millis(1)).await;
-    tokio::time::resume();
+    outlast(idle).await;
     up.evict_idle(&conns);
     assert_eq!(conns.idle_count(), 0);
     eventually("the swept connection is closed", || {
         b.count(|c| &c.closed) == 2
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_request_on_a_stale_connection_that_never_left_goes_out_on_a_fresh_one() {
+    let b = Backend::start(false);
+    let up = upstream(None, 8, Duration::from_secs(90));
+    let conns = HostConns::default();
+    // A pooled connection over an in-memory pipe, so that its close is seen exactly when the
+    // test says (a socket's close reaches the connection task only after the IO driver runs).
+    let (client, server) = tokio::io::duplex(4096);
+    let (tx, conn) = http1::handshake(hyper_util::rt::TokioIo::new(client))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    conns.idle().push(Idle {
+        tx,
+        since: Instant::now(),
+    });
+    eventually("the pooled connection is ready", || {
+        first_idle(&conns, |tx| tx.is_ready())
+    })
+    .await;
+    // The peer goes away; the connection task has not run since, so the pool still sees a
+    // live, ready connection and hands the request to it. Hyper finds the close before
+    // writing anything (a write would fail on the closed pipe) and gives the request back.
+    drop(server);
+    assert!(first_idle(&conns, |tx| !tx.is_closed() && tx.is_ready()));
+    get(&up, &conns, b.addr).await;
+    assert_eq!(conns.idle_count(), 0);
+    assert_eq!(b.count(|c| &c.accepted), 1, "the retry dialled the backend");
+    assert_eq!(b.count(|c| &c.requests), 1);
 }
 
 #[tokio::test]
@@ -257,15 +282,18 @@ async fn pooled_connections_hold_their_breaker_slot_until_closed() {
     });
     let idle = Duration::from_secs(30);
     let up = upstream(Some(breaker.clone()), 8, idle);
-    let conns = Arc::new(HostConns::default());
-    get(&up, &conns, b.addr).await;
+    let conns = HostConns::default();
+    let conn = get(&up, &conns, b.addr).await;
+    up.release(&conns, conn);
     assert_eq!(breaker.current(Resource::Connections), 1);
     // The one slot is taken by the idle connection, which serves the next request; a second
     // connection at the same time would overflow.
-    let held = up.send(&conns, b.addr, request()).await.expect("reused");
+    let (resp, held) = up.send(&conns, b.addr, request()).await.expect("reused");
     let err = up.send(&conns, b.addr, request()).await.err();
     assert!(err.is_some_and(|e| e.is_overflow()));
-    // Dropped mid-response: the connection closes and frees its slot.
-    drop(held);
-    assert_eq!(breaker.current(Resource::Connections), 0);
+    drop((resp, held));
+    eventually("the dropped connection frees its slot", || {
+        breaker.current(Resource::Connections) == 0
+    })
+    .await;
 }
