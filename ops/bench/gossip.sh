@@ -3,9 +3,10 @@
 #
 #   ops/bench/gossip.sh [nodes]      (default 1000)
 #
-# Runs `tidings gossip simulate` (release build) at 100 and N nodes with 0 %, 10 % and 25 %
-# UDP loss, and N nodes with a 20 s partition that heals, printing rounds to 99.99 %
-# dissemination, dead-owner hiding time, false "down" verdicts and steady-state bytes per node.
+# Runs `tidings gossip simulate` (release build) at 100 and N nodes with 0 % and 10 % UDP
+# loss, N nodes with 25 % loss, and N nodes with a 20 s partition that heals, printing rounds
+# to 99.99 % dissemination, dead-owner hiding time, false "down" verdicts (and identity
+# renewals), the indirect probes loss drove nodes to, and steady-state bytes per node.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -15,6 +16,7 @@ source "$root/ops/bench/common.sh"
 run() { echo "### tidings gossip simulate $*"; timeout 900 "$bin" --log-level warn gossip simulate "$@"; echo; }
 run --nodes 100 --seed 1
 run --nodes "$n" --seed 1
+run --nodes 100 --loss 0.1 --seed 1
 run --nodes "$n" --loss 0.1 --seed 1
 run --nodes "$n" --loss 0.25 --seed 1
 run --nodes "$n" --partition 20s --seed 1
