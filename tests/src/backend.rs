@@ -88,3 +88,18 @@ impl Backend {
         let _ = self.task.await;
     }
 }
+
+/// One `web` backend on port 8080 of each host `1..=hosts` (`ip(h)`, answering `host-<h>`),
+/// and the set of their `ip:8080` addresses.
+pub fn start_web(
+    rt: &tokio::runtime::Runtime,
+    hosts: u8,
+    ip: impl Fn(u8) -> String,
+) -> Result<(Vec<Backend>, std::collections::BTreeSet<String>)> {
+    let mut backends = Vec::new();
+    for h in 1..=hosts {
+        backends.push(rt.block_on(Backend::start_on(&ip(h), 8080, &format!("host-{h}")))?);
+    }
+    let all = (1..=hosts).map(|h| format!("{}:8080", ip(h))).collect();
+    Ok((backends, all))
+}

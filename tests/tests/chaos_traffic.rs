@@ -7,11 +7,9 @@
 //! The registry's own SIGKILL under traffic is covered by `demo.rs` (the demo's summary) and
 //! `chaos_registry.rs` (outages longer than the TTL).
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use tests::backend::Backend;
 use tests::fleet::{self, Agent, lookup, members};
 use tests::hammer::Hammer;
 use tests::traffic::Load;
@@ -47,11 +45,7 @@ fn alive_epoch(base: &str, addr: &str) -> Option<u64> {
 fn agent_restarts_and_backend_kills_cost_no_request() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let rt = tests::backend::runtime()?;
-    let mut backends = Vec::new();
-    for h in 1..=3u8 {
-        backends.push(rt.block_on(Backend::start_on(&ip(h), 8080, &format!("host-{h}")))?);
-    }
-    let all: BTreeSet<String> = (1..=3u8).map(|h| format!("{}:8080", ip(h))).collect();
+    let (mut backends, all) = tests::backend::start_web(&rt, 3, ip)?;
 
     let reg_addr = format!("{}:7700", ip(100));
     let reg_url = format!("http://{reg_addr}");

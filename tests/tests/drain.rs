@@ -8,11 +8,9 @@
 //! proxy whose membership comes from agent 1 — so the deregistration reaches the proxy only
 //! through gossip and agent 1's `?draining=true` listing.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use tests::backend::Backend;
 use tests::fleet::{self, lookup};
 use tests::traffic::Load;
 use tests::{http, poll};
@@ -44,11 +42,7 @@ fn listing_with_draining(base: &str) -> Result<Vec<(String, bool)>> {
 fn a_deregistered_endpoint_is_drained_although_it_stays_healthy() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let rt = tests::backend::runtime()?;
-    let mut backends = Vec::new();
-    for h in 1..=3u8 {
-        backends.push(rt.block_on(Backend::start_on(&ip(h), 8080, &format!("host-{h}")))?);
-    }
-    let all: BTreeSet<String> = (1..=3u8).map(|h| format!("{}:8080", ip(h))).collect();
+    let (backends, all) = tests::backend::start_web(&rt, 3, ip)?;
     let leaving = format!("{}:8080", ip(3));
 
     let reg_addr = format!("{}:7700", ip(100));
