@@ -23,7 +23,7 @@ pub struct Store {
 }
 
 impl Store {
-    /// Tombstone collection ([`RowStore::gc_tombstones_keeping`]), keeping the tombstones
+    /// Tombstone collection ([`RowStore::gc_tombstones`]), keeping the tombstones
     /// that hide an entry of a registry snapshot held here.
     pub fn gc_tombstones(
         &mut self,
@@ -38,7 +38,7 @@ impl Store {
             .flat_map(|(s, _)| s.entries.iter().map(|e| e.endpoint.key()))
             .collect();
         self.rows
-            .gc_tombstones_keeping(now_ms, retention_ms, me, live_peers, &listed);
+            .gc_tombstones(now_ms, retention_ms, me, live_peers, &listed);
     }
 }
 

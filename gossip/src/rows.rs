@@ -306,21 +306,11 @@ impl RowStore {
     /// Drops tombstones older than `retention_ms`, and those of owners whose summary every
     /// peer in `live_peers` was seen holding (they all have the tombstones). A node keeps its
     /// own tombstones (`me`) for the full retention: it is the authority peers repair from.
+    /// Tombstones of keys in `shadowing` (listed by a registry snapshot this node holds) also
+    /// stay until their retention ends: they are what hides that fail-static entry. Dropped
+    /// early, the endpoint would come back from the snapshot — and "every live peer has it"
+    /// says nothing of peers behind a partition.
     pub fn gc_tombstones(
-        &mut self,
-        now_ms: u64,
-        retention_ms: u64,
-        me: SocketAddr,
-        live_peers: &BTreeSet<SocketAddr>,
-    ) {
-        self.gc_tombstones_keeping(now_ms, retention_ms, me, live_peers, &BTreeSet::new());
-    }
-
-    /// [`RowStore::gc_tombstones`], but tombstones of keys in `shadowing` (listed by a
-    /// registry snapshot this node holds) stay until their retention ends: they are what
-    /// hides that fail-static entry. Dropped early, the endpoint would come back from the
-    /// snapshot — and "every live peer has it" says nothing of peers behind a partition.
-    pub fn gc_tombstones_keeping(
         &mut self,
         now_ms: u64,
         retention_ms: u64,

@@ -154,10 +154,10 @@ fn tombstones_are_collected_and_not_resurrected() {
     let after = s.summary(&owner(1)).unwrap();
     assert_ne!(before, after);
     let peers: BTreeSet<_> = [owner(2)].into();
-    s.gc_tombstones(20, 1_000, owner(9), &peers);
+    s.gc_tombstones(20, 1_000, owner(9), &peers, &BTreeSet::new());
     assert_eq!(s.len(), 1, "not every peer has it yet");
     s.mark_synced(&owner(1), owner(2));
-    s.gc_tombstones(20, 1_000, owner(9), &peers);
+    s.gc_tombstones(20, 1_000, owner(9), &peers, &BTreeSet::new());
     assert!(s.is_empty());
     assert_eq!(
         s.summary(&owner(1)).unwrap(),
@@ -176,8 +176,8 @@ fn tombstones_are_collected_and_not_resurrected() {
         ),
         0,
     );
-    s.gc_tombstones(999, 1_000, owner(9), &BTreeSet::new());
+    s.gc_tombstones(999, 1_000, owner(9), &BTreeSet::new(), &BTreeSet::new());
     assert_eq!(s.len(), 1);
-    s.gc_tombstones(1_000, 1_000, owner(9), &BTreeSet::new());
+    s.gc_tombstones(1_000, 1_000, owner(9), &BTreeSet::new(), &BTreeSet::new());
     assert!(s.is_empty());
 }
