@@ -74,33 +74,33 @@ pub fn request_host<B>(req: &Request<B>) -> Option<String> {
 pub fn host_of<'a>(uri: &'a Uri, host_header: Option<&'a HeaderValue>) -> Option<&'a str> {
     let raw = match uri.host() {
         Some(h) => h,
-        None => {
-            let h = host_header?.to_str().ok()?;
-            let valid = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b);
-            if h.is_empty() || !h.bytes().all(valid) {
-                return None;
-            }
-            let (host, port) = match h.strip_prefix('[') {
-                Some(v6) => {
-                    let (inside, rest) = v6.split_once(']')?;
-                    (
-                        inside,
-                        rest.strip_prefix(':')
-                            .or(Some(rest).filter(|r| r.is_empty()))?,
-                    )
-                }
-                None => h.split_once(':').unwrap_or((h, "")),
-            };
-            if host.is_empty()
-                || host.contains(['[', ']'])
-                || !port.bytes().all(|b| b.is_ascii_digit())
-            {
-                return None;
-            }
-            host
-        }
+        None => host_header_name(host_header?.to_str().ok()?)?,
     };
     Some(raw.trim_start_matches('[').trim_end_matches(']'))
+}
+
+/// The host part of a Host header value (`host[:port]`, IPv6 in brackets, returned without);
+/// `None` when the value is not a valid authority.
+pub fn host_header_name(h: &str) -> Option<&str> {
+    let valid = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b);
+    if h.is_empty() || !h.bytes().all(valid) {
+        return None;
+    }
+    let (host, port) = match h.strip_prefix('[') {
+        Some(v6) => {
+            let (inside, rest) = v6.split_once(']')?;
+            (
+                inside,
+                rest.strip_prefix(':')
+                    .or(Some(rest).filter(|r| r.is_empty()))?,
+            )
+        }
+        None => h.split_once(':').unwrap_or((h, "")),
+    };
+    if host.is_empty() || host.contains(['[', ']']) || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(host)
 }
 
 /// A local answer in the registry's error shape.
@@ -305,7 +305,7 @@ fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
 }
 
 /// Index of the outcome's label in [`crate::cluster::OUTCOMES`].
-fn outcome_index(o: AttemptOutcome) -> usize {
+pub(crate) fn outcome_index(o: AttemptOutcome) -> usize {
     match o {
         AttemptOutcome::Status(100..=199) => 0,
         AttemptOutcome::Status(200..=299) => 1,
@@ -378,7 +378,7 @@ async fn request_body(
 }
 
 /// A retry may start if the budget and the retries breaker both allow it.
-fn retry_permit(cluster: &Cluster) -> Option<Permit> {
+pub(crate) fn retry_permit(cluster: &Cluster) -> Option<Permit> {
     let active = cluster.active_requests.load(Ordering::Acquire);
     let retries = cluster.active_retries.load(Ordering::Acquire);
     if !retry::budget_allows(&cluster.retry_policy, active, retries) {
@@ -394,7 +394,7 @@ fn retry_permit(cluster: &Cluster) -> Option<Permit> {
     }
 }
 
-struct CountGuard<'a>(&'a Cluster);
+pub(crate) struct CountGuard<'a>(pub(crate) &'a Cluster);
 
 impl Drop for CountGuard<'_> {
     fn drop(&mut self) {

@@ -33,6 +33,7 @@ mod checker;
 pub mod cluster;
 pub mod config;
 pub mod forward;
+mod h1;
 pub mod health;
 pub mod lb;
 pub mod membership;
@@ -317,6 +318,7 @@ async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, stop: Cancellat
     server::accept_loop(
         listener,
         builder,
+        None,
         None,
         Duration::from_secs(10),
         make,

@@ -21,10 +21,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::Shared;
 use crate::config::ListenerConfig;
 use crate::forward::{self, Outcome, REQUEST_ID, Route};
 use crate::upstream::ProxyBody;
+use crate::{Shared, h1};
 
 /// Serves one listener until `shutdown`, then stops accepting and gives open connections
 /// `drain` to finish their requests.
@@ -49,6 +49,13 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes as u32);
+    let fast = tls.is_none().then(|| {
+        Arc::new(h1::FastPath {
+            shared: shared.clone(),
+            header_read_timeout: cfg.header_read_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+        })
+    });
     let service = move |peer: SocketAddr| {
         let shared = shared.clone();
         // x-forwarded-for, formatted once per connection rather than per request.
@@ -64,6 +71,7 @@ pub async fn serve(
         listener,
         builder,
         tls,
+        fast,
         cfg.header_read_timeout,
         service,
         shutdown,
@@ -72,11 +80,14 @@ pub async fn serve(
     .await;
 }
 
-/// The accept loop shared by traffic and admin listeners.
+/// The accept loop shared by traffic and admin listeners. Plain-text traffic connections
+/// start on the HTTP/1.1 fast path (`fast`) and move to hyper when they need it.
+#[allow(clippy::too_many_arguments)]
 pub async fn accept_loop<F, S>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
+    fast: Option<Arc<h1::FastPath>>,
     first_byte_timeout: Duration,
     make_service: F,
     shutdown: CancellationToken,
@@ -112,6 +123,7 @@ pub async fn accept_loop<F, S>(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         let shutdown = shutdown.clone();
+        let fast = fast.clone();
         tokio::spawn(async move {
             // A client that connects and sends nothing would otherwise hold the connection
             // forever: the HTTP/2 preface sniffing has no timer of its own.
@@ -120,11 +132,20 @@ pub async fn accept_loop<F, S>(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            match tls {
-                None => {
+            match (tls, fast) {
+                (None, Some(fast)) => {
+                    let mut stream = stream;
+                    if let h1::Ended::HandOver(read) =
+                        h1::serve(&mut stream, peer, &fast, &shutdown).await
+                    {
+                        let io = TokioIo::new(h1::Prefixed::new(read, stream));
+                        serve_conn(&builder, io, service, watcher, shutdown).await
+                    }
+                }
+                (None, None) => {
                     serve_conn(&builder, TokioIo::new(stream), service, watcher, shutdown).await
                 }
-                Some(acceptor) => {
+                (Some(acceptor), _) => {
                     match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => {
                             serve_conn(&builder, TokioIo::new(s), service, watcher, shutdown).await
@@ -170,11 +191,21 @@ async fn serve_conn<I, S>(
 /// Request ids for one connection. Ids need to be unique, not unpredictable: a small
 /// generator per connection, seeded from the thread's, costs a few instructions per id where
 /// the thread's cryptographic generator costs hundreds.
-struct RequestIds(RefCell<SmallRng>);
+pub(crate) struct RequestIds(RefCell<SmallRng>);
 
 impl RequestIds {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         RequestIds(RefCell::new(SmallRng::from_rng(&mut rand::rng())))
+    }
+
+    /// A new random 128-bit id in hex.
+    pub(crate) fn hex(&self) -> [u8; 32] {
+        let id: u128 = self.0.borrow_mut().random();
+        let mut hex = [0u8; 32];
+        for (i, b) in hex.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        hex
     }
 
     /// The request's own id when it has a usable one, else a new random 128-bit hex id.
@@ -184,26 +215,34 @@ impl RequestIds {
                 return v.clone();
             }
         }
-        let id: u128 = self.0.borrow_mut().random();
-        let mut hex = [0u8; 32];
-        for (i, b) in hex.iter_mut().enumerate() {
-            *b = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
-        }
-        HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("0"))
+        HeaderValue::from_bytes(&self.hex()).unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 }
 
 /// The first route that matches; the Host header is parsed only if some route looks at it.
 fn route_for<'a>(routes: &'a [Route], req: &Request<Incoming>) -> Option<&'a Route> {
-    let mut host = None;
+    matching_route(
+        routes,
+        || forward::host_of(req.uri(), req.headers().get(header::HOST)),
+        req.uri().path(),
+    )
+}
+
+/// The first route that matches `path` and the host `host` gives, which is asked for only if
+/// some route looks at the host.
+pub(crate) fn matching_route<'a, 'h>(
+    routes: &'a [Route],
+    host: impl FnOnce() -> Option<&'h str>,
+    path: &str,
+) -> Option<&'a Route> {
+    let mut host = Some(host);
+    let mut parsed = None;
     routes.iter().find(|r| {
         let h = match r.host {
             None => None,
-            Some(_) => *host.get_or_insert_with(|| {
-                forward::host_of(req.uri(), req.headers().get(header::HOST))
-            }),
+            Some(_) => *parsed.get_or_insert_with(|| host.take().and_then(|f| f())),
         };
-        r.matches(h, req.uri().path())
+        r.matches(h, path)
     })
 }
 
@@ -216,7 +255,40 @@ struct RequestLine {
     version: Version,
 }
 
-const ACCESS_LOG: &str = "tidings_proxy::access";
+pub(crate) const ACCESS_LOG: &str = "tidings_proxy::access";
+
+/// One line of the access log.
+pub(crate) struct AccessEntry<'a> {
+    pub request_id: &'a str,
+    pub peer: SocketAddr,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub version: Version,
+    pub status: u16,
+    pub cluster: &'a str,
+    pub outcome: &'a Outcome,
+    pub elapsed: Duration,
+}
+
+pub(crate) fn access_log(e: &AccessEntry<'_>) {
+    tracing::info!(
+        target: ACCESS_LOG,
+        request_id = e.request_id,
+        peer = %e.peer,
+        method = e.method,
+        host = e.host,
+        path = e.path,
+        version = ?e.version,
+        status = e.status,
+        cluster = e.cluster,
+        upstream = e.outcome.upstream.map(|a| a.to_string()).unwrap_or_default(),
+        attempts = e.outcome.attempts,
+        flag = e.outcome.flag.unwrap_or(""),
+        duration_ms = e.elapsed.as_secs_f64() * 1000.0,
+        "request"
+    );
+}
 
 /// One downstream request: route, forward, and log.
 async fn handle(
@@ -262,22 +334,18 @@ async fn handle(
         }
     }
     if let Some(line) = line {
-        tracing::info!(
-            target: ACCESS_LOG,
-            request_id = rid.to_str().unwrap_or(""),
-            peer = %peer,
-            method = %line.method,
-            host = forward::host_of(&line.uri, line.host_header.as_ref()).unwrap_or(""),
-            path = line.uri.path(),
-            version = ?line.version,
+        access_log(&AccessEntry {
+            request_id: rid.to_str().unwrap_or(""),
+            peer,
+            method: line.method.as_str(),
+            host: forward::host_of(&line.uri, line.host_header.as_ref()).unwrap_or(""),
+            path: line.uri.path(),
+            version: line.version,
             status,
             cluster,
-            upstream = out.upstream.map(|a| a.to_string()).unwrap_or_default(),
-            attempts = out.attempts,
-            flag = out.flag.unwrap_or(""),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request"
-        );
+            outcome: &out,
+            elapsed,
+        });
     }
     resp.headers_mut().insert(REQUEST_ID.clone(), rid);
     Ok(resp)

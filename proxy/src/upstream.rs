@@ -22,7 +22,7 @@ use crate::breaker::{CircuitBreaker, Permit, Resource};
 
 mod pool;
 
-pub use self::pool::{Conn, HostConns, Upstream, UpstreamError};
+pub use self::pool::{Conn, HostConns, RawConn, Upstream, UpstreamError};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Request and response bodies inside the proxy.
@@ -65,8 +65,11 @@ impl Connector {
         self.tls.is_some()
     }
 
-    /// Dials `addr`; the second value says whether TLS negotiated HTTP/2 (ALPN).
-    pub async fn connect(&self, addr: SocketAddr) -> Result<(UpstreamIo, bool), ConnectError> {
+    /// Dials `addr` over plain TCP, holding a breaker slot for the connection.
+    pub async fn connect_tcp(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(TcpStream, Option<Permit>), ConnectError> {
         let permit = match &self.breaker {
             Some(b) => Some(
                 b.try_acquire(Resource::Connections)
@@ -74,22 +77,28 @@ impl Connector {
             ),
             None => None,
         };
-        let dial = async {
-            let tcp = TcpStream::connect(addr).await?;
-            // Requests are small and latency-bound: never wait to coalesce.
-            tcp.set_nodelay(true)?;
-            match &self.tls {
-                None => Ok::<_, io::Error>((Stream::Plain(tcp), false)),
-                Some((tls, name)) => {
-                    let s = tls.connect(name.clone(), tcp).await?;
-                    let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                    Ok((Stream::Tls(Box::new(s)), h2))
-                }
-            }
-        };
-        let (stream, h2) = tokio::time::timeout(self.connect_timeout, dial)
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
+        // Requests are small and latency-bound: never wait to coalesce.
+        tcp.set_nodelay(true)?;
+        Ok((tcp, permit))
+    }
+
+    /// Dials `addr`; the second value says whether TLS negotiated HTTP/2 (ALPN).
+    pub async fn connect(&self, addr: SocketAddr) -> Result<(UpstreamIo, bool), ConnectError> {
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let (tcp, permit) = self.connect_tcp(addr).await?;
+        let (stream, h2) = match &self.tls {
+            None => (Stream::Plain(tcp), false),
+            Some((tls, name)) => {
+                let s = tokio::time::timeout_at(deadline, tls.connect(name.clone(), tcp))
+                    .await
+                    .map_err(|_| ConnectError::Timeout(self.connect_timeout))??;
+                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                (Stream::Tls(Box::new(s)), h2)
+            }
+        };
         let io = UpstreamIo {
             inner: TokioIo::new(stream),
             _permit: permit,

@@ -10,15 +10,18 @@
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{ConnectError, Connector, ProxyBody, UpstreamIo};
+use crate::breaker::Permit;
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -60,10 +63,39 @@ struct Idle {
     since: Instant,
 }
 
+/// A plain TCP connection of the HTTP/1.1 fast path (`crate::h1`), which speaks HTTP on it
+/// itself; it holds its breaker slot for as long as it is open.
+pub struct RawConn {
+    pub stream: TcpStream,
+    _permit: Option<Permit>,
+}
+
+impl RawConn {
+    /// Whether the peer has neither closed the connection nor sent anything unasked: an idle
+    /// connection has nothing to read. Costs no system call unless the socket polled readable.
+    fn is_idle_and_open(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+}
+
+struct RawIdle {
+    conn: RawConn,
+    since: Instant,
+}
+
 /// One host's connections. Dropping it closes the idle ones.
 #[derive(Default)]
 pub struct HostConns {
     idle: Mutex<Vec<Idle>>,
+    raw: Mutex<Vec<RawIdle>>,
     h2: Mutex<Option<http2::SendRequest<ProxyBody>>>,
 }
 
@@ -81,13 +113,17 @@ impl HostConns {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn raw(&self) -> MutexGuard<'_, Vec<RawIdle>> {
+        self.raw.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn h2(&self) -> MutexGuard<'_, Option<http2::SendRequest<ProxyBody>>> {
         self.h2.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Idle HTTP/1 connections kept for reuse.
     pub fn idle_count(&self) -> usize {
-        self.idle().len()
+        self.idle().len() + self.raw().len()
     }
 
     /// The most recently returned live connection that has not idled past `timeout`.
@@ -204,12 +240,47 @@ impl Upstream {
         }
     }
 
+    /// The most recently returned fast-path connection that is still open, if any. Idle time
+    /// is left to [`Upstream::evict_idle`]: a connection the backend closed in the meantime
+    /// shows as readable and is dropped here.
+    pub fn pop_raw(&self, conns: &HostConns) -> Option<RawConn> {
+        let mut idle = conns.raw();
+        while let Some(c) = idle.pop() {
+            if c.conn.is_idle_and_open() {
+                return Some(c.conn);
+            }
+        }
+        None
+    }
+
+    /// Dials a new fast-path connection, counted against the breaker.
+    pub async fn connect_raw(&self, addr: SocketAddr) -> Result<RawConn, ConnectError> {
+        let (stream, permit) = self.connector.connect_tcp(addr).await?;
+        Ok(RawConn {
+            stream,
+            _permit: permit,
+        })
+    }
+
+    /// Puts a fast-path connection whose response is complete back on the idle stack,
+    /// unless the stack is full.
+    pub fn release_raw(&self, conns: &HostConns, conn: RawConn) {
+        let since = Instant::now();
+        let mut idle = conns.raw();
+        if idle.len() < self.max_idle_per_host {
+            idle.push(RawIdle { conn, since });
+        }
+    }
+
     /// Closes connections idle for longer than the idle timeout. Requests check it too when
     /// they pop; this sweep frees the sockets (and breaker slots) of hosts nobody asks for.
     pub fn evict_idle(&self, conns: &HostConns) {
         let now = Instant::now();
         conns.idle().retain(|c| {
             !c.tx.is_closed() && now.saturating_duration_since(c.since) < self.idle_timeout
+        });
+        conns.raw().retain(|c| {
+            c.conn.is_idle_and_open() && now.saturating_duration_since(c.since) < self.idle_timeout
         });
         let mut h2 = conns.h2();
         if h2.as_ref().is_some_and(|tx| tx.is_closed()) {

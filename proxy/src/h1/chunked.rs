@@ -1,0 +1,201 @@
+//! Finds where a chunked message body ends, so the fast path can pass the chunks through
+//! unchanged (RFC 9112 §7.1) and still know when the upstream connection is free again.
+//! Sans IO: fed whatever bytes have arrived, it says how many belong to the body.
+
+/// Chunk sizes above this are refused: no real body needs them, and it keeps the arithmetic
+/// far from overflow.
+const MAX_CHUNK: u64 = 1 << 40;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid chunked encoding: {0}")]
+pub struct ChunkError(&'static str);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Hex digits of a chunk size; `digits` counts them.
+    Size,
+    /// A chunk extension, skipped up to its CR.
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// The start of a trailer line, or the final CRLF.
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+/// Where a chunked body stands.
+#[derive(Debug)]
+pub struct Chunked {
+    state: State,
+    size: u64,
+    digits: u8,
+}
+
+impl Default for Chunked {
+    fn default() -> Self {
+        Chunked {
+            state: State::Size,
+            size: 0,
+            digits: 0,
+        }
+    }
+}
+
+impl Chunked {
+    /// Scans `data`, the next bytes of the body. Returns how many of them belong to the body
+    /// and whether the body (last chunk and trailers) is complete; bytes after the end are not
+    /// consumed.
+    pub fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), ChunkError> {
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                State::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = u64::from(match b {
+                            b'0'..=b'9' => b - b'0',
+                            b'a'..=b'f' => b - b'a' + 10,
+                            _ => b - b'A' + 10,
+                        });
+                        self.size = self.size * 16 + digit;
+                        self.digits = self.digits.saturating_add(1);
+                        if self.size > MAX_CHUNK {
+                            return Err(ChunkError("chunk too large"));
+                        }
+                    }
+                    _ if self.digits == 0 => return Err(ChunkError("missing chunk size")),
+                    b';' | b' ' | b'\t' => self.state = State::Extension,
+                    b'\r' => self.state = State::SizeLf,
+                    _ => return Err(ChunkError("bad chunk size")),
+                },
+                State::Extension => match b {
+                    b'\r' => self.state = State::SizeLf,
+                    b'\n' => return Err(ChunkError("bare LF in chunk extension")),
+                    _ => {}
+                },
+                State::SizeLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected LF after chunk size"));
+                    }
+                    self.digits = 0;
+                    self.state = if self.size == 0 {
+                        State::TrailerStart
+                    } else {
+                        State::Data
+                    };
+                }
+                State::Data => {
+                    let take =
+                        (data.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = State::DataCr;
+                    }
+                    continue;
+                }
+                State::DataCr => {
+                    if b != b'\r' {
+                        return Err(ChunkError("chunk data longer than its size"));
+                    }
+                    self.state = State::DataLf;
+                }
+                State::DataLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected LF after chunk data"));
+                    }
+                    self.state = State::Size;
+                }
+                State::TrailerStart => {
+                    self.state = if b == b'\r' {
+                        State::EndLf
+                    } else {
+                        State::TrailerLine
+                    };
+                }
+                State::TrailerLine => match b {
+                    b'\r' => self.state = State::TrailerLf,
+                    b'\n' => return Err(ChunkError("bare LF in trailer")),
+                    _ => {}
+                },
+                State::TrailerLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected LF after trailer"));
+                    }
+                    self.state = State::TrailerStart;
+                }
+                State::EndLf => {
+                    if b != b'\n' {
+                        return Err(ChunkError("expected LF at the end of the body"));
+                    }
+                    self.state = State::Done;
+                    return Ok((i + 1, true));
+                }
+                State::Done => return Ok((i, true)),
+            }
+            i += 1;
+        }
+        Ok((i, self.state == State::Done))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(body: &[u8]) -> Result<(usize, bool), ChunkError> {
+        Chunked::default().scan(body)
+    }
+
+    #[test]
+    fn finds_the_end_of_a_body_and_leaves_what_follows() {
+        let body = b"3\r\nabc\r\n10;name=v\r\n0123456789abcdef\r\n0\r\n\r\nHTTP/1.1";
+        assert_eq!(whole(body), Ok((body.len() - 8, true)));
+    }
+
+    #[test]
+    fn trailers_belong_to_the_body() {
+        let body = b"1\r\nx\r\n0\r\nx-sum: 1\r\nx-more: 2\r\n\r\n";
+        assert_eq!(whole(body), Ok((body.len(), true)));
+    }
+
+    #[test]
+    fn byte_by_byte_is_the_same_as_at_once() {
+        let body = b"A\r\n0123456789\r\n0\r\nt: v\r\n\r\n";
+        let mut c = Chunked::default();
+        for (i, b) in body.iter().enumerate() {
+            let (n, done) = c.scan(std::slice::from_ref(b)).expect("valid");
+            assert_eq!(n, 1);
+            assert_eq!(done, i == body.len() - 1, "at byte {i}");
+        }
+    }
+
+    #[test]
+    fn an_incomplete_body_is_not_done() {
+        assert_eq!(whole(b"5\r\nab"), Ok((5, false)));
+        assert_eq!(whole(b"0\r\n"), Ok((3, false)));
+        assert_eq!(whole(b"0\r\n\r"), Ok((4, false)));
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        for bad in [
+            &b"\r\n"[..],
+            b"zz\r\n",
+            b"3\nabc",
+            b"3\r\nabcd\r\n",
+            b"3\r\nabc\n",
+            b"1;ext\nx",
+            b"0\r\nt\nx",
+            b"0\r\n\rx",
+            b"ffffffffffffffffff\r\n",
+        ] {
+            assert!(whole(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}
