@@ -143,10 +143,9 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<Reque
     for f in fields.iter() {
         let (name, value) = (&buf[f.name.clone()], &buf[f.value.clone()]);
         match name.len() {
-            4 if name.eq_ignore_ascii_case(b"host") => {
-                if host.replace(f.value.clone()).is_some() {
-                    return Err(Slow::Malformed);
-                }
+            // The guard records the first Host; a second one is malformed.
+            4 if name.eq_ignore_ascii_case(b"host") && host.replace(f.value.clone()).is_some() => {
+                return Err(Slow::Malformed);
             }
             6 if name.eq_ignore_ascii_case(b"expect") => return Err(Slow::Unsupported),
             7 if name.eq_ignore_ascii_case(b"upgrade") => return Err(Slow::Unsupported),
@@ -160,10 +159,10 @@ pub fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Result<Option<Reque
                     }
                 }
             }
-            12 if name.eq_ignore_ascii_case(b"x-request-id") => {
-                if (1..=128).contains(&value.len()) {
-                    head.request_id = Some(f.value.clone());
-                }
+            12 if name.eq_ignore_ascii_case(b"x-request-id")
+                && (1..=128).contains(&value.len()) =>
+            {
+                head.request_id = Some(f.value.clone());
             }
             14 if name.eq_ignore_ascii_case(b"content-length") => {
                 let n = content_length(value).ok_or(Slow::Malformed)?;

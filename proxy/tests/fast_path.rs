@@ -1,0 +1,308 @@
+//! The HTTP/1.1 fast path over real sockets: every way a response body can be delimited
+//! passes through intact, pipelined requests are answered in order, the forwarded request
+//! carries the proxy's headers and the body, idle upstream connections the backend closed
+//! cost no errors, a response cut short closes the client connection, and what the fast path
+//! leaves to hyper (HTTP/1.0, chunked uploads, HTTP/2 prior knowledge) is still served.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use proxy::config::HealthCheckKind;
+use support::{Listed, Membership, Running, config, start, without_health_checks};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BIG: usize = 1 << 20;
+
+fn big_body() -> Vec<u8> {
+    (0..BIG).map(|i| (i % 251) as u8).collect()
+}
+
+/// A backend speaking HTTP/1.1 by hand, so that it can answer in every framing, including
+/// wrong ones. Counts the connections it accepted.
+async fn scripted_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve_scripted(stream));
+        }
+    });
+    (addr, accepted)
+}
+
+async fn serve_scripted(mut s: TcpStream) {
+    let mut buf = Vec::new();
+    // Bounded: a test connection carries a few hundred requests at most.
+    for _ in 0..10_000 {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let length = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = buf[head_end..head_end + length].to_vec();
+        buf.drain(..head_end + length);
+        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+        let reply: Vec<u8> = match path.as_str() {
+            "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
+            "/until-close" => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nstreamed until close").await;
+                return;
+            }
+            "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n".to_vec(),
+            "/204" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            "/big" => {
+                let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+                r.extend_from_slice(&big_body());
+                r
+            }
+            "/close-after" => {
+                // Claims keep-alive, then closes: the proxy's pooled connection goes stale.
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                return;
+            }
+            "/cut" => {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await;
+                return;
+            }
+            _ => {
+                let mut echo = head.into_bytes();
+                echo.extend_from_slice(&body);
+                let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", echo.len()).into_bytes();
+                r.extend_from_slice(&echo);
+                r
+            }
+        };
+        if s.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn proxy_for(backend: SocketAddr) -> (Running, Membership) {
+    let m = Membership::start(vec![Listed::up(backend)]).await;
+    let p = start(without_health_checks(
+        config(&m.url()),
+        HealthCheckKind::None,
+    ))
+    .await;
+    p.wait_routed(&[backend]).await;
+    (p, m)
+}
+
+/// Writes `bytes` on a new connection and reads until the proxy closes it (at most 5 s).
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the proxy did not close the connection");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_passes_through_intact() {
+    let (backend, accepted) = scripted_backend().await;
+    let (p, _m) = proxy_for(backend).await;
+    for _ in 0..2 {
+        let r = p.get("/chunked").await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "hello world"));
+        let r = p.get("/until-close").await;
+        assert_eq!(
+            (r.status.as_u16(), r.body.as_str()),
+            (200, "streamed until close")
+        );
+        let head = Request::head(format!("http://{}/head", p.addr))
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let r = p.send(head).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.headers.get("content-length").map(|v| v.as_bytes()),
+            Some(&b"11"[..])
+        );
+        assert!(r.body.is_empty());
+        assert_eq!(p.get("/204").await.status, 204);
+        let r = p.get("/early").await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"));
+        let resp = p
+            .client
+            .get(format!("http://{}/big", p.addr).parse().expect("uri"))
+            .await
+            .expect("big");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert!(body[..] == big_body()[..], "1 MiB body changed on the way");
+    }
+    // Keep-alive upstream: everything but the until-close answers reused connections.
+    let before = accepted.load(Ordering::SeqCst);
+    for _ in 0..50 {
+        assert_eq!(p.get("/echo").await.status, 200);
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) - before <= 1,
+        "upstream connections not reused"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let (backend, _) = scripted_backend().await;
+    let (p, _m) = proxy_for(backend).await;
+    let text = raw(
+        p.addr,
+        b"GET /chunked HTTP/1.1\r\nHost: x\r\n\r\nGET /first HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let hello = text.find("hello").expect("chunked body");
+    let first = text.find("GET /first").expect("first echo");
+    let second = text.find("GET /second").expect("second echo");
+    assert!(hello < first && first < second, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    assert!(
+        text.contains("x-trailer: t"),
+        "trailers are passed on: {text}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarded_request_carries_our_headers_and_the_body() {
+    let (backend, _) = scripted_backend().await;
+    let (p, _m) = proxy_for(backend).await;
+    let text = raw(
+        p.addr,
+        b"POST /echo HTTP/1.1\r\nHost: svc\r\nConnection: close, x-secret\r\nx-secret: s\r\n\
+          Keep-Alive: 5\r\nX-Forwarded-For: 1.2.3.4\r\nX-Request-Id: req-7\r\n\
+          Content-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    let (head, echo) = text.split_once("\r\n\r\n").expect("response head");
+    let echo = echo.to_ascii_lowercase();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("x-request-id: req-7"), "{head}");
+    assert!(
+        echo.starts_with("post /echo http/1.1\r\nhost: svc\r\n"),
+        "{echo}"
+    );
+    assert!(
+        echo.contains("x-forwarded-for: 1.2.3.4, 127.0.0.1\r\n"),
+        "{echo}"
+    );
+    assert!(echo.contains("x-request-id: req-7\r\n"), "{echo}");
+    assert!(echo.ends_with("\r\n\r\nhello"), "{echo}");
+    for hop in ["x-secret", "keep-alive", "connection"] {
+        assert!(!echo.contains(hop), "{hop} was forwarded: {echo}");
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_the_backend_closed_cost_no_errors() {
+    let (backend, accepted) = scripted_backend().await;
+    let (p, _m) = proxy_for(backend).await;
+    for i in 0..20 {
+        let r = p.get("/close-after").await;
+        assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"), "GET {i}");
+        let post = Request::post(format!("http://{}/close-after", p.addr))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .expect("req");
+        assert_eq!(p.send(post).await.status, 200, "POST {i}");
+    }
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 40,
+        "each answer closed its connection"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_cut_short_closes_the_client_connection() {
+    let (backend, _) = scripted_backend().await;
+    let (p, _m) = proxy_for(backend).await;
+    let text = raw(p.addr, b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (head, body) = text.split_once("\r\n\r\n").expect("head");
+    assert!(head.contains("Content-Length: 10"), "{head}");
+    assert_eq!(body, "abc", "only what the backend sent, then the close");
+    assert_eq!(p.get("/echo").await.status, 200, "proxy still serves");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_fast_path_leaves_are_served_by_hyper() {
+    let (backend, _) = scripted_backend().await;
+    let (p, _m) = proxy_for(backend).await;
+    // Fast first, then a chunked upload on the same connection: handed to hyper mid-stream.
+    let text = raw(
+        p.addr,
+        b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\nPOST /slow HTTP/1.1\r\nHost: x\r\n\
+          Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    let fast = text.find("GET /fast").expect("fast echo");
+    let slow = text.find("POST /slow").expect("slow echo");
+    // The scripted backend does not decode chunked uploads: hyper's framing shows it came.
+    assert!(fast < slow, "{text}");
+    assert!(
+        text[slow..].contains("transfer-encoding: chunked"),
+        "{text}"
+    );
+    // HTTP/1.0, which the fast path leaves alone.
+    let text = raw(p.addr, b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(text.contains("GET /old"), "{text}");
+    // HTTP/2 with prior knowledge.
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        h2.get(format!("http://{}/h2", p.addr).parse().expect("uri")),
+    )
+    .await
+    .expect("h2 answer in time")
+    .expect("h2");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).starts_with("GET /h2 HTTP/1.1"));
+    p.stop().await;
+}
