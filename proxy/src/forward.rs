@@ -163,6 +163,9 @@ pub async fn forward(
     // One timer for the whole request, response body included (see `Guarded`).
     let mut timeout = Box::pin(tokio::time::sleep_until(deadline));
     let mut prepared = None;
+    // An HTTP/1.0 request may come without a Host: each attempt then names its own upstream.
+    let host_is_upstream =
+        parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST);
     let mut previous = None;
     let mut _retry_permit: Option<Permit> = None;
     loop {
@@ -188,6 +191,11 @@ pub async fn forward(
             let downstream = std::mem::take(&mut parts.headers);
             headers::upstream_headers(downstream, &parts.uri, &host.authority, request_id, peer_ip)
         });
+        if host_is_upstream {
+            if let Ok(v) = HeaderValue::from_str(host.authority.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
         // An attempt that may be followed by another sends a copy.
         let headers = if body.replayable() {
             headers.clone()

@@ -306,3 +306,32 @@ async fn requests_the_fast_path_leaves_are_served_by_hyper() {
     assert!(String::from_utf8_lossy(&body).starts_with("GET /h2 HTTP/1.1"));
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_request_without_host_names_the_upstream_each_attempt_went_to() {
+    let (echo, _) = scripted_backend().await;
+    let failing = support::raw_upstream(Some(
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+    ))
+    .await;
+    let m = Membership::start(vec![Listed::up(echo), Listed::up(failing)]).await;
+    let p = start(without_health_checks(
+        config(&m.url()),
+        HealthCheckKind::None,
+    ))
+    .await;
+    p.wait_routed(&[echo, failing]).await;
+    // Round robin sends about half of these to the failing host first; the retry goes to the
+    // echo, which must see its own address as Host, not the failing host's.
+    for i in 0..6 {
+        let text = raw(p.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+        if text.contains(" 200 ") {
+            assert!(
+                text.to_ascii_lowercase()
+                    .contains(&format!("host: {echo}\r\n")),
+                "request {i}: {text}"
+            );
+        }
+    }
+    p.stop().await;
+}
