@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::breaker::CircuitBreaker;
 use crate::config::{ClusterConfig, HealthCheckKind};
 use crate::health::{CheckOutcome, HealthPolicy, HealthState, HealthStatus, Transition};
-use crate::lb::{Balancer, LbHost};
+use crate::lb::{Balancer, LbHost, LbPolicy};
 use crate::merge::{self, Candidate, Decision, DiscoveryStatus};
 use crate::outlier::{OutlierPolicy, OutlierState, RequestResult};
 use crate::retry::RetryPolicy;
@@ -77,16 +77,26 @@ struct State {
     balancer: Balancer,
     rng: SmallRng,
     membership: MembershipStatus,
-    scratch: Scratch,
+    routing: Routing,
 }
 
-/// Buffers [`Cluster::pick`] refills on every request, kept so that picking allocates nothing.
+/// The routable set as [`Cluster::pick`] balances over it, rebuilt only when something that
+/// decides routability changed: a listing, a health transition, an ejection starting or
+/// ending, a host forgotten. A pick is then independent of the cluster's size (it walked
+/// every host per request before, which at a thousand hosts cost more than the rest of the
+/// request).
 #[derive(Default)]
-struct Scratch {
-    addrs: Vec<SocketAddr>,
+struct Routing {
+    fresh: bool,
+    /// The earliest end of an ejection in force: the set changes then without any event.
+    until: Option<Instant>,
+    /// The routable hosts, in the order of `lb`.
+    handles: Vec<Arc<HostHandle>>,
+    lb: Vec<LbHost>,
+    panic: bool,
+    // Scratch for rebuilds.
     candidates: Vec<Candidate>,
     routable: Vec<usize>,
-    lb: Vec<LbHost>,
 }
 
 pub struct Cluster {
@@ -147,7 +157,7 @@ impl Cluster {
             balancer: Balancer::new(config.lb_policy, zone),
             rng: SmallRng::from_rng(&mut rand::rng()),
             membership: MembershipStatus::default(),
-            scratch: Scratch::default(),
+            routing: Routing::default(),
         };
         let name: Arc<str> = Arc::from(config.name.as_str());
         Arc::new(Cluster {
@@ -251,6 +261,7 @@ impl Cluster {
                 },
             );
         }
+        st.routing.fresh = false;
         st.membership.initialized = true;
         st.membership.index = index;
         st.membership.last_ok = Some(now);
@@ -287,6 +298,7 @@ impl Cluster {
             .map(|(a, _)| *a)
             .collect();
         for addr in gone {
+            st.routing.fresh = false;
             if let Some(h) = st.hosts.remove(&addr) {
                 if let Some(t) = h.checker {
                     t.cancel();
@@ -312,10 +324,16 @@ impl Cluster {
         };
         let now = now();
         let mut st = self.lock();
-        let State { hosts, rng, .. } = &mut *st;
+        let State {
+            hosts,
+            rng,
+            routing,
+            ..
+        } = &mut *st;
         let Some(h) = hosts.get_mut(&addr) else {
             return false;
         };
+        let was_ejected = h.outlier.is_ejected(now);
         let transition = h.health.on_result(outcome, now, &policy, rng);
         if outcome == CheckOutcome::Success
             && self
@@ -324,6 +342,9 @@ impl Cluster {
                 .uneject_on_health_check_success
         {
             h.outlier.on_health_check_success();
+        }
+        if transition == Transition::Changed || was_ejected != h.outlier.is_ejected(now) {
+            routing.fresh = false;
         }
         let status = h.health.status();
         if transition == Transition::Changed {
@@ -357,69 +378,91 @@ impl Cluster {
         hash: Option<u64>,
         avoid: Option<SocketAddr>,
     ) -> Option<(SocketAddr, ActiveGuard)> {
-        let now = now();
         let mut st = self.lock();
+        let expired = st.routing.until.is_some_and(|u| now() >= u);
+        if !st.routing.fresh || expired {
+            self.rebuild_routing(&mut st);
+        }
         let State {
-            hosts,
             balancer,
             rng,
-            scratch,
+            routing,
             ..
         } = &mut *st;
-        let checked = self.health_policy.is_some();
-        let Scratch {
-            addrs,
-            candidates,
-            routable,
-            lb,
-        } = scratch;
-        addrs.clear();
-        candidates.clear();
-        for (addr, h) in hosts.iter() {
-            addrs.push(*addr);
-            candidates.push(Candidate {
-                decision: merge::decide(h.discovery, h.health.status(), checked),
-                ejected: h.outlier.is_ejected(now),
-            });
-        }
-        let panic = merge::routable_into(candidates, self.config.panic_threshold_percent, routable);
-        lb.clear();
-        // `routable` holds ascending indices into `hosts`: one walk collects them.
-        let mut wanted = routable.iter().copied().peekable();
-        for (i, h) in hosts.values().enumerate() {
-            if wanted.next_if_eq(&i).is_some() {
-                lb.push(LbHost {
-                    key: h.key.clone(),
-                    weight: h.weight,
-                    active: h.handle.active(),
-                    zone: h.zone.clone(),
-                });
+        if balancer.policy() == LbPolicy::LeastRequest {
+            // Least request needs live in-flight counts; the rest of the set is cached.
+            for (h, handle) in routing.lb.iter_mut().zip(&routing.handles) {
+                h.active = handle.active();
             }
         }
-        let addr_of = |i: usize| addrs[routable[i]];
+        let n = routing.handles.len();
+        let addr_of = |i: usize| routing.handles[i].addr;
         // Envoy's previous-host predicate: re-pick a few times (perturbing the hash, as Envoy
         // does for hash balancers) rather than change the host set, which would reset the
         // balancer's schedule.
         let mut picked = None;
         for attempt in 0..HOST_SELECTION_ATTEMPTS {
             let h = hash.map(|h| h.wrapping_add(attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-            picked = balancer.pick(lb, panic, h, rng);
+            picked = balancer.pick_current(&routing.lb, routing.panic, h, rng);
             match (picked, avoid) {
-                (Some(i), Some(avoid)) if addr_of(i) == avoid && routable.len() > 1 => continue,
+                (Some(i), Some(avoid)) if addr_of(i) == avoid && n > 1 => continue,
                 _ => break,
             }
         }
         let mut picked = picked?;
-        if avoid.is_some_and(|a| addr_of(picked) == a) && routable.len() > 1 {
+        if avoid.is_some_and(|a| addr_of(picked) == a) && n > 1 {
             // Unlucky draws: take the neighbour rather than repeat a failed host.
-            picked = (picked + 1) % routable.len();
+            picked = (picked + 1) % n;
         }
-        let handle = hosts
-            .get(addrs.get(*routable.get(picked)?)?)?
-            .handle
-            .clone();
+        let handle = routing.handles.get(picked)?.clone();
         handle.active.fetch_add(1, Ordering::AcqRel);
         Some((handle.addr, ActiveGuard(handle)))
+    }
+
+    /// Recomputes the routable set from the hosts' discovery, health and ejections.
+    fn rebuild_routing(&self, st: &mut State) {
+        let now = now();
+        let checked = self.health_policy.is_some();
+        let State {
+            hosts,
+            balancer,
+            routing,
+            ..
+        } = st;
+        routing.candidates.clear();
+        routing.until = None;
+        for h in hosts.values() {
+            let ejected = h.outlier.is_ejected(now);
+            if let Some(end) = h.outlier.ejected_until().filter(|_| ejected) {
+                routing.until = Some(routing.until.map_or(end, |u| u.min(end)));
+            }
+            routing.candidates.push(Candidate {
+                decision: merge::decide(h.discovery, h.health.status(), checked),
+                ejected,
+            });
+        }
+        routing.panic = merge::routable_into(
+            &routing.candidates,
+            self.config.panic_threshold_percent,
+            &mut routing.routable,
+        );
+        routing.lb.clear();
+        routing.handles.clear();
+        // `routable` holds ascending indices into `hosts`: one walk collects them.
+        let mut wanted = routing.routable.iter().copied().peekable();
+        for (i, h) in hosts.values().enumerate() {
+            if wanted.next_if_eq(&i).is_some() {
+                routing.lb.push(LbHost {
+                    key: h.key.clone(),
+                    weight: h.weight,
+                    active: h.handle.active(),
+                    zone: h.zone.clone(),
+                });
+                routing.handles.push(h.handle.clone());
+            }
+        }
+        balancer.set_hosts(&routing.lb);
+        routing.fresh = true;
     }
 
     /// Feeds passive outlier detection with one request's result.
@@ -442,6 +485,7 @@ impl Cluster {
             return;
         };
         if let Some(until) = h.outlier.record(result, now, policy, ejected, total) {
+            st.routing.fresh = false;
             tracing::warn!(cluster = %self.name(), host = %addr, ejected_for_ms = (until - now).as_millis() as u64, "host ejected by outlier detection");
             metrics::counter!("tidings_proxy_ejections_total", "cluster" => self.name().to_string(), "host" => addr.to_string()).increment(1);
         }
@@ -453,11 +497,15 @@ impl Cluster {
     pub fn maintain(&self, sweep_outliers: bool) {
         let now = now();
         let mut st = self.lock();
+        let mut unejected = false;
         for h in st.hosts.values_mut() {
             if sweep_outliers {
-                h.outlier.sweep(now);
+                unejected |= h.outlier.sweep(now);
             }
             self.upstream.evict_idle(&h.handle.conns);
+        }
+        if unejected {
+            st.routing.fresh = false;
         }
         self.reconcile(&mut st);
     }

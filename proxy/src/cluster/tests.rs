@@ -205,6 +205,55 @@ async fn outlier_ejection_takes_a_host_out_of_rotation() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_ejection_ends_on_its_own_and_the_host_is_picked_again() {
+    let c = cluster(HealthCheckKind::None);
+    c.apply_listing(vec![listed(1), listed(2)], None, false);
+    let both = |c: &Cluster| {
+        (0..20)
+            .filter_map(|_| c.pick(None, None).map(|(a, _)| a))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(both(&c).len(), 2);
+    for _ in 0..5 {
+        c.record_result(addr(1), RequestResult::Failure);
+    }
+    assert_eq!(both(&c).into_iter().collect::<Vec<_>>(), vec![addr(2)]);
+    // No event marks the end of an ejection: the routable set must notice the time.
+    tokio::time::advance(c.config.outlier_detection.base_ejection_time + Duration::from_secs(1))
+        .await;
+    assert_eq!(both(&c).len(), 2);
+}
+
+#[tokio::test]
+async fn a_thousand_hosts_are_balanced_and_a_leaving_one_is_never_picked() {
+    let c = cluster(HealthCheckKind::None);
+    let hosts = |n: u16| -> Vec<ListedHost> {
+        (0..n)
+            .map(|i| ListedHost {
+                addr: SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 80)),
+                ..listed(1)
+            })
+            .collect()
+    };
+    c.apply_listing(hosts(1000), None, false);
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..3000 {
+        let (a, _) = c.pick(None, None).expect("pick");
+        *counts.entry(a).or_insert(0u32) += 1;
+    }
+    // Weighted round robin over equal weights: every host exactly three times.
+    assert_eq!(counts.len(), 1000);
+    assert!(
+        counts.values().all(|&n| n == 3),
+        "{:?}",
+        counts.values().max()
+    );
+    let leaving = hosts(1000)[0].addr;
+    c.apply_listing(hosts(1000)[1..].to_vec(), None, false);
+    assert!((0..3000).all(|_| c.pick(None, None).map(|(a, _)| a) != Some(leaving)));
+}
+
+#[tokio::test(start_paused = true)]
 async fn checker_runs_the_first_check_at_once_then_every_interval_with_jitter() {
     let mut cfg = ClusterConfig {
         name: "c".into(),

@@ -107,25 +107,28 @@ impl Algo {
     }
 }
 
-/// A subset of the hosts, by index, without copying them.
+/// A subset of the hosts, by index, without copying them; `None` is all of them.
 #[derive(Clone, Copy)]
 struct View<'a> {
     hosts: &'a [LbHost],
-    subset: &'a [usize],
+    subset: Option<&'a [usize]>,
 }
 
 impl<'a> View<'a> {
     fn len(&self) -> usize {
-        self.subset.len()
+        self.subset.map_or(self.hosts.len(), <[usize]>::len)
     }
     /// Callers index within `0..len()`; out of range falls back to the first host rather
     /// than panicking.
     fn get(&self, j: usize) -> &'a LbHost {
-        let i = self.subset.get(j).copied().unwrap_or(0);
+        let i = match self.subset {
+            Some(s) => s.get(j).copied().unwrap_or(0),
+            None => j,
+        };
         &self.hosts[i.min(self.hosts.len().saturating_sub(1))]
     }
     fn iter(&self) -> impl Iterator<Item = &'a LbHost> + '_ {
-        self.subset.iter().map(|&i| &self.hosts[i])
+        (0..self.len()).map(|j| self.get(j))
     }
 }
 
@@ -173,9 +176,13 @@ impl Balancer {
         hash: Option<u64>,
         rng: &mut impl Rng,
     ) -> Option<usize> {
-        if hosts.is_empty() {
-            return None;
-        }
+        self.set_hosts(hosts);
+        self.pick_current(hosts, panic, hash, rng)
+    }
+
+    /// Tells the balancer the routable set; its algorithm state is rebuilt only if the hosts,
+    /// weights or zones differ from last time.
+    pub fn set_hosts(&mut self, hosts: &[LbHost]) {
         // Compared in place: the common case (same hosts as last time) allocates nothing.
         let same = self.fingerprint.len() == hosts.len()
             && hosts
@@ -189,6 +196,20 @@ impl Balancer {
                 .collect();
             self.algos.clear();
         }
+    }
+
+    /// [`Self::pick`] over the set last given to [`Self::set_hosts`], which `hosts` must be
+    /// (their in-flight counts may have changed).
+    pub fn pick_current(
+        &mut self,
+        hosts: &[LbHost],
+        panic: bool,
+        hash: Option<u64>,
+        rng: &mut impl Rng,
+    ) -> Option<usize> {
+        if hosts.is_empty() {
+            return None;
+        }
         let hash = hash.unwrap_or_else(|| rng.random());
         let zone = if panic {
             None
@@ -201,19 +222,32 @@ impl Balancer {
             algos,
             ..
         } = self;
-        subset.clear();
-        match &zone {
-            Some(z) => subset.extend(
-                (0..hosts.len()).filter(|&i| hosts[i].zone.as_deref().unwrap_or("") == z.as_str()),
-            ),
-            None => subset.extend(0..hosts.len()),
-        }
-        let view = View { hosts, subset };
+        // Without zones the view is every host: no per-pick walk over the set.
+        let view = match &zone {
+            Some(z) => {
+                subset.clear();
+                subset.extend(
+                    (0..hosts.len())
+                        .filter(|&i| hosts[i].zone.as_deref().unwrap_or("") == z.as_str()),
+                );
+                View {
+                    hosts,
+                    subset: Some(subset),
+                }
+            }
+            None => View {
+                hosts,
+                subset: None,
+            },
+        };
         let algo = algos
             .entry(zone)
             .or_insert_with(|| Algo::build(*policy, view, rng));
-        algo.pick(view, hash, rng)
-            .and_then(|j| subset.get(j).copied())
+        let j = algo.pick(view, hash, rng)?;
+        match view.subset {
+            Some(s) => s.get(j).copied(),
+            None => (j < hosts.len()).then_some(j),
+        }
     }
 
     /// The zone to pick from, if zone-aware routing applies. Without a view of the local
