@@ -3,7 +3,8 @@
 #
 #   ops/bench/proxy.sh [seconds-per-phase]        (default 10)
 #   env: CONNECTIONS (wrk, default 64), RATE (fixed-rate phase, requests/s, default 5000),
-#        ROUNDS (default 3), TIDINGS_BIN (skip the release build and use this binary)
+#        ROUNDS (default 3), HOSTS (backend addresses in the cluster, default 1),
+#        TIDINGS_BIN (skip the release build and use this binary)
 #
 # One backend for all three: an nginx worker answering every path with a 3-byte body, pinned
 # to CPU 1, with its membership in a real registry (`tidings registry` + `tidings checkin`).
@@ -24,6 +25,11 @@
 # request (user + system, from /proc/PID/stat over the peak phases) does not depend on how
 # much of the CPU the proxy got, so it is the steadiest figure here. Then each proxy's peak
 # RSS (VmHWM from /proc/PID/status).
+#
+# HOSTS=N puts N backend addresses in the cluster (127.0.0.1, then 127.1.x.y: the same nginx
+# listens on all of them, all registered), balanced round robin by all three proxies, to
+# show what the size of a cluster costs per request. Every proxy health-checks its hosts
+# (ours by default every 5 s, HAProxy `check inter 5s`; nginx has no active checks).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -31,7 +37,12 @@ secs="${1:-10}"
 conns="${CONNECTIONS:-64}"
 rate="${RATE:-5000}"
 rounds="${ROUNDS:-3}"
+nhosts="${HOSTS:-1}"
+# nginx preallocates its connection table: size it for the hosts, so that RSS stays comparable.
+ngx_conns=$((nhosts > 100 ? 32768 : 4096))
 clients=50
+ulimit -n 65536 2>/dev/null || true
+host_ip() { if (($1 == 0)); then echo 127.0.0.1; else echo "127.1.$(($1 / 250)).$(($1 % 250 + 1))"; fi; }
 
 need=()
 command -v haproxy >/dev/null || need+=(haproxy)
@@ -56,9 +67,10 @@ nginx_conf() { # prefix, body of the server block
   mkdir -p "$1/logs"
   cat >"$1/nginx.conf" <<EOF
 worker_processes 1;
+worker_rlimit_nofile 65536;
 pid $1/nginx.pid;
 error_log $1/logs/error.log warn;
-events { worker_connections 4096; }
+events { worker_connections $ngx_conns; }
 http {
   access_log off;
   client_body_temp_path $1/body; proxy_temp_path $1/proxy; fastcgi_temp_path $1/fcgi;
@@ -68,7 +80,14 @@ http {
 }
 EOF
 }
-nginx_conf "$work/backend" "server { listen 127.0.0.1:$backend_port; location / { return 200 \"ok\n\"; } }"
+listens=""; ngx_servers=""; hap_servers=""
+for i in $(seq 0 $((nhosts - 1))); do
+  ip="$(host_ip "$i")"
+  listens+="listen $ip:$backend_port; "
+  ngx_servers+="server $ip:$backend_port; "
+  hap_servers+="  server b$i $ip:$backend_port check inter 5s"$'\n'
+done
+nginx_conf "$work/backend" "server { $listens location / { return 200 \"ok\n\"; } }"
 taskset -c 1 nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
 pids+=($!)
 wait_http "http://127.0.0.1:$backend_port/healthcheck"
@@ -76,20 +95,23 @@ wait_http "http://127.0.0.1:$backend_port/healthcheck"
 taskset -c 1 "$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" >"$work/registry.log" 2>&1 &
 pids+=($!)
 wait_http "http://127.0.0.1:$reg_port/healthcheck"
-"$bin" checkin --registry "http://127.0.0.1:$reg_port" --service web --ip 127.0.0.1 \
-  --port "$backend_port" --no-splay >/dev/null
+for i in $(seq 0 $((nhosts - 1))); do
+  "$bin" checkin --registry "http://127.0.0.1:$reg_port" --service web --ip "$(host_ip "$i")" \
+    --port "$backend_port" --no-splay >/dev/null
+done
 
 taskset -c 0 "$bin" --log-level warn proxy --listen "127.0.0.1:$ours_port" \
   --admin "127.0.0.1:$admin_port" --agent "http://127.0.0.1:$reg_port" --route web=/ \
   --worker-threads 1 >"$work/proxy.log" 2>&1 &
 ours_pid=$!
 pids+=($ours_pid)
-for _ in $(seq 100); do
-  curl -fsS "http://127.0.0.1:$admin_port/clusters" 2>/dev/null | grep -q '"routable_hosts": 1' && break
+for _ in $(seq 300); do
+  curl -fsS "http://127.0.0.1:$admin_port/clusters" 2>/dev/null | grep -q "\"routable_hosts\": $nhosts," && break
   sleep 0.1
 done
-curl -fsS "http://127.0.0.1:$admin_port/clusters" | grep -q '"routable_hosts": 1' \
-  || { echo "tidings proxy never routed to the backend" >&2; cat "$work/proxy.log" >&2; exit 1; }
+curl -fsS "http://127.0.0.1:$admin_port/clusters" | grep -q "\"routable_hosts\": $nhosts," \
+  || { echo "tidings proxy never routed to the backend" >&2; cat "$work/proxy.log" >&2
+    curl -fsS "http://127.0.0.1:$admin_port/clusters" | grep -E "routable_hosts|panic" >&2; exit 1; }
 
 cat >"$work/haproxy.cfg" <<EOF
 global
@@ -106,13 +128,13 @@ frontend in
   bind 127.0.0.1:$hap_port
   default_backend web
 backend web
-  server b1 127.0.0.1:$backend_port
+$hap_servers
 EOF
 taskset -c 0 haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
 hap_pid=$!
 pids+=($hap_pid)
 
-nginx_conf "$work/front" "upstream web { server 127.0.0.1:$backend_port; keepalive 128; }
+nginx_conf "$work/front" "upstream web { $ngx_servers keepalive 128; }
   server { listen 127.0.0.1:$ngx_port; location / { proxy_pass http://web;
     proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 taskset -c 0 nginx -p "$work/front" -c "$work/front/nginx.conf" -g 'daemon off;' &
@@ -151,8 +173,9 @@ done
 hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 rss_ours="$(hwm "$ours_pid")"; rss_hap="$(hwm "$hap_pid")"; rss_ngx="$(hwm "$ngx_worker")"
 
-python3 - "$work" "$secs" "$conns" "$rate" "$rounds" "$(getconf CLK_TCK)" "$rss_ours" "$rss_hap" "$rss_ngx" <<'PY'
+python3 - "$work" "$secs" "$conns" "$rate" "$rounds" "$(getconf CLK_TCK)" "$rss_ours" "$rss_hap" "$rss_ngx" "$nhosts" <<'PY'
 import re, statistics, sys
+nhosts = int(sys.argv[10])
 work, secs, conns, rate, rounds, tck = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 rss = dict(zip(("ours", "haproxy", "nginx"), (int(x) / 1024 for x in sys.argv[7:10])))
 names = ("ours", "haproxy", "nginx")
@@ -186,7 +209,7 @@ def fixed(name):
 w = {n: [wrk(n, r) for r in rounds] for n in names}
 f = {n: fixed(n) for n in names}
 med = statistics.median
-print(f"proxy benchmark: one worker thread each on CPU 0; backend (nginx), registry and load on CPU 1;"
+print(f"proxy benchmark: one worker thread each on CPU 0; backend (nginx, {nhosts} address(es)), registry and load on CPU 1;"
       f" {secs} s per phase, {len(rounds)} rounds taking turns")
 for r in rounds:
     print(f"  round {r}: peak req/s " + ", ".join(f"{n} {w[n][r - 1][0]:,.0f}" for n in names))

@@ -492,22 +492,35 @@ impl Cluster {
     }
 
     /// Periodic upkeep: outlier sweep (when `sweep_outliers`), closing of upstream connections
-    /// idle past the idle timeout, and removal of drained hosts whose in-flight requests have
-    /// finished.
+    /// idle past the idle timeout, removal of drained hosts whose in-flight requests have
+    /// finished, and the cluster's and hosts' gauges (through handles registered once, so a
+    /// thousand hosts cost no lookups or allocations here).
     pub fn maintain(&self, sweep_outliers: bool) {
         let now = now();
         let mut st = self.lock();
+        let checked = self.health_policy.is_some();
         let mut unejected = false;
         for h in st.hosts.values_mut() {
             if sweep_outliers {
                 unejected |= h.outlier.sweep(now);
             }
             self.upstream.evict_idle(&h.handle.conns);
+            let ejected = h.outlier.is_ejected(now);
+            let routed = merge::decide(h.discovery, h.health.status(), checked) == Decision::Route;
+            h.handle.publish(ejected, routed && !ejected);
         }
         if unejected {
             st.routing.fresh = false;
         }
         self.reconcile(&mut st);
+        if !st.routing.fresh || st.routing.until.is_some_and(|u| now >= u) {
+            self.rebuild_routing(&mut st);
+        }
+        self.metrics.publish(
+            st.routing.handles.len(),
+            st.routing.panic,
+            self.active_requests.load(Ordering::Acquire),
+        );
     }
 
     pub fn snapshot(&self) -> ClusterSnapshot {

@@ -350,33 +350,5 @@ async fn maintain(cluster: Arc<Cluster>, stop: CancellationToken) {
             h.run_upkeep();
         }
         cluster.maintain(sweep);
-        publish_gauges(&cluster);
-    }
-}
-
-/// Per-host gauges, refreshed once a second from the same snapshot `/clusters` serves.
-fn publish_gauges(cluster: &Cluster) {
-    let snap = cluster.snapshot();
-    let name = snap.name.clone();
-    metrics::gauge!("tidings_proxy_cluster_routable_hosts", "cluster" => name.clone())
-        .set(snap.routable_hosts as f64);
-    metrics::gauge!("tidings_proxy_cluster_panic", "cluster" => name.clone()).set(if snap.panic {
-        1.0
-    } else {
-        0.0
-    });
-    metrics::gauge!("tidings_proxy_cluster_active_requests", "cluster" => name.clone())
-        .set(f64::from(snap.active_requests));
-    for h in &snap.hosts {
-        let labels = [("cluster", name.clone()), ("host", h.address.clone())];
-        metrics::gauge!("tidings_proxy_host_active_requests", &labels)
-            .set(f64::from(h.active_requests));
-        metrics::gauge!("tidings_proxy_host_ejected", &labels).set(if h.ejected {
-            1.0
-        } else {
-            0.0
-        });
-        let routed = h.decision == merge::Decision::Route && !h.ejected;
-        metrics::gauge!("tidings_proxy_host_routable", &labels).set(if routed { 1.0 } else { 0.0 });
     }
 }

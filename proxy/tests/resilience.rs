@@ -254,6 +254,19 @@ async fn request_id_is_generated_or_propagated_and_admin_answers() {
         metrics.contains("tidings_proxy_requests_total"),
         "{metrics}"
     );
+    // Host and cluster gauges come from the once-a-second upkeep.
+    let gauges = [
+        format!(
+            "tidings_proxy_host_routable{{cluster=\"c\",host=\"{}\"}} 1",
+            a.addr
+        ),
+        "tidings_proxy_cluster_routable_hosts{cluster=\"c\"} 1".to_string(),
+    ];
+    support::eventually(Duration::from_secs(5), "gauges published", || async {
+        let metrics = p.admin("/metrics").await.1;
+        gauges.iter().all(|g| metrics.contains(g.as_str()))
+    })
+    .await;
     let host = p.host(a.addr).await.expect("host");
     for key in [
         "discovery",

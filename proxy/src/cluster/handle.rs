@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::uri::Authority;
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 
 use crate::upstream::HostConns;
 
@@ -35,6 +35,8 @@ pub struct HostHandle {
     pub conns: HostConns,
     cluster: std::sync::Arc<str>,
     outcomes: [OnceLock<Counter>; OUTCOMES.len()],
+    /// Active requests, ejected, routable: set once a second, registered once.
+    gauges: OnceLock<[Gauge; 3]>,
 }
 
 impl HostHandle {
@@ -49,7 +51,26 @@ impl HostHandle {
             conns: HostConns::default(),
             cluster,
             outcomes: Default::default(),
+            gauges: OnceLock::new(),
         }
+    }
+
+    /// Publishes the host's gauges.
+    pub(super) fn publish(&self, ejected: bool, routable: bool) {
+        let [active, ej, routed] = self.gauges.get_or_init(|| {
+            let labels = [
+                ("cluster", self.cluster.to_string()),
+                ("host", self.addr.to_string()),
+            ];
+            [
+                metrics::gauge!("tidings_proxy_host_active_requests", &labels),
+                metrics::gauge!("tidings_proxy_host_ejected", &labels),
+                metrics::gauge!("tidings_proxy_host_routable", &labels),
+            ]
+        });
+        active.set(f64::from(self.active()));
+        ej.set(if ejected { 1.0 } else { 0.0 });
+        routed.set(if routable { 1.0 } else { 0.0 });
     }
 
     pub fn active(&self) -> u32 {
@@ -79,6 +100,8 @@ pub struct ClusterMetrics {
     /// Index `code - 100` for codes 100-599.
     by_code: Box<[OnceLock<Counter>]>,
     duration: OnceLock<Histogram>,
+    /// Routable hosts, panic, active requests.
+    gauges: OnceLock<[Gauge; 3]>,
 }
 
 impl ClusterMetrics {
@@ -87,7 +110,23 @@ impl ClusterMetrics {
             name,
             by_code: (100..600).map(|_| OnceLock::new()).collect(),
             duration: OnceLock::new(),
+            gauges: OnceLock::new(),
         }
+    }
+
+    /// Publishes the cluster's gauges.
+    pub(super) fn publish(&self, routable_hosts: usize, panic: bool, active_requests: u32) {
+        let [routable, panicking, active] = self.gauges.get_or_init(|| {
+            let name = self.name.to_string();
+            [
+                metrics::gauge!("tidings_proxy_cluster_routable_hosts", "cluster" => name.clone()),
+                metrics::gauge!("tidings_proxy_cluster_panic", "cluster" => name.clone()),
+                metrics::gauge!("tidings_proxy_cluster_active_requests", "cluster" => name),
+            ]
+        });
+        routable.set(routable_hosts as f64);
+        panicking.set(if panic { 1.0 } else { 0.0 });
+        active.set(f64::from(active_requests));
     }
 
     /// Records one downstream request answered with `code` after `elapsed`.
