@@ -465,6 +465,17 @@ impl Cluster {
         routing.fresh = true;
     }
 
+    /// The connection limit is reached: closes an idle connection of another host so that
+    /// this one can dial. With many hosts and
+    /// one idle connection each, the limit is otherwise reached by idle connections alone.
+    pub fn close_an_idle_connection(&self, except: SocketAddr) -> bool {
+        let st = self.lock();
+        st.hosts
+            .iter()
+            .filter(|(a, _)| **a != except)
+            .any(|(_, h)| self.upstream.close_one_idle(&h.handle.conns))
+    }
+
     /// Feeds passive outlier detection with one request's result.
     pub fn record_result(&self, addr: SocketAddr, result: RequestResult) {
         let Some(policy) = &self.outlier_policy else {

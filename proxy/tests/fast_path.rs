@@ -335,3 +335,22 @@ async fn an_http10_request_without_host_names_the_upstream_each_attempt_went_to(
     }
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_give_way_when_the_connection_limit_is_reached() {
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        backends.push(scripted_backend().await.0);
+    }
+    let m = Membership::start(backends.iter().copied().map(Listed::up).collect()).await;
+    let mut cfg = without_health_checks(config(&m.url()), HealthCheckKind::None);
+    // Two connections for three hosts: each keeps its idle one after its first request.
+    cfg.clusters[0].circuit_breakers.max_connections = 2;
+    let p = start(cfg).await;
+    p.wait_routed(&backends).await;
+    for i in 0..12 {
+        let r = p.get("/echo").await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    p.stop().await;
+}

@@ -294,7 +294,13 @@ impl Conn<'_> {
                     Err(HeadError::Bad(why)) => return Attempt::Reset(why),
                 }
             }
-            let mut conn = match cluster.upstream.connect_raw(host.addr).await {
+            let mut dialled = cluster.upstream.connect_raw(host.addr).await;
+            if matches!(dialled, Err(ConnectError::Overflow))
+                && cluster.close_an_idle_connection(host.addr)
+            {
+                dialled = cluster.upstream.connect_raw(host.addr).await;
+            }
+            let mut conn = match dialled {
                 Ok(c) => c,
                 Err(e) => return Attempt::Connect(e),
             };

@@ -253,6 +253,17 @@ impl Upstream {
         None
     }
 
+    /// Closes the least recently used idle fast-path connection of `conns`, which frees its
+    /// breaker slot at once; false if there was none.
+    pub fn close_one_idle(&self, conns: &HostConns) -> bool {
+        let mut idle = conns.raw();
+        if idle.is_empty() {
+            return false;
+        }
+        idle.remove(0);
+        true
+    }
+
     /// Dials a new fast-path connection, counted against the breaker.
     pub async fn connect_raw(&self, addr: SocketAddr) -> Result<RawConn, ConnectError> {
         let (stream, permit) = self.connector.connect_tcp(addr).await?;
