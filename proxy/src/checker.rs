@@ -68,6 +68,20 @@ async fn check_once(cluster: &Cluster, conns: &HostConns, addr: SocketAddr) -> C
 
 async fn http_check(cluster: &Cluster, conns: &HostConns, addr: SocketAddr) -> CheckOutcome {
     let hc = &cluster.config.health_check;
+    // Host is the service name, as Envoy sends the cluster name: a backend serving several
+    // services can tell which one is being checked.
+    if cluster.scheme == "http" && !cluster.config.http2 {
+        let request = format!(
+            "GET {} HTTP/1.1\r\nhost: {}\r\nuser-agent: tidings-proxy/health-check\r\n\r\n",
+            hc.path, cluster.config.service
+        );
+        return match crate::h1::health_check(&cluster.checks, conns, addr, request.as_bytes()).await
+        {
+            Some(status) if hc.expected_statuses.contains(&status) => CheckOutcome::Success,
+            Some(_) => CheckOutcome::BadResponse,
+            None => CheckOutcome::NetworkFailure,
+        };
+    }
     // HTTP/1 takes the origin form; HTTP/2 needs scheme and authority for its pseudo-headers.
     let uri = if cluster.config.http2 {
         format!("{}://{}{}", cluster.scheme, addr, hc.path)
@@ -77,8 +91,6 @@ async fn http_check(cluster: &Cluster, conns: &HostConns, addr: SocketAddr) -> C
     let body = Empty::<Bytes>::new()
         .map_err(|never| match never {})
         .boxed_unsync();
-    // Host is the service name, as Envoy sends the cluster name: a backend serving several
-    // services can tell which one is being checked.
     let req = Request::builder()
         .method(Method::GET)
         .uri(uri)

@@ -411,8 +411,14 @@ fn validate_cluster(c: &ClusterConfig) -> Result<(), String> {
         if hc.unhealthy_threshold == 0 || hc.healthy_threshold == 0 || hc.jitter_percent > 100 {
             return Err("health_check thresholds must be >= 1 and jitter_percent 0-100".into());
         }
-        if hc.kind == HealthCheckKind::Http && !hc.path.starts_with('/') {
-            return Err("health_check path must start with '/'".into());
+        // The path goes into the request line as is: no spaces or control characters.
+        if hc.kind == HealthCheckKind::Http
+            && (!hc.path.starts_with('/') || !hc.path.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(
+                "health_check path must start with '/' and be printable ASCII without spaces"
+                    .into(),
+            );
         }
         if hc.expected_statuses.is_empty()
             || hc.expected_statuses.iter().any(|s| !(100..600).contains(s))

@@ -354,3 +354,26 @@ async fn idle_connections_give_way_when_the_connection_limit_is_reached() {
     }
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_read_every_framing_and_refuse_garbage() {
+    let (backend, _) = scripted_backend().await;
+    let garbage = support::raw_upstream(Some(b"SSH-2.0-not-http\r\n\r\n")).await;
+    for path in ["/chunked", "/until-close", "/close-after", "/204"] {
+        let m = Membership::start(vec![Listed::up(backend), Listed::up(garbage)]).await;
+        let mut cfg = config(&m.url());
+        cfg.clusters[0].health_check.path = path.into();
+        cfg.clusters[0].health_check.expected_statuses = vec![200, 204];
+        let p = start(cfg).await;
+        // Several checks in a row over the same (or a replaced) connection.
+        support::eventually(Duration::from_secs(5), "checks pass repeatedly", || async {
+            let host = p.host(backend).await;
+            host.is_some_and(|h| h["health"] == "healthy" && h["health_checks"].as_u64() >= Some(3))
+        })
+        .await;
+        let bad = p.host(garbage).await.expect("listed");
+        assert_ne!(bad["health"], "healthy", "{path}: garbage passed: {bad}");
+        assert_eq!(p.get("/echo").await.status, 200, "{path}");
+        p.stop().await;
+    }
+}

@@ -99,6 +99,10 @@ fn validate_rejects_bad_values() {
             Box::new(|c| c.clusters[0].health_check.path = "health".into()),
         ),
         (
+            "path",
+            Box::new(|c| c.clusters[0].health_check.path = "/h HTTP/1.1\r\nx: y".into()),
+        ),
+        (
             "statuses",
             Box::new(|c| c.clusters[0].health_check.expected_statuses = vec![700]),
         ),

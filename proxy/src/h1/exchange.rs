@@ -37,7 +37,7 @@ enum Attempt {
 }
 
 /// Why reading a response head failed.
-enum HeadError {
+pub(super) enum HeadError {
     /// Nothing came back: on a reused connection, the backend closed it while it was idle.
     Nothing,
     Bad(&'static str),
@@ -466,7 +466,7 @@ impl Conn<'_> {
 
 /// Writes the request on `conn` and reads the response head into `up`, skipping interim
 /// (1xx) responses.
-async fn response_head(
+pub(super) async fn response_head(
     conn: &mut RawConn,
     request: &[u8],
     up: &mut Vec<u8>,

@@ -35,9 +35,11 @@ mod chunked;
 mod exchange;
 mod head;
 mod prefixed;
+mod probe;
 
 use self::head::{Field, RequestHead};
 pub use self::prefixed::Prefixed;
+pub use self::probe::health_check;
 
 /// What a listener's fast path needs.
 pub struct FastPath {
