@@ -105,7 +105,7 @@ taskset -c 0 "$bin" --log-level warn proxy --listen "127.0.0.1:$ours_port" \
   --worker-threads 1 >"$work/proxy.log" 2>&1 &
 ours_pid=$!
 pids+=($ours_pid)
-for _ in $(seq 300); do
+for _ in $(seq 1200); do
   curl -fsS "http://127.0.0.1:$admin_port/clusters" 2>/dev/null | grep -q "\"routable_hosts\": $nhosts," && break
   sleep 0.1
 done
