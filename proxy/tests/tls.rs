@@ -229,3 +229,44 @@ async fn bad_tls_material_is_a_bind_error_not_a_panic() {
     let err = proxy::Proxy::bind(cfg).await.err().expect("bind must fail");
     assert!(matches!(err, proxy::ProxyError::Tls(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http11_over_tls_to_a_plain_cluster_takes_the_fast_path_and_keeps_its_connection() {
+    let pki = pki();
+    let a = Backend::start(1, Duration::ZERO).await;
+    let m = Membership::start(vec![Listed::up(a.addr)]).await;
+    let mut cfg = config(&m.url());
+    cfg.listeners[0].tls = Some(proxy::config::ServerTlsConfig {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+    });
+    let p = start(cfg).await;
+    p.wait_routed(&[a.addr]).await;
+    let tcp = TcpStream::connect(p.addr).await.expect("connect");
+    let tls = client_tls(&pki.ca, b"http/1.1")
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    // One TLS connection carries every request: keep-alive works through the fast path.
+    for i in 0..5 {
+        let req = Request::get("/")
+            .header("host", "localhost")
+            .body(Full::new(Bytes::new()))
+            .expect("req");
+        let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req))
+            .await
+            .expect("answer in time")
+            .expect("response");
+        assert_eq!(resp.status(), 200, "request {i}");
+        assert!(resp.headers().contains_key("x-request-id"));
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"backend-1");
+    }
+    assert_eq!(a.hits(), 5);
+    drop(pki.dir);
+    p.stop().await;
+}

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
 use http::{StatusCode, Version};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use super::Conn;
@@ -52,7 +52,7 @@ async fn within<T>(timer: Pin<&mut Sleep>, fut: impl Future<Output = T>) -> Opti
     }
 }
 
-impl Conn<'_> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
     /// Answers one request; returns whether the client connection may carry another.
     pub(super) async fn exchange(
         &mut self,
@@ -401,6 +401,8 @@ impl Conn<'_> {
                     }
                 }
             }
+            // TLS may hold the last record back until flushed; for TCP this is free.
+            io.flush().await.ok()?;
             Some(clean)
         };
         let done = within(route_timer.as_mut(), body).await.flatten();
@@ -438,7 +440,7 @@ impl Conn<'_> {
             &self.request_id,
             close,
         );
-        let sent = self.io.write_all(&self.msg).await.is_ok();
+        let sent = self.io.write_all(&self.msg).await.is_ok() && self.io.flush().await.is_ok();
         (status.as_u16(), sent && !close)
     }
 

@@ -1,4 +1,5 @@
-//! The HTTP/1.1 fast path for plain-text listeners: one task per client connection parses
+//! The HTTP/1.1 fast path (plain TCP, or TLS without HTTP/2 negotiated): one task per client
+//! connection parses
 //! each request head with `httparse`, forwards it over a pooled upstream TCP connection of its
 //! own, and passes the response through, headers copied as bytes.
 //!
@@ -10,7 +11,7 @@
 //!
 //! The fast path takes only what it handles completely: HTTP/1.1 requests with a Host header,
 //! an origin-form target, no body or a `Content-Length` body of at most 64 KB, routed to a
-//! plain HTTP/1 cluster. Anything else — HTTP/2 (prior knowledge), HTTP/1.0, upgrades,
+//! plain HTTP/1 cluster. Anything else — HTTP/2 (ALPN or prior knowledge), HTTP/1.0, upgrades,
 //! `Expect`, chunked or large request bodies, malformed or oversized heads, requests no route
 //! takes — hands the connection to hyper at a request boundary, the bytes read so far
 //! replayed ([`Prefixed`]), and it stays there. Malformed requests therefore get hyper's
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
@@ -65,9 +66,10 @@ enum Next {
 /// Read buffers start here and are shrunk back to it after a larger message.
 const BUF: usize = 8 * 1024;
 
-/// One client connection on the fast path, with the buffers its requests reuse.
-struct Conn<'a> {
-    io: &'a mut TcpStream,
+/// One client connection on the fast path (plain TCP or TLS), with the buffers its requests
+/// reuse.
+struct Conn<'a, IO> {
+    io: &'a mut IO,
     fast: &'a FastPath,
     peer: SocketAddr,
     peer_ip: Vec<u8>,
@@ -89,8 +91,8 @@ struct Conn<'a> {
 }
 
 /// Serves `io` until the client closes, a request needs hyper, or `shutdown`.
-pub async fn serve(
-    io: &mut TcpStream,
+pub async fn serve<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut IO,
     peer: SocketAddr,
     fast: &FastPath,
     shutdown: &CancellationToken,
@@ -136,7 +138,7 @@ pub async fn serve(
     }
 }
 
-impl<'a> Conn<'a> {
+impl<'a, IO: AsyncRead + AsyncWrite + Unpin> Conn<'a, IO> {
     /// Waits for the next complete request head. The header timer runs from the moment the
     /// connection starts waiting: it bounds both a slow head and an idle keep-alive gap.
     async fn next_head(
