@@ -1,7 +1,6 @@
 //! The HTTP/1.1 fast path (plain TCP, or TLS without HTTP/2 negotiated): one task per client
-//! connection parses
-//! each request head with `httparse`, forwards it over a pooled upstream TCP connection of its
-//! own, and passes the response through, headers copied as bytes.
+//! connection parses each request head with `httparse`, forwards it over a pooled upstream TCP
+//! connection of its own, and passes the response through, headers copied as bytes.
 //!
 //! Why not hyper for this hop: the proxy's cost per request was a third above HAProxy's, and
 //! the profile put it in hyper's machinery on both hops, not in the proxy's own work: two
