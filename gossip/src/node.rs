@@ -267,10 +267,14 @@ impl Node {
         {
             tracing::debug!(%from, error = %e, "announce to returning member failed");
         }
+        if digest.reply && digest.buckets.len() == 1 {
+            repair::on_equal_answer(&mut self.store, from, digest.buckets[0]);
+            return;
+        }
         // The exchange is symmetric for down verdicts and tombstone evidence; only the side
         // that received the first digest starts a repair, so a mismatch costs one exchange.
         if !digest.reply {
-            self.digest_to(from, true);
+            self.digest_to(from, true, Some(&digest.buckets));
         }
         let req = repair::on_digest(&mut self.store, self.me.addr, from, digest)
             .filter(|_| !digest.reply);
@@ -419,11 +423,16 @@ impl Node {
             return;
         }
         let peer = peers[self.rng.random_range(0..peers.len())];
-        self.digest_to(peer, false);
+        self.digest_to(peer, false, None);
     }
 
-    fn digest_to(&mut self, peer: SocketAddr, reply: bool) {
+    /// Sends our digest to `peer`; as an answer to `theirs` when given, in its short form
+    /// when the buckets are equal.
+    fn digest_to(&mut self, peer: SocketAddr, reply: bool, theirs: Option<&[u64]>) {
         let mut digest = Digest::of(&self.store);
+        if theirs.is_some_and(|t| t == digest.buckets) {
+            digest.buckets = vec![repair::buckets_hash(&digest.buckets)];
+        }
         digest.down = self.down_sample();
         digest.reply = reply;
         if let Ok(body) = codec::encode_packet(&digest) {

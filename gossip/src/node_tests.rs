@@ -194,3 +194,53 @@ fn a_refuted_suspicion_does_not_tell_the_member_it_is_down() {
     assert_eq!(n.metrics().snapshot().spurious_turn_undead, 1);
     assert!(n.is_member_active(&peer.addr));
 }
+
+#[test]
+fn a_digest_equal_to_ours_gets_the_short_answer() {
+    let mut n = node(1);
+    n.publish_local(0, [ep(80)].into_iter().collect());
+    let from: SocketAddr = "127.0.0.1:7709".parse().unwrap();
+    let sealer = Sealer::new("tidings", None);
+    let mut rng = StdRng::seed_from_u64(3);
+    let digest_packet = |d: &Digest, rng: &mut StdRng| {
+        let mut plain = vec![PacketKind::Digest as u8];
+        plain.extend_from_slice(&schema::codec::encode_packet(d).unwrap());
+        sealer.seal(&plain, rng)
+    };
+    let answer_to = |n: &mut Node, d: &Digest, rng: &mut StdRng| -> Digest {
+        n.take_effects();
+        n.handle_packet(0, from, &digest_packet(d, rng));
+        n.take_effects()
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::Send { to, packet } if to == from => {
+                    let body = sealer.open(&packet).unwrap();
+                    (body.first() == Some(&(PacketKind::Digest as u8)))
+                        .then(|| schema::codec::decode_packet::<Digest>(&body[1..]).unwrap())
+                }
+                _ => None,
+            })
+            .expect("an answer")
+    };
+    let ours = Digest::of(&n.store);
+    let short = answer_to(&mut n, &ours, &mut rng);
+    assert!(short.reply);
+    assert_eq!(short.buckets, vec![repair::buckets_hash(&ours.buckets)]);
+    // A different digest gets the full answer, which a repair can work from.
+    let mut other = ours.clone();
+    other.buckets[0] ^= 1;
+    let full = answer_to(&mut n, &other, &mut rng);
+    assert_eq!(full.buckets, ours.buckets);
+    // The short answer is evidence only while our buckets are still those it matched.
+    assert!(repair::on_equal_answer(
+        &mut n.store,
+        from,
+        short.buckets[0]
+    ));
+    n.publish_local(0, [ep(81)].into_iter().collect());
+    assert!(!repair::on_equal_answer(
+        &mut n.store,
+        from,
+        short.buckets[0]
+    ));
+}
