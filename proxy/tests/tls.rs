@@ -253,6 +253,8 @@ async fn http11_over_tls_to_a_plain_cluster_takes_the_fast_path_and_keeps_its_co
     tokio::spawn(conn);
     // One TLS connection carries every request: keep-alive works through the fast path.
     for i in 0..5 {
+        // Errors if the proxy closed the connection.
+        send.ready().await.expect("connection still open");
         let req = Request::get("/")
             .header("host", "localhost")
             .body(Full::new(Bytes::new()))

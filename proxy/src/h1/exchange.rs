@@ -98,7 +98,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 peer: self.peer,
                 method: head.method.as_str(),
                 host: forward::host_header_name(host).unwrap_or(""),
-                path: head.path(&self.buf),
+                path: head.path(&self.buf).unwrap_or(""),
                 version: Version::HTTP_11,
                 status,
                 cluster: route.cluster.name(),

@@ -51,10 +51,11 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    /// The path without the query.
-    pub fn path<'a>(&self, buf: &'a [u8]) -> &'a str {
-        let target = std::str::from_utf8(&buf[self.target.clone()]).unwrap_or("/");
-        target.split_once('?').map_or(target, |(p, _)| p)
+    /// The path without the query; `None` if it is not UTF-8 (such a request is routed by
+    /// hyper's reading of it, not by a guess here).
+    pub fn path<'a>(&self, buf: &'a [u8]) -> Option<&'a str> {
+        let target = std::str::from_utf8(&buf[self.target.clone()]).ok()?;
+        Some(target.split_once('?').map_or(target, |(p, _)| p))
     }
 }
 

@@ -197,7 +197,7 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> Conn<'a, IO> {
                 .ok()
                 .and_then(forward::host_header_name)
         };
-        let route = server::matching_route(&fast.shared.routes, host, head.path(buf))?;
+        let route = server::matching_route(&fast.shared.routes, host, head.path(buf)?)?;
         let cluster = &route.cluster;
         (cluster.scheme == "http" && !cluster.config.http2).then_some(route)
     }

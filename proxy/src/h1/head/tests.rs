@@ -24,7 +24,7 @@ fn a_plain_get_takes_the_fast_path() {
     let head = request(raw).expect("fast").expect("complete");
     assert_eq!(head.len, raw.len() - 4);
     assert_eq!(head.method, Method::GET);
-    assert_eq!(head.path(raw), "/a/b");
+    assert_eq!(head.path(raw), Some("/a/b"));
     assert_eq!(&raw[head.host.clone()], b"api:80");
     assert_eq!(&raw[head.request_id.clone().expect("id")], b"abc");
     assert!(!head.close);
