@@ -10,13 +10,13 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::Scheme;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use tokio::time::Instant;
 
 use crate::breaker::{Permit, Resource};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, HostHandle};
 use crate::outlier::RequestResult;
 use crate::retry::{self, AttemptOutcome};
 use crate::upstream::{Conn, ProxyBody, UpstreamError};
@@ -149,7 +149,6 @@ pub async fn forward(
     cluster.active_requests.fetch_add(1, Ordering::AcqRel);
     let _active = CountGuard(cluster);
     let (mut parts, body) = req.into_parts();
-    let policy = &cluster.retry_policy;
     let mut body = match request_body(cluster, &parts, body, deadline).await {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -226,36 +225,23 @@ pub async fn forward(
             () = timeout.as_mut() => None,
         };
         drop(pending);
-        let (outcome, overflowed) = classify(&result);
-        if !overflowed {
-            let ok = matches!(outcome, AttemptOutcome::Status(s) if s < 500);
-            cluster.record_result(
-                addr,
-                if ok {
-                    RequestResult::Success
-                } else {
-                    RequestResult::Failure
-                },
-            );
-        }
-        host.count_outcome(outcome_index(outcome));
-        if !overflowed
-            && body.replayable()
-            && retry::should_retry(policy, &parts.method, outcome, out.attempts - 1)
-        {
-            if let Some(permit) = retry_permit(cluster) {
-                let wait = retry::backoff(policy, out.attempts, &mut rand::rng());
-                if Instant::now() + wait < deadline {
-                    metrics::counter!("tidings_proxy_retries_total", "cluster" => cluster.name().to_string()).increment(1);
-                    // A response we give up on, with its connection, is dropped here: its
-                    // body was not read, so the connection cannot be reused.
-                    drop((result, guard));
-                    tokio::time::sleep(wait).await;
-                    previous = Some(addr);
-                    _retry_permit = Some(permit);
-                    continue;
-                }
-            }
+        let attempt = classify(&result);
+        if let Some((permit, wait)) = after_attempt(
+            cluster,
+            host,
+            attempt,
+            &parts.method,
+            out.attempts,
+            body.replayable(),
+            deadline,
+        ) {
+            // A response we give up on, with its connection, is dropped here: its body was
+            // not read, so the connection cannot be reused.
+            drop((result, guard));
+            tokio::time::sleep(wait).await;
+            previous = Some(addr);
+            _retry_permit = Some(permit);
+            continue;
         }
         return match result {
             Some(Ok((resp, conn))) => respond(resp, conn, guard, timeout, req_permit, cluster),
@@ -312,8 +298,46 @@ fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
     }
 }
 
+/// What an attempt's outcome (and whether it never left because the connection limit was
+/// hit) does: feeds outlier detection and the host's outcome counter, and decides whether the
+/// request gets another attempt — the retry permit and the back-off to wait first — under the
+/// retry policy, the budget, the retries breaker and the time left. Both request paths (hyper
+/// and `crate::h1`) go through here.
+pub(crate) fn after_attempt(
+    cluster: &Cluster,
+    host: &HostHandle,
+    (outcome, overflowed): (AttemptOutcome, bool),
+    method: &Method,
+    attempts: u32,
+    replayable: bool,
+    deadline: Instant,
+) -> Option<(Permit, Duration)> {
+    if !overflowed {
+        let ok = matches!(outcome, AttemptOutcome::Status(s) if s < 500);
+        let result = if ok {
+            RequestResult::Success
+        } else {
+            RequestResult::Failure
+        };
+        cluster.record_result(host.addr, result);
+    }
+    host.count_outcome(outcome_index(outcome));
+    let policy = &cluster.retry_policy;
+    if overflowed || !replayable || !retry::should_retry(policy, method, outcome, attempts - 1) {
+        return None;
+    }
+    let permit = retry_permit(cluster)?;
+    let wait = retry::backoff(policy, attempts, &mut rand::rng());
+    if Instant::now() + wait >= deadline {
+        return None;
+    }
+    metrics::counter!("tidings_proxy_retries_total", "cluster" => cluster.name().to_string())
+        .increment(1);
+    Some((permit, wait))
+}
+
 /// Index of the outcome's label in [`crate::cluster::OUTCOMES`].
-pub(crate) fn outcome_index(o: AttemptOutcome) -> usize {
+fn outcome_index(o: AttemptOutcome) -> usize {
     match o {
         AttemptOutcome::Status(100..=199) => 0,
         AttemptOutcome::Status(200..=299) => 1,
@@ -386,7 +410,7 @@ async fn request_body(
 }
 
 /// A retry may start if the budget and the retries breaker both allow it.
-pub(crate) fn retry_permit(cluster: &Cluster) -> Option<Permit> {
+fn retry_permit(cluster: &Cluster) -> Option<Permit> {
     let active = cluster.active_requests.load(Ordering::Acquire);
     let retries = cluster.active_retries.load(Ordering::Acquire);
     if !retry::budget_allows(&cluster.retry_policy, active, retries) {

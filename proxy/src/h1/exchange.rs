@@ -17,7 +17,6 @@ use super::head::{self, Field, Framing, RequestHead, ResponseHead};
 use crate::breaker::{Permit, Resource};
 use crate::cluster::{Cluster, HostHandle};
 use crate::forward::{self, CountGuard, OVERFLOW, Outcome, Route};
-use crate::outlier::RequestResult;
 use crate::retry::{self, AttemptOutcome};
 use crate::server::{self, AccessEntry};
 use crate::upstream::{ConnectError, RawConn};
@@ -160,7 +159,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             &self.request_id,
             &self.peer_ip,
         );
-        let policy = &cluster.retry_policy;
         let mut previous = None;
         let mut _retry_permit: Option<Permit> = None;
         loop {
@@ -185,7 +183,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             };
             let result = self.attempt(cluster, guard.host(), head).await;
             drop(pending);
-            let (outcome, overflowed) = match &result {
+            let attempt = match &result {
                 Attempt::Response(h, _) => (AttemptOutcome::Status(h.status), false),
                 Attempt::Connect(e) => (
                     AttemptOutcome::ConnectFailure,
@@ -194,29 +192,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 Attempt::Reset(_) => (AttemptOutcome::Reset, false),
                 Attempt::Timeout => (AttemptOutcome::Timeout, false),
             };
-            if !overflowed {
-                let ok = matches!(outcome, AttemptOutcome::Status(s) if s < 500);
-                let result = if ok {
-                    RequestResult::Success
-                } else {
-                    RequestResult::Failure
-                };
-                cluster.record_result(addr, result);
-            }
-            guard.host().count_outcome(forward::outcome_index(outcome));
-            if !overflowed && retry::should_retry(policy, &head.method, outcome, out.attempts - 1) {
-                if let Some(permit) = forward::retry_permit(cluster) {
-                    let wait = retry::backoff(policy, out.attempts, &mut rand::rng());
-                    if Instant::now() + wait < self.deadline {
-                        metrics::counter!("tidings_proxy_retries_total", "cluster" => cluster.name().to_string()).increment(1);
-                        // A response given up on goes with its connection: its body is unread.
-                        drop((result, guard));
-                        tokio::time::sleep(wait).await;
-                        previous = Some(addr);
-                        _retry_permit = Some(permit);
-                        continue;
-                    }
-                }
+            // The request's bytes are kept in `msg`: every attempt can be replayed.
+            let (method, attempts, deadline) = (&head.method, out.attempts, self.deadline);
+            if let Some((permit, wait)) = forward::after_attempt(
+                cluster,
+                guard.host(),
+                attempt,
+                method,
+                attempts,
+                true,
+                deadline,
+            ) {
+                // A response given up on goes with its connection: its body is unread.
+                drop((result, guard));
+                tokio::time::sleep(wait).await;
+                previous = Some(addr);
+                _retry_permit = Some(permit);
+                continue;
             }
             return match result {
                 Attempt::Response(resp, up) => {
