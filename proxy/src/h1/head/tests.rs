@@ -223,3 +223,38 @@ fn local_replies_are_complete_messages() {
     assert!(head.contains("x-tidings-overflow: requests") && head.contains("connection: close"));
     assert!(body.contains("\"overflow\""));
 }
+
+proptest::proptest! {
+    /// Whatever bytes arrive, parsing and rewriting never panic, and a head the fast path
+    /// takes is rewritten without touching bytes beyond its body.
+    #[test]
+    fn any_bytes_are_parsed_or_refused_without_panicking(
+        raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        prefix in proptest::sample::select(vec![
+            &b""[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\n",
+            b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n",
+            b"HTTP/1.1 200 OK\r\n",
+            b"GET /p?q HTTP/1.1\r\nHost: a\r\nConnection: x, close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: te\r\n\r\n5\r\n",
+        ]),
+    ) {
+        let mut buf = prefix.to_vec();
+        buf.extend_from_slice(&raw);
+        let mut fields = Vec::new();
+        if let Ok(Some(head)) = parse_request(&buf, &mut fields) {
+            if buf.len() >= head.len + head.content_length as usize {
+                write_request(&mut Vec::new(), &buf, &head, &fields, b"id", b"127.0.0.1");
+            }
+            let _ = head.path(&buf);
+        }
+        for head_request in [false, true] {
+            if let Ok(Some(head)) = parse_response(&buf, &mut fields, head_request) {
+                proptest::prop_assert!(head.len <= buf.len());
+                write_response(&mut Vec::new(), &buf, &head, &fields, b"id", false);
+            }
+        }
+        let (used, _) = crate::h1::chunked::Chunked::default().scan(&buf).unwrap_or((0, false));
+        proptest::prop_assert!(used <= buf.len());
+    }
+}
