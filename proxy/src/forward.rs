@@ -169,12 +169,7 @@ pub async fn forward(
     let mut _retry_permit: Option<Permit> = None;
     loop {
         let Some((addr, guard)) = cluster.pick(hash, previous) else {
-            out.flag = Some("no_healthy_upstream");
-            return local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_healthy_upstream",
-                "no healthy upstream",
-            );
+            return failed(Failure::NoHealthyUpstream, out);
         };
         out.upstream = Some(addr);
         out.attempts += 1;
@@ -246,15 +241,16 @@ pub async fn forward(
         return match result {
             Some(Ok((resp, conn))) => respond(resp, conn, guard, timeout, req_permit, cluster),
             Some(Err(e)) if e.is_overflow() => overflow(cluster, Resource::Connections, out),
-            Some(Err(e)) => failure_reply(&e, addr, out),
-            None => {
-                out.flag = Some("upstream_timeout");
-                local_reply(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    "upstream request timeout",
-                )
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, upstream = %addr, "upstream failed");
+                let f = if e.is_connect() {
+                    Failure::Connect
+                } else {
+                    Failure::Reset
+                };
+                failed(f, out)
             }
+            None => failed(Failure::Timeout, out),
         };
     }
 }
@@ -350,24 +346,50 @@ fn outcome_index(o: AttemptOutcome) -> usize {
     }
 }
 
-fn failure_reply(e: &UpstreamError, addr: SocketAddr, out: &mut Outcome) -> Response<ProxyBody> {
-    tracing::debug!(error = %e, upstream = %addr, "upstream failed");
-    if e.is_connect() {
-        out.flag = Some("upstream_connect_failure");
-        local_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream_connect_failure",
-            "upstream connect error",
-        )
-    } else {
-        out.flag = Some("upstream_reset");
-        local_reply(
-            StatusCode::BAD_GATEWAY,
-            "upstream_reset",
-            "upstream reset or sent an invalid response",
-        )
+/// Why the proxy answers a request itself after looking for an upstream: the same answers
+/// on both request paths (hyper's and `crate::h1`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Failure {
+    NoHealthyUpstream,
+    Connect,
+    Reset,
+    Timeout,
+}
+
+impl Failure {
+    /// Status, error code (also the access log's flag) and message of the local answer.
+    pub(crate) fn answer(self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Failure::NoHealthyUpstream => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_upstream",
+                "no healthy upstream",
+            ),
+            Failure::Connect => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_connect_failure",
+                "upstream connect error",
+            ),
+            Failure::Reset => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_reset",
+                "upstream reset or sent an invalid response",
+            ),
+            Failure::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "upstream request timeout",
+            ),
+        }
     }
 }
+
+fn failed(f: Failure, out: &mut Outcome) -> Response<ProxyBody> {
+    let (status, code, message) = f.answer();
+    out.flag = Some(code);
+    local_reply(status, code, message)
+}
+
 /// Buffers small bodies of retryable requests so they can be sent again; everything else
 /// streams through with a single attempt.
 async fn request_body(

@@ -16,7 +16,7 @@ use super::chunked::Chunked;
 use super::head::{self, Field, Framing, RequestHead, ResponseHead};
 use crate::breaker::{Permit, Resource};
 use crate::cluster::{Cluster, HostHandle};
-use crate::forward::{self, CountGuard, OVERFLOW, Outcome, Route};
+use crate::forward::{self, CountGuard, Failure, OVERFLOW, Outcome, Route};
 use crate::retry::{self, AttemptOutcome};
 use crate::server::{self, AccessEntry};
 use crate::upstream::{ConnectError, RawConn};
@@ -163,17 +163,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         let mut _retry_permit: Option<Permit> = None;
         loop {
             let Some((addr, guard)) = cluster.pick(hash, previous) else {
-                out.flag = Some("no_healthy_upstream");
-                let status = StatusCode::SERVICE_UNAVAILABLE;
-                return self
-                    .reply(
-                        status,
-                        "no_healthy_upstream",
-                        "no healthy upstream",
-                        None,
-                        close,
-                    )
-                    .await;
+                return self.failed(Failure::NoHealthyUpstream, out, close).await;
             };
             out.upstream = Some(addr);
             out.attempts += 1;
@@ -220,37 +210,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 }
                 Attempt::Connect(e) => {
                     tracing::debug!(error = %e, upstream = %addr, "upstream connect failed");
-                    out.flag = Some("upstream_connect_failure");
-                    let status = StatusCode::SERVICE_UNAVAILABLE;
-                    self.reply(
-                        status,
-                        "upstream_connect_failure",
-                        "upstream connect error",
-                        None,
-                        close,
-                    )
-                    .await
+                    self.failed(Failure::Connect, out, close).await
                 }
                 Attempt::Reset(why) => {
                     tracing::debug!(error = why, upstream = %addr, "upstream failed");
-                    out.flag = Some("upstream_reset");
-                    let status = StatusCode::BAD_GATEWAY;
-                    let message = "upstream reset or sent an invalid response";
-                    self.reply(status, "upstream_reset", message, None, close)
-                        .await
+                    self.failed(Failure::Reset, out, close).await
                 }
-                Attempt::Timeout => {
-                    out.flag = Some("upstream_timeout");
-                    let status = StatusCode::GATEWAY_TIMEOUT;
-                    self.reply(
-                        status,
-                        "upstream_timeout",
-                        "upstream request timeout",
-                        None,
-                        close,
-                    )
-                    .await
-                }
+                Attempt::Timeout => self.failed(Failure::Timeout, out, close).await,
             };
         }
     }
@@ -412,6 +378,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             // the client can only learn it from the connection closing.
             None => (status, false),
         }
+    }
+
+    /// The local answer to a request no upstream answered.
+    async fn failed(&mut self, f: Failure, out: &mut Outcome, close: bool) -> (u16, bool) {
+        let (status, code, message) = f.answer();
+        out.flag = Some(code);
+        self.reply(status, code, message, None, close).await
     }
 
     /// A local answer; returns its status and whether the connection may go on.
