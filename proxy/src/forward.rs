@@ -25,7 +25,7 @@ mod body;
 mod headers;
 
 use self::body::{Guarded, ReqBody};
-pub use self::headers::{REQUEST_ID, strip_hop_by_hop};
+pub use self::headers::{REQUEST_ID, is_hop_by_hop, strip_hop_by_hop};
 
 /// Bodies up to this size are buffered so idempotent requests can be retried; larger ones
 /// stream through and get a single attempt.

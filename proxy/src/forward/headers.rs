@@ -11,22 +11,28 @@ use crate::upstream::ProxyBody;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Connection-specific headers (RFC 9110 §7.6.1) besides those `Connection` names.
-fn hop_by_hop() -> [&'static HeaderName; 9] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TRANSFER_ENCODING,
-        &header::TE,
-        &header::TRAILER,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-    ]
+/// Connection-specific headers (RFC 9110 §7.6.1) besides those `Connection` names, for both
+/// request paths (hyper's and `crate::h1`).
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// Whether a header name (any case) is in [`HOP_BY_HOP`]. The lengths of the names rule out
+/// most headers before any comparison.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    matches!(name.len(), 2 | 7 | 10 | 16..=19)
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// Removes connection-specific headers, including those named by `Connection`: they describe
@@ -35,13 +41,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Which of the fixed list are present, as bits: most messages carry one or none of them,
     // and comparing names costs far less than a hashed lookup per name. The lengths of the
     // names in the list rule out most headers before any comparison.
-    let list = hop_by_hop();
     let mut present = 0u16;
     for name in headers.keys() {
-        if !matches!(name.as_str().len(), 2 | 7 | 10 | 16..=19) {
+        if !is_hop_by_hop(name.as_str().as_bytes()) {
             continue;
         }
-        if let Some(i) = list.iter().position(|h| *h == name) {
+        // Names in a map are lower case already.
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == name.as_str()) {
             present |= 1 << i;
         }
     }
@@ -49,7 +55,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         strip_named_by_connection(headers);
         present &= !1;
     }
-    for (i, name) in list.iter().enumerate() {
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(*name);
         }

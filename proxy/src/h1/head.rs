@@ -9,6 +9,8 @@ use std::ops::Range;
 
 use http::Method;
 
+use crate::forward::is_hop_by_hop;
+
 /// Headers per message beyond which the fast path gives up (hyper then decides).
 pub const MAX_HEADERS: usize = 100;
 /// Request bodies the fast path buffers (so that it can retry them); larger ones, and chunked
@@ -269,22 +271,6 @@ pub fn parse_response(
     Ok(Some(head))
 }
 
-/// Headers that describe one connection (RFC 9110 §7.6.1), never forwarded.
-fn hop_by_hop(name: &[u8]) -> bool {
-    const LIST: [&[u8]; 9] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    ];
-    matches!(name.len(), 2 | 7 | 10 | 16..=19) && LIST.iter().any(|h| name.eq_ignore_ascii_case(h))
-}
-
 /// Whether `name` is listed by one of the message's `Connection` headers.
 fn named_by_connection(buf: &[u8], fields: &[Field], name: &[u8]) -> bool {
     fields
@@ -304,7 +290,9 @@ fn copy_fields(
 ) {
     for f in fields {
         let name = &buf[f.name.clone()];
-        if hop_by_hop(name) || skip(name) || (connection && named_by_connection(buf, fields, name))
+        if is_hop_by_hop(name)
+            || skip(name)
+            || (connection && named_by_connection(buf, fields, name))
         {
             continue;
         }
