@@ -27,20 +27,32 @@ fn big_body() -> Vec<u8> {
     (0..BIG).map(|i| (i % 251) as u8).collect()
 }
 
+/// Connections a scripted backend accepted, and those it has closed.
+#[derive(Clone, Default)]
+struct Counts {
+    accepted: Arc<AtomicU64>,
+    closed: Arc<AtomicU64>,
+}
+
 /// A backend speaking HTTP/1.1 by hand, so that it can answer in every framing, including
-/// wrong ones. Counts the connections it accepted.
-async fn scripted_backend() -> (SocketAddr, Arc<AtomicU64>) {
+/// wrong ones. Counts the connections it accepted and closed.
+async fn scripted_backend() -> (SocketAddr, Counts) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = accepted.clone();
+    let counts = Counts::default();
+    let c = counts.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(serve_scripted(stream));
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            let closed = c.closed.clone();
+            tokio::spawn(async move {
+                // The stream is dropped, so closed, when this returns.
+                serve_scripted(stream).await;
+                closed.fetch_add(1, Ordering::SeqCst);
+            });
         }
     });
-    (addr, accepted)
+    (addr, counts)
 }
 
 async fn serve_scripted(mut s: TcpStream) {
@@ -136,7 +148,8 @@ async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_response_framing_passes_through_intact() {
-    let (backend, accepted) = scripted_backend().await;
+    let (backend, counts) = scripted_backend().await;
+    let accepted = counts.accepted;
     let (p, _m) = proxy_for(backend).await;
     for _ in 0..2 {
         let r = p.get("/chunked").await;
@@ -234,18 +247,25 @@ async fn the_forwarded_request_carries_our_headers_and_the_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_the_backend_closed_cost_no_errors() {
-    let (backend, accepted) = scripted_backend().await;
+    let (backend, counts) = scripted_backend().await;
     let (p, _m) = proxy_for(backend).await;
+    // The connections go stale while idle: each request starts once the backend has closed
+    // every connection it answered on (as a backend's keep-alive timeout does), not in the
+    // microseconds between its answer and its close.
+    let all_closed =
+        || async { counts.closed.load(Ordering::SeqCst) == counts.accepted.load(Ordering::SeqCst) };
     for i in 0..20 {
+        support::eventually(Duration::from_secs(5), "backend closed", all_closed).await;
         let r = p.get("/close-after").await;
         assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"), "GET {i}");
+        support::eventually(Duration::from_secs(5), "backend closed", all_closed).await;
         let post = Request::post(format!("http://{}/close-after", p.addr))
             .body(Full::new(Bytes::from_static(b"x")))
             .expect("req");
         assert_eq!(p.send(post).await.status, 200, "POST {i}");
     }
     assert!(
-        accepted.load(Ordering::SeqCst) >= 40,
+        counts.accepted.load(Ordering::SeqCst) >= 40,
         "each answer closed its connection"
     );
     p.stop().await;
