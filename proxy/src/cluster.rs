@@ -379,10 +379,7 @@ impl Cluster {
         avoid: Option<SocketAddr>,
     ) -> Option<(SocketAddr, ActiveGuard)> {
         let mut st = self.lock();
-        let expired = st.routing.until.is_some_and(|u| now() >= u);
-        if !st.routing.fresh || expired {
-            self.rebuild_routing(&mut st);
-        }
+        self.refresh_routing(&mut st);
         let State {
             balancer,
             rng,
@@ -419,8 +416,13 @@ impl Cluster {
         Some((handle.addr, ActiveGuard(handle)))
     }
 
-    /// Recomputes the routable set from the hosts' discovery, health and ejections.
-    fn rebuild_routing(&self, st: &mut State) {
+    /// Recomputes the routable set from the hosts' discovery, health and ejections, if
+    /// something changed since the last time or an ejection has ended.
+    fn refresh_routing(&self, st: &mut State) {
+        // The clock is read only while an ejection is in force.
+        if st.routing.fresh && st.routing.until.is_none_or(|u| now() < u) {
+            return;
+        }
         let now = now();
         let checked = self.health_policy.is_some();
         let State {
@@ -524,9 +526,7 @@ impl Cluster {
             st.routing.fresh = false;
         }
         self.reconcile(&mut st);
-        if !st.routing.fresh || st.routing.until.is_some_and(|u| now >= u) {
-            self.rebuild_routing(&mut st);
-        }
+        self.refresh_routing(&mut st);
         self.metrics.publish(
             st.routing.handles.len(),
             st.routing.panic,
