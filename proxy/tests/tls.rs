@@ -130,6 +130,23 @@ fn client_tls(ca: &Path, alpn: &[u8]) -> TlsConnector {
     TlsConnector::from(Arc::new(cfg))
 }
 
+/// An HTTP/1.1 client connection over TLS (ALPN `http/1.1`) to the proxy at `addr`.
+async fn http11_over_tls(
+    addr: SocketAddr,
+    ca: &Path,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let tls = client_tls(ca, b"http/1.1")
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    send
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_and_mtls_origination_over_http2() {
     let pki = pki();
@@ -172,15 +189,7 @@ async fn tls_termination_and_mtls_origination_over_http2() {
     assert_eq!(&body[..], b"HTTP/2.0", "upstream was spoken to in HTTP/2");
 
     // HTTP/1.1 over TLS works on the same listener.
-    let tcp = TcpStream::connect(p.addr).await.expect("connect");
-    let tls = client_tls(&pki.ca, b"http/1.1")
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("handshake");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("h1");
-    tokio::spawn(conn);
+    let mut send = http11_over_tls(p.addr, &pki.ca).await;
     let req = Request::get("/")
         .header("host", "localhost")
         .body(Full::new(Bytes::new()))
@@ -242,15 +251,7 @@ async fn http11_over_tls_to_a_plain_cluster_takes_the_fast_path_and_keeps_its_co
     });
     let p = start(cfg).await;
     p.wait_routed(&[a.addr]).await;
-    let tcp = TcpStream::connect(p.addr).await.expect("connect");
-    let tls = client_tls(&pki.ca, b"http/1.1")
-        .connect(ServerName::try_from("localhost").expect("name"), tcp)
-        .await
-        .expect("handshake");
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("h1");
-    tokio::spawn(conn);
+    let mut send = http11_over_tls(p.addr, &pki.ca).await;
     // One TLS connection carries every request: keep-alive works through the fast path.
     for i in 0..5 {
         // Errors if the proxy closed the connection.
