@@ -1,5 +1,7 @@
 //! Logging setup: `tracing` to stderr, text or JSON, filter from the flag or RUST_LOG.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
@@ -11,7 +13,10 @@ pub fn init(format: LogFormat, level: Option<&str>) {
         .unwrap_or_else(|| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: journald, files and log shippers get
+        // plain text (and `NO_COLOR` turns colour off everywhere, as the convention asks).
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     // `try_init` so a second call (tests) is harmless.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
