@@ -78,7 +78,14 @@ pub async fn run(
         gcfg.seeds = seeds_from_registry(&client, me).await;
     }
     let gossip_stop = CancellationToken::new();
-    let gossip = gossip::run(gcfg.clone(), Vec::new(), gossip_stop.clone()).await?;
+    // The epoch must grow across restarts even if the clock stepped back: peers ignore an
+    // identity or rows with an older epoch than they have seen.
+    let epoch = gossip::epoch::next_epoch(&config.data_dir, unix_ms_now()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "a restart with the clock stepped back may be ignored by peers");
+        e.epoch()
+    });
+    let gossip =
+        gossip::run_with_epoch(gcfg.clone(), epoch, Vec::new(), gossip_stop.clone()).await?;
     let gossip_addr = gossip.id().addr;
     tracing::info!(addr = %gossip_addr, seeds = ?gcfg.seeds, "gossip listening");
 
@@ -280,5 +287,40 @@ async fn run_view(
             }
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The gossip epoch continues from the one persisted in the data dir, here by a start
+    /// whose clock was an hour ahead of the current one (i.e. this clock stepped back).
+    #[tokio::test]
+    async fn the_gossip_epoch_continues_from_the_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let previous = gossip::epoch::next_epoch(dir.path(), unix_ms_now() + 3_600_000)
+            .expect("epoch persisted");
+        let config = AgentConfig {
+            // Nothing listens there: the agent starts without its registry.
+            registry: Some("http://127.0.0.1:9".into()),
+            data_dir: dir.path().to_path_buf(),
+            deregister_on_shutdown: false,
+            gossip: gossip::GossipConfig::for_tests(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..Default::default()
+        };
+        let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let shutdown = CancellationToken::new();
+        let agent = tokio::spawn(run(config, api, shutdown.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while gossip::epoch::load(dir.path()) != Some(previous + 1) {
+            assert!(
+                tokio::time::Instant::now() < deadline && !agent.is_finished(),
+                "the agent did not continue from epoch {previous}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+        agent.await.expect("agent task").expect("agent run");
     }
 }

@@ -10,7 +10,7 @@ use schema::{EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
 
 use crate::rows::{Merge, Row, RowStore, Version};
-use crate::snapshot::{Snapshot, SnapshotStore};
+use crate::snapshot::{Snapshot, SnapshotMerge, SnapshotStore};
 
 /// Everything gossip replicates.
 #[derive(Debug, Default)]
@@ -119,7 +119,7 @@ pub(crate) fn merge(store: &mut Store, item: BroadcastItem) -> Option<BroadcastK
                 service: s.service,
                 rank: (s.generated_at_ms, s.hash),
             };
-            store.snapshots.merge(snap).then_some(key)
+            (store.snapshots.merge(snap, now) == SnapshotMerge::Applied).then_some(key)
         }
     }
 }

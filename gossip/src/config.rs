@@ -26,6 +26,20 @@ pub enum ConfigError {
     Interval(&'static str),
 }
 
+/// How far ahead of a node's clock a registry snapshot may be dated before it is refused.
+///
+/// Why 30 s: clocks kept by NTP agree to well under a second, and even a host whose time
+/// sync quietly failed drifts only seconds a day, so honest snapshots never come near it;
+/// a tighter bound would buy nothing and risk refusing a live registry's data over a sloppy
+/// clock. A looser one costs more: it is how far ahead of real time snapshot timestamps can
+/// run after a replica ahead of time answered (fresher direct answers are stamped just
+/// after what is held, so they still win, but every stamp carries the lead until real time
+/// catches up). 30 s is half the default check-in interval: a lead the system absorbs
+/// within one check-in round.
+pub const DEFAULT_MAX_SNAPSHOT_SKEW_MS: u64 = 30_000;
+/// Upper bound of `max_snapshot_skew_ms`: a day is already far beyond any sane clock error.
+const MAX_SNAPSHOT_SKEW_LIMIT_MS: u64 = 24 * 3600 * 1000;
+
 /// Gossip settings. Durations are in milliseconds in files (`*_ms`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -53,6 +67,9 @@ pub struct GossipConfig {
     pub tombstone_retention_ms: u64,
     /// How long foca remembers a down member (and we its rows' epoch).
     pub remove_down_after_ms: u64,
+    /// Registry snapshots dated more than this ahead of this node's clock are refused
+    /// (see [`DEFAULT_MAX_SNAPSHOT_SKEW_MS`]).
+    pub max_snapshot_skew_ms: u64,
 }
 
 impl Default for GossipConfig {
@@ -70,6 +87,7 @@ impl Default for GossipConfig {
             repair_interval_ms: 5_000,
             tombstone_retention_ms: 24 * 3600 * 1000,
             remove_down_after_ms: 24 * 3600 * 1000,
+            max_snapshot_skew_ms: DEFAULT_MAX_SNAPSHOT_SKEW_MS,
         }
     }
 }
@@ -100,6 +118,11 @@ impl GossipConfig {
         if self.tombstone_retention_ms > MONTH_MS || self.remove_down_after_ms > MONTH_MS {
             return Err(ConfigError::Interval(
                 "tombstone_retention_ms and remove_down_after_ms must be at most 31 days",
+            ));
+        }
+        if self.max_snapshot_skew_ms > MAX_SNAPSHOT_SKEW_LIMIT_MS {
+            return Err(ConfigError::Interval(
+                "max_snapshot_skew_ms must be at most 86400000 (one day)",
             ));
         }
 
@@ -185,8 +208,12 @@ mod tests {
         c.keys = vec![crate::generate_key()];
         c.probe_period_ms = u64::MAX;
         assert!(matches!(c.validate(), Err(ConfigError::Interval(_))));
+        c.probe_period_ms = 1_000;
+        c.max_snapshot_skew_ms = u64::MAX;
+        assert!(matches!(c.validate(), Err(ConfigError::Interval(_))));
         let parsed: GossipConfig =
             serde_json::from_str(r#"{"cluster":"x","insecure":true}"#).unwrap();
         assert_eq!(parsed.cluster, "x");
+        assert_eq!(parsed.max_snapshot_skew_ms, DEFAULT_MAX_SNAPSHOT_SKEW_MS);
     }
 }

@@ -14,7 +14,8 @@
 //!   `(owner, service, ip, port)` and ordered by `(owner epoch, seq)`. Merge is the per-key
 //!   maximum, so any subset of rows is a valid delta. A row is visible only while its owner is
 //!   alive in SWIM; rows of an older epoch of an owner are dropped.
-//! - **Registry snapshots** ([`snapshot`]) travel too; per service the newest wins.
+//! - **Registry snapshots** ([`snapshot`]) travel too; per service the newest wins, and one
+//!   dated further ahead of the receiver's clock than `max_snapshot_skew_ms` is refused.
 //! - **Dissemination** ([`spread`]): new rows and small snapshots travel in packets of
 //!   their own, beside SWIM rather than inside foca's: each node that learns one sends it
 //!   to 3 random members at once and on every gossip round, λ·⌈log10(N+1)⌉ times in all.
@@ -33,7 +34,8 @@
 //! ([`run`] → [`GossipHandle`]); [`sim`] drives many of them in virtual time ([`simulate`]).
 //!
 //! Invariants: versions are never reused (the epoch grows across restarts: wall-clock ms at
-//! start by default, see [`runtime::run_with_epoch`]; `seq` grows by one per change); nothing
+//! start, or the epoch persisted by the last start + 1 when the clock is behind it, see
+//! [`epoch::next_epoch`]; `seq` grows by one per change); nothing
 //! received from the network can panic the node or make it allocate beyond
 //! [`node::MAX_DATAGRAM`] / [`node::MAX_FRAME`].
 
@@ -41,6 +43,7 @@ pub mod broadcast;
 mod codec;
 pub mod config;
 pub mod crypto;
+pub mod epoch;
 mod identity;
 mod membership;
 pub mod metrics;

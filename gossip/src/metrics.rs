@@ -30,8 +30,12 @@ macro_rules! counters {
 
         impl fmt::Display for MetricsSnapshot {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                $(writeln!(f, "tidings_gossip_{}_total {}", stringify!($name), self.$name)?;)*
-                Ok(())
+                let mut out = Ok(());
+                self.each_labeled(|name, label, _, value| {
+                    let label = label.map_or(String::new(), |(k, v)| format!("{{{k}=\"{v}\"}}"));
+                    out = out.and_then(|()| writeln!(f, "tidings_gossip_{name}_total{label} {value}"));
+                });
+                out
             }
         }
     };
@@ -54,6 +58,8 @@ counters! {
     members_declared_down: "Times SWIM told this node a member went down.",
     rejoins: "Times this node renewed its identity after learning it was declared down.",
     spurious_turn_undead: "foca 'you are down' messages to members still alive, not sent.",
+    snapshots_refused_future: "Registry snapshots refused: dated more than max_snapshot_skew_ms ahead of this node's clock.",
+    snapshots_refused_inconsistent: "Registry snapshots refused: an entry of another service.",
 }
 
 impl Metrics {
@@ -71,7 +77,43 @@ impl Metrics {
     }
 }
 
+/// Counters that are one series of a labeled family: (field, family, label, value, family
+/// help). The flat field names stay for [`MetricsSnapshot::each`].
+const FAMILIES: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "snapshots_refused_future",
+        "snapshots_refused",
+        "reason",
+        "future",
+        "Registry snapshots refused, by reason (future: dated beyond max_snapshot_skew_ms ahead of this node's clock; inconsistent: an entry of another service).",
+    ),
+    (
+        "snapshots_refused_inconsistent",
+        "snapshots_refused",
+        "reason",
+        "inconsistent",
+        "Registry snapshots refused, by reason (future: dated beyond max_snapshot_skew_ms ahead of this node's clock; inconsistent: an entry of another service).",
+    ),
+];
+
 impl MetricsSnapshot {
+    /// Every counter as (name without prefix, label, help, value), where counters of a
+    /// family share a name and differ by label: `snapshots_refused{reason="future"}` rather
+    /// than [`each`](Self::each)'s flat `snapshots_refused_future`.
+    pub fn each_labeled(
+        &self,
+        mut f: impl FnMut(&'static str, Option<(&'static str, &'static str)>, &'static str, u64),
+    ) {
+        self.each(
+            |field, help, value| match FAMILIES.iter().find(|fam| fam.0 == field) {
+                Some(&(_, family, label, label_value, family_help)) => {
+                    f(family, Some((label, label_value)), family_help, value);
+                }
+                None => f(field, None, help, value),
+            },
+        );
+    }
+
     /// Every packet or frame dropped for any reason.
     pub fn dropped_total(&self) -> u64 {
         self.dropped_unknown_key
@@ -79,5 +121,34 @@ impl MetricsSnapshot {
             + self.dropped_mode
             + self.dropped_malformed
             + self.dropped_oversize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_snapshots_are_one_family_with_a_reason_label() {
+        let m = MetricsSnapshot {
+            snapshots_refused_future: 3,
+            snapshots_refused_inconsistent: 1,
+            ..Default::default()
+        };
+        let text = m.to_string();
+        assert!(
+            text.contains("tidings_gossip_snapshots_refused_total{reason=\"future\"} 3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidings_gossip_snapshots_refused_total{reason=\"inconsistent\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("tidings_gossip_rejoins_total 0\n"), "{text}");
+        for (field, ..) in FAMILIES {
+            let mut known = false;
+            m.each(|name, _, _| known |= name == *field);
+            assert!(known, "{field} is not a counter");
+        }
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use foca::{AccumulatingRuntime, Foca, Member, NoCustomBroadcast};
@@ -21,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::probing::ProbeHealth;
 use crate::repair::{self, Digest, RepairFrame};
 use crate::rows::{Row, RowStatus, Version};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::spread::Outbox;
 use crate::view::MemberInfo;
 
@@ -105,13 +106,17 @@ impl Node {
             swim_rng,
             FocaCodec,
         );
+        let store = Store {
+            snapshots: SnapshotStore::with_max_skew(cfg.max_snapshot_skew_ms),
+            ..Store::default()
+        };
         Ok(Node {
             sealer: Sealer::new(&cfg.cluster, ring.as_ref()),
             cfg,
             me,
             swim,
             rt: AccumulatingRuntime::new(),
-            store: Store::default(),
+            store,
             rng: StdRng::seed_from_u64(rng_seed ^ 0x9e37_79b9_7f4a_7c15),
             effects: Vec::new(),
             members: BTreeMap::new(),
@@ -460,6 +465,13 @@ impl Node {
         while let Some(n) = self.rt.to_notify() {
             self.on_notification(n);
         }
+        // Every entry point ends here: refusals counted by the store reach the metrics.
+        let refused = self.store.snapshots.refusals();
+        let m = &self.metrics;
+        m.snapshots_refused_future
+            .store(refused.future, Ordering::Relaxed);
+        m.snapshots_refused_inconsistent
+            .store(refused.inconsistent, Ordering::Relaxed);
     }
 
     /// Publishes this node's own endpoints: diffs them against the last call into row
@@ -497,9 +509,34 @@ impl Node {
         self.drain();
     }
 
-    /// Stores a registry snapshot this agent fetched; the newest per service wins everywhere.
-    pub fn apply_registry_snapshot(&mut self, now_ms: u64, snapshot: Snapshot) {
+    /// Stores and gossips a registry snapshot this agent just fetched from the registry;
+    /// the newest per service wins everywhere.
+    ///
+    /// A fresh direct answer supersedes whatever this node holds for the service: it is
+    /// stamped `max(generated_at_ms, held + 1)`, a hybrid logical clock. Without it, after
+    /// a replica running a little ahead (within the skew bound) answered, the next honest
+    /// answer would be dated older than what is held and ignored until real time caught
+    /// up. The stamp runs ahead of real time by at most what was already accepted within
+    /// the bound. An answer itself dated beyond the bound is refused and counted (see
+    /// [`crate::snapshot`]), so a replica far ahead changes nothing, and the first answer
+    /// after it is back wins.
+    pub fn apply_registry_snapshot(&mut self, now_ms: u64, mut snapshot: Snapshot) {
         self.set_now(now_ms);
+        if let Some(held) = self.store.snapshots.summary(&snapshot.service) {
+            snapshot.generated_at_ms = snapshot
+                .generated_at_ms
+                .max(held.generated_at_ms.saturating_add(1));
+        }
+        let (service, at) = (snapshot.service.clone(), snapshot.generated_at_ms);
+        if at > self.store.snapshots.latest_acceptable(self.now_ms) {
+            tracing::warn!(
+                %service,
+                generated_at_ms = at,
+                now_ms = self.now_ms,
+                max_skew_ms = self.cfg.max_snapshot_skew_ms,
+                "registry answer dated too far ahead of this host's clock, refused (a registry or this host has a wrong clock)"
+            );
+        }
         self.learn(BroadcastItem::Snapshot(snapshot));
         self.spread_now();
         self.drain();

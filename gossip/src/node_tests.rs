@@ -244,3 +244,98 @@ fn a_digest_equal_to_ours_gets_the_short_answer() {
         short.buckets[0]
     ));
 }
+
+/// A forged snapshot dated far ahead (an hour, the year 2100), arriving by gossip or by
+/// repair, is refused and counted; one within the skew bound is taken.
+#[test]
+fn snapshots_from_the_future_are_refused_whichever_way_they_come() {
+    const NOW: u64 = 1_780_000_000_000;
+    let mut n = node(1);
+    n.start(NOW);
+    let from: SocketAddr = "127.0.0.1:7709".parse().unwrap();
+    let sealer = Sealer::new("tidings", None);
+    let mut rng = StdRng::seed_from_u64(4);
+    let snap = |at: u64, port: u16| Snapshot {
+        service: ep(port).service,
+        generated_at_ms: at,
+        entries: vec![crate::SnapshotEntry {
+            endpoint: ep(port),
+            last_check_in_ms: at,
+        }],
+    };
+    let gossiped = |s: Snapshot, rng: &mut StdRng| {
+        let item = BroadcastItem::Snapshot(s).encode().unwrap();
+        let mut plain = vec![PacketKind::Rows as u8];
+        plain.extend_from_slice(&u16::try_from(item.len()).unwrap().to_be_bytes());
+        plain.extend_from_slice(&item);
+        sealer.seal(&plain, rng)
+    };
+    let pushed = |s: Snapshot, rng: &mut StdRng| {
+        let frame = RepairFrame::Push(repair::RepairPush {
+            from,
+            rows: Vec::new(),
+            snapshots: vec![s],
+        });
+        let bytes = codec::encode::<_, { MAX_FRAME - SEAL_OVERHEAD }>(&frame).unwrap();
+        sealer.seal(&bytes, rng)
+    };
+    let held = |n: &Node| n.snapshots().first().map(|s| s.generated_at_ms);
+
+    n.handle_packet(NOW, from, &gossiped(snap(NOW + 3_600_000, 80), &mut rng));
+    assert_eq!(held(&n), None);
+    assert_eq!(
+        n.handle_repair_frame(NOW, &pushed(snap(4_102_444_800_000, 81), &mut rng)),
+        None
+    );
+    assert_eq!(held(&n), None);
+    let m = n.metrics().snapshot();
+    assert_eq!(m.snapshots_refused_future, 2, "{m}");
+    assert_eq!(m.dropped_total(), 0, "{m}");
+    // 20 s ahead is within the default bound of 30 s.
+    n.handle_packet(NOW, from, &gossiped(snap(NOW + 20_000, 82), &mut rng));
+    assert_eq!(held(&n), Some(NOW + 20_000));
+    // The bound follows the node's clock: what was too far ahead is taken once time has
+    // caught up.
+    n.handle_packet(
+        NOW + 3_600_000,
+        from,
+        &gossiped(snap(NOW + 3_600_000, 80), &mut rng),
+    );
+    assert_eq!(held(&n), Some(NOW + 3_600_000));
+    assert_eq!(n.metrics().snapshot().snapshots_refused_future, 2);
+}
+
+/// The agent's own direct registry answers: a fresh one supersedes what is held even when
+/// dated older (the held one came from a replica a little ahead), by being stamped just
+/// after it; one dated beyond the bound is refused and counted.
+#[test]
+fn a_direct_registry_answer_supersedes_what_is_held() {
+    const NOW: u64 = 1_780_000_000_000;
+    let mut n = node(1);
+    n.start(NOW);
+    let snap = |at: u64, port: u16| Snapshot {
+        service: ep(port).service,
+        generated_at_ms: at,
+        entries: vec![crate::SnapshotEntry {
+            endpoint: ep(port),
+            last_check_in_ms: at,
+        }],
+    };
+    let held = |n: &Node| {
+        n.snapshots()
+            .first()
+            .map(|s| (s.generated_at_ms, s.entries[0].endpoint.port.get()))
+    };
+    n.apply_registry_snapshot(NOW, snap(NOW, 80));
+    assert_eq!(held(&n), Some((NOW, 80)));
+    n.apply_registry_snapshot(NOW, snap(NOW + 20_000, 81));
+    assert_eq!(held(&n), Some((NOW + 20_000, 81)));
+    n.apply_registry_snapshot(NOW + 1_000, snap(NOW + 1_000, 82));
+    assert_eq!(held(&n), Some((NOW + 20_001, 82)));
+    n.apply_registry_snapshot(NOW + 2_000, snap(NOW + 2_000 + 3_600_000, 83));
+    assert_eq!(held(&n), Some((NOW + 20_001, 82)));
+    assert_eq!(n.metrics().snapshot().snapshots_refused_future, 1);
+    // Once real time passes the held stamp, answers carry their own date again.
+    n.apply_registry_snapshot(NOW + 30_000, snap(NOW + 30_000, 84));
+    assert_eq!(held(&n), Some((NOW + 30_000, 84)));
+}

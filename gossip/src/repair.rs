@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::NodeId;
 use crate::broadcast::Store;
 use crate::rows::{OwnerSummary, Row, addr_bytes, stable_hash};
-use crate::snapshot::{Snapshot, SnapshotSummary};
+use crate::snapshot::{Snapshot, SnapshotMerge, SnapshotSummary};
 
 pub const DIGEST_BUCKETS: usize = 64;
 
@@ -280,7 +280,7 @@ pub fn apply(
         store.rows.prune_to_authoritative(&from, &present, max);
     }
     for snap in snapshots {
-        applied += usize::from(store.snapshots.merge(snap));
+        applied += usize::from(store.snapshots.merge(snap, now) == SnapshotMerge::Applied);
     }
     store.rows_received += applied as u64;
     applied

@@ -6,7 +6,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use schema::Endpoint;
 use thiserror::Error;
@@ -120,11 +120,10 @@ impl GossipHandle {
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch: the default epoch of a starting node.
+/// Wall-clock milliseconds since the Unix epoch: the default epoch of a starting node
+/// (one that persists nothing; the agent uses [`crate::epoch::next_epoch`]).
 pub fn epoch_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    schema::timefmt::unix_ms_now()
 }
 
 /// Starts a gossip node with `epoch_now()` as its epoch. See [`run_with_epoch`].
@@ -138,8 +137,8 @@ pub async fn run(
 
 /// Binds UDP and TCP on `config.bind` (same port; port 0 picks one), starts the node task
 /// and returns its handle. `epoch` must exceed every epoch this address used before (the
-/// agent may persist it; wall-clock ms works while clocks don't jump back). On `shutdown`
-/// the node leaves the cluster and its tasks stop.
+/// agent persists it with [`crate::epoch::next_epoch`]; wall-clock ms alone works only while
+/// clocks don't jump back). On `shutdown` the node leaves the cluster and its tasks stop.
 pub async fn run_with_epoch(
     mut config: GossipConfig,
     epoch: u64,

@@ -249,6 +249,30 @@ fn endpoint_of(i: usize, port: u16) -> Endpoint {
     Endpoint::new(service, addr_of(i).ip(), port)
 }
 
+/// Node `i` of the simulated cluster; `incarnation` varies its RNG seed across restarts.
+pub(crate) fn node_of(
+    cfg: &SimConfig,
+    ring: Option<&KeyRing>,
+    i: usize,
+    epoch: u64,
+    incarnation: u64,
+) -> Node {
+    let gc = GossipConfig {
+        bind: addr_of(i),
+        cluster: "sim".into(),
+        insecure: ring.is_none(),
+        keys: ring.iter().map(|r| r.primary.to_base64()).collect(),
+        seeds: vec![addr_of(0)],
+        probe_period_ms: cfg.probe_period_ms,
+        probe_rtt_ms: cfg.probe_period_ms / 2,
+        gossip_interval_ms: cfg.gossip_interval_ms,
+        repair_interval_ms: cfg.repair_interval_ms,
+        ..GossipConfig::default()
+    };
+    let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64) ^ (incarnation << 40);
+    Node::new(gc, epoch, seed).unwrap_or_else(|e| unreachable!("simulator config is valid: {e}"))
+}
+
 impl Sim {
     fn new(cfg: SimConfig) -> Sim {
         let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -256,26 +280,7 @@ impl Sim {
             .encrypt
             .then(|| KeyRing::new(SecretKey::random(&mut rng)));
         let nodes: Vec<Node> = (0..cfg.nodes)
-            .map(|i| {
-                let gc = GossipConfig {
-                    bind: addr_of(i),
-                    cluster: "sim".into(),
-                    insecure: ring.is_none(),
-                    keys: ring.iter().map(|r| r.primary.to_base64()).collect(),
-                    seeds: vec![addr_of(0)],
-                    probe_period_ms: cfg.probe_period_ms,
-                    probe_rtt_ms: cfg.probe_period_ms / 2,
-                    gossip_interval_ms: cfg.gossip_interval_ms,
-                    repair_interval_ms: cfg.repair_interval_ms,
-                    ..GossipConfig::default()
-                };
-                Node::new(
-                    gc,
-                    1_000 + i as u64,
-                    cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
-                )
-                .unwrap_or_else(|e| unreachable!("simulator config is valid: {e}"))
-            })
+            .map(|i| node_of(&cfg, ring.as_ref(), i, 1_000 + i as u64, 0))
             .collect();
         let n = nodes.len();
         Sim {

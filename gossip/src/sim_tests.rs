@@ -215,3 +215,164 @@ fn snapshots_and_tombstones_reach_everyone() {
         0
     );
 }
+
+/// Every node knows the roster, starts and publishes one endpoint.
+fn bootstrap(sim: &mut Sim) {
+    let roster: Vec<_> = sim.nodes.iter().map(Node::id).collect();
+    for i in 0..sim.nodes.len() {
+        sim.nodes[i].assume_members(0, roster.iter().copied());
+        sim.nodes[i].start(0);
+        sim.nodes[i].publish_local(0, vec![endpoint_of(i, 8080)]);
+        sim.flush(i);
+    }
+}
+
+/// The cluster's key ring, as node 0 was given it.
+fn ring(sim: &Sim) -> Option<KeyRing> {
+    let keys = &sim.nodes[0].cfg.keys;
+    (!keys.is_empty()).then(|| KeyRing::parse(keys).unwrap())
+}
+
+/// Replaces node `i` by a new process with `epoch` (after a crash: it left nothing behind
+/// but what peers remember). It finds the cluster through its seed, as an agent does.
+fn restart(sim: &mut Sim, i: usize, epoch: u64, endpoints: Vec<Endpoint>) {
+    // Timers and traffic addressed to the dead process must not reach the new one.
+    sim.events.retain(|_, ev| match ev {
+        Event::Timer { node, .. } => *node != i,
+        Event::Packet { to, .. } | Event::Frame { to, .. } => *to != i,
+    });
+    sim.nodes[i] = node_of(&sim.cfg, ring(sim).as_ref(), i, epoch, 1);
+    sim.alive[i] = true;
+    let now = sim.now;
+    sim.nodes[i].start(now);
+    sim.nodes[i].publish_local(now, endpoints);
+    sim.flush(i);
+}
+
+/// A start after the wall clock was stepped back an hour still takes a larger epoch (the
+/// last one is persisted), so peers take the restarted agent's identity and rows at once
+/// instead of ignoring them as leftovers of its previous process.
+#[test]
+fn a_member_restarted_with_its_clock_stepped_back_an_hour_is_accepted_by_its_peers() {
+    const WALL_MS: u64 = 1_780_000_000_000;
+    const HOUR_MS: u64 = 3_600_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut sim = Sim::new(SimConfig {
+        nodes: 8,
+        seed: 13,
+        ..Default::default()
+    });
+    let victim = 3;
+    // The victim's epochs come from its wall clock (sim time + WALL_MS) and its data dir.
+    let wall = |sim: &Sim| WALL_MS + sim.now;
+    let first = crate::epoch::next_epoch(dir.path(), wall(&sim)).unwrap();
+    sim.nodes[victim] = node_of(&sim.cfg, ring(&sim).as_ref(), victim, first, 0);
+    bootstrap(&mut sim);
+    let old = endpoint_of(victim, 8080).key();
+    let everyone_sees = |s: &Sim, key: &EndpointKey| {
+        (0..s.nodes.len())
+            .filter(|&i| i != victim)
+            .all(|i| s.nodes[i].sees_row(&addr_of(victim), key))
+    };
+    assert!(
+        sim.run_until_cond(100, 10_000, |s| everyone_sees(s, &old))
+            .is_some()
+    );
+
+    sim.alive[victim] = false;
+    sim.run_until(sim.now + 1_000);
+    let second = crate::epoch::next_epoch(dir.path(), wall(&sim) - HOUR_MS).unwrap();
+    assert!(second > first, "epoch {second} after {first}");
+    let fresh = endpoint_of(victim, 9191);
+    restart(&mut sim, victim, second, vec![fresh.clone()]);
+    let took = sim.run_until_cond(100, 10_000, |s| {
+        everyone_sees(s, &fresh.key())
+            && (0..s.nodes.len()).all(|i| !s.nodes[i].sees_row(&addr_of(victim), &old))
+    });
+    assert!(
+        took.is_some(),
+        "peers ignored the restarted member's rows (epoch {second}, previous {first})"
+    );
+    // SWIM too: every peer replaces the old identity by the new one.
+    let swim_took = sim.run_until_cond(100, 10_000, |s| {
+        (0..s.nodes.len()).filter(|&i| i != victim).all(|i| {
+            s.nodes[i]
+                .members()
+                .iter()
+                .any(|m| m.id.addr == addr_of(victim) && m.id.epoch == second && m.active)
+        })
+    });
+    assert!(
+        swim_took.is_some(),
+        "peers kept the old identity of the restarted member"
+    );
+}
+
+fn registry_snapshot(service: &str, at: u64, port: u16) -> crate::Snapshot {
+    let ep = Endpoint::new(
+        ServiceName::new(service).unwrap(),
+        "10.9.0.1".parse().unwrap(),
+        NonZeroU16::new(port).unwrap(),
+    );
+    crate::Snapshot {
+        service: ep.service.clone(),
+        generated_at_ms: at,
+        entries: vec![crate::SnapshotEntry {
+            endpoint: ep,
+            last_check_in_ms: at,
+        }],
+    }
+}
+
+/// Whether every node lists exactly `port` for the `cron` service, from the registry.
+fn all_list(sim: &Sim, port: u16) -> bool {
+    sim.nodes.iter().all(|n| {
+        let ports: Vec<u16> = n
+            .visible_endpoints()
+            .iter()
+            .filter(|e| e.endpoint.service.as_str() == "cron")
+            .map(|e| e.endpoint.port.get())
+            .collect();
+        ports == [port]
+    })
+}
+
+/// Registry replicas whose clocks run ahead: one 20 s ahead (within the skew bound) and
+/// then back, one an hour ahead and then back. Neither may freeze any node's registry data
+/// beyond the next honest answer: that answer wins everywhere as soon as gossip carries it.
+#[test]
+fn registry_replicas_running_ahead_never_freeze_the_views() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 6,
+        seed: 21,
+        ..Default::default()
+    });
+    bootstrap(&mut sim);
+    sim.run_until(60_000);
+    // Agent 0 syncs from a replica 20 s ahead; everyone learns its answer.
+    sim.nodes[0].apply_registry_snapshot(sim.now, registry_snapshot("cron", sim.now + 20_000, 1));
+    sim.flush(0);
+    assert!(sim.run_until_cond(50, 5_000, |s| all_list(s, 1)).is_some());
+    // The replica is back on time; agent 2's next sync reads an honest answer dated now,
+    // older than what everyone holds. It still wins, within a few gossip hops.
+    sim.nodes[2].apply_registry_snapshot(sim.now, registry_snapshot("cron", sim.now, 2));
+    sim.flush(2);
+    let took = sim.run_until_cond(50, 5_000, |s| all_list(s, 2));
+    assert!(took.is_some_and(|ms| ms <= 1_000), "took {took:?}");
+
+    // Agent 1 reads a replica an hour ahead: refused and counted, nothing changes.
+    let hour_ahead = registry_snapshot("cron", sim.now + 3_600_000, 3);
+    sim.nodes[1].apply_registry_snapshot(sim.now, hour_ahead);
+    sim.flush(1);
+    sim.run_until(sim.now + 2_000);
+    assert!(all_list(&sim, 2));
+    assert_eq!(
+        sim.nodes[1].metrics().snapshot().snapshots_refused_future,
+        1
+    );
+    // Its next sync reaches an honest replica: that answer wins at once everywhere.
+    sim.nodes[1].apply_registry_snapshot(sim.now, registry_snapshot("cron", sim.now, 4));
+    sim.flush(1);
+    let took = sim.run_until_cond(50, 5_000, |s| all_list(s, 4));
+    assert!(took.is_some_and(|ms| ms <= 1_000), "took {took:?}");
+}

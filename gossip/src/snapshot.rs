@@ -1,7 +1,16 @@
 //! Registry snapshots: what an agent learned from the registry, per service. They gossip
 //! so a new agent learns cron-registered hosts while the registry is down. Per service the
-//! snapshot with the newest registry timestamp wins (ties broken by content hash, so every
-//! node picks the same one).
+//! snapshot with the newest timestamp wins (ties broken by content hash, so every node picks
+//! the same one).
+//!
+//! Timestamps come from registry clocks, which this node does not control. Unbounded, one
+//! replica whose clock runs ahead (or one forged snapshot dated in 2100) would win every
+//! comparison until real time caught up, freezing the registry data of every agent. So a
+//! snapshot dated more than `max_skew_ms` ahead of the receiver's clock is refused and
+//! counted ([`Refusals`]). What a bounded but nonzero skew still allows — a snapshot from a
+//! replica a little ahead, then an honest one dated older — is handled where an agent
+//! publishes a fresh registry answer (`Node::apply_registry_snapshot`): it stamps it after
+//! the one it holds.
 
 use std::collections::BTreeMap;
 
@@ -67,28 +76,86 @@ impl SnapshotSummary {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// The outcome of merging one snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMerge {
+    Applied,
+    /// Not newer than the one held.
+    Stale,
+    /// An entry of another service (refused).
+    Inconsistent,
+    /// Dated too far ahead of this node's clock (refused).
+    Future,
+}
+
+/// Snapshots refused so far, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refusals {
+    pub future: u64,
+    pub inconsistent: u64,
+}
+
+#[derive(Debug, Clone)]
 pub struct SnapshotStore {
     by_service: BTreeMap<ServiceName, (Snapshot, SnapshotSummary)>,
     changes: u64,
+    max_skew_ms: u64,
+    refused: Refusals,
+}
+
+impl Default for SnapshotStore {
+    fn default() -> Self {
+        Self::with_max_skew(crate::config::DEFAULT_MAX_SNAPSHOT_SKEW_MS)
+    }
 }
 
 impl SnapshotStore {
-    /// Keeps `snap` if it is newer than what we hold for its service. Returns whether it was.
-    pub fn merge(&mut self, snap: Snapshot) -> bool {
+    /// A store that refuses snapshots dated more than `max_skew_ms` ahead of its clock.
+    pub fn with_max_skew(max_skew_ms: u64) -> Self {
+        SnapshotStore {
+            by_service: BTreeMap::new(),
+            changes: 0,
+            max_skew_ms,
+            refused: Refusals::default(),
+        }
+    }
+
+    /// Keeps `snap` if it is newer than what we hold for its service and not dated beyond
+    /// the skew bound ahead of `now_ms` (this node's clock).
+    pub fn merge(&mut self, snap: Snapshot, now_ms: u64) -> SnapshotMerge {
         if !snap.is_consistent() {
-            return false;
+            self.refused.inconsistent += 1;
+            return SnapshotMerge::Inconsistent;
+        }
+        if snap.generated_at_ms > self.latest_acceptable(now_ms) {
+            self.refused.future += 1;
+            tracing::debug!(
+                service = %snap.service,
+                generated_at_ms = snap.generated_at_ms,
+                now_ms,
+                "registry snapshot dated too far in the future, refused"
+            );
+            return SnapshotMerge::Future;
         }
         let summary = snap.summary();
         if let Some((_, cur)) = self.by_service.get(&snap.service)
             && cur.rank() >= summary.rank()
         {
-            return false;
+            return SnapshotMerge::Stale;
         }
         self.by_service
             .insert(snap.service.clone(), (snap, summary));
         self.changes += 1;
-        true
+        SnapshotMerge::Applied
+    }
+
+    /// The newest `generated_at_ms` accepted at `now_ms`.
+    pub fn latest_acceptable(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_add(self.max_skew_ms)
+    }
+
+    pub fn refusals(&self) -> Refusals {
+        self.refused
     }
 
     /// Whether a snapshot with this summary would be news to us.
@@ -147,13 +214,48 @@ mod tests {
         let mut x = SnapshotStore::default();
         let mut y = SnapshotStore::default();
         for s in [&a, &b, &c] {
-            x.merge(s.clone());
+            x.merge(s.clone(), 0);
         }
         for s in [&c, &a, &b] {
-            y.merge(s.clone());
+            y.merge(s.clone(), 0);
         }
         let service = ServiceName::new("web").unwrap();
         assert_eq!(x.get(&service), y.get(&service));
-        assert!(!x.merge(a));
+        assert_eq!(x.merge(a, 0), SnapshotMerge::Stale);
+    }
+
+    #[test]
+    fn snapshots_dated_beyond_the_skew_are_refused_and_counted() {
+        const NOW: u64 = 1_780_000_000_000;
+        let mut store = SnapshotStore::with_max_skew(30_000);
+        let service = ServiceName::new("web").unwrap();
+        assert_eq!(store.merge(snap(NOW, &[1]), NOW), SnapshotMerge::Applied);
+        // A replica an hour ahead, and a forged snapshot from 2100: refused, counted.
+        let year_2100 = 4_102_444_800_000;
+        for at in [NOW + 3_600_000, year_2100, u64::MAX] {
+            assert_eq!(store.merge(snap(at, &[2]), NOW), SnapshotMerge::Future);
+        }
+        assert_eq!(store.refusals().future, 3);
+        assert_eq!(store.get(&service).unwrap().generated_at_ms, NOW);
+        // Within the bound (a replica 20 s ahead) is accepted; the bound is inclusive.
+        assert_eq!(
+            store.merge(snap(NOW + 20_000, &[3]), NOW),
+            SnapshotMerge::Applied
+        );
+        assert_eq!(
+            store.merge(snap(NOW + 30_000, &[4]), NOW),
+            SnapshotMerge::Applied
+        );
+        // Entries of another service: refused, counted apart.
+        let mut bad = snap(NOW + 40_000, &[5]);
+        bad.service = ServiceName::new("db").unwrap();
+        assert_eq!(store.merge(bad, NOW), SnapshotMerge::Inconsistent);
+        assert_eq!(
+            store.refusals(),
+            Refusals {
+                future: 3,
+                inconsistent: 1
+            }
+        );
     }
 }

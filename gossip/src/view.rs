@@ -212,7 +212,7 @@ mod tests {
                 .collect(),
         };
         let mut store = Store::default();
-        store.snapshots.merge(snapshot(7, &[1, 2]));
+        store.snapshots.merge(snapshot(7, &[1, 2]), 0);
         let v = |seq| Version { epoch: 1, seq };
         for (key, seq) in [(ep(1).key(), 1), (ep(3).key(), 1)] {
             store
@@ -233,12 +233,12 @@ mod tests {
         };
         assert_eq!(ports(&store), vec![2], "port 1 stays deregistered");
         // A newer snapshot without it: the tombstone has nothing left to hide.
-        store.snapshots.merge(snapshot(8, &[2]));
+        store.snapshots.merge(snapshot(8, &[2]), 0);
         store.gc_tombstones(11, 1_000, me, &live);
         assert_eq!(store.rows.len(), 0);
         assert_eq!(ports(&store), vec![2]);
         // Retention ends a shadowing tombstone too.
-        store.snapshots.merge(snapshot(9, &[1, 2]));
+        store.snapshots.merge(snapshot(9, &[1, 2]), 0);
         store.rows.merge(
             Row::new(owner, ep(1).key(), RowStatus::Deregistered, v(3)),
             20,
@@ -262,11 +262,14 @@ mod tests {
                 last_check_in_ms: 5,
             })
             .to_vec();
-        store.snapshots.merge(Snapshot {
-            service: ep(1).service,
-            generated_at_ms: 7,
-            entries,
-        });
+        store.snapshots.merge(
+            Snapshot {
+                service: ep(1).service,
+                generated_at_ms: 7,
+                entries,
+            },
+            0,
+        );
         let v = |seq| Version { epoch: 1, seq };
         let mut tagged = ep(1);
         tagged.tags.canary = true;
