@@ -1,6 +1,13 @@
 //! The admin listener: `/clusters`, `/ready`, `/live`, `/metrics`, `/config`, and the web
 //! dashboard over them at `/ui` ([`crate::admin_ui`]). Loopback only by default; it exposes
-//! topology, never secrets (TLS paths are shown, not keys).
+//! topology, never secrets (TLS paths are shown, not keys). Its connections are bounded in
+//! number and in the time they may wait (`conns`), so slow or idle clients cannot lock
+//! operators and probes out.
+
+mod conns;
+mod serve;
+
+pub(crate) use self::serve::serve;
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -103,15 +103,31 @@ impl CircuitBreaker {
     /// concurrent callers can never push a counter past its limit.
     pub fn try_acquire(&self, r: Resource) -> Result<Permit, Resource> {
         let limit = self.limit(r);
-        counter(&self.counters, r)
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .map(|_| Permit {
-                counters: self.counters.clone(),
-                resource: r,
-            })
-            .map_err(|_| r)
+        self.try_acquire_if(r, |n| if n < limit { Ok(()) } else { Err(r) })
+    }
+
+    /// Takes one unit of `r` if `admit` allows it at the current count, which it is given.
+    /// For limits that move with load (the retry budget): the check and the increment are one
+    /// compare-exchange, so concurrent callers cannot both pass on the same count.
+    pub fn try_acquire_if<E>(
+        &self,
+        r: Resource,
+        admit: impl Fn(u32) -> Result<(), E>,
+    ) -> Result<Permit, E> {
+        let c = counter(&self.counters, r);
+        let mut n = c.load(Ordering::Acquire);
+        loop {
+            admit(n)?;
+            match c.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    return Ok(Permit {
+                        counters: self.counters.clone(),
+                        resource: r,
+                    });
+                }
+                Err(now) => n = now,
+            }
+        }
     }
 
     pub fn current(&self, r: Resource) -> u32 {

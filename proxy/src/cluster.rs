@@ -24,8 +24,10 @@ use crate::retry::RetryPolicy;
 use crate::upstream::Upstream;
 
 mod handle;
+mod load;
 
 pub use self::handle::{ClusterMetrics, HostHandle, OUTCOMES};
+pub use self::load::{ActiveRequest, RetrySlot};
 
 /// How many picks a retry makes to avoid the host that just failed.
 const HOST_SELECTION_ATTEMPTS: u64 = 3;
@@ -110,8 +112,8 @@ pub struct Cluster {
     /// Health-check connections, outside the breaker.
     pub checks: Upstream,
     pub scheme: &'static str,
-    pub active_requests: AtomicU32,
-    pub active_retries: AtomicU32,
+    /// Requests in flight, through [`Cluster::start_request`] only.
+    active_requests: AtomicU32,
     pub metrics: ClusterMetrics,
     name: Arc<str>,
     state: Mutex<State>,
@@ -169,7 +171,6 @@ impl Cluster {
             upstream,
             checks,
             active_requests: AtomicU32::new(0),
-            active_retries: AtomicU32::new(0),
             metrics: ClusterMetrics::new(name.clone()),
             name,
             state: Mutex::new(state),
@@ -530,7 +531,8 @@ impl Cluster {
         self.metrics.publish(
             st.routing.handles.len(),
             st.routing.panic,
-            self.active_requests.load(Ordering::Acquire),
+            self.active_requests(),
+            self.retries_in_flight(),
         );
     }
 
@@ -569,7 +571,8 @@ impl Cluster {
             lb_policy: st.balancer.policy(),
             panic: routable.panic,
             routable_hosts: routable.hosts.len(),
-            active_requests: self.active_requests.load(Ordering::Acquire),
+            active_requests: self.active_requests(),
+            active_retries: self.retries_in_flight(),
             membership,
             hosts,
         }
@@ -585,6 +588,8 @@ pub struct ClusterSnapshot {
     pub panic: bool,
     pub routable_hosts: usize,
     pub active_requests: u32,
+    /// Retries in flight, which the retry budget and `max_retries` bound.
+    pub active_retries: u32,
     pub membership: MembershipStatus,
     pub hosts: Vec<HostSnapshot>,
 }

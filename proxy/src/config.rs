@@ -47,12 +47,25 @@ impl Default for ProxyConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     pub address: SocketAddr,
+    /// A client must send a whole request head within this of connecting, or of its first
+    /// byte after a previous response.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request under way closes after this.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Open connections at most; at the cap, a new one closes the one that has waited longest
+    /// for a request (or is refused when every connection is being answered).
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 7711)),
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 64,
         }
     }
 }
@@ -341,6 +354,12 @@ impl ProxyConfig {
                     l.address
                 ));
             }
+        }
+        if self.admin.header_read_timeout.is_zero() || self.admin.idle_timeout.is_zero() {
+            return bad("admin: header_read_timeout and idle_timeout must be positive".into());
+        }
+        if self.admin.max_connections == 0 {
+            return bad("admin: max_connections must be at least 1".into());
         }
         let mut names = HashSet::new();
         for c in &self.clusters {

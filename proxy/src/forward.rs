@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use hyper::body::{Body, Incoming};
 use tokio::time::Instant;
 
 use crate::breaker::{Permit, Resource};
-use crate::cluster::{Cluster, HostHandle};
+use crate::cluster::{Cluster, HostHandle, RetrySlot};
 use crate::outlier::RequestResult;
 use crate::retry::{self, AttemptOutcome};
 use crate::upstream::{Conn, ProxyBody, UpstreamError};
@@ -146,8 +145,7 @@ pub async fn forward(
         Ok(p) => p,
         Err(r) => return overflow(cluster, r, out),
     };
-    cluster.active_requests.fetch_add(1, Ordering::AcqRel);
-    let _active = CountGuard(cluster);
+    let _active = Cluster::start_request(cluster.as_ref());
     let (mut parts, body) = req.into_parts();
     let mut body = match request_body(cluster, &parts, body, deadline).await {
         Ok(b) => b,
@@ -166,7 +164,8 @@ pub async fn forward(
     let host_is_upstream =
         parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST);
     let mut previous = None;
-    let mut _retry_permit: Option<Permit> = None;
+    // The retry this attempt is, if it is one: its slot is held until the attempt's outcome.
+    let mut retry = None;
     loop {
         let Some((addr, guard)) = cluster.pick(hash, previous) else {
             return failed(Failure::NoHealthyUpstream, out);
@@ -221,7 +220,7 @@ pub async fn forward(
         };
         drop(pending);
         let attempt = classify(&result);
-        if let Some((permit, wait)) = after_attempt(
+        if let Some(wait) = after_attempt(
             cluster,
             host,
             attempt,
@@ -229,13 +228,13 @@ pub async fn forward(
             out.attempts,
             body.replayable(),
             deadline,
+            &mut retry,
         ) {
             // A response we give up on, with its connection, is dropped here: its body was
             // not read, so the connection cannot be reused.
             drop((result, guard));
             tokio::time::sleep(wait).await;
             previous = Some(addr);
-            _retry_permit = Some(permit);
             continue;
         }
         return match result {
@@ -267,7 +266,6 @@ fn respond(
 ) -> Response<ProxyBody> {
     let (mut rp, rb) = resp.into_parts();
     strip_hop_by_hop(&mut rp.headers);
-    cluster.active_requests.fetch_add(1, Ordering::AcqRel);
     let guarded = Guarded {
         inner: rb,
         deadline,
@@ -275,7 +273,7 @@ fn respond(
         done: false,
         guard,
         _permit: permit,
-        cluster: cluster.clone(),
+        active: Cluster::start_request(cluster.clone()),
     };
     Response::from_parts(rp, guarded.boxed_unsync())
 }
@@ -296,9 +294,14 @@ fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
 
 /// What an attempt's outcome (and whether it never left because the connection limit was
 /// hit) does: feeds outlier detection and the host's outcome counter, and decides whether the
-/// request gets another attempt — the retry permit and the back-off to wait first — under the
-/// retry policy, the budget, the retries breaker and the time left. Both request paths (hyper
+/// request gets another attempt — and the back-off to wait first — under the retry policy,
+/// the retry budget, the breaker's `max_retries` and the time left. Both request paths (hyper
 /// and `crate::h1`) go through here.
+///
+/// `retry` is the request's retry in flight: the slot of the retry this attempt was is given
+/// back first (the attempt has its outcome), and the slot of the next one is put there, so
+/// the caller only has to keep it until the request ends.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn after_attempt(
     cluster: &Cluster,
     host: &HostHandle,
@@ -307,7 +310,9 @@ pub(crate) fn after_attempt(
     attempts: u32,
     replayable: bool,
     deadline: Instant,
-) -> Option<(Permit, Duration)> {
+    retry: &mut Option<RetrySlot>,
+) -> Option<Duration> {
+    *retry = None;
     if !overflowed {
         let ok = matches!(outcome, AttemptOutcome::Status(s) if s < 500);
         let result = if ok {
@@ -322,14 +327,20 @@ pub(crate) fn after_attempt(
     if overflowed || !replayable || !retry::should_retry(policy, method, outcome, attempts - 1) {
         return None;
     }
-    let permit = retry_permit(cluster)?;
     let wait = retry::backoff(policy, attempts, &mut rand::rng());
     if Instant::now() + wait >= deadline {
         return None;
     }
+    match cluster.try_start_retry() {
+        Ok(slot) => *retry = Some(slot),
+        Err(limit) => {
+            cluster.metrics.retry_overflow(limit);
+            return None;
+        }
+    }
     metrics::counter!("tidings_proxy_retries_total", "cluster" => cluster.name().to_string())
         .increment(1);
-    Some((permit, wait))
+    Some(wait)
 }
 
 /// Index of the outcome's label in [`crate::cluster::OUTCOMES`].
@@ -428,31 +439,6 @@ async fn request_body(
             "request_timeout",
             "request body not received in time",
         )),
-    }
-}
-
-/// A retry may start if the budget and the retries breaker both allow it.
-fn retry_permit(cluster: &Cluster) -> Option<Permit> {
-    let active = cluster.active_requests.load(Ordering::Acquire);
-    let retries = cluster.active_retries.load(Ordering::Acquire);
-    if !retry::budget_allows(&cluster.retry_policy, active, retries) {
-        metrics::counter!("tidings_proxy_overflow_total", "cluster" => cluster.name().to_string(), "resource" => "retry_budget").increment(1);
-        return None;
-    }
-    match cluster.breaker.try_acquire(Resource::Retries) {
-        Ok(p) => Some(p),
-        Err(r) => {
-            metrics::counter!("tidings_proxy_overflow_total", "cluster" => cluster.name().to_string(), "resource" => r.as_str()).increment(1);
-            None
-        }
-    }
-}
-
-pub(crate) struct CountGuard<'a>(pub(crate) &'a Cluster);
-
-impl Drop for CountGuard<'_> {
-    fn drop(&mut self) {
-        self.0.active_requests.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

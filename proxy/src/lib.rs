@@ -53,9 +53,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -249,7 +246,7 @@ impl Proxy {
         }
         tracing::debug!(addr = %admin_addr, "serving admin");
         let admin_stop = CancellationToken::new();
-        servers.spawn(serve_admin(admin, shared.clone(), admin_stop.clone()));
+        servers.spawn(admin::serve(admin, shared.clone(), admin_stop.clone()));
         servers.close();
 
         shutdown.cancelled().await;
@@ -303,29 +300,6 @@ impl ProxyHandle {
 /// Binds and serves `config` until `shutdown` is cancelled.
 pub async fn run(config: ProxyConfig, shutdown: CancellationToken) -> Result<(), ProxyError> {
     Proxy::bind(config).await?.run(shutdown).await
-}
-
-async fn serve_admin(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
-    let make = move |_peer: SocketAddr| {
-        let shared = shared.clone();
-        service_fn(move |req| admin::handle(shared.clone(), req))
-    };
-    server::accept_loop(
-        listener,
-        builder,
-        None,
-        None,
-        Duration::from_secs(10),
-        make,
-        stop,
-        Duration::from_secs(1),
-    )
-    .await;
 }
 
 /// Per-cluster upkeep: drained hosts leave once idle (checked every second), outlier

@@ -84,11 +84,51 @@ pub fn backoff(policy: &RetryPolicy, retry: u32, rng: &mut impl Rng) -> Duration
     Duration::from_millis(rng.random_range(0..window))
 }
 
-/// The retry budget: may one more retry start while `active_retries` are running among
-/// `active_requests`?
-pub fn budget_allows(policy: &RetryPolicy, active_requests: u32, active_retries: u32) -> bool {
-    let budget = u64::from(active_requests) * u64::from(policy.budget_percent) / 100;
-    u64::from(active_retries) < budget.max(u64::from(policy.min_retry_concurrency))
+/// Which limit refused a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOverflow {
+    /// The retry budget: a share of the cluster's active requests.
+    Budget,
+    /// The circuit breaker's `max_retries`.
+    MaxRetries,
+}
+
+impl RetryOverflow {
+    /// The `limit` label of `tidings_proxy_retry_overflow_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryOverflow::Budget => "budget",
+            RetryOverflow::MaxRetries => "max_retries",
+        }
+    }
+}
+
+/// How many retries the budget lets run at once among `active_requests`: `budget_percent`
+/// of them, rounded down, but never fewer than `min_retry_concurrency` (so a quiet cluster
+/// can still retry).
+pub fn budget(policy: &RetryPolicy, active_requests: u32) -> u32 {
+    let share = u64::from(active_requests) * u64::from(policy.budget_percent) / 100;
+    u32::try_from(share)
+        .unwrap_or(u32::MAX)
+        .max(policy.min_retry_concurrency)
+}
+
+/// May one more retry start while `in_flight` retries run among `active_requests`? Both the
+/// budget and the breaker's `max_retries` bound the same count of retries in flight; the
+/// stricter one decides.
+pub fn admit(
+    policy: &RetryPolicy,
+    max_retries: u32,
+    active_requests: u32,
+    in_flight: u32,
+) -> Result<(), RetryOverflow> {
+    if in_flight >= max_retries {
+        return Err(RetryOverflow::MaxRetries);
+    }
+    if in_flight >= budget(policy, active_requests) {
+        return Err(RetryOverflow::Budget);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -159,9 +199,26 @@ mod tests {
     #[test]
     fn budget_is_twenty_percent_with_a_floor_of_three() {
         let p = RetryPolicy::default();
-        assert!(budget_allows(&p, 0, 2));
-        assert!(!budget_allows(&p, 0, 3));
-        assert!(budget_allows(&p, 100, 19));
-        assert!(!budget_allows(&p, 100, 20));
+        let open = u32::MAX;
+        assert_eq!(budget(&p, 0), 3);
+        assert_eq!(admit(&p, open, 0, 2), Ok(()));
+        assert_eq!(admit(&p, open, 0, 3), Err(RetryOverflow::Budget));
+        assert_eq!(budget(&p, 100), 20);
+        assert_eq!(admit(&p, open, 100, 19), Ok(()));
+        assert_eq!(admit(&p, open, 100, 20), Err(RetryOverflow::Budget));
+        assert_eq!(budget(&p, 19), 3, "3.8 rounds down, then the floor");
+        assert_eq!(budget(&p, u32::MAX), u32::MAX / 5);
+    }
+
+    #[test]
+    fn the_stricter_of_budget_and_max_retries_decides() {
+        let p = RetryPolicy::default();
+        // Budget 20 of 100 active, breaker 3 (Envoy's default).
+        assert_eq!(admit(&p, 3, 100, 2), Ok(()));
+        assert_eq!(admit(&p, 3, 100, 3), Err(RetryOverflow::MaxRetries));
+        // Breaker wide open: the budget decides.
+        assert_eq!(admit(&p, 1_000, 100, 20), Err(RetryOverflow::Budget));
+        // A zero breaker refuses every retry, even under the floor.
+        assert_eq!(admit(&p, 0, 100, 0), Err(RetryOverflow::MaxRetries));
     }
 }

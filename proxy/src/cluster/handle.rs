@@ -100,8 +100,8 @@ pub struct ClusterMetrics {
     /// Index `code - 100` for codes 100-599.
     by_code: Box<[OnceLock<Counter>]>,
     duration: OnceLock<Histogram>,
-    /// Routable hosts, panic, active requests.
-    gauges: OnceLock<[Gauge; 3]>,
+    /// Routable hosts, panic, active requests, retries in flight.
+    gauges: OnceLock<[Gauge; 4]>,
 }
 
 impl ClusterMetrics {
@@ -115,18 +115,31 @@ impl ClusterMetrics {
     }
 
     /// Publishes the cluster's gauges.
-    pub(super) fn publish(&self, routable_hosts: usize, panic: bool, active_requests: u32) {
-        let [routable, panicking, active] = self.gauges.get_or_init(|| {
+    pub(super) fn publish(
+        &self,
+        routable_hosts: usize,
+        panic: bool,
+        active_requests: u32,
+        active_retries: u32,
+    ) {
+        let [routable, panicking, active, retries] = self.gauges.get_or_init(|| {
             let name = self.name.to_string();
             [
                 metrics::gauge!("tidings_proxy_cluster_routable_hosts", "cluster" => name.clone()),
                 metrics::gauge!("tidings_proxy_cluster_panic", "cluster" => name.clone()),
-                metrics::gauge!("tidings_proxy_cluster_active_requests", "cluster" => name),
+                metrics::gauge!("tidings_proxy_cluster_active_requests", "cluster" => name.clone()),
+                metrics::gauge!("tidings_proxy_cluster_retries_active", "cluster" => name),
             ]
         });
         routable.set(routable_hosts as f64);
         panicking.set(if panic { 1.0 } else { 0.0 });
         active.set(f64::from(active_requests));
+        retries.set(f64::from(active_retries));
+    }
+
+    /// Counts a retry refused by `limit` (the request keeps the answer it had).
+    pub fn retry_overflow(&self, limit: crate::retry::RetryOverflow) {
+        metrics::counter!("tidings_proxy_retry_overflow_total", "cluster" => self.name.to_string(), "limit" => limit.as_str()).increment(1);
     }
 
     /// Records one downstream request answered with `code` after `elapsed`.

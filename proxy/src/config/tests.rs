@@ -118,6 +118,18 @@ fn validate_rejects_bad_values() {
             "hash header",
             Box::new(|c| c.clusters[0].hash_header = Some("bad header".into())),
         ),
+        (
+            "admin connections",
+            Box::new(|c| c.admin.max_connections = 0),
+        ),
+        (
+            "admin header timeout",
+            Box::new(|c| c.admin.header_read_timeout = Duration::ZERO),
+        ),
+        (
+            "admin idle timeout",
+            Box::new(|c| c.admin.idle_timeout = Duration::ZERO),
+        ),
     ];
     for (what, mutate) in cases {
         let mut c = base();

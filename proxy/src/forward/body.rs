@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,7 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::breaker::Permit;
-use crate::cluster::{ActiveGuard, Cluster};
+use crate::cluster::{ActiveGuard, ActiveRequest, Cluster};
 use crate::upstream::{BoxError, Conn, ProxyBody};
 
 use super::full;
@@ -55,7 +54,7 @@ pub(super) struct Guarded {
     pub(super) done: bool,
     pub(super) guard: ActiveGuard,
     pub(super) _permit: Permit,
-    pub(super) cluster: Arc<Cluster>,
+    pub(super) active: ActiveRequest<Arc<Cluster>>,
 }
 
 impl Drop for Guarded {
@@ -63,12 +62,12 @@ impl Drop for Guarded {
         // A body dropped half-read leaves the connection mid-message: hyper closes it.
         if let Some(conn) = self.conn.take() {
             if self.done || self.inner.is_end_stream() {
-                self.cluster
+                self.active
+                    .cluster()
                     .upstream
                     .release(&self.guard.host().conns, conn);
             }
         }
-        self.cluster.active_requests.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -144,3 +144,143 @@ fn http1_targets_are_origin_form_and_http2_targets_absolute() {
     let bare = Uri::from_static("http://web");
     assert_eq!(headers::target(&bare, None).expect("root").to_string(), "/");
 }
+
+mod retry_budget {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    use super::super::after_attempt;
+    use crate::breaker::{BreakerLimits, CircuitBreaker};
+    use crate::cluster::{Cluster, ListedHost, RetrySlot};
+    use crate::config::{ClusterConfig, HealthCheckKind};
+    use crate::retry::AttemptOutcome;
+    use crate::upstream::{Connector, Upstream};
+    use http::Method;
+
+    /// One always-routable host, five retries allowed per request, the given budget and
+    /// `max_retries`.
+    fn cluster(budget_percent: u32, min: u32, max_retries: u32) -> Arc<Cluster> {
+        let mut cfg = ClusterConfig {
+            name: "budget".into(),
+            service: "svc".into(),
+            ..ClusterConfig::default()
+        };
+        cfg.health_check.kind = HealthCheckKind::None;
+        cfg.outlier_detection.enabled = false;
+        cfg.retries.num_retries = 5;
+        cfg.retries.budget_percent = budget_percent;
+        cfg.retries.min_retry_concurrency = min;
+        let limits = BreakerLimits {
+            max_retries,
+            ..BreakerLimits::default()
+        };
+        let connector = Connector::new(Duration::from_secs(1), None, None);
+        let up = || Upstream::new(connector.clone(), false, Duration::from_secs(90), 8);
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let c = Cluster::new(
+            cfg,
+            None,
+            CircuitBreaker::new(limits),
+            up(),
+            up(),
+            TaskTracker::new(),
+            stopped,
+        );
+        c.apply_listing(
+            vec![ListedHost {
+                addr: SocketAddr::from(([10, 0, 0, 1], 80)),
+                weight: 1,
+                zone: None,
+                canary: false,
+                draining: false,
+            }],
+            None,
+            false,
+        );
+        c
+    }
+
+    /// Attempt number `attempts` of one request ended with `status`: does it get a retry?
+    fn after(c: &Cluster, status: u16, attempts: u32, retry: &mut Option<RetrySlot>) -> bool {
+        let (_, guard) = c.pick(None, None).expect("a routable host");
+        let far = Instant::now() + Duration::from_secs(60);
+        after_attempt(
+            c,
+            guard.host(),
+            (AttemptOutcome::Status(status), false),
+            &Method::GET,
+            attempts,
+            true,
+            far,
+            retry,
+        )
+        .is_some()
+    }
+
+    #[tokio::test]
+    async fn retries_in_flight_are_counted_and_bounded_by_the_budget() {
+        let c = cluster(20, 3, 1_000);
+        let mut active: Vec<_> = (0..30).map(|_| Cluster::start_request(c.clone())).collect();
+        assert_eq!(c.active_requests(), 30);
+        // 20 % of 30 active requests: six retries at once, whoever asks.
+        let mut slots: Vec<Option<RetrySlot>> = (0..10).map(|_| None).collect();
+        let granted: Vec<bool> = slots.iter_mut().map(|s| after(&c, 503, 1, s)).collect();
+        assert_eq!(granted.iter().filter(|g| **g).count(), 6, "{granted:?}");
+        assert_eq!(c.retries_in_flight(), 6);
+        assert!(slots[..6].iter().all(Option::is_some) && slots[6..].iter().all(Option::is_none));
+        assert_eq!(c.snapshot().active_retries, 6);
+
+        // A retried attempt that succeeds gives its slot back, and another request may retry.
+        assert!(!after(&c, 200, 2, &mut slots[0]));
+        assert!(slots[0].is_none());
+        assert_eq!(c.retries_in_flight(), 5);
+        assert!(after(&c, 503, 1, &mut slots[6]));
+        assert_eq!(c.retries_in_flight(), 6);
+        // A retried attempt that fails again swaps its slot for the next retry's: a request
+        // never holds two, so it does not crowd itself out.
+        assert!(after(&c, 503, 2, &mut slots[1]));
+        assert_eq!(c.retries_in_flight(), 6);
+
+        // Requests that end early (a local answer, a client gone) drop their slots.
+        slots.clear();
+        assert_eq!(c.retries_in_flight(), 0);
+        // Fewer active requests, smaller budget: 20 % of 10 is 2, the floor of 3 applies.
+        active.truncate(10);
+        assert_eq!(c.active_requests(), 10);
+        let mut slots: Vec<Option<RetrySlot>> = (0..5).map(|_| None).collect();
+        let granted = slots
+            .iter_mut()
+            .map(|s| after(&c, 503, 1, s))
+            .filter(|g| *g)
+            .count();
+        assert_eq!(granted, 3);
+        drop(active);
+        assert_eq!(c.active_requests(), 0);
+    }
+
+    #[tokio::test]
+    async fn max_retries_bounds_the_same_count() {
+        // A budget far above the breaker's limit: the breaker decides.
+        let c = cluster(100, 50, 2);
+        let _active: Vec<_> = (0..50).map(|_| Cluster::start_request(c.clone())).collect();
+        let mut slots: Vec<Option<RetrySlot>> = (0..5).map(|_| None).collect();
+        let granted = slots
+            .iter_mut()
+            .map(|s| after(&c, 503, 1, s))
+            .filter(|g| *g)
+            .count();
+        assert_eq!(granted, 2);
+        assert_eq!(c.retries_in_flight(), 2);
+        // Attempts out of retries, or not retryable, never take a slot.
+        let mut none = None;
+        assert!(!after(&c, 503, 6, &mut none));
+        assert!(!after(&c, 404, 1, &mut none));
+        assert_eq!(c.retries_in_flight(), 2);
+    }
+}

@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 
 use http::{StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -14,9 +13,9 @@ use tokio::time::{Instant, Sleep};
 use super::Conn;
 use super::chunked::Chunked;
 use super::head::{self, Field, Framing, RequestHead, ResponseHead};
-use crate::breaker::{Permit, Resource};
+use crate::breaker::Resource;
 use crate::cluster::{Cluster, HostHandle};
-use crate::forward::{self, CountGuard, Failure, OVERFLOW, Outcome, Route};
+use crate::forward::{self, Failure, OVERFLOW, Outcome, Route};
 use crate::retry::{self, AttemptOutcome};
 use crate::server::{self, AccessEntry};
 use crate::upstream::{ConnectError, RawConn};
@@ -142,8 +141,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             Ok(p) => p,
             Err(r) => return self.overflow(cluster, r, out, close).await,
         };
-        cluster.active_requests.fetch_add(1, Ordering::AcqRel);
-        let _active = CountGuard(cluster);
+        let _active = Cluster::start_request(cluster.as_ref());
         let hash = cluster.config.hash_header.as_deref().and_then(|name| {
             let f = self
                 .fields
@@ -160,7 +158,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             &self.peer_ip,
         );
         let mut previous = None;
-        let mut _retry_permit: Option<Permit> = None;
+        // The retry this attempt is, if it is one: its slot is held until the attempt's outcome.
+        let mut retry = None;
         loop {
             let Some((addr, guard)) = cluster.pick(hash, previous) else {
                 return self.failed(Failure::NoHealthyUpstream, out, close).await;
@@ -184,7 +183,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             };
             // The request's bytes are kept in `msg`: every attempt can be replayed.
             let (method, attempts, deadline) = (&head.method, out.attempts, self.deadline);
-            if let Some((permit, wait)) = forward::after_attempt(
+            if let Some(wait) = forward::after_attempt(
                 cluster,
                 guard.host(),
                 attempt,
@@ -192,12 +191,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                 attempts,
                 true,
                 deadline,
+                &mut retry,
             ) {
                 // A response given up on goes with its connection: its body is unread.
                 drop((result, guard));
                 tokio::time::sleep(wait).await;
                 previous = Some(addr);
-                _retry_permit = Some(permit);
                 continue;
             }
             return match result {
