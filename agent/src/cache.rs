@@ -46,7 +46,8 @@ pub enum CacheError {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheFile {
     pub written_at_ms: u64,
-    /// Wall-clock ms of the last successful registry sync; 0 if none.
+    /// Wall-clock ms up to which the registry data was known current when written (the
+    /// registry-age clock goes on from there after a restart); 0 if never.
     pub last_sync_ms: u64,
     pub hosts: Vec<CachedHost>,
     /// Endpoints registered through the local API, restored at start.
@@ -109,9 +110,7 @@ fn snapshot_of(shared: &Shared) -> (CacheFile, u64) {
     let view = shared.current_view();
     let file = CacheFile {
         written_at_ms: unix_ms_now(),
-        last_sync_ms: shared
-            .last_sync_ms
-            .load(std::sync::atomic::Ordering::Relaxed),
+        last_sync_ms: shared.known_current_ms(),
         hosts: view.all_hosts().map(|h| h.to_cached()).collect(),
         runtime: shared.local().runtime.values().cloned().collect(),
     };

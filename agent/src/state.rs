@@ -1,14 +1,25 @@
 //! What the agent's tasks share: config, the registry client, the gossip handle, the
 //! published merged view, this host's endpoints, registry freshness and metrics.
+//!
+//! Registry freshness ([`Freshness`], behind `X-Tidings-Registry-Age-Ms` and the
+//! `tidings_agent_registry_age_seconds` metric) is how long since this agent last *knew* its
+//! registry data was current. It knows it when an authoritative (not warming) catalog answer
+//! arrives, and all along while a blocking catalog query is in flight that was sent after
+//! such an answer: the registry would have answered it had anything changed. That claim
+//! ends when the query fails, or when it has been out longer than its wait plus margin; the
+//! age then grows from the last moment known current. A registry snapshot relayed by a peer
+//! counts from its registry date, but never from later than this agent first saw it (a
+//! snapshot dated in the future cannot make the age 0). Time comes from an injected
+//! [`Clock`], so tests move it by hand.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use discovery::RegistryClient;
+use discovery::{Clock, RegistryClient, SystemClock};
 use gossip::GossipHandle;
-use schema::timefmt::unix_ms_now;
 use schema::{Endpoint, EndpointKey};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -53,8 +64,10 @@ pub struct Shared {
     pub recheck: Notify,
     /// A check-in succeeded after failures: the registry is back, sync now.
     pub registry_back: Notify,
-    /// Wall-clock ms of the last successful registry sync (0: never, here or in the cache).
-    pub last_sync_ms: AtomicU64,
+    /// When the registry data was last known current; see [`Freshness`].
+    freshness: Mutex<Freshness>,
+    /// Wall-clock ms for freshness (the system clock; tests inject a manual one).
+    clock: Arc<dyn Clock>,
     /// Index of the view the disk cache last stored (0: none yet).
     pub cache_index: AtomicU64,
     registry_ok: AtomicBool,
@@ -72,7 +85,7 @@ impl Shared {
         host_ip: IpAddr,
         view: watch::Receiver<Arc<MergedView>>,
         local: LocalEndpoints,
-        last_sync_ms: u64,
+        known_current_ms: u64,
         draining: CancellationToken,
     ) -> Self {
         let gossip_addr = gossip.id().addr;
@@ -87,7 +100,8 @@ impl Shared {
             local_version: watch::Sender::new(0),
             recheck: Notify::new(),
             registry_back: Notify::new(),
-            last_sync_ms: AtomicU64::new(last_sync_ms),
+            freshness: Mutex::new(Freshness::new(known_current_ms)),
+            clock: Arc::new(SystemClock),
             cache_index: AtomicU64::new(0),
             registry_ok: AtomicBool::new(false),
             draining,
@@ -111,8 +125,20 @@ impl Shared {
         self.recheck.notify_one();
     }
 
-    pub fn mark_synced(&self) {
-        self.last_sync_ms.store(unix_ms_now(), Ordering::Relaxed);
+    /// Replaces the clock freshness is measured with (tests).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub fn freshness(&self) -> MutexGuard<'_, Freshness> {
+        // Every update is a few plain stores: a panic cannot leave it inconsistent.
+        self.freshness.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn set_registry_ok(&self, ok: bool) {
@@ -124,12 +150,9 @@ impl Shared {
         self.registry_ok.load(Ordering::Relaxed)
     }
 
-    /// Age of the freshest registry data this agent holds: milliseconds since its own last
-    /// successful sync (or the one recorded in the disk cache) or since the newest registry
-    /// snapshot it received through gossip, whichever is more recent. `None`: never any.
-    pub fn registry_age_ms(&self) -> Option<u64> {
-        let own = self.last_sync_ms.load(Ordering::Relaxed);
-        let relayed = self
+    /// Takes note of the newest registry snapshot gossip holds (ours or a peer's).
+    pub fn note_relayed(&self) {
+        let newest = self
             .gossip
             .view()
             .borrow()
@@ -138,10 +161,24 @@ impl Shared {
             .map(|s| s.generated_at_ms)
             .max()
             .unwrap_or(0);
-        match own.max(relayed) {
-            0 => None,
-            at => Some(unix_ms_now().saturating_sub(at)),
-        }
+        let now = self.now_ms();
+        self.freshness().relayed(newest, now);
+    }
+
+    /// Wall-clock ms up to which the registry data is known current (0: never); what the
+    /// disk cache stores, so a restarted agent goes on counting from there.
+    pub fn known_current_ms(&self) -> u64 {
+        self.note_relayed();
+        let now = self.now_ms();
+        self.freshness().current_at(now)
+    }
+
+    /// Milliseconds since the registry data was last known current (see [`Freshness`]);
+    /// `None`: never, neither here, in the disk cache nor from a peer.
+    pub fn registry_age_ms(&self) -> Option<u64> {
+        self.note_relayed();
+        let now = self.now_ms();
+        self.freshness().age_ms(now)
     }
 
     pub fn current_view(&self) -> Arc<MergedView> {
@@ -163,5 +200,168 @@ impl Shared {
             local_endpoints: self.local().all().len(),
             gossip: self.gossip.metrics(),
         })
+    }
+}
+
+/// Registry freshness bookkeeping, sans-IO: every time is wall-clock ms passed in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Freshness {
+    /// The last moment known current, outside any query in flight (0: never).
+    known_ms: u64,
+    /// A blocking query sent after an authoritative answer is out: the data counts as
+    /// current up to now, but not past this deadline (its wait plus margin).
+    in_flight_until: Option<u64>,
+    /// The last answer was authoritative (a warming one or a failure clears it).
+    healthy: bool,
+    /// The newest registry snapshot date gossip holds, and when this agent first saw it.
+    relayed_ms: u64,
+    relayed_seen_ms: u64,
+}
+
+impl Freshness {
+    /// `known_ms`: from the disk cache (0: none).
+    pub fn new(known_ms: u64) -> Self {
+        Freshness {
+            known_ms,
+            ..Default::default()
+        }
+    }
+
+    /// A catalog query goes out at `now`. `blocking`: it passes a current index and may be
+    /// held this long by the registry (plus its jitter); `timeout` is the request timeout
+    /// on top, the margin before a silent query stops counting.
+    pub fn query_sent(&mut self, now: u64, blocking: Option<Duration>, timeout: Duration) {
+        self.in_flight_until = match blocking {
+            Some(wait) if self.healthy => {
+                let margin = wait + wait / 16 + timeout;
+                Some(now.saturating_add(u64::try_from(margin.as_millis()).unwrap_or(u64::MAX)))
+            }
+            _ => None,
+        };
+    }
+
+    /// An answer to the query sent at `sent` arrived at `now`. An authoritative one makes
+    /// the data current as of `now` if the query was in flight under the claim (the
+    /// registry held it while nothing changed), else as of when it was asked.
+    pub fn answered(&mut self, now: u64, sent: u64, authoritative: bool) {
+        if authoritative {
+            let held_current = self.in_flight_until.is_some_and(|until| now <= until);
+            let at = if held_current { now } else { sent.min(now) };
+            self.known_ms = self.known_ms.max(at);
+        }
+        self.healthy = authoritative;
+        self.in_flight_until = None;
+    }
+
+    /// The query failed (error or timeout): nothing it covered counts any more.
+    pub fn failed(&mut self) {
+        self.healthy = false;
+        self.in_flight_until = None;
+    }
+
+    /// Gossip's newest registry snapshot is dated `newest` (registry clock); seen at `now`.
+    pub fn relayed(&mut self, newest: u64, now: u64) {
+        if newest > self.relayed_ms {
+            self.relayed_ms = newest;
+            self.relayed_seen_ms = now;
+        }
+    }
+
+    /// The last moment the data is known current, as of `now` (0: never).
+    pub fn current_at(&self, now: u64) -> u64 {
+        let in_flight = self.in_flight_until.map_or(0, |until| until.min(now));
+        // Clamped to when we first saw it: a snapshot dated ahead of our clock says nothing
+        // about any moment after its arrival.
+        let relayed = self.relayed_ms.min(self.relayed_seen_ms);
+        self.known_ms.max(in_flight).max(relayed).min(now)
+    }
+
+    /// Milliseconds since the data was last known current; `None`: never.
+    pub fn age_ms(&self, now: u64) -> Option<u64> {
+        match self.current_at(now) {
+            0 => None,
+            at => Some(now.saturating_sub(at)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000;
+    const WAIT: Duration = Duration::from_secs(30);
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_healthy_blocking_query_in_flight_keeps_the_data_current() {
+        let t0 = 1_000_000;
+        let mut f = Freshness::new(0);
+        assert_eq!(f.age_ms(t0), None, "never synced");
+        // First query: no index, answered at once.
+        f.query_sent(t0, None, TIMEOUT);
+        f.answered(t0 + 5, t0, true);
+        assert_eq!(f.age_ms(t0 + 5), Some(5), "current as of when it was asked");
+        // Blocking query held 25 s by a healthy registry: the age stays 0 all along.
+        f.query_sent(t0 + 10, Some(WAIT), TIMEOUT);
+        for dt in [0, S, 20 * S, 25 * S] {
+            assert_eq!(f.age_ms(t0 + 10 + dt), Some(0), "+{dt} ms");
+        }
+        f.answered(t0 + 10 + 25 * S, t0 + 10, true);
+        assert_eq!(f.age_ms(t0 + 10 + 25 * S + 3), Some(3));
+    }
+
+    #[test]
+    fn the_age_grows_from_the_last_known_moment_once_a_query_fails_or_overstays() {
+        let t0 = 1_000_000;
+        let mut f = Freshness::new(0);
+        f.query_sent(t0, None, TIMEOUT);
+        f.answered(t0, t0, true);
+        f.query_sent(t0 + S, Some(WAIT), TIMEOUT);
+        f.failed();
+        assert_eq!(
+            f.age_ms(t0 + 9 * S),
+            Some(9 * S),
+            "the failed query claims nothing"
+        );
+        // After failures the next query claims nothing while in flight, even if blocking.
+        f.query_sent(t0 + 10 * S, Some(WAIT), TIMEOUT);
+        assert_eq!(f.age_ms(t0 + 11 * S), Some(11 * S));
+        // A success then is current as of when it was asked.
+        f.answered(t0 + 12 * S, t0 + 10 * S, true);
+        assert_eq!(f.age_ms(t0 + 12 * S), Some(2 * S));
+        // A query that hangs past wait + wait/16 + timeout stops counting at its deadline.
+        f.query_sent(t0 + 20 * S, Some(Duration::from_secs(16)), TIMEOUT);
+        let deadline = t0 + 20 * S + 22 * S;
+        assert_eq!(f.age_ms(deadline), Some(0));
+        assert_eq!(f.age_ms(deadline + 7 * S), Some(7 * S));
+        // Its late answer is current as of when it was asked, not when it came.
+        f.answered(deadline + 8 * S, t0 + 20 * S, true);
+        assert_eq!(f.age_ms(deadline + 8 * S), Some(30 * S));
+    }
+
+    #[test]
+    fn warming_answers_claim_nothing_and_end_the_in_flight_claim() {
+        let t0 = 1_000_000;
+        let mut f = Freshness::new(t0 - 4 * S);
+        assert_eq!(f.age_ms(t0), Some(4 * S), "from the disk cache");
+        f.answered(t0 + S, t0, false);
+        f.query_sent(t0 + S, Some(WAIT), TIMEOUT);
+        assert_eq!(f.age_ms(t0 + 2 * S), Some(6 * S));
+    }
+
+    #[test]
+    fn relayed_snapshots_count_from_their_date_but_never_after_their_arrival() {
+        let t0 = 1_000_000;
+        let mut f = Freshness::new(0);
+        f.relayed(t0 - 2 * S, t0);
+        assert_eq!(f.age_ms(t0), Some(2 * S));
+        // Dated an hour ahead: counts as of its arrival, and then ages.
+        f.relayed(t0 + 3_600 * S, t0 + S);
+        assert_eq!(f.age_ms(t0 + S), Some(0));
+        assert_eq!(f.age_ms(t0 + 61 * S), Some(60 * S));
+        // Seeing it again changes nothing.
+        f.relayed(t0 + 3_600 * S, t0 + 61 * S);
+        assert_eq!(f.age_ms(t0 + 61 * S), Some(60 * S));
     }
 }

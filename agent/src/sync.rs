@@ -1,9 +1,16 @@
-//! Registry sync (DESIGN.md §5.1): blocking queries on `/v2/catalog`; a successful,
-//! non-warming answer becomes per-service registry snapshots fed into gossip, and the
-//! registry's `tidings-agent` listing brings in agents gossip does not know yet. The
-//! decisions — whether an answer may replace what we hold, whom to join, how long to wait
-//! before the next attempt — are pure functions ([`plan`], [`seeds_to_join`], [`Pacer`]);
-//! [`run_sync`] is the IO shell.
+//! Registry sync: blocking queries on `/v2/catalog`; each successful answer becomes
+//! per-service registry snapshots fed into gossip, and the registry's `tidings-agent`
+//! listing brings in agents gossip does not know yet. The decisions — what an answer may add
+//! or remove, whom to join, how long to wait before the next attempt — are pure functions
+//! ([`plan`], [`seeds_to_join`], [`Pacer`]); [`run_sync`] is the IO shell.
+//!
+//! What an answer is authoritative for: a normal answer is the whole truth about every
+//! registry-derived entry this agent holds — gossip's snapshots *and* registry entries still
+//! served from the disk cache — so it adds, updates and removes, down to emptying services
+//! it no longer lists. An answer from a registry that restarted empty and is still warming
+//! up is only a lower bound: per service it yields the union of what we hold and what it
+//! lists (its version of an entry wins), so it adds and updates and never removes. Live
+//! gossip rows are not registry-derived and are never removed by either.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -12,38 +19,111 @@ use std::time::{Duration, Instant};
 
 use discovery::ReadMeta;
 use gossip::{MemberInfo, Snapshot, SnapshotEntry};
-use schema::ServiceName;
 use schema::api::Catalog;
+use schema::{EndpointKey, ServiceName};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AGENT_SERVICE;
 use crate::state::Shared;
+use crate::view::{Origin, Provenance};
 
-/// What to do with one catalog answer.
+/// What to do with one catalog answer: feed `snapshots` into gossip.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
-    /// The registry restarted empty and is still warming up: its answer may be incomplete,
-    /// so it replaces nothing (§4.2).
-    Warming,
-    /// Feed these snapshots into gossip: services whose hosts changed, and an empty
-    /// snapshot for every service we hold that the registry no longer lists.
-    Apply {
-        snapshots: Vec<Snapshot>,
-        /// Hosts the registry listed that do not validate (skipped, counted).
-        invalid: usize,
-    },
+pub struct Plan {
+    /// The registry restarted empty and is still warming up: the answer may be incomplete,
+    /// so the snapshots only add to and update what we hold.
+    pub warming: bool,
+    /// Services whose hosts changed; when not warming, also an empty snapshot for every
+    /// service we hold that the registry no longer lists.
+    pub snapshots: Vec<Snapshot>,
+    /// Hosts the registry listed that do not validate (skipped, counted).
+    pub invalid: usize,
 }
 
-/// Decides what a catalog answer does to the `held` snapshots (gossip's newest per service).
-/// Only a successful, non-warming answer gets here as `Apply`; a failed one never reaches
-/// `plan` at all, so neither can replace a snapshot.
-pub fn plan(catalog: &Catalog, meta: &ReadMeta, held: &[Snapshot]) -> Plan {
-    if catalog.warming || meta.warming {
-        return Plan::Warming;
-    }
+/// Decides what a catalog answer does to what we hold: `held`, gossip's newest snapshot per
+/// service, and `cached`, the registry entries still served only from the disk cache. A
+/// failed answer never reaches `plan`, so it cannot replace anything.
+pub fn plan(
+    catalog: &Catalog,
+    meta: &ReadMeta,
+    held: &[Snapshot],
+    cached: &[SnapshotEntry],
+) -> Plan {
+    let warming = catalog.warming || meta.warming;
+    let at = catalog.generated_at_ms;
     let held: BTreeMap<&ServiceName, &Snapshot> = held.iter().map(|s| (&s.service, s)).collect();
-    let mut invalid = 0;
+    let mut cached_by: BTreeMap<&ServiceName, Vec<&SnapshotEntry>> = BTreeMap::new();
+    for e in cached {
+        cached_by.entry(&e.endpoint.service).or_default().push(e);
+    }
+    let (listed, invalid) = listed(catalog);
     let mut fresh: BTreeMap<ServiceName, Snapshot> = BTreeMap::new();
+    for (service, entries) in listed {
+        let entries = if warming {
+            // Lower bound: start from what we hold (a cache entry is newer than the held
+            // snapshot, or it would have given way), then let the answer win per key.
+            let mut union: BTreeMap<EndpointKey, SnapshotEntry> = BTreeMap::new();
+            let ours = held
+                .get(&service)
+                .into_iter()
+                .flat_map(|s| s.entries.iter());
+            let from_cache = cached_by.get(&service).into_iter().flatten().copied();
+            for e in ours.chain(from_cache).cloned().chain(entries) {
+                union.insert(e.endpoint.key(), e);
+            }
+            union.into_values().collect()
+        } else {
+            entries
+        };
+        let snapshot = Snapshot {
+            service: service.clone(),
+            generated_at_ms: at,
+            entries,
+        };
+        fresh.insert(service, snapshot);
+    }
+    if !warming {
+        let gone = held
+            .iter()
+            .filter(|(_, s)| !s.entries.is_empty())
+            .map(|(service, _)| *service)
+            .chain(cached_by.keys().copied());
+        for service in gone {
+            if !fresh.contains_key(service) {
+                let empty = Snapshot {
+                    service: service.clone(),
+                    generated_at_ms: at,
+                    entries: Vec::new(),
+                };
+                fresh.insert(service.clone(), empty);
+            }
+        }
+    }
+    // Unchanged hosts need no new snapshot: re-check-ins only move `last_check_in`, and
+    // re-gossiping every service on every answer would be pure overhead. A service with
+    // entries from the disk cache always gets one from an authoritative answer: only a
+    // snapshot at least as new as the cached entries makes them give way, even when gossip
+    // already holds an older snapshot with the same hosts.
+    let snapshots = fresh
+        .into_values()
+        .filter(|s| {
+            (!warming && cached_by.contains_key(&s.service))
+                || held.get(&s.service).is_none_or(|old| {
+                    old.generated_at_ms < s.generated_at_ms && !same_hosts(old, s)
+                })
+        })
+        .collect();
+    Plan {
+        warming,
+        snapshots,
+        invalid,
+    }
+}
+
+/// The answer's hosts per service, sorted by key, and how many did not validate.
+fn listed(catalog: &Catalog) -> (BTreeMap<ServiceName, Vec<SnapshotEntry>>, usize) {
+    let mut invalid = 0;
+    let mut out = BTreeMap::new();
     for (name, hosts) in &catalog.services {
         let Ok(service) = ServiceName::new(name.clone()) else {
             invalid += hosts.len();
@@ -62,37 +142,23 @@ pub fn plan(catalog: &Catalog, meta: &ReadMeta, held: &[Snapshot]) -> Plan {
             }
         }
         entries.sort_by_key(|e| e.endpoint.key());
-        fresh.insert(
-            service.clone(),
-            Snapshot {
-                service,
-                generated_at_ms: catalog.generated_at_ms,
-                entries,
-            },
-        );
+        out.insert(service, entries);
     }
-    for (service, old) in &held {
-        if !fresh.contains_key(*service) && !old.entries.is_empty() {
-            fresh.insert(
-                (*service).clone(),
-                Snapshot {
-                    service: (*service).clone(),
-                    generated_at_ms: catalog.generated_at_ms,
-                    entries: Vec::new(),
-                },
-            );
-        }
-    }
-    // Unchanged hosts need no new snapshot: re-check-ins only move `last_check_in`, and
-    // re-gossiping every service on every answer would be pure overhead.
-    let snapshots = fresh
-        .into_values()
-        .filter(|s| {
-            held.get(&s.service)
-                .is_none_or(|old| old.generated_at_ms < s.generated_at_ms && !same_hosts(old, s))
+    (out, invalid)
+}
+
+/// The registry entries the view serves only from the disk cache: what an authoritative
+/// answer must confirm or remove, and what a warming answer must not drop.
+pub fn cached_registry_entries(view: &crate::view::MergedView) -> Vec<SnapshotEntry> {
+    view.all_hosts()
+        .filter(|h| {
+            h.provenance == Provenance::Cache && matches!(h.origin, Origin::Registry { .. })
         })
-        .collect();
-    Plan::Apply { snapshots, invalid }
+        .map(|h| SnapshotEntry {
+            endpoint: h.endpoint.clone(),
+            last_check_in_ms: h.last_check_in_ms,
+        })
+        .collect()
 }
 
 fn same_hosts(a: &Snapshot, b: &Snapshot) -> bool {
@@ -168,26 +234,52 @@ fn spread(base: Duration, jitter: f64) -> Duration {
     base.mul_f64(0.9 + 0.2 * jitter.clamp(0.0, 1.0))
 }
 
-/// While the registry warms up, ask again this often (warm-up ends by time, not by an index
-/// change, so a blocking query would sleep through it).
-fn warming_poll(check_in_interval: Duration) -> Duration {
-    (check_in_interval / 4).clamp(Duration::from_millis(250), Duration::from_secs(5))
+/// While the registry warms up, ask again this often (± 10 %, so agents that saw the
+/// restart together do not poll in step). Warm-up ends by time, not by an index change, so
+/// a blocking query would sleep through its end; and during warm-up nearly every check-in
+/// moves the index, so blocking queries would return after each one, from every agent.
+/// A plain poll bounds the load at one catalog read per agent per period, and a host that
+/// checks in is listed by every agent one poll later.
+fn warming_poll(check_in_interval: Duration, jitter: f64) -> Duration {
+    let base = (check_in_interval / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    spread(base, jitter)
 }
 
-/// The sync loop: runs until `stop`.
+/// The sync loop, and a watcher that notes when gossip brings a newer registry snapshot
+/// (for the freshness header): both run until `stop`.
 pub async fn run_sync(shared: Arc<Shared>, stop: CancellationToken) {
+    tokio::join!(sync_loop(&shared, &stop), watch_relayed(&shared, &stop));
+}
+
+async fn watch_relayed(shared: &Shared, stop: &CancellationToken) {
+    let mut rx = shared.gossip.view();
+    loop {
+        shared.note_relayed();
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
     let cfg = &shared.config;
     let mut pacer = Pacer::new(cfg.poll_interval, cfg.sync_retry_max);
     let mut index: Option<u64> = None;
     let mut warming_noted = false;
     loop {
         let started = Instant::now();
+        let sent_ms = shared.now_ms();
+        shared
+            .freshness()
+            .query_sent(sent_ms, index.map(|_| cfg.sync_wait), cfg.request_timeout);
         let answer = tokio::select! {
             () = stop.cancelled() => return,
             r = shared.client.catalog(index, Some(cfg.sync_wait)) => r,
         };
         let pause = match answer {
             Err(e) => {
+                shared.freshness().failed();
                 shared.metrics.sync_errors.increment(1);
                 shared.set_registry_ok(false);
                 index = None;
@@ -200,59 +292,59 @@ pub async fn run_sync(shared: Arc<Shared>, stop: CancellationToken) {
                 Some(pause)
             }
             Ok((catalog, meta)) => {
+                let received_ms = shared.now_ms();
                 if pacer.after_success() {
                     tracing::info!("registry reachable again");
                     shared.recheck.notify_one();
                 }
                 shared.set_registry_ok(true);
                 let held = shared.gossip.view().borrow().snapshots.clone();
-                match plan(&catalog, &meta, &held) {
-                    Plan::Warming => {
-                        shared.metrics.sync_warming.increment(1);
-                        if !warming_noted {
-                            warming_noted = true;
-                            tracing::info!(
-                                "registry is warming up (restarted empty): keeping our view, re-checking in"
-                            );
-                            shared.recheck.notify_one();
-                        }
-                        index = None;
-                        Some(warming_poll(cfg.check_in_interval))
+                let cached = cached_registry_entries(&shared.current_view());
+                let plan = plan(&catalog, &meta, &held, &cached);
+                shared
+                    .freshness()
+                    .answered(received_ms, sent_ms, !plan.warming);
+                if plan.invalid > 0 {
+                    tracing::warn!(
+                        invalid = plan.invalid,
+                        "registry listed hosts that do not validate; skipped"
+                    );
+                }
+                let changed = plan.snapshots.len();
+                for s in plan.snapshots {
+                    if shared.gossip.apply_registry_snapshot(s).await.is_err() {
+                        tracing::warn!("gossip has stopped; registry snapshot not applied");
                     }
-                    Plan::Apply { snapshots, invalid } => {
-                        warming_noted = false;
-                        if invalid > 0 {
-                            tracing::warn!(
-                                invalid,
-                                "registry listed hosts that do not validate; skipped"
-                            );
-                        }
-                        let changed = snapshots.len();
-                        for s in snapshots {
-                            if shared.gossip.apply_registry_snapshot(s).await.is_err() {
-                                tracing::warn!("gossip has stopped; registry snapshot not applied");
-                            }
-                        }
-                        let members = shared.gossip.members();
-                        let join = seeds_to_join(&catalog, shared.gossip_addr, &members);
-                        if !join.is_empty() {
-                            tracing::info!(seeds = ?join, "joining agents the registry lists");
-                            if shared.gossip.join(join).await.is_err() {
-                                tracing::warn!("gossip has stopped; cannot join");
-                            }
-                        }
-                        shared.metrics.sync_applied.increment(1);
-                        shared.mark_synced();
-                        tracing::debug!(
-                            index = catalog.index,
-                            changed,
-                            "registry snapshot applied"
+                }
+                // Joining more agents is harmless, so a warming listing is good enough.
+                let members = shared.gossip.members();
+                let join = seeds_to_join(&catalog, shared.gossip_addr, &members);
+                if !join.is_empty() {
+                    tracing::info!(seeds = ?join, "joining agents the registry lists");
+                    if shared.gossip.join(join).await.is_err() {
+                        tracing::warn!("gossip has stopped; cannot join");
+                    }
+                }
+                if plan.warming {
+                    shared.metrics.sync_warming.increment(1);
+                    if !warming_noted {
+                        warming_noted = true;
+                        tracing::info!(
+                            "registry is warming up (restarted empty): taking only additions and updates from it, re-checking in"
                         );
-                        let same = index == Some(catalog.index);
-                        let quick = started.elapsed() < cfg.sync_wait / 2;
-                        index = Some(meta.index.unwrap_or(catalog.index));
-                        (same && quick).then(|| pacer.poll(rand::random()))
+                        shared.recheck.notify_one();
                     }
+                    tracing::debug!(changed, "warming registry answer merged");
+                    index = None;
+                    Some(warming_poll(cfg.check_in_interval, rand::random()))
+                } else {
+                    warming_noted = false;
+                    shared.metrics.sync_applied.increment(1);
+                    tracing::debug!(index = catalog.index, changed, "registry snapshot applied");
+                    let same = index == Some(catalog.index);
+                    let quick = started.elapsed() < cfg.sync_wait / 2;
+                    index = Some(meta.index.unwrap_or(catalog.index));
+                    (same && quick).then(|| pacer.poll(rand::random()))
                 }
             }
         };
@@ -299,22 +391,109 @@ mod tests {
     }
 
     fn snaps(p: Plan) -> Vec<Snapshot> {
-        match p {
-            Plan::Apply { snapshots, .. } => snapshots,
-            Plan::Warming => panic!("expected Apply"),
+        assert!(!p.warming, "expected an authoritative answer");
+        p.snapshots
+    }
+
+    /// (service, ports, generated_at) of each snapshot.
+    fn summary(snapshots: &[Snapshot]) -> Vec<(&str, Vec<u16>, u64)> {
+        snapshots
+            .iter()
+            .map(|s| {
+                let ports = s.entries.iter().map(|e| e.endpoint.port.get()).collect();
+                (s.service.as_str(), ports, s.generated_at_ms)
+            })
+            .collect()
+    }
+
+    fn entry(service: &str, port: u16, last_check_in_ms: u64) -> SnapshotEntry {
+        let (endpoint, _) = host(service, port).to_endpoint().expect("valid");
+        SnapshotEntry {
+            endpoint,
+            last_check_in_ms,
+        }
+    }
+
+    fn snapshot(service: &str, at: u64, ports: &[u16]) -> Snapshot {
+        Snapshot {
+            service: ServiceName::new(service).expect("name"),
+            generated_at_ms: at,
+            entries: ports.iter().map(|p| entry(service, *p, 1)).collect(),
         }
     }
 
     #[test]
-    fn a_warming_answer_replaces_nothing() {
-        let c = catalog(10, true, &[("web", &[])]);
-        assert_eq!(plan(&c, &ReadMeta::default(), &[]), Plan::Warming);
-        let c = catalog(10, false, &[]);
+    fn a_warming_answer_adds_and_updates_but_never_removes() {
+        let held = [snapshot("web", 10, &[1, 2]), snapshot("db", 10, &[5])];
+        let cached = [entry("web", 3, 7), entry("api", 8, 7)];
+        // The registry restarted empty: it knows web:2 (with new tags), a new web:4, and
+        // nothing of web:1, web:3, db or api yet.
+        let mut c = catalog(20, true, &[("web", &[2, 4])]);
+        c.services.get_mut("web").expect("web")[0]
+            .tags
+            .insert("az".into(), serde_json::json!("zone-b"));
+        let p = plan(&c, &ReadMeta::default(), &held, &cached);
+        assert!(p.warming);
+        assert_eq!(summary(&p.snapshots), vec![("web", vec![1, 2, 3, 4], 20)]);
+        let web2 = &p.snapshots[0].entries[1];
+        assert_ne!(web2.endpoint, held[0].entries[1].endpoint, "updated tags");
+        assert_eq!(web2.last_check_in_ms, 1_000, "the answer's version wins");
+        assert_eq!(
+            p.snapshots[0].entries[2].last_check_in_ms, 7,
+            "cache entry kept"
+        );
+
+        // Flagged by header only, and listing nothing new: nothing to feed.
+        let c = catalog(30, false, &[("web", &[1, 2]), ("db", &[])]);
         let meta = ReadMeta {
             warming: true,
             ..Default::default()
         };
-        assert_eq!(plan(&c, &meta, &[]), Plan::Warming);
+        let p = plan(&c, &meta, &held, &[]);
+        assert!(p.warming);
+        assert!(p.snapshots.is_empty(), "{:?}", p.snapshots);
+        // An empty warming answer removes nothing either.
+        let p = plan(
+            &catalog(30, true, &[]),
+            &ReadMeta::default(),
+            &held,
+            &cached,
+        );
+        assert!(p.snapshots.is_empty(), "{:?}", p.snapshots);
+    }
+
+    #[test]
+    fn the_first_answer_after_warm_up_removes_what_the_registry_no_longer_lists() {
+        let held = [snapshot("web", 10, &[1, 2])];
+        let c = catalog(20, true, &[("web", &[3])]);
+        let warm = plan(&c, &ReadMeta::default(), &held, &[]);
+        assert_eq!(summary(&warm.snapshots), vec![("web", vec![1, 2, 3], 20)]);
+        let done = snaps(plan(
+            &catalog(30, false, &[("web", &[3])]),
+            &ReadMeta::default(),
+            &warm.snapshots,
+            &[],
+        ));
+        assert_eq!(summary(&done), vec![("web", vec![3], 30)]);
+    }
+
+    #[test]
+    fn an_authoritative_answer_covers_what_the_disk_cache_holds() {
+        // Restarted from the cache: gossip holds an old web snapshot, the cache holds newer
+        // registry entries of web and of db, which the registry no longer lists at all.
+        let held = [snapshot("web", 10, &[1])];
+        let cached = [entry("web", 2, 15), entry("db", 5, 15)];
+        let got = snaps(plan(
+            &catalog(20, false, &[("web", &[1])]),
+            &ReadMeta::default(),
+            &held,
+            &cached,
+        ));
+        // web: same hosts as the held snapshot, but only a newer one makes web:2 give way.
+        assert_eq!(
+            summary(&got),
+            vec![("db", vec![], 20), ("web", vec![1], 20)]
+        );
     }
 
     #[test]
@@ -323,6 +502,7 @@ mod tests {
             &catalog(10, false, &[("web", &[1, 2]), ("db", &[5])]),
             &ReadMeta::default(),
             &[],
+            &[],
         ));
         assert_eq!(first.len(), 2);
         // Same web hosts, db gone, api new.
@@ -330,6 +510,7 @@ mod tests {
             &catalog(20, false, &[("web", &[2, 1]), ("api", &[9])]),
             &ReadMeta::default(),
             &first,
+            &[],
         ));
         let got: Vec<(&str, usize, u64)> = next
             .iter()
@@ -345,14 +526,10 @@ mod tests {
         bad.ip_address = "nope".into();
         c.services.get_mut("web").expect("web").push(bad);
         c.services.insert("Bad Name".into(), vec![host("web", 3)]);
-        match plan(&c, &ReadMeta::default(), &[]) {
-            Plan::Apply { snapshots, invalid } => {
-                assert_eq!(invalid, 2);
-                assert_eq!(snapshots.len(), 1);
-                assert_eq!(snapshots[0].entries.len(), 1);
-            }
-            Plan::Warming => panic!("not warming"),
-        }
+        let p = plan(&c, &ReadMeta::default(), &[], &[]);
+        assert_eq!(p.invalid, 2);
+        assert_eq!(p.snapshots.len(), 1);
+        assert_eq!(p.snapshots[0].entries.len(), 1);
     }
 
     #[test]
@@ -391,8 +568,13 @@ mod tests {
         assert_eq!(p.poll(0.0), Duration::from_secs(27));
         assert!(p.poll(0.999_999) <= Duration::from_secs(33));
         assert_eq!(
-            warming_poll(Duration::from_secs(1)),
+            warming_poll(Duration::from_secs(1), 0.5),
             Duration::from_millis(250)
         );
+        assert_eq!(
+            warming_poll(Duration::from_secs(60), 0.0),
+            Duration::from_millis(4_500)
+        );
+        assert!(warming_poll(Duration::from_secs(60), 0.999_999) < Duration::from_millis(5_500));
     }
 }
