@@ -1,12 +1,22 @@
 //! The local API (DESIGN.md §5.3), served from the merged view on loopback: the registry's
 //! v1, v2 blocking and EDS routes, plus the agent's own routes. Every answer carries
-//! `X-Tidings-Registry-Age-Ms` — ms since the last successful registry sync: this agent's
-//! own, or the newest registry snapshot a peer relayed through gossip, whichever is more
-//! recent; `-1` if there never was one. A blocking catalog query that times out unchanged
-//! counts as a sync, so with a healthy registry it stays below `sync_wait`. — and
-//! `X-Tidings-Source` (`registry`, `gossip` or `cache`: the weakest
-//! provenance among the hosts of the answer — see [`crate::view`] — or, for answers that
-//! list no hosts, of the whole view).
+//! `X-Tidings-Registry-Age-Ms` and `X-Tidings-Source`.
+//!
+//! `X-Tidings-Registry-Age-Ms` is how long, in ms, since this agent last knew its registry
+//! data was current (`-1`: never). An authoritative catalog answer makes it current; so does,
+//! all along, a blocking catalog query that is waiting at a registry that answered the
+//! previous one (the registry would have answered had anything changed), so with a healthy
+//! registry the header stays near 0 however long the query waits. Once a query fails, or has
+//! been out longer than its wait plus margin, the age grows from the last moment known
+//! current. Answers from a registry still warming up do not make the data current (they may
+//! miss removals). A registry snapshot a peer relayed through gossip counts from its date,
+//! but never from later than this agent first saw it. The disk cache keeps the moment, so a
+//! restarted agent goes on counting from it. `/metrics` reports the same age in seconds
+//! (`tidings_agent_registry_age_seconds`, `-1`: never).
+//!
+//! `X-Tidings-Source` is `registry`, `gossip` or `cache`: the weakest provenance among the
+//! hosts of the answer — see [`crate::view`] — or, for answers that list no hosts, of the
+//! whole view.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -6,20 +6,22 @@
 //! - [`run`] (in `run`): the whole agent on a caller-bound API listener until a shutdown
 //!   token fires (mini-redis shape). [`AgentConfig`] (in [`config`]): every knob, `validate()`.
 //! - Loops: [`checkin`] (splayed `POST /v2/checkin`, backoff, re-check-in when the registry
-//!   restarted), [`sync`] (blocking `/v2/catalog` → registry snapshots into gossip), the view
-//!   task, and the [`cache`] writer (atomic, ≤ 1/s, only on change).
+//!   restarted), [`sync`] (blocking `/v2/catalog` → registry snapshots into gossip; what an
+//!   answer may add or remove), the view task, and the [`cache`] writer (atomic, ≤ 1/s, only
+//!   on change).
 //! - [`view`]: the sans-IO [`Merger`] — gossip's merged view (§5.3) plus disk-cache entries
 //!   until live data covers them, with per-host provenance and content-hash indexes.
 //! - [`api`]: the local API router (v1, v2 blocking, EDS, `/v1/agent/*`, probes, metrics);
 //!   [`ui`]: the web dashboard it serves at `/ui`.
 //!
-//! Invariants: a failed or warming registry answer never replaces a snapshot; registry
-//! entries stay until a newer successful snapshot (fail static); an owned row overrides the
-//! registry entry while its owner is alive and a tombstone removes it; cached entries are
-//! served from the first request and never make a restart shrink the view while the registry
-//! is down; a corrupt cache file is logged and ignored; the blocking-query index moves only
-//! when endpoints change; every answer carries `X-Tidings-Registry-Age-Ms` and
-//! `X-Tidings-Source`.
+//! Invariants: a failed registry answer changes nothing, and an answer from a registry
+//! still warming up only adds and updates entries; registry entries stay until a newer
+//! authoritative snapshot (fail static), and an authoritative answer covers every
+//! registry-derived entry, disk-cache ones included; an owned row overrides the registry
+//! entry while its owner is alive and a tombstone removes it; cached entries are served from
+//! the first request and never make a restart shrink the view while the registry is down; a
+//! corrupt cache file is logged and ignored; the blocking-query index moves only when
+//! endpoints change; every answer carries `X-Tidings-Registry-Age-Ms` and `X-Tidings-Source`.
 
 pub mod api;
 pub mod cache;

@@ -136,7 +136,7 @@ impl Shared {
         self.clock.now_ms()
     }
 
-    pub fn freshness(&self) -> MutexGuard<'_, Freshness> {
+    pub(crate) fn freshness(&self) -> MutexGuard<'_, Freshness> {
         // Every update is a few plain stores: a panic cannot leave it inconsistent.
         self.freshness.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -173,8 +173,9 @@ impl Shared {
         self.freshness().current_at(now)
     }
 
-    /// Milliseconds since the registry data was last known current (see [`Freshness`]);
-    /// `None`: never, neither here, in the disk cache nor from a peer.
+    /// Milliseconds since the registry data was last known current: an authoritative answer,
+    /// or a blocking query still waiting at a registry that answered the one before; `None`:
+    /// never, neither here, in the disk cache nor from a peer.
     pub fn registry_age_ms(&self) -> Option<u64> {
         self.note_relayed();
         let now = self.now_ms();

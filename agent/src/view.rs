@@ -4,7 +4,9 @@
 //!
 //! Cache rules: an entry loaded from disk is served until live data replaces it —
 //! - any entry, as soon as gossip's view has the same key;
-//! - a registry-snapshot entry, when gossip holds a snapshot of its service at least as new;
+//! - a registry-snapshot entry, when gossip holds a snapshot of its service at least as new
+//!   (the first authoritative registry answer brings one for every such service, an empty
+//!   one for a service the registry no longer lists: see [`crate::sync::plan`]);
 //! - an owned-row entry, when its owner has been alive in SWIM for `settle` (repair has then
 //!   brought the owner's current rows), when SWIM declares it down, or when it was our own.
 //!

@@ -1,0 +1,441 @@
+//! In-process agents against real registries on loopback sockets: what a registry answer
+//! may add and remove (warm-up, restart from the disk cache), and how the registry-age
+//! header behaves while a blocking query waits and after the registry dies.
+//!
+//! Each registry runs on its own small tokio runtime, so "killing" it is shutting that
+//! runtime down: its listener and every open connection close at once, as when the process
+//! dies. Registry clocks are manual and set in the past, so no snapshot is ever dated ahead
+//! of the agents' wall clock.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU16;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::{AgentConfig, AgentError, LocalEndpoints, MergedView, Shared};
+use axum::body::Body;
+use axum::http::Request;
+use discovery::{ManualClock, MemoryStore, Registry, RegistryClient, RegistryConfig};
+use gossip::GossipConfig;
+use http_body_util::BodyExt;
+use schema::timefmt::unix_ms_now;
+use schema::{Endpoint, ServiceName};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+const DEADLINE: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(20);
+
+/// A registry with an in-memory store on its own runtime.
+struct TestRegistry {
+    rt: Option<tokio::runtime::Runtime>,
+    addr: SocketAddr,
+    registry: Registry,
+    clock: Arc<ManualClock>,
+}
+
+impl TestRegistry {
+    /// Listens on `addr` (port 0: any). Its store is empty, so it warms up for one
+    /// check-in interval of its clock from `clock_ms` on.
+    async fn start(addr: SocketAddr, clock_ms: u64) -> TestRegistry {
+        let clock = Arc::new(ManualClock::new(clock_ms));
+        let registry = Registry::new(
+            Arc::new(MemoryStore::new()),
+            RegistryConfig::default(),
+            clock.clone(),
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("registry runtime");
+        // Bound within the registry's runtime, so shutting it down closes the listener. The
+        // port of a registry just killed may take a moment to be released.
+        let started = Instant::now();
+        let listener = loop {
+            let bound = {
+                let _in = rt.enter();
+                TcpSocket::new_v4().and_then(|s| {
+                    s.set_reuseaddr(true)?;
+                    s.bind(addr)?;
+                    s.listen(128)
+                })
+            };
+            match bound {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(started.elapsed() < DEADLINE, "cannot bind {addr}: {e}");
+                    tokio::time::sleep(POLL).await;
+                }
+            }
+        };
+        let addr = listener.local_addr().expect("local addr");
+        let app = discovery::router(registry.clone());
+        rt.spawn(async move { axum::serve(listener, app).await });
+        TestRegistry {
+            rt: Some(rt),
+            addr,
+            registry,
+            clock,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn client(&self) -> RegistryClient {
+        RegistryClient::new(&self.url(), None, Duration::from_secs(2)).expect("client")
+    }
+
+    /// The registry process dies: listener and connections close.
+    fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    fn blocking_queries(&self) -> f64 {
+        let text = self.registry.render_metrics();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("tidings_registry_blocking_queries ")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn ep(service: &str, ip: &str, port: u16) -> Endpoint {
+    Endpoint::new(
+        ServiceName::new(service).expect("name"),
+        ip.parse().expect("ip"),
+        NonZeroU16::new(port).expect("port"),
+    )
+}
+
+fn config(registry: &TestRegistry, dir: &Path) -> AgentConfig {
+    AgentConfig {
+        registry: Some(registry.url()),
+        data_dir: dir.to_path_buf(),
+        // Short, so warming polls come every half second.
+        check_in_interval: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(1),
+        sync_retry_max: Duration::from_secs(1),
+        deregister_on_shutdown: false,
+        gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
+        ..Default::default()
+    }
+}
+
+struct RunningAgent {
+    api: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl RunningAgent {
+    async fn start(config: AgentConfig) -> RunningAgent {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("api listener");
+        let api = listener.local_addr().expect("api addr");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(agent::run(config, listener, stop.clone()));
+        RunningAgent { api, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("joined").expect("agent ran");
+    }
+}
+
+/// A plain HTTP/1.1 GET: the status line's code, the headers (lower-case names), the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, BTreeMap<String, String>, Value) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a full answer");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (
+        status,
+        headers,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// The `ip:port`s an agent lists for `service`, sorted, and the answer's source.
+async fn listed(api: SocketAddr, service: &str) -> (Vec<String>, String) {
+    let (status, headers, v) = get(api, &format!("/v1/registration/{service}")).await;
+    assert_eq!(status, 200, "{v}");
+    let mut hosts: Vec<String> = v["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| format!("{}:{}", h["ip_address"].as_str().unwrap_or("?"), h["port"]))
+        .collect();
+    hosts.sort();
+    let source = headers.get("x-tidings-source").cloned().unwrap_or_default();
+    (hosts, source)
+}
+
+/// Polls until the agent lists exactly `want` for `service`; `check` sees every listing on
+/// the way (to assert what must never happen meanwhile).
+async fn wait_listed(api: SocketAddr, service: &str, want: &[&str], check: impl Fn(&[String])) {
+    let started = Instant::now();
+    loop {
+        let (hosts, _) = listed(api, service).await;
+        check(&hosts);
+        if hosts == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{service}: still {hosts:?}, want {want:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warming_registry_adds_hosts_at_once_and_removes_none_until_warm_up_ends() {
+    let now = unix_ms_now();
+    let mut first = TestRegistry::start("127.0.0.1:0".parse().expect("addr"), now - 300_000).await;
+    first.clock.advance(Duration::from_secs(70)); // past its warm-up
+    let cron = first.client();
+    cron.check_in(&[ep("web", "10.0.0.1", 80), ep("web", "10.0.0.2", 80)])
+        .await
+        .expect("check-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = RunningAgent::start(config(&first, dir.path())).await;
+    wait_listed(agent.api, "web", &["10.0.0.1:80", "10.0.0.2:80"], |_| {}).await;
+
+    // The registry restarts with an empty store, on the same address, and warms up.
+    let addr = first.addr;
+    first.kill();
+    let second = TestRegistry::start(addr, now - 200_000).await;
+    let cron = second.client();
+    // A cron host checks in for the first time, and web:1 checks in again.
+    cron.check_in(&[ep("web", "10.0.0.3", 80), ep("web", "10.0.0.1", 80)])
+        .await
+        .expect("check-in");
+    let keeps_old = |hosts: &[String]| {
+        for old in ["10.0.0.1:80", "10.0.0.2:80"] {
+            assert!(hosts.iter().any(|h| h == old), "{old} dropped: {hosts:?}");
+        }
+    };
+    wait_listed(
+        agent.api,
+        "web",
+        &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
+        keeps_old,
+    )
+    .await;
+    let (_, source) = listed(agent.api, "web").await;
+    assert_eq!(source, "registry");
+
+    // Warm-up ends: the first authoritative answer removes web:2, which never came back.
+    second.clock.advance(Duration::from_secs(61));
+    wait_listed(agent.api, "web", &["10.0.0.1:80", "10.0.0.3:80"], |_| {}).await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_drops_cached_hosts_the_registry_no_longer_lists() {
+    let now = unix_ms_now();
+    let registry = TestRegistry::start("127.0.0.1:0".parse().expect("addr"), now - 200_000).await;
+    registry.clock.advance(Duration::from_secs(70)); // past its warm-up
+    let cron = registry.client();
+    cron.check_in(&[
+        ep("web", "10.0.0.9", 80),
+        ep("db", "10.0.0.9", 5432),
+        ep("db", "10.0.0.10", 5432),
+    ])
+    .await
+    .expect("check-in");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = RunningAgent::start(config(&registry, dir.path())).await;
+    wait_listed(agent.api, "web", &["10.0.0.9:80"], |_| {}).await;
+    wait_listed(
+        agent.api,
+        "db",
+        &["10.0.0.10:5432", "10.0.0.9:5432"],
+        |_| {},
+    )
+    .await;
+    // Stopped: the final cache write keeps all three.
+    agent.stop().await;
+
+    // While it is down, web's only host and one db host are deregistered.
+    registry.clock.advance(Duration::from_secs(1));
+    let web = ServiceName::new("web").expect("name");
+    let db = ServiceName::new("db").expect("name");
+    let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+    cron.deregister(&web, ip("10.0.0.9"), NonZeroU16::new(80))
+        .await
+        .expect("deregistered");
+    cron.deregister(&db, ip("10.0.0.10"), NonZeroU16::new(5432))
+        .await
+        .expect("deregistered");
+
+    // Restarted from its cache, with the registry up: the registry's answer is the truth,
+    // for a service it no longer lists at all as for one that merely shrank.
+    let agent = RunningAgent::start(config(&registry, dir.path())).await;
+    wait_listed(agent.api, "web", &[], |_| {}).await;
+    wait_listed(agent.api, "db", &["10.0.0.9:5432"], |_| {}).await;
+    let (_, source) = listed(agent.api, "db").await;
+    assert_eq!(source, "registry");
+    agent.stop().await;
+}
+
+/// The registry age an answer of the local API carries, and the metric, in ms.
+async fn ages(app: &axum::Router) -> (i64, i64) {
+    let req = |uri: &str| {
+        Request::builder()
+            .uri(uri)
+            .body(Body::empty())
+            .expect("request")
+    };
+    let resp = app
+        .clone()
+        .oneshot(req("/v1/registration/web"))
+        .await
+        .expect("infallible");
+    let header = resp
+        .headers()
+        .get(agent::api::HEADER_REGISTRY_AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("age header");
+    let resp = app
+        .clone()
+        .oneshot(req("/metrics"))
+        .await
+        .expect("infallible");
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8_lossy(&bytes);
+    let metric: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tidings_agent_registry_age_seconds ")?
+                .parse()
+                .ok()
+        })
+        .expect("age metric");
+    (header, (metric * 1000.0).round() as i64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_age_stays_low_while_a_blocking_query_waits_and_grows_once_the_registry_dies()
+{
+    let now = unix_ms_now();
+    let mut registry =
+        TestRegistry::start("127.0.0.1:0".parse().expect("addr"), now - 200_000).await;
+    registry.clock.advance(Duration::from_secs(70)); // past its warm-up
+    registry
+        .client()
+        .check_in(&[ep("web", "10.0.0.1", 80)])
+        .await
+        .expect("check-in");
+
+    // The agent's sync loop alone, with a clock the test moves.
+    let stop = CancellationToken::new();
+    let gossip = gossip::run(
+        GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
+        Vec::new(),
+        stop.clone(),
+    )
+    .await
+    .expect("gossip starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = AgentConfig {
+        sync_wait: Duration::from_secs(60),
+        ..config(&registry, dir.path())
+    };
+    let client = config.client().expect("client");
+    let clock = Arc::new(ManualClock::new(now));
+    let (_view_tx, view_rx) = watch::channel(Arc::new(MergedView::default()));
+    let shared = Arc::new(
+        Shared::new(
+            config,
+            client,
+            gossip,
+            "127.0.0.1".parse().expect("ip"),
+            view_rx,
+            LocalEndpoints::default(),
+            0,
+            stop.child_token(),
+        )
+        .with_clock(clock.clone()),
+    );
+    let app = agent::api::router(shared.clone());
+    let sync = tokio::spawn(agent::sync::run_sync(shared.clone(), stop.clone()));
+
+    // Synced once, and now a blocking query waits at the registry.
+    let started = Instant::now();
+    while registry.blocking_queries() < 1.0 {
+        assert!(started.elapsed() < DEADLINE, "no blocking query");
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(shared.registry_ok());
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(5));
+        let (header, metric) = ages(&app).await;
+        assert!(
+            header < 1_000,
+            "healthy registry, query waiting: {header} ms"
+        );
+        assert_eq!(header, metric, "the metric says what the header says");
+    }
+
+    // The registry dies: the query fails, and the age counts from the last known moment.
+    registry.kill();
+    let started = Instant::now();
+    while shared.registry_ok() {
+        assert!(started.elapsed() < DEADLINE, "the sync never noticed");
+        tokio::time::sleep(POLL).await;
+    }
+    clock.advance(Duration::from_secs(10));
+    let (header, metric) = ages(&app).await;
+    assert_eq!(
+        header, 35_000,
+        "known current when the waiting query was sent"
+    );
+    assert_eq!(metric, 35_000);
+    clock.advance(Duration::from_secs(60));
+    let (header, _) = ages(&app).await;
+    assert_eq!(
+        header, 95_000,
+        "grows with time while the registry stays down"
+    );
+
+    stop.cancel();
+    sync.await.expect("sync stops");
+}
