@@ -1,14 +1,15 @@
 //! `run`: the agent's tasks wired together, from start (disk cache first, so the API answers
 //! at once) to shutdown (readiness fails, optional deregistration, final cache write).
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use gossip::{GossipHandle, GossipView};
-use schema::ServiceName;
 use schema::timefmt::unix_ms_now;
+use schema::{EndpointKey, ServiceName};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -127,7 +128,14 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let loops = CancellationToken::new();
     let view_stop = CancellationToken::new();
-    tracker.spawn(run_view(merger, gossip.clone(), view_tx, view_stop.clone()));
+    let listed = shared.registry_listed.subscribe();
+    tracker.spawn(run_view(
+        merger,
+        gossip.clone(),
+        listed,
+        view_tx,
+        view_stop.clone(),
+    ));
     tracker.spawn(run_sync(shared.clone(), loops.clone()));
     tracker.spawn(run_checkin(shared.clone(), loops.clone()));
     let writer_stop = CancellationToken::new();
@@ -255,23 +263,34 @@ async fn seeds_from_registry(
     }
 }
 
-/// Recomputes the merged view when gossip's view changes, and every second while disk-cache
-/// entries wait to be superseded (their `settle` time passes without any gossip event) or
-/// deregistered hosts are listed as draining.
+/// Recomputes the merged view when gossip's view changes, when an authoritative registry
+/// answer may retire disk-cache entries, and every second while disk-cache entries wait to
+/// be superseded (their `settle` time passes without any gossip event) or deregistered hosts
+/// are listed as draining.
 async fn run_view(
     mut merger: Merger,
     gossip: GossipHandle,
+    mut listed: watch::Receiver<Option<Arc<BTreeSet<EndpointKey>>>>,
     tx: watch::Sender<Arc<MergedView>>,
     stop: CancellationToken,
 ) {
     let mut rx = gossip.view();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut listening = true;
     loop {
         let time_pending = merger.time_pending();
         tokio::select! {
             () = stop.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
+            r = listed.changed(), if listening && merger.cache_len() > 0 => match r {
+                Err(_) => listening = false,
+                Ok(()) => {
+                    if let Some(keys) = listed.borrow_and_update().clone() {
+                        merger.registry_answered(&keys);
+                    }
+                }
+            },
             _ = tick.tick(), if time_pending => {}
         }
         let g: Arc<GossipView> = rx.borrow_and_update().clone();

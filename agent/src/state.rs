@@ -12,7 +12,7 @@
 //! snapshot dated in the future cannot make the age 0). Time comes from an injected
 //! [`Clock`], so tests move it by hand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,6 +68,9 @@ pub struct Shared {
     freshness: Mutex<Freshness>,
     /// Wall-clock ms for freshness (the system clock; tests inject a manual one).
     clock: Arc<dyn Clock>,
+    /// Every key the last authoritative registry answer listed (`None`: none yet): the view
+    /// task drops disk-cache entries it does not list.
+    pub registry_listed: watch::Sender<Option<Arc<BTreeSet<EndpointKey>>>>,
     /// Index of the view the disk cache last stored (0: none yet).
     pub cache_index: AtomicU64,
     registry_ok: AtomicBool,
@@ -102,6 +105,7 @@ impl Shared {
             registry_back: Notify::new(),
             freshness: Mutex::new(Freshness::new(known_current_ms)),
             clock: Arc::new(SystemClock),
+            registry_listed: watch::Sender::new(None),
             cache_index: AtomicU64::new(0),
             registry_ok: AtomicBool::new(false),
             draining,

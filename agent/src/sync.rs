@@ -38,6 +38,8 @@ pub struct Plan {
     pub snapshots: Vec<Snapshot>,
     /// Hosts the registry listed that do not validate (skipped, counted).
     pub invalid: usize,
+    /// When not warming: every key the answer lists, the truth the disk cache gives way to.
+    pub listed: Option<BTreeSet<EndpointKey>>,
 }
 
 /// Decides what a catalog answer does to what we hold: `held`, gossip's newest snapshot per
@@ -57,6 +59,13 @@ pub fn plan(
         cached_by.entry(&e.endpoint.service).or_default().push(e);
     }
     let (listed, invalid) = listed(catalog);
+    let keys = (!warming).then(|| {
+        listed
+            .values()
+            .flatten()
+            .map(|e| e.endpoint.key())
+            .collect()
+    });
     let mut fresh: BTreeMap<ServiceName, Snapshot> = BTreeMap::new();
     for (service, entries) in listed {
         let entries = if warming {
@@ -117,6 +126,7 @@ pub fn plan(
         warming,
         snapshots,
         invalid,
+        listed: keys,
     }
 }
 
@@ -325,6 +335,10 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                         tracing::warn!("gossip has stopped; cannot join");
                     }
                 }
+                if let Some(keys) = plan.listed {
+                    // After the snapshots: a listed cache entry waits for its snapshot.
+                    shared.registry_listed.send_replace(Some(Arc::new(keys)));
+                }
                 if plan.warming {
                     shared.metrics.sync_warming.increment(1);
                     if !warming_noted {
@@ -360,221 +374,5 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::num::NonZeroU16;
-
-    use schema::Endpoint;
-    use schema::api::V1Host;
-
-    use super::*;
-
-    fn host(service: &str, port: u16) -> V1Host {
-        let ep = Endpoint::new(
-            ServiceName::new(service).expect("name"),
-            "10.0.0.1".parse().expect("ip"),
-            NonZeroU16::new(port).expect("port"),
-        );
-        V1Host::from_endpoint(&ep, 1_000)
-    }
-
-    fn catalog(at: u64, warming: bool, services: &[(&str, &[u16])]) -> Catalog {
-        Catalog {
-            index: at,
-            generated_at_ms: at,
-            warming,
-            stale: false,
-            services: services
-                .iter()
-                .map(|(s, ports)| (s.to_string(), ports.iter().map(|p| host(s, *p)).collect()))
-                .collect(),
-        }
-    }
-
-    fn snaps(p: Plan) -> Vec<Snapshot> {
-        assert!(!p.warming, "expected an authoritative answer");
-        p.snapshots
-    }
-
-    /// (service, ports, generated_at) of each snapshot.
-    fn summary(snapshots: &[Snapshot]) -> Vec<(&str, Vec<u16>, u64)> {
-        snapshots
-            .iter()
-            .map(|s| {
-                let ports = s.entries.iter().map(|e| e.endpoint.port.get()).collect();
-                (s.service.as_str(), ports, s.generated_at_ms)
-            })
-            .collect()
-    }
-
-    fn entry(service: &str, port: u16, last_check_in_ms: u64) -> SnapshotEntry {
-        let (endpoint, _) = host(service, port).to_endpoint().expect("valid");
-        SnapshotEntry {
-            endpoint,
-            last_check_in_ms,
-        }
-    }
-
-    fn snapshot(service: &str, at: u64, ports: &[u16]) -> Snapshot {
-        Snapshot {
-            service: ServiceName::new(service).expect("name"),
-            generated_at_ms: at,
-            entries: ports.iter().map(|p| entry(service, *p, 1)).collect(),
-        }
-    }
-
-    #[test]
-    fn a_warming_answer_adds_and_updates_but_never_removes() {
-        let held = [snapshot("web", 10, &[1, 2]), snapshot("db", 10, &[5])];
-        let cached = [entry("web", 3, 7), entry("api", 8, 7)];
-        // The registry restarted empty: it knows web:2 (with new tags), a new web:4, and
-        // nothing of web:1, web:3, db or api yet.
-        let mut c = catalog(20, true, &[("web", &[2, 4])]);
-        c.services.get_mut("web").expect("web")[0]
-            .tags
-            .insert("az".into(), serde_json::json!("zone-b"));
-        let p = plan(&c, &ReadMeta::default(), &held, &cached);
-        assert!(p.warming);
-        assert_eq!(summary(&p.snapshots), vec![("web", vec![1, 2, 3, 4], 20)]);
-        let web2 = &p.snapshots[0].entries[1];
-        assert_ne!(web2.endpoint, held[0].entries[1].endpoint, "updated tags");
-        assert_eq!(web2.last_check_in_ms, 1_000, "the answer's version wins");
-        assert_eq!(
-            p.snapshots[0].entries[2].last_check_in_ms, 7,
-            "cache entry kept"
-        );
-
-        // Flagged by header only, and listing nothing new: nothing to feed.
-        let c = catalog(30, false, &[("web", &[1, 2]), ("db", &[])]);
-        let meta = ReadMeta {
-            warming: true,
-            ..Default::default()
-        };
-        let p = plan(&c, &meta, &held, &[]);
-        assert!(p.warming);
-        assert!(p.snapshots.is_empty(), "{:?}", p.snapshots);
-        // An empty warming answer removes nothing either.
-        let p = plan(
-            &catalog(30, true, &[]),
-            &ReadMeta::default(),
-            &held,
-            &cached,
-        );
-        assert!(p.snapshots.is_empty(), "{:?}", p.snapshots);
-    }
-
-    #[test]
-    fn the_first_answer_after_warm_up_removes_what_the_registry_no_longer_lists() {
-        let held = [snapshot("web", 10, &[1, 2])];
-        let c = catalog(20, true, &[("web", &[3])]);
-        let warm = plan(&c, &ReadMeta::default(), &held, &[]);
-        assert_eq!(summary(&warm.snapshots), vec![("web", vec![1, 2, 3], 20)]);
-        let done = snaps(plan(
-            &catalog(30, false, &[("web", &[3])]),
-            &ReadMeta::default(),
-            &warm.snapshots,
-            &[],
-        ));
-        assert_eq!(summary(&done), vec![("web", vec![3], 30)]);
-    }
-
-    #[test]
-    fn an_authoritative_answer_covers_what_the_disk_cache_holds() {
-        // Restarted from the cache: gossip holds an old web snapshot, the cache holds newer
-        // registry entries of web and of db, which the registry no longer lists at all.
-        let held = [snapshot("web", 10, &[1])];
-        let cached = [entry("web", 2, 15), entry("db", 5, 15)];
-        let got = snaps(plan(
-            &catalog(20, false, &[("web", &[1])]),
-            &ReadMeta::default(),
-            &held,
-            &cached,
-        ));
-        // web: same hosts as the held snapshot, but only a newer one makes web:2 give way.
-        assert_eq!(
-            summary(&got),
-            vec![("db", vec![], 20), ("web", vec![1], 20)]
-        );
-    }
-
-    #[test]
-    fn a_successful_answer_replaces_changed_services_and_empties_vanished_ones() {
-        let first = snaps(plan(
-            &catalog(10, false, &[("web", &[1, 2]), ("db", &[5])]),
-            &ReadMeta::default(),
-            &[],
-            &[],
-        ));
-        assert_eq!(first.len(), 2);
-        // Same web hosts, db gone, api new.
-        let next = snaps(plan(
-            &catalog(20, false, &[("web", &[2, 1]), ("api", &[9])]),
-            &ReadMeta::default(),
-            &first,
-            &[],
-        ));
-        let got: Vec<(&str, usize, u64)> = next
-            .iter()
-            .map(|s| (s.service.as_str(), s.entries.len(), s.generated_at_ms))
-            .collect();
-        assert_eq!(got, vec![("api", 1, 20), ("db", 0, 20)]);
-    }
-
-    #[test]
-    fn invalid_hosts_are_skipped_and_counted() {
-        let mut c = catalog(10, false, &[("web", &[1])]);
-        let mut bad = host("web", 2);
-        bad.ip_address = "nope".into();
-        c.services.get_mut("web").expect("web").push(bad);
-        c.services.insert("Bad Name".into(), vec![host("web", 3)]);
-        let p = plan(&c, &ReadMeta::default(), &[], &[]);
-        assert_eq!(p.invalid, 2);
-        assert_eq!(p.snapshots.len(), 1);
-        assert_eq!(p.snapshots[0].entries.len(), 1);
-    }
-
-    #[test]
-    fn alone_agents_join_everyone_listed_others_only_strangers() {
-        let agents = catalog(10, false, &[("tidings-agent", &[7702, 7703, 7704])]);
-        let me: SocketAddr = "10.0.0.1:7702".parse().expect("addr");
-        let addr = |p: u16| SocketAddr::new(me.ip(), p);
-        let member = |p: u16, active: bool| MemberInfo {
-            id: gossip::NodeId::new(addr(p), 1),
-            active,
-        };
-        assert_eq!(
-            seeds_to_join(&agents, me, &[]),
-            vec![addr(7703), addr(7704)]
-        );
-        assert_eq!(
-            seeds_to_join(&agents, me, &[member(7703, false)]),
-            vec![addr(7703), addr(7704)],
-            "only down members known: still alone"
-        );
-        assert_eq!(
-            seeds_to_join(&agents, me, &[member(7703, true)]),
-            vec![addr(7704)]
-        );
-        let both = [member(7703, true), member(7704, false)];
-        assert!(seeds_to_join(&agents, me, &both).is_empty());
-    }
-
-    #[test]
-    fn pacing_backs_off_to_the_cap_and_polls_within_ten_percent() {
-        let mut p = Pacer::new(Duration::from_secs(30), Duration::from_secs(8));
-        let waits: Vec<u64> = (0..6).map(|_| p.after_failure(0.5).as_secs()).collect();
-        assert_eq!(waits, vec![1, 2, 4, 8, 8, 8]);
-        assert!(p.after_success());
-        assert!(!p.after_success());
-        assert_eq!(p.poll(0.0), Duration::from_secs(27));
-        assert!(p.poll(0.999_999) <= Duration::from_secs(33));
-        assert_eq!(
-            warming_poll(Duration::from_secs(1), 0.5),
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            warming_poll(Duration::from_secs(60), 0.0),
-            Duration::from_millis(4_500)
-        );
-        assert!(warming_poll(Duration::from_secs(60), 0.999_999) < Duration::from_millis(5_500));
-    }
-}
+#[path = "sync_tests.rs"]
+mod tests;

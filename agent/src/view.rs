@@ -8,7 +8,9 @@
 //!   (the first authoritative registry answer brings one for every such service, an empty
 //!   one for a service the registry no longer lists: see [`crate::sync::plan`]);
 //! - an owned-row entry, when its owner has been alive in SWIM for `settle` (repair has then
-//!   brought the owner's current rows), when SWIM declares it down, or when it was our own.
+//!   brought the owner's current rows), when SWIM declares it down, or when it was our own;
+//! - any entry an authoritative registry answer does not list, unless it is a row whose
+//!   owner is alive ([`Merger::registry_answered`]).
 //!
 //! Provenance of a host (and the `X-Tidings-Source` rule): `registry` when the registry's
 //! newest snapshot of the service lists it (even if an owned row overrides its fields);
@@ -223,6 +225,22 @@ impl Merger {
     /// How many cache entries are still served.
     pub fn cache_len(&self) -> usize {
         self.cache.len()
+    }
+
+    /// An authoritative registry answer listed `listed`: it is the truth about the disk
+    /// cache too. A cached entry it does not list goes at once — a registry entry (even one
+    /// whose snapshot is dated ahead of the answer), and a row whose owner is not alive in
+    /// SWIM (an owner that never comes back would otherwise keep it forever). A row of a live
+    /// owner still waits for `settle`, and a listed entry stays until the answer's snapshot
+    /// covers it. Returns how many entries went.
+    pub fn registry_answered(&mut self, listed: &BTreeSet<EndpointKey>) -> usize {
+        let before = self.cache.len();
+        let alive = &self.alive_since;
+        self.cache.retain(|key, c| {
+            listed.contains(key)
+                || matches!(c.origin, Origin::Row { owner } if alive.contains_key(&owner))
+        });
+        before - self.cache.len()
     }
 
     /// Whether the view will change with time alone (cache entries settling, drains ending),

@@ -178,6 +178,48 @@ fn a_cached_row_of_an_owner_declared_down_is_dropped() {
 }
 
 #[test]
+fn an_authoritative_answer_retires_the_cache_entries_it_does_not_list() {
+    let alive = "10.0.0.2:7702";
+    let gone = "10.0.0.3:7702";
+    let cached = |port, origin| CachedHost {
+        endpoint: ep("web", port),
+        origin,
+        last_check_in_ms: 9,
+    };
+    let registry = Origin::Registry {
+        generated_at_ms: 50,
+    };
+    let mut m = Merger::new(
+        addr(ME),
+        60_000,
+        vec![
+            cached(1, registry),
+            cached(2, registry),
+            cached(3, Origin::Row { owner: addr(gone) }),
+            cached(4, Origin::Row { owner: addr(alive) }),
+        ],
+    );
+    let g = GossipView {
+        members: vec![member(alive, true)],
+        ..Default::default()
+    };
+    assert_eq!(
+        m.merge(&g, 1).len(),
+        4,
+        "fail static until the registry answers"
+    );
+    // The registry lists only web:2: web:1 and the row of an owner that never shows up go;
+    // web:2 waits for its snapshot, the row of a live owner for `settle`.
+    let listed: BTreeSet<EndpointKey> = [ep("web", 2).key()].into();
+    assert_eq!(m.registry_answered(&listed), 2);
+    let v = m.merge(&g, 2);
+    assert_eq!(
+        ports(&v, "web"),
+        vec![(2, Provenance::Cache), (4, Provenance::Cache)]
+    );
+}
+
+#[test]
 fn registry_entries_stay_and_rows_override_them() {
     // §5.3 as gossip computes it, seen through the agent: registry entries plus rows.
     let mut m = Merger::new(addr(ME), 1_000, Vec::new());

@@ -439,3 +439,51 @@ async fn the_registry_age_stays_low_while_a_blocking_query_waits_and_grows_once_
     stop.cancel();
     sync.await.expect("sync stops");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_drops_cached_rows_of_an_owner_gone_for_good_once_the_registry_answers() {
+    // The registry is down at first: a port nothing listens on yet.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let url = format!("http://{addr}");
+    let config = |dir: &Path, seeds: Vec<SocketAddr>| {
+        let mut c = AgentConfig {
+            registry: Some(url.clone()),
+            data_dir: dir.to_path_buf(),
+            check_in_interval: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(1),
+            sync_retry_max: Duration::from_secs(1),
+            deregister_on_shutdown: false,
+            gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
+            ..Default::default()
+        };
+        c.gossip.seeds = seeds;
+        c
+    };
+
+    // Agent A serves api:9000; agent B learns it through gossip only, and caches it.
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let mut config_a = config(dir_a.path(), Vec::new());
+    config_a.endpoints = vec![agent::parse_endpoint_flag("api:9000").expect("flag")];
+    let a = RunningAgent::start(config_a).await;
+    let (_, _, me) = get(a.api, "/v1/agent/self").await;
+    let gossip_a: SocketAddr = me["gossip_addr"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .expect("gossip addr");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = RunningAgent::start(config(dir_b.path(), vec![gossip_a])).await;
+    wait_listed(b.api, "api", &["127.0.0.1:9000"], |_| {}).await;
+    b.stop().await;
+    // A's host is decommissioned for good.
+    a.stop().await;
+
+    // B restarts from its cache; the registry is up now and has never heard of api:9000.
+    let now = unix_ms_now();
+    let registry = TestRegistry::start(addr, now - 200_000).await;
+    registry.clock.advance(Duration::from_secs(70)); // past its warm-up
+    let b = RunningAgent::start(config(dir_b.path(), vec![gossip_a])).await;
+    wait_listed(b.api, "api", &[], |_| {}).await;
+    b.stop().await;
+}
