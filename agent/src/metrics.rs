@@ -13,7 +13,8 @@ static META: Metadata<'static> = Metadata::new("agent", Level::INFO, Some(module
 /// What `/metrics` reads at render time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Readings {
-    /// Seconds since the last successful registry sync; -1 if there never was one.
+    /// Seconds since the registry data was last known current (as the
+    /// `X-Tidings-Registry-Age-Ms` header); -1 if it never was.
     pub registry_age_s: f64,
     pub view_endpoints: usize,
     pub view_services: usize,
@@ -114,7 +115,7 @@ impl Metrics {
             requests: counter("tidings_agent_requests_total", "Local API requests.", None),
             registry_age: gauge(
                 "tidings_agent_registry_age_seconds",
-                "Seconds since the last successful registry sync (-1: never).",
+                "Seconds since the registry data was last known current: an authoritative answer, or a blocking query waiting at a healthy registry (-1: never).",
                 None,
             ),
             view_endpoints: gauge(

@@ -159,7 +159,7 @@ fn listed(catalog: &Catalog) -> (BTreeMap<ServiceName, Vec<SnapshotEntry>>, usiz
 
 /// The registry entries the view serves only from the disk cache: what an authoritative
 /// answer must confirm or remove, and what a warming answer must not drop.
-pub fn cached_registry_entries(view: &crate::view::MergedView) -> Vec<SnapshotEntry> {
+fn cached_registry_entries(view: &crate::view::MergedView) -> Vec<SnapshotEntry> {
     view.all_hosts()
         .filter(|h| {
             h.provenance == Provenance::Cache && matches!(h.origin, Origin::Registry { .. })

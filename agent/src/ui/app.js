@@ -26,7 +26,7 @@ async function render() {
     ["zone", "zone", s.zone || "—"],
     ["registry", "registry", s.registry || "— (none: gossip only)"],
     ["registry_ok", "last registry sync succeeded", String(s.registry_ok), s.registry_ok ? "ok" : "bad"],
-    ["registry_age", "since the last registry sync (X-Tidings-Registry-Age-Ms)",
+    ["registry_age", "since the registry data was last known current (X-Tidings-Registry-Age-Ms)",
       ageHeader >= 0 ? T.age(ageHeader) : "never", ageHeader < 0 || !s.registry_ok ? "warn" : ""],
     ["source", "weakest source in the view (X-Tidings-Source)", source, source === "registry" ? "" : "warn"],
     ["view", "view: services / hosts / index",
