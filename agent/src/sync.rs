@@ -109,17 +109,17 @@ pub fn plan(
         }
     }
     // Unchanged hosts need no new snapshot: re-check-ins only move `last_check_in`, and
-    // re-gossiping every service on every answer would be pure overhead. A service with
-    // entries from the disk cache always gets one from an authoritative answer: only a
-    // snapshot at least as new as the cached entries makes them give way, even when gossip
-    // already holds an older snapshot with the same hosts.
+    // re-gossiping every service on every answer would be pure overhead. Changed hosts get
+    // one whatever the held snapshot's date: gossip stamps a direct answer after the
+    // snapshot it holds, so an honest answer still replaces one from a replica whose clock
+    // ran ahead. A service with entries from the disk cache always gets one from an
+    // authoritative answer: only a snapshot at least as new as the cached entries makes them
+    // give way, even when gossip already holds an older snapshot with the same hosts.
     let snapshots = fresh
         .into_values()
         .filter(|s| {
             (!warming && cached_by.contains_key(&s.service))
-                || held.get(&s.service).is_none_or(|old| {
-                    old.generated_at_ms < s.generated_at_ms && !same_hosts(old, s)
-                })
+                || held.get(&s.service).is_none_or(|old| !same_hosts(old, s))
         })
         .collect();
     Plan {

@@ -170,6 +170,32 @@ fn a_successful_answer_replaces_changed_services_and_empties_vanished_ones() {
 }
 
 #[test]
+fn a_changed_answer_replaces_a_held_snapshot_dated_ahead_of_it() {
+    // A registry replica whose clock ran ahead answered before: what gossip holds is dated
+    // after this honest answer. Gossip stamps a direct answer after the snapshot it holds,
+    // so a change must still be fed to it, or it would wait until real time caught up.
+    let held = [snapshot("web", 50, &[1, 2]), snapshot("db", 50, &[5])];
+    let got = snaps(plan(
+        &catalog(20, false, &[("web", &[1])]),
+        &ReadMeta::default(),
+        &held,
+        &[],
+    ));
+    assert_eq!(
+        summary(&got),
+        vec![("db", vec![], 20), ("web", vec![1], 20)]
+    );
+    // Unchanged hosts still need nothing, whatever the dates.
+    let got = snaps(plan(
+        &catalog(20, false, &[("web", &[1, 2]), ("db", &[5])]),
+        &ReadMeta::default(),
+        &held,
+        &[],
+    ));
+    assert!(got.is_empty(), "{got:?}");
+}
+
+#[test]
 fn invalid_hosts_are_skipped_and_counted() {
     let mut c = catalog(10, false, &[("web", &[1])]);
     let mut bad = host("web", 2);
