@@ -143,7 +143,8 @@ impl Registry {
             Ok(res) => res,
             Err(_) => Err(StoreError::Unavailable(format!("{op} timed out"))),
         };
-        if let Err(e) = &res {
+        // A refused write is the client's fault, not the store's.
+        if let Err(e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_))) = &res {
             self.inner.metrics.store_error(op);
             // Debug, not warn: with the store down this fires on every request. The counter
             // carries the rate, and the sweeper warns every pass while it lasts.
@@ -268,6 +269,30 @@ impl Registry {
             .await?;
         self.inner.metrics.checkins.increment(out.accepted as u64);
         if !out.changed_services.is_empty() || self.revives(endpoints) {
+            self.notify_change();
+        }
+        Ok(out)
+    }
+
+    /// A v1 check-in of one endpoint: as [`Registry::check_in`], with its tags merged over
+    /// the stored ones (only the keys named in `sent` change), as lyft/discovery did.
+    pub async fn check_in_merging_tags(
+        &self,
+        endpoint: &Endpoint,
+        sent: &std::collections::BTreeSet<String>,
+    ) -> Result<CheckInOutcome, StoreError> {
+        if let Err(e) = self.ensure_init().await {
+            tracing::debug!(error = %e, "init deferred");
+        }
+        let now = self.now_ms();
+        let out = self
+            .store_call(
+                "check_in",
+                self.inner.store.check_in_merging_tags(endpoint, sent, now),
+            )
+            .await?;
+        self.inner.metrics.checkins.increment(out.accepted as u64);
+        if !out.changed_services.is_empty() || self.revives(std::slice::from_ref(endpoint)) {
             self.notify_change();
         }
         Ok(out)
