@@ -39,6 +39,11 @@ pub struct RegistryConfig {
     pub env: String,
     /// Largest accepted request body, bytes.
     pub body_limit: usize,
+    /// How many proxies (load balancers) in front of the registry append to
+    /// `X-Forwarded-For`. A v1 check-in with `auto_ip` is stored under the hop the outermost
+    /// of them appended (1: the last hop); 0 takes the connection's peer address and ignores
+    /// the header, which any client can forge.
+    pub trusted_proxies: usize,
     /// At most this many API requests (blocking queries and probes aside) are handled at
     /// once; more are answered 429 with `Retry-After` instead of queueing into timeouts.
     pub max_in_flight: usize,
@@ -84,6 +89,7 @@ impl Default for RegistryConfig {
             secret: None,
             env: "production".to_string(),
             body_limit: 64 * 1024,
+            trusted_proxies: 0,
             max_in_flight: 4096,
             handler_timeout: Duration::from_secs(10),
             store_timeout: Duration::from_secs(3),

@@ -47,6 +47,7 @@ where
         delete_expired_is_bounded_and_spares_fresh_rows,
         list_repo_finds_rows_by_repo,
         reads_span_many_pages,
+        merging_check_in_keeps_tags_it_does_not_name,
     );
 }
 
@@ -523,4 +524,111 @@ pub async fn reads_span_many_pages<S: Store>(store: &S) {
         .expect("delete_expired");
     assert_eq!(n, usize::from(ROWS) + 1);
     assert!(all(store).await.is_empty());
+}
+
+fn sent(keys: &[&str]) -> std::collections::BTreeSet<String> {
+    keys.iter().map(|k| k.to_string()).collect()
+}
+
+pub async fn merging_check_in_keeps_tags_it_does_not_name<S: Store>(store: &S) {
+    let mut a = ep("web", "10.0.0.1", 80);
+    a.tags.instance_id = Some(TagValue::new("i-1").expect("id"));
+    a.tags.load_balancing_weight = weight(40);
+    // The first merge stores the endpoint as sent.
+    let out = store
+        .check_in_merging_tags(&a, &sent(&["az", "team", "instance_id"]), T0)
+        .await
+        .expect("merge");
+    assert_eq!((out.accepted, out.changed_services), (1, vec![svc("web")]));
+    assert_eq!(endpoints(&list(store, "web").await), vec![a.clone()]);
+
+    // Only `az` named: it changes, everything else stays (the host's own weight too).
+    let mut b = Endpoint::new(svc("web"), ip("10.0.0.1"), port(80));
+    b.revision = Revision::new("r2").expect("revision");
+    b.tags.az = Some(TagValue::new("us-east-1b").expect("az"));
+    let out = store
+        .check_in_merging_tags(&b, &sent(&["az"]), T0 + 1)
+        .await
+        .expect("merge");
+    assert_eq!((out.accepted, out.changed_services), (1, vec![svc("web")]));
+    let mut want = a.clone();
+    want.revision = b.revision.clone();
+    want.tags.az = b.tags.az.clone();
+    let rows = list(store, "web").await;
+    assert_eq!(endpoints(&rows), vec![want.clone()]);
+    assert_eq!(rows[0].last_check_in_ms, T0 + 1);
+
+    // A repeat changes nothing visible; an older one is not accepted.
+    let out = store
+        .check_in_merging_tags(&b, &sent(&["az"]), T0 + 2)
+        .await
+        .expect("merge");
+    assert_eq!((out.accepted, out.changed_services), (1, vec![]));
+    let out = store
+        .check_in_merging_tags(&a, &sent(&["az"]), T0)
+        .await
+        .expect("merge");
+    assert_eq!(out.accepted, 0);
+
+    // An operator's override survives, and a merge past the tag limit changes nothing.
+    store
+        .set_weight(&svc("web"), Some(ip("10.0.0.1")), weight(7))
+        .await
+        .expect("weight");
+    let mut many = b.clone();
+    for i in 0..schema::MAX_EXTRA_TAGS {
+        many.tags
+            .extra
+            .insert(tag_key(&format!("k{i}")), TagValue::new("v").expect("tag"));
+    }
+    let keys: Vec<String> = many
+        .tags
+        .extra
+        .keys()
+        .map(|k| k.as_str().to_string())
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let err = store
+        .check_in_merging_tags(&many, &sent(&keys), T0 + 3)
+        .await;
+    assert!(matches!(err, Err(crate::StoreError::Invalid(_))), "{err:?}");
+    let rows = list(store, "web").await;
+    want.tags.load_balancing_weight = weight(7);
+    assert_eq!(endpoints(&rows), vec![want]);
+    assert_eq!(rows[0].last_check_in_ms, T0 + 2);
+}
+
+/// Merges of different tags into one row, all at once (as from two registry replicas): every
+/// one of them is in the result, none overwrote another. Not in [`run_all`]: moto, the
+/// DynamoDB stand-in of the tests, does not apply a conditional write atomically, so this
+/// can only pass against a store that does (the DynamoDB store tests its compare-and-set
+/// with the race played in order instead).
+pub async fn concurrent_merges_all_land<S: Store>(store: &S) {
+    let base = Endpoint::new(svc("web"), ip("10.0.0.1"), port(80));
+    store
+        .check_in_merging_tags(&base, &sent(&[]), T0)
+        .await
+        .expect("merge");
+    let writes = (0..8).map(|i| {
+        let mut e = base.clone();
+        let key = format!("t{i}");
+        e.tags
+            .extra
+            .insert(tag_key(&key), TagValue::new("v").expect("tag"));
+        async move {
+            store
+                .check_in_merging_tags(&e, &sent(&[key.as_str()]), T0 + 1)
+                .await
+        }
+    });
+    for out in futures_util::future::join_all(writes).await {
+        assert_eq!(out.expect("merge").accepted, 1);
+    }
+    let rows = list(store, "web").await;
+    assert_eq!(
+        rows[0].endpoint.tags.extra.len(),
+        8,
+        "{:?}",
+        rows[0].endpoint.tags
+    );
 }

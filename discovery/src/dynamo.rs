@@ -6,6 +6,8 @@
 //! single-item operations guarded by condition expressions, so concurrent registries need
 //! no coordination:
 //!
+//! - v1 check-in with lyft's tag merge: `GetItem`, merge, then the same `UpdateItem` on
+//!   condition that the stored tags are still the ones read (in `merge`);
 //! - check-in: `UpdateItem ... IF attribute_not_exists(last_check_in) OR last_check_in <= now`
 //!   (never moves time backwards; `weight_override` is not touched, so it survives), with
 //!   `ReturnValues=ALL_OLD` to tell a real change from a re-check-in;
@@ -17,6 +19,7 @@
 //! Rows this code cannot parse (written by a foreign tool) are skipped with a warning, so one
 //! bad row never takes a whole service off the air.
 
+mod merge;
 mod retry;
 mod row;
 mod table;
@@ -38,6 +41,7 @@ use futures_util::StreamExt;
 use schema::{Endpoint, ServiceName, Weight};
 
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
+use merge::TagGuard;
 use row::{Item, n, s};
 
 pub use table::init_table;
@@ -147,9 +151,15 @@ impl DynamoStore {
         now_ms.saturating_add(ttl_ms).div_ceil(1000)
     }
 
-    /// Writes one endpoint. `Ok(None)`: a newer check-in is already stored; `Ok(Some(c))`:
-    /// stored, `c` telling whether readers see a difference.
-    async fn check_in_one(&self, ep: &Endpoint, now_ms: u64) -> Result<Option<bool>, StoreError> {
+    /// Writes one endpoint. `Ok(None)`: a newer check-in is already stored (or, with a
+    /// `guard`, the stored tags are no longer the ones it names); `Ok(Some(c))`: stored, `c`
+    /// telling whether readers see a difference.
+    async fn check_in_one(
+        &self,
+        ep: &Endpoint,
+        now_ms: u64,
+        guard: TagGuard<'_>,
+    ) -> Result<Option<bool>, StoreError> {
         let tags = serde_json::to_string(&ep.tags)
             .map_err(|e| StoreError::Corrupt(format!("encoding tags of {}: {e}", ep.key())))?;
         let mut update =
@@ -178,11 +188,20 @@ impl DynamoStore {
             // reports no change; the registry's periodic re-read still sees it).
             // A non-numeric last_check_in (a foreign writer's) would never compare true, and
             // the row could never be checked in again; such a row is overwritten instead.
-            .condition_expression(
-                "attribute_not_exists(#lci) OR NOT attribute_type(#lci, :num) OR #lci <= :now",
-            )
             .expression_attribute_values(":num", s("N"))
             .return_values(ReturnValue::AllOld);
+        let mut condition =
+            "(attribute_not_exists(#lci) OR NOT attribute_type(#lci, :num) OR #lci <= :now)"
+                .to_string();
+        match guard {
+            TagGuard::Any => {}
+            TagGuard::Absent => condition.push_str(" AND attribute_not_exists(#tags)"),
+            TagGuard::Equals(old) => {
+                condition.push_str(" AND #tags = :old_tags");
+                req = req.expression_attribute_values(":old_tags", s(old));
+            }
+        }
+        req = req.condition_expression(condition);
         match &ep.service_repo_name {
             Some(repo) => {
                 update.push_str(", #repo = :repo");
@@ -435,12 +454,14 @@ impl Store for DynamoStore {
         // argument trips the higher-ranked lifetime check inside `async_trait`.
         let mut writes: Vec<(usize, usize)> = last.values().map(|&(i, times)| (i, times)).collect();
         writes.sort_by_key(|&(i, _)| endpoints[i].key());
-        let mut results =
-            futures_util::stream::iter(writes)
-                .map(|(i, times)| async move {
-                    (i, times, self.check_in_one(&endpoints[i], now_ms).await)
-                })
-                .buffer_unordered(FAN_OUT);
+        let mut results = futures_util::stream::iter(writes)
+            .map(|(i, times)| async move {
+                let written = self
+                    .check_in_one(&endpoints[i], now_ms, TagGuard::Any)
+                    .await;
+                (i, times, written)
+            })
+            .buffer_unordered(FAN_OUT);
         let mut accepted = 0;
         let mut changed = BTreeSet::new();
         while let Some((i, times, result)) = results.next().await {
@@ -455,6 +476,15 @@ impl Store for DynamoStore {
             accepted,
             changed_services: changed.into_iter().collect(),
         })
+    }
+
+    async fn check_in_merging_tags(
+        &self,
+        endpoint: &Endpoint,
+        sent: &BTreeSet<String>,
+        now_ms: u64,
+    ) -> Result<CheckInOutcome, StoreError> {
+        self.merge_check_in(endpoint, sent, now_ms).await
     }
 
     async fn list_service(&self, service: &ServiceName) -> Result<Vec<StoredEndpoint>, StoreError> {

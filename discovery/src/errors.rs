@@ -71,9 +71,13 @@ impl ApiError {
         }
     }
 
-    /// A store failure as the API reports it: 503 with `Retry-After`. A corrupt row is the
-    /// operator's problem, not the client's, and must not be a 500 either.
+    /// A store failure as the API reports it: 503 with `Retry-After` (a write the store
+    /// refused as invalid: 400). A corrupt row is the operator's problem, not the client's,
+    /// and must not be a 500 either.
     pub fn from_store(e: &StoreError, retry_after: Duration) -> Self {
+        if let StoreError::Invalid(v) = e {
+            return ApiError::Validation(v.clone());
+        }
         ApiError::Unavailable {
             message: e.to_string(),
             retry_after,

@@ -23,8 +23,13 @@
 //! request can make a handler panic or answer 500 — every error is a JSON
 //! `{"error": {"code", "message"}}` with a 4xx or a 503.
 
+// The moto test harness shared with the integration tests names the crate `discovery`.
+#[cfg(test)]
+extern crate self as discovery;
+
 pub mod auth;
 mod cache;
+mod caller;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -45,6 +50,7 @@ mod server;
 mod status;
 pub mod store;
 mod sweep;
+mod tag_merge;
 pub mod ui;
 
 pub use auth::{host_token, operator_token};

@@ -5,7 +5,7 @@
 //! behind an `RwLock` that is taken for writing only when a service appears or disappears.
 //! No lock is ever held across an `.await` (every method is synchronous inside).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use async_trait::async_trait;
 use schema::{Endpoint, ServiceName, Weight};
 
-use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
+use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint, merge_tags};
 
 type RowKey = (IpAddr, NonZeroU16);
 
@@ -205,6 +205,35 @@ impl Store for MemoryStore {
             }
         }
         Ok(out)
+    }
+
+    async fn check_in_merging_tags(
+        &self,
+        endpoint: &Endpoint,
+        sent: &BTreeSet<String>,
+        now_ms: u64,
+    ) -> Result<CheckInOutcome, StoreError> {
+        // Merged and written under the shard lock: no other write to the row in between.
+        let (accepted, changed) = self.with_rows_mut(&endpoint.service, |rows| {
+            let merged = match rows.get(&(endpoint.ip, endpoint.port)) {
+                Some(row) if row.last_check_in_ms > now_ms => return Ok((false, false)),
+                Some(row) => {
+                    let mut merged = endpoint.clone();
+                    merged.tags = merge_tags(&row.endpoint.tags, &endpoint.tags, sent)?;
+                    merged
+                }
+                None => endpoint.clone(),
+            };
+            Ok::<_, StoreError>(upsert(rows, &merged, now_ms))
+        })?;
+        Ok(CheckInOutcome {
+            accepted: usize::from(accepted),
+            changed_services: if changed {
+                vec![endpoint.service.clone()]
+            } else {
+                Vec::new()
+            },
+        })
     }
 
     async fn list_service(&self, service: &ServiceName) -> Result<Vec<StoredEndpoint>, StoreError> {

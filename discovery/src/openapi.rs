@@ -73,7 +73,7 @@ pub fn document() -> Value {
             "/ui": {"get": op("the web dashboard (HTML; its script and styles are under /ui/)", &[], "200", html_ok(), &[])},
             "/v1/registration/{service}": {
                 "get": op("live hosts of a service", &["service"], "200", json_ok("V1Listing"), &[]),
-                "post": with_body(op("check in one endpoint", &["service"], "200", any_ok(), &[]), &form_or_json)
+                "post": with_body(op("check in one endpoint (lyft: tags merged over the stored ones; auto_ip=true without ip takes the caller's address)", &["service"], "200", any_ok(), &[]), &form_or_json)
             },
             "/v1/registration/{service}/{ip}": {
                 "delete": op("deregister the service's endpoints on ip", &["service", "ip"], "200", any_ok(), &["port"])

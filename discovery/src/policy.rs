@@ -1,10 +1,13 @@
-//! The registry's decisions as pure functions of rows and time (DESIGN.md §4.2): liveness,
+//! The registry's decisions as pure functions of rows and time: liveness,
 //! self-preservation, warm-up, the content-hash index and blocking-query deadlines. Nothing
 //! here touches a store, a socket or a clock, so every rule is unit-tested directly.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::num::NonZeroU16;
 use std::time::Duration;
 
-use schema::Endpoint;
+use schema::{Endpoint, EndpointKey, ServiceName};
 use sha2::{Digest, Sha256};
 
 use crate::config::RegistryConfig;
@@ -88,71 +91,167 @@ impl Census {
     }
 }
 
+/// One count of the fleet as self-preservation needs it: the numbers, and *which* rows
+/// renewed, so the baseline can remember the endpoints it is made of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fleet {
+    pub census: Census,
+    /// Keys of the rows that checked in within the renewal window.
+    pub renewed: BTreeSet<EndpointKey>,
+}
+
+impl Fleet {
+    pub fn take(rows: &[StoredEndpoint], now_ms: u64, cfg: &RegistryConfig) -> Fleet {
+        let window = renewal_window(cfg.check_in_interval);
+        Fleet {
+            census: Census::take(rows, now_ms, cfg),
+            renewed: rows
+                .iter()
+                .filter(|r| is_live(now_ms, r.last_check_in_ms, window))
+                .map(|r| r.endpoint.key())
+                .collect(),
+        }
+    }
+}
+
+/// A deregistration as the baseline sees it: the service's rows on `ip`, or only the one on
+/// `port` when given (the same selection the store deletes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deregistration {
+    pub service: ServiceName,
+    pub ip: IpAddr,
+    pub port: Option<NonZeroU16>,
+}
+
+impl Deregistration {
+    fn matches(&self, key: &EndpointKey) -> bool {
+        key.service == self.service && key.ip == self.ip && self.port.is_none_or(|p| p == key.port)
+    }
+}
+
 /// Eureka-style self-preservation.
 ///
-/// The registry keeps a *baseline*: how many renewals (check-ins per interval) it expects.
-/// When fewer than `threshold` (85 %) of them arrive, it assumes the fault is on the path to
-/// it (a broken network, a fleet-wide cron failure, its own outage) rather than that most
-/// hosts died at once, and stops expiring anything until renewals recover.
+/// The registry keeps a *baseline*: the set of endpoints it expects to renew every interval
+/// (its size is the expected renewal count). When fewer than `threshold` (85 %) of them
+/// renew, it assumes the fault is on the path to it (a broken network, a fleet-wide cron
+/// failure, its own outage) rather than that most hosts died at once, and stops expiring
+/// anything until renewals recover.
 ///
-/// How the baseline moves, and so the scale-down story:
-/// - **At start** it is the number of rows that were live when the newest check-in in the
-///   store happened ([`startup_baseline`]): a registry back from an outage longer than the
-///   TTL expects the fleet it last saw and preserves it until hosts return, while rows that
-///   had already expired before the outage do not count.
-/// - **Growth is taken at once**: renewals above the baseline raise it (Eureka raises its
-///   expectation on every register).
-/// - **Deregistration lowers it at once** by the number of rows removed (Eureka's cancel):
-///   the supported way to scale down fast is to deregister (agents do on shutdown).
-/// - **Every `baseline_refresh` (15 min)** it is recomputed from the renewals, but only when
-///   renewals are above the threshold — exactly Eureka's `updateRenewalThreshold`. So a
-///   gradual scale-down (less than 15 % per refresh period) is absorbed, while a sudden loss
-///   of more than 15 % without deregistration keeps the old baseline, and the registry
+/// The baseline is a set of keys, not a number, so that what leaves it is exactly what was
+/// counted into it: nothing done to *other* endpoints (registering and deleting endpoints
+/// of another service, say) can lower the protection of the ones already counted. How it
+/// moves, and so the scale-down story:
+/// - **At start** it is the rows that were live when the newest check-in in the store
+///   happened ([`startup_baseline`]): a registry back from an outage longer than the TTL
+///   expects the fleet it last saw and preserves it until hosts return, while rows that had
+///   already expired before the outage do not count.
+/// - **Growth is taken at once**: every renewing endpoint joins the baseline (Eureka raises
+///   its expectation on every register). A new endpoint adds to the expectation; it never
+///   replaces the silent ones.
+/// - **Deregistration takes out what it removes, and only that** (Eureka's cancel): the
+///   deregistered endpoints leave the baseline if they were in it; an endpoint registered
+///   and deleted again leaves the baseline where it was before. The supported way to scale
+///   down fast is to deregister (agents do on shutdown).
+/// - **Every `baseline_refresh` (15 min)** it is recomputed as the renewing endpoints, but
+///   only when renewals are above the threshold — exactly Eureka's `updateRenewalThreshold`.
+///   So a gradual scale-down (less than 15 % per refresh period) is absorbed, while a sudden
+///   loss of more than 15 % without deregistration keeps the old baseline, and the registry
 ///   serves those hosts, flagged stale, until they return, are deregistered, or an operator
 ///   disables self-preservation. Consumers are not harmed meanwhile: proxies health-check
-///   every host and stop routing to dead ones (DESIGN.md §6.3).
+///   every host and stop routing to dead ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Preservation {
     enabled: bool,
     threshold: f64,
     refresh_ms: u64,
-    baseline: u64,
+    counted: BTreeSet<EndpointKey>,
     last_refresh_ms: u64,
     /// Preservation holds until then, whatever the renewals say ([`Preservation::hold`]).
     hold_until_ms: u64,
     active: bool,
+    /// Deregistrations since the oldest count still in flight, numbered by `seq`: a count
+    /// read before a deregistration still lists the removed rows as renewed, and must not
+    /// put them back into the baseline ([`Preservation::ticket`]).
+    deregistered: Vec<(u64, Deregistration)>,
+    seq: u64,
 }
 
 impl Preservation {
-    /// `baseline` is the starting expectation ([`startup_baseline`]; 0 for an empty store).
-    pub fn new(cfg: &RegistryConfig, now_ms: u64, baseline: u64) -> Self {
+    /// `counted` is the starting baseline ([`startup_baseline`]; empty for an empty store).
+    pub fn new(cfg: &RegistryConfig, now_ms: u64, counted: BTreeSet<EndpointKey>) -> Self {
         Preservation {
             enabled: cfg.self_preservation,
             threshold: cfg.renewal_threshold,
             refresh_ms: ms(cfg.baseline_refresh),
-            baseline,
+            counted,
             last_refresh_ms: now_ms,
             hold_until_ms: 0,
             active: false,
+            deregistered: Vec::new(),
+            seq: 0,
         }
     }
 
-    /// Folds in a census; returns whether `active` changed.
-    pub fn observe(&mut self, census: Census, now_ms: u64) -> bool {
-        let healthy = |baseline: u64| census.renewed as f64 >= self.threshold * baseline as f64;
-        if census.renewed > self.baseline {
-            self.baseline = census.renewed;
-        }
+    /// The first count after start: the baseline becomes `counted` ([`startup_baseline`]),
+    /// less whatever was deregistered since `ticket` was taken, then `fleet` is folded in.
+    pub fn start(
+        &mut self,
+        counted: BTreeSet<EndpointKey>,
+        fleet: &Fleet,
+        ticket: u64,
+        now_ms: u64,
+    ) -> bool {
+        let late = &self.deregistered;
+        self.counted = counted
+            .into_iter()
+            .filter(|k| !late.iter().any(|(seq, d)| *seq > ticket && d.matches(k)))
+            .collect();
+        self.last_refresh_ms = now_ms;
+        self.observe(fleet, ticket, now_ms)
+    }
+
+    /// Take one before reading the rows of a count, and pass it to [`Preservation::observe`]
+    /// with that count: deregistrations that happen meanwhile are then not undone by it.
+    pub fn ticket(&self) -> u64 {
+        self.seq
+    }
+
+    /// Folds in a count of the fleet read after `ticket` was taken; returns whether `active`
+    /// changed.
+    pub fn observe(&mut self, fleet: &Fleet, ticket: u64, now_ms: u64) -> bool {
+        let late: Vec<&Deregistration> = self
+            .deregistered
+            .iter()
+            .filter(|(seq, _)| *seq > ticket)
+            .map(|(_, d)| d)
+            .collect();
+        let renewed: BTreeSet<&EndpointKey> = fleet
+            .renewed
+            .iter()
+            .filter(|k| !late.iter().any(|d| d.matches(k)))
+            .collect();
+        // Counts are serialised (one at a time), so entries this one has seen are done.
+        self.deregistered.retain(|(seq, _)| *seq > ticket);
+        // Growth first, so new endpoints are judged as additions to the expectation: they
+        // must not make renewals look healthy while the counted ones are silent.
+        self.counted.extend(renewed.iter().map(|k| (*k).clone()));
         if now_ms.saturating_sub(self.last_refresh_ms) >= self.refresh_ms {
             self.last_refresh_ms = now_ms;
-            if healthy(self.baseline) {
-                self.baseline = census.renewed;
+            if self.healthy(renewed.len()) {
+                self.counted = renewed.iter().map(|k| (*k).clone()).collect();
             }
         }
         let was = self.active;
         let held = now_ms < self.hold_until_ms;
-        self.active = self.enabled && self.baseline > 0 && (held || !healthy(self.baseline));
+        self.active =
+            self.enabled && !self.counted.is_empty() && (held || !self.healthy(renewed.len()));
         was != self.active
+    }
+
+    /// Whether `renewed` renewals (every one of them from a counted endpoint) meet the
+    /// threshold of the baseline.
+    fn healthy(&self, renewed: usize) -> bool {
+        renewed as f64 >= self.threshold * self.counted.len() as f64
     }
 
     /// The registry was blind to check-ins for longer than the [`shelf_life`]: the renewals
@@ -163,29 +262,41 @@ impl Preservation {
         self.hold_until_ms = self.hold_until_ms.max(until_ms);
     }
 
-    /// Rows were deregistered on purpose: expect that many fewer renewals.
-    pub fn on_deregister(&mut self, removed: u64) {
-        self.baseline = self.baseline.saturating_sub(removed);
+    /// Rows were deregistered on purpose: the ones the baseline counted leave it (and no
+    /// count read before this call puts them back). Returns how many left.
+    pub fn on_deregister(&mut self, d: Deregistration) -> usize {
+        let before = self.counted.len();
+        self.counted.retain(|k| !d.matches(k));
+        self.seq += 1;
+        self.deregistered.push((self.seq, d));
+        before - self.counted.len()
     }
 
     pub fn active(&self) -> bool {
         self.active
     }
 
+    /// The expected renewals per interval: how many endpoints the baseline counts.
     pub fn baseline(&self) -> u64 {
-        self.baseline
+        self.counted.len() as u64
+    }
+
+    /// Whether the baseline counts this endpoint.
+    pub fn counts(&self, key: &EndpointKey) -> bool {
+        self.counted.contains(key)
     }
 }
 
 /// The baseline a registry starts with: rows within the TTL of the newest check-in in the
 /// store, i.e. the fleet as it was when check-ins last arrived, however long ago that was.
-pub fn startup_baseline(rows: &[StoredEndpoint], ttl: Duration) -> u64 {
+pub fn startup_baseline(rows: &[StoredEndpoint], ttl: Duration) -> BTreeSet<EndpointKey> {
     let Some(newest) = rows.iter().map(|r| r.last_check_in_ms).max() else {
-        return 0;
+        return BTreeSet::new();
     };
     rows.iter()
         .filter(|r| is_live(newest, r.last_check_in_ms, ttl))
-        .count() as u64
+        .map(|r| r.endpoint.key())
+        .collect()
 }
 
 /// A registry whose store was empty at start answers `warming` for one check-in interval:

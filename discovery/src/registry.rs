@@ -2,7 +2,7 @@
 //! the config, self-preservation and warm-up state, the last-good read cache, the change
 //! signal blocking queries wait on, and the metrics. Cheap to clone (one `Arc`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::config::RegistryConfig;
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
-use crate::policy::{self, Preservation};
+use crate::policy::{self, Deregistration, Preservation};
 use crate::status::SweepLog;
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
@@ -101,7 +101,7 @@ impl Registry {
     /// self-preservation baseline), so construction cannot fail.
     pub fn new(store: Arc<dyn Store>, config: RegistryConfig, clock: Arc<dyn Clock>) -> Registry {
         let now = clock.now_ms();
-        let preservation = Preservation::new(&config, now, 0);
+        let preservation = Preservation::new(&config, now, BTreeSet::new());
         let inner = Inner {
             store,
             auth: Auth::new(config.secret.as_deref()),
@@ -143,7 +143,8 @@ impl Registry {
             Ok(res) => res,
             Err(_) => Err(StoreError::Unavailable(format!("{op} timed out"))),
         };
-        if let Err(e) = &res {
+        // A refused write is the client's fault, not the store's.
+        if let Err(e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_))) = &res {
             self.inner.metrics.store_error(op);
             // Debug, not warn: with the store down this fires on every request. The counter
             // carries the rate, and the sweeper warns every pass while it lasts.
@@ -160,19 +161,16 @@ impl Registry {
         inner
             .init
             .get_or_try_init(|| async {
+                let ticket = self.preservation().ticket();
                 let rows = self.store_call("list_all", inner.store.list_all()).await?;
                 let now = self.now_ms();
-                let mut p = Preservation::new(
-                    &inner.config,
-                    now,
-                    policy::startup_baseline(&rows, inner.config.ttl),
-                );
-                p.observe(policy::Census::take(&rows, now, &inner.config), now);
-                let preserving = p.active();
-                *inner
-                    .preservation
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = p;
+                let fleet = policy::Fleet::take(&rows, now, &inner.config);
+                let counted = policy::startup_baseline(&rows, inner.config.ttl);
+                let preserving = {
+                    let mut p = self.preservation();
+                    p.start(counted, &fleet, ticket, now);
+                    p.active()
+                };
                 inner.census_ok_ms.store(now, Ordering::Relaxed);
                 inner.census_try_ms.store(now, Ordering::Relaxed);
                 if preserving {
@@ -201,6 +199,13 @@ impl Registry {
             self.now_ms(),
             inner.config.check_in_interval,
         )
+    }
+
+    pub(crate) fn preservation(&self) -> std::sync::MutexGuard<'_, Preservation> {
+        self.inner
+            .preservation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// True while self-preservation holds (as of the last sweep).
@@ -269,6 +274,30 @@ impl Registry {
         Ok(out)
     }
 
+    /// A v1 check-in of one endpoint: as [`Registry::check_in`], with its tags merged over
+    /// the stored ones (only the keys named in `sent` change), as lyft/discovery did.
+    pub async fn check_in_merging_tags(
+        &self,
+        endpoint: &Endpoint,
+        sent: &std::collections::BTreeSet<String>,
+    ) -> Result<CheckInOutcome, StoreError> {
+        if let Err(e) = self.ensure_init().await {
+            tracing::debug!(error = %e, "init deferred");
+        }
+        let now = self.now_ms();
+        let out = self
+            .store_call(
+                "check_in",
+                self.inner.store.check_in_merging_tags(endpoint, sent, now),
+            )
+            .await?;
+        self.inner.metrics.checkins.increment(out.accepted as u64);
+        if !out.changed_services.is_empty() || self.revives(std::slice::from_ref(endpoint)) {
+            self.notify_change();
+        }
+        Ok(out)
+    }
+
     /// Whether a check-in the store saw as a plain renewal brings back an endpoint that a
     /// fresh cached answer leaves out (it had expired). The store cannot know that — it does
     /// not know the TTL — but readers would otherwise miss the return until the cache ages.
@@ -299,11 +328,11 @@ impl Registry {
             .store_call("deregister", self.inner.store.deregister(service, ip, port))
             .await?;
         if n > 0 {
-            self.inner
-                .preservation
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .on_deregister(n as u64);
+            self.preservation().on_deregister(Deregistration {
+                service: service.clone(),
+                ip,
+                port,
+            });
             self.notify_change();
         }
         Ok(n)

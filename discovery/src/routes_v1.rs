@@ -15,9 +15,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::Scope;
+use crate::caller::{PeerAddr, caller_ip, resolve_auto_ip};
 use crate::errors::ApiError;
 use crate::registry::{Registry, View};
 use crate::router::{ApiPath, Body, is_json, with_view_headers};
+use crate::tag_merge::sent_tag_keys;
 
 pub(crate) fn hosts(view: &View) -> Vec<V1Host> {
     view.data
@@ -62,21 +64,28 @@ pub async fn list_repo(
 }
 
 /// `POST /v1/registration/{service}`: one check-in, form-encoded (lyft) or JSON; `200 {}`.
+/// `auto_ip` stands in for a missing `ip` with the caller's address.
 pub async fn register(
     State(registry): State<Registry>,
     ApiPath(service): ApiPath<String>,
+    PeerAddr(peer): PeerAddr,
     headers: HeaderMap,
     Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
     let grant = registry.inner.auth.grant(&headers)?;
     let service = ServiceName::new(service)?;
-    let ep = parse_v1_checkin(&service, &body, is_json(&headers))?;
+    let json = is_json(&headers);
+    let trusted = registry.config().trusted_proxies;
+    let body = resolve_auto_ip(&body, json, || caller_ip(&headers, peer, trusted))?;
+    let ep = parse_v1_checkin(&service, &body, json)?;
     registry
         .inner
         .auth
         .authorize(&grant, Scope::Ips(&[ep.ip]))?;
+    // lyft merged a re-check-in's tags over the stored ones; v1 keeps that (v2 replaces).
+    let sent = sent_tag_keys(&body, json);
     registry
-        .check_in(std::slice::from_ref(&ep))
+        .check_in_merging_tags(&ep, &sent)
         .await
         .map_err(store_error(&registry))?;
     Ok(Json(json!({})))

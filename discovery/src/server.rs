@@ -1,5 +1,7 @@
 //! `serve`: the registry on a socket, with the sweeper, until a shutdown token fires.
 
+use std::net::SocketAddr;
+
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +41,9 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, router(registry.clone())).with_graceful_shutdown(signal);
+    // With the peer address, for v1 check-ins that ask for `auto_ip`.
+    let app = router(registry.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
     let hard_stop = async {
         shutdown.cancelled().await;
         tokio::time::sleep(cfg.shutdown_delay + cfg.drain_timeout).await;

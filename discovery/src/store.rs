@@ -2,12 +2,15 @@
 //! warm-up, the index) lives in the registry above it, so both stores behave the same and the
 //! one conformance suite checks them both.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 
 use async_trait::async_trait;
-use schema::{Endpoint, ServiceName, Weight};
+use schema::{Endpoint, ServiceName, ValidationError, Weight};
 use thiserror::Error;
+
+pub use crate::tag_merge::merge_tags;
 
 /// One stored row: the endpoint as last checked in, when, and the operator's weight override.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,10 @@ pub enum StoreError {
     /// The backend returned something we cannot interpret (a row written by a foreign tool).
     #[error("corrupt row in store: {0}")]
     Corrupt(String),
+    /// The write would store something invalid, which only the stored row could show (a v1
+    /// tag merge past the tag limit). The client's fault: the API answers 400.
+    #[error("{0}")]
+    Invalid(#[from] ValidationError),
 }
 
 /// A registry backend. Implementations must be safe to share between tasks and between
@@ -59,6 +66,18 @@ pub trait Store: Send + Sync + 'static {
     async fn check_in(
         &self,
         endpoints: &[Endpoint],
+        now_ms: u64,
+    ) -> Result<CheckInOutcome, StoreError>;
+
+    /// One v1 check-in, lyft's way: as [`Store::check_in`], except that the stored tags are
+    /// *merged* with the new ones — each key in `sent` takes its value from `endpoint.tags`,
+    /// every other tag the row has is kept ([`merge_tags`]). The read and the write of the
+    /// merge are one atomic step per row: two merges racing (on two registry replicas) both
+    /// land. A merge past the tag limit is [`StoreError::Invalid`] and changes nothing.
+    async fn check_in_merging_tags(
+        &self,
+        endpoint: &Endpoint,
+        sent: &BTreeSet<String>,
         now_ms: u64,
     ) -> Result<CheckInOutcome, StoreError>;
 

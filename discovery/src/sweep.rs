@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::policy::{self, Census};
+use crate::policy::{self, Census, Fleet};
 use crate::registry::Registry;
 use crate::store::StoreError;
 
@@ -117,22 +117,21 @@ impl Registry {
         let cfg = &inner.config;
         let now = self.now_ms();
         inner.census_try_ms.store(now, Ordering::Relaxed);
+        let ticket = self.preservation().ticket();
         let rows = self.store_call("list_all", inner.store.list_all()).await?;
-        let census = Census::take(&rows, now, cfg);
+        let fleet = Fleet::take(&rows, now, cfg);
         drop(rows);
+        let census = fleet.census;
         // Blind since the last good count: longer than the shelf life, and the renewals
         // counted now reflect the registry's absence, not the fleet's.
         let blind_ms = now.saturating_sub(inner.census_ok_ms.load(Ordering::Relaxed));
         let blind = blind_ms >= ms(policy::shelf_life(cfg));
         let (preserving, baseline) = {
-            let mut p = inner
-                .preservation
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut p = self.preservation();
             if blind {
                 p.hold(now.saturating_add(ms(policy::renewal_window(cfg.check_in_interval))));
             }
-            p.observe(census, now);
+            p.observe(&fleet, ticket, now);
             (p.active(), p.baseline())
         };
         let m = &inner.metrics;

@@ -76,6 +76,10 @@ pub struct RegistryArgs {
     /// File holding the HMAC secret; when set, writes need a host or operator token.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Proxies in front of the registry that append to X-Forwarded-For [default: 0]. A v1
+    /// `auto_ip` check-in takes the hop the outermost one appended; 0 takes the peer address.
+    #[arg(long, value_name = "N")]
+    pub trusted_proxies: Option<usize>,
     #[command(flatten)]
     pub store: StoreArgs,
 }

@@ -80,6 +80,9 @@ pub fn settings(args: &RegistryArgs) -> Result<Settings> {
     if let Some(i) = args.check_in_interval {
         registry.check_in_interval = i;
     }
+    if let Some(n) = args.trusted_proxies {
+        registry.trusted_proxies = n;
+    }
     if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
         registry.secret = Some(read_secret(path)?);
     }

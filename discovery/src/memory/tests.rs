@@ -149,3 +149,8 @@ async fn list_repo_filters_by_repo_name() {
     assert_eq!(store.list_repo("web-repo").await.expect("ok").len(), 1);
     assert!(store.list_repo("other").await.expect("ok").is_empty());
 }
+
+#[tokio::test]
+async fn concurrent_tag_merges_all_land() {
+    crate::conformance::concurrent_merges_all_land(&MemoryStore::new()).await;
+}

@@ -1,8 +1,9 @@
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 use std::time::Duration;
 
-use schema::{Endpoint, ServiceName, Weight};
+use schema::{Endpoint, EndpointKey, ServiceName, Weight};
 
 use super::*;
 
@@ -51,109 +52,204 @@ fn cfg() -> RegistryConfig {
     RegistryConfig::default()
 }
 
-fn census(renewed: u64) -> Census {
-    Census {
-        live: renewed,
+fn key(service: &str, i: u32) -> EndpointKey {
+    EndpointKey {
+        service: ServiceName::new(service).expect("name"),
+        ip: IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+        port: NonZeroU16::new(80).expect("port"),
+    }
+}
+
+fn keys(service: &str, range: std::ops::Range<u32>) -> BTreeSet<EndpointKey> {
+    range.map(|i| key(service, i)).collect()
+}
+
+/// A count in which exactly `renewed` renewed.
+fn fleet(renewed: BTreeSet<EndpointKey>) -> Fleet {
+    let n = renewed.len() as u64;
+    Fleet {
+        census: Census {
+            live: n,
+            renewed: n,
+            stored: n,
+        },
         renewed,
-        stored: renewed,
+    }
+}
+
+/// `n` web endpoints renewed.
+fn census(n: u32) -> Fleet {
+    fleet(keys("web", 0..n))
+}
+
+fn observe(p: &mut Preservation, f: &Fleet, now: u64) -> bool {
+    let t = p.ticket();
+    p.observe(f, t, now)
+}
+
+fn dereg(service: &str, i: u32) -> Deregistration {
+    let k = key(service, i);
+    Deregistration {
+        service: k.service,
+        ip: k.ip,
+        port: None,
     }
 }
 
 #[test]
 fn preservation_turns_on_below_85_percent_and_recovers() {
-    let mut p = Preservation::new(&cfg(), 0, 0);
-    assert!(!p.observe(census(100), 1_000));
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    assert!(!observe(&mut p, &census(100), 1_000));
     assert_eq!(p.baseline(), 100);
-    assert!(!p.observe(census(86), 2_000), "86 % is fine");
-    assert!(p.observe(census(84), 3_000), "84 % turns it on");
+    assert!(!observe(&mut p, &census(86), 2_000), "86 % is fine");
+    assert!(observe(&mut p, &census(84), 3_000), "84 % turns it on");
     assert!(p.active());
-    assert!(!p.observe(census(0), 4_000), "total collapse stays on");
+    assert!(
+        !observe(&mut p, &census(0), 4_000),
+        "total collapse stays on"
+    );
     assert!(p.active());
-    assert!(p.observe(census(90), 5_000), "recovery turns it off");
+    assert!(observe(&mut p, &census(90), 5_000), "recovery turns it off");
     assert!(!p.active());
 }
 
 #[test]
 fn collapse_never_lowers_the_baseline_but_gradual_scale_down_is_absorbed() {
     let refresh = cfg().baseline_refresh.as_millis() as u64;
-    let mut p = Preservation::new(&cfg(), 0, 0);
-    p.observe(census(100), 0);
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    observe(&mut p, &census(100), 0);
     // A collapse that outlasts several refresh periods: the baseline holds.
     for i in 1..5 {
-        p.observe(census(10), i * refresh);
+        observe(&mut p, &census(10), i * refresh);
         assert_eq!(p.baseline(), 100);
         assert!(p.active());
     }
     // Gradual scale-down, 10 % per refresh period: absorbed each time, never preserving.
-    let mut p = Preservation::new(&cfg(), 0, 0);
-    let mut n = 100u64;
-    p.observe(census(n), 0);
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    let mut n = 100u32;
+    observe(&mut p, &census(n), 0);
     for i in 1..10 {
         n = n * 9 / 10;
-        assert!(!p.observe(census(n), i * refresh) || !p.active());
+        assert!(!observe(&mut p, &census(n), i * refresh) || !p.active());
         assert!(!p.active(), "step {i}: {n} of {}", p.baseline());
-        assert_eq!(p.baseline(), n);
+        assert_eq!(p.baseline(), u64::from(n));
     }
 }
 
 #[test]
 fn deregistration_lowers_the_baseline_at_once() {
-    let mut p = Preservation::new(&cfg(), 0, 0);
-    p.observe(census(100), 0);
-    p.on_deregister(50);
-    p.observe(census(50), 1);
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    observe(&mut p, &census(100), 0);
+    for i in 50..100 {
+        assert_eq!(p.on_deregister(dereg("web", i)), 1);
+    }
+    observe(&mut p, &census(50), 1);
     assert!(!p.active());
     assert_eq!(p.baseline(), 50);
+}
+
+/// The fault this accounting was rebuilt for: 20 hosts preserved after their check-ins
+/// stopped, then 31 endpoints of another service registered and deleted one after the
+/// other. Each deletion used to take one off the expectation, until protection was off.
+#[test]
+fn churn_of_other_endpoints_never_lowers_the_protection_of_counted_ones() {
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    observe(&mut p, &census(20), 0);
+    assert!(
+        observe(&mut p, &census(0), 10_000),
+        "collapse: protection on"
+    );
+    for i in 0..31 {
+        let t = 20_000 + u64::from(i) * 1_000;
+        observe(&mut p, &fleet(keys("api", i..i + 1)), t);
+        assert!(p.active(), "registration {i}");
+        assert_eq!(p.baseline(), 21);
+        assert_eq!(p.on_deregister(dereg("api", i)), 1);
+        observe(&mut p, &census(0), t + 500);
+        assert!(p.active(), "deletion {i}");
+        assert_eq!(p.baseline(), 20, "deletion {i}");
+    }
+    // Deleting what was never counted takes nothing out.
+    assert_eq!(p.on_deregister(dereg("api", 999)), 0);
+    assert_eq!(p.baseline(), 20);
+}
+
+#[test]
+fn new_endpoints_add_to_the_expectation_and_never_replace_silent_ones() {
+    let refresh = cfg().baseline_refresh.as_millis() as u64;
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    observe(&mut p, &census(20), 0);
+    // The 20 go silent and more new endpoints than that start renewing, across a refresh.
+    let api = fleet(keys("api", 0..30));
+    observe(&mut p, &api, 1_000);
+    observe(&mut p, &api, refresh + 1_000);
+    assert_eq!(p.baseline(), 50);
+    assert!(p.active(), "30 of 50 renew");
+    for i in 0..20 {
+        assert!(p.counts(&key("web", i)));
+    }
+}
+
+#[test]
+fn a_count_read_before_a_deregistration_does_not_undo_it() {
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    observe(&mut p, &census(20), 0);
+    let ticket = p.ticket();
+    // The rows were read (all 20 renewed), then 10 were deregistered, then the count lands.
+    for i in 10..20 {
+        p.on_deregister(dereg("web", i));
+    }
+    p.observe(&census(20), ticket, 1_000);
+    assert_eq!(p.baseline(), 10);
+    // A later count that still lists them (re-registered) counts them again.
+    observe(&mut p, &census(20), 2_000);
+    assert_eq!(p.baseline(), 20);
 }
 
 #[test]
 fn a_restart_after_a_long_outage_preserves_old_rows() {
     // The store holds 100 rows, none renewed recently: the registry was down past the TTL.
-    let mut p = Preservation::new(&cfg(), 0, 100);
-    p.observe(
-        Census {
+    let silent = Fleet {
+        census: Census {
             live: 0,
             renewed: 0,
             stored: 100,
         },
-        1,
-    );
+        renewed: BTreeSet::new(),
+    };
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
+    let t = p.ticket();
+    p.start(keys("web", 0..100), &silent, t, 1);
     assert!(p.active());
+    assert_eq!(p.baseline(), 100);
     let disabled = RegistryConfig {
         self_preservation: false,
         ..cfg()
     };
-    let mut p = Preservation::new(&disabled, 0, 100);
-    p.observe(
-        Census {
-            live: 0,
-            renewed: 0,
-            stored: 100,
-        },
-        1,
-    );
+    let mut p = Preservation::new(&disabled, 0, keys("web", 0..100));
+    observe(&mut p, &silent, 1);
     assert!(!p.active());
 }
 
 #[test]
 fn a_hold_keeps_preservation_on_until_it_ends_but_needs_a_baseline() {
-    let mut p = Preservation::new(&cfg(), 0, 0);
+    let mut p = Preservation::new(&cfg(), 0, BTreeSet::new());
     p.hold(5_000);
-    p.observe(census(0), 1_000);
+    observe(&mut p, &census(0), 1_000);
     assert!(!p.active(), "no baseline yet: nothing to preserve");
-    p.observe(census(100), 2_000);
+    observe(&mut p, &census(100), 2_000);
     p.hold(5_000);
-    p.observe(census(100), 3_000);
+    observe(&mut p, &census(100), 3_000);
     assert!(p.active(), "held although every host renewed");
-    assert!(p.observe(census(100), 5_000), "the hold ends");
+    assert!(observe(&mut p, &census(100), 5_000), "the hold ends");
     assert!(!p.active());
     let disabled = RegistryConfig {
         self_preservation: false,
         ..cfg()
     };
-    let mut p = Preservation::new(&disabled, 0, 100);
+    let mut p = Preservation::new(&disabled, 0, keys("web", 0..100));
     p.hold(5_000);
-    p.observe(census(0), 1_000);
+    observe(&mut p, &census(0), 1_000);
     assert!(!p.active(), "disabled means disabled");
 }
 
@@ -227,7 +323,7 @@ fn blocking_wait_is_capped_and_jittered_by_a_sixteenth() {
 
 #[test]
 fn startup_baseline_counts_the_fleet_as_last_seen() {
-    assert_eq!(startup_baseline(&[], TTL), 0);
+    assert!(startup_baseline(&[], TTL).is_empty());
     // The newest check-in was an hour before the restart; two rows were live then, one had
     // expired long before and is junk the sweeper had not reached.
     let hour_ago = 10_000_000;
@@ -236,5 +332,7 @@ fn startup_baseline_counts_the_fleet_as_last_seen() {
         row(2, hour_ago - 60_000),
         row(3, hour_ago - 1_000_000),
     ];
-    assert_eq!(startup_baseline(&rows, TTL), 2);
+    let counted = startup_baseline(&rows, TTL);
+    assert_eq!(counted.len(), 2);
+    assert!(counted.contains(&rows[0].endpoint.key()) && counted.contains(&rows[1].endpoint.key()));
 }

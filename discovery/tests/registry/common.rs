@@ -63,6 +63,17 @@ impl Store for FlakyStore {
         self.check().await?;
         self.inner.check_in(endpoints, now_ms).await
     }
+    async fn check_in_merging_tags(
+        &self,
+        endpoint: &Endpoint,
+        sent: &std::collections::BTreeSet<String>,
+        now_ms: u64,
+    ) -> Result<CheckInOutcome, StoreError> {
+        self.check().await?;
+        self.inner
+            .check_in_merging_tags(endpoint, sent, now_ms)
+            .await
+    }
     async fn list_service(&self, service: &ServiceName) -> Result<Vec<StoredEndpoint>, StoreError> {
         self.check().await?;
         self.inner.list_service(service).await

@@ -9,6 +9,8 @@ mod common;
 mod eds;
 mod expiry;
 mod fuzz;
+mod lyft;
+mod preservation;
 mod socket;
 mod ui;
 mod v1;
