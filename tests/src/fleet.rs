@@ -58,10 +58,16 @@ pub struct Agent {
     url: String,
     gossip: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     pub fn start(spec: AgentSpec<'_>) -> Result<Agent> {
+        Agent::start_env(spec, Vec::new())
+    }
+
+    /// [`Agent::start`] with extra environment variables, kept for [`Agent::restart`].
+    pub fn start_env(spec: AgentSpec<'_>, env: Vec<(String, String)>) -> Result<Agent> {
         std::fs::create_dir_all(spec.dir)?;
         let config = spec.dir.with_extension("toml");
         std::fs::write(&config, FAST_GOSSIP)?;
@@ -85,7 +91,7 @@ impl Agent {
         args.push("--config".into());
         args.push(config.display().to_string());
         args.extend(spec.extra.iter().map(|s| s.to_string()));
-        let proc = spawn(spec.netns.as_deref(), &spec.name, &args)?;
+        let proc = spawn(spec.netns.as_deref(), &spec.name, &args, &env)?;
         Ok(Agent {
             proc,
             name: spec.name,
@@ -94,12 +100,13 @@ impl Agent {
             url: spec.url,
             gossip: spec.gossip,
             args,
+            env,
         })
     }
 
     /// Starts the same agent again (after a kill): same flags, same disk cache.
     pub fn restart(&mut self) -> Result<()> {
-        self.proc = spawn(self.netns.as_deref(), &self.name, &self.args)?;
+        self.proc = spawn(self.netns.as_deref(), &self.name, &self.args, &self.env)?;
         Ok(())
     }
 
@@ -194,12 +201,15 @@ pub fn deregister(base: &str, service: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
-fn spawn(netns: Option<&str>, name: &str, args: &[String]) -> Result<Proc> {
+fn spawn(
+    netns: Option<&str>,
+    name: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<Proc> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    match netns {
-        Some(ns) => Proc::start_in(ns, name, &refs, 2, START),
-        None => Proc::start(name, &refs, 2, START),
-    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::start_in_env(netns, name, &refs, &env, 2, START)
 }
 
 /// One lookup: the set of `ip:port` of a service, the source and the registry age.
@@ -210,7 +220,13 @@ pub struct Lookup {
 }
 
 pub fn lookup(base: &str, service: &str) -> Result<Lookup> {
-    let r = http::get(&format!("{base}/v1/registration/{service}"))?;
+    lookup_within(base, service, Duration::from_secs(10))
+}
+
+/// [`lookup`] that fails after `timeout`.
+pub fn lookup_within(base: &str, service: &str, timeout: Duration) -> Result<Lookup> {
+    let url = format!("{base}/v1/registration/{service}");
+    let r = http::request("GET", &url, None, b"", timeout)?;
     ensure!(r.status == 200, "{base}: status {}", r.status);
     let v = r.json()?;
     let hosts = v["hosts"]
