@@ -63,14 +63,19 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(spec: AgentSpec<'_>) -> Result<Agent> {
-        Agent::start_env(spec, Vec::new())
+        Agent::start_env(spec, Vec::new(), "")
     }
 
-    /// [`Agent::start`] with extra environment variables, kept for [`Agent::restart`].
-    pub fn start_env(spec: AgentSpec<'_>, env: Vec<(String, String)>) -> Result<Agent> {
+    /// [`Agent::start`] with extra environment variables (kept for [`Agent::restart`]) and
+    /// top-level config keys (`key = value` lines) ahead of the gossip section.
+    pub fn start_env(
+        spec: AgentSpec<'_>,
+        env: Vec<(String, String)>,
+        config_top: &str,
+    ) -> Result<Agent> {
         std::fs::create_dir_all(spec.dir)?;
         let config = spec.dir.with_extension("toml");
-        std::fs::write(&config, FAST_GOSSIP)?;
+        std::fs::write(&config, format!("{config_top}{FAST_GOSSIP}"))?;
         let mut args: Vec<String> = [
             "agent",
             "--registry",
@@ -186,9 +191,15 @@ pub fn register(base: &str, spec: &str) -> Result<()> {
 
 /// `DELETE /v1/agent/endpoints/{service}/{port}` on the agent at `base`.
 pub fn deregister(base: &str, service: &str, port: u16) -> Result<()> {
+    deregister_at(base, service, port, None)
+}
+
+/// [`deregister`] of an endpoint registered with an `ip` other than the host's.
+pub fn deregister_at(base: &str, service: &str, port: u16, ip: Option<&str>) -> Result<()> {
+    let query = ip.map(|ip| format!("?ip={ip}")).unwrap_or_default();
     let r = http::request(
         "DELETE",
-        &format!("{base}/v1/agent/endpoints/{service}/{port}"),
+        &format!("{base}/v1/agent/endpoints/{service}/{port}{query}"),
         None,
         b"",
         Duration::from_secs(5),

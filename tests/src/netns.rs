@@ -209,10 +209,11 @@ impl Lab {
     /// Starts an agent in host `i`'s namespace: gossip on its address, the local API on
     /// its loopback (reached through [`Lab::api_url`]), its disk cache in `dir`.
     pub fn agent(&self, i: usize, dir: &Path, registry: &str, extra: &[&str]) -> Result<Agent> {
-        self.agent_env(i, dir, registry, extra, Vec::new())
+        self.agent_env(i, dir, registry, extra, Vec::new(), "")
     }
 
-    /// [`Lab::agent`] with extra environment variables (kept across restarts).
+    /// [`Lab::agent`] with extra environment variables (kept across restarts) and top-level
+    /// config keys (see [`Agent::start_env`]).
     pub fn agent_env(
         &self,
         i: usize,
@@ -220,6 +221,7 @@ impl Lab {
         registry: &str,
         extra: &[&str],
         env: Vec<(String, String)>,
+        config_top: &str,
     ) -> Result<Agent> {
         Agent::start_env(
             AgentSpec {
@@ -233,6 +235,7 @@ impl Lab {
                 extra,
             },
             env,
+            config_top,
         )
     }
 

@@ -16,38 +16,59 @@ pub mod world;
 pub mod bounds {
     use std::time::Duration;
 
-    /// The registry's TTL (`--ttl`).
-    pub const TTL: Duration = Duration::from_secs(3);
-    /// The registry's and the agents' check-in interval (`--check-in-interval`), which is
-    /// also the warm-up after an empty registry start. Cron hosts check in this often too.
-    pub const CHECK_IN: Duration = Duration::from_secs(1);
+    /// The registry's `--check-in-interval`: its warm-up after an empty start, and the
+    /// renewal interval self-preservation counts with. Longer than the hosts' own interval
+    /// so that warm-up lasts longer than the bounds below: an agent that ignored warming
+    /// answers would be caught.
+    pub const REGISTRY_INTERVAL: Duration = Duration::from_secs(6);
+    /// The registry's `--ttl`: two registry intervals.
+    pub const TTL: Duration = Duration::from_secs(12);
+    /// How often agents (`--check-in-interval`) and cron hosts check in.
+    pub const HOST_INTERVAL: Duration = Duration::from_secs(1);
     /// `repair_interval_ms` of the agents' gossip config (`fleet::FAST_GOSSIP`).
     pub const REPAIR: Duration = Duration::from_secs(1);
-    /// The proxy's health-check interval (`tests::proxy::start`) and ±10 % jitter.
-    pub const HEALTH: Duration = Duration::from_millis(330);
+    /// The agents' sync settings (their config file): the blocking query's wait, the poll
+    /// period and the longest retry pause while the registry is unreachable; and how long
+    /// rows loaded from the disk cache stand before gossip replaces them.
+    pub const AGENT_CONFIG: &str = "sync_wait = \"5s\"\npoll_interval = \"1s\"\n\
+        sync_retry_max = \"1s\"\nrequest_timeout = \"2s\"\ncache_settle = \"2s\"\n";
     /// Headroom for a 2-core machine shared by a dozen processes and the test itself.
     pub const SLACK: Duration = Duration::from_secs(2);
 
-    /// `live_in_views` (agents): a host that starts checking in reaches the registry
-    /// within two check-in intervals (its splay, then the interval); after an empty registry
-    /// start the warm-up adds one more; agents hear it from the registry's blocking query at
-    /// once or from gossip within three repair periods. 2 + 1 + 3 s + slack = 8 s.
-    pub const VISIBLE: Duration = Duration::from_secs(8);
-    /// `live_in_views` (proxy): the agent's bound, plus the proxy's watch of its agent and
-    /// one healthy check (1 s).
-    pub const PROXY_VISIBLE: Duration = Duration::from_secs(9);
+    // `live_in_views`: a host must be in a view once all three terms below have passed
+    // (each counted from its own moment), and stay there while it keeps checking in.
+
+    /// ...from when an agent's endpoint went live: its first check-in within two host
+    /// intervals (the per-host offset, then the interval), gossip to every agent within
+    /// three repair periods: 2 + 3 s + slack.
+    pub const AGENT_EP_VISIBLE: Duration = Duration::from_secs(7);
+    /// ...from when a cron host started: one cron period, the one-shot process's run
+    /// (up to one timeout of 1 s), then the agents' blocking query returns at once: 2 s +
+    /// slack.
+    pub const CRON_EP_VISIBLE: Duration = Duration::from_secs(4);
+    /// ...from when the viewing agent (re)started: its first sync is immediate: 1 s
+    /// (start and one request) + slack.
+    pub const VIEWER_VISIBLE: Duration = Duration::from_secs(3);
+    /// ...from when every registry replica serves again: the hosts' next check-in (1 s),
+    /// the agents' next sync attempt (`sync_retry_max` 1 s) and slack: 4 s, shorter than the
+    /// registry's warm-up (6 s), which must not hide hosts that checked in.
+    pub const REGISTRY_VISIBLE: Duration = Duration::from_secs(4);
+    /// The proxy adds its watch of its agent and one healthy check to each term.
+    pub const PROXY_EXTRA: Duration = Duration::from_secs(1);
     /// A returned backend is found healthy within two checks (plus slack).
     pub const BACKEND_HEALTHY: Duration = Duration::from_millis(2 * 330 + 1000);
     /// `deregistered_leaves` (agents): the tombstone spreads within three repair periods
-    /// and the registry deletes at once (next blocking-query answer, within a check-in
-    /// interval): 3 + 1 s + slack = 6 s.
+    /// and the registry deletes at once (next sync, within `sync_retry_max`); rows a
+    /// restarted agent loaded from its cache give way after `cache_settle` (2 s), counted
+    /// from the later of the deregistration and the viewer's start: 3 + 1 s + slack.
     pub const LEAVE: Duration = Duration::from_secs(6);
     /// `deregistered_leaves` (proxy's discovery status): one more watch round.
     pub const PROXY_LEAVE: Duration = Duration::from_secs(7);
-    /// `no_route_to_failing`: unhealthy after two failed checks (2 × 330 ms), plus 1 s.
+    /// `no_route_to_failing`: the proxy checks every 300 ms ± 10 % (`tests::proxy::start`)
+    /// and marks a host unhealthy after two failures: 2 × 330 ms, plus 1 s.
     pub const FAILING: Duration = Duration::from_millis(2 * 330 + 1000);
-    /// `freshness_honest`: after a registry replica died at T, its agents must say their
-    /// data is at least `now - T - FRESH_SLACK` old (one poll round and a request's time).
+    /// `freshness_honest`: after the registry died at T, agents must say their data is at
+    /// least `now - T - FRESH_SLACK` old (one poll round and a request's time).
     pub const FRESH_SLACK: Duration = Duration::from_millis(1500);
     /// `freshness_honest` with a healthy registry: the age must stay under this...
     pub const FRESH_WHEN_HEALTHY: Duration = Duration::from_secs(1);
@@ -107,7 +128,9 @@ impl Config {
             agents: self.agents,
             cron_hosts: self.cron_hosts,
             proxy_agent: 0,
-            ttl_ms: u64::try_from(bounds::TTL.as_millis()).unwrap_or(3_000),
+            ttl_ms: u64::try_from(bounds::TTL.as_millis()).unwrap_or(12_000),
+            registry_interval_ms: u64::try_from(bounds::REGISTRY_INTERVAL.as_millis())
+                .unwrap_or(6_000),
             dynamo_percent: 35,
             max_concurrent: 4,
         }

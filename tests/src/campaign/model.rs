@@ -167,10 +167,12 @@ impl Model {
 
     /// Since when every replica has served without a break; `None` while one does not.
     fn registry_healthy_since(&self) -> Option<Instant> {
-        self.replicas
-            .iter()
-            .map(|r| r.serving.up_since())
-            .try_fold(self.t0, |acc, s| s.map(|s| acc.max(s)))
+        let mut latest = None;
+        for r in &self.replicas {
+            let s = r.serving.up_since()?;
+            latest = Some(latest.map_or(s, |l: Instant| l.max(s)));
+        }
+        latest.or(Some(self.t0))
     }
 
     /// Since when `agent`'s gossip has been undisturbed; `None` while disturbed.
@@ -270,9 +272,9 @@ impl Judge {
             return;
         };
         let reg = m.registry_healthy_since();
-        let visible_bound = match viewer {
-            Viewer::Agent(_) => VISIBLE,
-            Viewer::Proxy => PROXY_VISIBLE,
+        let extra = match viewer {
+            Viewer::Agent(_) => Duration::ZERO,
+            Viewer::Proxy => PROXY_EXTRA,
         };
         for (key, ep) in &m.eps {
             if viewer == Viewer::Proxy && ep.backend.is_none() {
@@ -305,9 +307,17 @@ impl Judge {
                             .map(|s| s + BACKEND_HEALTHY),
                         _ => Some(since),
                     };
-                    let from = reg
-                        .zip(backend_ok)
-                        .map(|(r, b)| since.max(v_since).max(r).max(b) + visible_bound);
+                    let ep_bound = match ep.owner {
+                        Owner::Agent(_) => AGENT_EP_VISIBLE,
+                        Owner::Cron => CRON_EP_VISIBLE,
+                    };
+                    let from = reg.zip(backend_ok).map(|(r, b)| {
+                        (since + ep_bound)
+                            .max(v_since + VIEWER_VISIBLE)
+                            .max(r + REGISTRY_VISIBLE)
+                            .max(b)
+                            + extra
+                    });
                     if from.is_some_and(|f| now >= f) {
                         self.established.insert(id.clone());
                     }
@@ -411,10 +421,14 @@ impl Judge {
         seen: &Seen,
     ) {
         let Some(age) = seen.age_ms else { return };
-        let Some(rep) = m.agent_replica.get(agent).and_then(|r| m.replicas.get(*r)) else {
-            return;
-        };
-        if let Some(died) = rep.killed_at.filter(|d| *d >= v_since) {
+        // Replicas share one table, and agents pass registry data on by gossip: the data is
+        // only known stale once every replica is dead, since the last of them died.
+        let died = m
+            .replicas
+            .iter()
+            .map(|r| r.killed_at)
+            .try_fold(m.t0, |acc, k| k.map(|k| acc.max(k)));
+        if let Some(died) = died.filter(|d| *d >= v_since) {
             let floor = now.duration_since(died).saturating_sub(FRESH_SLACK);
             let floor_ms = i64::try_from(floor.as_millis()).unwrap_or(i64::MAX);
             self.count("freshness_honest");
@@ -425,13 +439,13 @@ impl Judge {
                     "freshness_honest",
                     format!("agent {agent} {died:?}"),
                     format!(
-                        "agent {agent} says its data is {age} ms old, but its registry died {:.1?} ago",
+                        "agent {agent} says its data is {age} ms old, but the registry died {:.1?} ago",
                         now.duration_since(died)
                     ),
                 );
             }
         } else if let Some(healthy) = m.registry_healthy_since()
-            && now >= healthy.max(v_since) + VISIBLE
+            && now >= healthy.max(v_since) + AGENT_EP_VISIBLE
         {
             self.healthy_age.0 += 1;
             self.healthy_age.1 = self.healthy_age.1.max(age);

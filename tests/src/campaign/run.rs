@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 
 use super::Config;
-use super::bounds::{CHECK_EVERY, VISIBLE};
+use super::bounds::{AGENT_EP_VISIBLE, CHECK_EVERY};
 use super::model::{EpState, Judge, Model, Owner, Seen, Viewer, Violation};
 use super::schedule::Schedule;
 use super::world::{DynamoStarter, Effect, World, host_ip};
@@ -93,7 +93,7 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
     let backends: Vec<String> = (0..cfg.agents + cfg.cron_hosts).map(web).collect();
     let mut model = Model::new(t0, cfg.agents, schedule.store.replicas(), backends, 0);
     // The fleet was just seen whole: every host counts as visible from now on.
-    let seen_since = t0.checked_sub(VISIBLE).unwrap_or(t0);
+    let seen_since = t0.checked_sub(3 * AGENT_EP_VISIBLE).unwrap_or(t0);
     for h in 0..cfg.agents + cfg.cron_hosts {
         let owner = if h < cfg.agents {
             Owner::Agent(h)
@@ -101,6 +101,16 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
             Owner::Cron
         };
         model.add_ep("web", &web(h), owner, Some(h), seen_since);
+    }
+    for u in model
+        .agents
+        .iter_mut()
+        .chain(model.backends.iter_mut().map(|(_, u)| u))
+    {
+        u.since = seen_since;
+    }
+    for r in &mut model.replicas {
+        r.serving.since = seen_since;
     }
     let model = Arc::new(Mutex::new(model));
     let judge = Arc::new(Mutex::new(Judge::default()));

@@ -60,8 +60,10 @@ pub struct Shape {
     /// The agent the proxy reads its membership from (never deregistered: its web endpoint
     /// is where the proxy listens in a real deployment, and traffic must keep a route).
     pub proxy_agent: usize,
-    /// The TTL, so registry outages are drawn both shorter and longer than it.
+    /// The registry's TTL and check-in interval, so registry outages are drawn both inside
+    /// and beyond the blind spot that turns self-preservation on (`ttl - interval`).
     pub ttl_ms: u64,
+    pub registry_interval_ms: u64,
     /// Percent of seeds that run the DynamoDB store with two registry replicas.
     pub dynamo_percent: u64,
     /// The most faults running at once.
@@ -396,12 +398,12 @@ fn pick(rng: &mut Rng, of: usize, n: usize) -> Vec<usize> {
 
 /// (shortest, longest) duration of a fault in ms.
 fn duration_range(kind: &Kind, shape: &Shape) -> (u64, u64) {
-    let ttl = shape.ttl_ms;
+    let (ttl, interval) = (shape.ttl_ms, shape.registry_interval_ms);
     match kind {
-        // Outages both inside and beyond the TTL: the self-preservation path.
-        Kind::RegistryKill { .. } | Kind::RegistryStop { .. } => (ttl / 2, ttl * 5 / 2),
-        // Held for the warm-up that follows, so nothing else hits the registry then.
-        Kind::RegistryEmptyRestart { .. } => (ttl, ttl),
+        // Outages both inside and beyond `ttl - interval`: the self-preservation path.
+        Kind::RegistryKill { .. } | Kind::RegistryStop { .. } => (interval / 2, ttl + interval / 2),
+        // Held for the warm-up that follows, so no other registry fault hides it.
+        Kind::RegistryEmptyRestart { .. } => (interval + 1_000, interval + 1_000),
         Kind::AgentRestart { .. } => (500, 4_000),
         Kind::BackendKill { .. } => (1_000, 6_000),
         Kind::Deregister { .. } | Kind::Churn { .. } => (3_000, 10_000),
@@ -422,7 +424,8 @@ mod tests {
             agents: 6,
             cron_hosts: 2,
             proxy_agent: 0,
-            ttl_ms: 3_000,
+            ttl_ms: 12_000,
+            registry_interval_ms: 6_000,
             dynamo_percent: 35,
             max_concurrent: 4,
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::bounds::{CHECK_IN, TTL};
+use super::bounds::{AGENT_CONFIG, HOST_INTERVAL, REGISTRY_INTERVAL, TTL};
 use super::schedule::{ClockTarget, Kind, Store};
 use crate::backend::Backend;
 use crate::fleet::{self, Agent};
@@ -83,7 +83,7 @@ impl Cron {
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
             let port = port.to_string();
-            let timeout = seconds(CHECK_IN);
+            let timeout = seconds(HOST_INTERVAL);
             let args = [
                 "checkin",
                 "--registry",
@@ -107,7 +107,7 @@ impl Cron {
                 // The outcome is not judged: a check-in while the registry is down fails, and
                 // the next one retries, as cron would.
                 let _ = run(&args, Duration::from_secs(5));
-                let left = CHECK_IN.saturating_sub(began.elapsed());
+                let left = HOST_INTERVAL.saturating_sub(began.elapsed());
                 std::thread::sleep(left);
             }
         });
@@ -234,7 +234,7 @@ impl World {
                 "--ttl",
                 &seconds(TTL),
                 "--check-in-interval",
-                &seconds(CHECK_IN),
+                &seconds(REGISTRY_INTERVAL),
             ]
             .iter()
             .map(|s| s.to_string())
@@ -266,12 +266,15 @@ impl World {
         let seed = format!("{}:{GOSSIP_PORT}", lab.ip(1));
         let mut fleet_agents = Vec::new();
         for a in 0..agents {
-            let ep = format!("web:8080@{}", host_ip(a));
-            let extra = fleet::joining(a == 0, &seed, &["--endpoint", &ep]);
+            // The web endpoint is registered through the local API (below, and again after
+            // each restart, as a service manager would): only those can be deregistered.
+            let extra = fleet::joining(a == 0, &seed, &[]);
             let clock = dir.join(format!("clock-agent-{a}")).display().to_string();
             let env = vec![(schema_clock_env().to_string(), clock)];
             let data = dir.join(format!("agent-{a}"));
-            let agent = lab.agent_env(a + 1, &data, &reg_url(a % replicas.len()), &extra, env)?;
+            let reg = reg_url(a % replicas.len());
+            let agent = lab.agent_env(a + 1, &data, &reg, &extra, env, AGENT_CONFIG)?;
+            register_web(&agent.url(), a)?;
             fleet_agents.push(agent);
         }
         let crons = (0..cron_hosts)
@@ -375,7 +378,7 @@ impl World {
             }
             Kind::Deregister { agent } => {
                 let url = self.agents.get(*agent).context("agent")?.url();
-                fleet::deregister(&url, "web", 8080)?;
+                fleet::deregister_at(&url, "web", 8080, Some(&host_ip(*agent)))?;
                 report(Effect::Deregistered {
                     service: "web".into(),
                     addr: format!("{}:8080", host_ip(*agent)),
@@ -448,6 +451,7 @@ impl World {
                     let _ = std::fs::remove_file(a.dir.join("view.cache"));
                 }
                 a.restart()?;
+                register_web(&a.url(), *agent)?;
                 report(Effect::AgentUp(*agent));
             }
             Kind::BackendKill { host } => {
@@ -463,20 +467,16 @@ impl World {
             }
             Kind::Deregister { agent } => {
                 let url = self.agents.get(*agent).context("agent")?.url();
-                let ip = host_ip(*agent);
-                fleet::register(
-                    &url,
-                    &format!(r#"{{"service": "web", "port": 8080, "ip": "{ip}"}}"#),
-                )?;
+                register_web(&url, *agent)?;
                 report(Effect::Registered {
                     service: "web".into(),
-                    addr: format!("{ip}:8080"),
+                    addr: format!("{}:8080", host_ip(*agent)),
                 });
             }
             Kind::Churn { agent, service } => {
                 let port = churn_port(service);
                 let url = self.agents.get(*agent).context("agent")?.url();
-                fleet::deregister(&url, service, port)?;
+                fleet::deregister_at(&url, service, port, Some(&host_ip(*agent)))?;
                 report(Effect::Deregistered {
                     service: service.clone(),
                     addr: format!("{}:{port}", host_ip(*agent)),
@@ -506,6 +506,15 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// Registers agent `a`'s web endpoint (port 8080 at its backend's address).
+fn register_web(url: &str, a: usize) -> Result<()> {
+    let ip = host_ip(a);
+    fleet::register(
+        url,
+        &format!(r#"{{"service": "web", "port": 8080, "ip": "{ip}"}}"#),
+    )
 }
 
 /// `churnN` listens on port 9000 + N.
