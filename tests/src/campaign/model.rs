@@ -36,6 +36,8 @@ pub struct Ep {
     pub state: EpState,
     /// Index of its backend, for web endpoints the proxy routes to.
     pub backend: Option<usize>,
+    /// How many times it became live: the next `EpState::Live` gets this as its `life`.
+    lives: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,18 +146,22 @@ impl Model {
                 owner,
                 state: EpState::Live { since, life: 0 },
                 backend,
+                lives: 1,
             },
         );
     }
 
     pub fn set_ep(&mut self, service: &str, addr: &str, state: EpState) {
         if let Some(ep) = self.eps.get_mut(&format!("{service} {addr}")) {
-            ep.state = match (ep.state, state) {
-                (EpState::Live { life, .. }, EpState::Live { since, .. }) => EpState::Live {
-                    since,
-                    life: life + 1,
-                },
-                (_, s) => s,
+            ep.state = match state {
+                EpState::Live { since, .. } => {
+                    ep.lives += 1;
+                    EpState::Live {
+                        since,
+                        life: ep.lives,
+                    }
+                }
+                s => s,
             };
         }
     }
@@ -462,5 +468,102 @@ impl Judge {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "10.0.0.1:8080";
+
+    /// A model of one agent (also the proxy's) and one registry, everything up for a minute.
+    fn settled() -> (Model, Instant) {
+        let t0 = Instant::now();
+        let long_ago = t0.checked_sub(Duration::from_secs(60)).unwrap_or(t0);
+        let mut m = Model::new(long_ago, 1, 1, vec![WEB.to_string()], 0);
+        m.add_ep("web", WEB, Owner::Agent(0), Some(0), long_ago);
+        (m, t0)
+    }
+
+    fn seen(with: bool) -> Seen {
+        let mut s = Seen::default();
+        let hosts = if with {
+            [WEB.to_string()].into()
+        } else {
+            BTreeSet::new()
+        };
+        s.hosts.insert("web".to_string(), hosts);
+        s.age_ms = Some(0);
+        s
+    }
+
+    #[test]
+    fn a_settled_live_host_must_be_in_the_view() {
+        let (m, now) = settled();
+        let mut j = Judge::default();
+        j.judge(&m, now, Viewer::Agent(0), &seen(true));
+        assert!(j.violations.is_empty());
+        j.judge(&m, now, Viewer::Agent(0), &seen(false));
+        assert_eq!(j.violations.len(), 1);
+        assert_eq!(j.violations[0].check, "live_in_views");
+    }
+
+    #[test]
+    fn a_re_registered_host_gets_its_bound_again() {
+        let (mut m, now) = settled();
+        let mut j = Judge::default();
+        j.judge(&m, now, Viewer::Agent(0), &seen(true));
+        m.set_ep("web", WEB, EpState::Left { at: now });
+        m.set_ep(
+            "web",
+            WEB,
+            EpState::Live {
+                since: now,
+                life: 0,
+            },
+        );
+        j.judge(
+            &m,
+            now + Duration::from_millis(100),
+            Viewer::Agent(0),
+            &seen(false),
+        );
+        assert!(j.violations.is_empty(), "{:?}", j.violations);
+        j.judge(
+            &m,
+            now + 2 * AGENT_EP_VISIBLE,
+            Viewer::Agent(0),
+            &seen(false),
+        );
+        assert_eq!(j.violations.len(), 1);
+    }
+
+    #[test]
+    fn a_deregistered_host_must_leave_within_the_bound() {
+        let (mut m, now) = settled();
+        m.set_ep("web", WEB, EpState::Left { at: now });
+        let mut j = Judge::default();
+        j.judge(&m, now + LEAVE / 2, Viewer::Agent(0), &seen(true));
+        assert!(j.violations.is_empty());
+        j.judge(&m, now + LEAVE, Viewer::Agent(0), &seen(true));
+        assert_eq!(j.violations[0].check, "deregistered_leaves");
+    }
+
+    #[test]
+    fn an_agent_must_not_claim_fresh_data_after_the_registry_died() {
+        let (mut m, now) = settled();
+        let mut j = Judge::default();
+        // Seen while healthy: from here on the host is required, through the outage too.
+        j.judge(&m, now, Viewer::Agent(0), &seen(true));
+        m.replicas[0].serving.set(false, now);
+        m.replicas[0].killed_at = Some(now);
+        j.judge(&m, now + FRESH_SLACK, Viewer::Agent(0), &seen(true));
+        assert!(j.violations.is_empty());
+        j.judge(&m, now + 2 * FRESH_SLACK, Viewer::Agent(0), &seen(true));
+        assert_eq!(j.violations[0].check, "freshness_honest");
+        // A host that stays live is still required while the registry is down.
+        j.judge(&m, now + 2 * FRESH_SLACK, Viewer::Agent(0), &seen(false));
+        assert!(j.violations.iter().any(|v| v.check == "live_in_views"));
     }
 }
