@@ -173,6 +173,10 @@ impl Proc {
             })
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

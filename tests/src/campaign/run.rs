@@ -155,6 +155,7 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         }
     }
     std::thread::sleep((t0 + run_for).saturating_duration_since(Instant::now()));
+    engine_errors.extend(world.crashed());
     stop.store(true, Ordering::Relaxed);
     checker
         .join()

@@ -321,6 +321,29 @@ impl World {
         })
     }
 
+    /// Processes that exited without the engine killing them (a crash), with their log's
+    /// tail.
+    pub fn crashed(&mut self) -> Vec<String> {
+        let mut procs: Vec<&mut Proc> = vec![&mut self.proxy];
+        procs.extend(self.agents.iter_mut().map(|a| &mut a.proc));
+        procs.extend(self.replicas.iter_mut().filter_map(|r| r.proc.as_mut()));
+        procs
+            .into_iter()
+            .filter_map(|p| {
+                if !p.exited() {
+                    return None;
+                }
+                let log = p.log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                Some(format!(
+                    "{} exited by itself; its last log lines:\n{tail}",
+                    p.name()
+                ))
+            })
+            .collect()
+    }
+
     /// Agent URLs, as the checker reaches them.
     pub fn agent_urls(&self) -> Vec<String> {
         self.agents.iter().map(Agent::url).collect()
