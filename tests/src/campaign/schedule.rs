@@ -249,6 +249,10 @@ impl Schedule {
 const DRAWS_PER_SEC: u64 = 1;
 /// The fewest draws, so a short CI run still sees several faults.
 const MIN_DRAWS: u64 = 12;
+/// Percent of faults placed near another fault's start or end...
+const ANCHORED_PERCENT: u64 = 40;
+/// ...within this many ms either side.
+const ANCHOR_JITTER_MS: u64 = 1_500;
 /// The most backends down at once: traffic must always have healthy hosts left.
 const MAX_BACKENDS_DOWN: usize = 2;
 
@@ -272,7 +276,23 @@ pub fn generate(seed: u64, shape: &Shape) -> Schedule {
         if window < dur_ms || shape.agents == 0 {
             continue;
         }
-        let start_ms = shape.head_ms + rng.range(0, window - dur_ms);
+        let latest = shape.head_ms + window - dur_ms;
+        // Faults meet by chance only rarely in a short run, and the interesting bugs live
+        // where they meet (a deregistration while an agent is down, a new host during a
+        // warm-up): so some faults start near the start or end of one already placed.
+        let start_ms = if !faults.is_empty() && rng.chance(ANCHORED_PERCENT) {
+            let other = &faults[rng.below(faults.len())];
+            let anchor = if rng.chance(50) {
+                other.start_ms
+            } else {
+                other.end_ms()
+            };
+            (anchor + rng.range(0, 2 * ANCHOR_JITTER_MS))
+                .saturating_sub(ANCHOR_JITTER_MS)
+                .clamp(shape.head_ms, latest)
+        } else {
+            shape.head_ms + rng.range(0, window - dur_ms)
+        };
         let fault = Fault {
             start_ms,
             dur_ms,
