@@ -12,7 +12,8 @@ use super::bounds::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
     Agent(usize),
-    Cron,
+    /// A cron-only host checking in to this registry replica.
+    Cron(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,7 +201,16 @@ impl Model {
                 let s = up.up_since()?;
                 Some((since.max(s), life * 1_000 + up.life))
             }
-            Owner::Cron => Some((since, life)),
+            // With two replicas, a cron host whose replica is down is not checking in while
+            // the other one serves (and expires it after the TTL): its requirement ends,
+            // and starts again when its replica returns. With one registry, nothing can
+            // expire it while the registry is down: it must stay.
+            Owner::Cron(r) if self.replicas.len() > 1 => {
+                let rep = self.replicas.get(r)?;
+                let s = rep.serving.up_since()?;
+                Some((since.max(s), life * 1_000 + rep.serving.life))
+            }
+            Owner::Cron(_) => Some((since, life)),
         }
     }
 
@@ -315,7 +325,7 @@ impl Judge {
                     };
                     let ep_bound = match ep.owner {
                         Owner::Agent(_) => AGENT_EP_VISIBLE,
-                        Owner::Cron => CRON_EP_VISIBLE,
+                        Owner::Cron(_) => CRON_EP_VISIBLE,
                     };
                     let from = reg.zip(backend_ok).map(|(r, b)| {
                         (since + ep_bound)
@@ -351,7 +361,7 @@ impl Judge {
             if let EpState::Left { at } = ep.state {
                 let owner_net = match ep.owner {
                     Owner::Agent(a) => m.net_quiet_since(a),
-                    Owner::Cron => Some(m.t0),
+                    Owner::Cron(_) => Some(m.t0),
                 };
                 let me_net = match viewer {
                     Viewer::Agent(a) => m.net_quiet_since(a),

@@ -98,7 +98,8 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         let owner = if h < cfg.agents {
             Owner::Agent(h)
         } else {
-            Owner::Cron
+            // As `World::start` spreads them.
+            Owner::Cron((h - cfg.agents) % schedule.store.replicas())
         };
         model.add_ep("web", &web(h), owner, Some(h), seen_since);
     }
@@ -257,7 +258,8 @@ fn apply(model: &Mutex<Model>, effect: Effect) {
             addr,
             agent,
         } => {
-            let owner = agent.map_or(Owner::Cron, Owner::Agent);
+            // Churn cron hosts check in to replica 0 (see `World::begin`).
+            let owner = agent.map_or(Owner::Cron(0), Owner::Agent);
             m.add_ep(&service, &addr, owner, None, now);
         }
         Effect::CronStopped { service, addr } => m.set_ep(&service, &addr, EpState::Idle),
