@@ -3,7 +3,7 @@
 //! the agents and the proxy answer. The engine updates the record as it injects faults; the
 //! checker reads a copy each round. No I/O here.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::bounds::*;
@@ -229,8 +229,12 @@ impl Model {
 #[derive(Debug, Clone)]
 pub struct Violation {
     pub check: &'static str,
-    /// Since the run's start.
+    /// Since the run's start: first seen...
     pub at: Duration,
+    /// ...and last seen (a breach that lasts until the end is a stuck state, not a blip).
+    pub last: Duration,
+    /// Rounds that saw it.
+    pub rounds: u64,
     pub details: String,
 }
 
@@ -255,9 +259,9 @@ pub struct Judge {
     /// Registry ages seen while every replica was healthy and settled: (count, max).
     pub healthy_age: (u64, i64),
     pub violations: Vec<Violation>,
-    /// (check, subject) of violations already recorded, so one breach held for many rounds
-    /// is reported once (with its first moment).
-    reported: HashSet<(&'static str, String)>,
+    /// (check, subject) of violations already recorded → index in `violations`, so one
+    /// breach held for many rounds is reported once (first and last moment, rounds).
+    reported: HashMap<(&'static str, String), usize>,
 }
 
 impl Judge {
@@ -273,13 +277,25 @@ impl Judge {
         subject: String,
         details: String,
     ) {
-        if self.reported.insert((check, subject)) {
-            self.violations.push(Violation {
-                check,
-                at: now.duration_since(m.t0),
-                details,
-            });
+        let at = now.duration_since(m.t0);
+        if let Some(v) = self
+            .reported
+            .get(&(check, subject.clone()))
+            .and_then(|&i| self.violations.get_mut(i))
+        {
+            v.last = at;
+            v.rounds += 1;
+            return;
         }
+        self.reported
+            .insert((check, subject), self.violations.len());
+        self.violations.push(Violation {
+            check,
+            at,
+            last: at,
+            rounds: 1,
+            details,
+        });
     }
 
     /// Judges what `viewer` answered at `now` (an unreachable viewer counts as empty).

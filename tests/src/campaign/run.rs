@@ -57,7 +57,11 @@ impl Outcome {
         );
         let _ = writeln!(s, "{} violations", self.violations.len());
         for v in &self.violations {
-            let _ = writeln!(s, "  VIOLATION {} at {:.1?}: {}", v.check, v.at, v.details);
+            let _ = writeln!(
+                s,
+                "  VIOLATION {} at {:.1?} (seen until {:.1?}, {} rounds): {}",
+                v.check, v.at, v.last, v.rounds, v.details
+            );
         }
         for e in &self.engine_errors {
             let _ = writeln!(s, "  ENGINE ERROR {e}");
@@ -170,6 +174,8 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
             judge.violations.push(Violation {
                 check: "no_get_errors",
                 at: *at,
+                last: *at,
+                rounds: 1,
                 details: format!("... {} GET errors in all", report.errors.len()),
             });
             break;
@@ -177,6 +183,8 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         judge.violations.push(Violation {
             check: "no_get_errors",
             at: *at,
+            last: *at,
+            rounds: 1,
             details: format!("GET through the proxy failed: {e}"),
         });
     }
