@@ -58,13 +58,24 @@ pub struct Agent {
     url: String,
     gossip: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     pub fn start(spec: AgentSpec<'_>) -> Result<Agent> {
+        Agent::start_env(spec, Vec::new(), "")
+    }
+
+    /// [`Agent::start`] with extra environment variables (kept for [`Agent::restart`]) and
+    /// top-level config keys (`key = value` lines) ahead of the gossip section.
+    pub fn start_env(
+        spec: AgentSpec<'_>,
+        env: Vec<(String, String)>,
+        config_top: &str,
+    ) -> Result<Agent> {
         std::fs::create_dir_all(spec.dir)?;
         let config = spec.dir.with_extension("toml");
-        std::fs::write(&config, FAST_GOSSIP)?;
+        std::fs::write(&config, format!("{config_top}{FAST_GOSSIP}"))?;
         let mut args: Vec<String> = [
             "agent",
             "--registry",
@@ -85,7 +96,7 @@ impl Agent {
         args.push("--config".into());
         args.push(config.display().to_string());
         args.extend(spec.extra.iter().map(|s| s.to_string()));
-        let proc = spawn(spec.netns.as_deref(), &spec.name, &args)?;
+        let proc = spawn(spec.netns.as_deref(), &spec.name, &args, &env)?;
         Ok(Agent {
             proc,
             name: spec.name,
@@ -94,12 +105,13 @@ impl Agent {
             url: spec.url,
             gossip: spec.gossip,
             args,
+            env,
         })
     }
 
     /// Starts the same agent again (after a kill): same flags, same disk cache.
     pub fn restart(&mut self) -> Result<()> {
-        self.proc = spawn(self.netns.as_deref(), &self.name, &self.args)?;
+        self.proc = spawn(self.netns.as_deref(), &self.name, &self.args, &self.env)?;
         Ok(())
     }
 
@@ -179,9 +191,15 @@ pub fn register(base: &str, spec: &str) -> Result<()> {
 
 /// `DELETE /v1/agent/endpoints/{service}/{port}` on the agent at `base`.
 pub fn deregister(base: &str, service: &str, port: u16) -> Result<()> {
+    deregister_at(base, service, port, None)
+}
+
+/// [`deregister`] of an endpoint registered with an `ip` other than the host's.
+pub fn deregister_at(base: &str, service: &str, port: u16, ip: Option<&str>) -> Result<()> {
+    let query = ip.map(|ip| format!("?ip={ip}")).unwrap_or_default();
     let r = http::request(
         "DELETE",
-        &format!("{base}/v1/agent/endpoints/{service}/{port}"),
+        &format!("{base}/v1/agent/endpoints/{service}/{port}{query}"),
         None,
         b"",
         Duration::from_secs(5),
@@ -194,12 +212,15 @@ pub fn deregister(base: &str, service: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
-fn spawn(netns: Option<&str>, name: &str, args: &[String]) -> Result<Proc> {
+fn spawn(
+    netns: Option<&str>,
+    name: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> Result<Proc> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    match netns {
-        Some(ns) => Proc::start_in(ns, name, &refs, 2, START),
-        None => Proc::start(name, &refs, 2, START),
-    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::start_in_env(netns, name, &refs, &env, 2, START)
 }
 
 /// One lookup: the set of `ip:port` of a service, the source and the registry age.
@@ -210,7 +231,13 @@ pub struct Lookup {
 }
 
 pub fn lookup(base: &str, service: &str) -> Result<Lookup> {
-    let r = http::get(&format!("{base}/v1/registration/{service}"))?;
+    lookup_within(base, service, Duration::from_secs(10))
+}
+
+/// [`lookup`] that fails after `timeout`.
+pub fn lookup_within(base: &str, service: &str, timeout: Duration) -> Result<Lookup> {
+    let url = format!("{base}/v1/registration/{service}");
+    let r = http::request("GET", &url, None, b"", timeout)?;
     ensure!(r.status == 200, "{base}: status {}", r.status);
     let v = r.json()?;
     let hosts = v["hosts"]

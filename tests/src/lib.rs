@@ -72,6 +72,23 @@ impl Proc {
         Proc::launch(Some(netns), name, args, &[], expect_listeners, deadline)
     }
 
+    /// [`Proc::start_in`] with extra environment variables (`None`: the test's own namespace).
+    pub fn start_in_env(
+        netns: Option<&str>,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        expect_listeners: usize,
+        deadline: Duration,
+    ) -> Result<Proc> {
+        Proc::launch(netns, name, args, env, expect_listeners, deadline)
+    }
+
+    /// Whether the process has exited (reaps it if so).
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
     fn launch(
         netns: Option<&str>,
         name: &str,
@@ -154,6 +171,10 @@ impl Proc {
                     self.name, self.addrs
                 )
             })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn pid(&self) -> u32 {
@@ -253,6 +274,7 @@ pub fn run(args: &[&str], deadline: Duration) -> Result<(i32, String, String)> {
 }
 
 pub mod backend;
+pub mod campaign;
 pub mod fleet;
 pub mod hammer;
 pub mod http;

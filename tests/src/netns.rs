@@ -209,16 +209,34 @@ impl Lab {
     /// Starts an agent in host `i`'s namespace: gossip on its address, the local API on
     /// its loopback (reached through [`Lab::api_url`]), its disk cache in `dir`.
     pub fn agent(&self, i: usize, dir: &Path, registry: &str, extra: &[&str]) -> Result<Agent> {
-        Agent::start(AgentSpec {
-            name: format!("agent-{i}"),
-            netns: Some(self.ns(i)),
-            gossip: format!("{}:{GOSSIP_PORT}", self.ip(i)),
-            api: format!("127.0.0.1:{API_PORT}"),
-            url: self.api_url(i),
-            registry,
-            dir,
-            extra,
-        })
+        self.agent_env(i, dir, registry, extra, Vec::new(), "")
+    }
+
+    /// [`Lab::agent`] with extra environment variables (kept across restarts) and top-level
+    /// config keys (see [`Agent::start_env`]).
+    pub fn agent_env(
+        &self,
+        i: usize,
+        dir: &Path,
+        registry: &str,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+        config_top: &str,
+    ) -> Result<Agent> {
+        Agent::start_env(
+            AgentSpec {
+                name: format!("agent-{i}"),
+                netns: Some(self.ns(i)),
+                gossip: format!("{}:{GOSSIP_PORT}", self.ip(i)),
+                api: format!("127.0.0.1:{API_PORT}"),
+                url: self.api_url(i),
+                registry,
+                dir,
+                extra,
+            },
+            env,
+            config_top,
+        )
     }
 
     /// Runs `program args` inside host `i`'s namespace.

@@ -1,0 +1,341 @@
+//! Runs one seed: starts the fleet, plays the schedule on this thread while a checker
+//! thread asks every view a few times a second, and returns what the invariants saw.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+
+use super::Config;
+use super::bounds::{AGENT_EP_VISIBLE, CHECK_EVERY};
+use super::model::{EpState, Judge, Model, Owner, Seen, Viewer, Violation};
+use super::schedule::Schedule;
+use super::world::{DynamoStarter, Effect, World, host_ip};
+use crate::fleet::lookup_within;
+
+/// What one seed's run saw.
+#[derive(Debug)]
+pub struct Outcome {
+    pub schedule: Schedule,
+    pub violations: Vec<Violation>,
+    /// Per check, evaluations made.
+    pub checks: BTreeMap<&'static str, u64>,
+    /// Faults started, by kind.
+    pub injected: BTreeMap<&'static str, u64>,
+    /// Faults the engine could not apply or undo (an engine or process failure, not a
+    /// verdict on an invariant).
+    pub engine_errors: Vec<String>,
+    pub traffic: String,
+    /// Registry ages seen while healthy: (samples, max ms).
+    pub healthy_age: (u64, i64),
+    pub took: Duration,
+}
+
+impl Outcome {
+    pub fn failed(&self) -> bool {
+        !self.violations.is_empty() || !self.engine_errors.is_empty()
+    }
+
+    /// The summary printed after every seed; on failure, also the whole schedule.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "campaign seed {} ({:?}, {:.0?}): faults injected {:?}; invariant checks {:?}; \
+             registry age while healthy: {} samples, max {} ms; traffic: {}",
+            self.schedule.seed,
+            self.schedule.store,
+            self.took,
+            self.injected,
+            self.checks,
+            self.healthy_age.0,
+            self.healthy_age.1,
+            self.traffic
+        );
+        let _ = writeln!(s, "{} violations", self.violations.len());
+        for v in &self.violations {
+            let _ = writeln!(
+                s,
+                "  VIOLATION {} at {:.1?} (seen until {:.1?}, {} rounds): {}",
+                v.check, v.at, v.last, v.rounds, v.details
+            );
+        }
+        for e in &self.engine_errors {
+            let _ = writeln!(s, "  ENGINE ERROR {e}");
+        }
+        if self.failed() {
+            let _ = writeln!(
+                s,
+                "replay with TIDINGS_CAMPAIGN_SEEDS={} (same TIDINGS_CAMPAIGN_SECS); schedule:\n{}",
+                self.schedule.seed, self.schedule
+            );
+        }
+        s
+    }
+}
+
+/// Runs `seed` under `cfg`.
+pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Outcome> {
+    let schedule = cfg.schedule(seed);
+    println!("campaign start: {schedule}");
+    let began = Instant::now();
+    let tmp = tempfile_dir(seed)?;
+    let run_for = Duration::from_secs(cfg.secs);
+    let mut world = World::start(
+        schedule.store,
+        cfg.agents,
+        cfg.cron_hosts,
+        &tmp,
+        dynamo,
+        run_for + Duration::from_secs(30),
+    )?;
+    let t0 = Instant::now();
+    let web = |h: usize| format!("{}:8080", host_ip(h));
+    let backends: Vec<String> = (0..cfg.agents + cfg.cron_hosts).map(web).collect();
+    let mut model = Model::new(t0, cfg.agents, schedule.store.replicas(), backends, 0);
+    // The fleet was just seen whole: every host counts as visible from now on.
+    let seen_since = t0.checked_sub(3 * AGENT_EP_VISIBLE).unwrap_or(t0);
+    for h in 0..cfg.agents + cfg.cron_hosts {
+        let owner = if h < cfg.agents {
+            Owner::Agent(h)
+        } else {
+            // As `World::start` spreads them.
+            Owner::Cron((h - cfg.agents) % schedule.store.replicas())
+        };
+        model.add_ep("web", &web(h), owner, Some(h), seen_since);
+    }
+    for u in model
+        .agents
+        .iter_mut()
+        .chain(model.backends.iter_mut().map(|(_, u)| u))
+    {
+        u.since = seen_since;
+    }
+    for r in &mut model.replicas {
+        r.serving.since = seen_since;
+    }
+    let model = Arc::new(Mutex::new(model));
+    let judge = Arc::new(Mutex::new(Judge::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let checker = {
+        let (m, j, s) = (model.clone(), judge.clone(), stop.clone());
+        let (urls, admin) = (world.agent_urls(), world.admin.clone());
+        std::thread::spawn(move || check_loop(&m, &j, &s, &urls, &admin))
+    };
+
+    let mut actions: Vec<(u64, bool, usize)> = Vec::new();
+    for (i, f) in schedule.faults.iter().enumerate() {
+        actions.push((f.start_ms, true, i));
+        actions.push((f.end_ms(), false, i));
+    }
+    // Ends before starts at the same moment: a resource is free before it is taken again.
+    actions.sort_by_key(|&(ms, begin, i)| (ms, begin, i));
+    let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut engine_errors = Vec::new();
+    let mut failed: BTreeSet<usize> = BTreeSet::new();
+    for (ms, begin, i) in actions {
+        let at = t0 + Duration::from_millis(ms);
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+        let fault = &schedule.faults[i];
+        if failed.contains(&i) {
+            continue;
+        }
+        let mut report = |e: Effect| apply(&model, e);
+        let res = if begin {
+            *injected.entry(fault.kind.name()).or_default() += 1;
+            world.begin(&fault.kind, &mut report)
+        } else {
+            world.end(&fault.kind, &mut report)
+        };
+        if let Err(e) = res {
+            failed.insert(i);
+            engine_errors.push(format!(
+                "at {:.1?}, {} of {fault}: {e:#}",
+                t0.elapsed(),
+                if begin { "start" } else { "end" }
+            ));
+        }
+    }
+    std::thread::sleep((t0 + run_for).saturating_duration_since(Instant::now()));
+    engine_errors.extend(world.crashed());
+    stop.store(true, Ordering::Relaxed);
+    checker
+        .join()
+        .map_err(|_| anyhow!("checker thread panicked"))?;
+    let load = world.load.take().ok_or_else(|| anyhow!("no load"))?;
+    let report = load.finish()?;
+    let mut judge = std::mem::take(&mut *judge.lock().map_err(|_| anyhow!("judge lock"))?);
+    *judge.checks.entry("no_get_errors").or_default() += report.total();
+    for (n, (at, e)) in report.errors.iter().enumerate() {
+        if n == 10 {
+            judge.violations.push(Violation {
+                check: "no_get_errors",
+                at: *at,
+                last: *at,
+                rounds: 1,
+                details: format!("... {} GET errors in all", report.errors.len()),
+            });
+            break;
+        }
+        judge.violations.push(Violation {
+            check: "no_get_errors",
+            at: *at,
+            last: *at,
+            rounds: 1,
+            details: format!("GET through the proxy failed: {e}"),
+        });
+    }
+    judge.violations.sort_by_key(|v| v.at);
+    drop(world);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(Outcome {
+        schedule,
+        violations: judge.violations,
+        checks: judge.checks,
+        injected,
+        engine_errors,
+        traffic: report.line(),
+        healthy_age: judge.healthy_age,
+        took: began.elapsed(),
+    })
+}
+
+fn tempfile_dir(seed: u64) -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tidings-campaign-{}-{seed}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Tells the model what a fault changed, at the moment it changed.
+fn apply(model: &Mutex<Model>, effect: Effect) {
+    let Ok(mut m) = model.lock() else { return };
+    let now = Instant::now();
+    match effect {
+        Effect::None => {}
+        Effect::AgentDown(a) => {
+            if let Some(u) = m.agents.get_mut(a) {
+                u.set(false, now);
+            }
+        }
+        Effect::AgentUp(a) => {
+            if let Some(u) = m.agents.get_mut(a) {
+                u.set(true, now);
+            }
+        }
+        Effect::RegistryDown { replica, killed } => {
+            if let Some(r) = m.replicas.get_mut(replica) {
+                r.serving.set(false, now);
+                r.killed_at = killed.then_some(now);
+            }
+        }
+        Effect::RegistryUp(replica) => {
+            if let Some(r) = m.replicas.get_mut(replica) {
+                r.serving.set(true, now);
+                r.killed_at = None;
+            }
+        }
+        Effect::BackendDown(h) => {
+            if let Some((_, u)) = m.backends.get_mut(h) {
+                u.set(false, now);
+            }
+        }
+        Effect::BackendUp(h) => {
+            if let Some((_, u)) = m.backends.get_mut(h) {
+                u.set(true, now);
+            }
+        }
+        Effect::Deregistered { service, addr } => {
+            m.set_ep(&service, &addr, EpState::Left { at: now });
+        }
+        Effect::Registered { service, addr } => {
+            m.set_ep(
+                &service,
+                &addr,
+                EpState::Live {
+                    since: now,
+                    life: 0,
+                },
+            );
+        }
+        Effect::Added {
+            service,
+            addr,
+            agent,
+        } => {
+            // Churn cron hosts check in to replica 0 (see `World::begin`).
+            let owner = agent.map_or(Owner::Cron(0), Owner::Agent);
+            m.add_ep(&service, &addr, owner, None, now);
+        }
+        Effect::CronStopped { service, addr } => m.set_ep(&service, &addr, EpState::Idle),
+        Effect::NetDisturbed(agents) => m.net_disturbed.extend(agents),
+        Effect::NetHealed(agents) => {
+            for a in agents {
+                m.net_disturbed.remove(&a);
+                m.net_healed.insert(a, now);
+            }
+        }
+    }
+}
+
+fn snapshot(model: &Mutex<Model>) -> Option<Model> {
+    model.lock().ok().map(|m| m.clone())
+}
+
+/// Asks every view once per [`CHECK_EVERY`] until `stop`, and judges the answers.
+fn check_loop(
+    model: &Mutex<Model>,
+    judge: &Mutex<Judge>,
+    stop: &AtomicBool,
+    urls: &[String],
+    admin: &str,
+) {
+    let timeout = Duration::from_secs(2);
+    // Bounded: a day of rounds at most; `stop` ends it long before.
+    for _ in 0..(24 * 3600 * 1000 / CHECK_EVERY.as_millis().max(1)) {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let round = Instant::now();
+        let Some(before) = snapshot(model) else { break };
+        let services = before.services();
+        let mut answers: Vec<(Viewer, Seen)> = Vec::new();
+        for (a, url) in urls.iter().enumerate() {
+            if !before.agents.get(a).is_some_and(|u| u.up) {
+                continue;
+            }
+            let mut seen = Seen::default();
+            for service in &services {
+                // An agent that does not answer lists nothing: that is what a reader gets.
+                if let Ok(l) = lookup_within(url, service, timeout) {
+                    if service == "web" {
+                        seen.age_ms = Some(l.age_ms);
+                    }
+                    seen.hosts.insert(service.clone(), l.hosts);
+                }
+            }
+            answers.push((Viewer::Agent(a), seen));
+        }
+        let mut proxy = Seen::default();
+        if let Ok((hosts, _)) = crate::proxy::routing(admin) {
+            proxy.routing = hosts
+                .into_iter()
+                .map(|(addr, h)| (addr, (h.discovery, h.decision)))
+                .collect();
+        }
+        answers.push((Viewer::Proxy, proxy));
+        // Judged against the record as it is *after* the questions, at the moment they
+        // began: whatever changed meanwhile (a kill, a deregistration) then dates from after
+        // that moment, so its bound has not run yet and it is not judged this round.
+        let Some(after) = snapshot(model) else { break };
+        if let Ok(mut j) = judge.lock() {
+            for (viewer, seen) in &answers {
+                j.judge(&after, round, *viewer, seen);
+            }
+        }
+        std::thread::sleep(CHECK_EVERY.saturating_sub(round.elapsed()));
+    }
+}

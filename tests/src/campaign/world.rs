@@ -1,0 +1,547 @@
+//! The fleet a campaign runs against, and the faults applied to it. Everything here is
+//! torn down on drop (processes killed, namespaces and nftables rules removed), in field
+//! order, even when the run fails half-way.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::bounds::{AGENT_CONFIG, HOST_INTERVAL, REGISTRY_INTERVAL, TTL};
+use super::schedule::{ClockTarget, Kind, Store};
+use crate::backend::Backend;
+use crate::fleet::{self, Agent};
+use crate::netns::{GOSSIP_PORT, Lab};
+use crate::traffic::Load;
+use crate::{Proc, poll, run};
+
+/// How long the fleet may take to start and converge on a loaded machine.
+const SETTLE: Duration = Duration::from_secs(60);
+/// The campaign's byte of [`fleet::loopback`].
+const LOOPBACK_TEST: u8 = 40;
+const TABLE: &str = "tidings-campaign";
+
+/// Starts a DynamoDB-compatible server: (a guard that stops it on drop, its endpoint URL).
+/// The test binary supplies it (moto's launcher lives with discovery's tests).
+pub type DynamoStarter<'a> = &'a dyn Fn() -> Result<(Box<dyn std::any::Any>, String)>;
+
+/// The address of web host `h` (agents first, then cron hosts) and of churn hosts, on this
+/// run's own loopback range, where the test's backends listen.
+pub fn host_ip(h: usize) -> String {
+    fleet::loopback(LOOPBACK_TEST, u8::try_from(1 + h).unwrap_or(250))
+}
+
+fn churn_ip(n: usize) -> String {
+    fleet::loopback(LOOPBACK_TEST, u8::try_from(150 + n % 90).unwrap_or(250))
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+struct Registry {
+    proc: Option<Proc>,
+    name: String,
+    args: Vec<String>,
+    clock: PathBuf,
+}
+
+impl Registry {
+    fn start(&mut self) -> Result<()> {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let clock = self.clock.display().to_string();
+        let env = [(schema_clock_env(), clock.as_str())];
+        self.proc = Some(Proc::start_in_env(
+            None, &self.name, &args, &env, 1, SETTLE,
+        )?);
+        Ok(())
+    }
+
+    fn proc(&self) -> Result<&Proc> {
+        self.proc.as_ref().context("registry not running")
+    }
+}
+
+/// The clock hook's variable (`schema::timefmt::CLOCK_OFFSET_ENV`; the tests library does
+/// not depend on schema).
+fn schema_clock_env() -> &'static str {
+    "TIDINGS_CLOCK_OFFSET_FILE"
+}
+
+/// A cron-only host: `tidings checkin` once per check-in interval, on its own thread.
+struct Cron {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Cron {
+    fn start(registry: String, service: String, port: u16, ip: String) -> Cron {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let port = port.to_string();
+            let timeout = seconds(HOST_INTERVAL);
+            let args = [
+                "checkin",
+                "--registry",
+                &registry,
+                "--service",
+                &service,
+                "--port",
+                &port,
+                "--ip",
+                &ip,
+                "--no-splay",
+                "--timeout",
+                &timeout,
+            ];
+            // Bounded: a day of check-ins at most; the flag ends it long before.
+            for _ in 0..100_000 {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let began = Instant::now();
+                // The outcome is not judged: a check-in while the registry is down fails, and
+                // the next one retries, as cron would.
+                let _ = run(&args, Duration::from_secs(5));
+                let left = HOST_INTERVAL.saturating_sub(began.elapsed());
+                std::thread::sleep(left);
+            }
+        });
+        Cron {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Cron {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What one fault changed, so the engine can tell the model.
+#[derive(Debug)]
+pub enum Effect {
+    None,
+    AgentDown(usize),
+    AgentUp(usize),
+    RegistryDown {
+        replica: usize,
+        killed: bool,
+    },
+    RegistryUp(usize),
+    BackendDown(usize),
+    BackendUp(usize),
+    Deregistered {
+        service: String,
+        addr: String,
+    },
+    Registered {
+        service: String,
+        addr: String,
+    },
+    /// A new endpoint owned by `agent` (`None`: a cron host).
+    Added {
+        service: String,
+        addr: String,
+        agent: Option<usize>,
+    },
+    CronStopped {
+        service: String,
+        addr: String,
+    },
+    NetDisturbed(Vec<usize>),
+    NetHealed(Vec<usize>),
+}
+
+pub struct World {
+    pub load: Option<Load>,
+    pub proxy: Proc,
+    pub admin: String,
+    pub agents: Vec<Agent>,
+    replicas: Vec<Registry>,
+    /// Held for their drop: it stops and joins them.
+    _crons: Vec<Cron>,
+    /// Churn cron hosts by service.
+    churn_crons: Vec<(String, Cron)>,
+    backends: Vec<Option<Backend>>,
+    rt: tokio::runtime::Runtime,
+    _dynamo: Option<Box<dyn std::any::Any>>,
+    pub lab: Lab,
+    dir: PathBuf,
+}
+
+impl World {
+    /// Starts the fleet for `store` and waits until every agent lists every web host and the
+    /// proxy routes to all of them.
+    pub fn start(
+        store: Store,
+        agents: usize,
+        cron_hosts: usize,
+        dir: &Path,
+        dynamo: DynamoStarter<'_>,
+        traffic_for: Duration,
+    ) -> Result<World> {
+        let rt = crate::backend::runtime()?;
+        let mut backends = Vec::new();
+        for h in 0..agents + cron_hosts {
+            let b = rt.block_on(Backend::start_on(&host_ip(h), 8080, &format!("host-{h}")))?;
+            backends.push(Some(b));
+        }
+        let lab = Lab::new('c', agents)?;
+        let (guard, endpoint) = match store {
+            Store::Memory => (None, None),
+            Store::Dynamo => {
+                let (g, e) = dynamo()?;
+                let (code, out, err) = run(
+                    &[
+                        "registry",
+                        "init-table",
+                        "--dynamodb-table",
+                        TABLE,
+                        "--dynamodb-endpoint",
+                        &e,
+                        "--region",
+                        "us-east-1",
+                    ],
+                    SETTLE,
+                )?;
+                if code != 0 {
+                    bail!("init-table failed: {out}\n{err}");
+                }
+                (Some(g), Some(e))
+            }
+        };
+        let mut replicas = Vec::new();
+        for r in 0..store.replicas() {
+            let addr = format!("{}:{}", lab.gateway(), 7700 + 10 * r);
+            let mut args: Vec<String> = [
+                "registry",
+                "--listen",
+                &addr,
+                "--ttl",
+                &seconds(TTL),
+                "--check-in-interval",
+                &seconds(REGISTRY_INTERVAL),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if let Some(e) = &endpoint {
+                for a in [
+                    "--store",
+                    "dynamodb",
+                    "--dynamodb-table",
+                    TABLE,
+                    "--dynamodb-endpoint",
+                    e,
+                    "--region",
+                    "us-east-1",
+                ] {
+                    args.push(a.to_string());
+                }
+            }
+            let mut reg = Registry {
+                proc: None,
+                name: format!("registry-{r}"),
+                args,
+                clock: dir.join(format!("clock-registry-{r}")),
+            };
+            reg.start()?;
+            replicas.push(reg);
+        }
+        let reg_url = |r: usize| format!("http://{}:{}", lab.gateway(), 7700 + 10 * r);
+        let seed = format!("{}:{GOSSIP_PORT}", lab.ip(1));
+        let mut fleet_agents = Vec::new();
+        for a in 0..agents {
+            // The web endpoint is registered through the local API (below, and again after
+            // each restart, as a service manager would): only those can be deregistered.
+            let extra = fleet::joining(a == 0, &seed, &[]);
+            let clock = dir.join(format!("clock-agent-{a}")).display().to_string();
+            let env = vec![(schema_clock_env().to_string(), clock)];
+            let data = dir.join(format!("agent-{a}"));
+            let reg = reg_url(a % replicas.len());
+            let agent = lab.agent_env(a + 1, &data, &reg, &extra, env, AGENT_CONFIG)?;
+            register_web(&agent.url(), a)?;
+            fleet_agents.push(agent);
+        }
+        let crons = (0..cron_hosts)
+            .map(|c| {
+                let ip = host_ip(agents + c);
+                Cron::start(reg_url(c % replicas.len()), "web".into(), 8080, ip)
+            })
+            .collect();
+        let all: std::collections::BTreeSet<String> = (0..agents + cron_hosts)
+            .map(|h| format!("{}:8080", host_ip(h)))
+            .collect();
+        for a in &fleet_agents {
+            poll(
+                &format!("{} to list every web host", a.name),
+                SETTLE,
+                || {
+                    let l = fleet::lookup_within(&a.url(), "web", Duration::from_secs(2)).ok()?;
+                    (l.hosts == all).then_some(())
+                },
+            )?;
+        }
+        let ip = fleet::loopback(LOOPBACK_TEST, 200);
+        let (proxy, admin, listen) =
+            crate::proxy::start_routing(None, &ip, &fleet_agents[0].url(), &all)?;
+        let load = Load::start(
+            format!("http://{listen}/"),
+            "web".into(),
+            10_000_000,
+            traffic_for,
+        );
+        Ok(World {
+            load: Some(load),
+            proxy,
+            admin,
+            agents: fleet_agents,
+            replicas,
+            _crons: crons,
+            churn_crons: Vec::new(),
+            backends,
+            rt,
+            _dynamo: guard,
+            lab,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Processes that exited without the engine killing them (a crash), with their log's
+    /// tail.
+    pub fn crashed(&mut self) -> Vec<String> {
+        let mut procs: Vec<&mut Proc> = vec![&mut self.proxy];
+        procs.extend(self.agents.iter_mut().map(|a| &mut a.proc));
+        procs.extend(self.replicas.iter_mut().filter_map(|r| r.proc.as_mut()));
+        procs
+            .into_iter()
+            .filter_map(|p| {
+                if !p.exited() {
+                    return None;
+                }
+                let log = p.log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                Some(format!(
+                    "{} exited by itself; its last log lines:\n{tail}",
+                    p.name()
+                ))
+            })
+            .collect()
+    }
+
+    /// Agent URLs, as the checker reaches them.
+    pub fn agent_urls(&self) -> Vec<String> {
+        self.agents.iter().map(Agent::url).collect()
+    }
+
+    fn set_clock(&self, target: ClockTarget, offset_ms: i64) -> Result<()> {
+        let path = match target {
+            ClockTarget::Agent(a) => self.dir.join(format!("clock-agent-{a}")),
+            ClockTarget::Registry(r) => self.replicas.get(r).context("replica")?.clock.clone(),
+        };
+        std::fs::write(&path, offset_ms.to_string())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Starts `kind`; `report` is told each change as it happens (a fault may make two).
+    pub fn begin(&mut self, kind: &Kind, report: &mut dyn FnMut(Effect)) -> Result<()> {
+        match kind {
+            Kind::RegistryKill { replica } | Kind::RegistryEmptyRestart { replica } => {
+                let reg = self.replicas.get_mut(*replica).context("replica")?;
+                report(Effect::RegistryDown {
+                    replica: *replica,
+                    killed: true,
+                });
+                let mut proc = reg.proc.take().context("registry not running")?;
+                proc.signal("KILL")?;
+                proc.wait_exit(Duration::from_secs(5))?;
+                if matches!(kind, Kind::RegistryEmptyRestart { .. }) {
+                    reg.start()?;
+                    report(Effect::RegistryUp(*replica));
+                }
+            }
+            Kind::RegistryStop { replica } => {
+                report(Effect::RegistryDown {
+                    replica: *replica,
+                    killed: false,
+                });
+                self.replicas
+                    .get(*replica)
+                    .context("replica")?
+                    .proc()?
+                    .signal("STOP")?;
+            }
+            Kind::AgentRestart { agent, .. } => {
+                let a = self.agents.get_mut(*agent).context("agent")?;
+                report(Effect::AgentDown(*agent));
+                a.proc.signal("KILL")?;
+                a.proc.wait_exit(Duration::from_secs(5))?;
+            }
+            Kind::BackendKill { host } => {
+                let b = self.backends.get_mut(*host).context("backend")?.take();
+                if let Some(b) = b {
+                    self.rt.block_on(b.kill());
+                }
+                report(Effect::BackendDown(*host));
+            }
+            Kind::Deregister { agent } => {
+                let url = self.agents.get(*agent).context("agent")?.url();
+                fleet::deregister_at(&url, "web", 8080, Some(&host_ip(*agent)))?;
+                report(Effect::Deregistered {
+                    service: "web".into(),
+                    addr: format!("{}:8080", host_ip(*agent)),
+                });
+            }
+            Kind::Churn { agent, service } => {
+                let port = churn_port(service);
+                let url = self.agents.get(*agent).context("agent")?.url();
+                let ip = host_ip(*agent);
+                let spec = format!(r#"{{"service": "{service}", "port": {port}, "ip": "{ip}"}}"#);
+                fleet::register(&url, &spec)?;
+                report(Effect::Added {
+                    service: service.clone(),
+                    addr: format!("{ip}:{port}"),
+                    agent: Some(*agent),
+                });
+                // A new host appears: cron-only, checking in to replica 0.
+                let cron_ip = churn_ip(usize::from(port));
+                let reg = format!("http://{}:7700", self.lab.gateway());
+                let cron = Cron::start(reg, service.clone(), port, cron_ip.clone());
+                self.churn_crons.push((service.clone(), cron));
+                report(Effect::Added {
+                    service: service.clone(),
+                    addr: format!("{cron_ip}:{port}"),
+                    agent: None,
+                });
+            }
+            Kind::ClockStep { target, offset_ms } => self.set_clock(*target, *offset_ms)?,
+            Kind::GossipLoss { agents, percent } => {
+                report(Effect::NetDisturbed(agents.clone()));
+                for a in agents {
+                    self.lab.gossip_loss(a + 1, GOSSIP_PORT, *percent)?;
+                }
+            }
+            Kind::Partition { side } => {
+                let n = self.agents.len();
+                report(Effect::NetDisturbed((0..n).collect()));
+                let a: Vec<usize> = side.iter().map(|i| i + 1).collect();
+                let b: Vec<usize> = (1..=n).filter(|i| !a.contains(i)).collect();
+                self.lab.partition(&a, &b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes `kind`.
+    pub fn end(&mut self, kind: &Kind, report: &mut dyn FnMut(Effect)) -> Result<()> {
+        match kind {
+            Kind::RegistryKill { replica } => {
+                self.replicas
+                    .get_mut(*replica)
+                    .context("replica")?
+                    .start()?;
+                report(Effect::RegistryUp(*replica));
+            }
+            Kind::RegistryEmptyRestart { .. } => {}
+            Kind::RegistryStop { replica } => {
+                self.replicas
+                    .get(*replica)
+                    .context("replica")?
+                    .proc()?
+                    .signal("CONT")?;
+                report(Effect::RegistryUp(*replica));
+            }
+            Kind::AgentRestart { agent, keep_cache } => {
+                let a = self.agents.get_mut(*agent).context("agent")?;
+                if !keep_cache {
+                    // The cache file only (see agent::cache): the data dir stays, as on a
+                    // host whose cache was lost or refused.
+                    let _ = std::fs::remove_file(a.dir.join("view.cache"));
+                }
+                a.restart()?;
+                register_web(&a.url(), *agent)?;
+                report(Effect::AgentUp(*agent));
+            }
+            Kind::BackendKill { host } => {
+                let b = self.rt.block_on(Backend::start_on(
+                    &host_ip(*host),
+                    8080,
+                    &format!("host-{host}"),
+                ))?;
+                if let Some(slot) = self.backends.get_mut(*host) {
+                    *slot = Some(b);
+                }
+                report(Effect::BackendUp(*host));
+            }
+            Kind::Deregister { agent } => {
+                let url = self.agents.get(*agent).context("agent")?.url();
+                register_web(&url, *agent)?;
+                report(Effect::Registered {
+                    service: "web".into(),
+                    addr: format!("{}:8080", host_ip(*agent)),
+                });
+            }
+            Kind::Churn { agent, service } => {
+                let port = churn_port(service);
+                let url = self.agents.get(*agent).context("agent")?.url();
+                fleet::deregister_at(&url, service, port, Some(&host_ip(*agent)))?;
+                report(Effect::Deregistered {
+                    service: service.clone(),
+                    addr: format!("{}:{port}", host_ip(*agent)),
+                });
+                for (s, cron) in &mut self.churn_crons {
+                    if s == service {
+                        cron.stop();
+                    }
+                }
+                report(Effect::CronStopped {
+                    service: service.clone(),
+                    addr: format!("{}:{port}", churn_ip(usize::from(port))),
+                });
+            }
+            Kind::ClockStep { target, .. } => self.set_clock(*target, 0)?,
+            Kind::GossipLoss { agents, .. } => {
+                for a in agents {
+                    self.lab.clear_loss(a + 1)?;
+                }
+                report(Effect::NetHealed(agents.clone()));
+            }
+            Kind::Partition { .. } => {
+                let all: Vec<usize> = (1..=self.agents.len()).collect();
+                self.lab.heal(&all)?;
+                report(Effect::NetHealed((0..self.agents.len()).collect()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Registers agent `a`'s web endpoint (port 8080 at its backend's address).
+fn register_web(url: &str, a: usize) -> Result<()> {
+    let ip = host_ip(a);
+    fleet::register(
+        url,
+        &format!(r#"{{"service": "web", "port": 8080, "ip": "{ip}"}}"#),
+    )
+}
+
+/// `churnN` listens on port 9000 + N.
+fn churn_port(service: &str) -> u16 {
+    let n: u16 = service.trim_start_matches("churn").parse().unwrap_or(0);
+    9000 + n % 1000
+}
