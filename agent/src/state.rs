@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use discovery::{Clock, RegistryClient, SystemClock};
+use discovery::{Clock, RegistryClient};
 use gossip::GossipHandle;
 use schema::{Endpoint, EndpointKey};
 use tokio::sync::{Notify, watch};
@@ -66,7 +66,7 @@ pub struct Shared {
     pub registry_back: Notify,
     /// When the registry data was last known current; see [`Freshness`].
     freshness: Mutex<Freshness>,
-    /// Wall-clock ms for freshness (the system clock; tests inject a manual one).
+    /// Ms for freshness: a [`SteadyClock`] (tests inject a manual one).
     clock: Arc<dyn Clock>,
     /// Every key the last authoritative registry answer listed (`None`: none yet): the view
     /// task drops disk-cache entries it does not list.
@@ -104,7 +104,7 @@ impl Shared {
             recheck: Notify::new(),
             registry_back: Notify::new(),
             freshness: Mutex::new(Freshness::new(known_current_ms)),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SteadyClock::starting_now()),
             registry_listed: watch::Sender::new(None),
             cache_index: AtomicU64::new(0),
             registry_ok: AtomicBool::new(false),
@@ -208,7 +208,40 @@ impl Shared {
     }
 }
 
-/// Registry freshness bookkeeping, sans-IO: every time is wall-clock ms passed in.
+/// The clock freshness is measured with: the wall clock read once at start, then advanced by
+/// the monotonic clock. An age is elapsed time, and elapsed time must not shrink because NTP
+/// (or an operator) stepped the wall clock back after start: a stepped clock would make the
+/// header claim data fresher than it is. Values stay comparable with wall-clock dates (relayed
+/// snapshots, the disk cache) up to the size of any step since start; relayed dates are
+/// clamped to their arrival on this clock, so such a step errs towards an older age.
+#[derive(Debug, Clone, Copy)]
+pub struct SteadyClock {
+    wall_at_start_ms: u64,
+    start: Instant,
+}
+
+impl SteadyClock {
+    pub fn starting_now() -> Self {
+        SteadyClock::starting_at(schema::timefmt::unix_ms_now())
+    }
+
+    pub fn starting_at(wall_ms: u64) -> Self {
+        SteadyClock {
+            wall_at_start_ms: wall_ms,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Clock for SteadyClock {
+    fn now_ms(&self) -> u64 {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.wall_at_start_ms.saturating_add(elapsed)
+    }
+}
+
+/// Registry freshness bookkeeping, sans-IO: every time is ms of the freshness clock
+/// ([`SteadyClock`] in production) passed in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Freshness {
     /// The last moment known current, outside any query in flight (0: never).
@@ -293,6 +326,19 @@ impl Freshness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_steady_clock_starts_at_the_wall_reading_and_only_moves_forward() {
+        let clock = SteadyClock::starting_at(5_000_000);
+        let first = clock.now_ms();
+        assert!((5_000_000..5_060_000).contains(&first), "{first}");
+        let mut last = first;
+        for _ in 0..1_000 {
+            let now = clock.now_ms();
+            assert!(now >= last, "went back from {last} to {now}");
+            last = now;
+        }
+    }
 
     const S: u64 = 1_000;
     const WAIT: Duration = Duration::from_secs(30);
