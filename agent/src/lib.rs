@@ -27,6 +27,7 @@ pub mod api;
 pub mod cache;
 pub mod checkin;
 pub mod config;
+pub mod guard;
 pub mod metrics;
 mod run;
 mod state;
