@@ -64,6 +64,10 @@ pub struct AgentConfig {
     pub operator_token: Option<String>,
     /// Loopback address of the local API.
     pub api: SocketAddr,
+    /// Further names the local API answers to in the `Host` header, besides `localhost`
+    /// and address literals (e.g. a name `/etc/hosts` maps to loopback). Any other name is
+    /// refused (403) as a possible DNS-rebinding attack.
+    pub api_host_names: Vec<String>,
     /// Shown as `env` in v1 listings, as the registry does.
     pub env: String,
     /// Where the disk cache lives.
@@ -117,6 +121,7 @@ impl Default for AgentConfig {
             operator_token_file: None,
             operator_token: None,
             api: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            api_host_names: Vec::new(),
             env: "production".to_string(),
             data_dir: PathBuf::from("/var/lib/tidings/agent"),
             cache_max_bytes: crate::cache::MAX_BYTES,

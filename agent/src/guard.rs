@@ -6,7 +6,7 @@
 //!   `localhost` or an IP address literal are served (a literal is never resolved through
 //!   DNS, so it cannot be rebound; this keeps the dashboard working through a port-forward
 //!   or a reverse proxy on the host's address); no `Host` at all (HTTP/1.0, raw clients) is
-//!   allowed. The port is not compared: the name is what a rebinding attack cannot forge,
+//!   allowed; `api_host_names` adds names. The port is not compared: the name is what a rebinding attack cannot forge,
 //!   and a tunnel legitimately changes the port.
 //! - **Foreign registrations**: every endpoint registered through the API is gossiped as
 //!   this agent's own row, so a local process could otherwise inject endpoints on any
@@ -27,9 +27,9 @@ use sha2::{Digest, Sha256};
 
 use crate::state::Shared;
 
-/// Whether a `Host` header value names this API (`localhost` or an address) rather than
-/// some site's DNS name.
-pub fn host_allowed(host: &str) -> bool {
+/// Whether a `Host` header value names this API (`localhost`, an address, or one of
+/// `extra`) rather than some site's DNS name.
+pub fn host_allowed(host: &str, extra: &[String]) -> bool {
     let name = if let Some(rest) = host.strip_prefix('[') {
         // `[v6]` or `[v6]:port`
         match rest.split_once(']') {
@@ -44,7 +44,8 @@ pub fn host_allowed(host: &str) -> bool {
         }
     };
     let name = name.strip_suffix('.').unwrap_or(name);
-    if name.eq_ignore_ascii_case("localhost") {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.strip_suffix('.').unwrap_or(n));
+    if is("localhost") || extra.iter().any(|n| is(n)) {
         return true;
     }
     name.parse::<IpAddr>().is_ok()
@@ -62,7 +63,7 @@ pub async fn check_host(
         .map(|h| h.to_str().unwrap_or("\u{0}"))
         .or_else(|| req.uri().authority().map(|a| a.as_str()));
     match host {
-        Some(h) if !host_allowed(h) => {
+        Some(h) if !host_allowed(h, &shared.config.api_host_names) => {
             shared.metrics.api_refused_host.increment(1);
             let shown: String = h.chars().take(100).collect();
             ApiError::Forbidden(format!(
@@ -135,7 +136,7 @@ mod tests {
             "localhost:8080",
             "10.0.0.1:7701",
         ] {
-            assert!(host_allowed(ok), "{ok} refused");
+            assert!(host_allowed(ok, &[]), "{ok} refused");
         }
         for bad in [
             "evil.example:7701",
@@ -147,7 +148,11 @@ mod tests {
             "localhost:port",
             "",
         ] {
-            assert!(!host_allowed(bad), "{bad} allowed");
+            assert!(!host_allowed(bad, &[]), "{bad} allowed");
         }
+        let extra = ["Agent.Internal.".to_string()];
+        assert!(host_allowed("agent.internal:7701", &extra));
+        assert!(host_allowed("AGENT.internal.", &extra));
+        assert!(!host_allowed("evil.example", &extra));
     }
 }
