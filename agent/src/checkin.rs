@@ -199,12 +199,20 @@ async fn check_in_round(
     let mut out = Sent::default();
     send_split(shared, interval, fresh, &mut out).await?;
     let retried: Vec<EndpointKey> = known_bad.iter().map(Endpoint::key).collect();
-    send_split(shared, interval, known_bad, &mut out).await?;
-    for key in retried {
-        if !out.refused.iter().any(|(ep, _)| ep.key() == key) {
-            refused.remove(&key);
-            tracing::info!(endpoint = %key, "the registry accepts the endpoint again");
+    match send_split(shared, interval, known_bad, &mut out).await {
+        Ok(()) => {
+            for key in retried {
+                if !out.refused.iter().any(|(ep, _)| ep.key() == key) {
+                    refused.remove(&key);
+                    tracing::info!(endpoint = %key, "the registry accepts the endpoint again");
+                }
+            }
         }
+        // The others are in: the retry of the refused ones waits for the next round.
+        Err(e) if out.accepted > 0 => {
+            tracing::debug!(error = %e, "retrying the refused endpoints failed");
+        }
+        Err(e) => return Err(e),
     }
     let accepted = out.accepted;
     let mut last = None;
