@@ -234,7 +234,7 @@ fn load_cache(config: &AgentConfig) -> (CacheFile, bool) {
             match cache::set_aside(&config.data_dir, unix_ms_now()) {
                 Ok(to) => tracing::warn!(
                     path = %path.display(), reason = %e, set_aside = %to.display(),
-                    "bad disk cache set aside; starting from the registry and gossip"
+                    "bad disk cache ignored and set aside; starting from the registry and gossip"
                 ),
                 Err(io) => tracing::warn!(
                     path = %path.display(), reason = %e, error = %io,

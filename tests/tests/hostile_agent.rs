@@ -82,7 +82,7 @@ fn a_huge_cache_file_is_set_aside_unread_and_the_agent_serves_the_registry() -> 
     );
     let log = agent.proc.log_text();
     ensure!(
-        log.contains("bad disk cache set aside") && log.contains("over the limit"),
+        log.contains("disk cache ignored and set aside") && log.contains("over the limit"),
         "no log line naming the reason:\n{log}"
     );
     // A fresh cache is written from the live view, and is small.
