@@ -26,7 +26,7 @@ use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -69,6 +69,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ui/{asset}", get(crate::ui::handler))
         .fallback(no_route)
         .layer(middleware::from_fn_with_state(shared.clone(), freshness))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            crate::guard::check_host,
+        ))
         .with_state(shared)
 }
 
@@ -362,11 +366,17 @@ async fn list_local(State(shared): State<AppState>) -> Json<Value> {
 }
 
 /// `PUT /v1/agent/endpoints`: registers (or updates) an endpoint of this host; `ip`
-/// defaults to the host's. Gossiped at once and checked in right away.
-async fn register(State(shared): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+/// defaults to the host's, and another address needs the operator token (403 otherwise,
+/// see [`crate::guard`]). Gossiped at once and checked in right away.
+async fn register(
+    State(shared): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let spec: EndpointSpec = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Validation(ValidationError::Malformed(e.to_string())))?;
     let mut ep = spec.into_endpoint(None, Some(shared.host_ip))?;
+    crate::guard::check_registration(&shared, ep.ip, &headers)?;
     if ep.tags.az.is_none() {
         ep.tags.az = shared
             .config

@@ -66,6 +66,8 @@ async fn fixture() -> Fixture {
     let config = AgentConfig {
         registry: Some("http://127.0.0.1:9".into()),
         request_timeout: Duration::from_millis(300),
+        operator_token: Some(OPERATOR.into()),
+        host_ips: vec!["10.1.1.1".parse().expect("ip")],
         ..Default::default()
     };
     let client = config.client().expect("client");
@@ -87,17 +89,29 @@ async fn fixture() -> Fixture {
     }
 }
 
+const OPERATOR: &str = "the-operator-token";
+
 async fn send(
     app: &Router,
     method: &str,
     uri: &str,
     body: &str,
 ) -> (StatusCode, HeaderMapOut, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(Body::from(body.to_string()))
-        .expect("request");
+    send_with(app, method, uri, body, &[]).await
+}
+
+async fn send_with(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, HeaderMapOut, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Body::from(body.to_string())).expect("request");
     let resp = app.clone().oneshot(req).await.expect("infallible");
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -207,6 +221,95 @@ async fn endpoints_register_and_deregister_at_runtime() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
     assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(0));
+    f.stop.cancel();
+}
+
+/// A local process may register endpoints only on this host's addresses: anything else
+/// would be gossiped to every agent as this host's row. The operator token lifts that.
+#[tokio::test]
+async fn registrations_on_other_addresses_need_the_operator_token() {
+    let f = fixture().await;
+    let foreign = r#"{"service":"api","port":9000,"ip":"10.9.9.9"}"#;
+    for headers in [
+        &[][..],
+        &[("authorization", "Bearer not-the-token")][..],
+        &[("authorization", "the-operator-token")][..],
+    ] {
+        let (status, _, v) =
+            send_with(&f.app, "PUT", "/v1/agent/endpoints", foreign, headers).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{headers:?}: {v}");
+        assert_eq!(v["error"]["code"], "forbidden", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert!(
+            msg.contains("10.9.9.9") && msg.contains("operator token"),
+            "{msg}"
+        );
+    }
+    let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
+    assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(0), "{v}");
+    // The host's own addresses: the host ip (default), the gossip ip, `host_ips`.
+    for body in [
+        r#"{"service":"api","port":9001}"#,
+        r#"{"service":"api","port":9002,"ip":"127.0.0.1"}"#,
+        r#"{"service":"api","port":9003,"ip":"10.1.1.1"}"#,
+    ] {
+        let (status, _, v) = send(&f.app, "PUT", "/v1/agent/endpoints", body).await;
+        assert_eq!(status, StatusCode::OK, "{body}: {v}");
+    }
+    let auth = format!("Bearer {OPERATOR}");
+    let (status, _, v) = send_with(
+        &f.app,
+        "PUT",
+        "/v1/agent/endpoints",
+        foreign,
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["ip_address"], "10.9.9.9");
+    let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
+    assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(4), "{v}");
+    f.stop.cancel();
+}
+
+/// DNS rebinding: a request whose Host names some site is refused, whatever the route;
+/// `localhost`, address literals and no Host at all are served.
+#[tokio::test]
+async fn requests_whose_host_names_another_site_are_refused() {
+    let f = fixture().await;
+    for host in [
+        "evil.example:7701",
+        "evil.example",
+        "localhost.evil.example",
+    ] {
+        for (method, uri, body) in [
+            ("GET", "/v1/registration/web", ""),
+            ("GET", "/ui/", ""),
+            (
+                "PUT",
+                "/v1/agent/endpoints",
+                r#"{"service":"api","port":9000}"#,
+            ),
+        ] {
+            let (status, _, v) = send_with(&f.app, method, uri, body, &[("host", host)]).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{host} {method} {uri}: {v}");
+            assert_eq!(v["error"]["code"], "forbidden", "{v}");
+        }
+    }
+    let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
+    assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(0), "{v}");
+    for host in [
+        "localhost:7701",
+        "127.0.0.1:7701",
+        "[::1]:7701",
+        "localhost",
+    ] {
+        let (status, _, v) =
+            send_with(&f.app, "GET", "/v1/registration/web", "", &[("host", host)]).await;
+        assert_eq!(status, StatusCode::OK, "{host}: {v}");
+    }
+    let (status, _, _) = send(&f.app, "GET", "/v1/registration/web", "").await;
+    assert_eq!(status, StatusCode::OK, "no Host header");
     f.stop.cancel();
 }
 

@@ -3,8 +3,14 @@
 //! registry is down. Written atomically (temp file, fsync, rename, fsync of the directory),
 //! at most once a second and only when something changed. A file that is missing, foreign,
 //! of another version, truncated or corrupt is reported and ignored — never fatal.
+//!
+//! Reading is bounded: the file's size is checked before anything is read, and the read
+//! itself stops one byte past the bound, so a huge file (or one that grows while it is
+//! read) costs no memory. A bad file — oversized, foreign, of another version, truncated or
+//! corrupt — is set aside as `view.cache.bad-<unix-ms>` (the newest few are kept, for a
+//! post-mortem) and the agent starts from the registry and gossip.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +30,12 @@ const MAGIC: &[u8; 8] = b"TDNGSAC\0";
 const FILE_NAME: &str = "view.cache";
 /// At most one write per this period.
 const MIN_WRITE_GAP: Duration = Duration::from_secs(1);
+/// The default and largest cache file size: the file codec refuses a body over its limit,
+/// so a larger file could never load anyway (and a view that large could not be written).
+pub const MAX_BYTES: u64 = MAGIC.len() as u64 + codec::FILE_LIMIT as u64;
+/// Set-aside bad files kept (the newest); older ones are deleted.
+const KEEP_BAD: usize = 3;
+const BAD_SUFFIX: &str = ".bad-";
 
 #[derive(Debug, Error)]
 pub enum CacheError {
@@ -39,6 +51,8 @@ pub enum CacheError {
     },
     #[error("not a Tidings agent cache file (bad magic)")]
     Foreign,
+    #[error("the cache file is {len} bytes, over the limit of {max}")]
+    Oversized { len: u64, max: u64 },
     #[error("unreadable cache: {0}")]
     Codec(#[from] CodecError),
 }
@@ -52,6 +66,17 @@ pub struct CacheFile {
     pub hosts: Vec<CachedHost>,
     /// Endpoints registered through the local API, restored at start.
     pub runtime: Vec<Endpoint>,
+}
+
+impl CacheError {
+    /// Whether the file itself is bad (and should be set aside), rather than unreadable
+    /// for a reason that may pass (permissions, IO).
+    pub fn is_bad_file(&self) -> bool {
+        matches!(
+            self,
+            CacheError::Foreign | CacheError::Oversized { .. } | CacheError::Codec(_)
+        )
+    }
 }
 
 pub fn path(dir: &Path) -> PathBuf {
@@ -71,19 +96,67 @@ pub fn decode(bytes: &[u8]) -> Result<CacheFile, CacheError> {
     Ok(codec::decode_file(body)?)
 }
 
-/// Reads the cache in `dir`; `Ok(None)` when there is none yet.
-pub fn load(dir: &Path) -> Result<Option<CacheFile>, CacheError> {
+/// Reads the cache in `dir`, refusing a file over `max` bytes without reading it;
+/// `Ok(None)` when there is none yet.
+pub fn load(dir: &Path, max: u64) -> Result<Option<CacheFile>, CacheError> {
     let p = path(dir);
-    match std::fs::read(&p) {
-        Ok(bytes) => decode(&bytes).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(CacheError::Read { path: p, source }),
+    let rerr = |source| CacheError::Read {
+        path: p.clone(),
+        source,
+    };
+    let f = match std::fs::File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(rerr(source)),
+    };
+    let len = f.metadata().map_err(rerr)?.len();
+    if len > max {
+        return Err(CacheError::Oversized { len, max });
     }
+    // The size may change between the check and the read: read at most one byte past the
+    // bound, whatever the file does meanwhile.
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    f.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(rerr)?;
+    let read = bytes.len() as u64;
+    if read > max {
+        return Err(CacheError::Oversized { len: read, max });
+    }
+    decode(&bytes).map(Some)
+}
+
+/// Renames a bad cache file to `view.cache.bad-<now_ms>` and deletes all but the newest
+/// [`KEEP_BAD`] such files. Returns the new name.
+pub fn set_aside(dir: &Path, now_ms: u64) -> std::io::Result<PathBuf> {
+    let to = dir.join(format!("{FILE_NAME}{BAD_SUFFIX}{now_ms}"));
+    std::fs::rename(path(dir), &to)?;
+    let prefix = format!("{FILE_NAME}{BAD_SUFFIX}");
+    let mut bad: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name();
+            let ms = name.to_str()?.strip_prefix(&prefix)?.parse().ok()?;
+            Some((ms, e.path()))
+        })
+        .collect();
+    bad.sort();
+    let excess = bad.len().saturating_sub(KEEP_BAD);
+    for (_, old) in bad.into_iter().take(excess) {
+        // Best effort: a file left behind only costs disk space.
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(to)
 }
 
 /// Writes atomically: a reader (or a crash) sees the old file or the new one, never a mix.
-pub fn store(dir: &Path, file: &CacheFile) -> Result<(), CacheError> {
+/// A file over `max` bytes is not written: the next start would refuse it.
+pub fn store(dir: &Path, file: &CacheFile, max: u64) -> Result<(), CacheError> {
     let bytes = encode(file)?;
+    let len = bytes.len() as u64;
+    if len > max {
+        return Err(CacheError::Oversized { len, max });
+    }
     let target = path(dir);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
     let werr = |source| CacheError::Write {
@@ -121,6 +194,7 @@ fn snapshot_of(shared: &Shared) -> (CacheFile, u64) {
 /// second, and once more on the way out.
 pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
     let dir = shared.config.data_dir.clone();
+    let max = shared.config.cache_max_bytes;
     let mut view = shared.view.clone();
     let mut local = shared.local_version.subscribe();
     let mut last: Option<CacheFile> = None;
@@ -139,7 +213,7 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
         if !unchanged {
             let dir2 = dir.clone();
             let file = next.clone();
-            let res = tokio::task::spawn_blocking(move || store(&dir2, &file)).await;
+            let res = tokio::task::spawn_blocking(move || store(&dir2, &file, max)).await;
             match res {
                 Ok(Ok(())) => {
                     shared.metrics.cache_writes.increment(1);
@@ -198,9 +272,13 @@ mod tests {
     #[test]
     fn round_trips_atomically_and_missing_is_none() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(load(dir.path()).expect("no file is fine").is_none());
-        store(dir.path(), &file()).expect("stored");
-        assert_eq!(load(dir.path()).expect("loads"), Some(file()));
+        assert!(
+            load(dir.path(), MAX_BYTES)
+                .expect("no file is fine")
+                .is_none()
+        );
+        store(dir.path(), &file(), MAX_BYTES).expect("stored");
+        assert_eq!(load(dir.path(), MAX_BYTES).expect("loads"), Some(file()));
         assert!(!dir.path().join("view.cache.tmp").exists());
     }
 
@@ -234,6 +312,80 @@ mod tests {
         // An unreadable path is an error too, not a panic.
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(path(dir.path())).expect("dir in the way");
-        assert!(load(dir.path()).is_err());
+        let err = load(dir.path(), MAX_BYTES).expect_err("a directory is no cache");
+        assert!(
+            !err.is_bad_file(),
+            "an IO error is not the file's fault: {err}"
+        );
+    }
+
+    /// Every kind of bad file, as found on disk: refused with its reason, and then set
+    /// aside so the next start does not trip over it again.
+    #[test]
+    fn bad_files_are_refused_by_kind_and_set_aside() {
+        let good = encode(&file()).expect("encodes");
+        let mut other_version = good.clone();
+        other_version[MAGIC.len()] = 99;
+        let cases: [(&str, Vec<u8>); 4] = [
+            ("truncated", good[..good.len() - 3].to_vec()),
+            ("garbage", b"GIF89a not a cache at all".to_vec()),
+            ("other version", other_version),
+            ("empty", Vec::new()),
+        ];
+        for (what, bytes) in cases {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(path(dir.path()), &bytes).expect("written");
+            let err = load(dir.path(), MAX_BYTES).expect_err(what);
+            assert!(err.is_bad_file(), "{what}: {err}");
+            let moved = set_aside(dir.path(), 42).expect("set aside");
+            assert_eq!(moved, dir.path().join("view.cache.bad-42"));
+            assert!(!path(dir.path()).exists(), "{what}: still in place");
+            assert_eq!(std::fs::read(&moved).expect("kept"), bytes, "{what}");
+            assert!(load(dir.path(), MAX_BYTES).expect(what).is_none());
+        }
+    }
+
+    /// An oversized file is refused from its size, before a byte is read: a sparse 1 GiB
+    /// file (no disk used) would otherwise take a GiB of memory.
+    #[test]
+    fn oversized_files_are_refused_unread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = std::fs::File::create(path(dir.path())).expect("created");
+        f.set_len(1 << 30).expect("sparse");
+        drop(f);
+        let err = load(dir.path(), MAX_BYTES).expect_err("too big");
+        assert!(
+            matches!(err, CacheError::Oversized { len, max } if len == 1 << 30 && max == MAX_BYTES),
+            "{err}"
+        );
+        assert!(err.is_bad_file());
+        // A good file over a smaller configured bound is refused too, and never written.
+        store(dir.path(), &file(), MAX_BYTES).expect("stored");
+        assert!(matches!(
+            load(dir.path(), 16),
+            Err(CacheError::Oversized { max: 16, .. })
+        ));
+        assert!(matches!(
+            store(dir.path(), &file(), 16),
+            Err(CacheError::Oversized { max: 16, .. })
+        ));
+    }
+
+    #[test]
+    fn only_the_newest_bad_files_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for ms in [5u64, 1, 4, 2, 3] {
+            std::fs::write(path(dir.path()), ms.to_string()).expect("written");
+            set_aside(dir.path(), ms).expect("set aside");
+        }
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["view.cache.bad-3", "view.cache.bad-4", "view.cache.bad-5"]
+        );
     }
 }

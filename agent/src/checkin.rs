@@ -3,13 +3,23 @@
 //! backoff within the round and never stop other loops. A re-check-in is made at once (after
 //! a small random delay, so a fleet does not stampede) when the registry restarted or the
 //! host's endpoints changed. Scheduling is pure ([`splay`], [`next_due`]).
+//!
+//! One endpoint the registry refuses must not cost the host its others (they would all
+//! expire): when a batch is refused with a 4xx that may concern only some of its endpoints
+//! (400, 403, 413, 422), it is split — by address first, as host tokens are per address,
+//! then in halves — until every endpoint is either accepted or refused on its own. A
+//! refused endpoint is logged once with the registry's reason, counted in
+//! `tidings_agent_checkin_refused_endpoints_total`, and from then on sent in a batch of its
+//! own each round, so it comes back by itself once the registry accepts it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use discovery::ClientError;
 use schema::timefmt::unix_ms_now;
+use schema::{Endpoint, EndpointKey};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +62,7 @@ pub async fn run_checkin(shared: Arc<Shared>, stop: CancellationToken) {
     let offset = splay(&shared.gossip_addr.to_string(), interval);
     tracing::debug!(?offset, ?interval, "check-in slot");
     let mut failing = false;
+    let mut refused = Refused::default();
     // First round at once: the registry should hear about a new agent without waiting.
     let mut wait = Duration::ZERO;
     loop {
@@ -68,7 +79,7 @@ pub async fn run_checkin(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let outcome = tokio::select! {
             () = stop.cancelled() => return,
-            r = check_in_round(&shared, interval) => r,
+            r = check_in_round(&shared, interval, &mut refused) => r,
         };
         match outcome {
             Ok(n) => {
@@ -96,21 +107,129 @@ pub async fn run_checkin(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// One round: the host's endpoints in one request, retried with jittered backoff for at
-/// most about a quarter of the interval.
-async fn check_in_round(shared: &Shared, interval: Duration) -> Result<usize, ClientError> {
-    let endpoints = shared.local().all();
+/// Endpoints the registry refused on their own, with its reason.
+type Refused = BTreeMap<EndpointKey, (Endpoint, String)>;
+
+/// Whether a refusal of a batch may concern only some of its endpoints, so that splitting
+/// the batch lets the others through. (401 — a bad token — and 404 concern them all.)
+fn is_partial_refusal(e: &ClientError) -> bool {
+    matches!(e.status(), Some(400 | 403 | 413 | 422))
+}
+
+/// How a batch refused as a whole is split: by address while it holds several (host tokens
+/// are per address), then in halves.
+fn split(batch: Vec<Endpoint>) -> (Vec<Endpoint>, Vec<Endpoint>) {
+    let first_ip = batch.first().map(|e| e.ip);
+    let (same, other): (Vec<_>, Vec<_>) =
+        batch.iter().cloned().partition(|e| Some(e.ip) == first_ip);
+    if !other.is_empty() {
+        return (same, other);
+    }
+    let mut batch = batch;
+    let rest = batch.split_off(batch.len() / 2);
+    (batch, rest)
+}
+
+/// What a round of check-ins ended with.
+#[derive(Debug, Default)]
+struct Sent {
+    accepted: usize,
+    refused: Vec<(Endpoint, ClientError)>,
+}
+
+/// Checks `batch` in, splitting it on partial refusals until each endpoint is accepted or
+/// refused alone. Stops at the first other error (unreachable registry, 401, …).
+async fn send_split(
+    shared: &Shared,
+    interval: Duration,
+    batch: Vec<Endpoint>,
+    out: &mut Sent,
+) -> Result<(), ClientError> {
+    let mut todo = vec![batch];
+    while let Some(batch) = todo.pop() {
+        if batch.is_empty() {
+            continue;
+        }
+        match send(shared, interval, &batch).await {
+            Ok(()) => out.accepted += batch.len(),
+            Err(e) if is_partial_refusal(&e) => {
+                if batch.len() == 1 {
+                    out.refused
+                        .extend(batch.into_iter().next().map(|ep| (ep, e)));
+                    continue;
+                }
+                let (a, b) = split(batch);
+                todo.push(b);
+                todo.push(a);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One request, retried with jittered backoff for at most about a quarter of the interval.
+async fn send(shared: &Shared, interval: Duration, batch: &[Endpoint]) -> Result<(), ClientError> {
     let backoff = ExponentialBuilder::default()
         .with_min_delay((interval / 20).clamp(Duration::from_millis(50), Duration::from_secs(1)))
         .with_max_delay((interval / 8).max(Duration::from_millis(100)))
         .with_max_times(3)
         .with_jitter();
-    let attempt = || async { shared.client.check_in(&endpoints).await };
+    let attempt = || async { shared.client.check_in(batch).await };
     attempt
         .retry(backoff)
         .when(ClientError::is_transient)
         .await
-        .map(|_| endpoints.len())
+        .map(|_| ())
+}
+
+/// One round: the host's endpoints in one request — those refused before in another — split
+/// as [`send_split`] does when refused. Fails only when nothing was accepted.
+async fn check_in_round(
+    shared: &Shared,
+    interval: Duration,
+    refused: &mut Refused,
+) -> Result<usize, ClientError> {
+    let endpoints = shared.local().all();
+    // A refused endpoint that changed (or went) is tried afresh with the others.
+    refused.retain(|_, (ep, _)| endpoints.contains(ep));
+    let (known_bad, fresh): (Vec<_>, Vec<_>) = endpoints
+        .into_iter()
+        .partition(|e| refused.contains_key(&e.key()));
+    let mut out = Sent::default();
+    send_split(shared, interval, fresh, &mut out).await?;
+    let retried: Vec<EndpointKey> = known_bad.iter().map(Endpoint::key).collect();
+    match send_split(shared, interval, known_bad, &mut out).await {
+        Ok(()) => {
+            for key in retried {
+                if !out.refused.iter().any(|(ep, _)| ep.key() == key) {
+                    refused.remove(&key);
+                    tracing::info!(endpoint = %key, "the registry accepts the endpoint again");
+                }
+            }
+        }
+        // The others are in: the retry of the refused ones waits for the next round.
+        Err(e) if out.accepted > 0 => {
+            tracing::debug!(error = %e, "retrying the refused endpoints failed");
+        }
+        Err(e) => return Err(e),
+    }
+    let accepted = out.accepted;
+    let mut last = None;
+    for (ep, e) in out.refused {
+        let reason = e.to_string();
+        let known = refused.get(&ep.key()).is_some_and(|(_, r)| *r == reason);
+        if !known {
+            shared.metrics.checkin_refused.increment(1);
+            tracing::warn!(endpoint = %ep.key(), reason = %reason, "the registry refuses this endpoint; the host's other endpoints still check in");
+            refused.insert(ep.key(), (ep, reason));
+        }
+        last = Some(e);
+    }
+    match last {
+        Some(e) if accepted == 0 => Err(e),
+        _ => Ok(accepted),
+    }
 }
 
 /// Best-effort deregistration of `endpoints` from the registry (on SIGTERM).
@@ -157,6 +276,47 @@ mod tests {
         assert_eq!(next_due(127_000, i, off), 187_000);
         assert_eq!(next_due(130_000, i, off), 187_000);
         assert_eq!(next_due(0, Duration::ZERO, off), 1);
+    }
+
+    #[test]
+    fn refused_batches_split_by_address_then_in_halves() {
+        let ep = |ip: &str, port: u16| {
+            Endpoint::new(
+                schema::ServiceName::new("web").expect("name"),
+                ip.parse().expect("ip"),
+                std::num::NonZeroU16::new(port).expect("port"),
+            )
+        };
+        let mixed = vec![ep("10.0.0.1", 1), ep("10.0.0.2", 2), ep("10.0.0.1", 3)];
+        let (a, b) = split(mixed);
+        assert_eq!(a, [ep("10.0.0.1", 1), ep("10.0.0.1", 3)]);
+        assert_eq!(b, [ep("10.0.0.2", 2)]);
+        let (a, b) = split(a);
+        assert_eq!((a.len(), b.len()), (1, 1));
+        let (a, b) = split(vec![
+            ep("10.0.0.1", 1),
+            ep("10.0.0.1", 2),
+            ep("10.0.0.1", 3),
+        ]);
+        assert_eq!((a.len(), b.len()), (1, 2));
+        for status in [400, 403, 413, 422] {
+            let e = ClientError::Status {
+                status,
+                code: String::new(),
+                message: String::new(),
+                retry_after: None,
+            };
+            assert!(is_partial_refusal(&e), "{status}");
+        }
+        for status in [401, 404, 429, 500] {
+            let e = ClientError::Status {
+                status,
+                code: String::new(),
+                message: String::new(),
+                retry_after: None,
+            };
+            assert!(!is_partial_refusal(&e), "{status}");
+        }
     }
 
     #[test]

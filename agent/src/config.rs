@@ -41,6 +41,9 @@ pub enum ConfigError {
     NoHostIp(SocketAddr),
 }
 
+/// Smallest `cache_max_bytes`: below it even a small view could not be cached.
+const MIN_CACHE_BYTES: u64 = 4096;
+
 /// The agent's configuration. Unknown keys are refused so a typo is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -52,14 +55,32 @@ pub struct AgentConfig {
     /// The token itself, as read from `registry_token_file` (never in the file).
     #[serde(skip)]
     pub registry_token: Option<String>,
+    /// File holding the registry's operator token; read at start. With it, a request to the
+    /// local API bearing that token may register endpoints on any address (without it, only
+    /// on this host's own addresses).
+    pub operator_token_file: Option<PathBuf>,
+    /// The token itself, as read from `operator_token_file` (never in the file).
+    #[serde(skip)]
+    pub operator_token: Option<String>,
     /// Loopback address of the local API.
     pub api: SocketAddr,
+    /// Further names the local API answers to in the `Host` header, besides `localhost`
+    /// and address literals (e.g. a name `/etc/hosts` maps to loopback). Any other name is
+    /// refused (403) as a possible DNS-rebinding attack.
+    pub api_host_names: Vec<String>,
     /// Shown as `env` in v1 listings, as the registry does.
     pub env: String,
     /// Where the disk cache lives.
     pub data_dir: PathBuf,
+    /// Largest disk cache file read or written, in bytes (default and most: the file
+    /// codec's limit, 64 MiB plus the magic). A larger file is set aside unread.
+    pub cache_max_bytes: u64,
     /// This host's address for endpoints that name none; default: the gossip address.
     pub host_ip: Option<IpAddr>,
+    /// Further addresses of this host on which local processes may register endpoints
+    /// through the local API (besides `host_ip`, the gossip address and the addresses of
+    /// the configured endpoints).
+    pub host_ips: Vec<IpAddr>,
     /// Zone (`az` tag) given to this host's endpoints that carry none.
     pub zone: Option<String>,
     /// How often the host's endpoints are checked in (at a stable per-host offset).
@@ -97,10 +118,15 @@ impl Default for AgentConfig {
             registry: None,
             registry_token_file: None,
             registry_token: None,
+            operator_token_file: None,
+            operator_token: None,
             api: SocketAddr::from(([127, 0, 0, 1], 7701)),
+            api_host_names: Vec::new(),
             env: "production".to_string(),
             data_dir: PathBuf::from("/var/lib/tidings/agent"),
+            cache_max_bytes: crate::cache::MAX_BYTES,
             host_ip: None,
+            host_ips: Vec::new(),
             zone: None,
             check_in_interval: Duration::from_secs(60),
             request_timeout: Duration::from_secs(5),
@@ -134,6 +160,11 @@ impl AgentConfig {
         if !self.api.ip().is_loopback() {
             return Err(ConfigError::Invalid(
                 "the local API must listen on a loopback address",
+            ));
+        }
+        if !(MIN_CACHE_BYTES..=crate::cache::MAX_BYTES).contains(&self.cache_max_bytes) {
+            return Err(ConfigError::Invalid(
+                "cache_max_bytes must be from 4096 to 67108872 (the file codec's limit)",
             ));
         }
         self.zone_tag()?;
@@ -240,6 +271,11 @@ mod tests {
         let mut c = base();
         c.check_in_interval = Duration::ZERO;
         assert!(c.validate().is_err());
+        for bytes in [0, 4095, crate::cache::MAX_BYTES + 1] {
+            let mut c = base();
+            c.cache_max_bytes = bytes;
+            assert!(c.validate().is_err(), "{bytes}");
+        }
         let mut c = base();
         c.registry = Some("ftp://x".into());
         assert!(c.validate().is_err());

@@ -12,7 +12,9 @@
 //! - [`view`]: the sans-IO [`Merger`] — gossip's merged view (§5.3) plus disk-cache entries
 //!   until live data covers them, with per-host provenance and content-hash indexes.
 //! - [`api`]: the local API router (v1, v2 blocking, EDS, `/v1/agent/*`, probes, metrics);
-//!   [`ui`]: the web dashboard it serves at `/ui`.
+//!   [`ui`]: the web dashboard it serves at `/ui`; [`guard`]: the API's `Host` check
+//!   (against DNS rebinding) and its rule that runtime registrations name this host's own
+//!   addresses unless they bear the operator token.
 //!
 //! Invariants: a failed registry answer changes nothing, and an answer from a registry
 //! still warming up only adds and updates entries; registry entries stay until a newer
@@ -20,13 +22,16 @@
 //! registry-derived entry, disk-cache ones included; an owned row overrides the registry
 //! entry while its owner is alive and a tombstone removes it; cached entries are served from
 //! the first request and never make a restart shrink the view while the registry is down; a
-//! corrupt cache file is logged and ignored; the blocking-query index moves only when
-//! endpoints change; every answer carries `X-Tidings-Registry-Age-Ms` and `X-Tidings-Source`.
+//! cache file that is oversized (refused unread), foreign, of another version or corrupt is
+//! logged, set aside and ignored; one endpoint the registry refuses does not stop the others
+//! checking in; the blocking-query index moves only when endpoints change; every answer
+//! carries `X-Tidings-Registry-Age-Ms` and `X-Tidings-Source`.
 
 pub mod api;
 pub mod cache;
 pub mod checkin;
 pub mod config;
+pub mod guard;
 pub mod metrics;
 mod run;
 mod state;

@@ -36,6 +36,12 @@ pub struct Metrics {
     pub cache_writes: Counter,
     pub cache_write_errors: Counter,
     pub cache_load_errors: Counter,
+    /// Endpoints the registry refused on their own (the rest of the batch checked in).
+    pub checkin_refused: Counter,
+    /// Local API requests refused: a foreign `Host` header, or a registration on an
+    /// address that is not this host's.
+    pub api_refused_host: Counter,
+    pub api_refused_ip: Counter,
     pub requests: Counter,
     registry_age: Gauge,
     view_endpoints: Gauge,
@@ -90,6 +96,8 @@ impl Metrics {
         const SYNCS_HELP: &str = "Catalog answers by outcome (applied, warming: ignored, error).";
         const CACHE: &str = "tidings_agent_cache_writes_total";
         const CACHE_HELP: &str = "Disk cache writes by result.";
+        const REFUSED: &str = "tidings_agent_api_refused_total";
+        const REFUSED_HELP: &str = "Local API requests refused with 403, by reason (host: a Host header naming another site; foreign_ip: a registration on an address not this host's, without the operator token).";
         const MEMBERS: &str = "tidings_agent_gossip_members";
         const MEMBERS_HELP: &str = "Gossip members by state, this agent excluded.";
         MetricsSnapshot::default().each(|field, help, _| {
@@ -112,6 +120,13 @@ impl Metrics {
                 "Disk cache files that could not be loaded (ignored).",
                 None,
             ),
+            checkin_refused: counter(
+                "tidings_agent_checkin_refused_endpoints_total",
+                "Endpoints the registry refused one by one (4xx), newly or again after being accepted; the rest of the host's endpoints still check in.",
+                None,
+            ),
+            api_refused_host: counter(REFUSED, REFUSED_HELP, Some("host")),
+            api_refused_ip: counter(REFUSED, REFUSED_HELP, Some("foreign_ip")),
             requests: counter("tidings_agent_requests_total", "Local API requests.", None),
             registry_age: gauge(
                 "tidings_agent_registry_age_seconds",

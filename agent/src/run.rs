@@ -36,6 +36,11 @@ pub enum AgentError {
     Gossip(#[from] gossip::RuntimeError),
     #[error("local API: {0}")]
     Serve(std::io::Error),
+    #[error("cannot read the operator token file {path}: {source}")]
+    OperatorToken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How long a start waits for the registry's agent listing when it has no other seeds.
@@ -48,11 +53,23 @@ const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// Runs the agent until `shutdown` fires. The caller binds the local API's listener (and
 /// logs its address), so tests can use port 0.
 pub async fn run(
-    config: AgentConfig,
+    mut config: AgentConfig,
     api: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     config.validate()?;
+    // The address actually bound (the configured one may name port 0): the API's Host check
+    // accepts it.
+    if let Ok(bound) = api.local_addr() {
+        config.api = bound;
+    }
+    if let (None, Some(path)) = (&config.operator_token, &config.operator_token_file) {
+        let token = std::fs::read_to_string(path).map_err(|source| AgentError::OperatorToken {
+            path: path.clone(),
+            source,
+        })?;
+        config.operator_token = Some(token.trim().to_string()).filter(|t| !t.is_empty());
+    }
     let client = config.client()?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
         path: config.data_dir.clone(),
@@ -200,10 +217,11 @@ async fn deregister(shared: &Shared, gossip: &GossipHandle) {
     }
 }
 
-/// Loads the disk cache; a missing file is normal, a bad one is logged and ignored.
+/// Loads the disk cache; a missing file is normal, a bad one is logged, set aside and
+/// ignored (the agent starts from the registry and gossip).
 fn load_cache(config: &AgentConfig) -> (CacheFile, bool) {
     let path = cache::path(&config.data_dir);
-    match cache::load(&config.data_dir) {
+    match cache::load(&config.data_dir, config.cache_max_bytes) {
         Ok(Some(file)) => {
             tracing::info!(path = %path.display(), hosts = file.hosts.len(), "disk cache loaded");
             (file, false)
@@ -212,8 +230,21 @@ fn load_cache(config: &AgentConfig) -> (CacheFile, bool) {
             tracing::info!(path = %path.display(), "no disk cache yet");
             (CacheFile::default(), false)
         }
+        Err(e) if e.is_bad_file() => {
+            match cache::set_aside(&config.data_dir, unix_ms_now()) {
+                Ok(to) => tracing::warn!(
+                    path = %path.display(), reason = %e, set_aside = %to.display(),
+                    "bad disk cache ignored and set aside; starting from the registry and gossip"
+                ),
+                Err(io) => tracing::warn!(
+                    path = %path.display(), reason = %e, error = %io,
+                    "bad disk cache ignored (could not be set aside); starting from the registry and gossip"
+                ),
+            }
+            (CacheFile::default(), true)
+        }
         Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "disk cache ignored (corrupt or foreign)");
+            tracing::warn!(path = %path.display(), error = %e, "disk cache unreadable, ignored; starting from the registry and gossip");
             (CacheFile::default(), true)
         }
     }

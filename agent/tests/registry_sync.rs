@@ -168,7 +168,7 @@ impl RunningAgent {
 /// A plain HTTP/1.1 GET: the status line's code, the headers (lower-case names), the body.
 async fn get(addr: SocketAddr, path: &str) -> (u16, BTreeMap<String, String>, Value) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.expect("read");
