@@ -1,0 +1,383 @@
+//! The repair TCP side of the runtime: the listener with its connection hygiene, and the
+//! request → response → push exchange over chunked sealed streams ([`crate::stream`]).
+//!
+//! What a host on the network can cost a node without the cluster key: one connection
+//! slot (at most `repair_max_connections`, and an unauthenticated one is the first to be
+//! closed when a new connection needs room), one chunk buffer, and the frame and idle
+//! timeouts. Failed accepts (out of file descriptors) back off and never stop the listener.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::GossipConfig;
+use crate::crypto::Sealer;
+use crate::metrics::Metrics;
+use crate::runtime::Command;
+use crate::stream::{MAX_SEALED_CHUNK, StreamError, StreamReader, StreamWriter};
+
+/// Frames a responder reads per connection: a request, then at most one push.
+const MAX_FRAMES_IN: usize = 2;
+/// Accept failures back off from the first to the last delay, doubling.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+/// At most one log line per this much time about failed accepts.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What every repair connection shares.
+#[derive(Clone)]
+pub(crate) struct Repair {
+    pub cmd: mpsc::Sender<Command>,
+    pub metrics: Arc<Metrics>,
+    pub sealer: watch::Receiver<Arc<Sealer>>,
+    pub sessions: Arc<Semaphore>,
+    pub frame_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Repair {
+    pub fn new(
+        cfg: &GossipConfig,
+        cmd: mpsc::Sender<Command>,
+        metrics: Arc<Metrics>,
+        sealer: watch::Receiver<Arc<Sealer>>,
+    ) -> Self {
+        Repair {
+            cmd,
+            metrics,
+            sealer,
+            sessions: Arc::new(Semaphore::new(cfg.max_repair_sessions)),
+            frame_timeout: Duration::from_millis(cfg.repair_frame_timeout_ms),
+            idle_timeout: Duration::from_millis(cfg.repair_idle_timeout_ms),
+            max_connections: cfg.repair_max_connections,
+        }
+    }
+
+    fn count(&self, e: &ConnError) {
+        let m = &self.metrics;
+        match e {
+            ConnError::Stream(StreamError::Open(o)) => m.dropped(*o),
+            ConnError::Stream(StreamError::OversizeChunk(_) | StreamError::OversizeFrame) => {
+                Metrics::bump(&m.dropped_oversize, 1);
+            }
+            ConnError::Stream(_) => Metrics::bump(&m.dropped_bad_stream, 1),
+            ConnError::FrameTimeout | ConnError::Idle => Metrics::bump(&m.tcp_timeouts, 1),
+            ConnError::Busy => Metrics::bump(&m.repair_sessions_busy, 1),
+            ConnError::Io(_) | ConnError::Stopped | ConnError::TooManyFrames => {}
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub(crate) enum ConnError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("a frame did not arrive whole in time")]
+    FrameTimeout,
+    #[error("idle too long")]
+    Idle,
+    #[error("every repair session slot is taken")]
+    Busy,
+    #[error("more frames than a repair exchange has")]
+    TooManyFrames,
+    #[error("node stopped")]
+    Stopped,
+}
+
+/// One direction in, one out, and the session slot once the peer proved it has a key.
+struct Conn<S> {
+    io: S,
+    rd: StreamReader,
+    wr: StreamWriter,
+    chunk: Vec<u8>,
+    permit: Option<OwnedSemaphorePermit>,
+    /// Set once a chunk was authenticated: the connection table never evicts it then.
+    authed: Arc<AtomicBool>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(io: S) -> Self {
+        Conn {
+            io,
+            rd: StreamReader::default(),
+            wr: StreamWriter::new(&mut rand::rng()),
+            chunk: Vec::new(),
+            permit: None,
+            authed: Arc::default(),
+        }
+    }
+
+    async fn write(&mut self, r: &Repair, frame: &[u8]) -> Result<(), ConnError> {
+        let sealer = r.sealer.borrow().clone();
+        let wire = self.wr.frame(&sealer, frame, &mut rand::rng());
+        timeout(r.frame_timeout, self.io.write_all(&wire))
+            .await
+            .map_err(|_| ConnError::FrameTimeout)??;
+        Ok(())
+    }
+
+    /// Reads one frame; `None` on a clean end of stream between frames. Waiting for a
+    /// frame to start is bounded by the idle timeout, reading it by the frame timeout.
+    async fn read(&mut self, r: &Repair) -> Result<Option<Vec<u8>>, ConnError> {
+        let mut first = [0u8; 1];
+        match timeout(r.idle_timeout, self.io.read(&mut first)).await {
+            Err(_) => return Err(ConnError::Idle),
+            Ok(Ok(0)) => return Ok(None),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.into()),
+        }
+        let deadline = Instant::now() + r.frame_timeout;
+        timeout_at(deadline, self.read_rest(r, first[0]))
+            .await
+            .map_err(|_| ConnError::FrameTimeout)?
+    }
+
+    async fn read_rest(&mut self, r: &Repair, first: u8) -> Result<Option<Vec<u8>>, ConnError> {
+        let mut prefix = [first, 0];
+        if !self.rd.started() {
+            let mut magic = [first, 0, 0, 0];
+            self.io.read_exact(&mut magic[1..]).await?;
+            self.rd.preamble(magic)?;
+            self.io.read_exact(&mut prefix).await?;
+        } else {
+            self.io.read_exact(&mut prefix[1..]).await?;
+        }
+        loop {
+            let n = self.rd.chunk_len(prefix)?;
+            // The one buffer an unauthenticated peer can make us hold.
+            self.chunk.resize(MAX_SEALED_CHUNK, 0);
+            let buf = self
+                .chunk
+                .get_mut(..n)
+                .ok_or(StreamError::OversizeChunk(n))?;
+            self.io.read_exact(buf).await?;
+            let sealer = r.sealer.borrow().clone();
+            let frame = self.rd.chunk(&sealer, buf)?;
+            // Authenticated: this peer holds a key, and may now buffer up to a frame.
+            if self.permit.is_none() {
+                self.permit = Some(
+                    r.sessions
+                        .clone()
+                        .try_acquire_owned()
+                        .map_err(|_| ConnError::Busy)?,
+                );
+                self.authed.store(true, Ordering::Relaxed);
+            }
+            if frame.is_some() {
+                return Ok(frame);
+            }
+            self.io.read_exact(&mut prefix).await?;
+        }
+    }
+}
+
+async fn to_node(cmd: &mpsc::Sender<Command>, data: Vec<u8>) -> Result<Option<Vec<u8>>, ConnError> {
+    let (reply, rx) = oneshot::channel();
+    cmd.send(Command::Frame { data, reply })
+        .await
+        .map_err(|_| ConnError::Stopped)?;
+    rx.await.map_err(|_| ConnError::Stopped)
+}
+
+/// Requester: send the request, apply the response, push back what the peer lacks.
+pub(crate) async fn initiate(
+    r: &Repair,
+    peer: SocketAddr,
+    request: Vec<u8>,
+) -> Result<(), ConnError> {
+    let permit = r
+        .sessions
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ConnError::Busy);
+    let permit = permit.inspect_err(|e| r.count(e))?;
+    let io = timeout(r.frame_timeout, TcpStream::connect(peer))
+        .await
+        .map_err(|_| ConnError::FrameTimeout)??;
+    let mut c = Conn::new(io);
+    c.permit = Some(permit);
+    let result = async {
+        c.write(r, &request).await?;
+        if let Some(response) = c.read(r).await?
+            && let Some(push) = to_node(&r.cmd, response).await?
+        {
+            c.write(r, &push).await?;
+        }
+        c.io.shutdown().await?;
+        Ok(())
+    }
+    .await;
+    result.inspect_err(|e| r.count(e))
+}
+
+/// Responder: answer the request, then apply an optional push until the peer closes.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    r: &Repair,
+    io: S,
+    authed: Arc<AtomicBool>,
+) -> Result<(), ConnError> {
+    let mut c = Conn::new(io);
+    c.authed = authed;
+    for _ in 0..MAX_FRAMES_IN {
+        let Some(frame) = c.read(r).await? else {
+            return Ok(());
+        };
+        if let Some(reply) = to_node(&r.cmd, frame).await? {
+            c.write(r, &reply).await?;
+            Metrics::bump(&r.metrics.repair_sessions_served, 1);
+        }
+    }
+    match c.read(r).await? {
+        None => Ok(()),
+        Some(_) => Err(ConnError::TooManyFrames),
+    }
+}
+
+/// The open inbound connections, oldest first.
+#[derive(Default)]
+struct Table {
+    next_id: u64,
+    open: BTreeMap<u64, Slot>,
+}
+
+struct Slot {
+    authed: Arc<AtomicBool>,
+    close: CancellationToken,
+}
+
+struct Admitted {
+    id: u64,
+    authed: Arc<AtomicBool>,
+    close: CancellationToken,
+    evicted: bool,
+}
+
+impl Table {
+    /// Makes room for a new connection. At the cap the oldest connection that has not
+    /// authenticated is closed: a flood of connections from hosts without the key then
+    /// only displaces itself, and a real peer, which authenticates with its first chunk
+    /// (milliseconds), is safe from then on. If every open connection is authenticated
+    /// the new one is refused (`None`): those are real sessions, each bounded in time.
+    fn admit(&mut self, cap: usize, stop: &CancellationToken) -> Option<Admitted> {
+        let mut evicted = false;
+        if self.open.len() >= cap {
+            let oldest = self
+                .open
+                .iter()
+                .find(|(_, s)| !s.authed.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)?;
+            if let Some(slot) = self.open.remove(&oldest) {
+                slot.close.cancel();
+            }
+            evicted = true;
+        }
+        self.next_id += 1;
+        let slot = Slot {
+            authed: Arc::default(),
+            close: stop.child_token(),
+        };
+        let admitted = Admitted {
+            id: self.next_id,
+            authed: slot.authed.clone(),
+            close: slot.close.clone(),
+            evicted,
+        };
+        self.open.insert(self.next_id, slot);
+        Some(admitted)
+    }
+}
+
+/// Removes a connection from the table when its task ends, however it ends.
+struct Leave(Arc<Mutex<Table>>, u64);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        t.open.remove(&self.1);
+    }
+}
+
+/// Accepts repair connections until `stop`. Generic over the accept call so tests can
+/// make it fail (file descriptors running out cannot be staged per test).
+pub(crate) async fn accept_loop<S, F, Fut>(
+    mut accept: F,
+    r: Repair,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<(S, SocketAddr)>>,
+{
+    let table = Arc::new(Mutex::new(Table::default()));
+    let mut backoff = Duration::ZERO;
+    let mut last_log: Option<Instant> = None;
+    let mut unlogged = 0u64;
+    loop {
+        let (io, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            res = accept() => match res {
+                Ok(x) => {
+                    backoff = Duration::ZERO;
+                    x
+                }
+                Err(e) => {
+                    // EMFILE and friends: the listener stays; wait for descriptors to free.
+                    Metrics::bump(&r.metrics.tcp_accept_errors, 1);
+                    backoff = (backoff * 2).clamp(ACCEPT_BACKOFF.0, ACCEPT_BACKOFF.1);
+                    if last_log.is_none_or(|t| t.elapsed() >= ACCEPT_LOG_EVERY) {
+                        tracing::warn!(
+                            error = %e,
+                            failed_since_last_log = unlogged,
+                            retry_in_ms = backoff.as_millis() as u64,
+                            "gossip repair listener cannot accept"
+                        );
+                        last_log = Some(Instant::now());
+                        unlogged = 0;
+                    } else {
+                        unlogged += 1;
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        () = sleep(backoff) => continue,
+                    }
+                }
+            },
+        };
+        let admitted = table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(r.max_connections, &stop);
+        let Some(a) = admitted else {
+            Metrics::bump(&r.metrics.tcp_refused, 1);
+            continue;
+        };
+        if a.evicted {
+            Metrics::bump(&r.metrics.tcp_evicted, 1);
+        }
+        let (r, leave) = (r.clone(), Leave(table.clone(), a.id));
+        tracker.spawn(async move {
+            let _leave = leave;
+            tokio::select! {
+                _ = a.close.cancelled() => {}
+                res = serve(&r, io, a.authed) => if let Err(e) = res {
+                    r.count(&e);
+                    tracing::debug!(%peer, error = %e, "repair connection closed");
+                },
+            }
+        });
+    }
+}
