@@ -381,3 +381,96 @@ pub(crate) async fn accept_loop<S, F, Fut>(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+    use tokio::io::{DuplexStream, duplex};
+
+    use super::*;
+    use crate::crypto::{KeyRing, SecretKey};
+    use crate::stream::MAGIC;
+
+    fn sealer() -> Arc<Sealer> {
+        let key = SecretKey::random(&mut StdRng::seed_from_u64(7));
+        Arc::new(Sealer::new("c", Some(&KeyRing::new(key))))
+    }
+
+    fn repair(sealer: Arc<Sealer>) -> (Repair, mpsc::Receiver<Command>) {
+        let (tx, rx) = mpsc::channel(8);
+        let cfg = GossipConfig::default();
+        let (_, sealer) = watch::channel(sealer);
+        (Repair::new(&cfg, tx, Arc::default(), sealer), rx)
+    }
+
+    /// A client that claims a full chunk and sends a few bytes of it costs one chunk
+    /// buffer, nothing more, until the frame timeout closes it.
+    #[tokio::test(start_paused = true)]
+    async fn an_unauthenticated_peer_costs_one_chunk_buffer() {
+        let (r, _rx) = repair(sealer());
+        let (mut client, server) = duplex(1 << 20);
+        let mut c = Conn::new(server);
+        let mut claim = MAGIC.to_vec();
+        claim.extend_from_slice(&u16::try_from(MAX_SEALED_CHUNK).unwrap().to_be_bytes());
+        claim.extend_from_slice(&[1; 100]);
+        client.write_all(&claim).await.unwrap();
+        assert!(matches!(c.read(&r).await, Err(ConnError::FrameTimeout)));
+        assert_eq!(c.chunk.capacity(), MAX_SEALED_CHUNK);
+        assert_eq!(c.rd.buffered(), 0);
+        assert!(!c.authed.load(Ordering::Relaxed));
+    }
+
+    /// Accept failures (EMFILE) back off instead of spinning, are counted, and the
+    /// listener serves the next connection once accepting works again.
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_back_off_and_never_end_the_loop() {
+        let sealer = sealer();
+        let (r, mut node) = repair(sealer.clone());
+        let metrics = r.metrics.clone();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let (client, server) = duplex(1 << 16);
+        let mut server = Some(server);
+        let counter = calls.clone();
+        let accept = move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let failing = start.elapsed() < Duration::from_secs(3);
+            let next = if failing { None } else { server.take() };
+            async move {
+                match next {
+                    Some(s) => Ok::<(DuplexStream, SocketAddr), _>((s, ([127, 0, 0, 1], 9).into())),
+                    None if failing => Err(std::io::Error::from_raw_os_error(24)),
+                    None => std::future::pending().await,
+                }
+            }
+        };
+        let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+        tracker.spawn(accept_loop(
+            accept,
+            r.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+
+        // The node side: answer every frame with "pong".
+        tokio::spawn(async move {
+            while let Some(Command::Frame { reply, .. }) = node.recv().await {
+                let _ = reply.send(Some(b"pong".to_vec()));
+            }
+        });
+        let mut c = Conn::new(client);
+        c.write(&r, b"ping").await.unwrap();
+        assert_eq!(c.read(&r).await.unwrap().as_deref(), Some(&b"pong"[..]));
+        // 3 s of failures: 10, 20, ... 640 ms, then 1 s steps: about 10 accepts, not
+        // millions; each counted.
+        let failed = calls.load(Ordering::Relaxed) - 2;
+        assert!((5..=15).contains(&failed), "{failed} accepts in 3 s");
+        assert_eq!(metrics.snapshot().tcp_accept_errors, failed as u64);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+    }
+}
