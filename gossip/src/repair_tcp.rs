@@ -25,7 +25,9 @@ use crate::GossipConfig;
 use crate::crypto::Sealer;
 use crate::metrics::Metrics;
 use crate::runtime::Command;
-use crate::stream::{MAX_SEALED_CHUNK, StreamError, StreamReader, StreamWriter};
+use crate::stream::{
+    self, HELLO_LEN, MAGIC, MAX_SEALED_CHUNK, StreamError, StreamReader, StreamWriter,
+};
 
 /// Frames a responder reads per connection: a request, then at most one push.
 const MAX_FRAMES_IN: usize = 2;
@@ -109,15 +111,34 @@ struct Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    fn new(io: S) -> Self {
-        Conn {
+    /// Exchanges hellos: each side learns the challenge its chunks must carry. Both send
+    /// theirs at once, so this costs one round trip; waiting for the peer's is bounded by
+    /// the idle timeout.
+    async fn open(r: &Repair, mut io: S) -> Result<Self, ConnError> {
+        let (challenge, hello) = stream::hello(&mut rand::rng());
+        let mut theirs = [0u8; HELLO_LEN];
+        let exchange = async {
+            io.write_all(&hello).await?;
+            // The preamble first: a version-1 peer or random bytes are refused at once.
+            io.read_exact(&mut theirs[..MAGIC.len()]).await?;
+            if theirs[..MAGIC.len()] != MAGIC {
+                return Err(StreamError::Preamble.into());
+            }
+            io.read_exact(&mut theirs[MAGIC.len()..]).await?;
+            Ok::<_, ConnError>(())
+        };
+        timeout(r.idle_timeout, exchange)
+            .await
+            .map_err(|_| ConnError::Idle)??;
+        let peer = stream::parse_hello(theirs)?;
+        Ok(Conn {
             io,
-            rd: StreamReader::default(),
-            wr: StreamWriter::new(&mut rand::rng()),
+            rd: StreamReader::new(challenge),
+            wr: StreamWriter::new(peer),
             chunk: Vec::new(),
             permit: None,
             authed: Arc::default(),
-        }
+        })
     }
 
     async fn write(&mut self, r: &Repair, frame: &[u8]) -> Result<(), ConnError> {
@@ -147,14 +168,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     async fn read_rest(&mut self, r: &Repair, first: u8) -> Result<Option<Vec<u8>>, ConnError> {
         let mut prefix = [first, 0];
-        if !self.rd.started() {
-            let mut magic = [first, 0, 0, 0];
-            self.io.read_exact(&mut magic[1..]).await?;
-            self.rd.preamble(magic)?;
-            self.io.read_exact(&mut prefix).await?;
-        } else {
-            self.io.read_exact(&mut prefix[1..]).await?;
-        }
+        self.io.read_exact(&mut prefix[1..]).await?;
         loop {
             let n = self.rd.chunk_len(prefix)?;
             // The one buffer an unauthenticated peer can make us hold.
@@ -207,7 +221,7 @@ pub(crate) async fn initiate(
     let io = timeout(r.frame_timeout, TcpStream::connect(peer))
         .await
         .map_err(|_| ConnError::FrameTimeout)??;
-    let mut c = Conn::new(io);
+    let mut c = Conn::open(r, io).await.inspect_err(|e| r.count(e))?;
     c.permit = Some(permit);
     let result = async {
         c.write(r, &request).await?;
@@ -229,7 +243,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
     authed: Arc<AtomicBool>,
 ) -> Result<(), ConnError> {
-    let mut c = Conn::new(io);
+    let mut c = Conn::open(r, io).await?;
     c.authed = authed;
     for _ in 0..MAX_FRAMES_IN {
         let Some(frame) = c.read(r).await? else {
@@ -392,7 +406,6 @@ mod tests {
 
     use super::*;
     use crate::crypto::{KeyRing, SecretKey};
-    use crate::stream::MAGIC;
 
     fn sealer() -> Arc<Sealer> {
         let key = SecretKey::random(&mut StdRng::seed_from_u64(7));
@@ -412,11 +425,12 @@ mod tests {
     async fn an_unauthenticated_peer_costs_one_chunk_buffer() {
         let (r, _rx) = repair(sealer());
         let (mut client, server) = duplex(1 << 20);
-        let mut c = Conn::new(server);
-        let mut claim = MAGIC.to_vec();
+        let (_, hello) = stream::hello(&mut rand::rng());
+        let mut claim = hello.to_vec();
         claim.extend_from_slice(&u16::try_from(MAX_SEALED_CHUNK).unwrap().to_be_bytes());
         claim.extend_from_slice(&[1; 100]);
         client.write_all(&claim).await.unwrap();
+        let mut c = Conn::open(&r, server).await.unwrap();
         assert!(matches!(c.read(&r).await, Err(ConnError::FrameTimeout)));
         assert_eq!(c.chunk.capacity(), MAX_SEALED_CHUNK);
         assert_eq!(c.rd.buffered(), 0);
@@ -461,7 +475,7 @@ mod tests {
                 let _ = reply.send(Some(b"pong".to_vec()));
             }
         });
-        let mut c = Conn::new(client);
+        let mut c = Conn::open(&r, client).await.unwrap();
         c.write(&r, b"ping").await.unwrap();
         assert_eq!(c.read(&r).await.unwrap().as_deref(), Some(&b"pong"[..]));
         // 3 s of failures: 10, 20, ... 640 ms, then 1 s steps: about 10 accepts, not

@@ -4,11 +4,14 @@
 //! ([`MAX_SEALED_CHUNK`] bytes), whatever lengths it claims; only authenticated plaintext
 //! accumulates, up to [`MAX_FRAME`].
 //!
-//! Wire, each direction of a connection: [`MAGIC`] once, then chunks, each
-//! `length (u16 BE) | sealed(stream id (8) | chunk number (u32 BE) | last (u8) | data)`.
-//! The stream id is random per direction and the chunk number counts from 0 across the
-//! frames of that direction, so chunks cannot be reordered, dropped or spliced in from
-//! another stream without the receiver noticing; `last` ends a frame.
+//! Wire: on connecting, each side sends a hello, `MAGIC (4) | challenge (8 random bytes)`.
+//! Then each direction carries chunks,
+//! `length (u16 BE) | sealed(challenge of the receiver (8) | chunk number (u32 BE) | last (u8) | data)`.
+//! The chunk number counts from 0 across the frames of that direction, so chunks cannot be
+//! reordered, dropped or spliced in from another stream without the receiver noticing; and
+//! since every chunk names the challenge its receiver picked for this connection, chunks
+//! recorded from another connection are refused too: only a live key holder gets past the
+//! first chunk. `last` ends a frame.
 //!
 //! Version 1 (a u32 length prefix and the whole frame sealed as one message) is not
 //! accepted: its first four bytes never equal [`MAGIC`]. A version-1 node reading
@@ -24,6 +27,8 @@ use crate::node::MAX_FRAME;
 /// First bytes of each direction of a repair connection: "TDR" and the stream version 2.
 /// Read as a version-1 u32 length it is about 1.4 GB, far above that version's limit.
 pub const MAGIC: [u8; 4] = *b"TDR\x02";
+/// Bytes of a hello: [`MAGIC`] and the sender's challenge.
+pub const HELLO_LEN: usize = 12;
 /// Most frame bytes per chunk.
 pub const CHUNK_DATA: usize = 32 * 1024;
 const CHUNK_HEADER: usize = 8 + 4 + 1;
@@ -48,6 +53,25 @@ pub enum StreamError {
     OutOfOrder,
 }
 
+/// A fresh challenge and the hello that carries it.
+pub fn hello(rng: &mut impl Rng) -> ([u8; 8], [u8; HELLO_LEN]) {
+    let challenge: [u8; 8] = rng.random();
+    let mut hello = [0u8; HELLO_LEN];
+    let (magic, rest) = hello.split_at_mut(4);
+    magic.copy_from_slice(&MAGIC);
+    rest.copy_from_slice(&challenge);
+    (challenge, hello)
+}
+
+/// The peer's challenge from its hello.
+pub fn parse_hello(hello: [u8; HELLO_LEN]) -> Result<[u8; 8], StreamError> {
+    let (magic, challenge) = hello.split_at(4);
+    if magic != MAGIC {
+        return Err(StreamError::Preamble);
+    }
+    challenge.try_into().map_err(|_| StreamError::Preamble)
+}
+
 /// The sending half of one direction of a repair connection.
 pub struct StreamWriter {
     id: [u8; 8],
@@ -55,21 +79,19 @@ pub struct StreamWriter {
 }
 
 impl StreamWriter {
-    pub fn new(rng: &mut impl Rng) -> Self {
+    /// `peer_challenge`: from the peer's hello.
+    pub fn new(peer_challenge: [u8; 8]) -> Self {
         StreamWriter {
-            id: rng.random(),
+            id: peer_challenge,
             next: 0,
         }
     }
 
-    /// The wire bytes of one frame (preceded by [`MAGIC`] if it is the first frame).
+    /// The wire bytes of one frame.
     pub fn frame(&mut self, sealer: &Sealer, frame: &[u8], rng: &mut impl Rng) -> Vec<u8> {
         let chunks = frame.len().div_ceil(CHUNK_DATA).max(1);
         let mut out =
-            Vec::with_capacity(4 + frame.len() + chunks * (2 + MAX_SEALED_CHUNK - CHUNK_DATA));
-        if self.next == 0 {
-            out.extend_from_slice(&MAGIC);
-        }
+            Vec::with_capacity(frame.len() + chunks * (2 + MAX_SEALED_CHUNK - CHUNK_DATA));
         let mut plain = Vec::with_capacity(CHUNK_HEADER + CHUNK_DATA);
         for i in 0..chunks {
             let data = frame
@@ -93,36 +115,31 @@ impl StreamWriter {
 }
 
 /// The receiving half of one direction of a repair connection.
-#[derive(Default)]
 pub struct StreamReader {
-    started: bool,
-    id: Option<[u8; 8]>,
+    id: [u8; 8],
     next: u32,
     frame: Vec<u8>,
 }
 
 impl StreamReader {
-    /// Whether the preamble was already read.
-    pub fn started(&self) -> bool {
-        self.started
+    /// `challenge`: the one this side sent in its hello.
+    pub fn new(challenge: [u8; 8]) -> Self {
+        StreamReader {
+            id: challenge,
+            next: 0,
+            frame: Vec::new(),
+        }
     }
 
-    /// Whether at least one chunk was authenticated: the peer holds a cluster key.
+    /// Whether at least one chunk was authenticated: the peer holds a cluster key and
+    /// answered this connection's challenge.
     pub fn authenticated(&self) -> bool {
-        self.id.is_some()
+        self.next > 0
     }
 
     /// Bytes held for the frame in progress (all authenticated).
     pub fn buffered(&self) -> usize {
         self.frame.capacity()
-    }
-
-    pub fn preamble(&mut self, bytes: [u8; 4]) -> Result<(), StreamError> {
-        if bytes != MAGIC {
-            return Err(StreamError::Preamble);
-        }
-        self.started = true;
-        Ok(())
     }
 
     /// Checks a chunk's length prefix before its bytes are read.
@@ -152,7 +169,7 @@ impl StreamReader {
         let (num, flags) = rest.split_at(4);
         let id: [u8; 8] = id.try_into().map_err(|_| StreamError::Malformed)?;
         let num = u32::from_be_bytes(num.try_into().map_err(|_| StreamError::Malformed)?);
-        if *self.id.get_or_insert(id) != id || num != self.next {
+        if id != self.id || num != self.next {
             return Err(StreamError::OutOfOrder);
         }
         self.next = self.next.wrapping_add(1);
@@ -181,6 +198,13 @@ mod tests {
         Sealer::new("c", Some(&KeyRing::new(key)))
     }
 
+    /// A connected pair of halves: the reader's hello answered by the writer.
+    fn pair(rng: &mut StdRng) -> (StreamWriter, StreamReader) {
+        let (challenge, hello) = hello(rng);
+        let peer = parse_hello(hello).unwrap();
+        (StreamWriter::new(peer), StreamReader::new(challenge))
+    }
+
     /// Feeds wire bytes to a reader the way the runtime does; returns the frames.
     fn read_all(
         s: &Sealer,
@@ -188,11 +212,6 @@ mod tests {
         mut wire: &[u8],
     ) -> Result<Vec<Vec<u8>>, StreamError> {
         let mut frames = Vec::new();
-        if !rd.started() {
-            let (m, rest) = wire.split_at(4);
-            rd.preamble(m.try_into().unwrap())?;
-            wire = rest;
-        }
         while !wire.is_empty() {
             let n = rd.chunk_len([wire[0], wire[1]])?;
             let (chunk, rest) = wire[2..].split_at(n);
@@ -206,8 +225,7 @@ mod tests {
     fn frames_round_trip_in_chunks() {
         let mut rng = StdRng::seed_from_u64(1);
         let s = sealer(1);
-        let mut w = StreamWriter::new(&mut rng);
-        let mut rd = StreamReader::default();
+        let (mut w, mut rd) = pair(&mut rng);
         let big: Vec<u8> = (0..3 * CHUNK_DATA + 5).map(|i| i as u8).collect();
         for f in [vec![], b"small".to_vec(), big.clone(), vec![7; CHUNK_DATA]] {
             let wire = w.frame(&s, &f, &mut rng);
@@ -217,41 +235,49 @@ mod tests {
     }
 
     #[test]
-    fn forged_reordered_and_oversized_chunks_are_refused() {
+    fn forged_replayed_reordered_and_oversized_chunks_are_refused() {
         let mut rng = StdRng::seed_from_u64(2);
         let s = sealer(2);
         let data = vec![1u8; 2 * CHUNK_DATA + 1];
-        let wire = StreamWriter::new(&mut rng).frame(&s, &data, &mut rng);
+        let (mut w, _) = pair(&mut rng);
+        let wire = w.frame(&s, &data, &mut rng);
+        let first_len = 2 + usize::from(u16::from_be_bytes([wire[0], wire[1]]));
         // Wrong key: refused at the first chunk, nothing buffered.
-        let mut rd = StreamReader::default();
+        let (mut w2, mut rd) = pair(&mut rng);
+        let wire2 = w2.frame(&s, &data, &mut rng);
         assert_eq!(
-            read_all(&sealer(3), &mut rd, &wire),
+            read_all(&sealer(3), &mut rd, &wire2),
             Err(StreamError::Open(OpenError::UnknownKey))
         );
         assert_eq!(rd.buffered(), 0);
-        // Not the preamble (a version-1 length prefix).
-        let mut rd = StreamReader::default();
-        assert_eq!(rd.preamble([0, 0, 1, 0]), Err(StreamError::Preamble));
+        assert!(!rd.authenticated());
+        // Not a hello (a version-1 length prefix).
+        assert_eq!(
+            parse_hello([0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(StreamError::Preamble)
+        );
         // A length claim beyond one sealed chunk, e.g. the first bytes of a 4 GiB prefix.
         assert_eq!(
             rd.chunk_len([0xff, 0xff]),
             Err(StreamError::OversizeChunk(0xffff))
         );
-        // Chunks of another stream spliced in, or a chunk replayed.
-        let other = StreamWriter::new(&mut rng).frame(&s, &data, &mut rng);
-        let first_len = 2 + usize::from(u16::from_be_bytes([wire[4], wire[5]]));
-        let mut spliced = wire[..4 + first_len].to_vec();
-        spliced.extend_from_slice(&other[4 + first_len..]);
-        let mut rd = StreamReader::default();
+        // A whole stream recorded from another connection (replay): other challenge.
+        let (_, mut rd) = pair(&mut rng);
+        assert_eq!(read_all(&s, &mut rd, &wire), Err(StreamError::OutOfOrder));
+        assert_eq!(rd.buffered(), 0);
+        // Within a connection: a chunk repeated, or chunks skipped.
+        let (mut w, mut rd) = pair(&mut rng);
+        let wire = w.frame(&s, &data, &mut rng);
+        let mut repeated = wire[..first_len].to_vec();
+        repeated.extend_from_slice(&wire[..first_len]);
         assert_eq!(
-            read_all(&s, &mut rd, &spliced),
+            read_all(&s, &mut rd, &repeated),
             Err(StreamError::OutOfOrder)
         );
-        let mut replayed = wire[..4 + first_len].to_vec();
-        replayed.extend_from_slice(&wire[4..4 + first_len]);
-        let mut rd = StreamReader::default();
+        let (mut w, mut rd) = pair(&mut rng);
+        let wire = w.frame(&s, &data, &mut rng);
         assert_eq!(
-            read_all(&s, &mut rd, &replayed),
+            read_all(&s, &mut rd, &wire[first_len..]),
             Err(StreamError::OutOfOrder)
         );
     }

@@ -60,9 +60,10 @@ fn sees(h: &GossipHandle, ep: &Endpoint) -> bool {
         .any(|e| e.endpoint == *ep && matches!(e.source, Source::Gossip { .. }))
 }
 
-/// The start of a chunk that claims 32 768 bytes, of which only 10 follow.
+/// A hello (preamble and challenge), then the start of a chunk that claims 32 768 bytes,
+/// of which only 10 follow.
 fn half_frame() -> Vec<u8> {
-    let mut b = b"TDR\x02\x80\x00".to_vec();
+    let mut b = b"TDR\x02challnge\x80\x00".to_vec();
     b.extend_from_slice(&[0x5a; 10]);
     b
 }

@@ -195,14 +195,15 @@ fn an_agent_survives_hostile_gossip_traffic() -> Result<()> {
 
     udp_garbage(&seed, 0x9e37_79b9_7f4a_7c15)?;
     let half_frame = {
-        // Repair stream preamble, then a chunk claiming 32 768 bytes of which 10 come.
-        let mut b = b"TDR\x02\x80\x00".to_vec();
+        // A repair stream hello (preamble, challenge), then a chunk claiming 32 768 bytes
+        // of which 10 come.
+        let mut b = b"TDR\x02challnge\x80\x00".to_vec();
         b.extend_from_slice(&[0x5a; 10]);
         b
     };
     let mut held = tcp_stallers(&seed, 500, &half_frame);
     held.extend(tcp_stallers(&seed, 20, &u32::MAX.to_be_bytes()));
-    held.extend(tcp_stallers(&seed, 20, b"TDR\x02\xff\xff"));
+    held.extend(tcp_stallers(&seed, 20, b"TDR\x02challnge\xff\xff"));
     let mut g = Garbage(7);
     for _ in 0..20 {
         held.extend(tcp_stallers(&seed, 1, &g.bytes(1024)));
