@@ -487,4 +487,32 @@ mod tests {
         tracker.close();
         tracker.wait().await;
     }
+
+    /// Chunks sealed with the right key but for another connection's challenge (what a
+    /// recorded stream replayed looks like) never reach the node, nor earn a session.
+    #[tokio::test(start_paused = true)]
+    async fn a_replayed_stream_is_refused_before_the_node_sees_it() {
+        let sealer = sealer();
+        let (r, mut node) = repair(sealer.clone());
+        let (mut client, server) = duplex(1 << 20);
+        let (_, hello) = stream::hello(&mut rand::rng());
+        let mut replay = hello.to_vec();
+        let recorded_challenge = [3u8; 8];
+        let frame = StreamWriter::new(recorded_challenge).frame(&sealer, b"req", &mut rand::rng());
+        replay.extend_from_slice(&frame);
+        client.write_all(&replay).await.unwrap();
+        let authed = Arc::new(AtomicBool::new(false));
+        // Bounded, so that a frame let through (the node side never answers) fails the
+        // test instead of hanging it.
+        let res = timeout(Duration::from_secs(60), serve(&r, server, authed.clone()))
+            .await
+            .unwrap_or(Err(ConnError::Stopped));
+        assert!(
+            matches!(res, Err(ConnError::Stream(StreamError::OutOfOrder))),
+            "{res:?}"
+        );
+        assert!(!authed.load(Ordering::Relaxed));
+        assert_eq!(r.sessions.available_permits(), 8);
+        assert!(node.try_recv().is_err(), "the node saw a replayed frame");
+    }
 }
