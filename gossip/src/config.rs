@@ -70,6 +70,20 @@ pub struct GossipConfig {
     /// Registry snapshots dated more than this ahead of this node's clock are refused
     /// (see [`DEFAULT_MAX_SNAPSHOT_SKEW_MS`]).
     pub max_snapshot_skew_ms: u64,
+    /// A repair frame must arrive whole within this from its first byte; a peer that sends
+    /// part of one and stalls is disconnected. 5 s: a 16 MiB frame needs ~30 Mbit/s.
+    pub repair_frame_timeout_ms: u64,
+    /// A repair connection with no frame in progress is closed after this. An honest peer
+    /// sends its next frame within milliseconds of the previous reply.
+    pub repair_idle_timeout_ms: u64,
+    /// Inbound repair TCP connections open at once. At the cap the oldest connection that
+    /// has not authenticated yet is closed for the new one; if all have, the new one is
+    /// refused. Each costs at most one sealed chunk (~32 KiB) until it authenticates.
+    pub repair_max_connections: usize,
+    /// Repair sessions (inbound, once authenticated, and outbound) running at once; each
+    /// may buffer a frame of up to 16 MiB. Others are refused or skipped; the next repair
+    /// interval retries.
+    pub max_repair_sessions: usize,
 }
 
 impl Default for GossipConfig {
@@ -88,6 +102,10 @@ impl Default for GossipConfig {
             tombstone_retention_ms: 24 * 3600 * 1000,
             remove_down_after_ms: 24 * 3600 * 1000,
             max_snapshot_skew_ms: DEFAULT_MAX_SNAPSHOT_SKEW_MS,
+            repair_frame_timeout_ms: 5_000,
+            repair_idle_timeout_ms: 5_000,
+            repair_max_connections: 64,
+            max_repair_sessions: 8,
         }
     }
 }
@@ -123,6 +141,20 @@ impl GossipConfig {
         if self.max_snapshot_skew_ms > MAX_SNAPSHOT_SKEW_LIMIT_MS {
             return Err(ConfigError::Interval(
                 "max_snapshot_skew_ms must be at most 86400000 (one day)",
+            ));
+        }
+        if !(1..=600_000).contains(&self.repair_frame_timeout_ms)
+            || !(1..=600_000).contains(&self.repair_idle_timeout_ms)
+        {
+            return Err(ConfigError::Interval(
+                "repair_frame_timeout_ms and repair_idle_timeout_ms must be 1..=600000",
+            ));
+        }
+        if !(1..=65_536).contains(&self.repair_max_connections)
+            || !(1..=1_024).contains(&self.max_repair_sessions)
+        {
+            return Err(ConfigError::Interval(
+                "repair_max_connections must be 1..=65536 and max_repair_sessions 1..=1024",
             ));
         }
 

@@ -27,7 +27,9 @@
 //!   the runtime on a `tokio::sync::watch` ([`GossipView`]).
 //! - **Security** ([`crypto`]): every datagram and frame is sealed with XChaCha20-Poly1305
 //!   under a [`KeyRing`], cluster name as associated data; failures are dropped and counted
-//!   in [`Metrics`].
+//!   in [`Metrics`]. On TCP a frame travels as sealed chunks of at most 32 KiB, each
+//!   authenticated before the next is read ([`stream`]); the listener bounds connections,
+//!   sessions and the time a frame may take (see [`GossipConfig`]).
 //!
 //! The core, [`Node`], is sans-IO: no sockets, no clock, no global RNG. Callers pass the time
 //! and a seed and carry out its [`Effect`]s. [`runtime`] drives it over tokio sockets
@@ -37,7 +39,8 @@
 //! start, or the epoch persisted by the last start + 1 when the clock is behind it, see
 //! [`epoch::next_epoch`]; `seq` grows by one per change); nothing
 //! received from the network can panic the node or make it allocate beyond
-//! [`node::MAX_DATAGRAM`] / [`node::MAX_FRAME`].
+//! [`node::MAX_DATAGRAM`] / [`stream::MAX_SEALED_CHUNK`] before it is authenticated (nor
+//! beyond [`node::MAX_FRAME`] after).
 
 pub mod broadcast;
 mod codec;
@@ -50,11 +53,13 @@ pub mod metrics;
 pub mod node;
 pub mod probing;
 pub mod repair;
+mod repair_tcp;
 pub mod rows;
 pub mod runtime;
 pub mod sim;
 pub mod snapshot;
 pub mod spread;
+pub mod stream;
 pub mod view;
 
 pub use codec::{FocaCodec, FocaCodecError};

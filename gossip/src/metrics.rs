@@ -50,7 +50,14 @@ counters! {
     dropped_truncated: "Packets or frames too short to be sealed messages.",
     dropped_mode: "Sealed traffic in insecure mode, or plaintext traffic with a key.",
     dropped_malformed: "Packets or frames that opened but did not decode.",
-    dropped_oversize: "TCP frames whose length prefix exceeded the limit.",
+    dropped_oversize: "UDP packets over the size limit, repair TCP chunks or frames over theirs.",
+    dropped_bad_stream: "Repair TCP streams closed for a wrong preamble (an older or foreign peer) or a chunk out of order or malformed.",
+    tcp_timeouts: "Repair TCP connections closed for a stalled frame or idleness.",
+    tcp_evicted: "Repair TCP connections not yet authenticated, closed to make room at the connection cap.",
+    tcp_refused: "Repair TCP connections refused at the cap because every open one was authenticated.",
+    tcp_accept_errors: "Failed accepts on the repair TCP listener (for instance out of file descriptors).",
+    repair_sessions_busy: "Repair sessions not started, or refused, because max_repair_sessions were in progress.",
+    repair_sessions_served: "Repair requests from peers answered over TCP.",
     swim_errors: "Other foca errors (stale or unexpected messages).",
     repair_exchanges: "Repair requests sent after a digest mismatch.",
     repair_rows_applied: "Rows and snapshots learned through repair.",
@@ -121,6 +128,7 @@ impl MetricsSnapshot {
             + self.dropped_mode
             + self.dropped_malformed
             + self.dropped_oversize
+            + self.dropped_bad_stream
     }
 }
 

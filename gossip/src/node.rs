@@ -17,7 +17,7 @@ use crate::NodeId;
 use crate::broadcast::{BroadcastItem, Store};
 use crate::codec::{FocaCodec, PacketKind};
 use crate::config::{ConfigError, GossipConfig, foca_config};
-use crate::crypto::{KeyRing, SEAL_OVERHEAD, Sealer};
+use crate::crypto::{KeyRing, Sealer};
 use crate::metrics::Metrics;
 use crate::probing::ProbeHealth;
 use crate::repair::{self, Digest, RepairFrame};
@@ -28,7 +28,8 @@ use crate::view::MemberInfo;
 
 /// Largest UDP datagram we produce or accept, sealed (memberlist's 1400).
 pub const MAX_DATAGRAM: usize = 1400;
-/// Largest repair TCP frame (sealed); checked against the length prefix before allocating.
+/// Largest repair frame (plaintext). On TCP it travels as sealed chunks (`crate::stream`),
+/// each authenticated before the next is read, so only authenticated bytes are buffered.
 pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Broadcast items above this are left to repair, so that a packet always has room for a
 /// few items.
@@ -57,7 +58,8 @@ pub enum Effect {
     /// Call `handle_timer(timer)` after `after`.
     Schedule { after: Duration, timer: Timer },
     /// Open a TCP connection to `peer`, send `frame`; feed every frame received on it to
-    /// [`Node::handle_repair_frame`] and send back what that returns.
+    /// [`Node::handle_repair_frame`] and send back what that returns. Repair frames are
+    /// plaintext here: the driver seals them on the wire ([`crate::stream`]).
     Repair { peer: SocketAddr, frame: Vec<u8> },
 }
 
@@ -285,7 +287,7 @@ impl Node {
             .filter(|_| !digest.reply);
         match req {
             Some(req) => {
-                if let Some(frame) = self.seal_frame(&RepairFrame::Request(req)) {
+                if let Some(frame) = encode_frame(&RepairFrame::Request(req)) {
                     Metrics::bump(&self.metrics.repair_exchanges, 1);
                     self.effects.push(Effect::Repair { peer: from, frame });
                 }
@@ -297,27 +299,11 @@ impl Node {
         }
     }
 
-    fn seal_frame(&mut self, frame: &RepairFrame) -> Option<Vec<u8>> {
-        match codec::encode::<_, { MAX_FRAME - SEAL_OVERHEAD }>(frame) {
-            Ok(bytes) => Some(self.sealer.seal(&bytes, &mut self.rng)),
-            Err(e) => {
-                tracing::warn!(error = %e, "repair frame not sent");
-                None
-            }
-        }
-    }
-
-    /// Handles one sealed repair frame received over TCP; returns the sealed reply, if any.
+    /// Handles one repair frame received over TCP, already authenticated and opened by the
+    /// driver ([`crate::stream`]); returns the plaintext reply, if any.
     pub fn handle_repair_frame(&mut self, now_ms: u64, data: &[u8]) -> Option<Vec<u8>> {
         self.set_now(now_ms);
-        let plain = match self.sealer.open(data) {
-            Ok(p) => p,
-            Err(e) => {
-                self.metrics.dropped(e);
-                return None;
-            }
-        };
-        let frame = match codec::decode::<RepairFrame, { MAX_FRAME - SEAL_OVERHEAD }>(&plain) {
+        let frame = match codec::decode::<RepairFrame, MAX_FRAME>(data) {
             Ok(f) => f,
             Err(_) => {
                 Metrics::bump(&self.metrics.dropped_malformed, 1);
@@ -353,7 +339,7 @@ impl Node {
             reply
         };
         self.drain();
-        reply.and_then(|r| self.seal_frame(&r))
+        reply.as_ref().and_then(encode_frame)
     }
 
     /// A few rows learned by repair are news to the rest of our side too (typically after a
@@ -555,3 +541,14 @@ impl Node {
 #[cfg(test)]
 #[path = "node_tests.rs"]
 mod tests;
+
+/// A repair frame's plaintext (the driver seals it on the wire); `None` if it is too large.
+fn encode_frame(frame: &RepairFrame) -> Option<Vec<u8>> {
+    match codec::encode::<_, MAX_FRAME>(frame) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            tracing::warn!(error = %e, "repair frame not sent");
+            None
+        }
+    }
+}

@@ -10,22 +10,19 @@ use std::time::Duration;
 
 use schema::Endpoint;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::crypto::KeyRing;
+use crate::crypto::{KeyRing, Sealer};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::node::{Effect, MAX_DATAGRAM, MAX_FRAME, Node, Timer};
+use crate::node::{Effect, MAX_DATAGRAM, Node, Timer};
+use crate::repair_tcp::{self, ConnError, Repair};
 use crate::snapshot::Snapshot;
 use crate::view::{GossipView, MemberInfo};
 use crate::{ConfigError, GossipConfig, NodeId};
-
-const REPAIR_IO_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_REPAIR_CONNECTIONS: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum RuntimeError {
@@ -42,7 +39,7 @@ pub enum RuntimeError {
     Stopped,
 }
 
-enum Command {
+pub(crate) enum Command {
     PublishLocal(Vec<Endpoint>),
     Snapshot(Snapshot),
     KeyRing(Option<KeyRing>),
@@ -145,7 +142,9 @@ pub async fn run_with_epoch(
     local: Vec<Endpoint>,
     shutdown: CancellationToken,
 ) -> Result<GossipHandle, RuntimeError> {
-    config.validate()?;
+    let ring = config.validate()?;
+    let (sealer_tx, sealer_rx) =
+        watch::channel(Arc::new(Sealer::new(&config.cluster, ring.as_ref())));
     let (udp, tcp) = bind_pair(config.bind).await?;
     let bound = udp.local_addr().map_err(|source| RuntimeError::Bind {
         addr: config.bind,
@@ -156,6 +155,8 @@ pub async fn run_with_epoch(
         return Err(RuntimeError::Advertise(advertise));
     }
     config.advertise = Some(advertise);
+    let cluster = config.cluster.clone();
+    let limits = config.clone();
     let mut node = Node::new(config, epoch, rand::random())?;
     let now = now_ms();
     node.start(now);
@@ -171,19 +172,26 @@ pub async fn run_with_epoch(
         tracker: tracker.clone(),
     };
     let stop = shutdown.child_token();
+    let repair = Repair::new(&limits, cmd_tx.clone(), handle.metrics.clone(), sealer_rx);
     let task = NodeTask {
         node,
         udp: Arc::new(udp),
-        cmd_tx: cmd_tx.clone(),
+        repair: repair.clone(),
+        cluster,
+        sealer_tx,
         timers: Timers::default(),
         view_tx,
         last_gen: u64::MAX,
         tracker: tracker.clone(),
     };
-    tracker.spawn(accept_loop(
-        tcp,
-        cmd_tx,
-        handle.metrics.clone(),
+    let tcp = Arc::new(tcp);
+    let accept = move || {
+        let tcp = tcp.clone();
+        async move { tcp.accept().await }
+    };
+    tracker.spawn(repair_tcp::accept_loop(
+        accept,
+        repair,
         stop.clone(),
         tracker.clone(),
     ));
@@ -250,7 +258,10 @@ impl Timers {
 struct NodeTask {
     node: Node,
     udp: Arc<UdpSocket>,
-    cmd_tx: mpsc::Sender<Command>,
+    repair: Repair,
+    cluster: String,
+    /// The TCP side seals and opens with the same keys as the node.
+    sealer_tx: watch::Sender<Arc<Sealer>>,
     timers: Timers,
     view_tx: watch::Sender<Arc<GossipView>>,
     last_gen: u64,
@@ -285,7 +296,10 @@ impl NodeTask {
                     None | Some(Command::Crash) => break,
                     Some(Command::PublishLocal(eps)) => self.node.publish_local(now_ms(), eps),
                     Some(Command::Snapshot(s)) => self.node.apply_registry_snapshot(now_ms(), s),
-                    Some(Command::KeyRing(r)) => self.node.set_key_ring(r.as_ref()),
+                    Some(Command::KeyRing(r)) => {
+                        self.node.set_key_ring(r.as_ref());
+                        self.sealer_tx.send_replace(Arc::new(Sealer::new(&self.cluster, r.as_ref())));
+                    }
                     Some(Command::Join(seeds)) => self.node.join(now_ms(), &seeds),
                     Some(Command::Frame { data, reply }) => {
                         let _ = reply.send(self.node.handle_repair_frame(now_ms(), &data));
@@ -308,16 +322,14 @@ impl NodeTask {
                 }
                 Effect::Schedule { after, timer } => self.timers.push(after, timer),
                 Effect::Repair { peer, frame } => {
-                    let (cmd, metrics) = (self.cmd_tx.clone(), self.node.metrics());
+                    let repair = self.repair.clone();
                     self.tracker.spawn(async move {
-                        let r = timeout(
-                            REPAIR_IO_TIMEOUT,
-                            initiate_repair(peer, frame, &cmd, &metrics),
-                        )
-                        .await;
-                        if !matches!(r, Ok(Ok(()))) {
-                            Metrics::bump(&metrics.repair_failures, 1);
-                            tracing::debug!(%peer, "repair exchange failed");
+                        match repair_tcp::initiate(&repair, peer, frame).await {
+                            Ok(()) | Err(ConnError::Busy) => {}
+                            Err(e) => {
+                                Metrics::bump(&repair.metrics.repair_failures, 1);
+                                tracing::debug!(%peer, error = %e, "repair exchange failed");
+                            }
                         }
                     });
                 }
@@ -343,121 +355,6 @@ impl NodeTask {
                 *cur = Arc::new(view);
             }
             changed
-        });
-    }
-}
-
-#[derive(Debug, Error)]
-enum FrameError {
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes exceeds the limit")]
-    Oversize(usize),
-    #[error("node stopped")]
-    Stopped,
-}
-
-async fn write_frame(s: &mut TcpStream, data: &[u8]) -> Result<(), FrameError> {
-    let len = u32::try_from(data.len()).map_err(|_| FrameError::Oversize(data.len()))?;
-    s.write_all(&len.to_be_bytes()).await?;
-    s.write_all(data).await?;
-    Ok(())
-}
-
-/// Reads one length-prefixed frame; `None` on a clean end of stream. The length is checked
-/// against [`MAX_FRAME`] before anything is allocated.
-async fn read_frame(s: &mut TcpStream, metrics: &Metrics) -> Result<Option<Vec<u8>>, FrameError> {
-    let mut len = [0u8; 4];
-    match s.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        Metrics::bump(&metrics.dropped_oversize, 1);
-        return Err(FrameError::Oversize(len));
-    }
-    let mut data = vec![0u8; len];
-    s.read_exact(&mut data).await?;
-    Ok(Some(data))
-}
-
-async fn to_node(
-    cmd: &mpsc::Sender<Command>,
-    data: Vec<u8>,
-) -> Result<Option<Vec<u8>>, FrameError> {
-    let (reply, rx) = oneshot::channel();
-    cmd.send(Command::Frame { data, reply })
-        .await
-        .map_err(|_| FrameError::Stopped)?;
-    rx.await.map_err(|_| FrameError::Stopped)
-}
-
-/// Requester: send the request, apply the response, push back what the peer lacks.
-async fn initiate_repair(
-    peer: SocketAddr,
-    request: Vec<u8>,
-    cmd: &mpsc::Sender<Command>,
-    metrics: &Metrics,
-) -> Result<(), FrameError> {
-    let mut s = TcpStream::connect(peer).await?;
-    write_frame(&mut s, &request).await?;
-    if let Some(response) = read_frame(&mut s, metrics).await?
-        && let Some(push) = to_node(cmd, response).await?
-    {
-        write_frame(&mut s, &push).await?;
-    }
-    s.shutdown().await?;
-    Ok(())
-}
-
-/// Responder: answer the request, then apply an optional push until the peer closes.
-async fn serve_repair(
-    mut s: TcpStream,
-    cmd: mpsc::Sender<Command>,
-    metrics: Arc<Metrics>,
-) -> Result<(), FrameError> {
-    while let Some(frame) = read_frame(&mut s, &metrics).await? {
-        if let Some(reply) = to_node(&cmd, frame).await? {
-            write_frame(&mut s, &reply).await?;
-        }
-    }
-    Ok(())
-}
-
-async fn accept_loop(
-    tcp: TcpListener,
-    cmd: mpsc::Sender<Command>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let permits = Arc::new(Semaphore::new(MAX_REPAIR_CONNECTIONS));
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = tcp.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        // Over the limit: drop the connection rather than queue it; repair retries later.
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            continue;
-        };
-        let (cmd, metrics) = (cmd.clone(), metrics.clone());
-        tracker.spawn(async move {
-            if let Err(e) = timeout(REPAIR_IO_TIMEOUT, serve_repair(stream, cmd, metrics))
-                .await
-                .unwrap_or(Err(FrameError::Stopped))
-            {
-                tracing::debug!(%peer, error = %e, "repair connection closed");
-            }
-            drop(permit);
         });
     }
 }

@@ -138,14 +138,20 @@ async fn hostile_input_is_dropped_and_counted() {
         m.dropped_unknown_key >= 2 && m.dropped_truncated >= 1
     })
     .await;
-    // An oversized TCP length prefix is refused before allocating; garbage frames too.
+    // TCP: an old-style length prefix claiming 4 GiB (not the stream's hello), a chunk
+    // length beyond one chunk, and a chunk no key opens. Each is refused before more than
+    // one chunk buffer is spent on it.
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
     let mut s2 = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s2.write_all(&[0, 0, 0, 5, 1, 2, 3, 4, 5]).await.unwrap();
+    s2.write_all(b"TDR\x02challnge\xff\xff").await.unwrap();
+    let mut s3 = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut junk = b"TDR\x02challnge\x00\x64".to_vec();
+    junk.extend_from_slice(&[9u8; 100]);
+    s3.write_all(&junk).await.unwrap();
     eventually("tcp drops counted", Duration::from_secs(10), || {
         let m = a.metrics();
-        m.dropped_oversize >= 1 && m.dropped_truncated >= 2
+        m.dropped_bad_stream >= 1 && m.dropped_oversize >= 1 && m.dropped_unknown_key >= 3
     })
     .await;
     assert!(
