@@ -47,6 +47,11 @@ pub struct RegistryConfig {
     /// At most this many API requests (blocking queries and probes aside) are handled at
     /// once; more are answered 429 with `Retry-After` instead of queueing into timeouts.
     pub max_in_flight: usize,
+    /// At most this many blocking queries wait at once; one more is answered 429 with a
+    /// short jittered `Retry-After` at once instead of holding a task and a socket. Every
+    /// agent holds one catalog waiter (and proxies one per watched service), so this is
+    /// roughly the fleet one registry replica can serve: run more replicas or raise it.
+    pub max_blocking_waiters: usize,
     /// Every handler answers within this (blocking queries: within their wait plus this).
     #[serde(with = "duration")]
     pub handler_timeout: Duration,
@@ -91,6 +96,7 @@ impl Default for RegistryConfig {
             body_limit: 64 * 1024,
             trusted_proxies: 0,
             max_in_flight: 4096,
+            max_blocking_waiters: 8192,
             handler_timeout: Duration::from_secs(10),
             store_timeout: Duration::from_secs(3),
             max_wait: Duration::from_secs(5 * 60),
@@ -160,6 +166,11 @@ impl RegistryConfig {
         if self.max_in_flight == 0 {
             return Err(ConfigError::Zero {
                 field: "max_in_flight",
+            });
+        }
+        if self.max_blocking_waiters == 0 {
+            return Err(ConfigError::Zero {
+                field: "max_blocking_waiters",
             });
         }
         if self.body_limit == 0 {

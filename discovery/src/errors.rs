@@ -32,6 +32,12 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    /// `max_blocking_waiters` blocking queries are already waiting.
+    #[error(
+        "too many blocking queries are waiting (max_blocking_waiters = {limit}); retry after \
+         {retry_after_secs}s, or read without `index` for an immediate answer"
+    )]
+    TooManyWaiters { limit: usize, retry_after_secs: u64 },
     #[error("the store is unavailable: {message}")]
     Unavailable {
         message: String,
@@ -50,7 +56,7 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded | ApiError::TooManyWaiters { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -66,6 +72,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::TooLarge(_) => "body_too_large",
             ApiError::Overloaded => "overloaded",
+            ApiError::TooManyWaiters { .. } => "too_many_waiters",
             ApiError::Unavailable { .. } => "store_unavailable",
             ApiError::Timeout(_) => "timeout",
         }
@@ -95,6 +102,11 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable { retry_after, .. } => {
                 let secs = retry_after.as_secs().max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ApiError::TooManyWaiters {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             ApiError::Timeout(_) | ApiError::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

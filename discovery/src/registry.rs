@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use schema::{Endpoint, ServiceName};
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     /// One fleet count at a time (the sweeper's, or a read's after a blind spot).
     pub(crate) census_lock: tokio::sync::Mutex<()>,
     changes: watch::Sender<u64>,
+    /// One permit per waiting blocking query (`max_blocking_waiters`).
+    pub(crate) waiters: Arc<Semaphore>,
     cache: ReadCache,
     draining: CancellationToken,
 }
@@ -113,6 +115,9 @@ impl Registry {
             census_try_ms: AtomicU64::new(now),
             census_lock: tokio::sync::Mutex::new(()),
             changes: watch::Sender::new(0),
+            waiters: Arc::new(Semaphore::new(
+                config.max_blocking_waiters.min(Semaphore::MAX_PERMITS),
+            )),
             cache: ReadCache::default(),
             draining: CancellationToken::new(),
             metrics: Metrics::new(),

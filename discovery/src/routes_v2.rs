@@ -122,6 +122,20 @@ where
         return Ok(view);
     }
     let cfg = registry.config();
+    // Held for the whole wait and released on drop, also when the client goes away.
+    let _permit = registry
+        .inner
+        .waiters
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            registry.inner.metrics.rejected("max_blocking_waiters");
+            ApiError::TooManyWaiters {
+                limit: cfg.max_blocking_waiters,
+                // Jittered, so refused waiters do not all come back in the same second.
+                retry_after_secs: policy::waiter_retry_after(rand::random::<f64>()),
+            }
+        })?;
     let wait = policy::blocking_wait(
         wait.unwrap_or(cfg.max_wait),
         cfg.max_wait,

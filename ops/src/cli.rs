@@ -80,6 +80,10 @@ pub struct RegistryArgs {
     /// `auto_ip` check-in takes the hop the outermost one appended; 0 takes the peer address.
     #[arg(long, value_name = "N")]
     pub trusted_proxies: Option<usize>,
+    /// Most blocking queries waiting at once; past it they get 429 [default: 8192]. Each
+    /// agent holds one, so size it above the fleet one replica serves.
+    #[arg(long, value_name = "N")]
+    pub max_blocking_waiters: Option<usize>,
     #[command(flatten)]
     pub store: StoreArgs,
 }

@@ -83,6 +83,9 @@ pub fn settings(args: &RegistryArgs) -> Result<Settings> {
     if let Some(n) = args.trusted_proxies {
         registry.trusted_proxies = n;
     }
+    if let Some(n) = args.max_blocking_waiters {
+        registry.max_blocking_waiters = n;
+    }
     if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
         registry.secret = Some(read_secret(path)?);
     }

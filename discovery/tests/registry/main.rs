@@ -9,6 +9,7 @@ mod common;
 mod eds;
 mod expiry;
 mod fuzz;
+mod limits;
 mod lyft;
 mod preservation;
 mod socket;
