@@ -10,6 +10,7 @@ use schema::ValidationError;
 use schema::api::ErrorBody;
 use thiserror::Error;
 
+use crate::quota::QuotaExceeded;
 use crate::store::StoreError;
 
 #[derive(Debug, Error)]
@@ -38,6 +39,11 @@ pub enum ApiError {
          {retry_after_secs}s, or read without `index` for an immediate answer"
     )]
     TooManyWaiters { limit: usize, retry_after_secs: u64 },
+    /// A write that would take a storage quota past its configured value. 403, as for a
+    /// Kubernetes ResourceQuota: retrying the same write will not help until something is
+    /// deregistered or the operator raises the limit.
+    #[error("{0}")]
+    Quota(#[from] QuotaExceeded),
     #[error("the store is unavailable: {message}")]
     Unavailable {
         message: String,
@@ -52,7 +58,7 @@ impl ApiError {
         match self {
             ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::Quota(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -73,6 +79,7 @@ impl ApiError {
             ApiError::TooLarge(_) => "body_too_large",
             ApiError::Overloaded => "overloaded",
             ApiError::TooManyWaiters { .. } => "too_many_waiters",
+            ApiError::Quota(_) => "quota_exceeded",
             ApiError::Unavailable { .. } => "store_unavailable",
             ApiError::Timeout(_) => "timeout",
         }

@@ -40,6 +40,7 @@ pub mod memory;
 mod metrics;
 mod openapi;
 pub mod policy;
+pub mod quota;
 mod registry;
 mod router;
 mod routes_eds;

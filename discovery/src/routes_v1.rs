@@ -82,6 +82,7 @@ pub async fn register(
         .inner
         .auth
         .authorize(&grant, Scope::Ips(&[ep.ip]))?;
+    registry.admit(std::slice::from_ref(&ep)).await?;
     // lyft merged a re-check-in's tags over the stored ones; v1 keeps that (v2 replaces).
     let sent = sent_tag_keys(&body, json);
     registry

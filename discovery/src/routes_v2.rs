@@ -38,10 +38,17 @@ pub async fn checkin(
         .into_iter()
         .collect();
     registry.inner.auth.authorize(&grant, Scope::Ips(&ips))?;
-    let out = registry
-        .check_in(&endpoints)
-        .await
-        .map_err(|e| ApiError::from_store(&e, registry.config().retry_after))?;
+    let store_err = |e| ApiError::from_store(&e, registry.config().retry_after);
+    if let Err(quota) = registry.admit(&endpoints).await {
+        // Still renew what is already stored: a refused newcomer must not let the rest of
+        // its host's endpoints expire.
+        let held = registry.held(&endpoints);
+        if !held.is_empty() {
+            registry.check_in(&held).await.map_err(store_err)?;
+        }
+        return Err(quota.into());
+    }
+    let out = registry.check_in(&endpoints).await.map_err(store_err)?;
     Ok(Json(CheckInResponse {
         accepted: out.accepted,
         ttl_secs: registry.config().ttl.as_secs(),

@@ -84,6 +84,15 @@ pub struct RegistryArgs {
     /// agent holds one, so size it above the fleet one replica serves.
     #[arg(long, value_name = "N")]
     pub max_blocking_waiters: Option<usize>,
+    /// Quota: endpoints one host ip may hold [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_endpoints_per_ip: Option<usize>,
+    /// Quota: services the catalog may name [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_services: Option<usize>,
+    /// Quota: approximate bytes of all stored endpoints [default: 67108864 (64 MiB)].
+    #[arg(long, value_name = "BYTES")]
+    pub max_catalog_bytes: Option<u64>,
     #[command(flatten)]
     pub store: StoreArgs,
 }

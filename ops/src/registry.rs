@@ -86,6 +86,15 @@ pub fn settings(args: &RegistryArgs) -> Result<Settings> {
     if let Some(n) = args.max_blocking_waiters {
         registry.max_blocking_waiters = n;
     }
+    if let Some(n) = args.max_endpoints_per_ip {
+        registry.max_endpoints_per_ip = n;
+    }
+    if let Some(n) = args.max_services {
+        registry.max_services = n;
+    }
+    if let Some(n) = args.max_catalog_bytes {
+        registry.max_catalog_bytes = n;
+    }
     if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
         registry.secret = Some(read_secret(path)?);
     }
