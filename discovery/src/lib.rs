@@ -54,7 +54,7 @@ mod sweep;
 mod tag_merge;
 pub mod ui;
 
-pub use auth::{host_token, operator_token};
+pub use auth::{host_token, operator_token, scoped_token};
 pub use client::{ClientError, ReadMeta, RegistryClient};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{ConfigError, RegistryConfig};

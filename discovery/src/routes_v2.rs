@@ -37,7 +37,20 @@ pub async fn checkin(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    registry.inner.auth.authorize(&grant, Scope::Ips(&ips))?;
+    let services: Vec<&ServiceName> = endpoints
+        .iter()
+        .map(|e| &e.service)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // No endpoints means no ip to check the token against: refused unless operator.
+    registry.inner.auth.authorize(
+        &grant,
+        Scope::Hosts {
+            ips: &ips,
+            services: &services,
+        },
+    )?;
     let store_err = |e| ApiError::from_store(&e, registry.config().retry_after);
     if let Err(quota) = registry.admit(&endpoints).await {
         // Still renew what is already stored: a refused newcomer must not let the rest of

@@ -140,6 +140,10 @@ pub enum RegistryAction {
             required_unless_present = "operator"
         )]
         ip: Option<IpAddr>,
+        /// Scope the host token to this service (repeat for more): it may then write only
+        /// those services' endpoints on `--ip`. Without it, any service on that ip.
+        #[arg(long = "service", value_name = "SERVICE", conflicts_with = "operator")]
+        services: Vec<String>,
         #[arg(long)]
         operator: bool,
     },

@@ -4,6 +4,7 @@
 //! queries: nothing sleeps to wait.
 
 mod auth_limits;
+mod auth_scope;
 mod blocking;
 mod common;
 mod eds;
