@@ -47,6 +47,19 @@ pub struct RegistryConfig {
     /// At most this many API requests (blocking queries and probes aside) are handled at
     /// once; more are answered 429 with `Retry-After` instead of queueing into timeouts.
     pub max_in_flight: usize,
+    /// At most this many blocking queries wait at once; one more is answered 429 with a
+    /// short jittered `Retry-After` at once instead of holding a task and a socket. Every
+    /// agent holds one catalog waiter (and proxies one per watched service), so this is
+    /// roughly the fleet one registry replica can serve: run more replicas or raise it.
+    pub max_blocking_waiters: usize,
+    /// Quota: endpoints one host ip may hold, across services. A new endpoint past it is
+    /// refused (403 `quota_exceeded`); renewals of stored ones never are. The default equals
+    /// the most endpoints one v2 check-in may carry.
+    pub max_endpoints_per_ip: usize,
+    /// Quota: services the catalog may name.
+    pub max_services: usize,
+    /// Quota: approximate bytes of all stored endpoints (what a full catalog read carries).
+    pub max_catalog_bytes: u64,
     /// Every handler answers within this (blocking queries: within their wait plus this).
     #[serde(with = "duration")]
     pub handler_timeout: Duration,
@@ -91,6 +104,10 @@ impl Default for RegistryConfig {
             body_limit: 64 * 1024,
             trusted_proxies: 0,
             max_in_flight: 4096,
+            max_blocking_waiters: 8192,
+            max_endpoints_per_ip: schema::api::MAX_CHECKIN_ENDPOINTS,
+            max_services: 10_000,
+            max_catalog_bytes: 64 * 1024 * 1024,
             handler_timeout: Duration::from_secs(10),
             store_timeout: Duration::from_secs(3),
             max_wait: Duration::from_secs(5 * 60),
@@ -161,6 +178,17 @@ impl RegistryConfig {
             return Err(ConfigError::Zero {
                 field: "max_in_flight",
             });
+        }
+        let counts = [
+            ("max_blocking_waiters", self.max_blocking_waiters as u64),
+            ("max_endpoints_per_ip", self.max_endpoints_per_ip as u64),
+            ("max_services", self.max_services as u64),
+            ("max_catalog_bytes", self.max_catalog_bytes),
+        ];
+        for (field, n) in counts {
+            if n == 0 {
+                return Err(ConfigError::Zero { field });
+            }
         }
         if self.body_limit == 0 {
             return Err(ConfigError::Zero {

@@ -10,6 +10,7 @@ use schema::ValidationError;
 use schema::api::ErrorBody;
 use thiserror::Error;
 
+use crate::quota::QuotaExceeded;
 use crate::store::StoreError;
 
 #[derive(Debug, Error)]
@@ -32,6 +33,17 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("too many requests in flight; retry shortly")]
     Overloaded,
+    /// `max_blocking_waiters` blocking queries are already waiting.
+    #[error(
+        "too many blocking queries are waiting (max_blocking_waiters = {limit}); retry after \
+         {retry_after_secs}s, or read without `index` for an immediate answer"
+    )]
+    TooManyWaiters { limit: usize, retry_after_secs: u64 },
+    /// A write that would take a storage quota past its configured value. 403, as for a
+    /// Kubernetes ResourceQuota: retrying the same write will not help until something is
+    /// deregistered or the operator raises the limit.
+    #[error("{0}")]
+    Quota(#[from] QuotaExceeded),
     #[error("the store is unavailable: {message}")]
     Unavailable {
         message: String,
@@ -46,11 +58,11 @@ impl ApiError {
         match self {
             ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::Quota(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded | ApiError::TooManyWaiters { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable { .. } | ApiError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -66,6 +78,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::TooLarge(_) => "body_too_large",
             ApiError::Overloaded => "overloaded",
+            ApiError::TooManyWaiters { .. } => "too_many_waiters",
+            ApiError::Quota(_) => "quota_exceeded",
             ApiError::Unavailable { .. } => "store_unavailable",
             ApiError::Timeout(_) => "timeout",
         }
@@ -95,6 +109,11 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable { retry_after, .. } => {
                 let secs = retry_after.as_secs().max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ApiError::TooManyWaiters {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             ApiError::Timeout(_) | ApiError::Overloaded => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

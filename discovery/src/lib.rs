@@ -40,6 +40,7 @@ pub mod memory;
 mod metrics;
 mod openapi;
 pub mod policy;
+pub mod quota;
 mod registry;
 mod router;
 mod routes_eds;
@@ -53,7 +54,7 @@ mod sweep;
 mod tag_merge;
 pub mod ui;
 
-pub use auth::{host_token, operator_token};
+pub use auth::{host_token, operator_token, scoped_token};
 pub use client::{ClientError, ReadMeta, RegistryClient};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{ConfigError, RegistryConfig};

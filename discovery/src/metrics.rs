@@ -11,6 +11,7 @@ static META: Metadata<'static> = Metadata::new("discovery", Level::INFO, Some(mo
 const REQUESTS: &str = "tidings_registry_requests_total";
 const REQUEST_SECONDS: &str = "tidings_registry_request_duration_seconds";
 const STORE_ERRORS: &str = "tidings_registry_store_errors_total";
+const REJECTED: &str = "tidings_registry_rejected_total";
 
 /// Latency buckets from 0.5 ms to 10 s (blocking queries land in `+Inf`).
 const BUCKETS: &[f64] = &[
@@ -120,6 +121,13 @@ impl Metrics {
             Some(Unit::Count),
             SharedString::const_str("Store operations that failed, by operation."),
         );
+        recorder.describe_counter(
+            KeyName::from_const_str(REJECTED),
+            Some(Unit::Count),
+            SharedString::const_str(
+                "Requests refused by a configured limit (blocking waiters, quotas), by limit.",
+            ),
+        );
         Metrics {
             recorder,
             handle,
@@ -156,6 +164,12 @@ impl Metrics {
 
     pub fn store_error(&self, op: &'static str) {
         let key = Key::from_parts(STORE_ERRORS, vec![Label::from_static_parts("op", op)]);
+        self.recorder.register_counter(&key, &META).increment(1);
+    }
+
+    /// A request refused by the limit named `limit` (its config key).
+    pub fn rejected(&self, limit: &'static str) {
+        let key = Key::from_parts(REJECTED, vec![Label::from_static_parts("limit", limit)]);
         self.recorder.register_counter(&key, &META).increment(1);
     }
 

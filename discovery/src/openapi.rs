@@ -69,7 +69,7 @@ pub fn document() -> Value {
             "/ready": {"get": op("readiness (503 while draining)", &[], "200", any_ok(), &[])},
             "/metrics": {"get": op("Prometheus metrics", &[], "200", text_ok(), &[])},
             "/openapi.json": {"get": op("this document", &[], "200", any_ok(), &[])},
-            "/v1/ops/status": {"get": op("store kind, warm-up, self-preservation (expected vs actual renewals) and the last sweep", &[], "200", json_ok("Status"), &[])},
+            "/v1/ops/status": {"get": op("store kind, write auth (open or tokens), warm-up, self-preservation (expected vs actual renewals) and the last sweep", &[], "200", json_ok("Status"), &[])},
             "/ui": {"get": op("the web dashboard (HTML; its script and styles are under /ui/)", &[], "200", html_ok(), &[])},
             "/v1/registration/{service}": {
                 "get": op("live hosts of a service", &["service"], "200", json_ok("V1Listing"), &[]),
@@ -125,6 +125,7 @@ pub fn document() -> Value {
                     "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/V1Host"}}}}},
                 "Status": {"type": "object", "properties": {
                     "store": {"type": "string", "enum": ["memory", "dynamodb", "custom"]}, "env": {"type": "string"},
+                    "auth": {"type": "string", "enum": ["open", "tokens"]},
                     "ready": {"type": "boolean"}, "warming": {"type": "boolean"}, "uptime_ms": {"type": "integer"},
                     "ttl_ms": {"type": "integer"}, "check_in_interval_ms": {"type": "integer"},
                     "self_preservation": {"type": "object", "properties": {

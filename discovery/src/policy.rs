@@ -339,5 +339,12 @@ pub fn blocking_wait(requested: Duration, max_wait: Duration, unit: f64) -> Dura
     Duration::try_from_secs_f64((wait.as_secs_f64() + offset).max(0.0)).unwrap_or(wait)
 }
 
+/// `Retry-After` seconds for a blocking query refused past `max_blocking_waiters`: 1 to 5,
+/// spread by `unit` (uniform in [0, 1]) so a refused crowd does not return in lockstep.
+pub fn waiter_retry_after(unit: f64) -> u64 {
+    // `as` saturates; the clamp keeps NaN and out-of-range draws inside 1..=5.
+    1 + (unit.clamp(0.0, 1.0) * 4.0).round() as u64
+}
+
 #[cfg(test)]
 mod tests;

@@ -5,10 +5,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use schema::{Endpoint, ServiceName};
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
@@ -18,6 +18,7 @@ use crate::config::RegistryConfig;
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{self, Deregistration, Preservation};
+use crate::quota::{QuotaExceeded, Quotas, Usage};
 use crate::status::SweepLog;
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
@@ -76,6 +77,12 @@ pub(crate) struct Inner {
     /// One fleet count at a time (the sweeper's, or a read's after a blind spot).
     pub(crate) census_lock: tokio::sync::Mutex<()>,
     changes: watch::Sender<u64>,
+    /// What the table holds as far as quotas go: rebuilt at every fleet count, updated by
+    /// this replica's writes in between.
+    usage: Mutex<Usage>,
+    quotas: Quotas,
+    /// One permit per waiting blocking query (`max_blocking_waiters`).
+    pub(crate) waiters: Arc<Semaphore>,
     cache: ReadCache,
     draining: CancellationToken,
 }
@@ -113,6 +120,11 @@ impl Registry {
             census_try_ms: AtomicU64::new(now),
             census_lock: tokio::sync::Mutex::new(()),
             changes: watch::Sender::new(0),
+            usage: Mutex::default(),
+            quotas: Quotas::from_config(&config),
+            waiters: Arc::new(Semaphore::new(
+                config.max_blocking_waiters.min(Semaphore::MAX_PERMITS),
+            )),
             cache: ReadCache::default(),
             draining: CancellationToken::new(),
             metrics: Metrics::new(),
@@ -166,6 +178,7 @@ impl Registry {
                 let now = self.now_ms();
                 let fleet = policy::Fleet::take(&rows, now, &inner.config);
                 let counted = policy::startup_baseline(&rows, inner.config.ttl);
+                self.recount_usage(&rows);
                 let preserving = {
                     let mut p = self.preservation();
                     p.start(counted, &fleet, ticket, now);
@@ -267,6 +280,12 @@ impl Registry {
         let out = self
             .store_call("check_in", self.inner.store.check_in(endpoints, now))
             .await?;
+        {
+            let mut usage = self.usage();
+            for ep in endpoints {
+                usage.record(ep);
+            }
+        }
         self.inner.metrics.checkins.increment(out.accepted as u64);
         if !out.changed_services.is_empty() || self.revives(endpoints) {
             self.notify_change();
@@ -291,11 +310,49 @@ impl Registry {
                 self.inner.store.check_in_merging_tags(endpoint, sent, now),
             )
             .await?;
+        // The merged row may be a little larger than what was sent: approximate is enough.
+        self.usage().record(endpoint);
         self.inner.metrics.checkins.increment(out.accepted as u64);
         if !out.changed_services.is_empty() || self.revives(std::slice::from_ref(endpoint)) {
             self.notify_change();
         }
         Ok(out)
+    }
+
+    fn usage(&self) -> MutexGuard<'_, Usage> {
+        self.inner
+            .usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the quota counts with what a full read of the table found.
+    pub(crate) fn recount_usage(&self, rows: &[StoredEndpoint]) {
+        *self.usage() = Usage::from_endpoints(rows.iter().map(|r| &r.endpoint));
+    }
+
+    /// Whether storing `endpoints` keeps every quota (renewals always do); a refusal is
+    /// counted by limit. Looks at the store first if nothing has been counted yet, so a
+    /// restarted replica does not admit everything.
+    pub(crate) async fn admit(&self, endpoints: &[Endpoint]) -> Result<(), QuotaExceeded> {
+        if let Err(e) = self.ensure_init().await {
+            tracing::debug!(error = %e, "init deferred; quotas use the counts so far");
+        }
+        let res = self.usage().admit(endpoints, &self.inner.quotas);
+        if let Err(e) = &res {
+            self.inner.metrics.rejected(e.limit);
+        }
+        res
+    }
+
+    /// The endpoints of `endpoints` the registry already holds (renewals).
+    pub(crate) fn held(&self, endpoints: &[Endpoint]) -> Vec<Endpoint> {
+        let usage = self.usage();
+        endpoints
+            .iter()
+            .filter(|e| usage.contains(&e.key()))
+            .cloned()
+            .collect()
     }
 
     /// Whether a check-in the store saw as a plain renewal brings back an endpoint that a
@@ -328,6 +385,7 @@ impl Registry {
             .store_call("deregister", self.inner.store.deregister(service, ip, port))
             .await?;
         if n > 0 {
+            self.usage().remove(service, ip, port);
             self.preservation().on_deregister(Deregistration {
                 service: service.clone(),
                 ip,

@@ -78,10 +78,14 @@ pub async fn register(
     let trusted = registry.config().trusted_proxies;
     let body = resolve_auto_ip(&body, json, || caller_ip(&headers, peer, trusted))?;
     let ep = parse_v1_checkin(&service, &body, json)?;
-    registry
-        .inner
-        .auth
-        .authorize(&grant, Scope::Ips(&[ep.ip]))?;
+    registry.inner.auth.authorize(
+        &grant,
+        Scope::Hosts {
+            ips: &[ep.ip],
+            services: &[&ep.service],
+        },
+    )?;
+    registry.admit(std::slice::from_ref(&ep)).await?;
     // lyft merged a re-check-in's tags over the stored ones; v1 keeps that (v2 replaces).
     let sent = sent_tag_keys(&body, json);
     registry
@@ -120,7 +124,13 @@ async fn deregister_inner(
     let service = ServiceName::new(service)?;
     let ip: IpAddr = parse_ip(ip)?;
     let port = parse_port_query(query)?;
-    registry.inner.auth.authorize(&grant, Scope::Ips(&[ip]))?;
+    registry.inner.auth.authorize(
+        &grant,
+        Scope::Hosts {
+            ips: &[ip],
+            services: &[&service],
+        },
+    )?;
     let removed = registry
         .deregister(&service, ip, port)
         .await
@@ -190,7 +200,13 @@ async fn weight(
     let ip = ip.map(parse_ip).transpose()?;
     let weight = parse_weight_body(body, is_json(headers))?;
     match ip {
-        Some(ip) => registry.inner.auth.authorize(&grant, Scope::Ips(&[ip]))?,
+        Some(ip) => registry.inner.auth.authorize(
+            &grant,
+            Scope::Hosts {
+                ips: &[ip],
+                services: &[&service],
+            },
+        )?,
         None => registry.inner.auth.authorize(&grant, Scope::Operator)?,
     }
     let n = registry

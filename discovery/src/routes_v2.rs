@@ -37,11 +37,31 @@ pub async fn checkin(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    registry.inner.auth.authorize(&grant, Scope::Ips(&ips))?;
-    let out = registry
-        .check_in(&endpoints)
-        .await
-        .map_err(|e| ApiError::from_store(&e, registry.config().retry_after))?;
+    let services: Vec<&ServiceName> = endpoints
+        .iter()
+        .map(|e| &e.service)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    // No endpoints means no ip to check the token against: refused unless operator.
+    registry.inner.auth.authorize(
+        &grant,
+        Scope::Hosts {
+            ips: &ips,
+            services: &services,
+        },
+    )?;
+    let store_err = |e| ApiError::from_store(&e, registry.config().retry_after);
+    if let Err(quota) = registry.admit(&endpoints).await {
+        // Still renew what is already stored: a refused newcomer must not let the rest of
+        // its host's endpoints expire.
+        let held = registry.held(&endpoints);
+        if !held.is_empty() {
+            registry.check_in(&held).await.map_err(store_err)?;
+        }
+        return Err(quota.into());
+    }
+    let out = registry.check_in(&endpoints).await.map_err(store_err)?;
     Ok(Json(CheckInResponse {
         accepted: out.accepted,
         ttl_secs: registry.config().ttl.as_secs(),
@@ -122,6 +142,20 @@ where
         return Ok(view);
     }
     let cfg = registry.config();
+    // Held for the whole wait and released on drop, also when the client goes away.
+    let _permit = registry
+        .inner
+        .waiters
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            registry.inner.metrics.rejected("max_blocking_waiters");
+            ApiError::TooManyWaiters {
+                limit: cfg.max_blocking_waiters,
+                // Jittered, so refused waiters do not all come back in the same second.
+                retry_after_secs: policy::waiter_retry_after(rand::random::<f64>()),
+            }
+        })?;
     let wait = policy::blocking_wait(
         wait.unwrap_or(cfg.max_wait),
         cfg.max_wait,

@@ -22,6 +22,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let cfg = registry.config().clone();
+    if cfg.secret.is_none() {
+        tracing::warn!(
+            "no write secret configured: writes are open: anyone who reaches the registry can \
+             register or deregister anything"
+        );
+    }
     let sweeper_stop = CancellationToken::new();
     let sweeper = tokio::spawn(run_sweeper(registry.clone(), sweeper_stop.clone()));
 

@@ -34,6 +34,9 @@ pub struct Status {
     /// `memory`, `dynamodb`, or `custom` for a store embedded by another program.
     pub store: &'static str,
     pub env: String,
+    /// How writes are authorised: `open` (no secret: anyone who reaches the registry can
+    /// register or deregister anything) or `tokens` (host, scoped or operator tokens).
+    pub auth: &'static str,
     /// False once draining has started.
     pub ready: bool,
     /// Reads carry `X-Tidings-Warming: true` (started on an empty store less than one
@@ -117,6 +120,7 @@ impl Registry {
         Status {
             store: inner.store.kind(),
             env: cfg.env.clone(),
+            auth: inner.auth.mode(),
             ready: self.is_ready(),
             warming: self.is_warming(),
             uptime_ms: now.saturating_sub(inner.started_ms),

@@ -120,6 +120,7 @@ impl Registry {
         let ticket = self.preservation().ticket();
         let rows = self.store_call("list_all", inner.store.list_all()).await?;
         let fleet = Fleet::take(&rows, now, cfg);
+        self.recount_usage(&rows);
         drop(rows);
         let census = fleet.census;
         // Blind since the last good count: longer than the shelf life, and the renewals

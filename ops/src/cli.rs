@@ -80,6 +80,19 @@ pub struct RegistryArgs {
     /// `auto_ip` check-in takes the hop the outermost one appended; 0 takes the peer address.
     #[arg(long, value_name = "N")]
     pub trusted_proxies: Option<usize>,
+    /// Most blocking queries waiting at once; past it they get 429 [default: 8192]. Each
+    /// agent holds one, so size it above the fleet one replica serves.
+    #[arg(long, value_name = "N")]
+    pub max_blocking_waiters: Option<usize>,
+    /// Quota: endpoints one host ip may hold [default: 256].
+    #[arg(long, value_name = "N")]
+    pub max_endpoints_per_ip: Option<usize>,
+    /// Quota: services the catalog may name [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_services: Option<usize>,
+    /// Quota: approximate bytes of all stored endpoints [default: 67108864 (64 MiB)].
+    #[arg(long, value_name = "BYTES")]
+    pub max_catalog_bytes: Option<u64>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -127,6 +140,10 @@ pub enum RegistryAction {
             required_unless_present = "operator"
         )]
         ip: Option<IpAddr>,
+        /// Scope the host token to this service (repeat for more): it may then write only
+        /// those services' endpoints on `--ip`. Without it, any service on that ip.
+        #[arg(long = "service", value_name = "SERVICE", conflicts_with = "operator")]
+        services: Vec<String>,
         #[arg(long)]
         operator: bool,
     },

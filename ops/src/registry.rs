@@ -83,6 +83,18 @@ pub fn settings(args: &RegistryArgs) -> Result<Settings> {
     if let Some(n) = args.trusted_proxies {
         registry.trusted_proxies = n;
     }
+    if let Some(n) = args.max_blocking_waiters {
+        registry.max_blocking_waiters = n;
+    }
+    if let Some(n) = args.max_endpoints_per_ip {
+        registry.max_endpoints_per_ip = n;
+    }
+    if let Some(n) = args.max_services {
+        registry.max_services = n;
+    }
+    if let Some(n) = args.max_catalog_bytes {
+        registry.max_catalog_bytes = n;
+    }
     if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
         registry.secret = Some(read_secret(path)?);
     }
@@ -125,9 +137,10 @@ pub async fn main(args: RegistryArgs) -> ExitCode {
         Some(RegistryAction::Token {
             secret_file,
             ip,
+            services,
             operator,
         }) => {
-            return report(print_token(secret_file, *ip, *operator), "token");
+            return report(print_token(secret_file, *ip, services, *operator), "token");
         }
         None => {}
     }
@@ -158,10 +171,25 @@ async fn init(store: &StoreArgs, ttl: Duration) -> Result<()> {
     Ok(())
 }
 
-fn print_token(secret_file: &Path, ip: Option<std::net::IpAddr>, operator: bool) -> Result<()> {
+fn print_token(
+    secret_file: &Path,
+    ip: Option<std::net::IpAddr>,
+    services: &[String],
+    operator: bool,
+) -> Result<()> {
+    let services = services
+        .iter()
+        .map(|s| schema::ServiceName::new(s.as_str()).with_context(|| format!("--service {s}")))
+        .collect::<Result<Vec<_>>>()?;
+    if services.len() > discovery::auth::MAX_TOKEN_SERVICES {
+        bail!(
+            "a token may name at most {} services",
+            discovery::auth::MAX_TOKEN_SERVICES
+        );
+    }
     let secret = read_secret(secret_file)?;
     let token = match (ip, operator) {
-        (Some(ip), false) => discovery::host_token(&secret, ip),
+        (Some(ip), false) => discovery::scoped_token(&secret, ip, &services),
         _ => discovery::operator_token(&secret),
     };
     println!("{token}");
@@ -222,5 +250,77 @@ mod tests {
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<RegistryFile>("[registry]\nttl_secs = 3").is_err());
         assert!(toml::from_str::<RegistryFile>("lsiten = \"0.0.0.0:1\"").is_err());
+    }
+
+    fn registry_args(flags: &[&str]) -> Result<RegistryArgs, clap::Error> {
+        use clap::Parser;
+        let argv = ["tidings", "registry"]
+            .into_iter()
+            .chain(flags.iter().copied());
+        match crate::cli::Cli::try_parse_from(argv)?.command {
+            crate::cli::Command::Registry(a) => Ok(a),
+            other => panic!("not the registry command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn limit_flags_override_the_defaults() {
+        let args = registry_args(&[
+            "--max-blocking-waiters",
+            "10",
+            "--max-endpoints-per-ip",
+            "11",
+            "--max-services",
+            "12",
+            "--max-catalog-bytes",
+            "13",
+        ])
+        .expect("parses");
+        let r = settings(&args).expect("valid").registry;
+        assert_eq!(
+            (
+                r.max_blocking_waiters,
+                r.max_endpoints_per_ip,
+                r.max_services,
+                r.max_catalog_bytes
+            ),
+            (10, 11, 12, 13)
+        );
+        let zero = registry_args(&["--max-services", "0"]).expect("parses");
+        assert!(settings(&zero).is_err());
+    }
+
+    #[test]
+    fn token_takes_services_only_with_an_ip() {
+        let ok = registry_args(&[
+            "token",
+            "--secret-file",
+            "f",
+            "--ip",
+            "10.0.0.7",
+            "--service",
+            "web",
+            "--service",
+            "api",
+        ])
+        .expect("parses");
+        match ok.action {
+            Some(RegistryAction::Token { services, ip, .. }) => {
+                assert_eq!(services, ["web", "api"]);
+                assert_eq!(ip, Some("10.0.0.7".parse().expect("ip")));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            registry_args(&[
+                "token",
+                "--secret-file",
+                "f",
+                "--operator",
+                "--service",
+                "web"
+            ])
+            .is_err()
+        );
     }
 }

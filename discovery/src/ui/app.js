@@ -12,6 +12,7 @@ async function render() {
 
   T.fill("flags",
     s.ready ? T.badge("ready", "ok") : T.badge("draining", "bad"),
+    s.auth === "open" ? T.badge("writes open: no auth", "warn") : null,
     warming ? T.badge("warming up", "warn") : null,
     sp.active ? T.badge("self-preservation ON", "bad") : null,
     stale ? T.badge("stale answers", "warn") : null);
@@ -21,6 +22,10 @@ async function render() {
   const state = [
     ["store", "store", s.store],
     ["env", "env", s.env],
+    ["auth", "write auth",
+      s.auth === "open" ? "open: anyone who reaches the registry can register or deregister anything"
+        : "tokens (host, scoped or operator)",
+      s.auth === "open" ? "warn" : ""],
     ["warming", "warming up (X-Tidings-Warming)", String(warming), warming ? "warn" : ""],
     ["stale", "answers flagged stale (X-Tidings-Stale)", String(stale), stale ? "warn" : ""],
     ["self_preservation", "self-preservation",

@@ -246,6 +246,19 @@ impl Harness {
         .await
     }
 
+    /// A form check-in of `service` on `ip`:80 with `authorization`; asserts it succeeded.
+    pub async fn register_with(&self, authorization: &str, service: &str, ip: &str) {
+        let headers = [
+            ("content-type", "application/x-www-form-urlencoded"),
+            ("authorization", authorization),
+        ];
+        let uri = format!("/v1/registration/{service}");
+        let r = self
+            .call("POST", &uri, &headers, format!("ip={ip}&port=80"))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+
     /// A lyft-style form check-in; asserts it succeeded.
     pub async fn register(&self, service: &str, ip: &str, port: u16) {
         let r = self

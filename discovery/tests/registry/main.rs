@@ -4,11 +4,13 @@
 //! queries: nothing sleeps to wait.
 
 mod auth_limits;
+mod auth_scope;
 mod blocking;
 mod common;
 mod eds;
 mod expiry;
 mod fuzz;
+mod limits;
 mod lyft;
 mod preservation;
 mod socket;
