@@ -273,7 +273,10 @@ impl World {
             let env = vec![(schema_clock_env().to_string(), clock)];
             let data = dir.join(format!("agent-{a}"));
             let reg = reg_url(a % replicas.len());
-            let agent = lab.agent_env(a + 1, &data, &reg, &extra, env, AGENT_CONFIG)?;
+            // The web and churn endpoints it registers are on its own host address, which
+            // the agent accepts only when told the address is this host's.
+            let config = format!("host_ips = [\"{}\"]\n{AGENT_CONFIG}", host_ip(a));
+            let agent = lab.agent_env(a + 1, &data, &reg, &extra, env, &config)?;
             register_web(&agent.url(), a)?;
             fleet_agents.push(agent);
         }
