@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) auth: Auth,
     pub(crate) metrics: Metrics,
+    /// [`Clock::elapsed_ms`] at start: warm-up and uptime are spans of this process, so a
+    /// stepped wall clock must neither end warm-up early nor stretch it.
     pub(crate) started_ms: u64,
     init: OnceCell<Init>,
     pub(crate) preservation: Mutex<Preservation>,
@@ -112,7 +114,7 @@ impl Registry {
         let inner = Inner {
             store,
             auth: Auth::new(config.secret.as_deref()),
-            started_ms: now,
+            started_ms: clock.elapsed_ms(),
             preservation: Mutex::new(preservation),
             preserving: AtomicBool::new(false),
             sweeps: Mutex::default(),
@@ -209,7 +211,7 @@ impl Registry {
         policy::warming(
             empty,
             inner.started_ms,
-            self.now_ms(),
+            inner.clock.elapsed_ms(),
             inner.config.check_in_interval,
         )
     }

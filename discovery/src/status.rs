@@ -123,7 +123,7 @@ impl Registry {
             auth: inner.auth.mode(),
             ready: self.is_ready(),
             warming: self.is_warming(),
-            uptime_ms: now.saturating_sub(inner.started_ms),
+            uptime_ms: inner.clock.elapsed_ms().saturating_sub(inner.started_ms),
             ttl_ms: ms(cfg.ttl),
             check_in_interval_ms: ms(cfg.check_in_interval),
             self_preservation: PreservationStatus {

@@ -52,6 +52,26 @@ async fn warming_for_one_interval_after_an_empty_start() {
 }
 
 #[tokio::test]
+async fn a_wall_clock_step_neither_ends_nor_stretches_warm_up() {
+    // Found by the fault campaign: a registry restarted empty while its clock was stepped
+    // back, then stepped forward again, ended warm-up at once; the first authoritative answer
+    // then left out the hosts whose check-ins the stepped clock had dated in the past, and
+    // every agent dropped them.
+    let h = Harness::new();
+    h.clock.advance(Duration::from_secs(2));
+    h.clock.step_wall(25_000);
+    let r = h.get("/v2/catalog").await;
+    assert!(r.warming(), "a forward step ended warm-up");
+    assert_eq!(r.json()["warming"], true);
+    h.clock.step_wall(-3_600_000);
+    h.clock.advance(Duration::from_secs(58));
+    assert!(
+        !h.get("/v2/catalog").await.warming(),
+        "a backward step stretched warm-up"
+    );
+}
+
+#[tokio::test]
 async fn no_warming_when_the_store_already_had_rows() {
     let store = Arc::new(FlakyStore::default());
     let ep = schema::Endpoint::new(
