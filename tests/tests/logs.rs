@@ -48,7 +48,10 @@ fn text_logs_to_a_pipe_carry_no_colour_codes() -> Result<()> {
     let _ = child.wait();
     outcome.with_context(|| format!("no listening line within {START:?}: {seen:?}"))?;
     for line in &seen {
-        assert!(!line.contains('\u{1b}'), "colour codes in a piped log line: {line:?}");
+        assert!(
+            !line.contains('\u{1b}'),
+            "colour codes in a piped log line: {line:?}"
+        );
     }
     assert!(seen.iter().any(|l| l.contains("INFO")), "{seen:?}");
     Ok(())

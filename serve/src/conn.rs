@@ -1,0 +1,366 @@
+//! What the listener knows about each open connection: whether a request is in flight, since
+//! when it has been idle, when the client started its next request head, and since when its
+//! writes have been stuck. The socket wrapper ([`Watched`]) and the service wrapper
+//! ([`Tracked`]) keep it up to date; the connection's task turns it into deadlines.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::Limits;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a connection asked to close gracefully may stay open with nothing in flight
+/// before it is dropped (an HTTP/1 client half-way through its first head ignores a graceful
+/// close; HTTP/2 clients get a GOAWAY and this long to hang up).
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Timing {
+    in_flight: u32,
+    /// Requests completed (response body sent or dropped).
+    served: u64,
+    /// When the last request finished, or the connection was accepted.
+    idle_since: Instant,
+    /// First byte received while idle: the client is sending its next request head.
+    head_started: Option<Instant>,
+    /// A write has been waiting on the socket since then, with no progress.
+    write_blocked_since: Option<Instant>,
+    /// Chosen to be closed (eviction); no longer counts toward the cap or as a victim.
+    closing: bool,
+}
+
+/// Why a connection's deadline closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reason {
+    Header,
+    Idle,
+    Write,
+    Grace,
+}
+
+pub(crate) struct ConnState {
+    pub(crate) id: u64,
+    accepted: Instant,
+    timing: Mutex<Timing>,
+    /// Wakes the connection's task when a deadline may have moved earlier.
+    pub(crate) wake: Notify,
+    /// Cancelled to ask the connection to close (eviction, or shutdown through its parent).
+    pub(crate) close: CancellationToken,
+}
+
+impl ConnState {
+    fn timing(&self) -> MutexGuard<'_, Timing> {
+        // A panic while holding this lock leaves plain data behind: keep using it.
+        self.timing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True if nothing is in flight and nothing was ever served, or the client is part-way
+    /// through a head: closing loses nothing, so there is no point being gentle.
+    pub(crate) fn nothing_to_lose(&self) -> bool {
+        let t = self.timing();
+        t.in_flight == 0 && (t.served == 0 || t.head_started.is_some())
+    }
+
+    /// The earliest deadline that applies now and why, or `None`.
+    pub(crate) fn deadline(
+        &self,
+        limits: &Limits,
+        graceful_since: Option<Instant>,
+    ) -> Option<(Instant, Reason)> {
+        let t = self.timing();
+        let mut best: Option<(Instant, Reason)> = None;
+        let mut consider = |at: Instant, why: Reason| {
+            if best.is_none_or(|(b, _)| at < b) {
+                best = Some((at, why));
+            }
+        };
+        if let Some(since) = t.write_blocked_since {
+            consider(since + limits.write_timeout, Reason::Write);
+        }
+        if t.in_flight == 0 {
+            if t.served == 0 {
+                // The first head must arrive within the header timeout of accept.
+                consider(self.accepted + limits.header_read_timeout, Reason::Header);
+            } else if let Some(started) = t.head_started {
+                consider(started + limits.header_read_timeout, Reason::Header);
+            } else {
+                consider(t.idle_since + limits.idle_timeout, Reason::Idle);
+            }
+            if let Some(since) = graceful_since {
+                consider(since.max(t.idle_since) + CLOSE_GRACE, Reason::Grace);
+            }
+        }
+        best
+    }
+
+    fn on_read(&self) {
+        let mut t = self.timing();
+        if t.in_flight == 0 && t.head_started.is_none() {
+            t.head_started = Some(Instant::now());
+            drop(t);
+            self.wake.notify_one();
+        }
+    }
+
+    fn on_write_progress(&self) {
+        let mut t = self.timing();
+        t.write_blocked_since = None;
+    }
+
+    fn on_write_blocked(&self) {
+        let mut t = self.timing();
+        if t.write_blocked_since.is_none() {
+            t.write_blocked_since = Some(Instant::now());
+            drop(t);
+            self.wake.notify_one();
+        }
+    }
+
+    fn begin_request(self: &Arc<Self>) -> Busy {
+        let mut t = self.timing();
+        t.in_flight += 1;
+        t.head_started = None;
+        Busy(self.clone())
+    }
+}
+
+/// Held while a request is in flight: from its head being parsed until its response body is
+/// sent or dropped.
+pub(crate) struct Busy(Arc<ConnState>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut t = self.0.timing();
+        t.in_flight = t.in_flight.saturating_sub(1);
+        if t.in_flight == 0 {
+            t.served += 1;
+            t.idle_since = Instant::now();
+            t.head_started = None;
+            drop(t);
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+/// The open connections of one listener, for the cap and for choosing whom to evict.
+#[derive(Default)]
+pub(crate) struct Table {
+    conns: Mutex<HashMap<u64, Arc<ConnState>>>,
+    next_id: AtomicU64,
+}
+
+pub(crate) enum Admission {
+    /// Under the cap; or at it, with `evicted` (idle the longest) asked to close.
+    Admitted {
+        conn: Arc<ConnState>,
+        evicted: Option<Arc<ConnState>>,
+    },
+    /// At the cap and nothing idle to close.
+    Refused,
+}
+
+impl Table {
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Arc<ConnState>>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a new connection, closing the oldest idle one if at `cap`.
+    /// `close` is the parent of the new connection's close token (shutdown).
+    pub(crate) fn admit(&self, cap: usize, close: &CancellationToken) -> Admission {
+        let mut conns = self.conns();
+        let mut live = 0usize;
+        let mut victim: Option<(Instant, &Arc<ConnState>)> = None;
+        for c in conns.values() {
+            let t = c.timing();
+            if t.closing {
+                continue;
+            }
+            live += 1;
+            if t.in_flight == 0 && victim.is_none_or(|(since, _)| t.idle_since < since) {
+                victim = Some((t.idle_since, c));
+            }
+        }
+        let evicted = if live < cap {
+            None
+        } else {
+            let Some((_, v)) = victim else {
+                return Admission::Refused;
+            };
+            let v = v.clone();
+            v.timing().closing = true;
+            v.close.cancel();
+            Some(v)
+        };
+        let now = Instant::now();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(ConnState {
+            id,
+            accepted: now,
+            timing: Mutex::new(Timing {
+                in_flight: 0,
+                served: 0,
+                idle_since: now,
+                head_started: None,
+                write_blocked_since: None,
+                closing: false,
+            }),
+            wake: Notify::new(),
+            close: close.child_token(),
+        });
+        conns.insert(id, conn.clone());
+        Admission::Admitted { conn, evicted }
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.conns().remove(&id);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.conns().len()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The socket, reporting reads and write progress to the connection's state.
+    pub(crate) struct Watched<T> {
+        #[pin]
+        io: T,
+        state: Arc<ConnState>,
+    }
+}
+
+impl<T> Watched<T> {
+    pub(crate) fn new(io: T, state: Arc<ConnState>) -> Self {
+        Watched { io, state }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.io.poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.state.on_read();
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let res = this.io.poll_write(cx, buf);
+        note_write(this.state, &res);
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let res = this.io.poll_write_vectored(cx, bufs);
+        note_write(this.state, &res);
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+fn note_write(state: &ConnState, res: &Poll<io::Result<usize>>) {
+    match res {
+        Poll::Ready(Ok(n)) if *n > 0 => state.on_write_progress(),
+        Poll::Pending => state.on_write_blocked(),
+        _ => {}
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its connection busy until sent or dropped.
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        busy: Busy,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The application's tower service as a hyper service that marks its connection busy.
+pub(crate) struct Tracked<S> {
+    pub(crate) inner: S,
+    pub(crate) state: Arc<ConnState>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let busy = self.state.begin_request();
+        let svc = self.inner.clone();
+        Box::pin(async move {
+            let resp = svc.oneshot(req).await.map_err(Into::into)?;
+            Ok(resp.map(|inner| TrackedBody { inner, busy }))
+        })
+    }
+}
