@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +62,8 @@ pub(crate) struct ConnState {
     pub(crate) wake: Notify,
     /// Cancelled to ask the connection to close (eviction, or shutdown through its parent).
     pub(crate) close: CancellationToken,
+    /// Set before closing a connection that stopped reading: close it with a reset.
+    pub(crate) abort: AtomicBool,
 }
 
 impl ConnState {
@@ -221,6 +224,7 @@ impl Table {
             }),
             wake: Notify::new(),
             close: close.child_token(),
+            abort: AtomicBool::new(false),
         });
         conns.insert(id, conn.clone());
         Admission::Admitted { conn, evicted }
@@ -237,20 +241,32 @@ impl Table {
 
 pin_project_lite::pin_project! {
     /// The socket, reporting reads and write progress to the connection's state.
-    pub(crate) struct Watched<T> {
+    pub(crate) struct Watched {
         #[pin]
-        io: T,
+        io: TcpStream,
         state: Arc<ConnState>,
+    }
+
+    impl PinnedDrop for Watched {
+        fn drop(this: Pin<&mut Self>) {
+            // Closed for not reading: reset rather than leave the kernel trying to deliver
+            // the unsent buffer for minutes (the client sees the reset at once, too).
+            if this.state.abort.load(Ordering::Relaxed) {
+                if let Err(e) = this.io.set_zero_linger() {
+                    tracing::debug!(error = %e, "cannot set SO_LINGER to reset a stalled connection");
+                }
+            }
+        }
     }
 }
 
-impl<T> Watched<T> {
-    pub(crate) fn new(io: T, state: Arc<ConnState>) -> Self {
+impl Watched {
+    pub(crate) fn new(io: TcpStream, state: Arc<ConnState>) -> Self {
         Watched { io, state }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Watched<T> {
+impl AsyncRead for Watched {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -266,7 +282,7 @@ impl<T: AsyncRead> AsyncRead for Watched<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+impl AsyncWrite for Watched {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

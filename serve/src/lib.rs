@@ -285,6 +285,7 @@ impl ConnTask {
                     }
                     Some(Reason::Write) => {
                         self.metrics.timed_out_write.increment(1);
+                        state.abort.store(true, std::sync::atomic::Ordering::Relaxed);
                         break;
                     }
                     _ => break,
