@@ -62,8 +62,8 @@ pub(crate) struct ConnState {
     pub(crate) wake: Notify,
     /// Cancelled to ask the connection to close (eviction, or shutdown through its parent).
     pub(crate) close: CancellationToken,
-    /// Set before closing a connection that stopped reading: close it with a reset.
-    pub(crate) abort: AtomicBool,
+    /// Close with a reset rather than a FIN: see [`ConnState::reset_on_close`].
+    reset: AtomicBool,
 }
 
 impl ConnState {
@@ -77,6 +77,15 @@ impl ConnState {
     pub(crate) fn nothing_to_lose(&self) -> bool {
         let t = self.timing();
         t.in_flight == 0 && (t.served == 0 || t.head_started.is_some())
+    }
+
+    /// Have the socket closed with a reset, for connections closed with nothing owed to the
+    /// client (a partial or missing request head) or that stopped reading. A FIN would leave
+    /// the kernel trying to deliver an unsent buffer for minutes, or keep the socket in
+    /// TIME_WAIT on our side: under a flood of such connections both cost memory, and
+    /// TIME_WAIT entries collide with clients reusing ports.
+    pub(crate) fn reset_on_close(&self) {
+        self.reset.store(true, Ordering::Relaxed);
     }
 
     /// The earliest deadline that applies now and why, or `None`.
@@ -224,7 +233,7 @@ impl Table {
             }),
             wake: Notify::new(),
             close: close.child_token(),
-            abort: AtomicBool::new(false),
+            reset: AtomicBool::new(false),
         });
         conns.insert(id, conn.clone());
         Admission::Admitted { conn, evicted }
@@ -249,9 +258,7 @@ pin_project_lite::pin_project! {
 
     impl PinnedDrop for Watched {
         fn drop(this: Pin<&mut Self>) {
-            // Closed for not reading: reset rather than leave the kernel trying to deliver
-            // the unsent buffer for minutes (the client sees the reset at once, too).
-            if this.state.abort.load(Ordering::Relaxed) {
+            if this.state.reset.load(Ordering::Relaxed) {
                 if let Err(e) = this.io.set_zero_linger() {
                     tracing::debug!(error = %e, "cannot set SO_LINGER to reset a stalled connection");
                 }

@@ -22,6 +22,7 @@ mod metrics;
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +30,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -119,12 +120,12 @@ where
                 }
             },
         };
-        let conn = match table.admit(limits.max_connections, &closing) {
+        let (conn, at_cap) = match table.admit(limits.max_connections, &closing) {
             Admission::Admitted { conn, evicted } => {
                 if evicted.is_some() {
                     metrics.evicted_idle.increment(1);
                 }
-                conn
+                (conn, evicted.is_some())
             }
             Admission::Refused => {
                 metrics.refused.increment(1);
@@ -144,6 +145,12 @@ where
             hard: hard.clone(),
         };
         tracker.spawn(task.run(stream, conn, service.clone()));
+        if at_cap {
+            // Under a flood of new connections, let the one just admitted read its request
+            // before accepting more: a client whose head is already here becomes busy (not
+            // evictable) instead of being evicted, as the newest, by the next arrivals.
+            tokio::task::yield_now().await;
+        }
     }
     drop(listener);
     closing.cancel();
@@ -159,6 +166,24 @@ where
         tracker.wait().await;
     }
     Ok(())
+}
+
+/// Accept-queue length for [`bind`]; the kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: u32 = 4096;
+
+/// Binds a listener the way a server under load needs it: `SO_REUSEADDR` (restart without
+/// waiting out old connections) and a long accept queue. `TcpListener::bind` queues only 128
+/// connections; under a flood of connects the kernel drops further SYNs, and a well-behaved
+/// client then waits a full second (the SYN retransmit) or more before it is even accepted.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -267,6 +292,7 @@ impl ConnTask {
                 () = self.hard.cancelled() => break,
                 () = state.close.cancelled(), if graceful_since.is_none() => {
                     if state.nothing_to_lose() {
+                        state.reset_on_close();
                         break;
                     }
                     conn.as_mut().graceful_shutdown();
@@ -281,11 +307,12 @@ impl ConnTask {
                     }
                     Some(Reason::Header) => {
                         self.metrics.timed_out_header.increment(1);
+                        state.reset_on_close();
                         break;
                     }
                     Some(Reason::Write) => {
                         self.metrics.timed_out_write.increment(1);
-                        state.abort.store(true, std::sync::atomic::Ordering::Relaxed);
+                        state.reset_on_close();
                         break;
                     }
                     _ => break,

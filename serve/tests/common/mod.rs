@@ -11,7 +11,7 @@ use axum::Router;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -75,7 +75,7 @@ pub async fn start_with_drain(limits: serve::Limits, drain: Duration) -> Server 
     let recorder = PrometheusBuilder::new().build_recorder();
     let metrics = recorder.handle();
     let conn_metrics = serve::ConnMetrics::register(&recorder, "test");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = serve::bind(([127, 0, 0, 1], 0).into()).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
     let options = serve::Options {
