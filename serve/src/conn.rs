@@ -174,6 +174,8 @@ impl Drop for Busy {
 pub(crate) struct Table {
     conns: Mutex<HashMap<u64, Arc<ConnState>>>,
     next_id: AtomicU64,
+    /// Signalled whenever a connection is gone.
+    removed: Notify,
 }
 
 pub(crate) enum Admission {
@@ -241,6 +243,26 @@ impl Table {
 
     pub(crate) fn remove(&self, id: u64) {
         self.conns().remove(&id);
+        self.removed.notify_waiters();
+    }
+
+    /// Waits, at most `patience`, until no more than `cap` sockets are open. Evicted
+    /// connections close as soon as their task runs; accepting before they have would let a
+    /// flood of new connections hold far more sockets than the cap (and run the process out
+    /// of files). The bound keeps one slow graceful close from stalling the accept loop.
+    pub(crate) async fn room(&self, cap: usize, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        loop {
+            let removed = self.removed.notified();
+            tokio::pin!(removed);
+            removed.as_mut().enable();
+            if self.len() <= cap {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, removed).await.is_err() {
+                return;
+            }
+        }
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -46,6 +46,9 @@ pub use crate::metrics::ConnMetrics;
 /// What a refused connection is told, in one non-blocking write: come back in a second.
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
+/// How long accepting waits for evicted connections to close before going on regardless.
+const ROOM_PATIENCE: Duration = Duration::from_millis(50);
+
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
@@ -103,7 +106,10 @@ where
     loop {
         let (stream, _peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            accepted = async {
+                table.room(limits.max_connections, ROOM_PATIENCE).await;
+                listener.accept().await
+            } => match accepted {
                 Ok(a) => {
                     accept_errors.reset();
                     a
@@ -283,12 +289,8 @@ impl ConnTask {
                 }
             };
             tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    break;
-                }
+                // Closing first: an evicted connection must not start a request first.
+                biased;
                 () = self.hard.cancelled() => break,
                 () = state.close.cancelled(), if graceful_since.is_none() => {
                     if state.nothing_to_lose() {
@@ -297,6 +299,12 @@ impl ConnTask {
                     }
                     conn.as_mut().graceful_shutdown();
                     graceful_since = Some(Instant::now());
+                }
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                    break;
                 }
                 () = state.wake.notified() => {}
                 () = sleep => match deadline.map(|(_, why)| why) {
@@ -321,5 +329,27 @@ impl ConnTask {
         }
         self.table.remove(state.id);
         self.metrics.open.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_doubles_from_10_to_100_ms_and_skips_client_resets() {
+        let mut errors = AcceptErrors::default();
+        let emfile = io::Error::from_raw_os_error(24);
+        let pauses: Vec<_> = (0..6)
+            .map(|_| errors.failed("test", &emfile).map(|d| d.as_millis()))
+            .collect();
+        assert_eq!(
+            pauses,
+            [Some(10), Some(20), Some(40), Some(80), Some(100), Some(100)]
+        );
+        let reset = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert_eq!(errors.failed("test", &reset), None);
+        errors.reset();
+        assert_eq!(errors.failed("test", &emfile), Some(ACCEPT_BACKOFF_MIN));
     }
 }

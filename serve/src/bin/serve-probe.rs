@@ -10,7 +10,6 @@ use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -24,7 +23,7 @@ async fn main() -> std::io::Result<()> {
             std::process::exit(2);
         }
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let listener = serve::bind(([127, 0, 0, 1], 0).into())?;
     println!("listening {}", listener.local_addr()?);
     let app = tower::service_fn(|_req: Request<Incoming>| async {
         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"live\n"))))
