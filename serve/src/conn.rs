@@ -357,7 +357,7 @@ fn note_write(state: &ConnState, res: &Poll<io::Result<usize>>) {
 
 pin_project_lite::pin_project! {
     /// A response body that keeps its connection busy until sent or dropped.
-    pub struct TrackedBody<B> {
+    pub(crate) struct TrackedBody<B> {
         #[pin]
         inner: B,
         busy: Busy,

@@ -35,7 +35,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use crate::conn::TrackedBody;
 use crate::conn::{Admission, BoxError, ConnState, Reason, Table, Tracked, Watched};
 pub use crate::limits::{
     DEFAULT_MAX_CONNECTIONS, FD_MARGIN, Limits, LimitsError, LimitsTable, MIN_HEADER_BYTES,
@@ -126,12 +125,12 @@ where
                 }
             },
         };
-        let (conn, at_cap) = match table.admit(limits.max_connections, &closing) {
+        let conn = match table.admit(limits.max_connections, &closing) {
             Admission::Admitted { conn, evicted } => {
                 if evicted.is_some() {
                     metrics.evicted_idle.increment(1);
                 }
-                (conn, evicted.is_some())
+                conn
             }
             Admission::Refused => {
                 metrics.refused.increment(1);
@@ -151,12 +150,6 @@ where
             hard: hard.clone(),
         };
         tracker.spawn(task.run(stream, conn, service.clone()));
-        if at_cap {
-            // Under a flood of new connections, let the one just admitted read its request
-            // before accepting more: a client whose head is already here becomes busy (not
-            // evictable) instead of being evicted, as the newest, by the next arrivals.
-            tokio::task::yield_now().await;
-        }
     }
     drop(listener);
     closing.cancel();
