@@ -6,12 +6,14 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -388,6 +390,8 @@ impl<B: Body> Body for TrackedBody<B> {
 pub(crate) struct Tracked<S> {
     pub(crate) inner: S,
     pub(crate) state: Arc<ConnState>,
+    /// Given to handlers as `axum::extract::ConnectInfo<SocketAddr>`.
+    pub(crate) peer: SocketAddr,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
@@ -400,7 +404,8 @@ where
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
         let busy = self.state.begin_request();
         let svc = self.inner.clone();
         Box::pin(async move {

@@ -63,7 +63,9 @@ pub struct Options {
 }
 
 /// Serves `service` (an `axum::Router`, or any cloneable tower service of
-/// `Request<Incoming>`) on `listener` until `shutdown` completes, then drains.
+/// `Request<Incoming>`) on `listener` until `shutdown` completes, then drains. Every request
+/// carries the peer address as `axum::extract::ConnectInfo<SocketAddr>`, as with
+/// `axum::serve` and `into_make_service_with_connect_info`.
 ///
 /// Fails at once only if `options.limits` are invalid; accept errors are retried forever.
 pub async fn http<S, B, F>(
@@ -103,7 +105,7 @@ where
 
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = async {
                 table.room(limits.max_connections, ROOM_PATIENCE).await;
@@ -149,7 +151,7 @@ where
             table: table.clone(),
             hard: hard.clone(),
         };
-        tracker.spawn(task.run(stream, conn, service.clone()));
+        tracker.spawn(task.run(stream, peer, conn, service.clone()));
     }
     drop(listener);
     closing.cancel();
@@ -256,7 +258,7 @@ struct ConnTask {
 }
 
 impl ConnTask {
-    async fn run<S, B>(self, stream: TcpStream, state: Arc<ConnState>, service: S)
+    async fn run<S, B>(self, stream: TcpStream, peer: SocketAddr, state: Arc<ConnState>, service: S)
     where
         S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
         S::Future: Send + 'static,
@@ -269,6 +271,7 @@ impl ConnTask {
         let svc = Tracked {
             inner: service,
             state: state.clone(),
+            peer,
         };
         let conn = self.builder.serve_connection(io, svc);
         tokio::pin!(conn);

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{limits, start};
+use common::{KeepAlive, limits, start};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,4 +65,14 @@ async fn a_request_head_over_max_header_bytes_is_refused() {
         "{answer:?}"
     );
     assert!(!answer.contains("live"), "{answer:?}");
+}
+
+#[tokio::test]
+async fn handlers_see_the_peer_address_as_connect_info() {
+    let server = start(limits(16)).await;
+    let mut c = KeepAlive::connect(server.addr).await;
+    let local = c.stream.local_addr().expect("local addr");
+    let (status, body) = c.get("/peer").await.expect("answered");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, local.to_string());
 }

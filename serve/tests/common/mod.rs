@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,6 +56,10 @@ pub async fn start_with_drain(limits: serve::Limits, drain: Duration) -> Server 
         let release = release.clone();
         Router::new()
             .route("/live", get(|| async { "live\n" }))
+            .route(
+                "/peer",
+                get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+            )
             .route("/big", get(|| async { vec![b'x'; BIG] }))
             .route(
                 "/hold",
