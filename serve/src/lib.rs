@@ -15,6 +15,13 @@
 //!   and logs at most once a second.
 //! - On shutdown it stops accepting, asks every connection to finish, and drops those still
 //!   open after `drain`.
+//!
+//! Sockets stay within the cap even under a flood of connects: after evicting, the loop
+//! accepts again only once the evicted socket is closed (or 50 ms passed). Connections closed
+//! with nothing owed to the client (no request yet, half a head) or for not reading are reset
+//! rather than closed with a FIN, so they leave no TIME_WAIT or unsent buffer behind. Bind
+//! with [`bind`]: its accept queue is long enough that a flood does not drop the SYNs of
+//! well-behaved clients.
 
 mod conn;
 mod limits;
