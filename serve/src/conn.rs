@@ -45,6 +45,9 @@ struct Timing {
     write_blocked_since: Option<Instant>,
     /// Chosen to be closed (eviction); no longer counts toward the cap or as a victim.
     closing: bool,
+    /// The connection has tried to read at least once. Until then its request may be sitting
+    /// unread in the socket: it has had no chance yet, so it is not evicted.
+    polled: bool,
 }
 
 /// Why a connection's deadline closes it.
@@ -122,8 +125,14 @@ impl ConnState {
         best
     }
 
+    fn on_read_attempt(&self) {
+        let mut t = self.timing();
+        t.polled = true;
+    }
+
     fn on_read(&self) {
         let mut t = self.timing();
+        t.polled = true;
         if t.in_flight == 0 && t.head_started.is_none() {
             t.head_started = Some(Instant::now());
             drop(t);
@@ -207,7 +216,8 @@ impl Table {
                 continue;
             }
             live += 1;
-            if t.in_flight == 0 && victim.is_none_or(|(since, _)| t.idle_since < since) {
+            let idle = t.in_flight == 0 && t.polled;
+            if idle && victim.is_none_or(|(since, _)| t.idle_since < since) {
                 victim = Some((t.idle_since, c));
             }
         }
@@ -234,6 +244,7 @@ impl Table {
                 head_started: None,
                 write_blocked_since: None,
                 closing: false,
+                polled: false,
             }),
             wake: Notify::new(),
             close: close.child_token(),
@@ -308,6 +319,8 @@ impl AsyncRead for Watched {
         let res = this.io.poll_read(cx, buf);
         if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             this.state.on_read();
+        } else {
+            this.state.on_read_attempt();
         }
         res
     }
@@ -412,5 +425,97 @@ where
             let resp = svc.oneshot(req).await.map_err(Into::into)?;
             Ok(resp.map(|inner| TrackedBody { inner, busy }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admitted(a: Admission) -> (Arc<ConnState>, Option<Arc<ConnState>>) {
+        match a {
+            Admission::Admitted { conn, evicted } => (conn, evicted),
+            Admission::Refused => panic!("refused"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_idle_polled_connection_makes_room_and_busy_or_unread_ones_never_do() {
+        let table = Table::default();
+        let shutdown = CancellationToken::new();
+        let (a, _) = admitted(table.admit(3, &shutdown));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (b, _) = admitted(table.admit(3, &shutdown));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let (c, _) = admitted(table.admit(3, &shutdown));
+
+        // At the cap, nobody has read yet: their requests may be waiting unread. Refuse.
+        assert!(matches!(table.admit(3, &shutdown), Admission::Refused));
+
+        for conn in [&a, &b, &c] {
+            conn.on_read_attempt();
+        }
+        // A is busy: B, idle since it was accepted, is the oldest idle.
+        let _busy = a.begin_request();
+        let (d, evicted) = admitted(table.admit(3, &shutdown));
+        let evicted = evicted.expect("someone makes room");
+        assert_eq!(evicted.id, b.id);
+        assert!(b.close.is_cancelled());
+        assert!(!a.close.is_cancelled() && !c.close.is_cancelled());
+
+        // B is still in the table until its task removes it, but no longer counts: C (older
+        // than D, which has not read yet) goes next.
+        let (_e, evicted) = admitted(table.admit(3, &shutdown));
+        assert_eq!(evicted.expect("room").id, c.id);
+        assert!(!d.close.is_cancelled());
+        // A busy, D unread, E unread: refuse.
+        assert!(matches!(table.admit(3, &shutdown), Admission::Refused));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_follow_the_connection_state() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            ..Limits::default()
+        };
+        let table = Table::default();
+        let (conn, _) = admitted(table.admit(8, &CancellationToken::new()));
+        let t0 = Instant::now();
+        // First request: its head is due within the header timeout of accept.
+        assert_eq!(
+            conn.deadline(&limits, None),
+            Some((t0 + limits.header_read_timeout, Reason::Header))
+        );
+        let busy = conn.begin_request();
+        assert_eq!(
+            conn.deadline(&limits, None),
+            None,
+            "a request in flight has no deadline"
+        );
+        conn.on_write_blocked();
+        assert_eq!(
+            conn.deadline(&limits, None),
+            Some((t0 + limits.write_timeout, Reason::Write))
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        conn.on_write_progress();
+        drop(busy);
+        let t1 = Instant::now();
+        // Kept alive: idle until the next head starts, then the header timeout again.
+        assert_eq!(
+            conn.deadline(&limits, None),
+            Some((t1 + limits.idle_timeout, Reason::Idle))
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        conn.on_read();
+        assert_eq!(
+            conn.deadline(&limits, None),
+            Some((
+                t1 + Duration::from_secs(20) + limits.header_read_timeout,
+                Reason::Header
+            ))
+        );
     }
 }

@@ -159,6 +159,10 @@ where
             hard: hard.clone(),
         };
         tracker.spawn(task.run(stream, peer, conn, service.clone()));
+        // Let the new connection read before accepting more: until it has, it cannot be
+        // evicted, and a burst of accepts would otherwise leave the cap full of connections
+        // that have not looked at their requests yet (so new ones would be refused).
+        tokio::task::yield_now().await;
     }
     drop(listener);
     closing.cancel();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{HALF_HEAD, closed_within, limits, live_within, start};
+use common::{HALF_HEAD, closed_within, limits, live_within_retrying_connect, start};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -59,7 +59,7 @@ async fn live_is_answered_while_200_attackers_hold_half_heads_against_a_cap_of_6
     let mut answered = 0;
     let mut worst = Duration::ZERO;
     while Instant::now() < until {
-        let took = live_within(server.addr, Duration::from_secs(1))
+        let took = live_within_retrying_connect(server.addr, Duration::from_secs(1))
             .await
             .unwrap_or_else(|e| {
                 panic!(

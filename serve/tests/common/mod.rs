@@ -128,6 +128,31 @@ pub async fn live_within(addr: SocketAddr, within: Duration) -> Result<Duration,
     }
 }
 
+/// As [`live_within`], but a failed `connect` is tried again within the same time: under a
+/// flood of thousands of connects a second over loopback the kernel now and then resets a
+/// SYN before the server ever sees the connection (nothing the server decides). A
+/// connection the server accepted and then dropped still fails.
+pub async fn live_within_retrying_connect(
+    addr: SocketAddr,
+    within: Duration,
+) -> Result<Duration, String> {
+    let t0 = Instant::now();
+    let attempt = async {
+        loop {
+            match get_once(addr, "/live").await {
+                Err(e) if e.starts_with("connect:") => continue,
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(Ok(resp)) if resp.starts_with("HTTP/1.1 200") => Ok(t0.elapsed()),
+        Ok(Ok(resp)) => Err(format!("unexpected answer {resp:?}")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no answer within {within:?}")),
+    }
+}
+
 /// Waits until the peer closes `s` (EOF or reset), at most `within`; returns how long it took.
 /// Bytes the server sends first (a 503) are skipped.
 pub async fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
