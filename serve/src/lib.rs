@@ -4,9 +4,10 @@
 //!
 //! - A connection cap. At the cap a new connection closes the connection that has been idle
 //!   (no request in flight) the longest, so a flood of idle or half-open connections cannot
-//!   lock well-behaved clients out: the newest connection always gets its chance. If every
-//!   connection has a request in flight, the new one is refused with a `503` and
-//!   `Retry-After: 1`, written without waiting.
+//!   lock well-behaved clients out: the newest connection always gets its chance. A
+//!   connection that has not read from its socket yet is not evicted (its request may be
+//!   there, unread). If no connection can be evicted, the new one is refused with a `503`
+//!   and `Retry-After: 1`, written without waiting.
 //! - A request head must arrive whole within `header_read_timeout` (from accept for the
 //!   first request, from its first byte for later ones); a kept-alive connection with nothing
 //!   in flight closes after `idle_timeout`; a connection whose writes make no progress for

@@ -45,7 +45,7 @@ impl ConnMetrics {
     /// - `tidings_<component>_connections_open` (gauge);
     /// - `tidings_<component>_connections_evicted_total{reason}`: `oldest_idle` when an idle
     ///   connection was closed to make room at the cap, `at_capacity` when a new connection
-    ///   was refused because none was idle;
+    ///   was refused because none was idle (all busy, or not yet read from);
     /// - `tidings_<component>_connections_timed_out_total{reason}`: `header`, `idle`, `write`;
     /// - `tidings_<component>_accept_errors_total` (e.g. out of file descriptors).
     pub fn register<R: Recorder + ?Sized>(recorder: &R, component: &str) -> Self {
