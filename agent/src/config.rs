@@ -20,6 +20,8 @@ pub const AGENT_SERVICE: &str = "tidings-agent";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    #[error("invalid connections: {0}")]
+    Connections(#[from] serve::LimitsError),
     #[error("`registry` is required (the registry's base URL, e.g. http://registry:7700)")]
     NoRegistry,
     #[error("invalid registry: {0}")]
@@ -75,6 +77,10 @@ pub struct AgentConfig {
     /// Largest disk cache file read or written, in bytes (default and most: the file
     /// codec's limit, 64 MiB plus the magic). A larger file is set aside unread.
     pub cache_max_bytes: u64,
+    /// The local API listener's connection limits (`[connections]`: `max_connections`,
+    /// `header_read_timeout`, `idle_timeout`, `write_timeout`, `max_header_bytes`); unset
+    /// keys take [`AgentConfig::DEFAULT_CONNECTIONS`] and the `serve` crate's defaults.
+    pub connections: serve::LimitsTable,
     /// This host's address for endpoints that name none; default: the gossip address.
     pub host_ip: Option<IpAddr>,
     /// Further addresses of this host on which local processes may register endpoints
@@ -125,6 +131,7 @@ impl Default for AgentConfig {
             env: "production".to_string(),
             data_dir: PathBuf::from("/var/lib/tidings/agent"),
             cache_max_bytes: crate::cache::MAX_BYTES,
+            connections: serve::LimitsTable::default(),
             host_ip: None,
             host_ips: Vec::new(),
             zone: None,
@@ -144,6 +151,18 @@ impl Default for AgentConfig {
 
 impl AgentConfig {
     /// Checks everything that can be checked without IO.
+    /// Open local-API connections by default: its clients are this host's processes (a
+    /// proxy, Envoy, scripts), and an agent started by hand under a 1 024 file limit must
+    /// keep room for gossip sockets and its cache files.
+    pub const DEFAULT_CONNECTIONS: usize = 512;
+
+    /// The local API listener's limits in force: `[connections]` over the defaults.
+    pub fn api_limits(&self) -> Result<serve::Limits, serve::LimitsError> {
+        self.connections.over(serve::Limits::with_max_connections(
+            Self::DEFAULT_CONNECTIONS,
+        ))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.client()?;
         self.gossip.validate()?;
@@ -167,6 +186,7 @@ impl AgentConfig {
                 "cache_max_bytes must be from 4096 to 67108872 (the file codec's limit)",
             ));
         }
+        self.api_limits()?;
         self.zone_tag()?;
         // Endpoint validity with a placeholder ip: the real one is known once gossip binds.
         self.endpoints(self.host_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])))?;

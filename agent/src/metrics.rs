@@ -50,6 +50,8 @@ pub struct Metrics {
     members_alive: Gauge,
     members_down: Gauge,
     local_endpoints: Gauge,
+    /// The local API listener's connections.
+    pub connections: serve::ConnMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -107,7 +109,9 @@ impl Metrics {
                 SharedString::const_str(help),
             );
         });
+        let connections = serve::ConnMetrics::register(&recorder, "agent");
         Metrics {
+            connections,
             checkins_ok: counter(CHECKINS, CHECKINS_HELP, Some("ok")),
             checkins_failed: counter(CHECKINS, CHECKINS_HELP, Some("failed")),
             sync_applied: counter(SYNCS, SYNCS_HELP, Some("applied")),

@@ -161,11 +161,17 @@ pub async fn run(
     let server = {
         let stop = api_stop.clone();
         let app = crate::api::router(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(api, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        // Limits were validated with the config; the fallback never applies in practice.
+        let limits = shared.config.api_limits().unwrap_or_else(|_| {
+            serve::Limits::with_max_connections(AgentConfig::DEFAULT_CONNECTIONS)
+        });
+        let options = serve::Options {
+            component: "agent",
+            limits,
+            metrics: shared.metrics.connections.clone(),
+            drain: API_DRAIN_TIMEOUT,
+        };
+        tokio::spawn(async move { serve::http(api, app, options, stop.cancelled_owned()).await })
     };
 
     shutdown.cancelled().await;

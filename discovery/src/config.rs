@@ -52,6 +52,10 @@ pub struct RegistryConfig {
     /// agent holds one catalog waiter (and proxies one per watched service), so this is
     /// roughly the fleet one registry replica can serve: run more replicas or raise it.
     pub max_blocking_waiters: usize,
+    /// The HTTP listener's connection limits (`[connections]`: `max_connections`,
+    /// `header_read_timeout`, `idle_timeout`, `write_timeout`, `max_header_bytes`); unset
+    /// keys take [`RegistryConfig::DEFAULT_CONNECTIONS`] and the `serve` crate's defaults.
+    pub connections: serve::LimitsTable,
     /// Quota: endpoints one host ip may hold, across services. A new endpoint past it is
     /// refused (403 `quota_exceeded`); renewals of stored ones never are. The default equals
     /// the most endpoints one v2 check-in may carry.
@@ -105,6 +109,7 @@ impl Default for RegistryConfig {
             trusted_proxies: 0,
             max_in_flight: 4096,
             max_blocking_waiters: 8192,
+            connections: serve::LimitsTable::default(),
             max_endpoints_per_ip: schema::api::MAX_CHECKIN_ENDPOINTS,
             max_services: 10_000,
             max_catalog_bytes: 64 * 1024 * 1024,
@@ -122,6 +127,8 @@ impl Default for RegistryConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
+    #[error("registry.connections: {0}")]
+    Connections(#[from] serve::LimitsError),
     #[error("registry.{field} must be greater than zero")]
     Zero { field: &'static str },
     #[error("registry.ttl ({ttl:?}) must be longer than registry.check_in_interval ({interval:?})")]
@@ -153,7 +160,20 @@ impl std::fmt::Debug for RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// Open connections the registry holds by default: it is the one shared server of the
+    /// fleet, and an agent keeps one or two keep-alive connections to it; the systemd unit
+    /// raises the file limit to 65 536, far above this.
+    pub const DEFAULT_CONNECTIONS: usize = 4096;
+
+    /// The listener limits in force: `[connections]` over the defaults.
+    pub fn listener_limits(&self) -> Result<serve::Limits, serve::LimitsError> {
+        self.connections.over(serve::Limits::with_max_connections(
+            Self::DEFAULT_CONNECTIONS,
+        ))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listener_limits()?;
         let non_zero = [
             ("ttl", self.ttl),
             ("check_in_interval", self.check_in_interval),

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub preserving: Gauge,
     pub warming: Gauge,
     pub blocking: Gauge,
+    /// The HTTP listener's connections (open, evicted, timed out, accept errors).
+    pub connections: serve::ConnMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -128,7 +130,9 @@ impl Metrics {
                 "Requests refused by a configured limit (blocking waiters, quotas), by limit.",
             ),
         );
+        let connections = serve::ConnMetrics::register(&recorder, "registry");
         Metrics {
+            connections,
             recorder,
             handle,
             checkins,

@@ -1,8 +1,5 @@
 //! `serve`: the registry on a socket, with the sweeper, until a shutdown token fires.
 
-use std::net::SocketAddr;
-
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -41,25 +38,20 @@ pub async fn serve(
             tokio::time::sleep(cfg.shutdown_delay).await;
         }
     };
-    // Check-ins are small request/response pairs: don't let Nagle hold them back.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    // The hardened listener (connection cap with oldest-idle eviction, header, idle and
+    // write timeouts, TCP_NODELAY, the peer address for v1 `auto_ip`); it stops accepting
+    // when `signal` resolves and gives in-flight requests `drain_timeout`.
+    let result = match cfg.listener_limits() {
+        Ok(limits) => {
+            let options = serve::Options {
+                component: "registry",
+                limits,
+                metrics: registry.inner.metrics.connections.clone(),
+                drain: cfg.drain_timeout,
+            };
+            serve::http(listener, router(registry.clone()), options, signal).await
         }
-    });
-    // With the peer address, for v1 check-ins that ask for `auto_ip`.
-    let app = router(registry.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
-    let hard_stop = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(cfg.shutdown_delay + cfg.drain_timeout).await;
-    };
-    let result = tokio::select! {
-        res = server => res,
-        () = hard_stop => {
-            tracing::warn!(grace = ?cfg.drain_timeout, "drain grace period over; dropping remaining connections");
-            Ok(())
-        }
+        Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)),
     };
     sweeper_stop.cancel();
     if let Err(e) = sweeper.await {

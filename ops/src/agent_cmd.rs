@@ -193,9 +193,7 @@ async fn run_agent(cfg: &mut AgentConfig) -> Result<()> {
             .with_context(|| format!("cannot read token file {}", path.display()))?;
         cfg.registry_token = Some(token.trim().to_string());
     }
-    let listener = tokio::net::TcpListener::bind(cfg.api)
-        .await
-        .with_context(|| format!("cannot listen on {}", cfg.api))?;
+    let listener = serve::bind(cfg.api).with_context(|| format!("cannot listen on {}", cfg.api))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "agent api listening");
     let shutdown = CancellationToken::new();

@@ -4,7 +4,6 @@
 //! number and in the time they may wait (`conns`), so slow or idle clients cannot lock
 //! operators and probes out.
 
-mod conns;
 mod serve;
 
 pub(crate) use self::serve::serve;

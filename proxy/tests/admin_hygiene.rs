@@ -179,8 +179,8 @@ async fn a_slowloris_cannot_lock_probes_out() {
     let evicted = metrics
         .lines()
         .find(|l| {
-            l.starts_with("tidings_proxy_admin_connections_closed_total")
-                && l.contains("reason=\"evicted\"")
+            l.starts_with("tidings_proxy_admin_connections_evicted_total")
+                && l.contains("reason=\"oldest_idle\"")
         })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
     assert!(evicted.is_some_and(|n| n >= 84.0), "{metrics}");
