@@ -1,4 +1,4 @@
-//! The local API (DESIGN.md §5.3), served from the merged view on loopback: the registry's
+//! The local API (docs/ARCHITECTURE.md#what-the-agent-answers), served from the merged view on loopback: the registry's
 //! v1, v2 blocking and EDS routes, plus the agent's own routes. Every answer carries
 //! `X-Tidings-Registry-Age-Ms` and `X-Tidings-Source`.
 //!

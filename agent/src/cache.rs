@@ -1,4 +1,4 @@
-//! The disk cache (DESIGN.md §5.1): the merged view, the last registry sync time and the
+//! The disk cache (docs/ARCHITECTURE.md#disk-cache): the merged view, the last registry sync time and the
 //! endpoints registered at runtime, so a restarted agent answers at once even while the
 //! registry is down. Written atomically (temp file, fsync, rename, fsync of the directory),
 //! at most once a second and only when something changed. A file that is missing, foreign,

@@ -1,4 +1,4 @@
-//! The check-in loop (DESIGN.md §5.1): every interval, at this host's stable splay offset,
+//! The check-in loop (docs/ARCHITECTURE.md#agent): every interval, at this host's stable splay offset,
 //! `POST /v2/checkin` with all of the host's endpoints; failed attempts are retried with
 //! backoff within the round and never stop other loops. A re-check-in is made at once (after
 //! a small random delay, so a fleet does not stampede) when the registry restarted or the

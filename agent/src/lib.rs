@@ -1,4 +1,4 @@
-//! The Tidings agent (DESIGN.md §5): one per host. It checks in the host's endpoints, syncs
+//! The Tidings agent (docs/ARCHITECTURE.md#agent): one per host. It checks in the host's endpoints, syncs
 //! the registry's catalog, gossips with the other agents, and serves the merged view on
 //! loopback with the registry's own API — so a proxy, an Envoy (EDS) or a script can read
 //! the agent instead of the registry. **Its answers never depend on the registry being up.**
@@ -9,7 +9,7 @@
 //!   restarted), [`sync`] (blocking `/v2/catalog` → registry snapshots into gossip; what an
 //!   answer may add or remove), the view task, and the [`cache`] writer (atomic, ≤ 1/s, only
 //!   on change).
-//! - [`view`]: the sans-IO [`Merger`] — gossip's merged view (§5.3) plus disk-cache entries
+//! - [`view`]: the sans-IO [`Merger`] — gossip's merged view (docs/ARCHITECTURE.md#what-the-agent-answers) plus disk-cache entries
 //!   until live data covers them, with per-host provenance and content-hash indexes.
 //! - [`api`]: the local API router (v1, v2 blocking, EDS, `/v1/agent/*`, probes, metrics);
 //!   [`ui`]: the web dashboard it serves at `/ui`; [`guard`]: the API's `Host` check

@@ -1,4 +1,4 @@
-//! The agent's web dashboard, `GET /ui` (DESIGN.md §5.3, §7): its merged view per service
+//! The agent's web dashboard, `GET /ui` (docs/ARCHITECTURE.md#what-the-agent-answers, docs/OPERATING.md#dashboards): its merged view per service
 //! with check-in ages, how fresh that view is (`X-Tidings-Registry-Age-Ms`,
 //! `X-Tidings-Source`), the gossip members it sees, and itself (`/v1/agent/self`), rendered
 //! in the browser from those JSON routes. Served with the registry's dashboard headers.

@@ -1,4 +1,4 @@
-//! The merged view the local API serves (DESIGN.md §5.3), as a sans-IO [`Merger`]: gossip's
+//! The merged view the local API serves (docs/ARCHITECTURE.md#what-the-agent-answers), as a sans-IO [`Merger`]: gossip's
 //! view (live owned rows ∪ registry snapshots, already merged by the `gossip` crate) plus
 //! what the disk cache held at start, until live data covers it. Time is passed in.
 //!
@@ -90,7 +90,7 @@ pub struct ServiceHosts {
 /// that ask for it (`?draining=true`, as the proxy does). A proxy's blocking query sees the
 /// removal within milliseconds; the window covers proxies that are reconnecting or backing
 /// off. Without it a deregistered host that still passes health checks would stay routed,
-/// because for a host that is merely absent from discovery, health checks win (§6.3).
+/// because for a host that is merely absent from discovery, health checks win (docs/ARCHITECTURE.md#merge-table).
 pub const DRAIN_LISTING_MS: u64 = 60_000;
 
 /// A host that left the view because its owner deregistered it.

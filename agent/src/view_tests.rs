@@ -221,7 +221,7 @@ fn an_authoritative_answer_retires_the_cache_entries_it_does_not_list() {
 
 #[test]
 fn registry_entries_stay_and_rows_override_them() {
-    // §5.3 as gossip computes it, seen through the agent: registry entries plus rows.
+    // The merged view (docs/ARCHITECTURE.md#what-the-agent-answers) as gossip computes it, seen through the agent: registry entries plus rows.
     let mut m = Merger::new(addr(ME), 1_000, Vec::new());
     let mut tagged = ep("web", 1);
     tagged.tags.canary = true;
@@ -271,7 +271,7 @@ fn the_index_moves_only_when_endpoints_change() {
     assert_eq!(a.service_index(&other), c.service_index(&other));
 }
 
-/// §5.3 end to end through the real gossip core (sans-IO, no sockets): registry snapshots,
+/// The merged view (docs/ARCHITECTURE.md#what-the-agent-answers) end to end through the real gossip core (sans-IO, no sockets): registry snapshots,
 /// this node's own rows, tombstones, and the agent's merge on top.
 mod through_gossip {
     use gossip::{GossipConfig, Node};

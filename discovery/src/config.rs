@@ -31,7 +31,7 @@ pub struct RegistryConfig {
     pub sweep_interval: Duration,
     /// At most this many expired rows are deleted per sweep: a bounded delete rate.
     pub sweep_max_per_pass: usize,
-    /// HMAC secret for write tokens (DESIGN.md §4.4). `None`: writes are open. Never
+    /// HMAC secret for write tokens (docs/ARCHITECTURE.md#trust-model). `None`: writes are open. Never
     /// serialised or printed by `Debug`, so dumping the config cannot leak it.
     #[serde(skip_serializing)]
     pub secret: Option<String>,

@@ -1,6 +1,6 @@
 //! The store conformance suite: **test support**, public so that every [`Store`] (the
 //! in-memory one, the DynamoDB one, any future one) is held to the same behaviour by the same
-//! code (DESIGN.md §4.3). It panics on the first broken expectation, naming the case.
+//! code (docs/ARCHITECTURE.md#stores). It panics on the first broken expectation, naming the case.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().expect("runtime").block_on(async {

@@ -1,5 +1,5 @@
 //! `DynamoStore`: the [`Store`] on one DynamoDB table, shared by any number of registry
-//! replicas (DESIGN.md §4.3).
+//! replicas (docs/ARCHITECTURE.md#stores).
 //!
 //! The item layout is in `row` (partition key `service`, sort key `endpoint` = `ip:port`);
 //! retries and timeouts in `retry`; table creation ([`init_table`]) in `table`. Every method is a set of

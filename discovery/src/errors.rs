@@ -1,5 +1,5 @@
 //! Every error the HTTP API can answer, each with its status and a stable machine-readable
-//! code, rendered as `{"error": {"code", "message"}}` (DESIGN.md §4.1).
+//! code, rendered as `{"error": {"code", "message"}}` (docs/API.md#errors).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The Tidings registry (DESIGN.md §4): a small, stateless REST service in front of a
+//! The Tidings registry (docs/ARCHITECTURE.md#registry): a small, stateless REST service in front of a
 //! [`Store`], wire-compatible with lyft/discovery and Envoy v1 SDS, plus v2 batch check-ins and
 //! Consul-style blocking queries.
 //!

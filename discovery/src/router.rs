@@ -1,4 +1,4 @@
-//! The HTTP surface: [`router`] assembles every route (DESIGN.md §4.1) with the layers all
+//! The HTTP surface: [`router`] assembles every route (docs/API.md#registry-api) with the layers all
 //! of them share — body limit, handler timeout, request metrics, the warm-up header — and
 //! JSON answers for unknown routes, wrong methods and unreadable requests.
 

@@ -1,5 +1,5 @@
 //! `POST /v3/discovery:endpoints`: Envoy EDS over REST-JSON, so a stock Envoy can read the
-//! registry directly (reference/discovery-api.md §2.2). The shapes live in `schema::eds`.
+//! registry directly (docs/API.md#envoy-eds). The shapes live in `schema::eds`.
 //!
 //! The version is the service's content index, so an unchanged membership answers 304 and
 //! Envoy keeps what it has. We deliberately set no `policy.endpoint_stale_after`: Envoy would

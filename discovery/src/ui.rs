@@ -1,4 +1,4 @@
-//! The registry's web dashboard, `GET /ui` (DESIGN.md §7): services and their hosts with
+//! The registry's web dashboard, `GET /ui` (docs/OPERATING.md#dashboards): services and their hosts with
 //! check-in ages, warm-up, self-preservation (expected against actual renewals) and
 //! staleness, rendered in the browser from `/v2/catalog` and `/v1/ops/status`. The page,
 //! its script and the shared assets ([`schema::ui`]) are embedded in the binary.

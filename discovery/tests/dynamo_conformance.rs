@@ -1,5 +1,5 @@
 //! The one store conformance suite, run on both stores: the in-memory one and the DynamoDB
-//! one against a real moto server (DESIGN.md §4.3: the in-memory store never stands in for
+//! one against a real moto server (docs/ARCHITECTURE.md#stores: the in-memory store never stands in for
 //! DynamoDB in these tests).
 
 #[path = "support/moto.rs"]

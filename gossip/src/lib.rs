@@ -1,5 +1,5 @@
 //! Tidings gossip: how agents learn about each other and about every endpoint without the
-//! registry (DESIGN.md §5.2, §5.3).
+//! registry (docs/ARCHITECTURE.md#gossip).
 //!
 //! - **Membership** is foca (SWIM) over UDP. A node's [`NodeId`] is its gossip address plus
 //!   an epoch (fixed per process, growing across restarts) and a bump counter that foca
@@ -23,7 +23,7 @@
 //!   exchange with a random peer (down members included, to cross healed partitions); on
 //!   mismatch a TCP exchange of only the owners and snapshots that differ. Digests also carry
 //!   a few recent down verdicts, so a node that missed one does not show a dead owner's rows.
-//! - **Views** ([`view`]): live owned rows ∪ registry snapshot entries (§5.3), published by
+//! - **Views** ([`view`]): live owned rows ∪ registry snapshot entries (docs/ARCHITECTURE.md#what-the-agent-answers), published by
 //!   the runtime on a `tokio::sync::watch` ([`GossipView`]).
 //! - **Security** ([`crypto`]): every datagram and frame is sealed with XChaCha20-Poly1305
 //!   under a [`KeyRing`], cluster name as associated data; failures are dropped and counted

@@ -1,4 +1,4 @@
-//! Owner-written endpoint rows: the CRDT at the heart of gossip (DESIGN.md §5.2).
+//! Owner-written endpoint rows: the CRDT at the heart of gossip (docs/ARCHITECTURE.md#endpoint-rows).
 //!
 //! A row is keyed `(owner, service, ip, port)`; its value is a `crdts::LWWReg` whose marker
 //! is the owner's `Version { epoch, seq }`. Only the owner writes its rows, `seq` grows by one

@@ -40,7 +40,7 @@ fn hostile_settings_are_clamped_not_a_panic() {
 
 /// Rounds an infection with fan-out `f` needs to reach `n` nodes when nothing is lost:
 /// ⌈log_(f+1) n⌉ to reach them all with every hop doubling up, plus ⌈ln n / f⌉ for the tail
-/// (gossip-notes §7.2, the "clearly beats serf" target: 8 rounds at N = 1 000, where serf's
+/// (docs/OPERATING.md#benchmarks, the "clearly beats serf" target: 8 rounds at N = 1 000, where serf's
 /// model needs 11 without loss and 15 at 25 % loss).
 fn epidemic_rounds(n: usize) -> u64 {
     let (n, f) = (n as f64, crate::spread::FANOUT as f64);

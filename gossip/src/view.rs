@@ -1,4 +1,4 @@
-//! The merged gossip view (DESIGN.md §5.3) and membership as the agent sees them.
+//! The merged gossip view (docs/ARCHITECTURE.md#what-the-agent-answers) and membership as the agent sees them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -47,7 +47,7 @@ pub struct GossipView {
     /// Keys whose owner wrote a tombstone (alive or not) and no owner lists as up: what was
     /// explicitly deregistered, as opposed to expired or crashed. The agent lists such hosts
     /// as draining for a while, so proxies finish in-flight requests and stop routing even
-    /// when the host still passes health checks (DESIGN.md §6.3 "Drained").
+    /// when the host still passes health checks (docs/ARCHITECTURE.md#draining).
     pub deregistered: Vec<EndpointKey>,
 }
 
@@ -114,7 +114,7 @@ impl Node {
         *owner == self.me.addr || self.members.get(owner).is_some_and(|m| m.active)
     }
 
-    /// The merged view: live owned rows ∪ registry snapshot entries (DESIGN.md §5.3).
+    /// The merged view: live owned rows ∪ registry snapshot entries (docs/ARCHITECTURE.md#what-the-agent-answers).
     pub fn visible_endpoints(&self) -> Vec<ViewEntry> {
         merged_view(&self.store, |o| self.owner_alive(o))
     }

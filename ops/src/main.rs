@@ -1,5 +1,5 @@
 //! `tidings`: the one binary. `main` only parses the command line and hands off; every
-//! subcommand body lives in its own module (STYLE.md: thin binaries).
+//! subcommand body lives in its own module (thin binaries).
 
 use std::process::ExitCode;
 

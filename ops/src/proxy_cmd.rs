@@ -1,5 +1,5 @@
 //! `tidings proxy`: the config (TOML file, then flags), bind, log every bound address, serve,
-//! and on SIGTERM fail readiness and drain (DESIGN.md §6, §7).
+//! and on SIGTERM fail readiness and drain (docs/ARCHITECTURE.md#proxy, docs/OPERATING.md#deploying).
 //!
 //! Without `--config` the flags describe the common sidecar on their own:
 //! `tidings proxy --agent URL --route web --route api=/api`.

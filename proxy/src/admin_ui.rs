@@ -1,4 +1,4 @@
-//! The admin listener's web dashboard, `GET /ui` (DESIGN.md §6.5): every cluster's hosts as
+//! The admin listener's web dashboard, `GET /ui` (docs/OPERATING.md#dashboards): every cluster's hosts as
 //! `/clusters` reports them (discovery status, health, routing decision, weight, zone, active
 //! requests, ejections) and `/ready`, rendered in the browser. The page, its script and the
 //! shared assets ([`schema::ui`]) are embedded; responses carry the same strict headers as

@@ -1,4 +1,4 @@
-//! Per-cluster circuit breakers (DESIGN.md §6.5, envoy-semantics §2.3): counters with limits,
+//! Per-cluster circuit breakers (docs/ARCHITECTURE.md#resilience): counters with limits,
 //! taken through RAII guards so every exit path gives the slot back.
 
 use std::sync::Arc;

@@ -195,7 +195,7 @@ impl Cluster {
     }
 
     /// Applies one membership answer. A warming source's empty answer never empties a known
-    /// cluster (DESIGN.md §4.2). New hosts get a health checker whose first check runs at once.
+    /// cluster (docs/ARCHITECTURE.md#warm-up). New hosts get a health checker whose first check runs at once.
     pub fn apply_listing(
         self: &Arc<Self>,
         listed: Vec<ListedHost>,

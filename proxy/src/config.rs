@@ -1,4 +1,4 @@
-//! The proxy's configuration (DESIGN.md §6.1): one serde struct, loaded from TOML with
+//! The proxy's configuration (docs/OPERATING.md#proxy-configuration): one serde struct, loaded from TOML with
 //! defaults for everything but the routes and clusters, then checked by [`ProxyConfig::validate`].
 //! `ops/deploy/proxy.toml` shows every key (its test is in `config/tests.rs`).
 

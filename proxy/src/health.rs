@@ -1,4 +1,4 @@
-//! The active health-check state machine of one host (DESIGN.md §6.3, envoy-semantics §1.4).
+//! The active health-check state machine of one host (docs/ARCHITECTURE.md#health-checks).
 //!
 //! Sans-IO: the shell runs a check when [`HealthState::next_check_at`] comes, then feeds the
 //! outcome back with the time and an RNG for the jittered next interval.

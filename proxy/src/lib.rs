@@ -1,4 +1,4 @@
-//! The Tidings proxy (DESIGN.md §6): a sidecar or edge HTTP proxy that watches the agent for
+//! The Tidings proxy (docs/ARCHITECTURE.md#proxy): a sidecar or edge HTTP proxy that watches the agent for
 //! each upstream service, health-checks the hosts itself, and load-balances over the ones the
 //! *health checks win* table lets through.
 //!

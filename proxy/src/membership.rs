@@ -1,4 +1,4 @@
-//! The membership watch (DESIGN.md §6.2): blocking queries against the agent (or any
+//! The membership watch (docs/ARCHITECTURE.md#membership-watch): blocking queries against the agent (or any
 //! registry) for one service. On any error the cluster keeps its last set and the watch
 //! retries with jittered exponential back-off. It asks for `draining=true`, so an agent also
 //! lists hosts deregistered within the last minute, tagged `draining`; those are `Drained`

@@ -1,4 +1,4 @@
-//! "Health checks win": how discovery status and active health combine (DESIGN.md §6.3),
+//! "Health checks win": how discovery status and active health combine (docs/ARCHITECTURE.md#merge-table),
 //! and the panic threshold. Pure functions; the cluster state applies their answers.
 
 use serde::Serialize;

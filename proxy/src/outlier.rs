@@ -1,4 +1,4 @@
-//! Passive outlier detection (DESIGN.md §6.3, envoy-semantics §2.2): consecutive 5xx or
+//! Passive outlier detection (docs/ARCHITECTURE.md#outlier-detection): consecutive 5xx or
 //! connect failures eject a host for `base × ejections` (capped), never more than a share of
 //! the cluster. Sans-IO: the caller passes the time and the cluster size.
 

@@ -1,4 +1,4 @@
-//! Retry policy, jittered back-off and the retry budget (DESIGN.md §6.5, envoy-semantics §2.4).
+//! Retry policy, jittered back-off and the retry budget (docs/ARCHITECTURE.md#retry-budget).
 
 use std::time::Duration;
 

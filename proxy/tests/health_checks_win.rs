@@ -1,4 +1,4 @@
-//! DESIGN.md §6.2–6.3 end to end: discovery and health checks merged on real sockets.
+//! The merge table (docs/ARCHITECTURE.md#merge-table) end to end: discovery and health checks merged on real sockets.
 
 mod support;
 

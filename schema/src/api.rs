@@ -1,4 +1,4 @@
-//! JSON shapes of the registry API (DESIGN.md §4.1) and the parsers for request bodies.
+//! JSON shapes of the registry API (docs/API.md#registry-api) and the parsers for request bodies.
 //!
 //! v1 is wire-compatible with lyft/discovery and Envoy v1 SDS: a listing is
 //! `{service, env, hosts: [...]}` and a host carries `ip_address`, `port`, `revision`,
@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::timefmt::{parse_rfc3339_ms, rfc3339_ms};
 use crate::{Endpoint, RepoName, Revision, ServiceName, Tags, ValidationError, Weight};
 
-/// At most this many endpoints in one v2 check-in (DESIGN.md §4.4).
+/// At most this many endpoints in one v2 check-in (docs/OPERATING.md#limits).
 pub const MAX_CHECKIN_ENDPOINTS: usize = 256;
 
 /// One host in a v1 listing.

@@ -1,7 +1,7 @@
 //! Envoy EDS over REST-JSON (`POST /v3/discovery:endpoints`), served by the registry and by
 //! every agent so a stock Envoy can use Tidings directly.
 //!
-//! Rules from Envoy's `EdsClusterImpl` (reference/discovery-api.md §2.2): exactly one
+//! Rules from Envoy's `EdsClusterImpl` (docs/API.md#envoy-eds): exactly one
 //! `ClusterLoadAssignment` whose `cluster_name` equals the requested name; 304 with an empty
 //! body when `version_info` is current; never an *accidental* empty endpoint list, because
 //! Envoy applies `endpoints: []` and drops every host — so a service with no endpoints is

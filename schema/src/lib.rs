@@ -1,7 +1,7 @@
 //! Tidings' shared vocabulary: the domain types every other crate speaks.
 //!
 //! - [`ServiceName`], [`Endpoint`], [`EndpointKey`] and [`Tags`] are the domain model of
-//!   DESIGN.md §3. Every type validates itself on construction *and* on deserialisation, so
+//!   docs/ARCHITECTURE.md#schema. Every type validates itself on construction *and* on deserialisation, so
 //!   a value of these types is always valid, whichever door (JSON, form, bincode) it came in.
 //! - [`api`] holds the JSON shapes of the v1 (lyft/discovery, Envoy v1 SDS) and v2 APIs,
 //!   and the parsers that turn request bodies into endpoints.

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::{TagKey, TagValue, ValidationError};
 
-/// At most this many free-form tags per endpoint (DESIGN.md §3).
+/// At most this many free-form tags per endpoint (docs/ARCHITECTURE.md#schema).
 pub const MAX_EXTRA_TAGS: usize = 32;
 
 /// An endpoint's load-balancing weight, 1..=100 as in Envoy v1 SDS.

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use crate::fleet::{Agent, AgentSpec};
 
-/// The agents' local API port. The API only listens on loopback (DESIGN.md §5.3); inside a
+/// The agents' local API port. The API only listens on loopback (docs/ARCHITECTURE.md#what-the-agent-answers); inside a
 /// host's namespace a DNAT rule sends `<host ip>:API_PORT` to `127.0.0.1:API_PORT`, with
 /// `route_localnet` on `eth0` so the kernel routes to and from a loopback address there
 /// (as kube-proxy does for localhost node ports). Nothing of the agent changes.

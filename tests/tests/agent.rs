@@ -1,6 +1,6 @@
 //! The agent as an operator runs it: a registry and several agents, real `tidings`
 //! processes on their own loopback addresses, through kills and restarts. The registry's
-//! outage must not cost a single lookup (DESIGN.md §1: answers never depend on the registry).
+//! outage must not cost a single lookup (docs/ARCHITECTURE.md#fail-static-rules: answers never depend on the registry).
 
 use std::collections::BTreeSet;
 use std::path::Path;

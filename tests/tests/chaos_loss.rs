@@ -1,7 +1,7 @@
 //! Chaos: 20 % packet loss on gossip for 30 s with the registry down (root only; CI runs as
 //! root). No healthy host may leave any agent's view or the proxy's routing: SWIM may
 //! wrongly declare members down and hide their rows, but the registry's snapshot entries are
-//! fail-static and the proxy's health checks have the last word (DESIGN.md §5.3, §6.3).
+//! fail-static and the proxy's health checks have the last word (docs/ARCHITECTURE.md#fail-static-rules, docs/ARCHITECTURE.md#merge-table).
 //!
 //! Six agents, each in its own namespace on a bridge ([`tests::netns::Lab`]); their `web`
 //! backends run in this process on the bridge address, and a proxy runs beside agent 1 in

@@ -1,5 +1,5 @@
 //! Chaos: a gossip partition between two groups of agents, made with network namespaces
-//! (root only; CI runs as root), that heals and converges (DESIGN.md §5.2).
+//! (root only; CI runs as root), that heals and converges (docs/ARCHITECTURE.md#dissemination-and-repair).
 //!
 //! Six agents, each in its own namespace on a bridge of a private /24 ([`tests::netns::Lab`]);
 //! the registry runs in the test's namespace at the bridge address until everyone has synced,

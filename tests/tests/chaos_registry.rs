@@ -1,5 +1,5 @@
 //! Chaos: the registry is gone for longer than the TTL, then back — and no host is removed
-//! anywhere (DESIGN.md §1 "fails static", §4.2 self-preservation and warm-up).
+//! anywhere (docs/ARCHITECTURE.md#fail-static-rules, docs/ARCHITECTURE.md#expiry-self-preservation-and-warm-up).
 //!
 //! Real processes on a loopback /24 of this run: a memory registry with a 3 s TTL and a 1 s
 //! check-in interval, three agents (each host's `web` endpoint), a host without an agent that

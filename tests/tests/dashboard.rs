@@ -1,4 +1,4 @@
-//! The web dashboards in a real browser (DESIGN.md §7): `tidings demo` runs as a process,
+//! The web dashboards in a real browser (docs/OPERATING.md#dashboards): `tidings demo` runs as a process,
 //! headless Chromium (Debian's `chromium` package, which ops/test.sh installs) loads the
 //! registry's, an agent's and the proxy admin's `/ui`, and what each page rendered — its
 //! `data-*` rows, read back from the DOM Chromium dumps — must equal what the same

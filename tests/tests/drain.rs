@@ -1,5 +1,5 @@
 //! An endpoint deregistered through its agent while its backend stays up and keeps passing
-//! health checks: the proxy must stop sending it new requests (`Drained`, DESIGN.md §6.3),
+//! health checks: the proxy must stop sending it new requests (`Drained`, docs/ARCHITECTURE.md#draining),
 //! not keep routing it as "absent from discovery but healthy" (where health checks win), and
 //! the client must not see a single failed request meanwhile.
 //!

@@ -1,4 +1,4 @@
-//! Auth (DESIGN.md §4.4), limits, error shapes, and the OpenAPI document.
+//! Auth (docs/API.md#authentication), limits, error shapes, and the OpenAPI document.
 
 use axum::http::StatusCode;
 use discovery::{RegistryConfig, host_token, operator_token};

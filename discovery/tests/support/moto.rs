@@ -1,5 +1,5 @@
 //! Test harness: a real `moto_server` (a DynamoDB-compatible server) on an ephemeral loopback
-//! port, killed when the handle drops (DESIGN.md §4.3).
+//! port, killed when the handle drops (docs/ARCHITECTURE.md#stores).
 //!
 //! The binary is `$TIDINGS_MOTO_SERVER`, else `<workspace>/.venv/bin/moto_server` (what
 //! `ops/test.sh` installs from `ops/moto-requirements.txt`). A missing binary fails the test:

@@ -1,4 +1,4 @@
-//! `tidings demo`: the whole system on loopback in one command (DESIGN.md §7).
+//! `tidings demo`: the whole system on loopback in one command (README.md, "The two commands").
 //!
 //! A registry (memory store), N hosts (each an agent plus two backend services on its own
 //! 127.0.0.x address) and a proxy; steady traffic through the proxy and lookups against every

@@ -1,4 +1,4 @@
-//! Least request (envoy-semantics §3.2). Equal weights: power of two choices over distinct
+//! Least request (docs/ARCHITECTURE.md#load-balancing). Equal weights: power of two choices over distinct
 //! random hosts. Unequal weights: EDF with `weight / (active + 1) ^ bias`, the weight read at
 //! every re-queue so busy hosts fall back at once.
 

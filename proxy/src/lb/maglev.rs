@@ -1,4 +1,4 @@
-//! Maglev (envoy-semantics §3.5): a prime-sized lookup table that every host fills from its own
+//! Maglev (docs/ARCHITECTURE.md#load-balancing): a prime-sized lookup table that every host fills from its own
 //! permutation, in turns weighted by its normalised weight. Lookup is `table[hash mod M]`.
 
 use xxhash_rust::xxh64::xxh64;

@@ -1,4 +1,4 @@
-//! Load balancers (DESIGN.md §6.4): pure algorithms over the routable set, plus the
+//! Load balancers (docs/ARCHITECTURE.md#load-balancing): pure algorithms over the routable set, plus the
 //! [`Balancer`] that keeps their per-host-set state and applies zone-aware routing.
 //!
 //! Every algorithm takes its randomness from the caller, so distributions are tested with a

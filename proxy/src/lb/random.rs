@@ -1,4 +1,4 @@
-//! Weighted random (envoy-semantics §3.3): each host with probability weight / total.
+//! Weighted random (docs/ARCHITECTURE.md#load-balancing): each host with probability weight / total.
 
 use rand::{Rng, RngExt};
 

@@ -1,4 +1,4 @@
-//! Ring hash / Ketama (envoy-semantics §3.4): every host owns points `xxh64("<key>_<i>")` in
+//! Ring hash / Ketama (docs/ARCHITECTURE.md#load-balancing): every host owns points `xxh64("<key>_<i>")` in
 //! proportion to its weight; a request goes to the first point at or after its hash.
 
 use xxhash_rust::xxh64::xxh64;

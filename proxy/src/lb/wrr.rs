@@ -1,4 +1,4 @@
-//! Weighted round robin (envoy-semantics §3.1): plain rotation from a random start when all
+//! Weighted round robin (docs/ARCHITECTURE.md#load-balancing): plain rotation from a random start when all
 //! weights are equal, an EDF schedule otherwise.
 
 use rand::{Rng, RngExt};

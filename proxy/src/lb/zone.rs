@@ -1,4 +1,4 @@
-//! Zone-aware routing (envoy-semantics §3.8): send each zone's share of traffic to the local
+//! Zone-aware routing (docs/ARCHITECTURE.md#load-balancing): send each zone's share of traffic to the local
 //! zone as far as its capacity allows, and the overflow to the zones with spare capacity.
 //!
 //! Percentages are in 1/10000 units, as in Envoy. Index 0 is always the local zone.
