@@ -240,59 +240,8 @@ impl RegistryConfig {
     }
 }
 
-/// Serde for `Duration` as a humane string (`"180s"`, `"5m"`) or a number of seconds.
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::de::{self, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        d.deserialize_any(DurationVisitor)
-    }
-
-    struct DurationVisitor;
-
-    impl Visitor<'_> for DurationVisitor {
-        type Value = Duration;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a duration such as \"180s\" or \"5m\", or a number of seconds")
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-            parse(v).map_err(E::custom)
-        }
-
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-            Ok(Duration::from_secs(v))
-        }
-
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            u64::try_from(v)
-                .map(Duration::from_secs)
-                .map_err(|_| E::custom("a duration cannot be negative"))
-        }
-
-        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Duration, E> {
-            Duration::try_from_secs_f64(v).map_err(E::custom)
-        }
-    }
-
-    /// Parses `"30s"`, `"5m"`, `"1h 30m"`, `"250ms"`, or a bare number of seconds (`"30"`):
-    /// the same syntax as blocking queries' `wait=`.
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        if let Ok(secs) = s.parse::<u64>() {
-            return Ok(Duration::from_secs(secs));
-        }
-        humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
-    }
-}
+/// Durations in config files: the workspace's one grammar.
+pub use schema::duration;
 
 #[cfg(test)]
 mod tests {

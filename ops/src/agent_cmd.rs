@@ -285,10 +285,9 @@ async fn do_lookup(args: &LookupArgs) -> Result<String> {
 
 fn render_lookup(listing: &V1Listing, source: &str, age_ms: Option<i64>, as_json: bool) -> String {
     let age = match age_ms {
-        Some(ms) if ms >= 0 => humantime::format_duration(Duration::from_millis(
+        Some(ms) if ms >= 0 => schema::duration::format(Duration::from_millis(
             u64::try_from(ms).unwrap_or(0) / 100 * 100,
-        ))
-        .to_string(),
+        )),
         _ => "never synced".to_string(),
     };
     if as_json {

@@ -188,8 +188,9 @@ pub struct BenchArgs {
     pub target: crate::bench::BenchTarget,
 }
 
+/// Flags take the same durations as config files (`30s`, `5m`, `250ms`, or bare seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m, 250ms)"))
+    schema::duration::parse(s)
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {

@@ -469,48 +469,8 @@ fn validate_cluster(c: &ClusterConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// Durations as human strings: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
-pub mod duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn parse(s: &str) -> Result<Duration, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected e.g. \"250ms\" or \"5s\""))?;
-        let ms = match unit.trim() {
-            "ms" => Some(n),
-            "s" => n.checked_mul(1_000),
-            "m" => n.checked_mul(60_000),
-            "h" => n.checked_mul(3_600_000),
-            _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
-        };
-        ms.map(Duration::from_millis)
-            .ok_or_else(|| format!("duration {s:?} is too large"))
-    }
-
-    pub fn format(d: Duration) -> String {
-        let ms = d.as_millis();
-        if ms % 1_000 == 0 {
-            format!("{}s", ms / 1_000)
-        } else {
-            format!("{ms}ms")
-        }
-    }
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse(&s).map_err(serde::de::Error::custom)
-    }
-}
+/// Durations in config files: the workspace's one grammar.
+pub use schema::duration;
 
 #[cfg(test)]
 mod tests;

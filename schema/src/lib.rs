@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod codec;
+pub mod duration;
 pub mod eds;
 mod endpoint;
 mod error;

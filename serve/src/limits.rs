@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use schema::duration;
+use schema::duration::option as opt_duration;
 use serde::{Deserialize, Serialize};
 
 /// Smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be configured below 8 KiB
@@ -164,68 +166,6 @@ pub(crate) fn warn_if_fd_limit_low(component: &str, limits: &Limits) {
             max_connections = limits.max_connections,
             "the open-file limit is below max_connections + {FD_MARGIN}: raise the limit (ulimit -n, LimitNOFILE=) or lower max_connections"
         );
-    }
-}
-
-/// Serde for `Duration` as a humane string (`"10s"`, `"1m"`, `"250ms"`) or whole seconds.
-mod duration {
-    use std::time::Duration;
-
-    use serde::de::{self, Visitor};
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(*d).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        d.deserialize_any(DurationVisitor)
-    }
-
-    struct DurationVisitor;
-
-    impl Visitor<'_> for DurationVisitor {
-        type Value = Duration;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a duration such as \"10s\" or \"1m\", or a number of seconds")
-        }
-
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-            let v = v.trim();
-            if let Ok(secs) = v.parse::<u64>() {
-                return Ok(Duration::from_secs(secs));
-            }
-            humantime::parse_duration(v)
-                .map_err(|e| E::custom(format!("invalid duration {v:?}: {e}")))
-        }
-
-        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
-            Ok(Duration::from_secs(v))
-        }
-
-        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
-            u64::try_from(v)
-                .map(Duration::from_secs)
-                .map_err(|_| E::custom("a duration cannot be negative"))
-        }
-    }
-}
-
-mod opt_duration {
-    use std::time::Duration;
-
-    use serde::{Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => super::duration::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        super::duration::deserialize(d).map(Some)
     }
 }
 
