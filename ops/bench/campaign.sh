@@ -21,7 +21,13 @@ if [[ -z "${TIDINGS_BIN:-}" ]]; then
   export TIDINGS_BIN="${CARGO_TARGET_DIR:-$root/target}/debug/tidings"
 fi
 export TIDINGS_MOTO_SERVER="${TIDINGS_MOTO_SERVER:-$root/.venv/bin/moto_server}"
-cargo test --quiet -p tests --test campaign --no-run
+# The campaign engine itself: built here, or a frozen copy given as TIDINGS_CAMPAIGN_TEST_BIN
+# (so a long run is not rebuilt halfway by edits to the tree).
+if [[ -z "${TIDINGS_CAMPAIGN_TEST_BIN:-}" ]]; then
+  TIDINGS_CAMPAIGN_TEST_BIN="$(cargo test --quiet -p tests --test campaign --no-run --message-format=json \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)"
+fi
+[[ -x "$TIDINGS_CAMPAIGN_TEST_BIN" ]] || { echo "no campaign test binary" >&2; exit 2; }
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 end=$(( $(date +%s) + minutes * 60 ))
@@ -34,7 +40,7 @@ for _ in $(seq "$max_seeds"); do
   seed=$(od -An -N8 -tu8 /dev/urandom | tr -d ' ')
   echo "=== seed $seed ($secs s)"
   if TIDINGS_CAMPAIGN_SEEDS="$seed" TIDINGS_CAMPAIGN_SECS="$secs" \
-    timeout $(( secs * 3 + 300 )) cargo test --quiet -p tests --test campaign campaign -- --exact --nocapture \
+    timeout $(( secs * 3 + 300 )) "$TIDINGS_CAMPAIGN_TEST_BIN" campaign --exact --nocapture \
     >"$log" 2>&1; then
     :
   else
