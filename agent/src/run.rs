@@ -170,6 +170,7 @@ pub async fn run(
             limits,
             metrics: shared.metrics.connections.clone(),
             drain: API_DRAIN_TIMEOUT,
+            tls: None,
         };
         tokio::spawn(async move { serve::http(api, app, options, stop.cancelled_owned()).await })
     };

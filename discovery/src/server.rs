@@ -48,6 +48,7 @@ pub async fn serve(
                 limits,
                 metrics: registry.inner.metrics.connections.clone(),
                 drain: cfg.drain_timeout,
+                tls: None,
             };
             serve::http(listener, router(registry.clone()), options, signal).await
         }
