@@ -26,9 +26,19 @@ pub struct AgentArgs {
     /// TOML config file (see ops/deploy/agent.toml); flags override its keys.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Registry base URL, e.g. http://registry.internal:7700.
+    /// Registry base URL, e.g. http://registry.internal:7700 or https://...
     #[arg(long, env = "TIDINGS_REGISTRY")]
     pub registry: Option<String>,
+    /// CA certificates (PEM) that verify an https:// registry [default: the system's].
+    #[arg(long, value_name = "PEM", env = "TIDINGS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Serve the local API over HTTPS with this certificate chain (PEM), re-read when it
+    /// changes; overrides the file's `[tls]`; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Bearer token file for check-ins (a host token).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -114,6 +124,15 @@ pub fn settings(args: &AgentArgs) -> Result<AgentConfig> {
     }
     if args.token_file.is_some() {
         cfg.registry_token_file.clone_from(&args.token_file);
+    }
+    if args.ca_file.is_some() {
+        cfg.ca_file.clone_from(&args.ca_file);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        cfg.tls = Some(serve::TlsFiles {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        });
     }
     flag!(api, args.api);
     flag!(data_dir, args.data_dir);

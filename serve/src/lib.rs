@@ -56,7 +56,7 @@ pub use crate::limits::{
     open_files_limit,
 };
 pub use crate::metrics::ConnMetrics;
-pub use crate::tls::{ServerTls, TlsError};
+pub use crate::tls::{ServerTls, TlsError, TlsFiles};
 
 /// What a refused connection is told, in one non-blocking write: come back in a second.
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";

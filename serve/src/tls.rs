@@ -38,6 +38,20 @@ pub enum TlsError {
     },
 }
 
+/// A server's `[tls]` config table: the certificate chain and its private key, PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn load(&self) -> Result<ServerTls, TlsError> {
+        ServerTls::load(&self.cert_file, &self.key_file)
+    }
+}
+
 /// The ring provider, named explicitly so no process-wide default is needed.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
