@@ -188,6 +188,14 @@ interval = "300ms"
         tests::proxy::all_routed(&admin, &want).ok()
     })
     .with_context(|| format!("proxy log:\n{}", proxy.log_text()))?;
+    // An operator reads the agent's HTTPS API with the same CA file.
+    let agent_url = format!("https://{agent_ip}:7701");
+    let (code, out, err) = run(
+        &["lookup", "web", "--agent", &agent_url, "--ca-file", &ca_s],
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(code, 0, "lookup over https: {out}{err}");
+    assert!(out.contains(&backend.addr.ip().to_string()), "{out}");
     rt.block_on(backend.kill());
     Ok(())
 }
