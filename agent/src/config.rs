@@ -50,8 +50,10 @@ const MIN_CACHE_BYTES: u64 = 4096;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// Registry base URL (`http://host:port`).
+    /// Registry base URL (`http://host:port` or `https://host:port`).
     pub registry: Option<String>,
+    /// CA certificates (PEM) that verify an `https://` registry; default: the system's.
+    pub ca_file: Option<PathBuf>,
     /// File holding a bearer token for check-ins (a host token); read by the binary.
     pub registry_token_file: Option<PathBuf>,
     /// The token itself, as read from `registry_token_file` (never in the file).
@@ -81,6 +83,9 @@ pub struct AgentConfig {
     /// `header_read_timeout`, `idle_timeout`, `write_timeout`, `max_header_bytes`); unset
     /// keys take [`AgentConfig::DEFAULT_CONNECTIONS`] and the `serve` crate's defaults.
     pub connections: serve::LimitsTable,
+    /// Serve the local API over HTTPS with this certificate and key (`[tls]`: `cert_file`,
+    /// `key_file`, PEM), re-read when the files change. Default: plain HTTP.
+    pub tls: Option<serve::TlsFiles>,
     /// This host's address for endpoints that name none; default: the gossip address.
     pub host_ip: Option<IpAddr>,
     /// Further addresses of this host on which local processes may register endpoints
@@ -122,6 +127,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             registry: None,
+            ca_file: None,
             registry_token_file: None,
             registry_token: None,
             operator_token_file: None,
@@ -132,6 +138,7 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("/var/lib/tidings/agent"),
             cache_max_bytes: crate::cache::MAX_BYTES,
             connections: serve::LimitsTable::default(),
+            tls: None,
             host_ip: None,
             host_ips: Vec::new(),
             zone: None,
@@ -196,8 +203,13 @@ impl AgentConfig {
     /// A registry client for `registry`.
     pub fn client(&self) -> Result<RegistryClient, ConfigError> {
         let url = self.registry.as_deref().ok_or(ConfigError::NoRegistry)?;
-        RegistryClient::new(url, self.registry_token.clone(), self.request_timeout)
-            .map_err(|e| ConfigError::Registry(e.to_string()))
+        RegistryClient::with_ca(
+            url,
+            self.registry_token.clone(),
+            self.request_timeout,
+            self.ca_file.as_deref(),
+        )
+        .map_err(|e| ConfigError::Registry(e.to_string()))
     }
 
     fn zone_tag(&self) -> Result<Option<TagValue>, ConfigError> {

@@ -36,6 +36,8 @@ pub enum AgentError {
     Gossip(#[from] gossip::RuntimeError),
     #[error("local API: {0}")]
     Serve(std::io::Error),
+    #[error("local API TLS: {0}")]
+    Tls(#[from] serve::TlsError),
     #[error("cannot read the operator token file {path}: {source}")]
     OperatorToken {
         path: PathBuf,
@@ -71,6 +73,11 @@ pub async fn run(
         config.operator_token = Some(token.trim().to_string()).filter(|t| !t.is_empty());
     }
     let client = config.client()?;
+    // Loaded before anything starts: the API must not come up without its certificate.
+    let api_tls = match &config.tls {
+        Some(files) => Some(std::sync::Arc::new(files.load()?)),
+        None => None,
+    };
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
         path: config.data_dir.clone(),
         source,
@@ -170,6 +177,7 @@ pub async fn run(
             limits,
             metrics: shared.metrics.connections.clone(),
             drain: API_DRAIN_TIMEOUT,
+            tls: api_tls,
         };
         tokio::spawn(async move { serve::http(api, app, options, stop.cancelled_owned()).await })
     };

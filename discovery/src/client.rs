@@ -1,18 +1,22 @@
-//! `RegistryClient`: the registry's HTTP/1.1 client, for the agent and `tidings checkin`.
-//! Errors say in one line what went wrong — could not connect, the registry refused (with
-//! its JSON message), or the answer was unreadable — and whether retrying may help.
+//! `RegistryClient`: the registry's HTTP/1.1 client (plain or TLS), for the agent and
+//! `tidings checkin`. Errors say in one line what went wrong — could not connect, TLS failed,
+//! the registry refused (with its JSON message), or the answer was unreadable — and whether
+//! retrying may help.
 
 use std::net::IpAddr;
 use std::num::NonZeroU16;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rustls::{ClientConfig, RootCertStore};
 use schema::api::{
     Catalog, CheckInRequest, CheckInResponse, ErrorBody, ServicesResponse, V1Listing,
 };
@@ -31,6 +35,12 @@ pub enum ClientError {
     InvalidUrl { url: String, reason: String },
     #[error("cannot connect to the registry at {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// The TLS handshake failed: an untrusted or mismatched certificate, or TLS spoken to a
+    /// plain-HTTP server (or the reverse). Configuration, not luck: retrying will not help.
+    #[error("TLS with the registry at {url} failed: {reason}")]
+    Tls { url: String, reason: String },
+    #[error("cannot load the CA file: {0}")]
+    CaFile(String),
     #[error("the registry did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the connection to the registry failed: {0}")]
@@ -100,32 +110,47 @@ impl ReadMeta {
     }
 }
 
-/// A client for one registry base URL (`http://host:port`). Cheap to clone; connections are
-/// pooled and kept alive.
+/// A client for one registry base URL (`http://host:port` or `https://host:port`). Cheap to
+/// clone; connections are pooled and kept alive.
 #[derive(Debug, Clone)]
 pub struct RegistryClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     base: String,
     token: Option<HeaderValue>,
     timeout: Duration,
 }
 
 impl RegistryClient {
-    /// `base_url` is `http://host[:port][/prefix]`; `token` is sent as `Authorization:
+    /// `base_url` is `http[s]://host[:port][/prefix]`; `token` is sent as `Authorization:
     /// Bearer` on writes; `timeout` bounds each request (blocking reads get their wait on top).
+    /// An `https://` registry is verified against the system's roots: see [`Self::with_ca`].
     pub fn new(
         base_url: &str,
         token: Option<String>,
         timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        Self::with_ca(base_url, token, timeout, None)
+    }
+
+    /// As [`Self::new`], verifying an `https://` registry against the CA certificates in
+    /// `ca_file` (PEM) only, when given. The server name checked is the URL's host. Unused
+    /// for `http://`.
+    pub fn with_ca(
+        base_url: &str,
+        token: Option<String>,
+        timeout: Duration,
+        ca_file: Option<&Path>,
     ) -> Result<Self, ClientError> {
         let invalid = |reason: &str| ClientError::InvalidUrl {
             url: base_url.to_string(),
             reason: reason.to_string(),
         };
         let uri: Uri = base_url.parse().map_err(|_| invalid("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(invalid("only http:// is supported"));
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(invalid("must start with http:// or https://")),
+        };
         if uri.authority().is_none() {
             return Err(invalid("missing host"));
         }
@@ -146,6 +171,13 @@ impl RegistryClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeout));
+        connector.enforce_http(false);
+        let tls = client_tls(https, ca_file)?;
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(RegistryClient {
             http,
@@ -291,7 +323,12 @@ impl RegistryClient {
             })?;
         let exchange = async {
             let resp = self.http.request(req).await.map_err(|e| {
-                if e.is_connect() {
+                if let Some(reason) = tls_failure(&e) {
+                    ClientError::Tls {
+                        url: self.base.clone(),
+                        reason,
+                    }
+                } else if e.is_connect() {
                     ClientError::Connect {
                         url: self.base.clone(),
                         reason: root_cause(&e),
@@ -317,6 +354,49 @@ impl RegistryClient {
         }
         Ok((parts.headers, bytes))
     }
+}
+
+/// The TLS settings: for `https`, the CA file's certificates as the only roots, or the
+/// system's (found by rustls-native-certs, through hyper-rustls); for plain HTTP nothing is
+/// ever verified, so no roots are loaded.
+fn client_tls(https: bool, ca_file: Option<&Path>) -> Result<ClientConfig, ClientError> {
+    use hyper_rustls::ConfigBuilderExt;
+    let ca_err = |e: String| ClientError::CaFile(e);
+    match (https, ca_file) {
+        (true, Some(path)) => {
+            let roots = serve::tls::load_roots(path).map_err(|e| ca_err(e.to_string()))?;
+            serve::tls::client_config(roots).map_err(|e| ca_err(e.to_string()))
+        }
+        (true, None) => Ok(ClientConfig::builder_with_provider(serve::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ca_err(e.to_string()))?
+            .with_native_roots()
+            .map_err(|e| ca_err(format!("no --ca-file given and the system's CAs: {e}")))?
+            .with_no_client_auth()),
+        (false, _) => {
+            serve::tls::client_config(RootCertStore::empty()).map_err(|e| ca_err(e.to_string()))
+        }
+    }
+}
+
+/// The TLS error behind a failed request, if it was one. rustls reports it wrapped in
+/// `io::Error` (sometimes twice), whose `source()` skips the wrapped error: so step into each
+/// `io::Error`'s payload rather than its source.
+fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    None
 }
 
 fn blocking_query(index: Option<u64>, wait: Option<Duration>) -> String {

@@ -91,6 +91,11 @@ pub struct RegistryConfig {
     /// In-flight requests get this long to finish after the listener closes.
     #[serde(with = "duration")]
     pub drain_timeout: Duration,
+    /// Serve HTTPS with this certificate and key (re-read when the files change); `None`:
+    /// plain HTTP. Set by the binary from its own `[tls]` table or flags, not from
+    /// `[registry]`.
+    #[serde(skip)]
+    pub tls: Option<serve::TlsFiles>,
 }
 
 impl Default for RegistryConfig {
@@ -121,6 +126,7 @@ impl Default for RegistryConfig {
             retry_after: Duration::from_secs(5),
             shutdown_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

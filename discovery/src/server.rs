@@ -19,10 +19,25 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let cfg = registry.config().clone();
+    // Loaded before anything starts: a registry must not come up without the certificate
+    // it was told to serve.
+    let tls = match &cfg.tls {
+        Some(files) => {
+            Some(std::sync::Arc::new(files.load().map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, e)
+            })?))
+        }
+        None => None,
+    };
     if cfg.secret.is_none() {
         tracing::warn!(
             "no write secret configured: writes are open: anyone who reaches the registry can \
              register or deregister anything"
+        );
+    } else if tls.is_none() {
+        tracing::warn!(
+            "write tokens cross the network in clear: the registry serves plain HTTP; \
+             configure [tls] (or --tls-cert and --tls-key) unless a TLS proxy fronts it"
         );
     }
     let sweeper_stop = CancellationToken::new();
@@ -48,6 +63,7 @@ pub async fn serve(
                 limits,
                 metrics: registry.inner.metrics.connections.clone(),
                 drain: cfg.drain_timeout,
+                tls,
             };
             serve::http(listener, router(registry.clone()), options, signal).await
         }

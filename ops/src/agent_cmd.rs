@@ -10,10 +10,7 @@ use agent::AgentConfig;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use schema::api::V1Listing;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -26,9 +23,19 @@ pub struct AgentArgs {
     /// TOML config file (see ops/deploy/agent.toml); flags override its keys.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Registry base URL, e.g. http://registry.internal:7700.
+    /// Registry base URL, e.g. http://registry.internal:7700 or https://...
     #[arg(long, env = "TIDINGS_REGISTRY")]
     pub registry: Option<String>,
+    /// CA certificates (PEM) that verify an https:// registry [default: the system's].
+    #[arg(long, value_name = "PEM", env = "TIDINGS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Serve the local API over HTTPS with this certificate chain (PEM), re-read when it
+    /// changes; overrides the file's `[tls]`; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Bearer token file for check-ins (a host token).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -81,6 +88,9 @@ pub struct LookupArgs {
     /// Read a registry instead of an agent.
     #[arg(long)]
     pub registry: Option<String>,
+    /// CA certificates (PEM) that verify an https:// agent or registry [default: the system's].
+    #[arg(long, value_name = "PEM", env = "TIDINGS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -91,6 +101,9 @@ pub struct MembersArgs {
     /// Agent base URL [default: http://127.0.0.1:7701].
     #[arg(long, default_value = "http://127.0.0.1:7701")]
     pub agent: String,
+    /// CA certificates (PEM) that verify an https:// agent [default: the system's].
+    #[arg(long, value_name = "PEM", env = "TIDINGS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -114,6 +127,15 @@ pub fn settings(args: &AgentArgs) -> Result<AgentConfig> {
     }
     if args.token_file.is_some() {
         cfg.registry_token_file.clone_from(&args.token_file);
+    }
+    if args.ca_file.is_some() {
+        cfg.ca_file.clone_from(&args.ca_file);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        cfg.tls = Some(serve::TlsFiles {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        });
     }
     flag!(api, args.api);
     flag!(data_dir, args.data_dir);
@@ -211,11 +233,11 @@ async fn run_agent(cfg: &mut AgentConfig) -> Result<()> {
     Ok(())
 }
 
-type HttpClient = Client<HttpConnector, Empty<Bytes>>;
-
-/// One GET: status, headers and body, within 10 s.
-async fn get(url: &str) -> Result<(u16, hyper::HeaderMap, Bytes)> {
-    let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+/// One GET: status, headers and body, within 10 s. An `https://` URL is verified against
+/// `ca_file`, or the system's CAs.
+async fn get(url: &str, ca_file: Option<&Path>) -> Result<(u16, hyper::HeaderMap, Bytes)> {
+    let client = proxy::membership::client(url.starts_with("https://"), ca_file)
+        .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
     let uri: hyper::Uri = url
         .parse()
         .with_context(|| format!("invalid URL {url:?}"))?;
@@ -265,7 +287,7 @@ async fn do_lookup(args: &LookupArgs) -> Result<String> {
         base.trim_end_matches('/'),
         args.service
     );
-    let (status, headers, body) = get(&url).await?;
+    let (status, headers, body) = get(&url, args.ca_file.as_deref()).await?;
     if status != 200 {
         bail!(
             "{url} answered {status}: {}",
@@ -361,7 +383,7 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
 pub async fn members(args: MembersArgs) -> ExitCode {
     let url = format!("{}/v1/agent/members", args.agent.trim_end_matches('/'));
     let res = async {
-        let (status, _, body) = get(&url).await?;
+        let (status, _, body) = get(&url, args.ca_file.as_deref()).await?;
         if status != 200 {
             bail!("{url} answered {status}");
         }

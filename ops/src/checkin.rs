@@ -47,8 +47,9 @@ async fn run(args: CheckinArgs) -> Result<String, (u8, String)> {
         ),
         None => None,
     };
-    let client = RegistryClient::new(&args.registry, token, args.timeout)
-        .map_err(|e| usage(e.to_string()))?;
+    let client =
+        RegistryClient::with_ca(&args.registry, token, args.timeout, args.ca_file.as_deref())
+            .map_err(|e| usage(e.to_string()))?;
 
     if !args.no_splay {
         tokio::time::sleep(splay(&hostname(), ip, args.splay)).await;
@@ -69,6 +70,14 @@ async fn run(args: CheckinArgs) -> Result<String, (u8, String)> {
             resp.ttl_secs
         )),
         Err(e) if e.is_transient() => Err((EXIT_UNAVAILABLE, format!("registry unavailable: {e}"))),
+        // An untrusted certificate, a name mismatch or a scheme mismatch fails the same way
+        // every minute: like a refusal, it needs a fix (--ca-file, the URL, the certificate).
+        Err(e @ ClientError::Tls { .. }) => Err((
+            EXIT_REFUSED,
+            format!(
+                "cannot verify the registry: {e} (is --ca-file the CA that signed its certificate, and the URL's host a name in it?)"
+            ),
+        )),
         Err(e) => Err((EXIT_REFUSED, format!("registry refused the check-in: {e}"))),
     }
 }

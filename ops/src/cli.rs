@@ -34,8 +34,10 @@ pub enum Command {
     /// Run the registry (REST API in front of the in-memory store or DynamoDB).
     Registry(RegistryArgs),
     /// Check this host's endpoint in once, for cron. Exit codes: 0 stored; 1 refused by the
-    /// registry (bad input or token: fix the command line); 2 registry unreachable or failing
-    /// after retries (transient: the next cron run retries); 64 bad usage.
+    /// registry (bad input or token) or its TLS certificate not trusted (wrong --ca-file, URL
+    /// host not in the certificate): fix the command line; 2 registry unreachable or failing
+    /// after retries (transient: the next cron run retries); 64 bad usage (including an
+    /// unreadable --ca-file).
     Checkin(CheckinArgs),
     /// Run the per-host agent: check-in, registry sync, gossip, disk cache, local API.
     Agent(crate::agent_cmd::AgentArgs),
@@ -93,6 +95,13 @@ pub struct RegistryArgs {
     /// Quota: approximate bytes of all stored endpoints [default: 67108864 (64 MiB)].
     #[arg(long, value_name = "BYTES")]
     pub max_catalog_bytes: Option<u64>,
+    /// Serve HTTPS with this certificate chain (PEM); re-read when it changes. Overrides
+    /// the file's `[tls]` table; needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -151,9 +160,12 @@ pub enum RegistryAction {
 
 #[derive(Debug, Args)]
 pub struct CheckinArgs {
-    /// Registry base URL, e.g. http://registry.internal:7700.
+    /// Registry base URL, e.g. http://registry.internal:7700 or https://...
     #[arg(long, env = "TIDINGS_REGISTRY")]
     pub registry: String,
+    /// CA certificates (PEM) to verify an https:// registry with, instead of the system's.
+    #[arg(long, value_name = "PEM", env = "TIDINGS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     #[arg(long)]
     pub service: String,
     #[arg(long)]

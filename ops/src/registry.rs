@@ -26,6 +26,8 @@ pub struct RegistryFile {
     pub store: StoreSection,
     #[serde(default)]
     pub registry: RegistryConfig,
+    /// Serve HTTPS: `cert_file` and `key_file` (PEM), re-read when they change.
+    pub tls: Option<serve::TlsFiles>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -98,6 +100,13 @@ pub fn settings(args: &RegistryArgs) -> Result<Settings> {
     if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
         registry.secret = Some(read_secret(path)?);
     }
+    registry.tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(serve::TlsFiles {
+            cert_file: cert.clone(),
+            key_file: key.clone(),
+        }),
+        _ => file.tls,
+    };
     registry.validate()?;
     let listen = args
         .listen
@@ -213,7 +222,12 @@ async fn serve(settings: Settings) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr = listener.local_addr()?;
     let kind = settings.store.kind.unwrap_or(StoreKind::Memory);
-    tracing::info!(%addr, store = ?kind, ttl = ?settings.registry.ttl, "registry listening");
+    let scheme = if settings.registry.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(%addr, scheme, store = ?kind, ttl = ?settings.registry.ttl, "registry listening");
     let registry = Registry::new(store, settings.registry, Arc::new(SystemClock));
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
@@ -289,6 +303,35 @@ mod tests {
         );
         let zero = registry_args(&["--max-services", "0"]).expect("parses");
         assert!(settings(&zero).is_err());
+    }
+
+    #[test]
+    fn tls_comes_from_the_file_or_both_flags() {
+        let file: RegistryFile =
+            toml::from_str("[tls]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n")
+                .expect("parses");
+        assert_eq!(
+            file.tls,
+            Some(serve::TlsFiles {
+                cert_file: "/c.pem".into(),
+                key_file: "/k.pem".into()
+            })
+        );
+        assert!(toml::from_str::<RegistryFile>("[tls]\ncert = \"/c.pem\"").is_err());
+        let args = registry_args(&["--tls-cert", "/a.pem", "--tls-key", "/b.pem"]).expect("parses");
+        let tls = settings(&args).expect("valid").registry.tls;
+        assert_eq!(tls.map(|t| t.cert_file), Some("/a.pem".into()));
+        assert!(
+            registry_args(&["--tls-cert", "/a.pem"]).is_err(),
+            "the key is required too"
+        );
+        assert_eq!(
+            settings(&registry_args(&[]).expect("parses"))
+                .expect("valid")
+                .registry
+                .tls,
+            None
+        );
     }
 
     #[test]

@@ -131,8 +131,12 @@ pub struct ClusterConfig {
     pub name: String,
     /// The service whose endpoints make up the cluster.
     pub service: String,
-    /// Where to watch membership: the local agent by default; any registry serves the same API.
+    /// Where to watch membership: the local agent by default; any registry serves the same
+    /// API. `http://` or `https://`.
     pub membership_url: String,
+    /// CA certificates (PEM) that verify an `https://` membership_url (the certificate must
+    /// name the URL's host); default: the system's CAs.
+    pub membership_ca_file: Option<std::path::PathBuf>,
     pub lb_policy: LbPolicy,
     /// Request header whose value is hashed for ring hash and Maglev (random when absent).
     pub hash_header: Option<String>,
@@ -155,6 +159,7 @@ impl Default for ClusterConfig {
             name: String::new(),
             service: String::new(),
             membership_url: "http://127.0.0.1:7701".into(),
+            membership_ca_file: None,
             lb_policy: LbPolicy::default(),
             hash_header: None,
             health_check: HealthCheckConfig::default(),
@@ -413,8 +418,8 @@ fn validate_cluster(c: &ClusterConfig) -> Result<(), String> {
         .membership_url
         .parse()
         .map_err(|e| format!("membership_url: {e}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err("membership_url must be an http:// URL".into());
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err("membership_url must be an http:// or https:// URL".into());
     }
     if c.connect_timeout.is_zero() {
         return Err("connect_timeout must be positive".into());

@@ -222,11 +222,31 @@ impl Proxy {
             background,
         } = self;
         let drain = shared.config.drain_timeout;
-        let watch_client = membership::client();
+        // One watch client per (scheme, CA file): clusters watching the same source share
+        // its pooled connections, and the system's CAs are loaded once at most. All are built
+        // before any task starts, so a bad CA file fails the start cleanly.
+        let mut by_source: std::collections::HashMap<_, membership::WatchClient> =
+            std::collections::HashMap::new();
+        let mut watch_clients = Vec::with_capacity(shared.clusters.len());
         for cluster in &shared.clusters {
+            let https = cluster.config.membership_url.starts_with("https://");
+            let ca = cluster.config.membership_ca_file.clone();
+            let client = match by_source.get(&(https, ca.clone())) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = membership::client(https, ca.as_deref()).map_err(|err| {
+                        ProxyError::Tls(format!("cluster {}: membership: {err}", cluster.name()))
+                    })?;
+                    by_source.insert((https, ca), c.clone());
+                    c
+                }
+            };
+            watch_clients.push(client);
+        }
+        for (cluster, watch_client) in shared.clusters.iter().zip(watch_clients) {
             tracker.spawn(membership::watch(
                 cluster.clone(),
-                watch_client.clone(),
+                watch_client,
                 background.clone(),
             ));
             tracker.spawn(maintain(cluster.clone(), background.clone()));

@@ -5,12 +5,14 @@
 //! (finish in-flight requests, route no new ones) rather than `Absent` (where health checks
 //! win). A registry ignores the parameter.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Limited};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -29,13 +31,40 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A source that answers at once with an unchanged index does not block; poll it gently.
 const MIN_POLL: Duration = Duration::from_secs(1);
 
-pub type WatchClient = Client<HttpConnector, Empty<Bytes>>;
+pub type WatchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-pub fn client() -> WatchClient {
+/// A client for `http://` and `https://` sources. `https` sources are verified against the
+/// CA certificates in `ca_file` only, or the system's when it is `None` (loaded only if
+/// `https` is set: a plain-HTTP watch needs no roots).
+pub fn client(https: bool, ca_file: Option<&Path>) -> Result<WatchClient, String> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(http)
+    http.enforce_http(false);
+    let tls = match (https, ca_file) {
+        (true, Some(path)) => {
+            serve::tls::client_config(serve::tls::load_roots(path).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?
+        }
+        (true, None) => {
+            use hyper_rustls::ConfigBuilderExt;
+            rustls::ClientConfig::builder_with_provider(serve::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_native_roots()
+                .map_err(|e| format!("no membership_ca_file and the system's CAs: {e}"))?
+                .with_no_client_auth()
+        }
+        (false, _) => {
+            serve::tls::client_config(rustls::RootCertStore::empty()).map_err(|e| e.to_string())?
+        }
+    };
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
 /// One parsed answer.
@@ -104,10 +133,12 @@ async fn fetch(client: &WatchClient, url: &str) -> Result<Answer, String> {
     let req = Request::get(url)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
+    // hyper's outer message ("client error (Connect)") hides the cause, a refused
+    // connection or an untrusted certificate: name the innermost.
     let resp = client
         .request(req)
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| format!("{url}: {e}: {}", innermost(&e)))?;
     let status = resp.status();
     let header = |name: &str| {
         resp.headers()
@@ -132,6 +163,22 @@ async fn fetch(client: &WatchClient, url: &str) -> Result<Answer, String> {
         index,
         warming,
     })
+}
+
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    loop {
+        if let Some(inner) = cur
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            cur = inner;
+        } else if let Some(next) = cur.source() {
+            cur = next;
+        } else {
+            return cur.to_string();
+        }
+    }
 }
 
 /// The hosts of a listing. Invalid entries are skipped (and logged), never fatal: one bad

@@ -17,6 +17,11 @@
 //! - On shutdown it stops accepting, asks every connection to finish, and drops those still
 //!   open after `drain`.
 //!
+//! - TLS, when [`Options::tls`] is set: the handshake must finish within
+//!   `header_read_timeout` of accept (it is part of getting the first request head), the
+//!   connection counts toward the cap from accept, and the certificate files are re-read
+//!   when they change ([`ServerTls`]) without touching open connections.
+//!
 //! Sockets stay within the cap even under a flood of connects: after evicting, the loop
 //! accepts again only once the evicted socket is closed (or 50 ms passed). Connections closed
 //! with nothing owed to the client (no request yet, half a head) or for not reading are reset
@@ -27,6 +32,7 @@
 mod conn;
 mod limits;
 mod metrics;
+pub mod tls;
 
 use std::future::Future;
 use std::io;
@@ -38,6 +44,7 @@ use http::{Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +56,7 @@ pub use crate::limits::{
     open_files_limit,
 };
 pub use crate::metrics::ConnMetrics;
+pub use crate::tls::{ServerTls, TlsError, TlsFiles};
 
 /// What a refused connection is told, in one non-blocking write: come back in a second.
 const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -68,6 +76,8 @@ pub struct Options {
     pub metrics: ConnMetrics,
     /// After shutdown, how long in-flight requests get before their connections are dropped.
     pub drain: Duration,
+    /// Serve HTTPS with this (reloading) certificate; `None`: plain HTTP.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// Serves `service` (an `axum::Router`, or any cloneable tower service of
@@ -96,6 +106,7 @@ where
         limits,
         metrics,
         drain,
+        tls,
     } = options;
     limits
         .validate()
@@ -110,6 +121,12 @@ where
     let hard = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut accept_errors = AcceptErrors::default();
+    if let Some(tls) = &tls {
+        tracker.spawn(
+            tls.clone()
+                .watch(component, tls::RELOAD_INTERVAL, closing.clone()),
+        );
+    }
 
     tokio::pin!(shutdown);
     loop {
@@ -158,6 +175,7 @@ where
             metrics: metrics.clone(),
             table: table.clone(),
             hard: hard.clone(),
+            tls: tls.clone(),
         };
         tracker.spawn(task.run(stream, peer, conn, service.clone()));
         // Let the new connection read before accepting more: until it has, it cannot be
@@ -267,6 +285,7 @@ struct ConnTask {
     metrics: ConnMetrics,
     table: Arc<Table>,
     hard: CancellationToken,
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl ConnTask {
@@ -279,7 +298,75 @@ impl ConnTask {
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
-        let io = TokioIo::new(Watched::new(stream, state.clone()));
+        let watched = Watched::new(stream, state.clone());
+        match &self.tls {
+            None => self.drive(watched, peer, &state, service).await,
+            Some(tls) => {
+                // Each handshake takes the config in use now; a reload later does not touch
+                // this connection.
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                if let Some(stream) = self.handshake(acceptor.accept(watched), &state).await {
+                    self.drive(stream, peer, &state, service).await;
+                }
+            }
+        }
+        self.table.remove(state.id);
+        self.metrics.open.decrement(1.0);
+    }
+
+    /// The TLS handshake, bounded like the first request head (it comes before it), and
+    /// abandoned on eviction or shutdown. `None` if the connection is done.
+    async fn handshake<I>(
+        &self,
+        accept: tokio_rustls::Accept<I>,
+        state: &ConnState,
+    ) -> Option<tokio_rustls::server::TlsStream<I>>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let deadline = state.deadline(&self.limits, None).map(|(at, _)| at);
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = self.hard.cancelled() => None,
+            () = state.close.cancelled() => {
+                // Nothing was owed to this client yet.
+                state.reset_on_close();
+                None
+            }
+            res = accept => match res {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    state.reset_on_close();
+                    None
+                }
+            },
+            () = sleep => {
+                self.metrics.timed_out_header.increment(1);
+                state.reset_on_close();
+                None
+            }
+        }
+    }
+
+    /// Serves HTTP on an accepted (and, with TLS, handshaken) connection until it closes.
+    async fn drive<I, S, B>(&self, io: I, peer: SocketAddr, state: &Arc<ConnState>, service: S)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: tower::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let io = TokioIo::new(io);
         let svc = Tracked {
             inner: service,
             state: state.clone(),
@@ -335,8 +422,6 @@ impl ConnTask {
                 },
             }
         }
-        self.table.remove(state.id);
-        self.metrics.open.decrement(1.0);
     }
 }
 

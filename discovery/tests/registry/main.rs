@@ -14,6 +14,7 @@ mod limits;
 mod lyft;
 mod preservation;
 mod socket;
+mod tls;
 mod ui;
 mod v1;
 mod v2;

@@ -116,7 +116,7 @@ async fn serve_client_and_graceful_shutdown() {
 
 #[test]
 fn client_refuses_bad_urls() {
-    for url in ["not a url", "https://x:1", "ftp://x", "http://x?y=1"] {
+    for url in ["not a url", "ftp://x", "http://x?y=1", "https://x?y=1"] {
         assert!(
             RegistryClient::new(url, None, Duration::from_secs(1)).is_err(),
             "{url}"

@@ -27,6 +27,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
         // The proxy records into the global recorder, installed before listeners start.
         metrics: ::serve::ConnMetrics::global("proxy_admin"),
         drain: DRAIN,
+        tls: None,
     };
     let app = tower::service_fn(move |req| super::handle(shared.clone(), req));
     if let Err(e) = ::serve::http(listener, app, options, stop.cancelled_owned()).await {

@@ -20,6 +20,14 @@ fn example_parses_validates_and_equals_the_defaults() {
 }
 
 #[test]
+fn membership_may_be_watched_over_https_with_a_ca_file() {
+    let mut c = base();
+    c.clusters[0].membership_url = "https://agent.internal:7701".into();
+    c.clusters[0].membership_ca_file = Some("/etc/tidings/ca.pem".into());
+    c.validate().expect("https membership is valid");
+}
+
+#[test]
 fn minimal_config_gets_defaults() {
     let cfg = ProxyConfig::from_toml(
         r#"

@@ -33,6 +33,7 @@ async fn main() -> std::io::Result<()> {
         limits: serve::Limits::with_max_connections(max),
         metrics: serve::ConnMetrics::default(),
         drain: Duration::from_secs(1),
+        tls: None,
     };
     let stdin_closed = async {
         let mut buf = [0u8; 64];

@@ -50,6 +50,19 @@ pub async fn start(limits: serve::Limits) -> Server {
 }
 
 pub async fn start_with_drain(limits: serve::Limits, drain: Duration) -> Server {
+    start_full(limits, drain, None).await
+}
+
+/// The same server behind TLS.
+pub async fn start_tls(limits: serve::Limits, tls: Arc<serve::ServerTls>) -> Server {
+    start_full(limits, Duration::from_secs(5), Some(tls)).await
+}
+
+async fn start_full(
+    limits: serve::Limits,
+    drain: Duration,
+    tls: Option<Arc<serve::ServerTls>>,
+) -> Server {
     let release = Arc::new(Semaphore::new(0));
     let (held_tx, held) = mpsc::unbounded_channel();
     let app = {
@@ -88,6 +101,7 @@ pub async fn start_with_drain(limits: serve::Limits, drain: Duration) -> Server 
         limits,
         metrics: conn_metrics,
         drain,
+        tls,
     };
     let stop = shutdown.clone();
     let task = tokio::spawn(serve::http(listener, app, options, stop.cancelled_owned()));
