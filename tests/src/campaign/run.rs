@@ -205,7 +205,10 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         });
     }
     judge.violations.sort_by_key(|v| v.at);
-    let evidence = if judge.violations.is_empty() && engine_errors.is_empty() {
+    // `TIDINGS_CAMPAIGN_KEEP_LOGS=1` keeps them for a passing seed too (to compare a run
+    // that failed with one that did not).
+    let keep = std::env::var_os("TIDINGS_CAMPAIGN_KEEP_LOGS").is_some_and(|v| v == "1");
+    let evidence = if !keep && judge.violations.is_empty() && engine_errors.is_empty() {
         None
     } else {
         let dir = std::env::temp_dir().join(format!("tidings-campaign-evidence-{seed}"));
