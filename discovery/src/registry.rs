@@ -181,15 +181,34 @@ impl Registry {
                 let fleet = policy::Fleet::take(&rows, now, &inner.config);
                 let counted = policy::startup_baseline(&rows, inner.config.ttl);
                 self.recount_usage(&rows);
+                // Rows the starting baseline leaves out (they expired before the newest
+                // check-in in the store). With one registry those are junk the sweeper had
+                // not reached. With replicas sharing the store they are also the hosts that
+                // were checking in to *this* replica while it was down, which another
+                // replica may be preserving: the newest check-in is recent (the other
+                // replica's hosts), so they fall outside the baseline, renewals look
+                // healthy, and expiring them now would delete rows from the shared table
+                // under that replica's feet. This process was blind for a span it cannot
+                // measure: hold, as after any blind spot, for one renewal window, the time
+                // those hosts need to find this replica again.
+                let left_out = rows.len().saturating_sub(counted.len());
                 let preserving = {
                     let mut p = self.preservation();
+                    if left_out > 0 {
+                        let window = policy::renewal_window(inner.config.check_in_interval);
+                        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+                        p.hold(now.saturating_add(window_ms));
+                    }
                     p.start(counted, &fleet, ticket, now);
                     p.active()
                 };
                 inner.census_ok_ms.store(now, Ordering::Relaxed);
                 inner.census_try_ms.store(now, Ordering::Relaxed);
                 if preserving {
-                    tracing::warn!("store holds only old check-ins at start: self-preservation ON");
+                    tracing::warn!(
+                        left_out,
+                        "store holds old check-ins at start: self-preservation ON"
+                    );
                 }
                 self.set_preserving(preserving);
                 if rows.is_empty() {

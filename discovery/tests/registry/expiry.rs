@@ -122,6 +122,58 @@ async fn a_restart_after_an_outage_longer_than_the_ttl_preserves_the_last_fleet(
 }
 
 #[tokio::test]
+async fn a_replica_restarted_on_a_shared_store_keeps_the_hosts_that_could_not_reach_it() {
+    // Found by the fault campaign: two replicas share one table; replica A was killed for
+    // longer than the TTL, so the hosts checking in to it expired while B (preserving, as
+    // half its fleet was silent) kept them. A came back, took its baseline from the recent
+    // check-ins (B's hosts only), judged renewals healthy and swept the rows B was
+    // preserving, and its first answers lacked them: every agent dropped those hosts until
+    // they checked in again.
+    let store = Arc::new(FlakyStore::default());
+    let eps: Vec<_> = (0..10u8)
+        .map(|i| {
+            schema::Endpoint::new(
+                ServiceName::new("web").expect("name"),
+                std::net::IpAddr::from([10, 0, 0, i]),
+                std::num::NonZeroU16::new(80).expect("port"),
+            )
+        })
+        .collect();
+    // Hosts 0..5 (A's) last checked in just past the TTL ago; hosts 5..10 (B's) just now.
+    let ttl_ms = u64::try_from(TTL.as_millis()).expect("ttl");
+    store
+        .inner
+        .check_in(&eps[..5], T0 - ttl_ms - 1_000)
+        .await
+        .expect("ok");
+    store.inner.check_in(&eps[5..], T0).await.expect("ok");
+    let h = Harness::with_store(RegistryConfig::default(), store);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 10, "the first answer dropped A's hosts");
+    assert!(r.stale());
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(rep.preserving, "{rep:?}");
+    assert_eq!(rep.deleted, 0, "swept rows the other replica preserves");
+
+    // A's hosts find it again within the renewal window (75 s), except host 4.
+    h.clock.advance(Duration::from_secs(30));
+    fleet_check_in(&h, 0..4).await;
+    fleet_check_in(&h, 5..10).await;
+    assert!(h.registry.sweep_once().await.expect("sweep").preserving);
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 10);
+    // The window is over: host 4, which never returned, expires as usual.
+    h.clock.advance(Duration::from_secs(46));
+    fleet_check_in(&h, 0..4).await;
+    fleet_check_in(&h, 5..10).await;
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(!rep.preserving, "{rep:?}");
+    assert_eq!(rep.deleted, 1);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 9);
+    assert!(!r.stale());
+}
+
+#[tokio::test]
 async fn self_preservation_stops_expiry_when_check_ins_collapse_and_recovers() {
     let h = Harness::new();
     fleet_check_in(&h, 0..20).await;

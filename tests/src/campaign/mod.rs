@@ -5,7 +5,10 @@
 //! The schedule is a pure function of the seed and the fleet's shape: a failing seed replays.
 //!
 //! Knobs: `TIDINGS_CAMPAIGN_SEEDS` (comma list of u64), `TIDINGS_CAMPAIGN_SECS` (per seed),
-//! `TIDINGS_CAMPAIGN_STORE` (`memory` or `dynamodb`: force the store instead of the seed's).
+//! `TIDINGS_CAMPAIGN_STORE` (`memory` or `dynamodb`: force the store instead of the seed's),
+//! `TIDINGS_CAMPAIGN_KEEP_LOGS=1` (keep every process's log even when the seed passes; a
+//! failing seed always keeps them, with the replicas' `/v1/ops/status` at each violation, in
+//! `$TMPDIR/tidings-campaign-evidence-<seed>`).
 
 pub mod model;
 pub mod run;

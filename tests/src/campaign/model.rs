@@ -196,6 +196,12 @@ impl Model {
             return None;
         };
         match ep.owner {
+            // Required even while its replica is down (unlike a cron host below): an agent
+            // with a gossip path spreads its own row, and one without (partitioned) must be
+            // kept by the registry — each replica serves half the fleet, so losing one
+            // drops renewals to about half and self-preservation holds on the survivor, and
+            // on the restarted replica until those hosts have had a renewal window to
+            // return (campaign seed 11).
             Owner::Agent(a) => {
                 let up = self.agents.get(a)?;
                 let s = up.up_since()?;

@@ -32,6 +32,9 @@ pub struct Outcome {
     /// Registry ages seen while healthy: (samples, max ms).
     pub healthy_age: (u64, i64),
     pub took: Duration,
+    /// On failure: where every process's log and the replicas' `/v1/ops/status` answers at
+    /// each new violation were written (kept after the run).
+    pub evidence: Option<std::path::PathBuf>,
 }
 
 impl Outcome {
@@ -65,6 +68,13 @@ impl Outcome {
         }
         for e in &self.engine_errors {
             let _ = writeln!(s, "  ENGINE ERROR {e}");
+        }
+        if let Some(dir) = &self.evidence {
+            let _ = writeln!(
+                s,
+                "logs and registry status at each violation: {}",
+                dir.display()
+            );
         }
         if self.failed() {
             let _ = writeln!(
@@ -120,10 +130,16 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
     let model = Arc::new(Mutex::new(model));
     let judge = Arc::new(Mutex::new(Judge::default()));
     let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(String::new()));
     let checker = {
         let (m, j, s) = (model.clone(), judge.clone(), stop.clone());
-        let (urls, admin) = (world.agent_urls(), world.admin.clone());
-        std::thread::spawn(move || check_loop(&m, &j, &s, &urls, &admin))
+        let views = Views {
+            agents: world.agent_urls(),
+            admin: world.admin.clone(),
+            registries: world.registry_urls(),
+            statuses: statuses.clone(),
+        };
+        std::thread::spawn(move || check_loop(&m, &j, &s, &views))
     };
 
     let mut actions: Vec<(u64, bool, usize)> = Vec::new();
@@ -189,6 +205,26 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         });
     }
     judge.violations.sort_by_key(|v| v.at);
+    // `TIDINGS_CAMPAIGN_KEEP_LOGS=1` keeps them for a passing seed too (to compare a run
+    // that failed with one that did not).
+    let keep = std::env::var_os("TIDINGS_CAMPAIGN_KEEP_LOGS").is_some_and(|v| v == "1");
+    let evidence = if !keep && judge.violations.is_empty() && engine_errors.is_empty() {
+        None
+    } else {
+        let dir = std::env::temp_dir().join(format!("tidings-campaign-evidence-{seed}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let statuses = statuses.lock().map(|s| s.clone()).unwrap_or_default();
+        match world
+            .dump_logs(&dir)
+            .and_then(|()| Ok(std::fs::write(dir.join("registry-status.txt"), statuses)?))
+        {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                engine_errors.push(format!("writing the evidence failed: {e:#}"));
+                None
+            }
+        }
+    };
     drop(world);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(Outcome {
@@ -200,6 +236,7 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         traffic: report.line(),
         healthy_age: judge.healthy_age,
         took: began.elapsed(),
+        evidence,
     })
 }
 
@@ -285,14 +322,48 @@ fn snapshot(model: &Mutex<Model>) -> Option<Model> {
     model.lock().ok().map(|m| m.clone())
 }
 
+/// What the checker asks.
+struct Views {
+    /// Agents' local API URLs.
+    agents: Vec<String>,
+    /// The proxy's admin address.
+    admin: String,
+    /// Registry replicas' URLs: asked for `/v1/ops/status` whenever a round records a new
+    /// violation, appended to `statuses`.
+    registries: Vec<String>,
+    statuses: Arc<Mutex<String>>,
+}
+
+impl Views {
+    fn record_statuses(&self, at: Duration, violations: &[Violation]) {
+        let mut out = String::new();
+        let _ = writeln!(out, "=== at {at:.1?}, new violations:");
+        for v in violations {
+            let _ = writeln!(out, "  {}: {}", v.check, v.details);
+        }
+        for (r, url) in self.registries.iter().enumerate() {
+            let status = crate::http::request(
+                "GET",
+                &format!("{url}/v1/ops/status"),
+                None,
+                b"",
+                Duration::from_secs(1),
+            );
+            let body = match status {
+                Ok(resp) => String::from_utf8_lossy(&resp.body).into_owned(),
+                Err(e) => format!("unreachable: {e:#}"),
+            };
+            let _ = writeln!(out, "replica {r}: {body}");
+        }
+        if let Ok(mut s) = self.statuses.lock() {
+            s.push_str(&out);
+        }
+    }
+}
+
 /// Asks every view once per [`CHECK_EVERY`] until `stop`, and judges the answers.
-fn check_loop(
-    model: &Mutex<Model>,
-    judge: &Mutex<Judge>,
-    stop: &AtomicBool,
-    urls: &[String],
-    admin: &str,
-) {
+fn check_loop(model: &Mutex<Model>, judge: &Mutex<Judge>, stop: &AtomicBool, views: &Views) {
+    let (urls, admin) = (&views.agents, views.admin.as_str());
     let timeout = Duration::from_secs(2);
     // Bounded: a day of rounds at most; `stop` ends it long before.
     for _ in 0..(24 * 3600 * 1000 / CHECK_EVERY.as_millis().max(1)) {
@@ -331,10 +402,15 @@ fn check_loop(
         // began: whatever changed meanwhile (a kill, a deregistration) then dates from after
         // that moment, so its bound has not run yet and it is not judged this round.
         let Some(after) = snapshot(model) else { break };
-        if let Ok(mut j) = judge.lock() {
+        let fresh = judge.lock().ok().map(|mut j| {
+            let before = j.violations.len();
             for (viewer, seen) in &answers {
                 j.judge(&after, round, *viewer, seen);
             }
+            j.violations.get(before..).unwrap_or_default().to_vec()
+        });
+        if let Some(fresh) = fresh.filter(|f| !f.is_empty()) {
+            views.record_statuses(round.duration_since(after.t0), &fresh);
         }
         std::thread::sleep(CHECK_EVERY.saturating_sub(round.elapsed()));
     }

@@ -181,6 +181,8 @@ pub struct World {
     _dynamo: Option<Box<dyn std::any::Any>>,
     pub lab: Lab,
     dir: PathBuf,
+    /// Logs of processes the engine killed (name, text), kept for [`World::dump_logs`].
+    past_logs: Vec<(String, String)>,
 }
 
 impl World {
@@ -321,6 +323,7 @@ impl World {
             _dynamo: guard,
             lab,
             dir: dir.to_path_buf(),
+            past_logs: Vec::new(),
         })
     }
 
@@ -345,6 +348,35 @@ impl World {
                 ))
             })
             .collect()
+    }
+
+    /// The registry replicas' base URLs, by replica index.
+    pub fn registry_urls(&self) -> Vec<String> {
+        (0..self.replicas.len())
+            .map(|r| format!("http://{}:{}", self.lab.gateway(), 7700 + 10 * r))
+            .collect()
+    }
+
+    /// Writes every process's log into `dir` (one file per process life, numbered in the
+    /// order they ended; the running ones last), to read what led to a violation.
+    pub fn dump_logs(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let running = std::iter::once((self.proxy.name().to_string(), self.proxy.log_text()))
+            .chain(
+                self.agents
+                    .iter()
+                    .map(|a| (a.name.clone(), a.proc.log_text())),
+            )
+            .chain(
+                self.replicas
+                    .iter()
+                    .filter_map(|r| r.proc.as_ref().map(|p| (r.name.clone(), p.log_text()))),
+            );
+        let all = self.past_logs.iter().cloned().chain(running);
+        for (n, (name, text)) in all.enumerate() {
+            std::fs::write(dir.join(format!("{n:02}-{name}.log")), text)?;
+        }
+        Ok(())
     }
 
     /// Agent URLs, as the checker reaches them.
@@ -373,6 +405,7 @@ impl World {
                 let mut proc = reg.proc.take().context("registry not running")?;
                 proc.signal("KILL")?;
                 proc.wait_exit(Duration::from_secs(5))?;
+                self.past_logs.push((reg.name.clone(), proc.log_text()));
                 if matches!(kind, Kind::RegistryEmptyRestart { .. }) {
                     reg.start()?;
                     report(Effect::RegistryUp(*replica));
@@ -394,6 +427,7 @@ impl World {
                 report(Effect::AgentDown(*agent));
                 a.proc.signal("KILL")?;
                 a.proc.wait_exit(Duration::from_secs(5))?;
+                self.past_logs.push((a.name.clone(), a.proc.log_text()));
             }
             Kind::BackendKill { host } => {
                 let b = self.backends.get_mut(*host).context("backend")?.take();
