@@ -179,6 +179,17 @@ fn same_hosts(a: &Snapshot, b: &Snapshot) -> bool {
     x == y
 }
 
+/// Whether to hold a warming answer back from gossip for now. A warming answer is a lower
+/// bound, merged with what this agent holds; an agent that holds nothing yet (restarted
+/// without its disk cache, before gossip repair brought the peers' registry data) would
+/// publish the lower bound alone, dated newer than the fuller snapshots its peers hold, and
+/// gossip would spread it over them — every agent would lose the hosts that had not yet
+/// checked in again (found by the fault campaign). So it waits until it holds something, or
+/// until it knows it has no peer to learn from; the next warming poll comes soon.
+pub fn defer_warming(warming: bool, holds_nothing: bool, has_live_peers: bool) -> bool {
+    warming && holds_nothing && has_live_peers
+}
+
 /// Agents the registry lists that gossip should announce to: all of them when this agent is
 /// alone, else those SWIM has never heard of (e.g. two halves that started while the
 /// registry was down, each without seeds).
@@ -320,14 +331,30 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                         "registry listed hosts that do not validate; skipped"
                     );
                 }
-                let changed = plan.snapshots.len();
-                for s in plan.snapshots {
+                let members = shared.gossip.members();
+                let has_peers = members
+                    .iter()
+                    .any(|m| m.active && m.id.addr != shared.gossip_addr);
+                let deferred = defer_warming(
+                    plan.warming,
+                    held.is_empty() && cached.is_empty(),
+                    has_peers,
+                );
+                let snapshots = if deferred {
+                    tracing::debug!(
+                        "warming answer held back until gossip brings the peers' registry data"
+                    );
+                    Vec::new()
+                } else {
+                    plan.snapshots
+                };
+                let changed = snapshots.len();
+                for s in snapshots {
                     if shared.gossip.apply_registry_snapshot(s).await.is_err() {
                         tracing::warn!("gossip has stopped; registry snapshot not applied");
                     }
                 }
                 // Joining more agents is harmless, so a warming listing is good enough.
-                let members = shared.gossip.members();
                 let join = seeds_to_join(&catalog, shared.gossip_addr, &members);
                 if !join.is_empty() {
                     tracing::info!(seeds = ?join, "joining agents the registry lists");

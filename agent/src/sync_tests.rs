@@ -253,3 +253,13 @@ fn pacing_backs_off_to_the_cap_and_polls_within_ten_percent() {
     );
     assert!(warming_poll(Duration::from_secs(60), 0.999_999) < Duration::from_millis(5_500));
 }
+
+#[test]
+fn a_warming_answer_waits_while_this_agent_holds_nothing_its_peers_could_teach_it() {
+    // Restarted without a cache, peers alive: the lower bound alone would overwrite them.
+    assert!(defer_warming(true, true, true));
+    // Alone, or holding something to merge with, or an authoritative answer: apply.
+    assert!(!defer_warming(true, true, false));
+    assert!(!defer_warming(true, false, true));
+    assert!(!defer_warming(false, true, true));
+}
