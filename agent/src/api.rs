@@ -204,13 +204,23 @@ async fn block(
     index: Option<u64>,
     wait: Duration,
     index_of: impl Fn(&MergedView) -> u64,
-) -> Arc<MergedView> {
+) -> Result<Arc<MergedView>, ApiError> {
     let mut rx = shared.view.clone();
     let current = rx.borrow_and_update().clone();
-    let Some(index) = index else { return current };
+    let Some(index) = index else {
+        return Ok(current);
+    };
     if index_of(&current) != index {
-        return current;
+        return Ok(current);
     }
+    // Held for the whole wait, released on drop (also when the client goes away).
+    let _permit = shared.waiters.clone().try_acquire_owned().map_err(|_| {
+        shared.metrics.api_refused_waiters.increment(1);
+        ApiError::TooManyWaiters {
+            limit: shared.config.max_blocking_waiters,
+            retry_after_secs: discovery::policy::waiter_retry_after(rand::random::<f64>()),
+        }
+    })?;
     let wait = wait + (wait / 16).mul_f64(rand::random::<f64>());
     let deadline = tokio::time::sleep(wait);
     tokio::pin!(deadline);
@@ -224,12 +234,12 @@ async fn block(
                 }
                 let v = rx.borrow_and_update().clone();
                 if index_of(&v) != index {
-                    return v;
+                    return Ok(v);
                 }
             }
         }
     }
-    shared.current_view()
+    Ok(shared.current_view())
 }
 
 /// `GET /v2/services/{service}?index=I&wait=30s`: the v1 listing, blocking.
@@ -241,7 +251,7 @@ async fn v2_service(
     let service = service_name(service)?;
     let (index, wait) = blocking_params(query.as_deref())?;
     let draining = wants_draining(query.as_deref())?;
-    let view = block(&shared, index, wait, |v| v.service_index(&service)).await;
+    let view = block(&shared, index, wait, |v| v.service_index(&service)).await?;
     let body = Json(listing(&shared, &service, &view, draining)).into_response();
     Ok(with_meta(
         body,
@@ -256,7 +266,7 @@ async fn v2_catalog(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (index, wait) = blocking_params(query.as_deref())?;
-    let view = block(&shared, index, wait, MergedView::index).await;
+    let view = block(&shared, index, wait, MergedView::index).await?;
     let services: BTreeMap<String, Vec<V1Host>> = view
         .services()
         .map(|(s, h)| {

@@ -58,6 +58,10 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(|_| {}).await
+}
+
+async fn fixture_with(tune: impl FnOnce(&mut AgentConfig)) -> Fixture {
     let stop = tokio_util::sync::CancellationToken::new();
     let gcfg = GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr"));
     let gossip = gossip::run(gcfg, Vec::new(), stop.clone())
@@ -70,6 +74,8 @@ async fn fixture() -> Fixture {
         host_ips: vec!["10.1.1.1".parse().expect("ip")],
         ..Default::default()
     };
+    let mut config = config;
+    tune(&mut config);
     let client = config.client().expect("client");
     let (tx, rx) = watch::channel(Arc::new(view(&[1, 2])));
     let shared = Arc::new(Shared::new(
@@ -154,6 +160,46 @@ async fn every_answer_says_how_fresh_it_is() {
     let (status, _, v) = send(&f.app, "GET", "/nope", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(v["error"]["code"], "route_not_found");
+    f.stop.cancel();
+}
+
+#[tokio::test]
+async fn blocking_waiters_past_the_bound_get_429_at_once_and_reads_still_answer() {
+    let f = fixture_with(|c| c.max_blocking_waiters = 1).await;
+    let (_, h, _) = send(&f.app, "GET", "/v2/catalog", "").await;
+    let index: u64 = hdr(&h, HEADER_INDEX).parse().expect("index");
+    let uri = format!("/v2/catalog?index={index}&wait=30s");
+    let app = f.app.clone();
+    let first = {
+        let uri = uri.clone();
+        tokio::spawn(async move { send(&app, "GET", &uri, "").await })
+    };
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!first.is_finished(), "the first waiter waits");
+    let (status, h, v) = send(&f.app, "GET", &uri, "").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_eq!(v["error"]["code"], "too_many_waiters");
+    let retry: u64 = hdr(&h, "retry-after").parse().expect("Retry-After");
+    assert!((1..=5).contains(&retry), "{retry}");
+    // Reads that do not wait are not bounded.
+    let (status, _, _) = send(&f.app, "GET", "/v2/catalog", "").await;
+    assert_eq!(status, StatusCode::OK);
+    // The first waiter answers on a change and gives its permit back.
+    f.tx.send_replace(Arc::new(view(&[1, 2, 3])));
+    let (status, _, _) = first.await.expect("joined");
+    assert_eq!(status, StatusCode::OK);
+    let (_, h, _) = send(&f.app, "GET", "/v2/catalog", "").await;
+    let index = hdr(&h, HEADER_INDEX).to_string();
+    let (status, _, _) = send(
+        &f.app,
+        "GET",
+        &format!("/v2/catalog?index={index}&wait=50ms"),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "a freed permit admits a new waiter");
     f.stop.cancel();
 }
 

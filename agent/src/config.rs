@@ -72,6 +72,10 @@ pub struct AgentConfig {
     /// and address literals (e.g. a name `/etc/hosts` maps to loopback). Any other name is
     /// refused (403) as a possible DNS-rebinding attack.
     pub api_host_names: Vec<String>,
+    /// At most this many blocking queries wait on the local API at once; one more is
+    /// answered 429 with a short `Retry-After` at once. Its clients are this host's proxy,
+    /// Envoy and scripts: a few watchers per service, far below this.
+    pub max_blocking_waiters: usize,
     /// Shown as `env` in v1 listings, as the registry does.
     pub env: String,
     /// Where the disk cache lives.
@@ -134,6 +138,7 @@ impl Default for AgentConfig {
             operator_token: None,
             api: SocketAddr::from(([127, 0, 0, 1], 7701)),
             api_host_names: Vec::new(),
+            max_blocking_waiters: 256,
             env: "production".to_string(),
             data_dir: PathBuf::from("/var/lib/tidings/agent"),
             cache_max_bytes: crate::cache::MAX_BYTES,
@@ -194,6 +199,9 @@ impl AgentConfig {
             ));
         }
         self.api_limits()?;
+        if self.max_blocking_waiters == 0 {
+            return Err(ConfigError::Invalid("max_blocking_waiters must be > 0"));
+        }
         self.zone_tag()?;
         // Endpoint validity with a placeholder ip: the real one is known once gossip binds.
         self.endpoints(self.host_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])))?;

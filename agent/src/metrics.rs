@@ -42,6 +42,7 @@ pub struct Metrics {
     /// address that is not this host's.
     pub api_refused_host: Counter,
     pub api_refused_ip: Counter,
+    pub api_refused_waiters: Counter,
     pub requests: Counter,
     registry_age: Gauge,
     view_endpoints: Gauge,
@@ -99,7 +100,7 @@ impl Metrics {
         const CACHE: &str = "tidings_agent_cache_writes_total";
         const CACHE_HELP: &str = "Disk cache writes by result.";
         const REFUSED: &str = "tidings_agent_api_refused_total";
-        const REFUSED_HELP: &str = "Local API requests refused with 403, by reason (host: a Host header naming another site; foreign_ip: a registration on an address not this host's, without the operator token).";
+        const REFUSED_HELP: &str = "Local API requests refused, by reason (403 host: a Host header naming another site; 403 foreign_ip: a registration on an address not this host's, without the operator token; 429 max_blocking_waiters: too many blocking queries waiting).";
         const MEMBERS: &str = "tidings_agent_gossip_members";
         const MEMBERS_HELP: &str = "Gossip members by state, this agent excluded.";
         MetricsSnapshot::default().each(|field, help, _| {
@@ -131,6 +132,7 @@ impl Metrics {
             ),
             api_refused_host: counter(REFUSED, REFUSED_HELP, Some("host")),
             api_refused_ip: counter(REFUSED, REFUSED_HELP, Some("foreign_ip")),
+            api_refused_waiters: counter(REFUSED, REFUSED_HELP, Some("max_blocking_waiters")),
             requests: counter("tidings_agent_requests_total", "Local API requests.", None),
             registry_age: gauge(
                 "tidings_agent_registry_age_seconds",

@@ -76,6 +76,8 @@ pub struct Shared {
     registry_ok: AtomicBool,
     /// Fires when the agent starts shutting down: readiness fails, blocking queries answer.
     pub draining: CancellationToken,
+    /// One permit per blocking query waiting on the local API (`max_blocking_waiters`).
+    pub waiters: Arc<tokio::sync::Semaphore>,
     pub metrics: Metrics,
 }
 
@@ -92,6 +94,11 @@ impl Shared {
         draining: CancellationToken,
     ) -> Self {
         let gossip_addr = gossip.id().addr;
+        let waiters = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .max_blocking_waiters
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Shared {
             config,
             client,
@@ -108,6 +115,7 @@ impl Shared {
             registry_listed: watch::Sender::new(None),
             cache_index: AtomicU64::new(0),
             registry_ok: AtomicBool::new(false),
+            waiters,
             draining,
             metrics: Metrics::default(),
         }
