@@ -49,11 +49,11 @@ pub async fn serve(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes as u32);
-    let fast = Some(Arc::new(h1::FastPath {
+    let fast = Arc::new(h1::FastPath {
         shared: shared.clone(),
         header_read_timeout: cfg.header_read_timeout,
         max_header_bytes: cfg.max_header_bytes,
-    }));
+    });
     let service = move |peer: SocketAddr| {
         let shared = shared.clone();
         // x-forwarded-for, formatted once per connection rather than per request.
@@ -78,15 +78,15 @@ pub async fn serve(
     .await;
 }
 
-/// The accept loop shared by traffic and admin listeners. Traffic connections (plain, or TLS
-/// without HTTP/2 negotiated) start on the HTTP/1.1 fast path (`fast`) and move to hyper when
-/// they need it.
+/// The traffic listener's accept loop (the admin listener runs on the `serve` crate).
+/// Connections (plain, or TLS without HTTP/2 negotiated) start on the HTTP/1.1 fast path
+/// (`fast`) and move to hyper when they need it.
 #[allow(clippy::too_many_arguments)]
-pub async fn accept_loop<F, S>(
+async fn accept_loop<F, S>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<TlsAcceptor>,
-    fast: Option<Arc<h1::FastPath>>,
+    fast: Arc<h1::FastPath>,
     first_byte_timeout: Duration,
     make_service: F,
     shutdown: CancellationToken,
@@ -131,8 +131,8 @@ pub async fn accept_loop<F, S>(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return,
             }
-            match (tls, fast) {
-                (None, Some(fast)) => {
+            match tls {
+                None => {
                     let mut stream = stream;
                     if let h1::Ended::HandOver(read) =
                         h1::serve(&mut stream, peer, &fast, &shutdown).await
@@ -141,28 +141,20 @@ pub async fn accept_loop<F, S>(
                         serve_conn(&builder, io, service, watcher, shutdown).await
                     }
                 }
-                (None, None) => {
-                    serve_conn(&builder, TokioIo::new(stream), service, watcher, shutdown).await
-                }
-                (Some(acceptor), fast) => {
+                Some(acceptor) => {
                     match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)).await {
                         // HTTP/1.1 over TLS takes the fast path too; HTTP/2 (ALPN) goes to hyper.
-                        Ok(Ok(mut s)) => match fast
-                            .filter(|_| s.get_ref().1.alpn_protocol() != Some(b"h2"))
-                        {
-                            Some(fast) => {
-                                if let h1::Ended::HandOver(read) =
-                                    h1::serve(&mut s, peer, &fast, &shutdown).await
-                                {
-                                    let io = TokioIo::new(h1::Prefixed::new(read, s));
-                                    serve_conn(&builder, io, service, watcher, shutdown).await
-                                }
+                        Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                            serve_conn(&builder, TokioIo::new(s), service, watcher, shutdown).await
+                        }
+                        Ok(Ok(mut s)) => {
+                            if let h1::Ended::HandOver(read) =
+                                h1::serve(&mut s, peer, &fast, &shutdown).await
+                            {
+                                let io = TokioIo::new(h1::Prefixed::new(read, s));
+                                serve_conn(&builder, io, service, watcher, shutdown).await
                             }
-                            None => {
-                                serve_conn(&builder, TokioIo::new(s), service, watcher, shutdown)
-                                    .await
-                            }
-                        },
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
                         Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                     }
