@@ -60,6 +60,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     config.validate()?;
+    let api_limits = config.api_limits().map_err(ConfigError::from)?;
     // The address actually bound (the configured one may name port 0): the API's Host check
     // accepts it.
     if let Ok(bound) = api.local_addr() {
@@ -168,13 +169,9 @@ pub async fn run(
     let server = {
         let stop = api_stop.clone();
         let app = crate::api::router(shared.clone());
-        // Limits were validated with the config; the fallback never applies in practice.
-        let limits = shared.config.api_limits().unwrap_or_else(|_| {
-            serve::Limits::with_max_connections(AgentConfig::DEFAULT_CONNECTIONS)
-        });
         let options = serve::Options {
             component: "agent",
-            limits,
+            limits: api_limits,
             metrics: shared.metrics.connections.clone(),
             drain: API_DRAIN_TIMEOUT,
             tls: api_tls,
