@@ -54,6 +54,7 @@ pub mod node;
 pub mod probing;
 pub mod repair;
 mod repair_tcp;
+mod returning;
 pub mod rows;
 pub mod runtime;
 pub mod sim;

@@ -44,6 +44,7 @@ impl Node {
     /// forgotten owners, collect tombstones, re-announce when alone.
     pub fn tick(&mut self, now_ms: u64) {
         self.set_now(now_ms);
+        self.returning.refill();
         self.resync_members();
         let active = self.members.values().filter(|m| m.active).count() as u32 + 1;
         let indirect = self.probing.indirect_probes(active);
@@ -113,6 +114,9 @@ impl Node {
         if fresh != self.members {
             for (addr, m) in &fresh {
                 if m.active {
+                    if self.members.get(addr).is_none_or(|old| !old.active) {
+                        self.note_return(*addr);
+                    }
                     self.recently_down.remove(addr);
                 } else if self.members.get(addr).is_none_or(|old| old.active) {
                     self.recently_down.entry(*addr).or_insert(self.now_ms);
@@ -203,6 +207,9 @@ impl Node {
 
     fn set_member(&mut self, id: NodeId, active: bool) {
         if active {
+            if self.members.get(&id.addr).is_none_or(|old| !old.active) {
+                self.note_return(id.addr);
+            }
             self.recently_down.remove(&id.addr);
         } else {
             self.recently_down.entry(id.addr).or_insert(self.now_ms);

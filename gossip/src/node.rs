@@ -21,6 +21,7 @@ use crate::crypto::{KeyRing, Sealer};
 use crate::metrics::Metrics;
 use crate::probing::ProbeHealth;
 use crate::repair::{self, Digest, RepairFrame};
+use crate::returning::Returning;
 use crate::rows::{Row, RowStatus, Version};
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::spread::Outbox;
@@ -92,6 +93,8 @@ pub struct Node {
     /// Outcomes of our direct probes, which set foca's number of indirect probes.
     pub(crate) probing: ProbeHealth,
     pub(crate) indirect_probes: usize,
+    /// Owners back in contact whose tombstones wait for their current rows.
+    pub(crate) returning: Returning,
 }
 
 impl Node {
@@ -135,6 +138,7 @@ impl Node {
             outbox: Outbox::default(),
             probing: ProbeHealth::default(),
             indirect_probes,
+            returning: Returning::default(),
         })
     }
 
@@ -319,11 +323,14 @@ impl Node {
         let reply = {
             let store = &mut self.store;
             let reply = match frame {
-                RepairFrame::Request(req) => Some(RepairFrame::Response(repair::respond(
-                    store,
-                    self.me.addr,
-                    &req,
-                ))),
+                RepairFrame::Request(req) => {
+                    repair::note_own_summary(store, req.from, &req.owners);
+                    Some(RepairFrame::Response(repair::respond(
+                        store,
+                        self.me.addr,
+                        &req,
+                    )))
+                }
                 RepairFrame::Response(resp) => {
                     repair::on_response(store, self.me.addr, resp).map(RepairFrame::Push)
                 }
@@ -419,7 +426,7 @@ impl Node {
 
     /// Sends our digest to `peer`; as an answer to `theirs` when given, in its short form
     /// when the buckets are equal.
-    fn digest_to(&mut self, peer: SocketAddr, reply: bool, theirs: Option<&[u64]>) {
+    pub(crate) fn digest_to(&mut self, peer: SocketAddr, reply: bool, theirs: Option<&[u64]>) {
         let mut digest = Digest::of(&self.store);
         if theirs.is_some_and(|t| t == digest.buckets) {
             digest.buckets = vec![repair::buckets_hash(&digest.buckets)];
@@ -451,6 +458,7 @@ impl Node {
         while let Some(n) = self.rt.to_notify() {
             self.on_notification(n);
         }
+        self.settle_returning();
         // Every entry point ends here: refusals counted by the store reach the metrics.
         let refused = self.store.snapshots.refusals();
         let m = &self.metrics;

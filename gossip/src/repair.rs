@@ -278,12 +278,24 @@ pub fn apply(
     }
     if let (Some(present), Some(max)) = (own, store.rows.max_version(&from)) {
         store.rows.prune_to_authoritative(&from, &present, max);
+        // We now hold exactly what the owner holds of itself.
+        store.rows.mark_synced(&from, from);
     }
     for snap in snapshots {
         applied += usize::from(store.snapshots.merge(snap, now) == SnapshotMerge::Applied);
     }
     store.rows_received += applied as u64;
     applied
+}
+
+/// `from` told us its summaries (in a request or a response): if its summary of *itself*
+/// equals ours, we hold every row it has written — the evidence a returning owner's
+/// tombstones wait for (`Node::settle_returning`).
+pub fn note_own_summary(store: &mut Store, from: SocketAddr, owners: &[OwnerSummary]) {
+    let own = owners.iter().find(|s| s.owner == from);
+    if own.is_some() && own.copied() == store.rows.summary(&from) {
+        store.rows.mark_synced(&from, from);
+    }
 }
 
 /// The requester's side after the response: merge, then push what the responder lacks.
@@ -297,6 +309,7 @@ pub fn on_response(store: &mut Store, me: SocketAddr, resp: RepairResponse) -> O
         snapshot_summaries,
     } = resp;
     apply(store, from, rows, snapshots);
+    note_own_summary(store, from, &owners);
     let push = RepairPush {
         from: me,
         rows: rows_they_lack(store, &buckets, &owners),

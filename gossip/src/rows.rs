@@ -276,6 +276,26 @@ impl RowStore {
         }
     }
 
+    /// Whether `peer` was seen holding exactly our summary of `owner` since it last changed.
+    pub fn is_synced(&self, owner: &SocketAddr, peer: &SocketAddr) -> bool {
+        self.owners
+            .get(owner)
+            .is_some_and(|o| o.synced.contains(peer))
+    }
+
+    /// Forgets that `peer` held our summary of `owner`: evidence from before a gap in
+    /// contact says nothing about what was written during it.
+    pub fn forget_synced(&mut self, owner: &SocketAddr, peer: &SocketAddr) {
+        if let Some(o) = self.owners.get_mut(owner) {
+            o.synced.remove(peer);
+        }
+    }
+
+    /// Whether any row of `owner` is held (tombstones included).
+    pub fn has_owner(&self, owner: &SocketAddr) -> bool {
+        self.owners.get(owner).is_some_and(|o| !o.rows.is_empty())
+    }
+
     /// After a full answer from the owner itself: its row set is authoritative up to its
     /// `max`, so rows we hold below that which it no longer has were deleted (their
     /// tombstones may already be gone) and are dropped here.

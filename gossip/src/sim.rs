@@ -47,6 +47,9 @@ pub struct SimConfig {
     /// Give up waiting for any one phase after this long.
     pub phase_timeout_ms: u64,
     pub encrypt: bool,
+    /// Extra latency of every TCP repair frame: a loaded host, a long frame or a slow
+    /// handshake make repair lag behind SWIM's datagrams.
+    pub frame_extra_delay_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -65,6 +68,7 @@ impl Default for SimConfig {
             partition_ms: 0,
             phase_timeout_ms: 60_000,
             encrypt: false,
+            frame_extra_delay_ms: 0,
         }
     }
 }
@@ -360,7 +364,7 @@ impl Sim {
             return;
         }
         // A TCP exchange costs a handshake round trip before the first frame.
-        let at = self.now + 2 * self.delay();
+        let at = self.now + 2 * self.delay() + self.cfg.frame_extra_delay_ms;
         self.push(
             at,
             Event::Frame {

@@ -376,3 +376,116 @@ fn registry_replicas_running_ahead_never_freeze_the_views() {
     let took = sim.run_until_cond(50, 5_000, |s| all_list(s, 4));
     assert!(took.is_some_and(|ms| ms <= 1_000), "took {took:?}");
 }
+
+/// The registry snapshot of service `svc-5` listing node 5's endpoint again, dated `at`.
+fn relisted(at: u64) -> crate::Snapshot {
+    let ep = endpoint_of(5, 8080);
+    crate::Snapshot {
+        service: ep.service.clone(),
+        generated_at_ms: at,
+        entries: vec![crate::SnapshotEntry {
+            endpoint: ep,
+            last_check_in_ms: at,
+        }],
+    }
+}
+
+/// Campaign seed 9294334021625524411: an agent deregisters (its tombstone reaches everyone),
+/// re-registers while partitioned from half the cluster, and the registry lists it again.
+/// When the partition heals, the far half sees the owner alive while it still holds only
+/// the old tombstone: that tombstone must not hide the registry's newer entry until the
+/// owner's current rows arrive. The host is live throughout, so no node may drop it.
+#[test]
+fn a_stale_tombstone_of_a_returning_owner_never_hides_the_registry_entry() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 6,
+        seed: 33,
+        frame_extra_delay_ms: 400,
+        // Repair is rare here, so the tombstone is not collected during the partition and
+        // the owner's new row comes back by repair only long after SWIM sees it alive.
+        repair_interval_ms: 20_000,
+        ..Default::default()
+    });
+    bootstrap(&mut sim);
+    sim.run_until(20_000);
+    let ep = endpoint_of(5, 8080);
+    let lists = |n: &Node| n.visible_endpoints().iter().any(|e| e.endpoint == ep);
+    // Deregistered: everyone drops it.
+    sim.publish(5, vec![]);
+    let gone = sim.run_until_cond(50, 10_000, |s| s.nodes.iter().all(|n| !lists(n)));
+    assert!(gone.is_some(), "the tombstone did not spread");
+    // Nodes 0..3 are cut off from 3..6 until SWIM declares the other half down.
+    sim.partition = Some(3);
+    sim.run_until(sim.now + 12_000);
+    assert!(!sim.nodes[0].owner_alive(&addr_of(5)), "partition not seen");
+    assert!(
+        (0..3).all(|i| sim.nodes[i].deregistered_keys().contains(&ep.key())),
+        "the far half must still hold the tombstone for this test to mean anything"
+    );
+    // Node 5 registers again; the registry lists it and the near-registry half learns it.
+    sim.publish(5, vec![ep.clone()]);
+    let snap = relisted(sim.now);
+    sim.nodes[0].apply_registry_snapshot(sim.now, snap);
+    sim.flush(0);
+    let relisted_far = sim.run_until_cond(50, 10_000, |s| (0..3).all(|i| lists(&s.nodes[i])));
+    assert!(relisted_far.is_some(), "the registry entry did not spread");
+    // Heal. From now on every node of the far half lists the host at every instant, and the
+    // owner's own row reaches them all.
+    sim.partition = None;
+    let heal = sim.now;
+    let mut back = None;
+    while sim.now < heal + 40_000 {
+        sim.run_until(sim.now + 20);
+        for i in 0..3 {
+            assert!(
+                lists(&sim.nodes[i]),
+                "node {i} lost the live host {} ms after the heal (owner alive: {})",
+                sim.now - heal,
+                sim.nodes[i].owner_alive(&addr_of(5))
+            );
+        }
+        if back.is_none() && (0..6).all(|i| sim.nodes[i].sees_row(&addr_of(5), &ep.key())) {
+            back = Some(sim.now - heal);
+        }
+    }
+    assert!(back.is_some(), "the owner's row never reached everyone");
+}
+
+/// The other side of the same wait: the tombstone we hold is the owner's current word and
+/// only a stale registry listing shows the host (the registry never got the delete). When
+/// the owner comes back, one digest exchange settles it: the host is hidden again within
+/// a moment, long before the bound of two repair intervals.
+#[test]
+fn a_returning_owner_in_step_with_us_has_its_tombstones_count_at_once() {
+    let mut sim = Sim::new(SimConfig {
+        nodes: 6,
+        seed: 34,
+        frame_extra_delay_ms: 400,
+        repair_interval_ms: 20_000,
+        ..Default::default()
+    });
+    bootstrap(&mut sim);
+    sim.run_until(20_000);
+    let ep = endpoint_of(5, 8080);
+    let lists = |n: &Node| n.visible_endpoints().iter().any(|e| e.endpoint == ep);
+    // The registry's stale listing (it missed the delete) reaches everyone first.
+    sim.nodes[0].apply_registry_snapshot(sim.now, relisted(sim.now));
+    sim.flush(0);
+    sim.run_until(sim.now + 2_000);
+    sim.publish(5, vec![]);
+    let gone = sim.run_until_cond(50, 10_000, |s| s.nodes.iter().all(|n| !lists(n)));
+    assert!(gone.is_some(), "the tombstone did not spread");
+    sim.partition = Some(3);
+    sim.run_until(sim.now + 12_000);
+    assert!(!sim.nodes[0].owner_alive(&addr_of(5)), "partition not seen");
+    sim.partition = None;
+    let seen = sim.run_until_cond(10, 30_000, |s| {
+        (0..3).all(|i| s.nodes[i].owner_alive(&addr_of(5)))
+    });
+    assert!(seen.is_some(), "the owner never came back");
+    let hidden = sim.run_until_cond(10, 40_000, |s| (0..6).all(|i| !lists(&s.nodes[i])));
+    assert!(
+        hidden.is_some_and(|ms| ms <= 2_000),
+        "the current tombstone took {hidden:?} ms to count again"
+    );
+}

@@ -52,8 +52,13 @@ pub struct GossipView {
 }
 
 /// Live owned rows ∪ registry entries; an owned row overrides the registry entry for the same
-/// key while its owner is alive, and a live owner's tombstone removes the endpoint.
-pub(crate) fn merged_view(store: &Store, alive: impl Fn(&SocketAddr) -> bool) -> Vec<ViewEntry> {
+/// key while its owner is alive, and a live owner's tombstone removes the endpoint — once
+/// `settled` says we hold the owner's current rows (see `crate::returning`).
+pub(crate) fn merged_view(
+    store: &Store,
+    alive: impl Fn(&SocketAddr) -> bool,
+    settled: impl Fn(&SocketAddr) -> bool,
+) -> Vec<ViewEntry> {
     let mut out: BTreeMap<EndpointKey, ViewEntry> = BTreeMap::new();
     for (snap, _) in store.snapshots.iter() {
         for e in &snap.entries {
@@ -83,9 +88,10 @@ pub(crate) fn merged_view(store: &Store, alive: impl Fn(&SocketAddr) -> bool) ->
                     source: Source::Gossip { owner: *owner },
                 });
             }
-            RowStatus::Deregistered => {
+            RowStatus::Deregistered if settled(owner) => {
                 gone.insert(key.clone());
             }
+            RowStatus::Deregistered => {}
         }
     }
     for key in gone.iter().filter(|k| !up.contains_key(*k)) {
@@ -116,7 +122,11 @@ impl Node {
 
     /// The merged view: live owned rows ∪ registry snapshot entries (docs/ARCHITECTURE.md#what-the-agent-answers).
     pub fn visible_endpoints(&self) -> Vec<ViewEntry> {
-        merged_view(&self.store, |o| self.owner_alive(o))
+        merged_view(
+            &self.store,
+            |o| self.owner_alive(o),
+            |o| self.tombstones_settled(o),
+        )
     }
 
     /// Keys with a tombstone and no `Up` row of any owner (see [`GossipView::deregistered`]).
@@ -226,7 +236,7 @@ mod tests {
         store.gc_tombstones(10, 1_000, me, &live);
         assert_eq!(store.rows.len(), 1);
         let ports = |store: &Store| -> Vec<u16> {
-            merged_view(store, |o| *o == owner)
+            merged_view(store, |o| *o == owner, |_| true)
                 .iter()
                 .map(|e| e.endpoint.port.get())
                 .collect()
@@ -288,7 +298,7 @@ mod tests {
         store
             .rows
             .merge(Row::new(dead, ep(4).key(), RowStatus::Up(ep(4)), v(2)), 0);
-        let view = merged_view(&store, |o| *o == alive);
+        let view = merged_view(&store, |o| *o == alive, |_| true);
         let got: Vec<(u16, Source)> = view
             .iter()
             .map(|e| (e.endpoint.port.get(), e.source.clone()))
