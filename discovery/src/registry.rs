@@ -437,7 +437,7 @@ impl Registry {
 
     fn build(&self, rows: Vec<StoredEndpoint>, now: u64, generation: u64) -> CacheEntry {
         let cfg = &self.inner.config;
-        let preserving = self.self_preservation_active();
+        let preserving = self.self_preservation_active() || self.decision_outdated(now);
         let rows = policy::visible(rows, now, cfg.ttl, preserving);
         let index = policy::content_index(rows.iter().map(|r| &r.endpoint));
         let cache_ms = u64::try_from(cfg.read_cache_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -457,6 +457,19 @@ impl Registry {
             generation,
             fresh_until_ms,
         }
+    }
+
+    /// Whether the self-preservation decision is older than the shelf life at `now`: the
+    /// last good fleet count is that old (the count before this read failed — the store
+    /// answers reads but not scans — or the process froze after its blind-spot check). A
+    /// TTL verdict needs a fresh decision, so rows past the TTL are kept, flagged, as a
+    /// blind count would keep them.
+    fn decision_outdated(&self, now: u64) -> bool {
+        let inner = &self.inner;
+        let shelf =
+            u64::try_from(policy::shelf_life(&inner.config).as_millis()).unwrap_or(u64::MAX);
+        inner.config.self_preservation
+            && now.saturating_sub(inner.census_ok_ms.load(Ordering::Relaxed)) >= shelf
     }
 
     /// Answers from `slot` while it is fresh; else reads the store (one read in flight per

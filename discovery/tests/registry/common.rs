@@ -29,6 +29,9 @@ pub struct FlakyStore {
     pub slow: AtomicBool,
     /// Every call hangs forever (a blackholed network path).
     pub hang: AtomicBool,
+    /// Only `list_all` (the fleet count's scan) fails: a throttled or failing scan while
+    /// single-service reads still work.
+    pub scans_failing: AtomicBool,
     pub list_all_calls: AtomicUsize,
 }
 
@@ -84,6 +87,9 @@ impl Store for FlakyStore {
             tokio::task::yield_now().await;
         }
         self.check().await?;
+        if self.scans_failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected scan failure".into()));
+        }
         self.inner.list_all().await
     }
     async fn list_repo(&self, repo: &str) -> Result<Vec<StoredEndpoint>, StoreError> {

@@ -273,6 +273,28 @@ async fn reads_racing_the_first_count_after_a_pause_wait_for_its_decision() {
     assert!(a.stale() && b.stale());
 }
 
+/// A read judges expiry only with a fleet count newer than the shelf life. Here the count
+/// after a pause fails (the store answers single-service reads but not the scan), so the
+/// decision from before the pause is all there is: hosts past the TTL stay, flagged stale,
+/// instead of being expired by a verdict nobody made. (Campaign seed 17376954526109724119
+/// saw hosts vanish from the first answers after a SIGSTOP past the TTL.)
+#[tokio::test]
+async fn reads_never_expire_hosts_on_a_fleet_count_older_than_the_shelf_life() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new();
+    fleet_check_in(&h, 0..10).await;
+    assert!(!h.registry.sweep_once().await.expect("sweep").preserving);
+    h.clock.advance(2 * TTL);
+    h.store.scans_failing.store(true, Ordering::SeqCst);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 10, "expired on an outdated decision");
+    assert!(r.stale());
+    // Once a count succeeds, its decision rules (here: the blind spot holds preservation).
+    h.store.scans_failing.store(false, Ordering::SeqCst);
+    h.registry.sweep_once().await.expect("sweep");
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 10);
+}
+
 #[tokio::test]
 async fn deregistration_lowers_the_baseline_so_scale_down_does_not_preserve() {
     let h = Harness::new();
