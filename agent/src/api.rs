@@ -430,10 +430,11 @@ async fn deregister(
     };
     tracing::info!(endpoint = %key, "endpoint deregistered through the local API");
     shared.local_changed().await;
-    // In the background: the local answer must not wait on a slow or absent registry (if it
-    // is down, the entry expires there since it is no longer checked in).
+    // In the background: the local answer must not wait on a slow or absent registry. A
+    // failed deletion is retried every check-in round until the registry confirms it.
+    crate::checkin::note_withdrawn(&shared, ep);
     let bg = shared.clone();
-    tokio::spawn(async move { crate::checkin::deregister_all(&bg, &[ep]).await });
+    tokio::spawn(async move { crate::checkin::retry_deregistrations(&bg).await });
     Ok(local_json(&shared).into_response())
 }
 

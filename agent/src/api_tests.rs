@@ -53,6 +53,7 @@ fn view(ports: &[u16]) -> MergedView {
 
 struct Fixture {
     app: Router,
+    shared: Arc<Shared>,
     tx: watch::Sender<Arc<MergedView>>,
     stop: tokio_util::sync::CancellationToken,
 }
@@ -89,7 +90,8 @@ async fn fixture_with(tune: impl FnOnce(&mut AgentConfig)) -> Fixture {
         stop.child_token(),
     ));
     Fixture {
-        app: router(shared),
+        app: router(shared.clone()),
+        shared,
         tx,
         stop,
     }
@@ -267,6 +269,69 @@ async fn endpoints_register_and_deregister_at_runtime() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (_, _, v) = send(&f.app, "GET", "/v1/agent/endpoints", "").await;
     assert_eq!(v["endpoints"].as_array().map(Vec::len), Some(0));
+    f.stop.cancel();
+}
+
+/// A stand-in registry on loopback that refuses deletions with 503 while `down`, and
+/// counts the ones it accepted.
+async fn deleting_registry(
+    down: Arc<std::sync::atomic::AtomicBool>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    use std::sync::atomic::Ordering;
+    let app = Router::new().route(
+        "/v1/registration/{service}/{ip}",
+        axum::routing::delete(move || {
+            let (down, accepted) = (down.clone(), accepted.clone());
+            async move {
+                if down.load(Ordering::SeqCst) {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// A withdrawal the registry could not take (down, paused) is not forgotten: it is sent
+/// again until the registry confirms it, so no stale row outlives the tombstone's owner.
+#[tokio::test]
+async fn a_deregistration_the_registry_missed_is_retried_until_confirmed() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let down = Arc::new(AtomicBool::new(true));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let url = deleting_registry(down.clone(), accepted.clone()).await;
+    let f = fixture_with(|c| c.registry = Some(url)).await;
+    let body = r#"{"service":"api","port":9000}"#;
+    let (status, _, _) = send(&f.app, "PUT", "/v1/agent/endpoints", body).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = send(&f.app, "DELETE", "/v1/agent/endpoints/api/9000", "").await;
+    assert_eq!(status, StatusCode::OK);
+    // The registry is down: the deletion stays pending, round after round.
+    assert_eq!(crate::checkin::retry_deregistrations(&f.shared).await, 1);
+    assert_eq!(crate::checkin::retry_deregistrations(&f.shared).await, 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    // Back: the next round confirms it, and nothing more is sent after.
+    down.store(false, Ordering::SeqCst);
+    assert_eq!(crate::checkin::retry_deregistrations(&f.shared).await, 0);
+    let sent = accepted.load(Ordering::SeqCst);
+    assert!(sent >= 1, "the registry never got the deletion");
+    assert_eq!(crate::checkin::retry_deregistrations(&f.shared).await, 0);
+    assert_eq!(accepted.load(Ordering::SeqCst), sent);
+    // Registered again before the registry heard of the withdrawal: nothing to delete.
+    down.store(true, Ordering::SeqCst);
+    send(&f.app, "PUT", "/v1/agent/endpoints", body).await;
+    send(&f.app, "DELETE", "/v1/agent/endpoints/api/9000", "").await;
+    send(&f.app, "PUT", "/v1/agent/endpoints", body).await;
+    assert_eq!(crate::checkin::retry_deregistrations(&f.shared).await, 0);
     f.stop.cancel();
 }
 

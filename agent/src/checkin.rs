@@ -12,7 +12,7 @@
 //! `tidings_agent_checkin_refused_endpoints_total`, and from then on sent in a batch of its
 //! own each round, so it comes back by itself once the registry accepts it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,6 +101,10 @@ pub async fn run_checkin(shared: Arc<Shared>, stop: CancellationToken) {
                     shared.recheck.notify_one();
                 }
             }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = retry_deregistrations(&shared) => {}
         }
         let now = unix_ms_now();
         wait = Duration::from_millis(next_due(now, interval, offset).saturating_sub(now));
@@ -230,6 +234,73 @@ async fn check_in_round(
         Some(e) if accepted == 0 => Err(e),
         _ => Ok(accepted),
     }
+}
+
+/// Most withdrawn endpoints remembered for retry: a host has a handful; a bug or an abusive
+/// local caller must not grow the set without bound.
+const MAX_PENDING_DEREGISTRATIONS: usize = 4096;
+
+/// Remembers that `ep` was withdrawn here, so its deletion at the registry is retried until
+/// confirmed ([`retry_deregistrations`]).
+pub fn note_withdrawn(shared: &Shared, ep: Endpoint) {
+    let mut pending = shared
+        .pending_deregistrations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if pending.len() >= MAX_PENDING_DEREGISTRATIONS && !pending.contains_key(&ep.key()) {
+        tracing::warn!(endpoint = %ep.key(), "too many unconfirmed deregistrations; this one is not retried");
+        return;
+    }
+    pending.insert(ep.key(), ep);
+}
+
+/// Sends every deregistration the registry has not confirmed yet; returns how many remain.
+///
+/// A deletion sent while the registry is down or paused is lost, and the row stays there
+/// until it expires — longer while self-preservation holds. Gossip's tombstone hides it only
+/// while its owner is alive: once this agent stops, the registry's stale listing brings the
+/// withdrawn host back into every view (fault campaign seeds 4290868262447371578 and
+/// 14095139250465585113). So a withdrawal is retried every check-in round until the
+/// registry answers 2xx or 404, unless the endpoint was registered here again meanwhile.
+pub async fn retry_deregistrations(shared: &Shared) -> usize {
+    let current: BTreeSet<EndpointKey> = shared.local().all().iter().map(Endpoint::key).collect();
+    let todo: Vec<Endpoint> = {
+        let mut pending = shared
+            .pending_deregistrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.retain(|k, _| !current.contains(k));
+        pending.values().cloned().collect()
+    };
+    for ep in todo {
+        let res = shared
+            .client
+            .deregister(&ep.service, ep.ip, Some(ep.port))
+            .await;
+        let confirmed = match res {
+            Ok(()) => {
+                tracing::info!(endpoint = %ep.key(), "deregistered at the registry");
+                true
+            }
+            Err(e) if e.status() == Some(404) => true,
+            Err(e) => {
+                tracing::debug!(endpoint = %ep.key(), error = %e, "deregistration not confirmed; retried next round");
+                false
+            }
+        };
+        if confirmed {
+            shared
+                .pending_deregistrations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ep.key());
+        }
+    }
+    shared
+        .pending_deregistrations
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len()
 }
 
 /// Best-effort deregistration of `endpoints` from the registry (on SIGTERM).

@@ -78,6 +78,9 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// One permit per blocking query waiting on the local API (`max_blocking_waiters`).
     pub waiters: Arc<tokio::sync::Semaphore>,
+    /// Endpoints withdrawn here whose deletion the registry has not confirmed yet
+    /// ([`crate::checkin::retry_deregistrations`]).
+    pub pending_deregistrations: Mutex<BTreeMap<EndpointKey, Endpoint>>,
     pub metrics: Metrics,
 }
 
@@ -117,6 +120,7 @@ impl Shared {
             registry_ok: AtomicBool::new(false),
             waiters,
             draining,
+            pending_deregistrations: Mutex::new(BTreeMap::new()),
             metrics: Metrics::default(),
         }
     }
