@@ -262,6 +262,17 @@ impl Preservation {
         self.hold_until_ms = self.hold_until_ms.max(until_ms);
     }
 
+    /// After a blind spot: the endpoints the registry last saw live join the baseline (less
+    /// any deregistered since `ticket`), so a baseline that never counted them — taken on
+    /// an empty store just before a pause — still protects them.
+    pub fn widen(&mut self, seen: BTreeSet<EndpointKey>, ticket: u64) {
+        let late = &self.deregistered;
+        self.counted.extend(
+            seen.into_iter()
+                .filter(|k| !late.iter().any(|(seq, d)| *seq > ticket && d.matches(k))),
+        );
+    }
+
     /// Rows were deregistered on purpose: the ones the baseline counted leave it (and no
     /// count read before this call puts them back). Returns how many left.
     pub fn on_deregister(&mut self, d: Deregistration) -> usize {

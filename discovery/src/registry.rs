@@ -67,6 +67,11 @@ pub(crate) struct Inner {
     /// [`Clock::elapsed_ms`] at start: warm-up and uptime are spans of this process, so a
     /// stepped wall clock must neither end warm-up early nor stretch it.
     pub(crate) started_ms: u64,
+    /// [`Clock::elapsed_ms`] when warm-up (re)started: at start, and again on waking from a
+    /// blind spot that began before warm-up was over ([`Registry::restart_warm_up_if_cut`]).
+    pub(crate) warm_from_ms: AtomicU64,
+    /// [`Clock::elapsed_ms`] of the last good fleet count (the start of any blind spot).
+    pub(crate) census_ok_elapsed_ms: AtomicU64,
     init: OnceCell<Init>,
     pub(crate) preservation: Mutex<Preservation>,
     /// Mirrors `preservation.active()` so every read can check it without the lock.
@@ -115,6 +120,8 @@ impl Registry {
             store,
             auth: Auth::new(config.secret.as_deref()),
             started_ms: clock.elapsed_ms(),
+            warm_from_ms: AtomicU64::new(clock.elapsed_ms()),
+            census_ok_elapsed_ms: AtomicU64::new(clock.elapsed_ms()),
             preservation: Mutex::new(preservation),
             preserving: AtomicBool::new(false),
             sweeps: Mutex::default(),
@@ -203,6 +210,9 @@ impl Registry {
                     p.active()
                 };
                 inner.census_ok_ms.store(now, Ordering::Relaxed);
+                inner
+                    .census_ok_elapsed_ms
+                    .store(inner.clock.elapsed_ms(), Ordering::Relaxed);
                 inner.census_try_ms.store(now, Ordering::Relaxed);
                 if preserving {
                     tracing::warn!(
@@ -229,10 +239,27 @@ impl Registry {
         let empty = inner.init.get().is_some_and(|i| i.store_was_empty);
         policy::warming(
             empty,
-            inner.started_ms,
+            inner.warm_from_ms.load(Ordering::Relaxed),
             inner.clock.elapsed_ms(),
             inner.config.check_in_interval,
         )
+    }
+
+    /// Called when a count finds the registry was blind (paused, starved): if that began
+    /// before warm-up was over, warm-up did not see a whole interval of check-ins, so it
+    /// starts again from now. Its answers stay non-authoritative (add, never remove) until
+    /// the registry has been able to see for one interval.
+    pub(crate) fn restart_warm_up_if_cut(&self) {
+        let inner = &self.inner;
+        let empty = inner.init.get().is_some_and(|i| i.store_was_empty);
+        let blind_from = inner.census_ok_elapsed_ms.load(Ordering::Relaxed);
+        let warm_from = inner.warm_from_ms.load(Ordering::Relaxed);
+        if policy::warming(empty, warm_from, blind_from, inner.config.check_in_interval) {
+            inner
+                .warm_from_ms
+                .store(inner.clock.elapsed_ms(), Ordering::Relaxed);
+            tracing::warn!("paused during warm-up: warming up again for one check-in interval");
+        }
     }
 
     pub(crate) fn preservation(&self) -> std::sync::MutexGuard<'_, Preservation> {

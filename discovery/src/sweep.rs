@@ -121,15 +121,23 @@ impl Registry {
         let rows = self.store_call("list_all", inner.store.list_all()).await?;
         let fleet = Fleet::take(&rows, now, cfg);
         self.recount_usage(&rows);
-        drop(rows);
-        let census = fleet.census;
         // Blind since the last good count: longer than the shelf life, and the renewals
         // counted now reflect the registry's absence, not the fleet's.
         let blind_ms = now.saturating_sub(inner.census_ok_ms.load(Ordering::Relaxed));
         let blind = blind_ms >= ms(policy::shelf_life(cfg));
+        // The fleet as the registry last saw it: every row within the TTL of the newest
+        // check-in. A baseline that never counted them (a registry paused moments after an
+        // empty start) must not leave them unprotected.
+        let last_seen = blind.then(|| policy::startup_baseline(&rows, cfg.ttl));
+        drop(rows);
+        let census = fleet.census;
+        if blind {
+            self.restart_warm_up_if_cut();
+        }
         let (preserving, baseline) = {
             let mut p = self.preservation();
-            if blind {
+            if let Some(seen) = last_seen {
+                p.widen(seen, ticket);
                 p.hold(now.saturating_add(ms(policy::renewal_window(cfg.check_in_interval))));
             }
             p.observe(&fleet, ticket, now);
@@ -164,6 +172,9 @@ impl Registry {
         self.set_preserving(preserving);
         // Only now: reads that see a fresh count must also see its decision.
         inner.census_ok_ms.store(now, Ordering::Relaxed);
+        inner
+            .census_ok_elapsed_ms
+            .store(inner.clock.elapsed_ms(), Ordering::Relaxed);
         Ok(FleetCount {
             census,
             preserving,

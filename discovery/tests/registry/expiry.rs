@@ -17,7 +17,11 @@ const TTL: Duration = Duration::from_secs(180);
 async fn expired_hosts_are_filtered_on_read_and_reads_never_write() {
     let h = Harness::new();
     h.register("web", "10.0.0.1", 80).await;
-    h.clock.advance(TTL - Duration::from_millis(1));
+    // The sweeper counts the fleet as it runs in production (a registry that counted
+    // nothing for longer than `ttl - check_in_interval` is blind and expires nobody).
+    h.clock.advance(TTL / 2);
+    h.registry.sweep_once().await.expect("sweep");
+    h.clock.advance(TTL / 2 - Duration::from_millis(1));
     assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 1);
     h.clock.advance(Duration::from_millis(1));
     assert!(
@@ -49,6 +53,45 @@ async fn warming_for_one_interval_after_an_empty_start() {
     let r = h.get("/v2/catalog").await;
     assert!(!r.warming());
     assert_eq!(r.json()["warming"], false);
+}
+
+/// Fault campaign seeds 17376954526109724119 and 11199349668018104125: a registry restarted
+/// empty, saw the fleet check in for a second, then was paused (SIGSTOP) past the TTL. It
+/// woke with no baseline (its only count had seen an empty store) and its warm-up spent:
+/// it expired every host and answered agents, authoritatively, with nobody. A blind spot
+/// must protect the fleet the registry last saw, and warm-up lasts one interval of the
+/// registry being able to see.
+#[tokio::test]
+async fn a_registry_paused_during_its_warm_up_wakes_warming_and_expires_nobody() {
+    let h = Harness::new();
+    assert!(h.get("/v1/registration/web").await.warming());
+    fleet_check_in(&h, 0..10).await;
+    // Paused for twice the TTL before any count saw those hosts.
+    h.clock.advance(2 * TTL);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(
+        r.hosts().len(),
+        10,
+        "the first read after waking expires nobody"
+    );
+    assert!(
+        r.warming(),
+        "warm-up starts again: it saw one second of check-ins"
+    );
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(rep.preserving && rep.deleted == 0, "{rep:?}");
+    // The hosts check in again within the renewal window; the one that never does expires
+    // once the window has passed, and warm-up ends one interval after waking.
+    h.clock.advance(Duration::from_secs(1));
+    fleet_check_in(&h, 0..9).await;
+    h.clock.advance(Duration::from_secs(75));
+    fleet_check_in(&h, 0..9).await;
+    let rep = h.registry.sweep_once().await.expect("sweep");
+    assert!(!rep.preserving, "{rep:?}");
+    assert_eq!(rep.deleted, 1);
+    let r = h.get("/v1/registration/web").await;
+    assert_eq!(r.hosts().len(), 9);
+    assert!(!r.warming());
 }
 
 #[tokio::test]
