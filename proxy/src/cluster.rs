@@ -114,7 +114,7 @@ pub struct Cluster {
     pub scheme: &'static str,
     /// Requests in flight, through [`Cluster::start_request`] only.
     active_requests: AtomicU32,
-    pub metrics: ClusterMetrics,
+    metrics: ClusterMetrics,
     name: Arc<str>,
     state: Mutex<State>,
     tracker: TaskTracker,
@@ -182,6 +182,11 @@ impl Cluster {
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The cluster's metric handles.
+    pub fn metrics(&self) -> &ClusterMetrics {
+        &self.metrics
     }
 
     pub fn health_policy(&self) -> Option<&HealthPolicy> {
@@ -305,7 +310,8 @@ impl Cluster {
                     t.cancel();
                 }
                 tracing::info!(cluster = %self.name(), host = %addr, discovery = ?h.discovery, health = ?h.health.status(), "host removed");
-                metrics::gauge!("tidings_proxy_host_healthy", "cluster" => self.name().to_string(), "host" => addr.to_string()).set(0.0);
+                // Its gauges are no longer set: the exporter drops them once idle
+                // (`crate::telemetry`), rather than keep them at their last value.
             }
         }
     }
@@ -351,23 +357,8 @@ impl Cluster {
         if transition == Transition::Changed {
             tracing::info!(cluster = %self.name(), host = %addr, ?status, ?outcome, "health changed");
         }
-        let labels = [
-            ("cluster", self.name().to_string()),
-            ("host", addr.to_string()),
-        ];
-        metrics::gauge!("tidings_proxy_host_healthy", &labels).set(
-            if status == HealthStatus::Healthy {
-                1.0
-            } else {
-                0.0
-            },
-        );
-        let result = if outcome == CheckOutcome::Success {
-            "success"
-        } else {
-            "failure"
-        };
-        metrics::counter!("tidings_proxy_health_checks_total", "cluster" => self.name().to_string(), "host" => addr.to_string(), "result" => result).increment(1);
+        h.handle.publish_health(status == HealthStatus::Healthy);
+        h.handle.count_check(outcome == CheckOutcome::Success);
         self.reconcile(&mut st);
         st.hosts.contains_key(&addr)
     }
@@ -499,9 +490,9 @@ impl Cluster {
             return;
         };
         if let Some(until) = h.outlier.record(result, now, policy, ejected, total) {
+            h.handle.count_ejection();
             st.routing.fresh = false;
             tracing::warn!(cluster = %self.name(), host = %addr, ejected_for_ms = (until - now).as_millis() as u64, "host ejected by outlier detection");
-            metrics::counter!("tidings_proxy_ejections_total", "cluster" => self.name().to_string(), "host" => addr.to_string()).increment(1);
         }
     }
 
@@ -522,6 +513,10 @@ impl Cluster {
             let ejected = h.outlier.is_ejected(now);
             let routed = merge::decide(h.discovery, h.health.status(), checked) == Decision::Route;
             h.handle.publish(ejected, routed && !ejected);
+            if checked && h.health.checks() > 0 {
+                h.handle
+                    .publish_health(h.health.status() == HealthStatus::Healthy);
+            }
         }
         if unejected {
             st.routing.fresh = false;

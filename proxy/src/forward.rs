@@ -1,23 +1,27 @@
-//! The request path: route → breaker → pick a host → pooled upstream request, with retries,
-//! back-off and the route timeout around all of it → response.
+//! The general request path (hyper, both HTTP versions): route → breaker → pick a host →
+//! pooled upstream request, with retries, back-off and the route timeout around all of it →
+//! response. The policy is `crate::io::attempts`'; this module is its hyper [`Transport`].
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::uri::Scheme;
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
-use crate::breaker::{Permit, Resource};
-use crate::cluster::{Cluster, HostHandle, RetrySlot};
-use crate::outlier::RequestResult;
-use crate::retry::{self, AttemptOutcome};
+use crate::breaker::Permit;
+use crate::cluster::{ActiveGuard, Cluster, HostHandle};
+pub use crate::core::policy::OVERFLOW;
+use crate::core::policy::{LocalAnswer, Sent};
+use crate::io::attempts::{self, Admission, Attempts, Transport};
+use crate::retry;
 use crate::upstream::{Conn, ProxyBody, UpstreamError};
 
 mod body;
@@ -29,8 +33,6 @@ pub use self::headers::{REQUEST_ID, is_hop_by_hop, strip_hop_by_hop};
 /// Bodies up to this size are buffered so idempotent requests can be retried; larger ones
 /// stream through and get a single attempt.
 const MAX_RETRY_BODY: u64 = 64 * 1024;
-
-pub static OVERFLOW: HeaderName = HeaderName::from_static("x-tidings-overflow");
 
 /// A resolved route.
 pub struct Route {
@@ -118,16 +120,13 @@ pub fn full(b: Bytes) -> ProxyBody {
     Full::new(b).map_err(|never| match never {}).boxed_unsync()
 }
 
-fn overflow(cluster: &Cluster, r: Resource, out: &mut Outcome) -> Response<ProxyBody> {
-    metrics::counter!("tidings_proxy_overflow_total", "cluster" => cluster.name().to_string(), "resource" => r.as_str()).increment(1);
-    out.flag = Some("overflow");
-    let mut resp = local_reply(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "overflow",
-        &format!("circuit breaker open: {}", r.as_str()),
-    );
-    resp.headers_mut()
-        .insert(OVERFLOW.clone(), HeaderValue::from_static(r.as_str()));
+/// A local answer as a response: the registry's error shape, and the overflow header.
+pub fn answer(a: LocalAnswer) -> Response<ProxyBody> {
+    let mut resp = local_reply(a.status(), a.code(), a.message());
+    if let Some((name, value)) = a.header() {
+        resp.headers_mut()
+            .insert(name.clone(), HeaderValue::from_static(value));
+    }
     resp
 }
 
@@ -141,15 +140,17 @@ pub async fn forward(
 ) -> Response<ProxyBody> {
     let cluster = &route.cluster;
     let deadline = Instant::now() + route.timeout;
-    let req_permit = match cluster.breaker.try_acquire(Resource::Requests) {
-        Ok(p) => p,
-        Err(r) => return overflow(cluster, r, out),
+    let Admission {
+        permit,
+        active: _active,
+    } = match attempts::admit(cluster.as_ref(), out) {
+        Ok(a) => a,
+        Err(a) => return answer(a),
     };
-    let _active = Cluster::start_request(cluster.as_ref());
     let (mut parts, body) = req.into_parts();
-    let mut body = match request_body(cluster, &parts, body, deadline).await {
+    let body = match request_body(cluster, &parts, body, deadline).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(a) => return answer(a),
     };
     let hash = cluster
         .config
@@ -157,100 +158,111 @@ pub async fn forward(
         .as_deref()
         .and_then(|h| parts.headers.get(h))
         .map(|v| xxhash_rust::xxh64::xxh64(v.as_bytes(), 0));
-    // One timer for the whole request, response body included (see `Guarded`).
-    let mut timeout = Box::pin(tokio::time::sleep_until(deadline));
-    let mut prepared = None;
     // An HTTP/1.0 request may come without a Host: each attempt then names its own upstream.
     let host_is_upstream =
         parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST);
-    let mut previous = None;
-    // The retry this attempt is, if it is one: its slot is held until the attempt's outcome.
-    let mut retry = None;
-    loop {
-        let Some((addr, guard)) = cluster.pick(hash, previous) else {
-            return failed(Failure::NoHealthyUpstream, out);
+    let downstream = Some(std::mem::take(&mut parts.headers));
+    let attempts = Attempts {
+        cluster,
+        method: &parts.method,
+        hash,
+        replayable: body.replayable(),
+        deadline,
+    };
+    let mut transport = HyperTransport {
+        cluster,
+        host_is_upstream,
+        downstream,
+        parts: &parts,
+        body,
+        prepared: None,
+        request_id,
+        peer_ip,
+        // One timer for the whole request, response body included (see `Guarded`).
+        timeout: Box::pin(tokio::time::sleep_until(deadline)),
+    };
+    match attempts.run(&mut transport, out).await {
+        Ok(((resp, conn), guard)) => respond(resp, conn, guard, transport.timeout, permit, cluster),
+        Err(a) => answer(a),
+    }
+}
+
+/// Hyper's way of sending one attempt: a pooled hyper client connection per host.
+struct HyperTransport<'a> {
+    cluster: &'a Cluster,
+    parts: &'a Parts,
+    /// The downstream headers, until the first attempt turns them into upstream ones.
+    downstream: Option<HeaderMap>,
+    prepared: Option<HeaderMap>,
+    host_is_upstream: bool,
+    body: ReqBody,
+    request_id: &'a HeaderValue,
+    peer_ip: &'a HeaderValue,
+    timeout: Pin<Box<Sleep>>,
+}
+
+impl Transport for HyperTransport<'_> {
+    type Request = Request<ProxyBody>;
+    type Response = (Response<Incoming>, Conn);
+    type Error = UpstreamError;
+
+    fn prepare(&mut self, host: &HostHandle) -> Result<Request<ProxyBody>, LocalAnswer> {
+        let Some(up_body) = self.body.take() else {
+            return Err(LocalAnswer::BodyAlreadySent);
         };
-        out.upstream = Some(addr);
-        out.attempts += 1;
-        let Some(up_body) = body.take() else {
-            return local_reply(
-                StatusCode::BAD_GATEWAY,
-                "upstream_reset",
-                "request body already sent",
-            );
-        };
-        let host = guard.host();
-        let headers = prepared.get_or_insert_with(|| {
-            let downstream = std::mem::take(&mut parts.headers);
+        let parts = self.parts;
+        let (downstream, request_id, peer_ip) =
+            (&mut self.downstream, self.request_id, self.peer_ip);
+        let headers = self.prepared.get_or_insert_with(|| {
+            let downstream = downstream.take().unwrap_or_default();
             headers::upstream_headers(downstream, &parts.uri, &host.authority, request_id, peer_ip)
         });
-        if host_is_upstream {
+        if self.host_is_upstream {
             if let Ok(v) = HeaderValue::from_str(host.authority.as_str()) {
                 headers.insert(header::HOST, v);
             }
         }
         // An attempt that may be followed by another sends a copy.
-        let headers = if body.replayable() {
+        let headers = if self.body.replayable() {
             headers.clone()
         } else {
             std::mem::take(headers)
         };
-        let scheme = if cluster.scheme == "https" {
+        let scheme = if self.cluster.scheme == "https" {
             Scheme::HTTPS
         } else {
             Scheme::HTTP
         };
-        let absolute = cluster.config.http2.then_some((&scheme, &host.authority));
-        let Ok(uri) = headers::target(&parts.uri, absolute) else {
-            return local_reply(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "request cannot be forwarded",
-            );
-        };
-        let up_req = headers::request(&parts.method, uri, headers, up_body);
-        let pending = match cluster.breaker.try_acquire(Resource::Pending) {
-            Ok(p) => p,
-            Err(r) => return overflow(cluster, r, out),
-        };
+        let absolute = self
+            .cluster
+            .config
+            .http2
+            .then_some((&scheme, &host.authority));
+        let uri = headers::target(&parts.uri, absolute).map_err(|_| LocalAnswer::Unforwardable)?;
+        Ok(headers::request(&parts.method, uri, headers, up_body))
+    }
+
+    async fn send(
+        &mut self,
+        host: &HostHandle,
+        req: Request<ProxyBody>,
+    ) -> Sent<Self::Response, UpstreamError> {
         let result = tokio::select! {
             biased;
-            r = cluster.upstream.send(&host.conns, addr, up_req) => Some(r),
-            () = timeout.as_mut() => None,
+            r = self.cluster.upstream.send(&host.conns, host.addr, req) => r,
+            () = self.timeout.as_mut() => return Sent::Timeout,
         };
-        drop(pending);
-        let attempt = classify(&result);
-        if let Some(wait) = after_attempt(
-            cluster,
-            host,
-            attempt,
-            &parts.method,
-            out.attempts,
-            body.replayable(),
-            deadline,
-            &mut retry,
-        ) {
-            // A response we give up on, with its connection, is dropped here: its body was
-            // not read, so the connection cannot be reused.
-            drop((result, guard));
-            tokio::time::sleep(wait).await;
-            previous = Some(addr);
-            continue;
-        }
-        return match result {
-            Some(Ok((resp, conn))) => respond(resp, conn, guard, timeout, req_permit, cluster),
-            Some(Err(e)) if e.is_overflow() => overflow(cluster, Resource::Connections, out),
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, upstream = %addr, "upstream failed");
-                let f = if e.is_connect() {
-                    Failure::Connect
-                } else {
-                    Failure::Reset
-                };
-                failed(f, out)
+        match result {
+            Ok((resp, conn)) => {
+                let status = resp.status().as_u16();
+                Sent::Response((resp, conn), status)
             }
-            None => failed(Failure::Timeout, out),
-        };
+            Err(e) if e.is_connect() => Sent::Connect {
+                overflow: e.is_overflow(),
+                error: e,
+            },
+            Err(e) => Sent::Reset(e),
+        }
     }
 }
 
@@ -259,8 +271,8 @@ pub async fn forward(
 fn respond(
     resp: Response<Incoming>,
     conn: Conn,
-    guard: crate::cluster::ActiveGuard,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    guard: ActiveGuard,
+    deadline: Pin<Box<Sleep>>,
     permit: Permit,
     cluster: &Arc<Cluster>,
 ) -> Response<ProxyBody> {
@@ -278,129 +290,6 @@ fn respond(
     Response::from_parts(rp, guarded.boxed_unsync())
 }
 
-/// An attempt's result; `None` when the route timeout fired first.
-type AttemptResult = Option<Result<(Response<Incoming>, Conn), UpstreamError>>;
-
-/// How an attempt ended, and whether it never left because the connection limit was hit
-/// (which says nothing about the host, so outlier detection and retries ignore it).
-fn classify(result: &AttemptResult) -> (AttemptOutcome, bool) {
-    match result {
-        None => (AttemptOutcome::Timeout, false),
-        Some(Ok((resp, _))) => (AttemptOutcome::Status(resp.status().as_u16()), false),
-        Some(Err(e)) if e.is_connect() => (AttemptOutcome::ConnectFailure, e.is_overflow()),
-        Some(Err(_)) => (AttemptOutcome::Reset, false),
-    }
-}
-
-/// What an attempt's outcome (and whether it never left because the connection limit was
-/// hit) does: feeds outlier detection and the host's outcome counter, and decides whether the
-/// request gets another attempt — and the back-off to wait first — under the retry policy,
-/// the retry budget, the breaker's `max_retries` and the time left. Both request paths (hyper
-/// and `crate::h1`) go through here.
-///
-/// `retry` is the request's retry in flight: the slot of the retry this attempt was is given
-/// back first (the attempt has its outcome), and the slot of the next one is put there, so
-/// the caller only has to keep it until the request ends.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn after_attempt(
-    cluster: &Cluster,
-    host: &HostHandle,
-    (outcome, overflowed): (AttemptOutcome, bool),
-    method: &Method,
-    attempts: u32,
-    replayable: bool,
-    deadline: Instant,
-    retry: &mut Option<RetrySlot>,
-) -> Option<Duration> {
-    *retry = None;
-    if !overflowed {
-        let ok = matches!(outcome, AttemptOutcome::Status(s) if s < 500);
-        let result = if ok {
-            RequestResult::Success
-        } else {
-            RequestResult::Failure
-        };
-        cluster.record_result(host.addr, result);
-    }
-    host.count_outcome(outcome_index(outcome));
-    let policy = &cluster.retry_policy;
-    if overflowed || !replayable || !retry::should_retry(policy, method, outcome, attempts - 1) {
-        return None;
-    }
-    let wait = retry::backoff(policy, attempts, &mut rand::rng());
-    if Instant::now() + wait >= deadline {
-        return None;
-    }
-    match cluster.try_start_retry() {
-        Ok(slot) => *retry = Some(slot),
-        Err(limit) => {
-            cluster.metrics.retry_overflow(limit);
-            return None;
-        }
-    }
-    metrics::counter!("tidings_proxy_retries_total", "cluster" => cluster.name().to_string())
-        .increment(1);
-    Some(wait)
-}
-
-/// Index of the outcome's label in [`crate::cluster::OUTCOMES`].
-fn outcome_index(o: AttemptOutcome) -> usize {
-    match o {
-        AttemptOutcome::Status(100..=199) => 0,
-        AttemptOutcome::Status(200..=299) => 1,
-        AttemptOutcome::Status(300..=399) => 2,
-        AttemptOutcome::Status(400..=499) => 3,
-        AttemptOutcome::Status(_) => 4,
-        AttemptOutcome::ConnectFailure => 5,
-        AttemptOutcome::Reset => 6,
-        AttemptOutcome::Timeout => 7,
-    }
-}
-
-/// Why the proxy answers a request itself after looking for an upstream: the same answers
-/// on both request paths (hyper's and `crate::h1`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Failure {
-    NoHealthyUpstream,
-    Connect,
-    Reset,
-    Timeout,
-}
-
-impl Failure {
-    /// Status, error code (also the access log's flag) and message of the local answer.
-    pub(crate) fn answer(self) -> (StatusCode, &'static str, &'static str) {
-        match self {
-            Failure::NoHealthyUpstream => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_healthy_upstream",
-                "no healthy upstream",
-            ),
-            Failure::Connect => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_connect_failure",
-                "upstream connect error",
-            ),
-            Failure::Reset => (
-                StatusCode::BAD_GATEWAY,
-                "upstream_reset",
-                "upstream reset or sent an invalid response",
-            ),
-            Failure::Timeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
-                "upstream request timeout",
-            ),
-        }
-    }
-}
-
-fn failed(f: Failure, out: &mut Outcome) -> Response<ProxyBody> {
-    let (status, code, message) = f.answer();
-    out.flag = Some(code);
-    local_reply(status, code, message)
-}
-
 /// Buffers small bodies of retryable requests so they can be sent again; everything else
 /// streams through with a single attempt.
 async fn request_body(
@@ -408,7 +297,7 @@ async fn request_body(
     parts: &Parts,
     body: Incoming,
     deadline: Instant,
-) -> Result<ReqBody, Response<ProxyBody>> {
+) -> Result<ReqBody, LocalAnswer> {
     let small = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -429,16 +318,8 @@ async fn request_body(
     .await
     {
         Ok(Ok(c)) => Ok(ReqBody::Buffered(c.to_bytes())),
-        Ok(Err(_)) => Err(local_reply(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "could not read the request body",
-        )),
-        Err(_) => Err(local_reply(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            "request body not received in time",
-        )),
+        Ok(Err(_)) => Err(LocalAnswer::BadRequestBody),
+        Err(_) => Err(LocalAnswer::RequestBodyTimeout),
     }
 }
 

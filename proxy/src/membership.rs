@@ -111,7 +111,7 @@ pub async fn watch(cluster: Arc<Cluster>, client: WatchClient, shutdown: Cancell
             }
             Err(e) => {
                 tracing::warn!(cluster = %cluster.name(), error = %e, "membership query failed; keeping the last set");
-                metrics::counter!("tidings_proxy_membership_errors_total", "cluster" => cluster.name().to_string()).increment(1);
+                cluster.metrics().membership_error();
                 cluster.membership_error(e);
                 // A new source may not know our index; start over so its first answer is immediate.
                 index = None;

@@ -4,11 +4,11 @@
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,7 +21,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::cluster::ClusterMetrics;
 use crate::config::ListenerConfig;
+use crate::core::policy::LocalAnswer;
 use crate::forward::{self, Outcome, REQUEST_ID, Route};
 use crate::upstream::ProxyBody;
 use crate::{Shared, h1};
@@ -260,6 +262,9 @@ struct RequestLine {
     version: Version,
 }
 
+/// The request counters of requests no route took (`cluster=""`), registered once.
+static UNROUTED: LazyLock<ClusterMetrics> = LazyLock::new(|| ClusterMetrics::new(Arc::from("")));
+
 pub(crate) const ACCESS_LOG: &str = "tidings_proxy::access";
 
 /// One line of the access log.
@@ -321,22 +326,17 @@ async fn handle(
                 .await
         }
         None => {
-            out.flag = Some("no_route");
-            forward::local_reply(
-                StatusCode::NOT_FOUND,
-                "no_route",
-                "no route matches this request",
-            )
+            out.flag = LocalAnswer::NoRoute.flag();
+            forward::answer(LocalAnswer::NoRoute)
         }
     };
     let elapsed = start.elapsed();
     let status = resp.status().as_u16();
     let cluster = route.map(|r| r.cluster.name()).unwrap_or("");
     match route {
-        Some(r) => r.cluster.metrics.request(status, elapsed),
-        None => {
-            metrics::counter!("tidings_proxy_requests_total", "cluster" => "", "code" => status.to_string()).increment(1);
-        }
+        Some(r) => r.cluster.metrics().request(status, elapsed),
+        // Counted under `cluster=""`, without a duration.
+        None => UNROUTED.count(status),
     }
     if let Some(line) = line {
         access_log(&AccessEntry {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use http::uri::Authority;
 use metrics::{Counter, Gauge, Histogram};
 
+use crate::breaker::Resource;
+use crate::retry::RetryOverflow;
 use crate::upstream::HostConns;
 
 /// Outcome labels of `tidings_proxy_upstream_requests_total`, in a fixed order.
@@ -37,6 +39,11 @@ pub struct HostHandle {
     outcomes: [OnceLock<Counter>; OUTCOMES.len()],
     /// Active requests, ejected, routable: set once a second, registered once.
     gauges: OnceLock<[Gauge; 3]>,
+    /// Set once a second too, from the first health check on.
+    healthy: OnceLock<Gauge>,
+    /// Health checks by result: success, failure.
+    checks: [OnceLock<Counter>; 2],
+    ejections: OnceLock<Counter>,
 }
 
 impl HostHandle {
@@ -52,16 +59,23 @@ impl HostHandle {
             cluster,
             outcomes: Default::default(),
             gauges: OnceLock::new(),
+            healthy: OnceLock::new(),
+            checks: Default::default(),
+            ejections: OnceLock::new(),
         }
+    }
+
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [
+            ("cluster", self.cluster.to_string()),
+            ("host", self.addr.to_string()),
+        ]
     }
 
     /// Publishes the host's gauges.
     pub(super) fn publish(&self, ejected: bool, routable: bool) {
         let [active, ej, routed] = self.gauges.get_or_init(|| {
-            let labels = [
-                ("cluster", self.cluster.to_string()),
-                ("host", self.addr.to_string()),
-            ];
+            let labels = self.labels();
             [
                 metrics::gauge!("tidings_proxy_host_active_requests", &labels),
                 metrics::gauge!("tidings_proxy_host_ejected", &labels),
@@ -71,6 +85,35 @@ impl HostHandle {
         active.set(f64::from(self.active()));
         ej.set(if ejected { 1.0 } else { 0.0 });
         routed.set(if routable { 1.0 } else { 0.0 });
+    }
+
+    /// Publishes `tidings_proxy_host_healthy`. Called on every check result and every second
+    /// after the first, so the exporter never takes a live host's gauge for a forgotten one.
+    pub(super) fn publish_health(&self, healthy: bool) {
+        self.healthy
+            .get_or_init(|| metrics::gauge!("tidings_proxy_host_healthy", &self.labels()))
+            .set(if healthy { 1.0 } else { 0.0 });
+    }
+
+    /// Counts one health check.
+    pub(super) fn count_check(&self, success: bool) {
+        let (slot, result) = if success {
+            (&self.checks[0], "success")
+        } else {
+            (&self.checks[1], "failure")
+        };
+        slot.get_or_init(|| {
+            let [(_, cluster), (_, host)] = self.labels();
+            metrics::counter!("tidings_proxy_health_checks_total", "cluster" => cluster, "host" => host, "result" => result)
+        })
+        .increment(1);
+    }
+
+    /// Counts one ejection by outlier detection.
+    pub(super) fn count_ejection(&self) {
+        self.ejections
+            .get_or_init(|| metrics::counter!("tidings_proxy_ejections_total", &self.labels()))
+            .increment(1);
     }
 
     pub fn active(&self) -> u32 {
@@ -102,16 +145,32 @@ pub struct ClusterMetrics {
     duration: OnceLock<Histogram>,
     /// Routable hosts, panic, active requests, retries in flight.
     gauges: OnceLock<[Gauge; 4]>,
+    /// Overflows by breaker resource, indexed by the enum's order.
+    overflows: [OnceLock<Counter>; 4],
+    retries: OnceLock<Counter>,
+    /// Retries refused, by limit: budget, max_retries.
+    retry_overflows: [OnceLock<Counter>; 2],
+    membership_errors: OnceLock<Counter>,
 }
 
 impl ClusterMetrics {
-    pub(super) fn new(name: std::sync::Arc<str>) -> Self {
+    /// The metrics of cluster `name`; `""` for requests no route took.
+    pub(crate) fn new(name: std::sync::Arc<str>) -> Self {
         ClusterMetrics {
             name,
             by_code: (100..600).map(|_| OnceLock::new()).collect(),
             duration: OnceLock::new(),
             gauges: OnceLock::new(),
+            overflows: Default::default(),
+            retries: OnceLock::new(),
+            retry_overflows: Default::default(),
+            membership_errors: OnceLock::new(),
         }
+    }
+
+    fn counter(&self, slot: &OnceLock<Counter>, name: &'static str) {
+        slot.get_or_init(|| metrics::counter!(name, "cluster" => self.name.to_string()))
+            .increment(1);
     }
 
     /// Publishes the cluster's gauges.
@@ -138,17 +197,52 @@ impl ClusterMetrics {
     }
 
     /// Counts a retry refused by `limit` (the request keeps the answer it had).
-    pub fn retry_overflow(&self, limit: crate::retry::RetryOverflow) {
-        metrics::counter!("tidings_proxy_retry_overflow_total", "cluster" => self.name.to_string(), "limit" => limit.as_str()).increment(1);
+    pub fn retry_overflow(&self, limit: RetryOverflow) {
+        let slot = match limit {
+            RetryOverflow::Budget => &self.retry_overflows[0],
+            RetryOverflow::MaxRetries => &self.retry_overflows[1],
+        };
+        slot.get_or_init(|| {
+            metrics::counter!("tidings_proxy_retry_overflow_total", "cluster" => self.name.to_string(), "limit" => limit.as_str())
+        })
+        .increment(1);
+    }
+
+    /// Counts a retry granted.
+    pub fn retry(&self) {
+        self.counter(&self.retries, "tidings_proxy_retries_total");
+    }
+
+    /// Counts a request refused because breaker `resource` was full.
+    pub fn overflow(&self, resource: Resource) {
+        let slot = &self.overflows[resource as usize];
+        slot.get_or_init(|| {
+            metrics::counter!("tidings_proxy_overflow_total", "cluster" => self.name.to_string(), "resource" => resource.as_str())
+        })
+        .increment(1);
+    }
+
+    /// Counts a failed membership query.
+    pub fn membership_error(&self) {
+        self.counter(
+            &self.membership_errors,
+            "tidings_proxy_membership_errors_total",
+        );
+    }
+
+    /// Counts one downstream request answered with `code`.
+    pub fn count(&self, code: u16) {
+        let counter = |code: u16| metrics::counter!("tidings_proxy_requests_total", "cluster" => self.name.to_string(), "code" => code.to_string());
+        match self.by_code.get(usize::from(code).wrapping_sub(100)) {
+            Some(slot) => slot.get_or_init(|| counter(code)).increment(1),
+            // Codes outside 100-599 cannot come from hyper or the fast path's parser.
+            None => counter(code).increment(1),
+        }
     }
 
     /// Records one downstream request answered with `code` after `elapsed`.
     pub fn request(&self, code: u16, elapsed: Duration) {
-        let counter = |code: u16| metrics::counter!("tidings_proxy_requests_total", "cluster" => self.name.to_string(), "code" => code.to_string());
-        match self.by_code.get(usize::from(code).wrapping_sub(100)) {
-            Some(slot) => slot.get_or_init(|| counter(code)).increment(1),
-            None => counter(code).increment(1),
-        }
+        self.count(code);
         self.duration
             .get_or_init(|| {
                 metrics::histogram!("tidings_proxy_request_duration_seconds", "cluster" => self.name.to_string())

@@ -154,10 +154,10 @@ mod retry_budget {
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
-    use super::super::after_attempt;
     use crate::breaker::{BreakerLimits, CircuitBreaker};
     use crate::cluster::{Cluster, ListedHost, RetrySlot};
     use crate::config::{ClusterConfig, HealthCheckKind};
+    use crate::io::attempts::after_attempt;
     use crate::retry::AttemptOutcome;
     use crate::upstream::{Connector, Upstream};
     use http::Method;

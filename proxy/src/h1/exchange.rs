@@ -1,7 +1,7 @@
 //! One request on the fast path: breaker, host pick, attempts with retries over pooled
 //! upstream connections, the response passed through, and the request's metrics and log line.
-//! The policy is the general path's (`crate::forward`): the same breakers, retry rules,
-//! outlier feed, outcome counters and local answers.
+//! The policy is the general path's, in one place (`crate::io::attempts`): the same breakers,
+//! retry rules, outlier feed, outcome counters and local answers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,10 +13,11 @@ use tokio::time::{Instant, Sleep};
 use super::Conn;
 use super::chunked::Chunked;
 use super::head::{self, Field, Framing, RequestHead, ResponseHead};
-use crate::breaker::Resource;
 use crate::cluster::{Cluster, HostHandle};
-use crate::forward::{self, Failure, OVERFLOW, Outcome, Route};
-use crate::retry::{self, AttemptOutcome};
+use crate::core::policy::{LocalAnswer, Sent};
+use crate::forward::{self, Outcome, Route};
+use crate::io::attempts::{self, Attempts, Transport};
+use crate::retry;
 use crate::server::{self, AccessEntry};
 use crate::upstream::{ConnectError, RawConn};
 
@@ -24,15 +25,6 @@ use crate::upstream::{ConnectError, RawConn};
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Reused connections that turn out closed, per request, before a new one is dialled.
 const STALE_TRIES: usize = 4;
-
-/// How one attempt ended.
-enum Attempt {
-    Response(ResponseHead, RawConn),
-    Connect(ConnectError),
-    /// The upstream closed, reset or answered garbage.
-    Reset(&'static str),
-    Timeout,
-}
 
 /// Why reading a response head failed.
 pub(super) enum HeadError {
@@ -70,25 +62,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         let (status, keep) = match self.read_body(head).await {
             Ok(()) => self.forward(head, route, close, &mut out).await,
             Err(timed_out) => {
-                let (status, code, message) = if timed_out {
-                    (
-                        StatusCode::REQUEST_TIMEOUT,
-                        "request_timeout",
-                        "request body not received in time",
-                    )
+                let answer = if timed_out {
+                    LocalAnswer::RequestBodyTimeout
                 } else {
-                    (
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        "could not read the request body",
-                    )
+                    LocalAnswer::BadRequestBody
                 };
-                self.reply(status, code, message, None, true).await;
-                (status.as_u16(), false)
+                (self.answer(answer, true).await.0, false)
             }
         };
         let elapsed = start.elapsed();
-        route.cluster.metrics.request(status, elapsed);
+        route.cluster.metrics().request(status, elapsed);
         if tracing::enabled!(target: server::ACCESS_LOG, tracing::Level::INFO) {
             let host = std::str::from_utf8(&self.buf[head.host.clone()]).unwrap_or("");
             server::access_log(&AccessEntry {
@@ -128,7 +111,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         Ok(())
     }
 
-    /// The attempt loop of `crate::forward::forward`, on fast-path connections.
+    /// Forwards the request under the shared policy (`crate::io::attempts`) and relays the
+    /// response.
     async fn forward(
         &mut self,
         head: &RequestHead,
@@ -137,11 +121,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         out: &mut Outcome,
     ) -> (u16, bool) {
         let cluster = &route.cluster;
-        let _req_permit = match cluster.breaker.try_acquire(Resource::Requests) {
-            Ok(p) => p,
-            Err(r) => return self.overflow(cluster, r, out, close).await,
+        let _admission = match attempts::admit(cluster.as_ref(), out) {
+            Ok(a) => a,
+            Err(a) => return self.answer(a, close).await,
         };
-        let _active = Cluster::start_request(cluster.as_ref());
         let hash = cluster.config.hash_header.as_deref().and_then(|name| {
             let f = self
                 .fields
@@ -157,66 +140,22 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             &self.request_id,
             &self.peer_ip,
         );
-        let mut previous = None;
-        // The retry this attempt is, if it is one: its slot is held until the attempt's outcome.
-        let mut retry = None;
-        loop {
-            let Some((addr, guard)) = cluster.pick(hash, previous) else {
-                return self.failed(Failure::NoHealthyUpstream, out, close).await;
-            };
-            out.upstream = Some(addr);
-            out.attempts += 1;
-            let pending = match cluster.breaker.try_acquire(Resource::Pending) {
-                Ok(p) => p,
-                Err(r) => return self.overflow(cluster, r, out, close).await,
-            };
-            let result = self.attempt(cluster, guard.host(), head).await;
-            drop(pending);
-            let attempt = match &result {
-                Attempt::Response(h, _) => (AttemptOutcome::Status(h.status), false),
-                Attempt::Connect(e) => (
-                    AttemptOutcome::ConnectFailure,
-                    matches!(e, ConnectError::Overflow),
-                ),
-                Attempt::Reset(_) => (AttemptOutcome::Reset, false),
-                Attempt::Timeout => (AttemptOutcome::Timeout, false),
-            };
+        let attempts = Attempts {
+            cluster,
+            method: &head.method,
+            hash,
             // The request's bytes are kept in `msg`: every attempt can be replayed.
-            let (method, attempts, deadline) = (&head.method, out.attempts, self.deadline);
-            if let Some(wait) = forward::after_attempt(
-                cluster,
-                guard.host(),
-                attempt,
-                method,
-                attempts,
-                true,
-                deadline,
-                &mut retry,
-            ) {
-                // A response given up on goes with its connection: its body is unread.
-                drop((result, guard));
-                tokio::time::sleep(wait).await;
-                previous = Some(addr);
-                continue;
-            }
-            return match result {
-                Attempt::Response(resp, up) => {
-                    self.relay(resp, up, cluster, guard.host(), close).await
-                }
-                Attempt::Connect(ConnectError::Overflow) => {
-                    self.overflow(cluster, Resource::Connections, out, close)
-                        .await
-                }
-                Attempt::Connect(e) => {
-                    tracing::debug!(error = %e, upstream = %addr, "upstream connect failed");
-                    self.failed(Failure::Connect, out, close).await
-                }
-                Attempt::Reset(why) => {
-                    tracing::debug!(error = why, upstream = %addr, "upstream failed");
-                    self.failed(Failure::Reset, out, close).await
-                }
-                Attempt::Timeout => self.failed(Failure::Timeout, out, close).await,
-            };
+            replayable: true,
+            deadline: self.deadline,
+        };
+        let mut transport = FastTransport {
+            conn: self,
+            cluster,
+            head,
+        };
+        match attempts.run(&mut transport, out).await {
+            Ok(((resp, up), guard)) => self.relay(resp, up, cluster, guard.host(), close).await,
+            Err(a) => self.answer(a, close).await,
         }
     }
 
@@ -229,7 +168,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         cluster: &Cluster,
         host: &HostHandle,
         head: &RequestHead,
-    ) -> Attempt {
+    ) -> Sent<(ResponseHead, RawConn), FastError> {
         let Conn {
             msg,
             up,
@@ -245,10 +184,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
                     break;
                 };
                 match response_head(&mut conn, msg, up, up_fields, is_head).await {
-                    Ok(h) => return Attempt::Response(h, conn),
                     Err(HeadError::Nothing) if replay => continue,
-                    Err(HeadError::Nothing) => return Attempt::Reset("connection closed"),
-                    Err(HeadError::Bad(why)) => return Attempt::Reset(why),
+                    r => return sent(r, conn),
                 }
             }
             let mut dialled = cluster.upstream.connect_raw(host.addr).await;
@@ -259,17 +196,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             }
             let mut conn = match dialled {
                 Ok(c) => c,
-                Err(e) => return Attempt::Connect(e),
+                Err(e) => {
+                    return Sent::Connect {
+                        overflow: matches!(e, ConnectError::Overflow),
+                        error: FastError::Connect(e),
+                    };
+                }
             };
-            match response_head(&mut conn, msg, up, up_fields, is_head).await {
-                Ok(h) => Attempt::Response(h, conn),
-                Err(HeadError::Nothing) => Attempt::Reset("connection closed"),
-                Err(HeadError::Bad(why)) => Attempt::Reset(why),
-            }
+            let r = response_head(&mut conn, msg, up, up_fields, is_head).await;
+            sent(r, conn)
         };
         within(route_timer.as_mut(), tries)
             .await
-            .unwrap_or(Attempt::Timeout)
+            .unwrap_or(Sent::Timeout)
     }
 
     /// Passes the response to the client: head, then the body as it is delimited, within the
@@ -379,11 +318,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         }
     }
 
-    /// The local answer to a request no upstream answered.
-    async fn failed(&mut self, f: Failure, out: &mut Outcome, close: bool) -> (u16, bool) {
-        let (status, code, message) = f.answer();
-        out.flag = Some(code);
-        self.reply(status, code, message, None, close).await
+    /// Sends a local answer; returns its status and whether the connection may go on.
+    async fn answer(&mut self, a: LocalAnswer, close: bool) -> (u16, bool) {
+        let extra = a.header().map(|(name, value)| (name.as_str(), value));
+        self.reply(a.status(), a.code(), a.message(), extra, close)
+            .await
     }
 
     /// A local answer; returns its status and whether the connection may go on.
@@ -407,26 +346,52 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
         let sent = self.io.write_all(&self.msg).await.is_ok() && self.io.flush().await.is_ok();
         (status.as_u16(), sent && !close)
     }
+}
 
-    async fn overflow(
-        &mut self,
-        cluster: &Cluster,
-        r: Resource,
-        out: &mut Outcome,
-        close: bool,
-    ) -> (u16, bool) {
-        metrics::counter!("tidings_proxy_overflow_total", "cluster" => cluster.name().to_string(), "resource" => r.as_str()).increment(1);
-        out.flag = Some("overflow");
-        let message = format!("circuit breaker open: {}", r.as_str());
-        let extra = Some((OVERFLOW.as_str(), r.as_str()));
-        self.reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overflow",
-            &message,
-            extra,
-            close,
-        )
-        .await
+/// The fast path's way of sending one attempt: the request bytes in `msg` over a raw pooled
+/// connection.
+struct FastTransport<'c, 'a, 'r, IO> {
+    conn: &'c mut Conn<'a, IO>,
+    cluster: &'r Cluster,
+    head: &'r RequestHead,
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Transport for FastTransport<'_, '_, '_, IO> {
+    type Request = ();
+    type Response = (ResponseHead, RawConn);
+    type Error = FastError;
+
+    fn prepare(&mut self, _: &HostHandle) -> Result<(), LocalAnswer> {
+        Ok(())
+    }
+
+    async fn send(&mut self, host: &HostHandle, (): ()) -> Sent<Self::Response, FastError> {
+        self.conn.attempt(self.cluster, host, self.head).await
+    }
+}
+
+/// Why a fast-path attempt got no response.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FastError {
+    #[error(transparent)]
+    Connect(ConnectError),
+    /// The upstream closed, reset or answered garbage.
+    #[error("{0}")]
+    Reset(&'static str),
+}
+
+/// What reading a response head on `conn` gave, as an attempt's result.
+fn sent(
+    r: Result<ResponseHead, HeadError>,
+    conn: RawConn,
+) -> Sent<(ResponseHead, RawConn), FastError> {
+    match r {
+        Ok(h) => {
+            let status = h.status;
+            Sent::Response((h, conn), status)
+        }
+        Err(HeadError::Nothing) => Sent::Reset(FastError::Reset("connection closed")),
+        Err(HeadError::Bad(why)) => Sent::Reset(FastError::Reset(why)),
     }
 }
 

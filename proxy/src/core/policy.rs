@@ -1,0 +1,194 @@
+//! The request policy's pure parts, shared by both request paths (hyper's in
+//! `crate::io::forward` and the HTTP/1.1 fast path in `crate::io::h1`): the answers the proxy
+//! makes itself, how an attempt's outcome is classified, and whether it earns a retry. The
+//! attempt loop that applies them lives in `crate::io::attempts`.
+
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::{Method, StatusCode};
+use rand::Rng;
+
+use crate::breaker::Resource;
+use crate::outlier::RequestResult;
+use crate::retry::{self, AttemptOutcome, RetryPolicy};
+
+/// The header naming the breaker resource of an overflow answer.
+pub static OVERFLOW: HeaderName = HeaderName::from_static("x-tidings-overflow");
+
+/// An answer the proxy makes itself, in the registry's error shape (`code` and `message`).
+/// Both request paths render these and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalAnswer {
+    /// No route matches the request.
+    NoRoute,
+    /// The request body did not arrive whole (the client went away or sent garbage).
+    BadRequestBody,
+    /// The request body did not arrive within the route timeout.
+    RequestBodyTimeout,
+    /// The request cannot be put into upstream form.
+    Unforwardable,
+    /// A retry found its streamed body already spent (never expected: streamed bodies are not
+    /// retried).
+    BodyAlreadySent,
+    /// A circuit breaker refused: the answer names the resource in [`OVERFLOW`].
+    Overflow(Resource),
+    NoHealthyUpstream,
+    UpstreamConnect,
+    UpstreamReset,
+    UpstreamTimeout,
+}
+
+impl LocalAnswer {
+    pub fn status(self) -> StatusCode {
+        match self {
+            LocalAnswer::NoRoute => StatusCode::NOT_FOUND,
+            LocalAnswer::BadRequestBody | LocalAnswer::Unforwardable => StatusCode::BAD_REQUEST,
+            LocalAnswer::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            LocalAnswer::BodyAlreadySent | LocalAnswer::UpstreamReset => StatusCode::BAD_GATEWAY,
+            LocalAnswer::Overflow(_)
+            | LocalAnswer::NoHealthyUpstream
+            | LocalAnswer::UpstreamConnect => StatusCode::SERVICE_UNAVAILABLE,
+            LocalAnswer::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The body's error code.
+    pub fn code(self) -> &'static str {
+        match self {
+            LocalAnswer::NoRoute => "no_route",
+            LocalAnswer::BadRequestBody | LocalAnswer::Unforwardable => "bad_request",
+            LocalAnswer::RequestBodyTimeout => "request_timeout",
+            LocalAnswer::BodyAlreadySent | LocalAnswer::UpstreamReset => "upstream_reset",
+            LocalAnswer::Overflow(_) => "overflow",
+            LocalAnswer::NoHealthyUpstream => "no_healthy_upstream",
+            LocalAnswer::UpstreamConnect => "upstream_connect_failure",
+            LocalAnswer::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    /// The body's message; static, so an answer allocates only its body.
+    pub fn message(self) -> &'static str {
+        match self {
+            LocalAnswer::NoRoute => "no route matches this request",
+            LocalAnswer::BadRequestBody => "could not read the request body",
+            LocalAnswer::RequestBodyTimeout => "request body not received in time",
+            LocalAnswer::Unforwardable => "request cannot be forwarded",
+            LocalAnswer::BodyAlreadySent => "request body already sent",
+            LocalAnswer::Overflow(Resource::Connections) => "circuit breaker open: connections",
+            LocalAnswer::Overflow(Resource::Pending) => "circuit breaker open: pending",
+            LocalAnswer::Overflow(Resource::Requests) => "circuit breaker open: requests",
+            LocalAnswer::Overflow(Resource::Retries) => "circuit breaker open: retries",
+            LocalAnswer::NoHealthyUpstream => "no healthy upstream",
+            LocalAnswer::UpstreamConnect => "upstream connect error",
+            LocalAnswer::UpstreamReset => "upstream reset or sent an invalid response",
+            LocalAnswer::UpstreamTimeout => "upstream request timeout",
+        }
+    }
+
+    /// The extra header the answer carries, if any.
+    pub fn header(self) -> Option<(&'static HeaderName, &'static str)> {
+        match self {
+            LocalAnswer::Overflow(r) => Some((&OVERFLOW, r.as_str())),
+            _ => None,
+        }
+    }
+
+    /// The access log's `flag`: set for answers about routing and upstreams, not for a
+    /// request the client got wrong.
+    pub fn flag(self) -> Option<&'static str> {
+        match self {
+            LocalAnswer::BadRequestBody
+            | LocalAnswer::RequestBodyTimeout
+            | LocalAnswer::Unforwardable
+            | LocalAnswer::BodyAlreadySent => None,
+            _ => Some(self.code()),
+        }
+    }
+}
+
+/// How one attempt ended, as the policy sees it, whatever the request path.
+#[derive(Debug)]
+pub enum Sent<R, E> {
+    /// A response head arrived, with this status.
+    Response(R, u16),
+    /// No connection; `overflow` when the breaker's connection limit refused it, which says
+    /// nothing about the host.
+    Connect { error: E, overflow: bool },
+    /// The upstream closed, reset or answered garbage.
+    Reset(E),
+    /// The route timeout fired first.
+    Timeout,
+}
+
+impl<R, E> Sent<R, E> {
+    /// The attempt's outcome, and whether it never left because the connection limit was hit
+    /// (then outlier detection and retries ignore it).
+    pub fn classify(&self) -> (AttemptOutcome, bool) {
+        match self {
+            Sent::Response(_, status) => (AttemptOutcome::Status(*status), false),
+            Sent::Connect { overflow, .. } => (AttemptOutcome::ConnectFailure, *overflow),
+            Sent::Reset(_) => (AttemptOutcome::Reset, false),
+            Sent::Timeout => (AttemptOutcome::Timeout, false),
+        }
+    }
+
+    /// The local answer for an attempt that gave no response.
+    pub fn answer(&self) -> Option<LocalAnswer> {
+        match self {
+            Sent::Response(..) => None,
+            Sent::Connect { overflow: true, .. } => {
+                Some(LocalAnswer::Overflow(Resource::Connections))
+            }
+            Sent::Connect { .. } => Some(LocalAnswer::UpstreamConnect),
+            Sent::Reset(_) => Some(LocalAnswer::UpstreamReset),
+            Sent::Timeout => Some(LocalAnswer::UpstreamTimeout),
+        }
+    }
+}
+
+/// What passive outlier detection learns from an outcome: 5xx and failures count against the
+/// host.
+pub fn request_result(outcome: AttemptOutcome) -> RequestResult {
+    match outcome {
+        AttemptOutcome::Status(s) if s < 500 => RequestResult::Success,
+        _ => RequestResult::Failure,
+    }
+}
+
+/// Index of the outcome's label in [`crate::cluster::OUTCOMES`].
+pub fn outcome_index(o: AttemptOutcome) -> usize {
+    match o {
+        AttemptOutcome::Status(100..=199) => 0,
+        AttemptOutcome::Status(200..=299) => 1,
+        AttemptOutcome::Status(300..=399) => 2,
+        AttemptOutcome::Status(400..=499) => 3,
+        AttemptOutcome::Status(_) => 4,
+        AttemptOutcome::ConnectFailure => 5,
+        AttemptOutcome::Reset => 6,
+        AttemptOutcome::Timeout => 7,
+    }
+}
+
+/// The back-off before another attempt, if the retry policy gives one: never after an
+/// overflow or for a body that cannot be sent again. `attempts` counts the attempts so far.
+/// The retry budget and the time left are the caller's to check.
+pub fn retry_backoff(
+    policy: &RetryPolicy,
+    method: &Method,
+    (outcome, overflowed): (AttemptOutcome, bool),
+    attempts: u32,
+    replayable: bool,
+    rng: &mut impl Rng,
+) -> Option<Duration> {
+    if overflowed
+        || !replayable
+        || !retry::should_retry(policy, method, outcome, attempts.saturating_sub(1))
+    {
+        return None;
+    }
+    Some(retry::backoff(policy, attempts, rng))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,195 @@
+//! The attempt loop both request paths run: admission through the request breaker, host
+//! selection (avoiding the host that just failed), the pending breaker around each attempt,
+//! outlier reporting and outcome counts, retries under the retry policy, the retry budget,
+//! `max_retries` and the time left, and the local answer when no upstream answered. The
+//! paths differ only in how one attempt is sent: their [`Transport`].
+
+use std::fmt::Display;
+use std::ops::Deref;
+use std::time::Duration;
+
+use http::Method;
+use tokio::time::Instant;
+
+use crate::breaker::{Permit, Resource};
+use crate::cluster::{ActiveGuard, ActiveRequest, Cluster, HostHandle, RetrySlot};
+use crate::core::policy::{self, LocalAnswer, Sent};
+use crate::forward::Outcome;
+use crate::retry::AttemptOutcome;
+
+/// How a request path sends one attempt.
+pub(crate) trait Transport {
+    /// One attempt, ready to go.
+    type Request;
+    /// What a successful attempt gives: the response head and its connection.
+    type Response;
+    type Error: Display;
+
+    /// Builds the attempt for `host`, or the local answer when the request cannot go out.
+    fn prepare(&mut self, host: &HostHandle) -> Result<Self::Request, LocalAnswer>;
+
+    /// Sends the attempt to `host` and waits for the response head, within the route timeout.
+    async fn send(
+        &mut self,
+        host: &HostHandle,
+        req: Self::Request,
+    ) -> Sent<Self::Response, Self::Error>;
+}
+
+/// A request let in by the request breaker: it holds the breaker slot and counts as active
+/// in its cluster (which the retry budget reads) while kept.
+pub(crate) struct Admission<C: Deref<Target = Cluster>> {
+    pub permit: Permit,
+    pub active: ActiveRequest<C>,
+}
+
+/// Lets a request in, or answers `overflow` when the request breaker is full.
+pub(crate) fn admit<C: Deref<Target = Cluster>>(
+    cluster: C,
+    out: &mut Outcome,
+) -> Result<Admission<C>, LocalAnswer> {
+    match cluster.breaker.try_acquire(Resource::Requests) {
+        Ok(permit) => Ok(Admission {
+            permit,
+            active: Cluster::start_request(cluster),
+        }),
+        Err(r) => Err(refuse(&cluster, LocalAnswer::Overflow(r), out)),
+    }
+}
+
+/// Records a local answer: the access log's flag and, for an overflow, its counter.
+pub(crate) fn refuse(cluster: &Cluster, answer: LocalAnswer, out: &mut Outcome) -> LocalAnswer {
+    if let Some(flag) = answer.flag() {
+        out.flag = Some(flag);
+    }
+    if let LocalAnswer::Overflow(r) = answer {
+        cluster.metrics().overflow(r);
+    }
+    answer
+}
+
+/// One request's attempts over its cluster.
+pub(crate) struct Attempts<'a> {
+    pub cluster: &'a Cluster,
+    pub method: &'a Method,
+    /// The request's hash for hash balancers.
+    pub hash: Option<u64>,
+    /// Whether the request can be sent again.
+    pub replayable: bool,
+    /// The route timeout's end.
+    pub deadline: Instant,
+}
+
+impl Attempts<'_> {
+    /// Runs attempts until one gives a response the policy keeps, or answers locally.
+    /// `out` gets the upstream of the last attempt, the attempt count and the flag.
+    pub(crate) async fn run<T: Transport>(
+        &self,
+        transport: &mut T,
+        out: &mut Outcome,
+    ) -> Result<(T::Response, ActiveGuard), LocalAnswer> {
+        let cluster = self.cluster;
+        let mut previous = None;
+        // The retry this attempt is, if it is one: its slot is held until the attempt's outcome.
+        let mut retry = None;
+        loop {
+            let Some((addr, guard)) = cluster.pick(self.hash, previous) else {
+                return Err(refuse(cluster, LocalAnswer::NoHealthyUpstream, out));
+            };
+            out.upstream = Some(addr);
+            out.attempts += 1;
+            let req = transport.prepare(guard.host())?;
+            let pending = match cluster.breaker.try_acquire(Resource::Pending) {
+                Ok(p) => p,
+                Err(r) => return Err(refuse(cluster, LocalAnswer::Overflow(r), out)),
+            };
+            let sent = transport.send(guard.host(), req).await;
+            drop(pending);
+            let attempt = sent.classify();
+            if let Some(wait) = self.after_attempt(guard.host(), attempt, out.attempts, &mut retry)
+            {
+                // A response given up on goes with its connection: its body was not read, so
+                // the connection cannot be reused.
+                drop((sent, guard));
+                tokio::time::sleep(wait).await;
+                previous = Some(addr);
+                continue;
+            }
+            let answer = match sent {
+                Sent::Response(resp, _) => return Ok((resp, guard)),
+                Sent::Connect { ref error, .. } | Sent::Reset(ref error) => {
+                    tracing::debug!(%error, upstream = %addr, "upstream failed");
+                    sent.answer()
+                }
+                Sent::Timeout => sent.answer(),
+            };
+            let answer = answer.unwrap_or(LocalAnswer::UpstreamReset);
+            return Err(refuse(cluster, answer, out));
+        }
+    }
+
+    fn after_attempt(
+        &self,
+        host: &HostHandle,
+        attempt: (AttemptOutcome, bool),
+        attempts: u32,
+        retry: &mut Option<RetrySlot>,
+    ) -> Option<Duration> {
+        after_attempt(
+            self.cluster,
+            host,
+            attempt,
+            self.method,
+            attempts,
+            self.replayable,
+            self.deadline,
+            retry,
+        )
+    }
+}
+
+/// What an attempt's outcome (and whether it never left because the connection limit was
+/// hit) does: feeds outlier detection and the host's outcome counter, and decides whether the
+/// request gets another attempt — and the back-off to wait first — under the retry policy,
+/// the retry budget, the breaker's `max_retries` and the time left.
+///
+/// `retry` is the request's retry in flight: the slot of the retry this attempt was is given
+/// back first (the attempt has its outcome), and the slot of the next one is put there, so
+/// the caller only has to keep it until the request ends.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn after_attempt(
+    cluster: &Cluster,
+    host: &HostHandle,
+    (outcome, overflowed): (AttemptOutcome, bool),
+    method: &Method,
+    attempts: u32,
+    replayable: bool,
+    deadline: Instant,
+    retry: &mut Option<RetrySlot>,
+) -> Option<Duration> {
+    *retry = None;
+    if !overflowed {
+        cluster.record_result(host.addr, policy::request_result(outcome));
+    }
+    host.count_outcome(policy::outcome_index(outcome));
+    let wait = policy::retry_backoff(
+        &cluster.retry_policy,
+        method,
+        (outcome, overflowed),
+        attempts,
+        replayable,
+        &mut rand::rng(),
+    )?;
+    if Instant::now() + wait >= deadline {
+        return None;
+    }
+    match cluster.try_start_retry() {
+        Ok(slot) => *retry = Some(slot),
+        Err(limit) => {
+            cluster.metrics().retry_overflow(limit);
+            return None;
+        }
+    }
+    cluster.metrics().retry();
+    Some(wait)
+}
