@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
-use crate::config::HealthCheckKind;
+use crate::config::{HealthCheckKind, Scheme};
 use crate::health::CheckOutcome;
 use crate::upstream::HostConns;
 
@@ -70,7 +70,7 @@ async fn http_check(cluster: &Cluster, conns: &HostConns, addr: SocketAddr) -> C
     let hc = &cluster.config.health_check;
     // Host is the service name, as Envoy sends the cluster name: a backend serving several
     // services can tell which one is being checked.
-    if cluster.scheme == "http" && !cluster.config.http2 {
+    if cluster.scheme == Scheme::Http && !cluster.config.http2 {
         let request = format!(
             "GET {} HTTP/1.1\r\nhost: {}\r\nuser-agent: tidings-proxy/health-check\r\n\r\n",
             hc.path, cluster.config.service

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::breaker::CircuitBreaker;
-use crate::config::{ClusterConfig, HealthCheckKind};
+use crate::config::{ClusterConfig, HealthCheckKind, Scheme};
 use crate::health::{CheckOutcome, HealthPolicy, HealthState, HealthStatus, Transition};
 use crate::lb::{Balancer, LbHost, LbPolicy};
 use crate::merge::{self, Candidate, Decision, DiscoveryStatus};
@@ -106,12 +106,15 @@ pub struct Cluster {
     health_policy: Option<HealthPolicy>,
     outlier_policy: Option<OutlierPolicy>,
     pub retry_policy: RetryPolicy,
-    pub breaker: CircuitBreaker,
+    /// The cluster's load counts (requests, pending attempts, retries, connections), taken
+    /// through [`Cluster::try_acquire`] and the guards in `load` only.
+    breaker: CircuitBreaker,
     /// Traffic connections, counted against the breaker.
     pub upstream: Upstream,
     /// Health-check connections, outside the breaker.
     pub checks: Upstream,
-    pub scheme: &'static str,
+    /// How upstreams are reached: over TLS when the cluster has a `tls` section.
+    pub scheme: Scheme,
     /// Requests in flight, through [`Cluster::start_request`] only.
     active_requests: AtomicU32,
     metrics: ClusterMetrics,
@@ -167,7 +170,7 @@ impl Cluster {
             health_policy,
             outlier_policy,
             breaker,
-            scheme: if upstream.is_tls() { "https" } else { "http" },
+            scheme: Scheme::tls(upstream.is_tls()),
             upstream,
             checks,
             active_requests: AtomicU32::new(0),

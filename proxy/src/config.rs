@@ -16,6 +16,10 @@ use crate::lb::LbPolicy;
 use crate::outlier::OutlierPolicy;
 use crate::retry::RetryPolicy;
 
+mod scheme;
+
+pub use self::scheme::{Scheme, UnknownScheme};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxyConfig {
@@ -151,6 +155,13 @@ pub struct ClusterConfig {
     pub tls: Option<UpstreamTlsConfig>,
     pub panic_threshold_percent: u32,
     pub zone_aware: bool,
+}
+
+impl ClusterConfig {
+    /// How the membership source is reached: `membership_url`'s scheme.
+    pub fn membership_scheme(&self) -> Result<Scheme, UnknownScheme> {
+        Scheme::of_url(&self.membership_url)
+    }
 }
 
 impl Default for ClusterConfig {
@@ -418,7 +429,9 @@ fn validate_cluster(c: &ClusterConfig) -> Result<(), String> {
         .membership_url
         .parse()
         .map_err(|e| format!("membership_url: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+    c.membership_scheme()
+        .map_err(|e| format!("membership_url: {e}"))?;
+    if uri.authority().is_none() {
         return Err("membership_url must be an http:// or https:// URL".into());
     }
     if c.connect_timeout.is_zero() {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::uri::Scheme;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
@@ -228,11 +227,7 @@ impl Transport for HyperTransport<'_> {
         } else {
             std::mem::take(headers)
         };
-        let scheme = if self.cluster.scheme == "https" {
-            Scheme::HTTPS
-        } else {
-            Scheme::HTTP
-        };
+        let scheme = self.cluster.scheme.to_http();
         let absolute = self
             .cluster
             .config

@@ -231,15 +231,17 @@ impl Proxy {
             std::collections::HashMap::new();
         let mut watch_clients = Vec::with_capacity(shared.clusters.len());
         for cluster in &shared.clusters {
-            let https = cluster.config.membership_url.starts_with("https://");
+            let scheme = cluster.config.membership_scheme().map_err(|e| {
+                ProxyError::Config(format!("cluster {}: membership_url: {e}", cluster.name()))
+            })?;
             let ca = cluster.config.membership_ca_file.clone();
-            let client = match by_source.get(&(https, ca.clone())) {
+            let client = match by_source.get(&(scheme, ca.clone())) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = membership::client(https, ca.as_deref()).map_err(|err| {
+                    let c = membership::watch_client(scheme, ca.as_deref()).map_err(|err| {
                         ProxyError::Tls(format!("cluster {}: membership: {err}", cluster.name()))
                     })?;
-                    by_source.insert((https, ca), c.clone());
+                    by_source.insert((scheme, ca), c.clone());
                     c
                 }
             };

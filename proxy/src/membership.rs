@@ -21,6 +21,7 @@ use schema::api::V1Listing;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Cluster, ListedHost};
+use crate::config::Scheme;
 
 /// How long the source may hold a blocking query.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -33,20 +34,26 @@ const MIN_POLL: Duration = Duration::from_secs(1);
 
 pub type WatchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-/// A client for `http://` and `https://` sources. `https` sources are verified against the
-/// CA certificates in `ca_file` only, or the system's when it is `None` (loaded only if
-/// `https` is set: a plain-HTTP watch needs no roots).
+/// [`watch_client`] for a caller that still says `https` with a bool.
+// Kept for `ops`' agent command, which should call `watch_client(Scheme::of_url(url)?, …)`.
 pub fn client(https: bool, ca_file: Option<&Path>) -> Result<WatchClient, String> {
+    watch_client(Scheme::tls(https), ca_file)
+}
+
+/// A client for `http://` and `https://` sources. `https` sources are verified against the
+/// CA certificates in `ca_file` only, or the system's when it is `None` (loaded only for
+/// `Scheme::Https`: a plain-HTTP watch needs no roots).
+pub fn watch_client(scheme: Scheme, ca_file: Option<&Path>) -> Result<WatchClient, String> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(5)));
     http.set_nodelay(true);
     http.enforce_http(false);
-    let tls = match (https, ca_file) {
-        (true, Some(path)) => {
+    let tls = match (scheme, ca_file) {
+        (Scheme::Https, Some(path)) => {
             serve::tls::client_config(serve::tls::load_roots(path).map_err(|e| e.to_string())?)
                 .map_err(|e| e.to_string())?
         }
-        (true, None) => {
+        (Scheme::Https, None) => {
             use hyper_rustls::ConfigBuilderExt;
             rustls::ClientConfig::builder_with_provider(serve::tls::provider())
                 .with_safe_default_protocol_versions()
@@ -55,7 +62,7 @@ pub fn client(https: bool, ca_file: Option<&Path>) -> Result<WatchClient, String
                 .map_err(|e| format!("no membership_ca_file and the system's CAs: {e}"))?
                 .with_no_client_auth()
         }
-        (false, _) => {
+        (Scheme::Http, _) => {
             serve::tls::client_config(rustls::RootCertStore::empty()).map_err(|e| e.to_string())?
         }
     };

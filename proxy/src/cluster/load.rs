@@ -42,6 +42,12 @@ impl Cluster {
         ActiveRequest(cluster)
     }
 
+    /// Takes a slot of breaker `resource` until the permit is dropped; names the resource when
+    /// it is full.
+    pub fn try_acquire(&self, resource: Resource) -> Result<Permit, Resource> {
+        self.breaker.try_acquire(resource)
+    }
+
     pub fn active_requests(&self) -> u32 {
         self.active_requests.load(Ordering::Acquire)
     }

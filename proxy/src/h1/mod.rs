@@ -28,6 +28,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::config::Scheme;
 use crate::forward::{self, Route};
 use crate::server::{self, RequestIds};
 
@@ -199,6 +200,6 @@ impl<'a, IO: AsyncRead + AsyncWrite + Unpin> Conn<'a, IO> {
         };
         let route = server::matching_route(&fast.shared.routes, host, head.path(buf)?)?;
         let cluster = &route.cluster;
-        (cluster.scheme == "http" && !cluster.config.http2).then_some(route)
+        (cluster.scheme == Scheme::Http && !cluster.config.http2).then_some(route)
     }
 }

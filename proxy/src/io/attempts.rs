@@ -48,7 +48,7 @@ pub(crate) fn admit<C: Deref<Target = Cluster>>(
     cluster: C,
     out: &mut Outcome,
 ) -> Result<Admission<C>, LocalAnswer> {
-    match cluster.breaker.try_acquire(Resource::Requests) {
+    match cluster.try_acquire(Resource::Requests) {
         Ok(permit) => Ok(Admission {
             permit,
             active: Cluster::start_request(cluster),
@@ -99,7 +99,7 @@ impl Attempts<'_> {
             out.upstream = Some(addr);
             out.attempts += 1;
             let req = transport.prepare(guard.host())?;
-            let pending = match cluster.breaker.try_acquire(Resource::Pending) {
+            let pending = match cluster.try_acquire(Resource::Pending) {
                 Ok(p) => p,
                 Err(r) => return Err(refuse(cluster, LocalAnswer::Overflow(r), out)),
             };
