@@ -23,8 +23,11 @@ use crate::outlier::{OutlierPolicy, OutlierState, RequestResult};
 use crate::retry::RetryPolicy;
 use crate::upstream::Upstream;
 
+mod gauges;
 mod handle;
 mod load;
+
+use self::gauges::{ClusterGauges, HostGauges};
 
 pub use self::handle::{ClusterMetrics, HostHandle, OUTCOMES};
 pub use self::load::{ActiveRequest, RetrySlot};
@@ -58,6 +61,7 @@ struct HostEntry {
     health: HealthState,
     outlier: OutlierState,
     handle: Arc<HostHandle>,
+    gauges: HostGauges,
     checker: Option<CancellationToken>,
 }
 
@@ -80,6 +84,7 @@ struct State {
     rng: SmallRng,
     membership: MembershipStatus,
     routing: Routing,
+    gauges: ClusterGauges,
 }
 
 /// The routable set as [`Cluster::pick`] balances over it, rebuilt only when something that
@@ -163,6 +168,7 @@ impl Cluster {
             rng: SmallRng::from_rng(&mut rand::rng()),
             membership: MembershipStatus::default(),
             routing: Routing::default(),
+            gauges: ClusterGauges::default(),
         };
         let name: Arc<str> = Arc::from(config.name.as_str());
         Arc::new(Cluster {
@@ -266,6 +272,7 @@ impl Cluster {
                     health,
                     outlier: OutlierState::default(),
                     handle: Arc::new(HostHandle::new(addr, self.name.clone())),
+                    gauges: HostGauges::default(),
                     checker,
                 },
             );
@@ -360,7 +367,8 @@ impl Cluster {
         if transition == Transition::Changed {
             tracing::info!(cluster = %self.name(), host = %addr, ?status, ?outcome, "health changed");
         }
-        h.handle.publish_health(status == HealthStatus::Healthy);
+        h.gauges
+            .publish_health(&h.handle, status == HealthStatus::Healthy);
         h.handle.count_check(outcome == CheckOutcome::Success);
         self.reconcile(&mut st);
         st.hosts.contains_key(&addr)
@@ -515,10 +523,10 @@ impl Cluster {
             self.upstream.evict_idle(&h.handle.conns);
             let ejected = h.outlier.is_ejected(now);
             let routed = merge::decide(h.discovery, h.health.status(), checked) == Decision::Route;
-            h.handle.publish(ejected, routed && !ejected);
+            h.gauges.publish(&h.handle, ejected, routed && !ejected);
             if checked && h.health.checks() > 0 {
-                h.handle
-                    .publish_health(h.health.status() == HealthStatus::Healthy);
+                let healthy = h.health.status() == HealthStatus::Healthy;
+                h.gauges.publish_health(&h.handle, healthy);
             }
         }
         if unejected {
@@ -526,12 +534,26 @@ impl Cluster {
         }
         self.reconcile(&mut st);
         self.refresh_routing(&mut st);
-        self.metrics.publish(
-            st.routing.handles.len(),
-            st.routing.panic,
+        let State {
+            gauges, routing, ..
+        } = &mut *st;
+        gauges.publish(
+            self.name(),
+            routing.handles.len(),
+            routing.panic,
             self.active_requests(),
             self.retries_in_flight(),
         );
+    }
+
+    /// Registers every gauge handle again on its next publish: after a stall as long as the
+    /// exporter's idle timeout, it may have dropped gauges whose handles we still hold.
+    pub fn reregister_gauges(&self) {
+        let mut st = self.lock();
+        st.gauges.forget();
+        for h in st.hosts.values_mut() {
+            h.gauges.forget();
+        }
     }
 
     pub fn snapshot(&self) -> ClusterSnapshot {

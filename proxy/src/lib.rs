@@ -333,11 +333,17 @@ async fn maintain(cluster: Arc<Cluster>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sweep = tokio::time::Instant::now();
+    let mut last_tick = last_sweep;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if last_tick.elapsed() >= telemetry::GAUGE_IDLE_TIMEOUT / 2 {
+            // Stopped or starved for a while: the exporter may have dropped live gauges.
+            cluster.reregister_gauges();
+        }
+        last_tick = tokio::time::Instant::now();
         let sweep = last_sweep.elapsed() >= sweep_every;
         if sweep {
             last_sweep = tokio::time::Instant::now();

@@ -1,6 +1,7 @@
 //! What the request path needs of a host and of a cluster without taking the cluster lock or
 //! allocating: the host's upstream authority, its active-request count, its pooled upstream
-//! connections, and metric handles registered once (a `metrics::counter!` with labels builds and hashes its key every call).
+//! connections, and counter handles registered once (a `metrics::counter!` with labels builds
+//! and hashes its key every call). Gauges are in `gauges`.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::uri::Authority;
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 
 use crate::breaker::Resource;
 use crate::retry::RetryOverflow;
@@ -37,10 +38,6 @@ pub struct HostHandle {
     pub conns: HostConns,
     cluster: std::sync::Arc<str>,
     outcomes: [OnceLock<Counter>; OUTCOMES.len()],
-    /// Active requests, ejected, routable: set once a second, registered once.
-    gauges: OnceLock<[Gauge; 3]>,
-    /// Set once a second too, from the first health check on.
-    healthy: OnceLock<Gauge>,
     /// Health checks by result: success, failure.
     checks: [OnceLock<Counter>; 2],
     ejections: OnceLock<Counter>,
@@ -58,41 +55,16 @@ impl HostHandle {
             conns: HostConns::default(),
             cluster,
             outcomes: Default::default(),
-            gauges: OnceLock::new(),
-            healthy: OnceLock::new(),
             checks: Default::default(),
             ejections: OnceLock::new(),
         }
     }
 
-    fn labels(&self) -> [(&'static str, String); 2] {
+    pub(super) fn labels(&self) -> [(&'static str, String); 2] {
         [
             ("cluster", self.cluster.to_string()),
             ("host", self.addr.to_string()),
         ]
-    }
-
-    /// Publishes the host's gauges.
-    pub(super) fn publish(&self, ejected: bool, routable: bool) {
-        let [active, ej, routed] = self.gauges.get_or_init(|| {
-            let labels = self.labels();
-            [
-                metrics::gauge!("tidings_proxy_host_active_requests", &labels),
-                metrics::gauge!("tidings_proxy_host_ejected", &labels),
-                metrics::gauge!("tidings_proxy_host_routable", &labels),
-            ]
-        });
-        active.set(f64::from(self.active()));
-        ej.set(if ejected { 1.0 } else { 0.0 });
-        routed.set(if routable { 1.0 } else { 0.0 });
-    }
-
-    /// Publishes `tidings_proxy_host_healthy`. Called on every check result and every second
-    /// after the first, so the exporter never takes a live host's gauge for a forgotten one.
-    pub(super) fn publish_health(&self, healthy: bool) {
-        self.healthy
-            .get_or_init(|| metrics::gauge!("tidings_proxy_host_healthy", &self.labels()))
-            .set(if healthy { 1.0 } else { 0.0 });
     }
 
     /// Counts one health check.
@@ -143,8 +115,6 @@ pub struct ClusterMetrics {
     /// Index `code - 100` for codes 100-599.
     by_code: Box<[OnceLock<Counter>]>,
     duration: OnceLock<Histogram>,
-    /// Routable hosts, panic, active requests, retries in flight.
-    gauges: OnceLock<[Gauge; 4]>,
     /// Overflows by breaker resource, indexed by the enum's order.
     overflows: [OnceLock<Counter>; 4],
     retries: OnceLock<Counter>,
@@ -160,7 +130,6 @@ impl ClusterMetrics {
             name,
             by_code: (100..600).map(|_| OnceLock::new()).collect(),
             duration: OnceLock::new(),
-            gauges: OnceLock::new(),
             overflows: Default::default(),
             retries: OnceLock::new(),
             retry_overflows: Default::default(),
@@ -171,29 +140,6 @@ impl ClusterMetrics {
     fn counter(&self, slot: &OnceLock<Counter>, name: &'static str) {
         slot.get_or_init(|| metrics::counter!(name, "cluster" => self.name.to_string()))
             .increment(1);
-    }
-
-    /// Publishes the cluster's gauges.
-    pub(super) fn publish(
-        &self,
-        routable_hosts: usize,
-        panic: bool,
-        active_requests: u32,
-        active_retries: u32,
-    ) {
-        let [routable, panicking, active, retries] = self.gauges.get_or_init(|| {
-            let name = self.name.to_string();
-            [
-                metrics::gauge!("tidings_proxy_cluster_routable_hosts", "cluster" => name.clone()),
-                metrics::gauge!("tidings_proxy_cluster_panic", "cluster" => name.clone()),
-                metrics::gauge!("tidings_proxy_cluster_active_requests", "cluster" => name.clone()),
-                metrics::gauge!("tidings_proxy_cluster_retries_active", "cluster" => name),
-            ]
-        });
-        routable.set(routable_hosts as f64);
-        panicking.set(if panic { 1.0 } else { 0.0 });
-        active.set(f64::from(active_requests));
-        retries.set(f64::from(active_retries));
     }
 
     /// Counts a retry refused by `limit` (the request keeps the answer it had).

@@ -1,0 +1,92 @@
+//! Metrics hygiene: a host the proxy forgets takes its gauges out of `/metrics` (they are
+//! not left at their last value forever), while live hosts keep theirs.
+//!
+//! The exporter measures idleness with its own clock, not tokio's, so this test cannot pause
+//! time: it polls real time, bounded by the idle timeout plus a margin.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use proxy::telemetry::GAUGE_IDLE_TIMEOUT;
+use support::*;
+
+const HOST_GAUGES: [&str; 4] = [
+    "tidings_proxy_host_active_requests",
+    "tidings_proxy_host_ejected",
+    "tidings_proxy_host_routable",
+    "tidings_proxy_host_healthy",
+];
+
+/// The `/metrics` lines of `name` for host `addr`.
+fn series<'m>(metrics: &'m str, name: &str, addr: SocketAddr) -> Vec<&'m str> {
+    let host = format!("host=\"{addr}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(&host))
+        .collect()
+}
+
+fn has_all_gauges(metrics: &str, addr: SocketAddr) -> bool {
+    HOST_GAUGES
+        .iter()
+        .all(|g| !series(metrics, g, addr).is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_hosts_gauges_leave_and_live_hosts_keep_theirs() {
+    let (a, b) = (
+        Backend::start(1, Duration::ZERO).await,
+        Backend::start(2, Duration::ZERO).await,
+    );
+    let m = Membership::start(vec![Listed::up(a.addr), Listed::up(b.addr)]).await;
+    let p = start(config(&m.url())).await;
+    p.wait_routed(&[a.addr, b.addr]).await;
+    for _ in 0..10 {
+        assert_eq!(p.get("/").await.status, 200);
+    }
+    assert!(a.hits() > 0 && b.hits() > 0, "both hosts served traffic");
+    eventually(
+        Duration::from_secs(5),
+        "both hosts' gauges published",
+        || async {
+            let metrics = p.admin("/metrics").await.1;
+            has_all_gauges(&metrics, a.addr) && has_all_gauges(&metrics, b.addr)
+        },
+    )
+    .await;
+
+    // Deregistered, then no longer listed: the proxy drains `a` and forgets it once idle.
+    m.set(vec![Listed::draining(a.addr), Listed::up(b.addr)]);
+    eventually(Duration::from_secs(5), "a forgotten", || async {
+        p.host(a.addr).await.is_none()
+    })
+    .await;
+    m.set(vec![Listed::up(b.addr)]);
+
+    let within = GAUGE_IDLE_TIMEOUT + Duration::from_secs(10);
+    eventually(within, "a's gauges gone from /metrics", || async {
+        let metrics = p.admin("/metrics").await.1;
+        HOST_GAUGES
+            .iter()
+            .all(|g| series(&metrics, g, a.addr).is_empty())
+    })
+    .await;
+
+    let metrics = p.admin("/metrics").await.1;
+    assert!(
+        has_all_gauges(&metrics, b.addr),
+        "a live host keeps its gauges: {metrics}"
+    );
+    assert!(
+        metrics.contains("tidings_proxy_cluster_routable_hosts{cluster=\"c\"} 1"),
+        "the cluster's gauges stay and count one host: {metrics}"
+    );
+    // Counters are totals: a's stay, so rates over the window it served remain right.
+    assert!(
+        !series(&metrics, "tidings_proxy_upstream_requests_total", a.addr).is_empty(),
+        "{metrics}"
+    );
+    p.stop().await;
+}
