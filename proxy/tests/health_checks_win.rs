@@ -18,13 +18,7 @@ async fn hits_of(p: &Running, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_absent_from_discovery_but_passing_checks_keeps_traffic() {
-    let (a, b) = (
-        Backend::start(1, Duration::ZERO).await,
-        Backend::start(2, Duration::ZERO).await,
-    );
-    let m = Membership::start(vec![Listed::up(a.addr), Listed::up(b.addr)]).await;
-    let p = start(config(&m.url())).await;
-    p.wait_routed(&[a.addr, b.addr]).await;
+    let (a, b, m, p) = two_routed().await;
 
     m.set(vec![Listed::up(a.addr)]);
     eventually(Duration::from_secs(5), "b absent", || async {
@@ -54,13 +48,7 @@ async fn endpoint_absent_from_discovery_but_passing_checks_keeps_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_failing_checks_stops_receiving_traffic_within_interval_times_threshold() {
-    let (a, b) = (
-        Backend::start(1, Duration::ZERO).await,
-        Backend::start(2, Duration::ZERO).await,
-    );
-    let m = Membership::start(vec![Listed::up(a.addr), Listed::up(b.addr)]).await;
-    let p = start(config(&m.url())).await;
-    p.wait_routed(&[a.addr, b.addr]).await;
+    let (_a, b, _m, p) = two_routed().await;
 
     b.healthy.store(false, std::sync::atomic::Ordering::SeqCst);
     let started = tokio::time::Instant::now();
@@ -131,13 +119,7 @@ async fn deregistered_endpoint_is_drained_without_failing_in_flight_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_flows_on_with_the_membership_server_down() {
-    let (a, b) = (
-        Backend::start(1, Duration::ZERO).await,
-        Backend::start(2, Duration::ZERO).await,
-    );
-    let m = Membership::start(vec![Listed::up(a.addr), Listed::up(b.addr)]).await;
-    let p = start(config(&m.url())).await;
-    p.wait_routed(&[a.addr, b.addr]).await;
+    let (a, _b, m, p) = two_routed().await;
 
     m.kill();
     eventually(

@@ -36,13 +36,7 @@ fn has_all_gauges(metrics: &str, addr: SocketAddr) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forgotten_hosts_gauges_leave_and_live_hosts_keep_theirs() {
-    let (a, b) = (
-        Backend::start(1, Duration::ZERO).await,
-        Backend::start(2, Duration::ZERO).await,
-    );
-    let m = Membership::start(vec![Listed::up(a.addr), Listed::up(b.addr)]).await;
-    let p = start(config(&m.url())).await;
-    p.wait_routed(&[a.addr, b.addr]).await;
+    let (a, b, m, p) = two_routed().await;
     for _ in 0..10 {
         assert_eq!(p.get("/").await.status, 200);
     }

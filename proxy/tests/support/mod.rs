@@ -387,6 +387,19 @@ pub async fn start(cfg: ProxyConfig) -> Running {
     }
 }
 
+/// Two backends listed by a membership server and a proxy (the default test config) that
+/// routes to both.
+pub async fn two_routed() -> (Backend, Backend, Membership, Running) {
+    let (a, b) = (
+        Backend::start(1, Duration::ZERO).await,
+        Backend::start(2, Duration::ZERO).await,
+    );
+    let m = Membership::start(vec![Listed::up(a.addr), Listed::up(b.addr)]).await;
+    let p = start(config(&m.url())).await;
+    p.wait_routed(&[a.addr, b.addr]).await;
+    (a, b, m, p)
+}
+
 pub struct Reply {
     pub status: StatusCode,
     pub headers: http::HeaderMap,
