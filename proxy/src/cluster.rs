@@ -14,14 +14,14 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::breaker::CircuitBreaker;
 use crate::config::{ClusterConfig, HealthCheckKind, Scheme};
-use crate::health::{CheckOutcome, HealthPolicy, HealthState, HealthStatus, Transition};
-use crate::lb::{Balancer, LbHost, LbPolicy};
-use crate::merge::{self, Candidate, Decision, DiscoveryStatus};
-use crate::outlier::{OutlierPolicy, OutlierState, RequestResult};
-use crate::retry::RetryPolicy;
-use crate::upstream::Upstream;
+use crate::core::breaker::CircuitBreaker;
+use crate::core::health::{CheckOutcome, HealthPolicy, HealthState, HealthStatus, Transition};
+use crate::core::lb::{Balancer, LbHost, LbPolicy};
+use crate::core::merge::{self, Candidate, Decision, DiscoveryStatus};
+use crate::core::outlier::{OutlierPolicy, OutlierState, RequestResult};
+use crate::core::retry::RetryPolicy;
+use crate::io::upstream::Upstream;
 
 mod gauges;
 mod handle;
@@ -286,7 +286,7 @@ impl Cluster {
         self.reconcile(&mut st);
         drop(st);
         for (addr, token) in new_hosts {
-            crate::checker::spawn(self.clone(), addr, token, &self.tracker);
+            crate::io::checker::spawn(self.clone(), addr, token, &self.tracker);
         }
     }
 
@@ -604,7 +604,7 @@ impl Cluster {
 pub struct ClusterSnapshot {
     pub name: String,
     pub service: String,
-    pub lb_policy: crate::lb::LbPolicy,
+    pub lb_policy: crate::core::lb::LbPolicy,
     pub panic: bool,
     pub routable_hosts: usize,
     pub active_requests: u32,

@@ -10,11 +10,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ProxyError;
-use crate::breaker::BreakerLimits;
-use crate::health::HealthPolicy;
-use crate::lb::LbPolicy;
-use crate::outlier::OutlierPolicy;
-use crate::retry::RetryPolicy;
+use crate::core::breaker::BreakerLimits;
+use crate::core::health::HealthPolicy;
+use crate::core::lb::LbPolicy;
+use crate::core::outlier::OutlierPolicy;
+use crate::core::retry::RetryPolicy;
 
 mod scheme;
 

@@ -2,14 +2,21 @@
 //! each upstream service, health-checks the hosts itself, and load-balances over the ones the
 //! *health checks win* table lets through.
 //!
-//! Layout:
-//! - Sans-IO cores, pure and tested without sockets: [`health`] (active check state machine),
-//!   [`merge`] (discovery × health → route/hold/drain/remove, panic threshold), [`outlier`]
-//!   (passive ejection), [`lb`] (round robin, least request, random, ring hash, Maglev,
-//!   zone-aware routing), [`retry`] (policy, back-off, budget), [`breaker`] (circuit breakers).
-//! - The IO shell: [`config`], [`membership`] (blocking-query watch), `checker` (health-check
-//!   tasks), `cluster` (runtime state), `forward` (request path), `server`, `admin` (with its
-//!   web dashboard, `admin_ui`), [`tls`].
+//! Layout (the folders say which is which):
+//! - `core/`: sans-IO cores, pure and tested without sockets: [`health`] (active check state
+//!   machine), [`merge`] (discovery × health → route/hold/drain/remove, panic threshold),
+//!   [`outlier`] (passive ejection), [`lb`] (round robin, least request, random, ring hash,
+//!   Maglev, zone-aware routing), [`retry`] (policy, back-off, budget), [`breaker`] (circuit
+//!   breakers) and `policy` (the request policy's pure parts: local answers, attempt
+//!   classification, the retry decision).
+//! - `io/`: the IO shells: `server` (listeners), two request paths — [`forward`] (hyper) and
+//!   `h1` (the HTTP/1.1 fast path) — that run one attempt loop (`attempts`), `upstream`
+//!   (dialling, pool), `checker` (health-check tasks), [`membership`] (blocking-query watch),
+//!   `admin` (with its web dashboard, `admin_ui`), [`tls`].
+//! - At the top: [`config`], [`cluster`] (the runtime state the shells share, where the cores'
+//!   answers are applied) and [`telemetry`].
+//!
+//! The modules keep their `proxy::<name>` paths (re-exported here) whichever folder they are in.
 //!
 //! Entry points: [`run`] for the binary, or [`Proxy::bind`] then [`Proxy::run`] for callers
 //! that need the bound addresses (tests bind port 0); [`Proxy::handle`] gives an in-process
@@ -28,27 +35,15 @@
 //! error a cluster keeps its last set of hosts (fail static); a host that keeps passing its
 //! health checks keeps receiving traffic even when discovery forgets it.
 
-pub mod breaker;
-mod checker;
 pub mod cluster;
 pub mod config;
 mod core;
-pub mod forward;
-mod h1;
-pub mod health;
 mod io;
-pub mod lb;
-pub mod membership;
-pub mod merge;
-pub mod outlier;
-pub mod retry;
 pub mod telemetry;
-pub mod tls;
 
-mod admin;
-mod admin_ui;
-mod server;
-mod upstream;
+// The public paths other crates and `proxy/tests` use, whichever folder the module is in.
+pub use self::core::{breaker, health, lb, merge, outlier, retry};
+pub use self::io::{forward, membership, tls};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,11 +58,12 @@ use tokio_util::task::TaskTracker;
 
 pub use config::ProxyConfig;
 
-use crate::breaker::CircuitBreaker;
 use crate::cluster::Cluster;
 use crate::config::ListenerConfig;
-use crate::forward::Route;
-use crate::upstream::{Connector, Upstream};
+use crate::core::breaker::CircuitBreaker;
+use crate::io::forward::Route;
+use crate::io::upstream::{Connector, Upstream};
+use crate::io::{admin, server};
 
 /// How long an upstream connection may sit idle before the proxy closes it: above common
 /// backend keep-alive timeouts is harmless (a request that finds its pooled connection closed

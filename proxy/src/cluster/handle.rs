@@ -11,9 +11,9 @@ use std::time::Duration;
 use http::uri::Authority;
 use metrics::{Counter, Histogram};
 
-use crate::breaker::Resource;
-use crate::retry::RetryOverflow;
-use crate::upstream::HostConns;
+use crate::core::breaker::Resource;
+use crate::core::retry::RetryOverflow;
+use crate::io::upstream::HostConns;
 
 /// Outcome labels of `tidings_proxy_upstream_requests_total`, in a fixed order.
 pub const OUTCOMES: [&str; 8] = [

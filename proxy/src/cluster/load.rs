@@ -5,8 +5,8 @@
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
 
-use crate::breaker::{Permit, Resource};
-use crate::retry::{self, RetryOverflow};
+use crate::core::breaker::{Permit, Resource};
+use crate::core::retry::{self, RetryOverflow};
 
 use super::Cluster;
 

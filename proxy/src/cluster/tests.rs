@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::{ClusterConfig, HealthCheckKind};
-use crate::upstream::{Connector, Upstream};
+use crate::io::upstream::{Connector, Upstream};
 
 fn cluster(kind: HealthCheckKind) -> Arc<Cluster> {
     let mut cfg = ClusterConfig {

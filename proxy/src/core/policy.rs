@@ -9,9 +9,9 @@ use http::header::HeaderName;
 use http::{Method, StatusCode};
 use rand::Rng;
 
-use crate::breaker::Resource;
-use crate::outlier::RequestResult;
-use crate::retry::{self, AttemptOutcome, RetryPolicy};
+use crate::core::breaker::Resource;
+use crate::core::outlier::RequestResult;
+use crate::core::retry::{self, AttemptOutcome, RetryPolicy};
 
 /// The header naming the breaker resource of an overflow answer.
 pub static OVERFLOW: HeaderName = HeaderName::from_static("x-tidings-overflow");

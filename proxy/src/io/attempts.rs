@@ -11,11 +11,11 @@ use std::time::Duration;
 use http::Method;
 use tokio::time::Instant;
 
-use crate::breaker::{Permit, Resource};
 use crate::cluster::{ActiveGuard, ActiveRequest, Cluster, HostHandle, RetrySlot};
+use crate::core::breaker::{Permit, Resource};
 use crate::core::policy::{self, LocalAnswer, Sent};
-use crate::forward::Outcome;
-use crate::retry::AttemptOutcome;
+use crate::core::retry::AttemptOutcome;
+use crate::io::forward::Outcome;
 
 /// How a request path sends one attempt.
 pub(crate) trait Transport {

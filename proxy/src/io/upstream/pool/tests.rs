@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 
 use super::*;
-use crate::breaker::{BreakerLimits, CircuitBreaker, Resource};
+use crate::core::breaker::{BreakerLimits, CircuitBreaker, Resource};
 
 const HOST: &str = "backend.test";
 

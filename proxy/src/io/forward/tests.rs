@@ -154,12 +154,12 @@ mod retry_budget {
     use tokio_util::sync::CancellationToken;
     use tokio_util::task::TaskTracker;
 
-    use crate::breaker::{BreakerLimits, CircuitBreaker};
     use crate::cluster::{Cluster, ListedHost, RetrySlot};
     use crate::config::{ClusterConfig, HealthCheckKind};
+    use crate::core::breaker::{BreakerLimits, CircuitBreaker};
+    use crate::core::retry::AttemptOutcome;
     use crate::io::attempts::after_attempt;
-    use crate::retry::AttemptOutcome;
-    use crate::upstream::{Connector, Upstream};
+    use crate::io::upstream::{Connector, Upstream};
     use http::Method;
 
     /// One always-routable host, five retries allowed per request, the given budget and

@@ -1,5 +1,5 @@
 //! The admin listener: `/clusters`, `/ready`, `/live`, `/metrics`, `/config`, and the web
-//! dashboard over them at `/ui` ([`crate::admin_ui`]). Loopback only by default; it exposes
+//! dashboard over them at `/ui` ([`crate::io::admin_ui`]). Loopback only by default; it exposes
 //! topology, never secrets (TLS paths are shown, not keys). Its connections are bounded in
 //! number and in the time they may wait (`conns`), so slow or idle clients cannot lock
 //! operators and probes out.
@@ -18,8 +18,8 @@ use http::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::Shared;
-use crate::forward::{full, local_reply};
-use crate::upstream::ProxyBody;
+use crate::io::forward::{full, local_reply};
+use crate::io::upstream::ProxyBody;
 
 fn json_reply(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
     let body = serde_json::to_vec_pretty(value).unwrap_or_default();
@@ -74,7 +74,7 @@ pub async fn handle<B>(
                 "another metrics recorder is installed in this process",
             ),
         },
-        p if p == "/ui" || p.starts_with("/ui/") => crate::admin_ui::respond(p),
+        p if p == "/ui" || p.starts_with("/ui/") => crate::io::admin_ui::respond(p),
         _ => local_reply(
             StatusCode::NOT_FOUND,
             "not_found",

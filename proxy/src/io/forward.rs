@@ -15,13 +15,13 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use tokio::time::{Instant, Sleep};
 
-use crate::breaker::Permit;
 use crate::cluster::{ActiveGuard, Cluster, HostHandle};
+use crate::core::breaker::Permit;
 pub use crate::core::policy::OVERFLOW;
 use crate::core::policy::{LocalAnswer, Sent};
+use crate::core::retry;
 use crate::io::attempts::{self, Admission, Attempts, Transport};
-use crate::retry;
-use crate::upstream::{Conn, ProxyBody, UpstreamError};
+use crate::io::upstream::{Conn, ProxyBody, UpstreamError};
 
 mod body;
 mod headers;

@@ -21,12 +21,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::Shared;
 use crate::cluster::ClusterMetrics;
 use crate::config::ListenerConfig;
 use crate::core::policy::LocalAnswer;
-use crate::forward::{self, Outcome, REQUEST_ID, Route};
-use crate::upstream::ProxyBody;
-use crate::{Shared, h1};
+use crate::io::forward::{self, Outcome, REQUEST_ID, Route};
+use crate::io::h1;
+use crate::io::upstream::ProxyBody;
 
 /// Serves one listener until `shutdown`, then stops accepting and gives open connections
 /// `drain` to finish their requests.

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::health::HealthStatus;
+use crate::core::health::HealthStatus;
 
 /// What discovery says about a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -113,7 +113,7 @@ pub fn routable_into(
 mod tests {
     use super::DiscoveryStatus::*;
     use super::*;
-    use crate::health::HealthStatus::*;
+    use crate::core::health::HealthStatus::*;
 
     #[test]
     fn present_healthy_routes() {

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::{ConnectError, Connector, ProxyBody, UpstreamIo};
-use crate::breaker::Permit;
+use crate::core::breaker::Permit;
 
 /// Why an upstream request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,7 @@ struct Idle {
     since: Instant,
 }
 
-/// A plain TCP connection of the HTTP/1.1 fast path (`crate::h1`), which speaks HTTP on it
+/// A plain TCP connection of the HTTP/1.1 fast path (`crate::io::h1`), which speaks HTTP on it
 /// itself; it holds its breaker slot for as long as it is open.
 pub struct RawConn {
     pub stream: TcpStream,

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 use schema::ui::Page;
 
-use crate::forward::{full, local_reply};
-use crate::upstream::ProxyBody;
+use crate::io::forward::{full, local_reply};
+use crate::io::upstream::ProxyBody;
 
 pub const PAGE: Page = Page {
     title: "Tidings proxy",

@@ -7,13 +7,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Uri};
 
-use crate::upstream::ProxyBody;
+use crate::io::upstream::ProxyBody;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Connection-specific headers (RFC 9110 §7.6.1) besides those `Connection` names, for both
-/// request paths (hyper's and `crate::h1`).
+/// request paths (hyper's and `crate::io::h1`).
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",

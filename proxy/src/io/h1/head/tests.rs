@@ -254,7 +254,7 @@ proptest::proptest! {
                 write_response(&mut Vec::new(), &buf, &head, &fields, b"id", false);
             }
         }
-        let (used, _) = crate::h1::chunked::Chunked::default().scan(&buf).unwrap_or((0, false));
+        let (used, _) = crate::io::h1::chunked::Chunked::default().scan(&buf).unwrap_or((0, false));
         proptest::prop_assert!(used <= buf.len());
     }
 }

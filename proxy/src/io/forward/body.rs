@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use crate::breaker::Permit;
 use crate::cluster::{ActiveGuard, ActiveRequest, Cluster};
-use crate::upstream::{BoxError, Conn, ProxyBody};
+use crate::core::breaker::Permit;
+use crate::io::upstream::{BoxError, Conn, ProxyBody};
 
 use super::full;
 

@@ -15,11 +15,11 @@ use super::chunked::Chunked;
 use super::head::{self, Field, Framing, RequestHead, ResponseHead};
 use crate::cluster::{Cluster, HostHandle};
 use crate::core::policy::{LocalAnswer, Sent};
-use crate::forward::{self, Outcome, Route};
+use crate::core::retry;
 use crate::io::attempts::{self, Attempts, Transport};
-use crate::retry;
-use crate::server::{self, AccessEntry};
-use crate::upstream::{ConnectError, RawConn};
+use crate::io::forward::{self, Outcome, Route};
+use crate::io::server::{self, AccessEntry};
+use crate::io::upstream::{ConnectError, RawConn};
 
 /// Response heads larger than this are refused (502), as hyper's client does at its limit.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;

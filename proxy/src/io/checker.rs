@@ -1,4 +1,4 @@
-//! The active health checker of one host: a thin task around [`crate::health::HealthState`].
+//! The active health checker of one host: a thin task around [`crate::core::health::HealthState`].
 //! It sleeps until the state machine says the next check is due, runs one HTTP or TCP check
 //! with the policy's timeout, and feeds the outcome back. It ends when the host is removed.
 
@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::Cluster;
 use crate::config::{HealthCheckKind, Scheme};
-use crate::health::CheckOutcome;
-use crate::upstream::HostConns;
+use crate::core::health::CheckOutcome;
+use crate::io::upstream::HostConns;
 
 pub fn spawn(
     cluster: Arc<Cluster>,
@@ -75,7 +75,8 @@ async fn http_check(cluster: &Cluster, conns: &HostConns, addr: SocketAddr) -> C
             "GET {} HTTP/1.1\r\nhost: {}\r\nuser-agent: tidings-proxy/health-check\r\n\r\n",
             hc.path, cluster.config.service
         );
-        return match crate::h1::health_check(&cluster.checks, conns, addr, request.as_bytes()).await
+        return match crate::io::h1::health_check(&cluster.checks, conns, addr, request.as_bytes())
+            .await
         {
             Some(status) if hc.expected_statuses.contains(&status) => CheckOutcome::Success,
             Some(_) => CheckOutcome::BadResponse,

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::config::Scheme;
-use crate::forward::{self, Route};
-use crate::server::{self, RequestIds};
+use crate::io::forward::{self, Route};
+use crate::io::server::{self, RequestIds};
 
 mod chunked;
 mod exchange;

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use http::Method;
 
-use crate::forward::is_hop_by_hop;
+use crate::io::forward::is_hop_by_hop;
 
 /// Headers per message beyond which the fast path gives up (hyper then decides).
 pub const MAX_HEADERS: usize = 100;

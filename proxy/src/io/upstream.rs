@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::breaker::{CircuitBreaker, Permit, Resource};
+use crate::core::breaker::{CircuitBreaker, Permit, Resource};
 
 mod pool;
 

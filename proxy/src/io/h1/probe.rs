@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt;
 use super::chunked::Chunked;
 use super::exchange::{HeadError, response_head};
 use super::head::Framing;
-use crate::upstream::{HostConns, RawConn, Upstream};
+use crate::io::upstream::{HostConns, RawConn, Upstream};
 
 /// Bodies of check responses longer than this are not read to the end; the connection is
 /// closed instead.
