@@ -26,11 +26,13 @@ use crate::io::upstream::Upstream;
 mod gauges;
 mod handle;
 mod load;
+mod snapshot;
 
 use self::gauges::{ClusterGauges, HostGauges};
 
 pub use self::handle::{ClusterMetrics, HostHandle, OUTCOMES};
 pub use self::load::{ActiveRequest, RetrySlot};
+pub use self::snapshot::{ClusterSnapshot, HostSnapshot};
 
 /// How many picks a retry makes to avoid the host that just failed.
 const HOST_SELECTION_ATTEMPTS: u64 = 3;
@@ -248,34 +250,12 @@ impl Cluster {
             if st.hosts.contains_key(&addr) || h.draining {
                 continue;
             }
-            let mut health = HealthState::new(now);
-            let checker = match self.health_policy {
-                Some(_) => {
-                    let token = self.shutdown.child_token();
-                    new_hosts.push((addr, token.clone()));
-                    Some(token)
-                }
-                None => {
-                    health.force_healthy();
-                    None
-                }
-            };
+            let entry = self.new_host(addr, &h, now);
+            if let Some(token) = &entry.checker {
+                new_hosts.push((addr, token.clone()));
+            }
             tracing::info!(cluster = %self.name(), host = %addr, "host discovered");
-            st.hosts.insert(
-                addr,
-                HostEntry {
-                    weight: h.weight.max(1),
-                    key: Arc::from(addr.to_string()),
-                    zone: h.zone.as_deref().map(Arc::from),
-                    canary: h.canary,
-                    discovery: DiscoveryStatus::Present,
-                    health,
-                    outlier: OutlierState::default(),
-                    handle: Arc::new(HostHandle::new(addr, self.name.clone())),
-                    gauges: HostGauges::default(),
-                    checker,
-                },
-            );
+            st.hosts.insert(addr, entry);
         }
         st.routing.fresh = false;
         st.membership.initialized = true;
@@ -287,6 +267,31 @@ impl Cluster {
         drop(st);
         for (addr, token) in new_hosts {
             crate::io::checker::spawn(self.clone(), addr, token, &self.tracker);
+        }
+    }
+
+    /// A newly listed host: unhealthy until its first check passes (with a checker to start),
+    /// or healthy at once when the cluster does no active checks.
+    fn new_host(&self, addr: SocketAddr, h: &ListedHost, now: Instant) -> HostEntry {
+        let mut health = HealthState::new(now);
+        let checker = match self.health_policy {
+            Some(_) => Some(self.shutdown.child_token()),
+            None => {
+                health.force_healthy();
+                None
+            }
+        };
+        HostEntry {
+            weight: h.weight.max(1),
+            key: Arc::from(addr.to_string()),
+            zone: h.zone.as_deref().map(Arc::from),
+            canary: h.canary,
+            discovery: DiscoveryStatus::Present,
+            health,
+            outlier: OutlierState::default(),
+            handle: Arc::new(HostHandle::new(addr, self.name.clone())),
+            gauges: HostGauges::default(),
+            checker,
         }
     }
 
@@ -555,78 +560,6 @@ impl Cluster {
             h.gauges.forget();
         }
     }
-
-    pub fn snapshot(&self) -> ClusterSnapshot {
-        let now = now();
-        let st = self.lock();
-        let checked = self.health_policy.is_some();
-        let mut hosts = Vec::with_capacity(st.hosts.len());
-        let mut candidates = Vec::with_capacity(st.hosts.len());
-        for (addr, h) in &st.hosts {
-            let decision = merge::decide(h.discovery, h.health.status(), checked);
-            let ejected = h.outlier.is_ejected(now);
-            candidates.push(Candidate { decision, ejected });
-            hosts.push(HostSnapshot {
-                address: addr.to_string(),
-                discovery: h.discovery,
-                health: h.health.status(),
-                decision,
-                weight: h.weight,
-                zone: h.zone.as_deref().map(str::to_string),
-                canary: h.canary,
-                active_requests: h.handle.active(),
-                ejected,
-                ejections_total: h.outlier.total_ejections(),
-                health_checks: h.health.checks(),
-            });
-        }
-        let routable = merge::routable(&candidates, self.config.panic_threshold_percent);
-        let mut membership = st.membership.clone();
-        membership.last_ok_ms_ago = membership
-            .last_ok
-            .map(|t| now.saturating_duration_since(t).as_millis() as u64);
-        ClusterSnapshot {
-            name: self.config.name.clone(),
-            service: self.config.service.clone(),
-            lb_policy: st.balancer.policy(),
-            panic: routable.panic,
-            routable_hosts: routable.hosts.len(),
-            active_requests: self.active_requests(),
-            active_retries: self.retries_in_flight(),
-            membership,
-            hosts,
-        }
-    }
-}
-
-/// `/clusters` output for one cluster.
-#[derive(Debug, Clone, Serialize)]
-pub struct ClusterSnapshot {
-    pub name: String,
-    pub service: String,
-    pub lb_policy: crate::core::lb::LbPolicy,
-    pub panic: bool,
-    pub routable_hosts: usize,
-    pub active_requests: u32,
-    /// Retries in flight, which the retry budget and `max_retries` bound.
-    pub active_retries: u32,
-    pub membership: MembershipStatus,
-    pub hosts: Vec<HostSnapshot>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HostSnapshot {
-    pub address: String,
-    pub discovery: DiscoveryStatus,
-    pub health: HealthStatus,
-    pub decision: Decision,
-    pub weight: u32,
-    pub zone: Option<String>,
-    pub canary: bool,
-    pub active_requests: u32,
-    pub ejected: bool,
-    pub ejections_total: u64,
-    pub health_checks: u64,
 }
 
 #[cfg(test)]

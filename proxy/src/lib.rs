@@ -114,6 +114,48 @@ fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, ProxyErro
         .map_err(|source| ProxyError::Bind { addr, source })
 }
 
+/// One cluster with its breaker and its two pools: traffic (counted against the breaker) and
+/// health checks (outside it).
+fn build_cluster(
+    c: &config::ClusterConfig,
+    config: &ProxyConfig,
+    tracker: &TaskTracker,
+    background: &CancellationToken,
+) -> Result<Arc<Cluster>, ProxyError> {
+    let tls = match &c.tls {
+        Some(t) => {
+            let name = ServerName::try_from(t.server_name.clone())
+                .map_err(|e| ProxyError::Config(e.to_string()))?;
+            Some((tls::client_config(t, c.http2)?, name))
+        }
+        None => None,
+    };
+    let breaker = CircuitBreaker::new(c.circuit_breakers);
+    let traffic = Upstream::new(
+        Connector::new(c.connect_timeout, tls.clone(), Some(breaker.clone())),
+        c.http2,
+        UPSTREAM_IDLE_TIMEOUT,
+        // Idle connections hold breaker slots too, so the limit bounds them anyway.
+        c.circuit_breakers.max_connections as usize,
+    );
+    // A checker sends one request at a time: it never needs a second connection.
+    let checks = Upstream::new(
+        Connector::new(c.connect_timeout, tls, None),
+        c.http2,
+        UPSTREAM_IDLE_TIMEOUT,
+        1,
+    );
+    Ok(Cluster::new(
+        c.clone(),
+        config.zone.clone(),
+        breaker,
+        traffic,
+        checks,
+        tracker.clone(),
+        background.child_token(),
+    ))
+}
+
 impl Proxy {
     /// Validates the config, loads TLS material and binds every socket. Nothing is spawned yet.
     pub async fn bind(config: ProxyConfig) -> Result<Proxy, ProxyError> {
@@ -122,41 +164,11 @@ impl Proxy {
         let _ = telemetry::prometheus_handle();
         let tracker = TaskTracker::new();
         let background = CancellationToken::new();
-        let mut clusters = Vec::new();
-        for c in &config.clusters {
-            let tls = match &c.tls {
-                Some(t) => {
-                    let name = ServerName::try_from(t.server_name.clone())
-                        .map_err(|e| ProxyError::Config(e.to_string()))?;
-                    Some((tls::client_config(t, c.http2)?, name))
-                }
-                None => None,
-            };
-            let breaker = CircuitBreaker::new(c.circuit_breakers);
-            let traffic = Upstream::new(
-                Connector::new(c.connect_timeout, tls.clone(), Some(breaker.clone())),
-                c.http2,
-                UPSTREAM_IDLE_TIMEOUT,
-                // Idle connections hold breaker slots too, so the limit bounds them anyway.
-                c.circuit_breakers.max_connections as usize,
-            );
-            // A checker sends one request at a time: it never needs a second connection.
-            let checks = Upstream::new(
-                Connector::new(c.connect_timeout, tls, None),
-                c.http2,
-                UPSTREAM_IDLE_TIMEOUT,
-                1,
-            );
-            clusters.push(Cluster::new(
-                c.clone(),
-                config.zone.clone(),
-                breaker,
-                traffic,
-                checks,
-                tracker.clone(),
-                background.child_token(),
-            ));
-        }
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| build_cluster(c, &config, &tracker, &background))
+            .collect::<Result<Vec<_>, _>>()?;
         let routes = config
             .routes
             .iter()
@@ -220,29 +232,7 @@ impl Proxy {
             background,
         } = self;
         let drain = shared.config.drain_timeout;
-        // One watch client per (scheme, CA file): clusters watching the same source share
-        // its pooled connections, and the system's CAs are loaded once at most. All are built
-        // before any task starts, so a bad CA file fails the start cleanly.
-        let mut by_source: std::collections::HashMap<_, membership::WatchClient> =
-            std::collections::HashMap::new();
-        let mut watch_clients = Vec::with_capacity(shared.clusters.len());
-        for cluster in &shared.clusters {
-            let scheme = cluster.config.membership_scheme().map_err(|e| {
-                ProxyError::Config(format!("cluster {}: membership_url: {e}", cluster.name()))
-            })?;
-            let ca = cluster.config.membership_ca_file.clone();
-            let client = match by_source.get(&(scheme, ca.clone())) {
-                Some(c) => c.clone(),
-                None => {
-                    let c = membership::watch_client(scheme, ca.as_deref()).map_err(|err| {
-                        ProxyError::Tls(format!("cluster {}: membership: {err}", cluster.name()))
-                    })?;
-                    by_source.insert((scheme, ca), c.clone());
-                    c
-                }
-            };
-            watch_clients.push(client);
-        }
+        let watch_clients = watch_clients(&shared.clusters)?;
         for (cluster, watch_client) in shared.clusters.iter().zip(watch_clients) {
             tracker.spawn(membership::watch(
                 cluster.clone(),
@@ -289,6 +279,32 @@ impl Proxy {
         tracing::info!("proxy stopped");
         Ok(())
     }
+}
+
+/// One watch client per (scheme, CA file), in cluster order: clusters watching the same source
+/// share its pooled connections, and the system's CAs are loaded once at most. All are built
+/// before any task starts, so a bad CA file fails the start cleanly.
+fn watch_clients(clusters: &[Arc<Cluster>]) -> Result<Vec<membership::WatchClient>, ProxyError> {
+    let mut by_source = std::collections::HashMap::new();
+    let mut watch_clients = Vec::with_capacity(clusters.len());
+    for cluster in clusters {
+        let scheme = cluster.config.membership_scheme().map_err(|e| {
+            ProxyError::Config(format!("cluster {}: membership_url: {e}", cluster.name()))
+        })?;
+        let ca = cluster.config.membership_ca_file.clone();
+        let client = match by_source.get(&(scheme, ca.clone())) {
+            Some(c) => membership::WatchClient::clone(c),
+            None => {
+                let c = membership::watch_client(scheme, ca.as_deref()).map_err(|err| {
+                    ProxyError::Tls(format!("cluster {}: membership: {err}", cluster.name()))
+                })?;
+                by_source.insert((scheme, ca), c.clone());
+                c
+            }
+        };
+        watch_clients.push(client);
+    }
+    Ok(watch_clients)
 }
 
 /// A cheap, cloneable view of a running proxy, for in-process callers (the demo's live view,

@@ -16,7 +16,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -81,6 +81,29 @@ pub async fn serve(
     .await;
 }
 
+/// A hyper service answering with the proxy's bodies, that a connection task can own.
+trait ProxyService:
+    hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> ProxyService for S where
+    S: hyper::service::Service<
+            Request<Incoming>,
+            Response = Response<ProxyBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
 /// The traffic listener's accept loop (the admin listener runs on the `serve` crate).
 /// Connections (plain, or TLS without HTTP/2 negotiated) start on the HTTP/1.1 fast path
 /// (`fast`) and move to hyper when they need it.
@@ -96,13 +119,7 @@ async fn accept_loop<F, S>(
     drain: Duration,
 ) where
     F: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<ProxyBody>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ProxyService,
 {
     let graceful = GracefulShutdown::new();
     let builder = Arc::new(builder);
@@ -120,50 +137,15 @@ async fn accept_loop<F, S>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        let shutdown = shutdown.clone();
-        let fast = fast.clone();
-        tokio::spawn(async move {
-            // A client that connects and sends nothing would otherwise hold the connection
-            // forever: the HTTP/2 preface sniffing has no timer of its own.
-            let mut probe = [0u8; 1];
-            match tokio::time::timeout(first_byte_timeout, stream.peek(&mut probe)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-            match tls {
-                None => {
-                    let mut stream = stream;
-                    if let h1::Ended::HandOver(read) =
-                        h1::serve(&mut stream, peer, &fast, &shutdown).await
-                    {
-                        let io = TokioIo::new(h1::Prefixed::new(read, stream));
-                        serve_conn(&builder, io, service, watcher, shutdown).await
-                    }
-                }
-                Some(acceptor) => {
-                    match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)).await {
-                        // HTTP/1.1 over TLS takes the fast path too; HTTP/2 (ALPN) goes to hyper.
-                        Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                            serve_conn(&builder, TokioIo::new(s), service, watcher, shutdown).await
-                        }
-                        Ok(Ok(mut s)) => {
-                            if let h1::Ended::HandOver(read) =
-                                h1::serve(&mut s, peer, &fast, &shutdown).await
-                            {
-                                let io = TokioIo::new(h1::Prefixed::new(read, s));
-                                serve_conn(&builder, io, service, watcher, shutdown).await
-                            }
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                    }
-                }
-            }
-        });
+        let conn = Accepted {
+            peer,
+            builder: builder.clone(),
+            fast: fast.clone(),
+            service: make_service(peer),
+            watcher: graceful.watcher(),
+            shutdown: shutdown.clone(),
+        };
+        tokio::spawn(conn.serve(stream, tls.clone(), first_byte_timeout));
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())
@@ -171,6 +153,68 @@ async fn accept_loop<F, S>(
         .is_err()
     {
         tracing::warn!(?drain, "drain timed out; closing remaining connections");
+    }
+}
+
+/// One accepted connection, with what serving it needs.
+struct Accepted<S> {
+    peer: SocketAddr,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    fast: Arc<h1::FastPath>,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    shutdown: CancellationToken,
+}
+
+impl<S> Accepted<S>
+where
+    S: ProxyService,
+{
+    /// Waits for the first byte and the TLS handshake, then serves the connection: HTTP/2
+    /// (ALPN) on hyper, anything else on the fast path first.
+    async fn serve(
+        self,
+        stream: TcpStream,
+        tls: Option<TlsAcceptor>,
+        first_byte_timeout: Duration,
+    ) {
+        // A client that connects and sends nothing would otherwise hold the connection
+        // forever: the HTTP/2 preface sniffing has no timer of its own.
+        let mut probe = [0u8; 1];
+        match tokio::time::timeout(first_byte_timeout, stream.peek(&mut probe)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+        let Some(acceptor) = tls else {
+            return self.fast_then_hyper(stream).await;
+        };
+        let peer = self.peer;
+        match tokio::time::timeout(first_byte_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => self.hyper(s).await,
+            Ok(Ok(s)) => self.fast_then_hyper(s).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "tls handshake failed"),
+            Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+        }
+    }
+
+    /// The fast path, then hyper from the request the fast path hands over, if any.
+    async fn fast_then_hyper<I>(self, mut io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        if let h1::Ended::HandOver(read) =
+            h1::serve(&mut io, self.peer, &self.fast, &self.shutdown).await
+        {
+            self.hyper(h1::Prefixed::new(read, io)).await
+        }
+    }
+
+    async fn hyper<I>(self, io: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let io = TokioIo::new(io);
+        serve_conn(&self.builder, io, self.service, self.watcher, self.shutdown).await
     }
 }
 
@@ -182,13 +226,7 @@ async fn serve_conn<I, S>(
     _shutdown: CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = Response<ProxyBody>,
-            Error = Infallible,
-        > + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ProxyService,
 {
     let conn = builder.serve_connection(io, service).into_owned();
     if let Err(e) = watcher.watch(conn).await {

@@ -239,68 +239,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             route_timer,
             ..
         } = self;
-        let body = async {
-            let first = &up[resp.len..];
-            let mut clean = !resp.close;
-            match resp.framing {
-                Framing::Empty => {
-                    clean &= first.is_empty();
-                    io.write_all(msg).await.ok()?;
-                }
-                Framing::Length(n) => {
-                    let take = first.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                    clean &= take == first.len();
-                    msg.extend_from_slice(&first[..take]);
-                    io.write_all(msg).await.ok()?;
-                    let mut left = n - take as u64;
-                    while left > 0 {
-                        up.clear();
-                        up.reserve(super::BUF);
-                        if conn.stream.read_buf(up).await.ok()? == 0 {
-                            return None;
-                        }
-                        let take = up.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                        clean &= take == up.len();
-                        io.write_all(&up[..take]).await.ok()?;
-                        left -= take as u64;
-                    }
-                }
-                Framing::Chunked => {
-                    let mut chunks = Chunked::default();
-                    let (used, mut done) = chunks.scan(first).ok()?;
-                    clean &= used == first.len();
-                    msg.extend_from_slice(&first[..used]);
-                    io.write_all(msg).await.ok()?;
-                    while !done {
-                        up.clear();
-                        up.reserve(super::BUF);
-                        if conn.stream.read_buf(up).await.ok()? == 0 {
-                            return None;
-                        }
-                        let used;
-                        (used, done) = chunks.scan(up).ok()?;
-                        clean &= used == up.len();
-                        io.write_all(&up[..used]).await.ok()?;
-                    }
-                }
-                Framing::UntilClose => {
-                    clean = false;
-                    msg.extend_from_slice(first);
-                    io.write_all(msg).await.ok()?;
-                    loop {
-                        up.clear();
-                        up.reserve(super::BUF);
-                        if conn.stream.read_buf(up).await.ok()? == 0 {
-                            break;
-                        }
-                        io.write_all(up).await.ok()?;
-                    }
-                }
-            }
-            // TLS may hold the last record back until flushed; for TCP this is free.
-            io.flush().await.ok()?;
-            Some(clean)
-        };
+        let body = copy_body(&mut **io, &mut conn, &resp, msg, up);
         let done = within(route_timer.as_mut(), body).await.flatten();
         if up.capacity() > 8 * super::BUF {
             *up = Vec::with_capacity(super::BUF);
@@ -393,6 +332,77 @@ fn sent(
         Err(HeadError::Nothing) => Sent::Reset(FastError::Reset("connection closed")),
         Err(HeadError::Bad(why)) => Sent::Reset(FastError::Reset(why)),
     }
+}
+
+/// Writes the response head in `msg` and the body after it, as `resp.framing` delimits it:
+/// what came with the head in `up`, then what `conn` sends. `Some(clean)` once the body is
+/// through, `clean` when the connection carried exactly this response and may be reused;
+/// `None` when either side failed.
+async fn copy_body<IO: AsyncWrite + Unpin>(
+    io: &mut IO,
+    conn: &mut RawConn,
+    resp: &ResponseHead,
+    msg: &mut Vec<u8>,
+    up: &mut Vec<u8>,
+) -> Option<bool> {
+    let first = &up[resp.len..];
+    let mut clean = !resp.close;
+    match resp.framing {
+        Framing::Empty => {
+            clean &= first.is_empty();
+            io.write_all(msg).await.ok()?;
+        }
+        Framing::Length(n) => {
+            let take = first.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            clean &= take == first.len();
+            msg.extend_from_slice(&first[..take]);
+            io.write_all(msg).await.ok()?;
+            let mut left = n - take as u64;
+            while left > 0 {
+                if read_more(conn, up).await? == 0 {
+                    return None;
+                }
+                let take = up.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                clean &= take == up.len();
+                io.write_all(&up[..take]).await.ok()?;
+                left -= take as u64;
+            }
+        }
+        Framing::Chunked => {
+            let mut chunks = Chunked::default();
+            let (used, mut done) = chunks.scan(first).ok()?;
+            clean &= used == first.len();
+            msg.extend_from_slice(&first[..used]);
+            io.write_all(msg).await.ok()?;
+            while !done {
+                if read_more(conn, up).await? == 0 {
+                    return None;
+                }
+                let used;
+                (used, done) = chunks.scan(up).ok()?;
+                clean &= used == up.len();
+                io.write_all(&up[..used]).await.ok()?;
+            }
+        }
+        Framing::UntilClose => {
+            clean = false;
+            msg.extend_from_slice(first);
+            io.write_all(msg).await.ok()?;
+            while read_more(conn, up).await? > 0 {
+                io.write_all(up).await.ok()?;
+            }
+        }
+    }
+    // TLS may hold the last record back until flushed; for TCP this is free.
+    io.flush().await.ok()?;
+    Some(clean)
+}
+
+/// Reads the next piece of a response body into `up`, in place of the last; `None` on error.
+async fn read_more(conn: &mut RawConn, up: &mut Vec<u8>) -> Option<usize> {
+    up.clear();
+    up.reserve(super::BUF);
+    conn.stream.read_buf(up).await.ok()
 }
 
 /// Writes the request on `conn` and reads the response head into `up`, skipping interim

@@ -247,28 +247,44 @@ pub fn parse_response(
             _ => {}
         }
     }
-    head.framing = if head_request || matches!(status, 100..=199 | 204 | 304) {
-        Framing::Empty
-    } else if encoded {
-        // Transfer-Encoding overrides Content-Length, and a message carrying both must not
-        // leave the connection open (RFC 9112 §6.3).
-        head.close |= length.is_some();
-        if chunked {
-            Framing::Chunked
-        } else {
-            Framing::UntilClose
-        }
-    } else {
-        match length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::UntilClose,
-        }
-    };
+    let (framing, both) = response_framing(status, head_request, length, encoded, chunked);
+    head.framing = framing;
+    // Transfer-Encoding overrides Content-Length, and a message carrying both must not leave
+    // the connection open (RFC 9112 §6.3).
+    head.close |= both;
     if head.framing == Framing::UntilClose {
         head.close = true;
     }
     Ok(Some(head))
+}
+
+/// How a response's body ends, from its status and framing headers (`length`: its
+/// Content-Length; `encoded`: it has a Transfer-Encoding, `chunked` the last coding), and
+/// whether it carries both framings.
+fn response_framing(
+    status: u16,
+    head_request: bool,
+    length: Option<u64>,
+    encoded: bool,
+    chunked: bool,
+) -> (Framing, bool) {
+    if head_request || matches!(status, 100..=199 | 204 | 304) {
+        return (Framing::Empty, false);
+    }
+    if encoded {
+        let framing = if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        };
+        return (framing, length.is_some());
+    }
+    let framing = match length {
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+        None => Framing::UntilClose,
+    };
+    (framing, false)
 }
 
 /// Whether `name` is listed by one of the message's `Connection` headers.
