@@ -133,16 +133,18 @@ impl<R, E> Sent<R, E> {
         }
     }
 
-    /// The local answer for an attempt that gave no response.
-    pub fn answer(&self) -> Option<LocalAnswer> {
+    /// The response, or the local answer for an attempt that gave none (with the error, to
+    /// log, when there was one).
+    pub fn into_response(self) -> Result<R, (LocalAnswer, Option<E>)> {
         match self {
-            Sent::Response(..) => None,
-            Sent::Connect { overflow: true, .. } => {
-                Some(LocalAnswer::Overflow(Resource::Connections))
-            }
-            Sent::Connect { .. } => Some(LocalAnswer::UpstreamConnect),
-            Sent::Reset(_) => Some(LocalAnswer::UpstreamReset),
-            Sent::Timeout => Some(LocalAnswer::UpstreamTimeout),
+            Sent::Response(r, _) => Ok(r),
+            Sent::Connect {
+                error,
+                overflow: true,
+            } => Err((LocalAnswer::Overflow(Resource::Connections), Some(error))),
+            Sent::Connect { error, .. } => Err((LocalAnswer::UpstreamConnect, Some(error))),
+            Sent::Reset(error) => Err((LocalAnswer::UpstreamReset, Some(error))),
+            Sent::Timeout => Err((LocalAnswer::UpstreamTimeout, None)),
         }
     }
 }

@@ -115,15 +115,14 @@ impl Attempts<'_> {
                 previous = Some(addr);
                 continue;
             }
-            let answer = match sent {
-                Sent::Response(resp, _) => return Ok((resp, guard)),
-                Sent::Connect { ref error, .. } | Sent::Reset(ref error) => {
+            let answer = match sent.into_response() {
+                Ok(resp) => return Ok((resp, guard)),
+                Err((answer, Some(error))) => {
                     tracing::debug!(%error, upstream = %addr, "upstream failed");
-                    sent.answer()
+                    answer
                 }
-                Sent::Timeout => sent.answer(),
+                Err((answer, None)) => answer,
             };
-            let answer = answer.unwrap_or(LocalAnswer::UpstreamReset);
             return Err(refuse(cluster, answer, out));
         }
     }
@@ -193,3 +192,6 @@ pub(crate) fn after_attempt(
     cluster.metrics().retry();
     Some(wait)
 }
+
+#[cfg(test)]
+mod tests;

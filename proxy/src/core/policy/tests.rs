@@ -47,12 +47,14 @@ fn a_connect_overflow_is_not_the_hosts_fault() {
     };
     assert_eq!(s.classify(), (AttemptOutcome::ConnectFailure, true));
     assert_eq!(
-        s.answer(),
-        Some(LocalAnswer::Overflow(Resource::Connections))
+        s.into_response(),
+        Err((LocalAnswer::Overflow(Resource::Connections), Some(())))
     );
+    let s: Sent<(), ()> = Sent::Timeout;
+    assert_eq!(s.into_response(), Err((LocalAnswer::UpstreamTimeout, None)));
     let s: Sent<(), ()> = Sent::Response((), 503);
     assert_eq!(s.classify(), (AttemptOutcome::Status(503), false));
-    assert_eq!(s.answer(), None);
+    assert_eq!(s.into_response(), Ok(()));
     assert_eq!(
         request_result(AttemptOutcome::Status(503)),
         RequestResult::Failure
