@@ -47,6 +47,31 @@ impl Default for Chunked {
 }
 
 impl Chunked {
+    /// One byte of a chunk-size line: a hex digit, or what ends the size.
+    fn size_byte(&mut self, b: u8) -> Result<(), ChunkError> {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ if self.digits == 0 => return Err(ChunkError("missing chunk size")),
+            b';' | b' ' | b'\t' => {
+                self.state = State::Extension;
+                return Ok(());
+            }
+            b'\r' => {
+                self.state = State::SizeLf;
+                return Ok(());
+            }
+            _ => return Err(ChunkError("bad chunk size")),
+        };
+        self.size = self.size * 16 + u64::from(digit);
+        self.digits = self.digits.saturating_add(1);
+        if self.size > MAX_CHUNK {
+            return Err(ChunkError("chunk too large"));
+        }
+        Ok(())
+    }
+
     /// Scans `data`, the next bytes of the body. Returns how many of them belong to the body
     /// and whether the body (last chunk and trailers) is complete; bytes after the end are not
     /// consumed.
@@ -55,24 +80,7 @@ impl Chunked {
         while i < data.len() {
             let b = data[i];
             match self.state {
-                State::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        let digit = u64::from(match b {
-                            b'0'..=b'9' => b - b'0',
-                            b'a'..=b'f' => b - b'a' + 10,
-                            _ => b - b'A' + 10,
-                        });
-                        self.size = self.size * 16 + digit;
-                        self.digits = self.digits.saturating_add(1);
-                        if self.size > MAX_CHUNK {
-                            return Err(ChunkError("chunk too large"));
-                        }
-                    }
-                    _ if self.digits == 0 => return Err(ChunkError("missing chunk size")),
-                    b';' | b' ' | b'\t' => self.state = State::Extension,
-                    b'\r' => self.state = State::SizeLf,
-                    _ => return Err(ChunkError("bad chunk size")),
-                },
+                State::Size => self.size_byte(b)?,
                 State::Extension => match b {
                     b'\r' => self.state = State::SizeLf,
                     b'\n' => return Err(ChunkError("bare LF in chunk extension")),
