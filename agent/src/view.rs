@@ -21,10 +21,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
+use discovery::policy::content_index;
 use gossip::{GossipView, Source};
 use schema::{Endpoint, EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Where a host of an answer is known from, strongest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -172,20 +172,6 @@ impl MergedView {
             .max()
             .unwrap_or(self.fallback)
     }
-}
-
-/// Hash of endpoints in key order: the blocking-query index. Equal content, equal index, so
-/// a plain re-check-in or a source change wakes no watcher.
-fn content_index<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> u64 {
-    let mut h = Sha256::new();
-    for ep in endpoints {
-        h.update(schema::codec::encode_file(ep).unwrap_or_default());
-    }
-    let d = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d[..8]);
-    // Keep it within JSON's exact integer range, so any client can pass it back unchanged.
-    u64::from_be_bytes(first) >> 11
 }
 
 /// The merge state: cache entries not yet superseded, and when each member came alive.

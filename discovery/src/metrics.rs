@@ -173,8 +173,13 @@ impl Metrics {
 
     /// A request refused by the limit named `limit` (its config key).
     pub fn rejected(&self, limit: &'static str) {
+        self.rejected_counter(limit).increment(1);
+    }
+
+    /// The counter of requests refused by the limit named `limit`.
+    pub fn rejected_counter(&self, limit: &'static str) -> Counter {
         let key = Key::from_parts(REJECTED, vec![Label::from_static_parts("limit", limit)]);
-        self.recorder.register_counter(&key, &META).increment(1);
+        self.recorder.register_counter(&key, &META)
     }
 
     /// The Prometheus text exposition.

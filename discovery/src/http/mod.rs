@@ -1,0 +1,3 @@
+//! The registry's IO shell: what speaks HTTP.
+
+pub mod blocking;
