@@ -4,7 +4,7 @@
 //!
 //! - [`store`]: the [`Store`] trait every backend implements; [`memory`]: [`MemoryStore`], the
 //!   embedded single-process store; [`DynamoStore`] (in [`dynamo`]) for replicas sharing a
-//!   table; [`conformance`]: the suite both pass.
+//!   table; `conformance`: the suite both pass (feature `conformance`, tests only).
 //! - [`Registry`] (in `registry`): the policy layer over a store — TTL filtering on read,
 //!   self-preservation, warm-up, the content-hash index, the single-flight last-good read
 //!   cache (`cache`), metrics.
@@ -33,6 +33,7 @@ mod caller;
 pub mod client;
 pub mod clock;
 pub mod config;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod dynamo;
 pub mod errors;
