@@ -13,12 +13,12 @@ use schema::api::{
     Catalog, CheckInRequest, CheckInResponse, ServiceSummary, ServicesResponse, V1Host, V1Listing,
 };
 
+use super::routes_v1::hosts;
 use crate::auth::Scope;
 use crate::errors::ApiError;
 use crate::http::blocking::{Blocking, BlockingParams, block};
+use crate::http::router::{ApiPath, Body, with_view_headers};
 use crate::registry::{Registry, View};
-use crate::router::{ApiPath, Body, with_view_headers};
-use crate::routes_v1::hosts;
 
 /// `POST /v2/checkin`: all of one host's endpoints at once.
 pub async fn checkin(

@@ -20,9 +20,9 @@ use schema::wire::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, TRUE};
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
+use super::{routes_eds, routes_ops, routes_v1, routes_v2, ui};
 use crate::errors::ApiError;
 use crate::registry::{Registry, View};
-use crate::{routes_eds, routes_ops, routes_v1, routes_v2, ui};
 
 /// The registry's axum router. Tests drive it with `tower::ServiceExt::oneshot`; [`crate::serve`]
 /// puts it on a socket.
