@@ -1,5 +1,5 @@
 //! The JSON answers of the agent's own routes (`/v1/agent/*`, `/live`, `/ready`;
-//! docs/API.md#agent). The agent builds them and the CLI, the demo and the end-to-end tests
+//! docs/API.md#agent-api). The agent builds them and the CLI, the demo and the end-to-end tests
 //! read them, so both sides share one definition.
 //!
 //! Fields are declared in alphabetical order: the answers were first built as JSON maps,
