@@ -31,18 +31,21 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use discovery::ApiError;
+use discovery::http::blocking::{self, Blocking, BlockingParams};
+use metrics::Gauge;
+use schema::agent_api::{
+    AgentEndpoints, AgentSelf, CacheState, Live, LocalEndpoint, Member, MemberState, Members,
+    Ready, ViewSummary,
+};
 use schema::api::{Catalog, EndpointSpec, ServiceSummary, ServicesResponse, V1Host, V1Listing};
 use schema::eds::{self, DiscoveryRequest};
+use schema::wire::{HEADER_INDEX, HEADER_REGISTRY_AGE, HEADER_SOURCE, TRUE, tag};
 use schema::{EndpointKey, ServiceName, ValidationError};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::state::Shared;
 use crate::view::{MergedView, Provenance};
-
-pub const HEADER_REGISTRY_AGE: &str = "x-tidings-registry-age-ms";
-pub const HEADER_SOURCE: &str = "x-tidings-source";
-pub use discovery::HEADER_INDEX;
 
 /// Longest `wait` of a blocking query (as the registry's default).
 const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -118,7 +121,7 @@ fn listing(shared: &Shared, service: &ServiceName, view: &MergedView, draining: 
         hosts.extend(view.draining(service).iter().map(|d| {
             let mut h = V1Host::from_endpoint(&d.endpoint, d.since_ms);
             h.tags
-                .insert("draining".to_string(), Value::String("true".to_string()));
+                .insert(tag::DRAINING.to_string(), Value::String(TRUE.to_string()));
             h
         }));
     }
@@ -191,55 +194,26 @@ async fn v2_services(State(shared): State<AppState>) -> Response {
     )
 }
 
-/// The registry's own parsing of `index` and `wait`, with the agent's cap on `wait`.
-fn blocking_params(query: Option<&str>) -> Result<(Option<u64>, Duration), ApiError> {
-    let (index, wait) = discovery::blocking_params(query)?;
-    Ok((index, wait.unwrap_or(MAX_WAIT).min(MAX_WAIT)))
-}
-
-/// Answers at once unless `index` is current; then waits until the index moves, `wait`
-/// (plus up to 1/16 jitter, so watchers spread out) elapses, or the agent drains.
+/// Answers at once unless `index` is current; then waits, as the registry does, until the
+/// index moves, the jittered wait elapses, or the agent drains.
 async fn block(
     shared: &Shared,
-    index: Option<u64>,
-    wait: Duration,
+    query: Option<&str>,
     index_of: impl Fn(&MergedView) -> u64,
 ) -> Result<Arc<MergedView>, ApiError> {
-    let mut rx = shared.view.clone();
-    let current = rx.borrow_and_update().clone();
-    let Some(index) = index else {
-        return Ok(current);
+    let params = BlockingParams::parse(query)?;
+    let cfg = Blocking {
+        waiters: &shared.waiters,
+        limit: shared.config.max_blocking_waiters,
+        max_wait: MAX_WAIT,
+        // The view changes only through its watch channel.
+        recheck: None,
+        draining: &shared.draining,
+        refused: shared.metrics.api_refused_waiters.clone(),
+        waiting: Gauge::noop(),
     };
-    if index_of(&current) != index {
-        return Ok(current);
-    }
-    // Held for the whole wait, released on drop (also when the client goes away).
-    let _permit = shared.waiters.clone().try_acquire_owned().map_err(|_| {
-        shared.metrics.api_refused_waiters.increment(1);
-        ApiError::TooManyWaiters {
-            limit: shared.config.max_blocking_waiters,
-            retry_after_secs: discovery::policy::waiter_retry_after(rand::random::<f64>()),
-        }
-    })?;
-    let wait = wait + (wait / 16).mul_f64(rand::random::<f64>());
-    let deadline = tokio::time::sleep(wait);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            () = &mut deadline => break,
-            () = shared.draining.cancelled() => break,
-            r = rx.changed() => {
-                if r.is_err() {
-                    break;
-                }
-                let v = rx.borrow_and_update().clone();
-                if index_of(&v) != index {
-                    return Ok(v);
-                }
-            }
-        }
-    }
-    Ok(shared.current_view())
+    let read = || async { Ok(shared.current_view()) };
+    blocking::block(cfg, shared.view.clone(), params, read, |v| index_of(v)).await
 }
 
 /// `GET /v2/services/{service}?index=I&wait=30s`: the v1 listing, blocking.
@@ -249,9 +223,8 @@ async fn v2_service(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let service = service_name(service)?;
-    let (index, wait) = blocking_params(query.as_deref())?;
     let draining = wants_draining(query.as_deref())?;
-    let view = block(&shared, index, wait, |v| v.service_index(&service)).await?;
+    let view = block(&shared, query.as_deref(), |v| v.service_index(&service)).await?;
     let body = Json(listing(&shared, &service, &view, draining)).into_response();
     Ok(with_meta(
         body,
@@ -265,8 +238,7 @@ async fn v2_catalog(
     State(shared): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (index, wait) = blocking_params(query.as_deref())?;
-    let view = block(&shared, index, wait, MergedView::index).await?;
+    let view = block(&shared, query.as_deref(), MergedView::index).await?;
     let services: BTreeMap<String, Vec<V1Host>> = view
         .services()
         .map(|(s, h)| {
@@ -313,65 +285,82 @@ async fn eds_endpoints(State(shared): State<AppState>, body: Bytes) -> Result<Re
 }
 
 /// `GET /v1/agent/members`: the gossip members this agent knows, itself first.
-async fn members(State(shared): State<AppState>) -> Json<Value> {
+async fn members(State(shared): State<AppState>) -> Json<Members> {
     let me = shared.gossip.id();
-    let mut list = vec![json!({
-        "addr": me.addr.to_string(), "epoch": me.epoch, "bump": me.bump, "state": "alive", "self": true,
-    })];
+    let mut list = vec![Member {
+        addr: me.addr.to_string(),
+        bump: me.bump,
+        epoch: me.epoch,
+        is_self: true,
+        state: MemberState::Alive,
+    }];
     let mut others = shared.gossip.members();
     others.sort_by_key(|m| m.id.addr);
-    list.extend(others.iter().map(|m| {
-        json!({
-            "addr": m.id.addr.to_string(), "epoch": m.id.epoch, "bump": m.id.bump,
-            "state": if m.active { "alive" } else { "down" }, "self": false,
-        })
+    list.extend(others.iter().map(|m| Member {
+        addr: m.id.addr.to_string(),
+        bump: m.id.bump,
+        epoch: m.id.epoch,
+        is_self: false,
+        state: if m.active {
+            MemberState::Alive
+        } else {
+            MemberState::Down
+        },
     }));
-    Json(json!({ "members": list }))
+    Json(Members { members: list })
 }
 
 /// `GET /v1/agent/self`: who this agent is and how fresh its view is.
-async fn self_info(State(shared): State<AppState>) -> Json<Value> {
+async fn self_info(State(shared): State<AppState>) -> Json<AgentSelf> {
     let view = shared.current_view();
-    let local: Vec<Value> = shared
+    let endpoints = shared
         .local()
         .all()
         .iter()
-        .map(|e| json!({"service": e.service.to_string(), "addr": e.socket_addr().to_string()}))
+        .map(|e| LocalEndpoint {
+            addr: e.socket_addr().to_string(),
+            service: e.service.to_string(),
+        })
         .collect();
-    Json(json!({
-        "gossip_addr": shared.gossip_addr.to_string(),
-        "epoch": shared.gossip.id().epoch,
-        "host_ip": shared.host_ip.to_string(),
-        "zone": shared.config.zone,
-        "registry": shared.config.registry,
-        "registry_ok": shared.registry_ok(),
-        "registry_age_ms": shared.registry_age_ms(),
-        "endpoints": local,
-        "cache": {
-            "entries_pending": view.all_hosts().filter(|h| h.provenance == Provenance::Cache).count(),
-            "stored_index": shared.cache_index.load(std::sync::atomic::Ordering::Relaxed),
+    Json(AgentSelf {
+        cache: CacheState {
+            entries_pending: view
+                .all_hosts()
+                .filter(|h| h.provenance == Provenance::Cache)
+                .count(),
+            stored_index: shared
+                .cache_index
+                .load(std::sync::atomic::Ordering::Relaxed),
         },
-        "view": {
-            "index": view.index(),
-            "services": view.services().count(),
-            "hosts": view.len(),
-            "source": view.source_of(view.all_hosts()).as_str(),
+        endpoints,
+        epoch: shared.gossip.id().epoch,
+        gossip_addr: shared.gossip_addr.to_string(),
+        host_ip: shared.host_ip.to_string(),
+        registry: shared.config.registry.clone(),
+        registry_age_ms: shared.registry_age_ms(),
+        registry_ok: shared.registry_ok(),
+        view: ViewSummary {
+            hosts: view.len(),
+            index: view.index(),
+            services: view.services().count(),
+            source: view.source_of(view.all_hosts()).as_str().to_string(),
         },
-    }))
+        zone: shared.config.zone.clone(),
+    })
 }
 
-fn local_json(shared: &Shared) -> Json<Value> {
-    let all: Vec<V1Host> = shared
+fn local_json(shared: &Shared) -> Json<AgentEndpoints> {
+    let endpoints = shared
         .local()
         .all()
         .iter()
         .map(|e| V1Host::from_endpoint(e, 0))
         .collect();
-    Json(json!({ "endpoints": all }))
+    Json(AgentEndpoints { endpoints })
 }
 
 /// `GET /v1/agent/endpoints`: this host's endpoints.
-async fn list_local(State(shared): State<AppState>) -> Json<Value> {
+async fn list_local(State(shared): State<AppState>) -> Json<AgentEndpoints> {
     local_json(&shared)
 }
 
@@ -438,8 +427,8 @@ async fn deregister(
     Ok(local_json(&shared).into_response())
 }
 
-async fn live() -> Json<Value> {
-    Json(json!({"status": "live"}))
+async fn live() -> Json<Live> {
+    Json(Live::new())
 }
 
 /// `GET /ready`: 503 once draining. The view is ready from the start — served from the
@@ -450,7 +439,7 @@ async fn ready(State(shared): State<AppState>) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     let view = shared.current_view();
-    Json(json!({"status": "ready", "hosts": view.len()})).into_response()
+    Json(Ready::new(view.len())).into_response()
 }
 
 async fn metrics(State(shared): State<AppState>) -> Response {

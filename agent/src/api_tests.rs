@@ -475,7 +475,7 @@ async fn draining_hosts_are_listed_only_on_request_and_tagged() {
             assert_eq!(status, StatusCode::OK);
             assert_eq!(
                 port_tags(&v),
-                vec![(1, Value::Null), (2, json!("true"))],
+                vec![(1, Value::Null), (2, serde_json::json!("true"))],
                 "{uri}?{q}"
             );
         }

@@ -5,8 +5,9 @@
 //! `/metrics` is rendered.
 
 use gossip::MetricsSnapshot;
-use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use metrics::{Counter, Gauge, Level, Metadata};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serve::{Family, Registrar};
 
 static META: Metadata<'static> = Metadata::new("agent", Level::INFO, Some(module_path!()));
 
@@ -26,8 +27,9 @@ pub struct Readings {
 }
 
 pub struct Metrics {
-    recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    /// One per field of [`MetricsSnapshot`], in [`MetricsSnapshot::each`]'s order.
+    gossip: Vec<Counter>,
     pub checkins_ok: Counter,
     pub checkins_failed: Counter,
     pub sync_applied: Counter,
@@ -69,30 +71,9 @@ impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        let counter = |name: &'static str, help: &'static str, result: Option<&'static str>| {
-            recorder.describe_counter(
-                KeyName::from_const_str(name),
-                Some(Unit::Count),
-                SharedString::const_str(help),
-            );
-            let key = match result {
-                Some(r) => Key::from_parts(name, vec![Label::from_static_parts("result", r)]),
-                None => Key::from_static_name(name),
-            };
-            recorder.register_counter(&key, &META)
-        };
-        let gauge = |name: &'static str, help: &'static str, state: Option<&'static str>| {
-            recorder.describe_gauge(
-                KeyName::from_const_str(name),
-                None,
-                SharedString::const_str(help),
-            );
-            let key = match state {
-                Some(s) => Key::from_parts(name, vec![Label::from_static_parts("state", s)]),
-                None => Key::from_static_name(name),
-            };
-            recorder.register_gauge(&key, &META)
-        };
+        let reg = Registrar::new(&recorder, &META);
+        let counter = |name: &str, help| reg.one::<Counter>(name, help);
+        let gauge = |name: &str, help| reg.one::<Gauge>(name, help);
         const CHECKINS: &str = "tidings_agent_checkins_total";
         const CHECKINS_HELP: &str = "Check-in rounds by result.";
         const SYNCS: &str = "tidings_agent_registry_syncs_total";
@@ -103,65 +84,60 @@ impl Metrics {
         const REFUSED_HELP: &str = "Local API requests refused, by reason (403 host: a Host header naming another site; 403 foreign_ip: a registration on an address not this host's, without the operator token; 429 max_blocking_waiters: too many blocking queries waiting).";
         const MEMBERS: &str = "tidings_agent_gossip_members";
         const MEMBERS_HELP: &str = "Gossip members by state, this agent excluded.";
+        let mut gossip = Vec::new();
         MetricsSnapshot::default().each(|field, help, _| {
-            recorder.describe_counter(
-                KeyName::from(gossip_name(field)),
-                Some(Unit::Count),
-                SharedString::const_str(help),
-            );
+            gossip.push(reg.one::<Counter>(gossip_name(field), help));
         });
+        let checkins: Family<Counter, 1> = reg.family(CHECKINS, CHECKINS_HELP, ["result"]);
+        let syncs: Family<Counter, 1> = reg.family(SYNCS, SYNCS_HELP, ["result"]);
+        let cache: Family<Counter, 1> = reg.family(CACHE, CACHE_HELP, ["result"]);
+        let refused: Family<Counter, 1> = reg.family(REFUSED, REFUSED_HELP, ["result"]);
+        let members: Family<Gauge, 1> = reg.family(MEMBERS, MEMBERS_HELP, ["state"]);
         let connections = serve::ConnMetrics::register(&recorder, "agent");
         Metrics {
             connections,
-            checkins_ok: counter(CHECKINS, CHECKINS_HELP, Some("ok")),
-            checkins_failed: counter(CHECKINS, CHECKINS_HELP, Some("failed")),
-            sync_applied: counter(SYNCS, SYNCS_HELP, Some("applied")),
-            sync_warming: counter(SYNCS, SYNCS_HELP, Some("warming")),
-            sync_errors: counter(SYNCS, SYNCS_HELP, Some("error")),
-            cache_writes: counter(CACHE, CACHE_HELP, Some("ok")),
-            cache_write_errors: counter(CACHE, CACHE_HELP, Some("error")),
+            checkins_ok: reg.get(&checkins, ["ok"]),
+            checkins_failed: reg.get(&checkins, ["failed"]),
+            sync_applied: reg.get(&syncs, ["applied"]),
+            sync_warming: reg.get(&syncs, ["warming"]),
+            sync_errors: reg.get(&syncs, ["error"]),
+            cache_writes: reg.get(&cache, ["ok"]),
+            cache_write_errors: reg.get(&cache, ["error"]),
             cache_load_errors: counter(
                 "tidings_agent_cache_load_errors_total",
                 "Disk cache files that could not be loaded (ignored).",
-                None,
             ),
             checkin_refused: counter(
                 "tidings_agent_checkin_refused_endpoints_total",
                 "Endpoints the registry refused one by one (4xx), newly or again after being accepted; the rest of the host's endpoints still check in.",
-                None,
             ),
-            api_refused_host: counter(REFUSED, REFUSED_HELP, Some("host")),
-            api_refused_ip: counter(REFUSED, REFUSED_HELP, Some("foreign_ip")),
-            api_refused_waiters: counter(REFUSED, REFUSED_HELP, Some("max_blocking_waiters")),
-            requests: counter("tidings_agent_requests_total", "Local API requests.", None),
+            api_refused_host: reg.get(&refused, ["host"]),
+            api_refused_ip: reg.get(&refused, ["foreign_ip"]),
+            api_refused_waiters: reg.get(&refused, ["max_blocking_waiters"]),
+            requests: counter("tidings_agent_requests_total", "Local API requests."),
             registry_age: gauge(
                 "tidings_agent_registry_age_seconds",
                 "Seconds since the registry data was last known current: an authoritative answer, or a blocking query waiting at a healthy registry (-1: never).",
-                None,
             ),
             view_endpoints: gauge(
                 "tidings_agent_view_endpoints",
                 "Endpoints in the merged view.",
-                None,
             ),
             view_services: gauge(
                 "tidings_agent_view_services",
                 "Services in the merged view.",
-                None,
             ),
             draining_endpoints: gauge(
                 "tidings_agent_draining_endpoints",
                 "Deregistered endpoints still listed as draining to proxies.",
-                None,
             ),
-            members_alive: gauge(MEMBERS, MEMBERS_HELP, Some("alive")),
-            members_down: gauge(MEMBERS, MEMBERS_HELP, Some("down")),
+            members_alive: reg.get(&members, ["alive"]),
+            members_down: reg.get(&members, ["down"]),
             local_endpoints: gauge(
                 "tidings_agent_local_endpoints",
                 "Endpoints this host serves (the agent's own included).",
-                None,
             ),
-            recorder,
+            gossip,
             handle,
         }
     }
@@ -175,10 +151,11 @@ impl Metrics {
         self.members_alive.set(now.members_alive as f64);
         self.members_down.set(now.members_down as f64);
         self.local_endpoints.set(now.local_endpoints as f64);
-        now.gossip.each(|field, _, value| {
-            self.recorder
-                .register_counter(&Key::from_name(gossip_name(field)), &META)
-                .absolute(value);
+        let mut handles = self.gossip.iter();
+        now.gossip.each(|_, _, value| {
+            if let Some(c) = handles.next() {
+                c.absolute(value);
+            }
         });
         self.handle.render()
     }

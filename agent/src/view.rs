@@ -21,10 +21,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use gossip::{GossipView, Source};
+use discovery::policy::content_index;
+use gossip::{GossipView, Source, ViewEntry};
 use schema::{Endpoint, EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// Where a host of an answer is known from, strongest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -174,18 +174,74 @@ impl MergedView {
     }
 }
 
-/// Hash of endpoints in key order: the blocking-query index. Equal content, equal index, so
-/// a plain re-check-in or a source change wakes no watcher.
-fn content_index<'a>(endpoints: impl Iterator<Item = &'a Endpoint>) -> u64 {
-    let mut h = Sha256::new();
-    for ep in endpoints {
-        h.update(schema::codec::encode_file(ep).unwrap_or_default());
+/// Newest registry snapshot per service: its time, and the check-in time of each host it lists.
+type Snapshots<'a> = BTreeMap<&'a ServiceName, (u64, BTreeMap<EndpointKey, u64>)>;
+
+fn newest_snapshots(gossip: &GossipView) -> Snapshots<'_> {
+    gossip
+        .snapshots
+        .iter()
+        .map(|s| {
+            let keys = s
+                .entries
+                .iter()
+                .map(|e| (e.endpoint.key(), e.last_check_in_ms))
+                .collect();
+            (&s.service, (s.generated_at_ms, keys))
+        })
+        .collect()
+}
+
+/// A host gossip lists, with its provenance: `listed` is the newest snapshot's time and
+/// check-in time when the registry lists it too; `seen` when this agent first saw it.
+fn live_host(entry: &ViewEntry, listed: Option<(u64, u64)>, seen: u64) -> Host {
+    match (&entry.source, listed) {
+        (
+            Source::Registry {
+                generated_at_ms,
+                last_check_in_ms,
+            },
+            _,
+        ) => Host {
+            endpoint: entry.endpoint.clone(),
+            provenance: Provenance::Registry,
+            last_check_in_ms: *last_check_in_ms,
+            origin: Origin::Registry {
+                generated_at_ms: *generated_at_ms,
+            },
+        },
+        // The registry lists it too: confirmed; cache it as registry data, which is kept
+        // until a newer snapshot (fail static), unlike a row of a dead owner.
+        (Source::Gossip { .. }, Some((generated_at_ms, lci))) => Host {
+            endpoint: entry.endpoint.clone(),
+            provenance: Provenance::Registry,
+            last_check_in_ms: lci,
+            origin: Origin::Registry { generated_at_ms },
+        },
+        (Source::Gossip { owner }, None) => Host {
+            endpoint: entry.endpoint.clone(),
+            provenance: Provenance::Gossip,
+            last_check_in_ms: seen,
+            origin: Origin::Row { owner: *owner },
+        },
     }
-    let d = h.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d[..8]);
-    // Keep it within JSON's exact integer range, so any client can pass it back unchanged.
-    u64::from_be_bytes(first) >> 11
+}
+
+/// Hosts grouped by service, each service sorted by key and indexed.
+fn by_service(hosts: Vec<Host>) -> BTreeMap<ServiceName, ServiceHosts> {
+    let mut services: BTreeMap<ServiceName, ServiceHosts> = BTreeMap::new();
+    for h in hosts {
+        services
+            .entry(h.endpoint.service.clone())
+            .or_default()
+            .hosts
+            .push(h);
+    }
+    for s in services.values_mut() {
+        s.hosts.sort_by_key(|h| h.endpoint.key());
+        s.index = content_index(s.hosts.iter().map(|h| &h.endpoint));
+    }
+    services
 }
 
 /// The merge state: cache entries not yet superseded, and when each member came alive.
@@ -251,50 +307,11 @@ impl Merger {
 
     /// Merges gossip's view with what is left of the cache at `now_ms`.
     pub fn merge(&mut self, gossip: &GossipView, now_ms: u64) -> MergedView {
-        let mut down = BTreeSet::new();
-        for m in &gossip.members {
-            if m.active {
-                self.alive_since.entry(m.id.addr).or_insert(now_ms);
-            } else {
-                self.alive_since.remove(&m.id.addr);
-                down.insert(m.id.addr);
-            }
-        }
-        let known: BTreeSet<SocketAddr> = gossip.members.iter().map(|m| m.id.addr).collect();
-        self.alive_since.retain(|a, _| known.contains(a));
-
-        // Newest registry snapshot per service: its time and what it lists.
-        let snaps: BTreeMap<&ServiceName, (u64, BTreeMap<EndpointKey, u64>)> = gossip
-            .snapshots
-            .iter()
-            .map(|s| {
-                let keys = s
-                    .entries
-                    .iter()
-                    .map(|e| (e.endpoint.key(), e.last_check_in_ms))
-                    .collect();
-                (&s.service, (s.generated_at_ms, keys))
-            })
-            .collect();
+        let down = self.track_members(gossip, now_ms);
+        let snaps = newest_snapshots(gossip);
         let live: BTreeSet<EndpointKey> =
             gossip.endpoints.iter().map(|e| e.endpoint.key()).collect();
-        let settled = |owner: &SocketAddr| {
-            self.alive_since
-                .get(owner)
-                .is_some_and(|since| now_ms.saturating_sub(*since) >= self.settle_ms)
-        };
-        let me = self.me;
-        self.cache.retain(|key, c| {
-            if live.contains(key) {
-                return false;
-            }
-            match c.origin {
-                Origin::Registry { generated_at_ms } => snaps
-                    .get(&key.service)
-                    .is_none_or(|(at, _)| *at < generated_at_ms),
-                Origin::Row { owner } => owner != me && !down.contains(&owner) && !settled(&owner),
-            }
-        });
+        self.drop_covered_cache(&snaps, &live, &down, now_ms);
 
         let mut hosts: Vec<Host> = Vec::with_capacity(gossip.endpoints.len() + self.cache.len());
         for entry in &gossip.endpoints {
@@ -303,37 +320,7 @@ impl Merger {
                 .get(&key.service)
                 .and_then(|(at, keys)| keys.get(&key).map(|lci| (*at, *lci)));
             let seen = *self.first_seen.entry(key).or_insert(now_ms);
-            let host = match (&entry.source, listed) {
-                (
-                    Source::Registry {
-                        generated_at_ms,
-                        last_check_in_ms,
-                    },
-                    _,
-                ) => Host {
-                    endpoint: entry.endpoint.clone(),
-                    provenance: Provenance::Registry,
-                    last_check_in_ms: *last_check_in_ms,
-                    origin: Origin::Registry {
-                        generated_at_ms: *generated_at_ms,
-                    },
-                },
-                // The registry lists it too: confirmed; cache it as registry data, which is
-                // kept until a newer snapshot (fail static), unlike a row of a dead owner.
-                (Source::Gossip { .. }, Some((generated_at_ms, lci))) => Host {
-                    endpoint: entry.endpoint.clone(),
-                    provenance: Provenance::Registry,
-                    last_check_in_ms: lci,
-                    origin: Origin::Registry { generated_at_ms },
-                },
-                (Source::Gossip { owner }, None) => Host {
-                    endpoint: entry.endpoint.clone(),
-                    provenance: Provenance::Gossip,
-                    last_check_in_ms: seen,
-                    origin: Origin::Row { owner: *owner },
-                },
-            };
-            hosts.push(host);
+            hosts.push(live_host(entry, listed, seen));
         }
         self.first_seen.retain(|k, _| live.contains(k));
         hosts.extend(self.cache.values().map(|c| Host {
@@ -343,18 +330,7 @@ impl Merger {
             origin: c.origin,
         }));
 
-        let mut services: BTreeMap<ServiceName, ServiceHosts> = BTreeMap::new();
-        for h in hosts {
-            services
-                .entry(h.endpoint.service.clone())
-                .or_default()
-                .hosts
-                .push(h);
-        }
-        for s in services.values_mut() {
-            s.hosts.sort_by_key(|h| h.endpoint.key());
-            s.index = content_index(s.hosts.iter().map(|h| &h.endpoint));
-        }
+        let services = by_service(hosts);
         let index = content_index(
             services
                 .values()
@@ -374,6 +350,54 @@ impl Merger {
             fallback,
             draining,
         }
+    }
+
+    /// Notes when each member came alive and forgets members gossip no longer knows;
+    /// returns the members that are down.
+    fn track_members(&mut self, gossip: &GossipView, now_ms: u64) -> BTreeSet<SocketAddr> {
+        let mut down = BTreeSet::new();
+        for m in &gossip.members {
+            if m.active {
+                self.alive_since.entry(m.id.addr).or_insert(now_ms);
+            } else {
+                self.alive_since.remove(&m.id.addr);
+                down.insert(m.id.addr);
+            }
+        }
+        let known: BTreeSet<SocketAddr> = gossip.members.iter().map(|m| m.id.addr).collect();
+        self.alive_since.retain(|a, _| known.contains(a));
+        down
+    }
+
+    /// Drops cache entries that live data now covers: a host gossip lists, a registry entry
+    /// older than the service's newest snapshot, a row whose owner is this agent, is down,
+    /// or has been alive long enough to have republished it.
+    fn drop_covered_cache(
+        &mut self,
+        snaps: &Snapshots<'_>,
+        live: &BTreeSet<EndpointKey>,
+        down: &BTreeSet<SocketAddr>,
+        now_ms: u64,
+    ) {
+        let alive_since = &self.alive_since;
+        let settle_ms = self.settle_ms;
+        let settled = |owner: &SocketAddr| {
+            alive_since
+                .get(owner)
+                .is_some_and(|since| now_ms.saturating_sub(*since) >= settle_ms)
+        };
+        let me = self.me;
+        self.cache.retain(|key, c| {
+            if live.contains(key) {
+                return false;
+            }
+            match c.origin {
+                Origin::Registry { generated_at_ms } => snaps
+                    .get(&key.service)
+                    .is_none_or(|(at, _)| *at < generated_at_ms),
+                Origin::Row { owner } => owner != me && !down.contains(&owner) && !settled(&owner),
+            }
+        });
     }
 
     /// A host listed last time, gone now, with a tombstone: deregistered, so drained for

@@ -202,7 +202,10 @@ async fn listed(api: SocketAddr, service: &str) -> (Vec<String>, String) {
         .map(|h| format!("{}:{}", h["ip_address"].as_str().unwrap_or("?"), h["port"]))
         .collect();
     hosts.sort();
-    let source = headers.get("x-tidings-source").cloned().unwrap_or_default();
+    let source = headers
+        .get(schema::wire::HEADER_SOURCE)
+        .cloned()
+        .unwrap_or_default();
     (hosts, source)
 }
 
@@ -330,7 +333,7 @@ async fn ages(app: &axum::Router) -> (i64, i64) {
         .expect("infallible");
     let header = resp
         .headers()
-        .get(agent::api::HEADER_REGISTRY_AGE)
+        .get(schema::wire::HEADER_REGISTRY_AGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .expect("age header");
@@ -468,10 +471,8 @@ async fn a_restarted_agent_drops_cached_rows_of_an_owner_gone_for_good_once_the_
     config_a.endpoints = vec![agent::parse_endpoint_flag("api:9000").expect("flag")];
     let a = RunningAgent::start(config_a).await;
     let (_, _, me) = get(a.api, "/v1/agent/self").await;
-    let gossip_a: SocketAddr = me["gossip_addr"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-        .expect("gossip addr");
+    let me: schema::agent_api::AgentSelf = serde_json::from_value(me).expect("self answer");
+    let gossip_a: SocketAddr = me.gossip_addr.parse().expect("gossip addr");
     let dir_b = tempfile::tempdir().expect("tempdir");
     let b = RunningAgent::start(config(dir_b.path(), vec![gossip_a])).await;
     wait_listed(b.api, "api", &["127.0.0.1:9000"], |_| {}).await;

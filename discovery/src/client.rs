@@ -24,7 +24,7 @@ use schema::{Endpoint, ServiceName, Weight};
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
-use crate::router::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING};
+use schema::wire::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING};
 
 /// Largest answer the client reads (a catalog of tens of thousands of endpoints).
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;

@@ -2,18 +2,22 @@
 //! [`Store`], wire-compatible with lyft/discovery and Envoy v1 SDS, plus v2 batch check-ins and
 //! Consul-style blocking queries.
 //!
+//! The folders show the shape: pure decisions in [`decide`], IO in [`http`], rows in
+//! [`store`]; `Registry` (in `registry.rs`) joins them.
+//!
 //! - [`store`]: the [`Store`] trait every backend implements; [`memory`]: [`MemoryStore`], the
 //!   embedded single-process store; [`DynamoStore`] (in [`dynamo`]) for replicas sharing a
-//!   table; [`conformance`]: the suite both pass.
+//!   table; `conformance`: the suite both pass (feature `conformance`, tests only).
 //! - [`Registry`] (in `registry`): the policy layer over a store — TTL filtering on read,
 //!   self-preservation, warm-up, the content-hash index, the single-flight last-good read
-//!   cache (`cache`), metrics.
-//!   Its decisions are pure functions in [`policy`], driven by an injected [`Clock`].
-//! - [`router`] builds the axum router (routes in `routes_v1`, `routes_v2`, `routes_ops`;
-//!   errors in [`errors`]; write tokens in [`auth`]); [`serve`] runs it on a listener with the
-//!   sweeper ([`run_sweeper`]) until a shutdown token fires. `GET /v1/ops/status`
-//!   ([`Status`]) reports warm-up, self-preservation and the last sweep; [`ui`] is the web
-//!   dashboard at `/ui`.
+//!   cache (`cache`), metrics. Its decisions are pure functions in [`decide`] ([`policy`]:
+//!   expiry, self-preservation, the index; [`quota`]; the tag merge; the status report),
+//!   driven by an injected [`Clock`].
+//! - [`http`]: [`router`] builds the axum router (routes in `http/routes_*.rs`; errors in
+//!   [`errors`]; write tokens in [`auth`]); [`serve()`] runs it on a listener with the sweeper
+//!   ([`run_sweeper`]) until a shutdown token fires. `GET /v1/ops/status` ([`Status`])
+//!   reports warm-up, self-preservation and the last sweep; [`ui`] is the web dashboard at
+//!   `/ui`; [`http::blocking`] is the blocking-query loop the agent reuses.
 //! - [`RegistryClient`] (in [`client`]): the HTTP client the agent and `tidings checkin` use.
 //! - [`RegistryConfig`]: every knob, with defaults and `validate()`.
 //!
@@ -29,47 +33,39 @@ extern crate self as discovery;
 
 pub mod auth;
 mod cache;
-mod caller;
 pub mod client;
 pub mod clock;
 pub mod config;
-pub mod conformance;
-pub mod dynamo;
-pub mod errors;
-pub mod memory;
+pub mod decide;
+pub mod http;
 mod metrics;
-mod openapi;
-pub mod policy;
-pub mod quota;
 mod registry;
-mod router;
-mod routes_eds;
-mod routes_ops;
-mod routes_v1;
-mod routes_v2;
-mod server;
-mod status;
 pub mod store;
 mod sweep;
-mod tag_merge;
-pub mod ui;
+
+// The paths other crates and the tests have always used.
+pub use decide::{policy, quota};
+pub use http::{errors, ui};
+#[cfg(any(test, feature = "conformance"))]
+pub use store::conformance;
+pub use store::{dynamo, memory};
 
 pub use auth::{host_token, operator_token, scoped_token};
 pub use client::{ClientError, ReadMeta, RegistryClient};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{ConfigError, RegistryConfig};
+pub use decide::status::{PreservationStatus, Status, SweepError, SweepStatus};
 pub use dynamo::{DynamoConfig, DynamoStore};
 pub use errors::ApiError;
+pub use http::blocking::BlockingParams;
+pub use http::router::router;
+pub use http::serve;
 pub use memory::MemoryStore;
 pub use registry::{Registry, View, ViewData};
-pub use router::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, router};
-pub use routes_v2::blocking_params;
-pub use server::serve;
-pub use status::{PreservationStatus, Status, SweepError, SweepStatus};
 pub use store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 pub use sweep::{SweepReport, run_sweeper};
 
 /// The OpenAPI document served at `/openapi.json`.
 pub fn openapi_document() -> serde_json::Value {
-    openapi::document()
+    http::openapi::document()
 }

@@ -3,15 +3,11 @@
 //! metrics are registered once and updated through lock-free handles; per-route request
 //! metrics are looked up by label on each request.
 
-use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics::{Counter, Gauge, Histogram, Level, Metadata};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+use serve::{Family, Registrar};
 
 static META: Metadata<'static> = Metadata::new("discovery", Level::INFO, Some(module_path!()));
-
-const REQUESTS: &str = "tidings_registry_requests_total";
-const REQUEST_SECONDS: &str = "tidings_registry_request_duration_seconds";
-const STORE_ERRORS: &str = "tidings_registry_store_errors_total";
-const REJECTED: &str = "tidings_registry_rejected_total";
 
 /// Latency buckets from 0.5 ms to 10 s (blocking queries land in `+Inf`).
 const BUCKETS: &[f64] = &[
@@ -21,6 +17,10 @@ const BUCKETS: &[f64] = &[
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
+    requests: Family<Counter, 3>,
+    request_seconds: Family<Histogram, 1>,
+    store_errors: Family<Counter, 1>,
+    rejected: Family<Counter, 1>,
     /// Endpoints accepted by check-ins.
     pub checkins: Counter,
     /// Reads answered from the last-good cache because the store failed.
@@ -52,22 +52,9 @@ impl Metrics {
             .unwrap_or_else(|_| PrometheusBuilder::new());
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
-        let counter = |name: &'static str, help: &'static str| {
-            recorder.describe_counter(
-                KeyName::from_const_str(name),
-                Some(Unit::Count),
-                SharedString::const_str(help),
-            );
-            recorder.register_counter(&Key::from_static_name(name), &META)
-        };
-        let gauge = |name: &'static str, help: &'static str| {
-            recorder.describe_gauge(
-                KeyName::from_const_str(name),
-                None,
-                SharedString::const_str(help),
-            );
-            recorder.register_gauge(&Key::from_static_name(name), &META)
-        };
+        let reg = Registrar::new(&recorder, &META);
+        let counter = |name: &str, help| reg.one::<Counter>(name, help);
+        let gauge = |name: &str, help| reg.one::<Gauge>(name, help);
         let checkins = counter(
             "tidings_registry_checkins_total",
             "Endpoints accepted by check-ins.",
@@ -108,31 +95,33 @@ impl Metrics {
             "tidings_registry_blocking_queries",
             "Blocking queries waiting now.",
         );
-        recorder.describe_counter(
-            KeyName::from_const_str(REQUESTS),
-            Some(Unit::Count),
-            SharedString::const_str("HTTP requests by route, method and status."),
+        let requests = reg.family(
+            "tidings_registry_requests_total",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
         );
-        recorder.describe_histogram(
-            KeyName::from_const_str(REQUEST_SECONDS),
-            Some(Unit::Seconds),
-            SharedString::const_str("HTTP request latency by route."),
+        let request_seconds = reg.family(
+            "tidings_registry_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
         );
-        recorder.describe_counter(
-            KeyName::from_const_str(STORE_ERRORS),
-            Some(Unit::Count),
-            SharedString::const_str("Store operations that failed, by operation."),
+        let store_errors = reg.family(
+            "tidings_registry_store_errors_total",
+            "Store operations that failed, by operation.",
+            ["op"],
         );
-        recorder.describe_counter(
-            KeyName::from_const_str(REJECTED),
-            Some(Unit::Count),
-            SharedString::const_str(
-                "Requests refused by a configured limit (blocking waiters, quotas), by limit.",
-            ),
+        let rejected = reg.family(
+            "tidings_registry_rejected_total",
+            "Requests refused by a configured limit (blocking waiters, quotas), by limit.",
+            ["limit"],
         );
         let connections = serve::ConnMetrics::register(&recorder, "registry");
         Metrics {
             connections,
+            requests,
+            request_seconds,
+            store_errors,
+            rejected,
             recorder,
             handle,
             checkins,
@@ -149,32 +138,27 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
-        let labels = vec![
-            Label::new("route", route.to_string()),
-            Label::new("method", method.to_string()),
-            Label::new("status", status.to_string()),
-        ];
-        self.recorder
-            .register_counter(&Key::from_parts(REQUESTS, labels), &META)
+        let status = status.to_string();
+        self.requests
+            .on(&self.recorder, [route, method, &status])
             .increment(1);
-        let key = Key::from_parts(
-            REQUEST_SECONDS,
-            vec![Label::new("route", route.to_string())],
-        );
-        self.recorder
-            .register_histogram(&key, &META)
+        self.request_seconds
+            .on(&self.recorder, [route])
             .record(seconds);
     }
 
     pub fn store_error(&self, op: &'static str) {
-        let key = Key::from_parts(STORE_ERRORS, vec![Label::from_static_parts("op", op)]);
-        self.recorder.register_counter(&key, &META).increment(1);
+        self.store_errors.on(&self.recorder, [op]).increment(1);
     }
 
     /// A request refused by the limit named `limit` (its config key).
     pub fn rejected(&self, limit: &'static str) {
-        let key = Key::from_parts(REJECTED, vec![Label::from_static_parts("limit", limit)]);
-        self.recorder.register_counter(&key, &META).increment(1);
+        self.rejected_counter(limit).increment(1);
+    }
+
+    /// The counter of requests refused by the limit named `limit`.
+    pub fn rejected_counter(&self, limit: &'static str) -> Counter {
+        self.rejected.on(&self.recorder, [limit])
     }
 
     /// The Prometheus text exposition.

@@ -15,11 +15,11 @@ use crate::auth::Auth;
 use crate::cache::{CacheEntry, Slot};
 use crate::clock::Clock;
 use crate::config::RegistryConfig;
+use crate::decide::status::SweepLog;
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{self, Deregistration, Preservation};
 use crate::quota::{QuotaExceeded, Quotas, Usage};
-use crate::status::SweepLog;
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
 /// A computed answer: the visible rows of a service (or of every service) and their index.
@@ -95,7 +95,7 @@ pub(crate) struct Inner {
 }
 
 /// The registry. Build one per process (or per test) with [`Registry::new`], then serve it
-/// with [`crate::router`] / [`crate::serve`].
+/// with [`crate::router()`] / [`crate::serve`].
 #[derive(Clone)]
 pub struct Registry {
     pub(crate) inner: Arc<Inner>,

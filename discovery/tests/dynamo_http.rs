@@ -14,8 +14,9 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use discovery::conformance::T0;
 use discovery::dynamo::init_table;
-use discovery::{DynamoStore, HEADER_STALE, ManualClock, Registry, RegistryConfig, router};
+use discovery::{DynamoStore, ManualClock, Registry, RegistryConfig, router};
 use http_body_util::BodyExt;
+use schema::wire::HEADER_STALE;
 use serde_json::Value;
 use tower::ServiceExt;
 

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Args;
 use http_body_util::BodyExt;
+use schema::agent_api::Members;
 use schema::api::V1Listing;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -296,11 +297,11 @@ async fn do_lookup(args: &LookupArgs) -> Result<String> {
     }
     let listing: V1Listing =
         serde_json::from_slice(&body).with_context(|| format!("{url}: not a v1 listing"))?;
-    let source = header(&headers, agent::api::HEADER_SOURCE)
+    let source = header(&headers, schema::wire::HEADER_SOURCE)
         .unwrap_or(if from_registry { "registry" } else { "unknown" })
         .to_string();
     let age_ms: Option<i64> =
-        header(&headers, agent::api::HEADER_REGISTRY_AGE).and_then(|v| v.parse().ok());
+        header(&headers, schema::wire::HEADER_REGISTRY_AGE).and_then(|v| v.parse().ok());
     let age_ms = if from_registry { Some(0) } else { age_ms };
     Ok(render_lookup(&listing, &source, age_ms, args.json))
 }
@@ -345,8 +346,8 @@ fn render_lookup(listing: &V1Listing, source: &str, age_ms: Option<i64>, as_json
         };
         rows.push([
             addr.to_string(),
-            tag(h, "az"),
-            tag(h, "load_balancing_weight"),
+            tag(h, schema::wire::tag::AZ),
+            tag(h, schema::wire::tag::LOAD_BALANCING_WEIGHT),
             rev,
             h.last_check_in.clone(),
         ]);
@@ -387,25 +388,22 @@ pub async fn members(args: MembersArgs) -> ExitCode {
         if status != 200 {
             bail!("{url} answered {status}");
         }
-        let v: Value = serde_json::from_slice(&body).context("not JSON")?;
+        let answer: Members =
+            serde_json::from_slice(&body).context("not a /v1/agent/members answer")?;
         if args.json {
-            return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+            return Ok(format!("{}\n", serde_json::to_string_pretty(&answer)?));
         }
         let mut rows = vec![[
             "ADDRESS".to_string(),
             "STATE".to_string(),
             "EPOCH".to_string(),
         ]];
-        for m in v["members"].as_array().into_iter().flatten() {
-            let mut state = m["state"].as_str().unwrap_or("?").to_string();
-            if m["self"].as_bool() == Some(true) {
+        for m in answer.members {
+            let mut state = m.state.as_str().to_string();
+            if m.is_self {
                 state.push_str(" (self)");
             }
-            rows.push([
-                m["addr"].as_str().unwrap_or("?").to_string(),
-                state,
-                m["epoch"].to_string(),
-            ]);
+            rows.push([m.addr, state, m.epoch.to_string()]);
         }
         Ok(table(&rows))
     }

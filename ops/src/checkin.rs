@@ -10,7 +10,6 @@ use discovery::{ClientError, RegistryClient};
 use schema::api::EndpointSpec;
 use schema::{Endpoint, ServiceName};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 
 use crate::EXIT_USAGE;
 use crate::cli::CheckinArgs;
@@ -52,7 +51,10 @@ async fn run(args: CheckinArgs) -> Result<String, (u8, String)> {
             .map_err(|e| usage(e.to_string()))?;
 
     if !args.no_splay {
-        tokio::time::sleep(splay(&hostname(), ip, args.splay)).await;
+        // The agent's splay over name and address: the same host waits the same time every
+        // minute, and a fleet spreads evenly across the window.
+        let identity = format!("{}{ip}", hostname());
+        tokio::time::sleep(agent::checkin::splay(&identity, args.splay)).await;
     }
     // Three tries within a few seconds: long enough to ride out a registry restart or a
     // dropped connection, short enough to finish well before the next cron minute.
@@ -140,45 +142,9 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// A stable offset in `[0, max)` derived from the host's name and address: the same host
-/// waits the same time every minute, and a fleet spreads evenly across the window.
-pub fn splay(hostname: &str, ip: IpAddr, max: Duration) -> Duration {
-    let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
-    if max_ms == 0 {
-        return Duration::ZERO;
-    }
-    let digest = Sha256::new()
-        .chain_update(hostname.as_bytes())
-        .chain_update(ip.to_string().as_bytes())
-        .finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    Duration::from_millis(u64::from_be_bytes(first) % max_ms)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splay_is_stable_bounded_and_spread() {
-        let max = Duration::from_secs(45);
-        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
-        assert_eq!(splay("web-1", ip, max), splay("web-1", ip, max));
-        let mut buckets = [0u32; 9];
-        for i in 0..9000u32 {
-            let ip = IpAddr::from(i.to_be_bytes());
-            let s = splay(&format!("host-{i}"), ip, max);
-            assert!(s < max);
-            buckets[usize::try_from(s.as_secs() / 5).expect("small")] += 1;
-        }
-        // 9 buckets of 5 s, ~1000 each: a uniform spread, no thundering minute.
-        assert!(
-            buckets.iter().all(|&b| (800..1200).contains(&b)),
-            "{buckets:?}"
-        );
-        assert_eq!(splay("x", ip, Duration::ZERO), Duration::ZERO);
-    }
 
     #[test]
     fn local_ip_is_found_without_traffic() {

@@ -5,14 +5,17 @@
 //!   a value of these types is always valid, whichever door (JSON, form, bincode) it came in.
 //! - [`api`] holds the JSON shapes of the v1 (lyft/discovery, Envoy v1 SDS) and v2 APIs,
 //!   and the parsers that turn request bodies into endpoints.
+//! - [`agent_api`] holds the JSON answers of the agent's own routes (`/v1/agent/*`, probes).
 //! - [`codec`] is the one place that knows the binary wire format (bincode 2 behind a
 //!   version byte, with a size limit), used by gossip and the disk cache.
+//! - [`wire`] names the `x-tidings-*` headers and the tag names components share.
 //! - [`ui`] holds what the components' web dashboards share: stylesheet, JS helpers, and
 //!   the strict response headers (CSP) they are served with.
 //!
 //! Invariant: nothing in this crate panics on input from outside the process; every
 //! failure is a [`ValidationError`] or a [`codec::CodecError`].
 
+pub mod agent_api;
 pub mod api;
 pub mod codec;
 pub mod duration;
@@ -23,6 +26,7 @@ mod name;
 mod tags;
 pub mod timefmt;
 pub mod ui;
+pub mod wire;
 
 pub use endpoint::{Endpoint, EndpointKey};
 pub use error::ValidationError;

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::wire::tag;
 use crate::{TagKey, TagValue, ValidationError};
 
 /// At most this many free-form tags per endpoint (docs/ARCHITECTURE.md#schema).
@@ -119,18 +120,18 @@ impl Tags {
             );
         }
         let known = [
-            ("az", &self.az),
-            ("region", &self.region),
-            ("instance_id", &self.instance_id),
+            (tag::AZ, &self.az),
+            (tag::REGION, &self.region),
+            (tag::INSTANCE_ID, &self.instance_id),
         ];
         for (k, v) in known {
             if let Some(v) = v {
                 m.insert(k.to_string(), Value::String(v.as_str().to_string()));
             }
         }
-        m.insert("canary".into(), Value::Bool(self.canary));
+        m.insert(tag::CANARY.into(), Value::Bool(self.canary));
         m.insert(
-            "load_balancing_weight".into(),
+            tag::LOAD_BALANCING_WEIGHT.into(),
             Value::from(self.load_balancing_weight.get()),
         );
         m
@@ -151,11 +152,11 @@ impl Tags {
         let mut tags = Tags::default();
         for (key, v) in obj {
             match key.as_str() {
-                "az" => tags.az = opt_string(key, v)?,
-                "region" => tags.region = opt_string(key, v)?,
-                "instance_id" => tags.instance_id = opt_string(key, v)?,
-                "canary" => tags.canary = parse_bool(key, v)?,
-                "load_balancing_weight" => tags.load_balancing_weight = parse_weight(v)?,
+                tag::AZ => tags.az = opt_string(key, v)?,
+                tag::REGION => tags.region = opt_string(key, v)?,
+                tag::INSTANCE_ID => tags.instance_id = opt_string(key, v)?,
+                tag::CANARY => tags.canary = parse_bool(key, v)?,
+                tag::LOAD_BALANCING_WEIGHT => tags.load_balancing_weight = parse_weight(v)?,
                 _ => {
                     check_extra_count(tags.extra.len() + 1)?;
                     let val = opt_string(key, v)?.unwrap_or_default();

@@ -55,7 +55,7 @@ pub use crate::limits::{
     DEFAULT_MAX_CONNECTIONS, FD_MARGIN, Limits, LimitsError, LimitsTable, MIN_HEADER_BYTES,
     open_files_limit,
 };
-pub use crate::metrics::ConnMetrics;
+pub use crate::metrics::{ConnMetrics, Family, Handle, Registrar};
 pub use crate::tls::{ServerTls, TlsError, TlsFiles};
 
 /// What a refused connection is told, in one non-blocking write: come back in a second.

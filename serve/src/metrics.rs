@@ -1,10 +1,125 @@
-//! The listener's connection metrics, as handles registered once on whichever recorder the
-//! component uses: the registry and the agent own a recorder each (so tests running several
-//! in one process never share counters), the proxy installs a global one.
+//! [`Registrar`] and [`Family`]: how every component but the proxy describes and registers
+//! its metrics; and [`ConnMetrics`], the listener's connection metrics, registered once on
+//! whichever recorder the component uses (the registry and the agent own one each, so tests
+//! running several in one process never share counters; the proxy installs a global one).
 
-use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
+};
 
 static META: Metadata<'static> = Metadata::new("serve", Level::INFO, Some(module_path!()));
+
+/// A kind of metric handle: how it is described and registered on a recorder.
+pub trait Handle: Sized {
+    /// The unit every Tidings metric of this kind is in.
+    const UNIT: Option<Unit>;
+    fn describe<R: Recorder + ?Sized>(recorder: &R, name: KeyName, help: SharedString);
+    fn register<R: Recorder + ?Sized>(recorder: &R, key: &Key, meta: &Metadata<'_>) -> Self;
+}
+
+impl Handle for Counter {
+    const UNIT: Option<Unit> = Some(Unit::Count);
+    fn describe<R: Recorder + ?Sized>(recorder: &R, name: KeyName, help: SharedString) {
+        recorder.describe_counter(name, Self::UNIT, help);
+    }
+    fn register<R: Recorder + ?Sized>(recorder: &R, key: &Key, meta: &Metadata<'_>) -> Self {
+        recorder.register_counter(key, meta)
+    }
+}
+
+impl Handle for Gauge {
+    const UNIT: Option<Unit> = None;
+    fn describe<R: Recorder + ?Sized>(recorder: &R, name: KeyName, help: SharedString) {
+        recorder.describe_gauge(name, Self::UNIT, help);
+    }
+    fn register<R: Recorder + ?Sized>(recorder: &R, key: &Key, meta: &Metadata<'_>) -> Self {
+        recorder.register_gauge(key, meta)
+    }
+}
+
+/// Histograms are latencies, in seconds.
+impl Handle for Histogram {
+    const UNIT: Option<Unit> = Some(Unit::Seconds);
+    fn describe<R: Recorder + ?Sized>(recorder: &R, name: KeyName, help: SharedString) {
+        recorder.describe_histogram(name, Self::UNIT, help);
+    }
+    fn register<R: Recorder + ?Sized>(recorder: &R, key: &Key, meta: &Metadata<'_>) -> Self {
+        recorder.register_histogram(key, meta)
+    }
+}
+
+/// Describes and registers a component's metrics on the recorder it owns (the registry and
+/// the agent own one each, so tests running several in one process never share counters).
+pub struct Registrar<'a, R: ?Sized> {
+    recorder: &'a R,
+    meta: &'static Metadata<'static>,
+}
+
+impl<'a, R: Recorder + ?Sized> Registrar<'a, R> {
+    /// `meta` names the component in the recorder's metadata.
+    pub fn new(recorder: &'a R, meta: &'static Metadata<'static>) -> Self {
+        Registrar { recorder, meta }
+    }
+
+    /// Describes the metric `name` with label keys `keys`; its handles come from the family.
+    pub fn family<H: Handle, const N: usize>(
+        &self,
+        name: impl Into<String>,
+        help: &'static str,
+        keys: [&'static str; N],
+    ) -> Family<H, N> {
+        let name = name.into();
+        H::describe(
+            self.recorder,
+            KeyName::from(name.clone()),
+            SharedString::const_str(help),
+        );
+        Family {
+            name,
+            keys,
+            meta: self.meta,
+            kind: std::marker::PhantomData,
+        }
+    }
+
+    /// Describes and registers an unlabelled metric.
+    pub fn one<H: Handle>(&self, name: impl Into<String>, help: &'static str) -> H {
+        self.family::<H, 0>(name, help, []).on(self.recorder, [])
+    }
+
+    /// A handle of `family` on this registrar's recorder.
+    pub fn get<H: Handle, const N: usize>(&self, family: &Family<H, N>, values: [&str; N]) -> H {
+        family.on(self.recorder, values)
+    }
+}
+
+/// One described metric and its label keys: a handle per set of label values.
+#[derive(Debug, Clone)]
+pub struct Family<H, const N: usize> {
+    name: String,
+    keys: [&'static str; N],
+    meta: &'static Metadata<'static>,
+    kind: std::marker::PhantomData<fn() -> H>,
+}
+
+impl<H: Handle, const N: usize> Family<H, N> {
+    /// The handle for `values` (one per key, in order) on `recorder`, which must be the one
+    /// the family was described on. Cheap enough per request: the recorder keeps one entry
+    /// per key.
+    pub fn on<R: Recorder + ?Sized>(&self, recorder: &R, values: [&str; N]) -> H {
+        let labels: Vec<Label> = self
+            .keys
+            .iter()
+            .zip(values)
+            .map(|(k, v)| Label::new(*k, v.to_string()))
+            .collect();
+        H::register(
+            recorder,
+            &Key::from_parts(self.name.clone(), labels),
+            self.meta,
+        )
+    }
+}
 
 /// Handles for `tidings_<component>_connections_*` metrics. [`ConnMetrics::default`] records
 /// nothing.
@@ -49,49 +164,32 @@ impl ConnMetrics {
     /// - `tidings_<component>_connections_timed_out_total{reason}`: `header`, `idle`, `write`;
     /// - `tidings_<component>_accept_errors_total` (e.g. out of file descriptors).
     pub fn register<R: Recorder + ?Sized>(recorder: &R, component: &str) -> Self {
+        let reg = Registrar::new(recorder, &META);
         let name = |what: &str| format!("tidings_{component}_{what}");
-        let open = name("connections_open");
-        recorder.describe_gauge(
-            KeyName::from(open.clone()),
-            None,
-            SharedString::const_str("Client connections open on the HTTP listener."),
+        let evicted: Family<Counter, 1> = reg.family(
+            name("connections_evicted_total"),
+            "Connections closed at the connection cap: oldest_idle (closed to make room) or at_capacity (new connection refused).",
+            ["reason"],
         );
-        let evicted = name("connections_evicted_total");
-        recorder.describe_counter(
-            KeyName::from(evicted.clone()),
-            Some(Unit::Count),
-            SharedString::const_str(
-                "Connections closed at the connection cap: oldest_idle (closed to make room) or at_capacity (new connection refused).",
-            ),
+        let timed_out: Family<Counter, 1> = reg.family(
+            name("connections_timed_out_total"),
+            "Connections closed by a timeout: header (request head too slow), idle (keep-alive), write (client not reading).",
+            ["reason"],
         );
-        let timed_out = name("connections_timed_out_total");
-        recorder.describe_counter(
-            KeyName::from(timed_out.clone()),
-            Some(Unit::Count),
-            SharedString::const_str(
-                "Connections closed by a timeout: header (request head too slow), idle (keep-alive), write (client not reading).",
-            ),
-        );
-        let accept = name("accept_errors_total");
-        recorder.describe_counter(
-            KeyName::from(accept.clone()),
-            Some(Unit::Count),
-            SharedString::const_str("Failed accepts, such as running out of file descriptors."),
-        );
-        let counter = |name: &str, label: Option<(&'static str, &'static str)>| {
-            let labels = label
-                .map(|(k, v)| vec![Label::from_static_parts(k, v)])
-                .unwrap_or_default();
-            recorder.register_counter(&Key::from_parts(name.to_string(), labels), &META)
-        };
         ConnMetrics {
-            open: recorder.register_gauge(&Key::from_name(open), &META),
-            evicted_idle: counter(&evicted, Some(("reason", "oldest_idle"))),
-            refused: counter(&evicted, Some(("reason", "at_capacity"))),
-            timed_out_header: counter(&timed_out, Some(("reason", "header"))),
-            timed_out_idle: counter(&timed_out, Some(("reason", "idle"))),
-            timed_out_write: counter(&timed_out, Some(("reason", "write"))),
-            accept_errors: counter(&accept, None),
+            open: reg.one(
+                name("connections_open"),
+                "Client connections open on the HTTP listener.",
+            ),
+            evicted_idle: reg.get(&evicted, ["oldest_idle"]),
+            refused: reg.get(&evicted, ["at_capacity"]),
+            timed_out_header: reg.get(&timed_out, ["header"]),
+            timed_out_idle: reg.get(&timed_out, ["idle"]),
+            timed_out_write: reg.get(&timed_out, ["write"]),
+            accept_errors: reg.one(
+                name("accept_errors_total"),
+                "Failed accepts, such as running out of file descriptors.",
+            ),
         }
     }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use schema::agent_api::{AgentSelf, MemberState, Members};
 
 use crate::{Proc, START, http, poll};
 
@@ -248,9 +249,12 @@ pub fn lookup_within(base: &str, service: &str, timeout: Duration) -> Result<Loo
         .collect();
     Ok(Lookup {
         hosts,
-        source: r.header("x-tidings-source").unwrap_or("").to_string(),
+        source: r
+            .header(schema::wire::HEADER_SOURCE)
+            .unwrap_or("")
+            .to_string(),
         age_ms: r
-            .header("x-tidings-registry-age-ms")
+            .header(schema::wire::HEADER_REGISTRY_AGE)
             .and_then(|a| a.parse().ok())
             .context("registry age header")?,
     })
@@ -266,20 +270,17 @@ pub struct Member {
 }
 
 pub fn members(base: &str) -> Result<Vec<Member>> {
-    let v = http::get(&format!("{base}/v1/agent/members"))?.json()?;
-    v["members"]
-        .as_array()
-        .context("members")?
-        .iter()
-        .map(|m| {
-            Ok(Member {
-                addr: m["addr"].as_str().context("addr")?.to_string(),
-                epoch: m["epoch"].as_u64().context("epoch")?,
-                alive: m["state"] == "alive",
-                is_self: m["self"] == true,
-            })
+    let answer: Members = http::get(&format!("{base}/v1/agent/members"))?.parse()?;
+    Ok(answer
+        .members
+        .into_iter()
+        .map(|m| Member {
+            addr: m.addr,
+            epoch: m.epoch,
+            alive: m.state == MemberState::Alive,
+            is_self: m.is_self,
         })
-        .collect()
+        .collect())
 }
 
 pub fn set(items: &[String]) -> BTreeSet<String> {
@@ -298,11 +299,11 @@ pub fn loopback(test: u8, host: u8) -> String {
 /// second), so that a crash now loses nothing.
 pub fn wait_cache_current(base: &str) -> Result<()> {
     poll(&format!("{base}'s disk cache to be current"), START, || {
-        let v = http::get(&format!("{base}/v1/agent/self"))
+        let me: AgentSelf = http::get(&format!("{base}/v1/agent/self"))
             .ok()?
-            .json()
+            .parse()
             .ok()?;
-        (v["cache"]["stored_index"] == v["view"]["index"]).then_some(())
+        (me.cache.stored_index == me.view.index).then_some(())
     })
 }
 

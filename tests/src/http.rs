@@ -24,6 +24,17 @@ impl Response {
             .with_context(|| format!("not JSON: {}", String::from_utf8_lossy(&self.body)))
     }
 
+    /// The body as one of the typed answers (`schema::agent_api`, `schema::api`).
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "not a {} answer: {}",
+                std::any::type_name::<T>(),
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }

@@ -125,12 +125,8 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
                 .filter(|l| l.age_ms >= 0 && l.source == "registry")
         })?;
     }
-    let members = http::get(&format!("{}/v1/agent/members", a1.url()))?.json()?;
-    assert_eq!(
-        members["members"].as_array().map(Vec::len),
-        Some(3),
-        "{members}"
-    );
+    let members = fleet::members(&a1.url())?;
+    assert_eq!(members.len(), 3, "{members:?}");
 
     // 1) SIGKILL the registry: every lookup on every agent keeps the same hosts.
     reg.signal("KILL")?;
@@ -255,12 +251,8 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
         "the lone agent to join through the registry's listing",
         Duration::from_secs(10),
         || {
-            let v = http::get(&format!("{}/v1/agent/members", a6.url()))
-                .ok()?
-                .json()
-                .ok()?;
-            let members = v["members"].as_array()?.clone();
-            (members.len() == 6 && members.iter().all(|m| m["state"] == "alive")).then_some(())
+            let members = fleet::members(&a6.url()).ok()?;
+            (members.len() == 6 && members.iter().all(|m| m.alive)).then_some(())
         },
     )?;
     eprintln!(

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use schema::wire::{HEADER_STALE, HEADER_WARMING, TRUE};
 use tests::backend::Backend;
 use tests::fleet::{self, Agent, lookup};
 use tests::hammer::Hammer;
@@ -84,8 +85,8 @@ fn registry_web(reg_url: &str) -> Result<RegistryAnswer> {
         .collect();
     Ok(RegistryAnswer {
         hosts,
-        stale: r.header("x-tidings-stale") == Some("true"),
-        warming: r.header("x-tidings-warming") == Some("true"),
+        stale: r.header(HEADER_STALE) == Some(TRUE),
+        warming: r.header(HEADER_WARMING) == Some(TRUE),
     })
 }
 

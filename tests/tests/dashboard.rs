@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use schema::agent_api::{AgentSelf, Members};
 use serde_json::Value;
 use tests::{Proc, http, poll};
 
@@ -381,27 +382,24 @@ fn agent_page(dom: &Dom) -> Result<AgentShown> {
 }
 
 fn agent_api(base: &str) -> Result<AgentShown> {
-    let (me, _) = json(&format!("{base}/v1/agent/self"))?;
-    let (members, _) = json(&format!("{base}/v1/agent/members"))?;
+    let me: AgentSelf = http::get(&format!("{base}/v1/agent/self"))?.parse()?;
+    let members: Members = http::get(&format!("{base}/v1/agent/members"))?.parse()?;
     let (catalog, resp) = json(&format!("{base}/v2/catalog"))?;
     ensure!(
-        resp.header("x-tidings-source").is_some(),
+        resp.header(schema::wire::HEADER_SOURCE).is_some(),
         "no X-Tidings-Source"
     );
-    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
     Ok(AgentShown {
-        gossip_addr: s(&me["gossip_addr"]),
-        members: members["members"]
-            .as_array()
+        gossip_addr: me.gossip_addr,
+        members: members
+            .members
             .into_iter()
-            .flatten()
-            .map(|m| (s(&m["addr"]), s(&m["state"])))
+            .map(|m| (m.addr, m.state.as_str().to_string()))
             .collect(),
-        local: me["endpoints"]
-            .as_array()
+        local: me
+            .endpoints
             .into_iter()
-            .flatten()
-            .map(|e| (s(&e["service"]), s(&e["addr"])))
+            .map(|e| (e.service, e.addr))
             .collect(),
         endpoints: catalog_endpoints(&catalog),
     })

@@ -9,7 +9,7 @@ mod moto;
 
 use std::time::Duration;
 
-use discovery::HEADER_STALE;
+use schema::wire::HEADER_STALE;
 use tests::{Proc, http, poll, run};
 
 /// A registry start, or a one-shot command, on a loaded 2-core CI machine.

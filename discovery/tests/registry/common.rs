@@ -13,6 +13,7 @@ use discovery::{
     StoredEndpoint, router,
 };
 use http_body_util::BodyExt;
+use schema::wire::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, TRUE};
 use schema::{Endpoint, ServiceName, Weight};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -145,17 +146,17 @@ impl Resp {
     }
 
     pub fn index(&self) -> u64 {
-        self.header("x-tidings-index")
+        self.header(HEADER_INDEX)
             .and_then(|v| v.parse().ok())
             .expect("X-Tidings-Index")
     }
 
     pub fn stale(&self) -> bool {
-        self.header("x-tidings-stale") == Some("true")
+        self.header(HEADER_STALE) == Some(TRUE)
     }
 
     pub fn warming(&self) -> bool {
-        self.header("x-tidings-warming") == Some("true")
+        self.header(HEADER_WARMING) == Some(TRUE)
     }
 
     /// `(ip, port)` of every host in a v1 listing.

@@ -4,6 +4,9 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use schema::agent_api::Members;
+use schema::api::V1Listing;
+use schema::wire::{HEADER_REGISTRY_AGE, HEADER_SOURCE};
 use serde_json::Value;
 
 use super::traffic::{HttpClient, get};
@@ -54,17 +57,16 @@ pub async fn agent_row(
         {
             Ok((200, headers, body)) => {
                 row.up = true;
-                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                row.hosts.push(v["hosts"].as_array().map_or(0, Vec::len));
+                let listing = serde_json::from_slice::<V1Listing>(&body);
+                row.hosts.push(listing.map_or(0, |l| l.hosts.len()));
                 let header = |n: &str| {
                     headers
                         .get(n)
                         .and_then(|h| h.to_str().ok())
                         .map(str::to_string)
                 };
-                row.source = header("x-tidings-source").unwrap_or_else(|| "-".into());
-                row.registry_age_ms =
-                    header("x-tidings-registry-age-ms").and_then(|a| a.parse().ok());
+                row.source = header(HEADER_SOURCE).unwrap_or_else(|| "-".into());
+                row.registry_age_ms = header(HEADER_REGISTRY_AGE).and_then(|a| a.parse().ok());
             }
             _ => row.hosts.push(0),
         }
@@ -72,11 +74,7 @@ pub async fn agent_row(
     if let Ok((200, _, body)) =
         get(client, &format!("http://{api}/v1/agent/members"), None, t).await
     {
-        let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-        let list = v
-            .as_array()
-            .or_else(|| v.get("members").and_then(Value::as_array));
-        row.members = list.map_or(0, Vec::len);
+        row.members = serde_json::from_slice::<Members>(&body).map_or(0, |m| m.members.len());
     }
     row
 }

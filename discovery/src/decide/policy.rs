@@ -321,10 +321,12 @@ pub fn warming(
     store_was_empty && now_ms.saturating_sub(started_ms) < ms(check_in_interval)
 }
 
-/// The index of a set of visible rows: the first 64 bits of a SHA-256 over every endpoint
-/// (tags and effective weight included, `last_check_in` excluded), in key order. A plain
+/// The index of a set of endpoints: the first 53 bits of a SHA-256 over every endpoint (tags
+/// and effective weight included, `last_check_in` excluded), in key order. A plain
 /// re-check-in leaves it unchanged; every registry replica computes the same value from the
-/// same rows. Never 0, so clients can use 0 for "no index yet".
+/// same rows. The agent indexes its merged view with it too. At most 2^53 - 1, so it
+/// survives a JSON number in any client (a double); never 0, so clients can use 0 for "no
+/// index yet".
 pub fn content_index<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> u64 {
     let mut h = Sha256::new();
     for ep in endpoints {
@@ -337,7 +339,7 @@ pub fn content_index<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> u
     let digest = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
-    u64::from_be_bytes(first).max(1)
+    (u64::from_be_bytes(first) >> 11).max(1)
 }
 
 /// How long a blocking query waits: the requested wait capped at `max_wait`, then moved by up

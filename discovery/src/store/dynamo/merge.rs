@@ -133,7 +133,7 @@ impl DynamoStore {
 /// step (two requests in flight can both pass), so racing real requests cannot test the
 /// compare-and-set there; this test makes the lost race happen in order instead.
 #[cfg(test)]
-#[path = "../../tests/support/moto.rs"]
+#[path = "../../../tests/support/moto.rs"]
 mod moto;
 
 #[cfg(test)]

@@ -15,11 +15,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::Scope;
-use crate::caller::{PeerAddr, caller_ip, resolve_auto_ip};
+use crate::decide::tag_merge::sent_tag_keys;
 use crate::errors::ApiError;
+use crate::http::caller::{PeerAddr, caller_ip, resolve_auto_ip};
+use crate::http::router::{ApiPath, Body, is_json, with_view_headers};
 use crate::registry::{Registry, View};
-use crate::router::{ApiPath, Body, is_json, with_view_headers};
-use crate::tag_merge::sent_tag_keys;
 
 pub(crate) fn hosts(view: &View) -> Vec<V1Host> {
     view.data

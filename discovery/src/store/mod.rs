@@ -1,6 +1,7 @@
 //! The storage contract. A store only keeps rows; *policy* (TTL filtering, self-preservation,
 //! warm-up, the index) lives in the registry above it, so both stores behave the same and the
-//! one conformance suite checks them both.
+//! one conformance suite checks them both. The stores live beside it: [`memory`] (one
+//! process), [`dynamo`] (replicas sharing a DynamoDB table), and `conformance` (the suite).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -10,7 +11,12 @@ use async_trait::async_trait;
 use schema::{Endpoint, ServiceName, ValidationError, Weight};
 use thiserror::Error;
 
-pub use crate::tag_merge::merge_tags;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+pub mod dynamo;
+pub mod memory;
+
+pub use crate::decide::tag_merge::merge_tags;
 
 /// One stored row: the endpoint as last checked in, when, and the operator's weight override.
 #[derive(Debug, Clone, PartialEq, Eq)]

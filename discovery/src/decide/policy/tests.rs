@@ -300,6 +300,11 @@ fn index_ignores_check_in_time_but_sees_tags_and_weights() {
         content_index([&a.endpoint, &d.endpoint])
     );
     assert_ne!(content_index(std::iter::empty()), 0);
+    // Exact in a JSON number (an f64) for every client.
+    for idx in [content_index([&a.endpoint]), content_index([&c.endpoint])] {
+        assert!(idx < 1 << 53, "{idx}");
+        assert_eq!(idx as f64 as u64, idx);
+    }
 }
 
 #[test]

@@ -7,9 +7,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::openapi;
+use crate::decide::status::Status;
+use crate::http::openapi;
 use crate::registry::Registry;
-use crate::status::Status;
 
 /// `GET /healthcheck`: `200 OK`, as lyft/discovery answers.
 pub async fn healthcheck() -> &'static str {

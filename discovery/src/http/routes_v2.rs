@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
@@ -13,15 +12,13 @@ use schema::ServiceName;
 use schema::api::{
     Catalog, CheckInRequest, CheckInResponse, ServiceSummary, ServicesResponse, V1Host, V1Listing,
 };
-use serde::Deserialize;
 
+use super::routes_v1::hosts;
 use crate::auth::Scope;
-use crate::config::duration;
 use crate::errors::ApiError;
-use crate::policy;
+use crate::http::blocking::{Blocking, BlockingParams, block};
+use crate::http::router::{ApiPath, Body, with_view_headers};
 use crate::registry::{Registry, View};
-use crate::router::{ApiPath, Body, with_view_headers};
-use crate::routes_v1::hosts;
 
 /// `POST /v2/checkin`: all of one host's endpoints at once.
 pub async fn checkin(
@@ -89,114 +86,34 @@ pub async fn services(State(registry): State<Registry>) -> Result<Response, ApiE
     Ok(with_view_headers(Json(body).into_response(), &view))
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct BlockingQuery {
-    index: Option<String>,
-    wait: Option<String>,
-}
-
-/// `index` and `wait` of a blocking query; other parameters are ignored, as Consul does.
-/// Shared with the agent's local API, which answers the same queries.
-pub fn blocking_params(query: Option<&str>) -> Result<(Option<u64>, Option<Duration>), ApiError> {
-    let q: BlockingQuery = match query {
-        Some(q) => serde_urlencoded::from_str(q)
-            .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,
-        None => BlockingQuery::default(),
-    };
-    let index =
-        match q.index.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                ApiError::BadRequest(format!("index must be an integer, got {s:?}"))
-            })?),
-            None => None,
-        };
-    let wait = match q.wait.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-        Some(s) => {
-            Some(duration::parse(s).map_err(|e| ApiError::BadRequest(format!("wait: {e}")))?)
-        }
-        None => None,
-    };
-    Ok((index, wait))
-}
-
-/// Answers at once unless the caller's `index` is current; then waits until the index moves,
-/// the (capped, jittered) wait elapses, or the registry drains. Local writes wake it through
-/// the change signal; it also re-reads every `recheck_interval`, which notices expiries and
-/// writes by other registries sharing the store.
-async fn block<F, Fut>(
+/// A blocking query on the registry: local writes wake it through the change signal; it
+/// also re-reads every `recheck_interval`, which notices expiries and writes by other
+/// registries sharing the store.
+async fn block_on<F, Fut>(
     registry: &Registry,
-    index: Option<u64>,
-    wait: Option<Duration>,
+    query: Option<&str>,
     read: F,
 ) -> Result<View, ApiError>
 where
     F: Fn() -> Fut,
     Fut: Future<Output = Result<View, ApiError>>,
 {
-    // Subscribe before the first read, so a change between the two is not missed.
-    let mut changes = registry.subscribe();
-    changes.borrow_and_update();
-    let view = read().await?;
-    let Some(index) = index else { return Ok(view) };
-    if view.data.index != index {
-        return Ok(view);
-    }
+    let params = BlockingParams::parse(query)?;
     let cfg = registry.config();
-    // Held for the whole wait and released on drop, also when the client goes away.
-    let _permit = registry
-        .inner
-        .waiters
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| {
-            registry.inner.metrics.rejected("max_blocking_waiters");
-            ApiError::TooManyWaiters {
-                limit: cfg.max_blocking_waiters,
-                // Jittered, so refused waiters do not all come back in the same second.
-                retry_after_secs: policy::waiter_retry_after(rand::random::<f64>()),
-            }
-        })?;
-    let wait = policy::blocking_wait(
-        wait.unwrap_or(cfg.max_wait),
-        cfg.max_wait,
-        rand::random::<f64>(),
-    );
-    let deadline = tokio::time::Instant::now() + wait;
     let metrics = &registry.inner.metrics;
-    metrics.blocking.increment(1.0);
-    let _done = scopeguard(|| metrics.blocking.decrement(1.0));
-    loop {
-        let recheck = tokio::time::sleep(cfg.recheck_interval.min(wait));
-        tokio::select! {
-            biased;
-            () = tokio::time::sleep_until(deadline) => return read().await,
-            () = registry.draining().cancelled() => return read().await,
-            res = changes.changed() => {
-                if res.is_err() {
-                    // The registry is gone; nothing more will change.
-                    return read().await;
-                }
-            }
-            () = recheck => {}
-        }
-        let view = read().await?;
-        if view.data.index != index {
-            return Ok(view);
-        }
-    }
-}
-
-struct Guard<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        (self.0)();
-    }
-}
-
-/// Runs `f` when dropped, so the gauge is right even when the client goes away mid-wait.
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
+    let blocking = Blocking {
+        waiters: &registry.inner.waiters,
+        limit: cfg.max_blocking_waiters,
+        max_wait: cfg.max_wait,
+        recheck: Some(cfg.recheck_interval),
+        draining: registry.draining(),
+        refused: metrics.rejected_counter("max_blocking_waiters"),
+        waiting: metrics.blocking.clone(),
+    };
+    block(blocking, registry.subscribe(), params, read, |v: &View| {
+        v.data.index
+    })
+    .await
 }
 
 /// `GET /v2/services/{service}?index=I&wait=30s`: the v1 listing, blocking.
@@ -206,8 +123,10 @@ pub async fn service(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let service = ServiceName::new(service)?;
-    let (index, wait) = blocking_params(query.as_deref())?;
-    let view = block(&registry, index, wait, || registry.read_service(&service)).await?;
+    let view = block_on(&registry, query.as_deref(), || {
+        registry.read_service(&service)
+    })
+    .await?;
     let listing = V1Listing {
         service: service.to_string(),
         env: registry.config().env.clone(),
@@ -221,8 +140,7 @@ pub async fn catalog(
     State(registry): State<Registry>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (index, wait) = blocking_params(query.as_deref())?;
-    let view = block(&registry, index, wait, || registry.read_catalog()).await?;
+    let view = block_on(&registry, query.as_deref(), || registry.read_catalog()).await?;
     let mut services: BTreeMap<String, Vec<V1Host>> = BTreeMap::new();
     for r in &view.data.rows {
         let host = V1Host::from_endpoint(&r.endpoint, r.last_check_in_ms);

@@ -3,8 +3,8 @@
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::http::router::router;
 use crate::registry::Registry;
-use crate::router::router;
 use crate::sweep::run_sweeper;
 
 /// Serves the registry on `listener` (the caller binds it, so tests can use port 0) and runs

@@ -14,8 +14,8 @@ use schema::eds::{DiscoveryRequest, response};
 use schema::{Endpoint, ServiceName};
 
 use crate::errors::ApiError;
+use crate::http::router::{Body, with_view_headers};
 use crate::registry::Registry;
-use crate::router::{Body, with_view_headers};
 
 pub async fn endpoints(
     State(registry): State<Registry>,

@@ -16,16 +16,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
+use schema::wire::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, TRUE};
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 
+use super::{routes_eds, routes_ops, routes_v1, routes_v2, ui};
 use crate::errors::ApiError;
 use crate::registry::{Registry, View};
-use crate::{routes_eds, routes_ops, routes_v1, routes_v2, ui};
-
-pub const HEADER_INDEX: &str = "x-tidings-index";
-pub const HEADER_STALE: &str = "x-tidings-stale";
-pub const HEADER_WARMING: &str = "x-tidings-warming";
 
 /// The registry's axum router. Tests drive it with `tower::ServiceExt::oneshot`; [`crate::serve`]
 /// puts it on a socket.
@@ -164,7 +161,7 @@ async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> 
     let mut resp = next.run(req).await;
     if registry.is_warming() {
         resp.headers_mut()
-            .insert(HEADER_WARMING, HeaderValue::from_static("true"));
+            .insert(HEADER_WARMING, HeaderValue::from_static(TRUE));
     }
     let secs = started.elapsed().as_secs_f64();
     registry
@@ -231,7 +228,7 @@ pub fn with_view_headers(mut resp: Response, view: &View) -> Response {
     let h = resp.headers_mut();
     h.insert(HEADER_INDEX, HeaderValue::from(view.data.index));
     if view.stale() {
-        h.insert(HEADER_STALE, HeaderValue::from_static("true"));
+        h.insert(HEADER_STALE, HeaderValue::from_static(TRUE));
     }
     resp
 }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use schema::wire::tag;
 use schema::{MAX_EXTRA_TAGS, TagKey, Tags, ValidationError};
 use serde_json::Value;
 
@@ -44,11 +45,11 @@ pub fn merge_tags(
     let mut out = stored.clone();
     for key in sent {
         match key.as_str() {
-            "az" => out.az = new.az.clone(),
-            "region" => out.region = new.region.clone(),
-            "instance_id" => out.instance_id = new.instance_id.clone(),
-            "canary" => out.canary = new.canary,
-            "load_balancing_weight" => out.load_balancing_weight = new.load_balancing_weight,
+            tag::AZ => out.az = new.az.clone(),
+            tag::REGION => out.region = new.region.clone(),
+            tag::INSTANCE_ID => out.instance_id = new.instance_id.clone(),
+            tag::CANARY => out.canary = new.canary,
+            tag::LOAD_BALANCING_WEIGHT => out.load_balancing_weight = new.load_balancing_weight,
             other => {
                 let key = TagKey::new(other.to_string())?;
                 match new.extra.get(&key) {

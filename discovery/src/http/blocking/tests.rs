@@ -1,0 +1,134 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+const MAX: Duration = Duration::from_secs(300);
+
+struct Server {
+    waiters: Arc<Semaphore>,
+    draining: CancellationToken,
+    tx: watch::Sender<u64>,
+}
+
+impl Server {
+    fn new(permits: usize) -> Self {
+        Server {
+            waiters: Arc::new(Semaphore::new(permits)),
+            draining: CancellationToken::new(),
+            tx: watch::channel(7).0,
+        }
+    }
+
+    fn cfg(&self) -> Blocking<'_> {
+        Blocking {
+            waiters: &self.waiters,
+            limit: 1,
+            max_wait: MAX,
+            recheck: None,
+            draining: &self.draining,
+            refused: Counter::noop(),
+            waiting: Gauge::noop(),
+        }
+    }
+
+    /// One query holding `index`, reading the channel's value as the index.
+    async fn query(&self, index: Option<u64>, wait: &str) -> Result<u64, ApiError> {
+        let q = format!(
+            "wait={wait}&index={}",
+            index.map_or(String::new(), |i| i.to_string())
+        );
+        let params = BlockingParams::parse(Some(&q))?;
+        let rx = self.tx.subscribe();
+        block(
+            self.cfg(),
+            rx.clone(),
+            params,
+            || async { Ok(*rx.borrow()) },
+            |v| *v,
+        )
+        .await
+    }
+}
+
+#[test]
+fn params_parse_and_refuse() {
+    let p = BlockingParams::parse(Some("index=12&wait=30s&other=x")).expect("valid");
+    assert_eq!(p.index, Some(12));
+    assert_eq!(p.wait, Some(Duration::from_secs(30)));
+    assert_eq!(
+        BlockingParams::parse(Some("index=&wait=")).expect("blank"),
+        BlockingParams::default()
+    );
+    assert_eq!(
+        BlockingParams::parse(None).expect("none"),
+        BlockingParams::default()
+    );
+    assert!(BlockingParams::parse(Some("index=x")).is_err());
+    assert!(BlockingParams::parse(Some("wait=soon")).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_at_once_without_a_current_index() {
+    let s = Server::new(1);
+    let t0 = Instant::now();
+    assert_eq!(s.query(None, "30s").await.expect("answer"), 7);
+    assert_eq!(s.query(Some(6), "30s").await.expect("answer"), 7);
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wakes_on_a_change() {
+    let s = Server::new(1);
+    let tx = s.tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tx.send_replace(8);
+    });
+    let t0 = Instant::now();
+    assert_eq!(s.query(Some(7), "30s").await.expect("answer"), 8);
+    assert_eq!(t0.elapsed(), Duration::from_secs(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn times_out_within_a_sixteenth_of_the_wait() {
+    let s = Server::new(1);
+    let t0 = Instant::now();
+    assert_eq!(s.query(Some(7), "32s").await.expect("answer"), 7);
+    let took = t0.elapsed();
+    assert!(
+        (Duration::from_secs(30)..=Duration::from_secs(34)).contains(&took),
+        "{took:?}"
+    );
+    // A wait past the cap is held to it.
+    let t0 = Instant::now();
+    s.query(Some(7), "1h").await.expect("answer");
+    assert!(t0.elapsed() <= MAX + MAX / 16, "{:?}", t0.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn refuses_past_the_waiter_limit_and_drains() {
+    let s = Arc::new(Server::new(1));
+    let first = tokio::spawn({
+        let s = s.clone();
+        async move { s.query(Some(7), "30s").await }
+    });
+    // Let the first query take the only permit.
+    while s.waiters.available_permits() > 0 {
+        tokio::task::yield_now().await;
+    }
+    let refused = s.query(Some(7), "30s").await;
+    assert!(
+        matches!(refused, Err(ApiError::TooManyWaiters { limit: 1, .. })),
+        "{refused:?}"
+    );
+    let t0 = Instant::now();
+    s.draining.cancel();
+    assert_eq!(first.await.expect("join").expect("answer"), 7);
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+}
