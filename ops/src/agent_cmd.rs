@@ -237,7 +237,8 @@ async fn run_agent(cfg: &mut AgentConfig) -> Result<()> {
 /// One GET: status, headers and body, within 10 s. An `https://` URL is verified against
 /// `ca_file`, or the system's CAs.
 async fn get(url: &str, ca_file: Option<&Path>) -> Result<(u16, hyper::HeaderMap, Bytes)> {
-    let client = proxy::membership::client(url.starts_with("https://"), ca_file)
+    let scheme = proxy::config::Scheme::of_url(url)?;
+    let client = proxy::membership::watch_client(scheme, ca_file)
         .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
     let uri: hyper::Uri = url
         .parse()

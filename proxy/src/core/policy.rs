@@ -14,7 +14,7 @@ use crate::core::outlier::RequestResult;
 use crate::core::retry::{self, AttemptOutcome, RetryPolicy};
 
 /// The header naming the breaker resource of an overflow answer.
-pub static OVERFLOW: HeaderName = HeaderName::from_static("x-tidings-overflow");
+pub static OVERFLOW: HeaderName = HeaderName::from_static(schema::wire::HEADER_OVERFLOW);
 
 /// An answer the proxy makes itself, in the registry's error shape (`code` and `message`).
 /// Both request paths render these and nothing else.

@@ -34,12 +34,6 @@ const MIN_POLL: Duration = Duration::from_secs(1);
 
 pub type WatchClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-/// [`watch_client`] for a caller that still says `https` with a bool.
-// Kept for `ops`' agent command, which should call `watch_client(Scheme::of_url(url)?, …)`.
-pub fn client(https: bool, ca_file: Option<&Path>) -> Result<WatchClient, String> {
-    watch_client(Scheme::tls(https), ca_file)
-}
-
 /// A client for `http://` and `https://` sources. `https` sources are verified against the
 /// CA certificates in `ca_file` only, or the system's when it is `None` (loaded only for
 /// `Scheme::Https`: a plain-HTTP watch needs no roots).
@@ -153,8 +147,9 @@ async fn fetch(client: &WatchClient, url: &str) -> Result<Answer, String> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let index = header("x-tidings-index");
-    let warming = header("x-tidings-warming").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let index = header(schema::wire::HEADER_INDEX);
+    let warming = header(schema::wire::HEADER_WARMING)
+        .is_some_and(|v| v.eq_ignore_ascii_case(schema::wire::TRUE));
     if status != StatusCode::OK {
         return Err(format!("{url}: status {status}"));
     }
@@ -200,7 +195,7 @@ pub fn parse_listing(listing: &V1Listing) -> Vec<ListedHost> {
                 weight: u32::from(ep.tags.load_balancing_weight.get()),
                 zone: ep.tags.zone().map(str::to_string),
                 canary: ep.tags.canary,
-                draining: ep.tags.extra.iter().any(|(k, v)| k.as_str() == "draining" && v.as_str() == "true"),
+                draining: ep.tags.extra.iter().any(|(k, v)| k.as_str() == schema::wire::tag::DRAINING && v.as_str() == schema::wire::TRUE),
             }),
             Err(e) => {
                 tracing::warn!(ip = %h.ip_address, port = h.port, error = %e, "skipping invalid host in listing");
