@@ -72,8 +72,8 @@ impl Metrics {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let reg = Registrar::new(&recorder, &META);
-        let counter = |name: &str, help| reg.one::<Counter>(name, help);
-        let gauge = |name: &str, help| reg.one::<Gauge>(name, help);
+        let counter = |name: &'static str, help| reg.one::<Counter>(name, help);
+        let gauge = |name: &'static str, help| reg.one::<Gauge>(name, help);
         const CHECKINS: &str = "tidings_agent_checkins_total";
         const CHECKINS_HELP: &str = "Check-in rounds by result.";
         const SYNCS: &str = "tidings_agent_registry_syncs_total";

@@ -53,8 +53,8 @@ impl Metrics {
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         let reg = Registrar::new(&recorder, &META);
-        let counter = |name: &str, help| reg.one::<Counter>(name, help);
-        let gauge = |name: &str, help| reg.one::<Gauge>(name, help);
+        let counter = |name: &'static str, help| reg.one::<Counter>(name, help);
+        let gauge = |name: &'static str, help| reg.one::<Gauge>(name, help);
         let checkins = counter(
             "tidings_registry_checkins_total",
             "Endpoints accepted by check-ins.",

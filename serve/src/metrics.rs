@@ -64,16 +64,12 @@ impl<'a, R: Recorder + ?Sized> Registrar<'a, R> {
     /// Describes the metric `name` with label keys `keys`; its handles come from the family.
     pub fn family<H: Handle, const N: usize>(
         &self,
-        name: impl Into<String>,
+        name: impl Into<KeyName>,
         help: &'static str,
         keys: [&'static str; N],
     ) -> Family<H, N> {
         let name = name.into();
-        H::describe(
-            self.recorder,
-            KeyName::from(name.clone()),
-            SharedString::const_str(help),
-        );
+        H::describe(self.recorder, name.clone(), SharedString::const_str(help));
         Family {
             name,
             keys,
@@ -83,7 +79,7 @@ impl<'a, R: Recorder + ?Sized> Registrar<'a, R> {
     }
 
     /// Describes and registers an unlabelled metric.
-    pub fn one<H: Handle>(&self, name: impl Into<String>, help: &'static str) -> H {
+    pub fn one<H: Handle>(&self, name: impl Into<KeyName>, help: &'static str) -> H {
         self.family::<H, 0>(name, help, []).on(self.recorder, [])
     }
 
@@ -96,7 +92,8 @@ impl<'a, R: Recorder + ?Sized> Registrar<'a, R> {
 /// One described metric and its label keys: a handle per set of label values.
 #[derive(Debug, Clone)]
 pub struct Family<H, const N: usize> {
-    name: String,
+    /// A `&'static str` name stays borrowed, so each handle lookup clones it for free.
+    name: KeyName,
     keys: [&'static str; N],
     meta: &'static Metadata<'static>,
     kind: std::marker::PhantomData<fn() -> H>,
