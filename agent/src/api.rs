@@ -164,13 +164,27 @@ async fn v1_listing(
 ) -> Result<Response, ApiError> {
     let service = service_name(service)?;
     let draining = wants_draining(query.as_deref())?;
-    let view = shared.current_view();
-    let body = Json(listing(&shared, &service, &view, draining)).into_response();
-    Ok(with_meta(
-        body,
-        view.service_index(&service),
-        view.source_of(view.hosts(&service)),
+    Ok(listing_answer(
+        &shared,
+        &service,
+        &shared.current_view(),
+        draining,
     ))
+}
+
+/// The v1 listing of `service` with its index and source headers.
+fn listing_answer(
+    shared: &Shared,
+    service: &ServiceName,
+    view: &MergedView,
+    draining: bool,
+) -> Response {
+    let body = Json(listing(shared, service, view, draining)).into_response();
+    with_meta(
+        body,
+        view.service_index(service),
+        view.source_of(view.hosts(service)),
+    )
 }
 
 /// `GET /v2/services`: every service with hosts, and how many.
@@ -225,12 +239,7 @@ async fn v2_service(
     let service = service_name(service)?;
     let draining = wants_draining(query.as_deref())?;
     let view = block(&shared, query.as_deref(), |v| v.service_index(&service)).await?;
-    let body = Json(listing(&shared, &service, &view, draining)).into_response();
-    Ok(with_meta(
-        body,
-        view.service_index(&service),
-        view.source_of(view.hosts(&service)),
-    ))
+    Ok(listing_answer(&shared, &service, &view, draining))
 }
 
 /// `GET /v2/catalog?index=I&wait=30s`: every service at once, blocking.
