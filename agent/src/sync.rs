@@ -186,8 +186,34 @@ fn same_hosts(a: &Snapshot, b: &Snapshot) -> bool {
 /// gossip would spread it over them — every agent would lose the hosts that had not yet
 /// checked in again (found by the fault campaign). So it waits until it holds something, or
 /// until it knows it has no peer to learn from; the next warming poll comes soon.
-pub fn defer_warming(warming: bool, holds_nothing: bool, has_live_peers: bool) -> bool {
-    warming && holds_nothing && has_live_peers
+pub fn defer_warming(warming: bool, holds_nothing: bool, peers: PeerOutlook) -> bool {
+    warming && holds_nothing && peers.may_teach()
+}
+
+/// How long a just-started agent counts agents it is still joining as peers to learn from.
+/// Past it, an agent whose joins all failed applies warming answers alone rather than
+/// serving nothing.
+pub const JOIN_GRACE: Duration = Duration::from_secs(10);
+
+/// What this agent knows of peers that could bring it the registry data it lacks.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerOutlook {
+    /// Gossip lists another member as active.
+    pub live: bool,
+    /// Agents the registry lists that gossip does not know yet (about to be joined).
+    pub to_join: usize,
+    /// Since this agent's sync loop began.
+    pub running_for: Duration,
+}
+
+impl PeerOutlook {
+    /// A live peer, or, right after a start, an agent about to be joined: an agent restarted
+    /// without its cache knows no live member at its first sync, yet its peers exist and
+    /// hold the fuller snapshots (campaign seed 12860982494713673050: published at once,
+    /// its lower bound hid a cron host on every other agent for a round).
+    pub fn may_teach(self) -> bool {
+        self.live || (self.to_join > 0 && self.running_for < JOIN_GRACE)
+    }
 }
 
 /// Agents the registry lists that gossip should announce to: all of them when this agent is
@@ -288,6 +314,7 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
     let mut pacer = Pacer::new(cfg.poll_interval, cfg.sync_retry_max);
     let mut index: Option<u64> = None;
     let mut warming_noted = false;
+    let loop_began = Instant::now();
     loop {
         let started = Instant::now();
         let sent_ms = shared.now_ms();
@@ -332,14 +359,17 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                     );
                 }
                 let members = shared.gossip.members();
-                let has_peers = members
-                    .iter()
-                    .any(|m| m.active && m.id.addr != shared.gossip_addr);
-                let deferred = defer_warming(
-                    plan.warming,
-                    held.is_empty() && cached.is_empty(),
-                    has_peers,
-                );
+                // Joining more agents is harmless, so a warming listing is good enough.
+                let join = seeds_to_join(&catalog, shared.gossip_addr, &members);
+                let peers = PeerOutlook {
+                    live: members
+                        .iter()
+                        .any(|m| m.active && m.id.addr != shared.gossip_addr),
+                    to_join: join.len(),
+                    running_for: loop_began.elapsed(),
+                };
+                let deferred =
+                    defer_warming(plan.warming, held.is_empty() && cached.is_empty(), peers);
                 let snapshots = if deferred {
                     tracing::debug!(
                         "warming answer held back until gossip brings the peers' registry data"
@@ -354,8 +384,6 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                         tracing::warn!("gossip has stopped; registry snapshot not applied");
                     }
                 }
-                // Joining more agents is harmless, so a warming listing is good enough.
-                let join = seeds_to_join(&catalog, shared.gossip_addr, &members);
                 if !join.is_empty() {
                     tracing::info!(seeds = ?join, "joining agents the registry lists");
                     if shared.gossip.join(join).await.is_err() {

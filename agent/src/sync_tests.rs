@@ -256,10 +256,35 @@ fn pacing_backs_off_to_the_cap_and_polls_within_ten_percent() {
 
 #[test]
 fn a_warming_answer_waits_while_this_agent_holds_nothing_its_peers_could_teach_it() {
+    let peers = |live, to_join, secs| PeerOutlook {
+        live,
+        to_join,
+        running_for: Duration::from_secs(secs),
+    };
+    let alive = peers(true, 0, 60);
+    let alone = peers(false, 0, 0);
     // Restarted without a cache, peers alive: the lower bound alone would overwrite them.
-    assert!(defer_warming(true, true, true));
+    assert!(defer_warming(true, true, alive));
     // Alone, or holding something to merge with, or an authoritative answer: apply.
-    assert!(!defer_warming(true, true, false));
-    assert!(!defer_warming(true, false, true));
-    assert!(!defer_warming(false, true, true));
+    assert!(!defer_warming(true, true, alone));
+    assert!(!defer_warming(true, false, alive));
+    assert!(!defer_warming(false, true, alive));
+}
+
+#[test]
+fn a_just_started_agent_counts_the_agents_it_is_joining_as_peers_to_learn_from() {
+    // First sync after a cache-less start: gossip knows no live member yet, but the registry
+    // lists three agents about to be joined: their data is on its way.
+    let joining = PeerOutlook {
+        live: false,
+        to_join: 3,
+        running_for: Duration::from_millis(200),
+    };
+    assert!(defer_warming(true, true, joining));
+    // Joins that never answer do not hold warming answers back for ever.
+    let gave_up = PeerOutlook {
+        running_for: JOIN_GRACE,
+        ..joining
+    };
+    assert!(!defer_warming(true, true, gave_up));
 }
