@@ -379,12 +379,12 @@ impl Cluster {
         st.hosts.contains_key(&addr)
     }
 
-    /// Picks a host for a new request and counts the request against it. `avoid` is the host
-    /// of the previous attempt, skipped when there is any other choice.
+    /// Picks a host for a new request and counts the request against it. `avoid` holds the
+    /// hosts this request already tried, skipped when there is any other choice.
     pub fn pick(
         &self,
         hash: Option<u64>,
-        avoid: Option<SocketAddr>,
+        avoid: &[SocketAddr],
     ) -> Option<(SocketAddr, ActiveGuard)> {
         let mut st = self.lock();
         self.refresh_routing(&mut st);
@@ -401,7 +401,7 @@ impl Cluster {
             }
         }
         let n = routing.handles.len();
-        let addr_of = |i: usize| routing.handles[i].addr;
+        let avoided = |i: usize| avoid.contains(&routing.handles[i].addr);
         // Envoy's previous-host predicate: re-pick a few times (perturbing the hash, as Envoy
         // does for hash balancers) rather than change the host set, which would reset the
         // balancer's schedule.
@@ -409,19 +409,30 @@ impl Cluster {
         for attempt in 0..HOST_SELECTION_ATTEMPTS {
             let h = hash.map(|h| h.wrapping_add(attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
             picked = balancer.pick_current(&routing.lb, routing.panic, h, rng);
-            match (picked, avoid) {
-                (Some(i), Some(avoid)) if addr_of(i) == avoid && n > 1 => continue,
+            match picked {
+                Some(i) if avoided(i) => continue,
                 _ => break,
             }
         }
         let mut picked = picked?;
-        if avoid.is_some_and(|a| addr_of(picked) == a) && n > 1 {
-            // Unlucky draws: take the neighbour rather than repeat a failed host.
-            picked = (picked + 1) % n;
+        if avoided(picked) {
+            // Unlucky draws: take the next host not tried yet rather than repeat a failed one;
+            // when every host was tried, the balancer's choice stands.
+            if let Some(next) = (1..n).map(|k| (picked + k) % n).find(|&i| !avoided(i)) {
+                picked = next;
+            }
         }
         let handle = routing.handles.get(picked)?.clone();
         handle.active.fetch_add(1, Ordering::AcqRel);
         Some((handle.addr, ActiveGuard(handle)))
+    }
+
+    /// Whether a routable host exists that is not in `tried`: a failed connect may then go
+    /// on to it.
+    pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
+        let mut st = self.lock();
+        self.refresh_routing(&mut st);
+        st.routing.handles.iter().any(|h| !tried.contains(&h.addr))
     }
 
     /// Recomputes the routable set from the hosts' discovery, health and ejections, if

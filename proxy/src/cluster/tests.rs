@@ -63,10 +63,10 @@ async fn new_hosts_wait_for_their_first_check() {
     assert_eq!(decision(&c, 1), Some(Decision::Hold));
     assert!(c.record_health(addr(2), CheckOutcome::Success));
     for _ in 0..10 {
-        assert_eq!(c.pick(None, None).map(|(a, _)| a), Some(addr(2)));
+        assert_eq!(c.pick(None, &[]).map(|(a, _)| a), Some(addr(2)));
     }
     assert!(c.record_health(addr(1), CheckOutcome::Success));
-    assert!((0..10).any(|_| c.pick(None, None).map(|(a, _)| a) == Some(addr(1))));
+    assert!((0..10).any(|_| c.pick(None, &[]).map(|(a, _)| a) == Some(addr(1))));
 }
 
 #[tokio::test]
@@ -76,7 +76,7 @@ async fn when_too_few_hosts_are_healthy_the_cluster_panics_and_uses_all() {
     c.record_health(addr(1), CheckOutcome::Success);
     // One of three routable (33 % < 50 %): every known host gets traffic.
     let picked: std::collections::BTreeSet<_> = (0..30)
-        .filter_map(|_| c.pick(None, None).map(|(a, _)| a))
+        .filter_map(|_| c.pick(None, &[]).map(|(a, _)| a))
         .collect();
     assert_eq!(picked.len(), 3);
     assert!(c.snapshot().panic);
@@ -121,7 +121,7 @@ async fn drained_host_leaves_once_idle() {
     let c = cluster(HealthCheckKind::None);
     c.apply_listing(vec![listed(1), listed(2)], None, false);
     let (_, guard) = loop {
-        let (a, g) = c.pick(None, None).expect("pick");
+        let (a, g) = c.pick(None, &[]).expect("pick");
         if a == addr(2) {
             break (a, g);
         }
@@ -139,7 +139,7 @@ async fn drained_host_leaves_once_idle() {
     );
     assert_eq!(decision(&c, 2), Some(Decision::Drain));
     for _ in 0..10 {
-        assert_eq!(c.pick(None, None).map(|(a, _)| a), Some(addr(1)));
+        assert_eq!(c.pick(None, &[]).map(|(a, _)| a), Some(addr(1)));
     }
     c.maintain(false);
     assert_eq!(
@@ -176,13 +176,13 @@ async fn retries_avoid_the_previous_host() {
     let c = cluster(HealthCheckKind::None);
     c.apply_listing(vec![listed(1), listed(2), listed(3)], None, false);
     for _ in 0..30 {
-        let (a, _) = c.pick(Some(42), Some(addr(2))).expect("pick");
+        let (a, _) = c.pick(Some(42), &[addr(2)]).expect("pick");
         assert_ne!(a, addr(2));
     }
     // With one host there is no choice.
     let c = cluster(HealthCheckKind::None);
     c.apply_listing(vec![listed(1)], None, false);
-    assert_eq!(c.pick(None, Some(addr(1))).map(|(a, _)| a), Some(addr(1)));
+    assert_eq!(c.pick(None, &[addr(1)]).map(|(a, _)| a), Some(addr(1)));
 }
 
 #[tokio::test]
@@ -193,7 +193,7 @@ async fn outlier_ejection_takes_a_host_out_of_rotation() {
         c.record_result(addr(1), RequestResult::Failure);
     }
     for _ in 0..10 {
-        assert_eq!(c.pick(None, None).map(|(a, _)| a), Some(addr(2)));
+        assert_eq!(c.pick(None, &[]).map(|(a, _)| a), Some(addr(2)));
     }
     let h = c
         .snapshot()
@@ -210,7 +210,7 @@ async fn an_ejection_ends_on_its_own_and_the_host_is_picked_again() {
     c.apply_listing(vec![listed(1), listed(2)], None, false);
     let both = |c: &Cluster| {
         (0..20)
-            .filter_map(|_| c.pick(None, None).map(|(a, _)| a))
+            .filter_map(|_| c.pick(None, &[]).map(|(a, _)| a))
             .collect::<std::collections::BTreeSet<_>>()
     };
     assert_eq!(both(&c).len(), 2);
@@ -238,7 +238,7 @@ async fn a_thousand_hosts_are_balanced_and_a_leaving_one_is_never_picked() {
     c.apply_listing(hosts(1000), None, false);
     let mut counts = std::collections::HashMap::new();
     for _ in 0..3000 {
-        let (a, _) = c.pick(None, None).expect("pick");
+        let (a, _) = c.pick(None, &[]).expect("pick");
         *counts.entry(a).or_insert(0u32) += 1;
     }
     // Weighted round robin over equal weights: every host exactly three times.
@@ -250,7 +250,7 @@ async fn a_thousand_hosts_are_balanced_and_a_leaving_one_is_never_picked() {
     );
     let leaving = hosts(1000)[0].addr;
     c.apply_listing(hosts(1000)[1..].to_vec(), None, false);
-    assert!((0..3000).all(|_| c.pick(None, None).map(|(a, _)| a) != Some(leaving)));
+    assert!((0..3000).all(|_| c.pick(None, &[]).map(|(a, _)| a) != Some(leaving)));
 }
 
 #[tokio::test(start_paused = true)]

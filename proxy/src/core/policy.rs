@@ -172,6 +172,51 @@ pub fn outcome_index(o: AttemptOutcome) -> usize {
     }
 }
 
+/// What a request does after an attempt that was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The attempt's outcome is the answer.
+    Stop,
+    /// The connection was refused, so nothing was sent: go on at once to a host not tried
+    /// yet, for any method. It does not spend `num_retries`, since no upstream saw the request
+    /// (HAProxy's `redispatch` does the same); it is bounded
+    /// by the hosts left untried (and, like every retry, by the budget and the time left).
+    /// Two of eight hosts dying at once otherwise fail every request whose first try and one
+    /// retry both land on them (found by the fault campaign).
+    Failover,
+    /// Another attempt under the retry policy, after this back-off.
+    Retry(Duration),
+}
+
+/// The decision after an attempt: `retries` counts the retries the policy has granted so far
+/// (failovers excluded), `untried_left` whether a routable host was not tried yet.
+pub fn next_attempt(
+    policy: &RetryPolicy,
+    method: &Method,
+    (outcome, overflowed): (AttemptOutcome, bool),
+    retries: u32,
+    replayable: bool,
+    untried_left: bool,
+    rng: &mut impl Rng,
+) -> Next {
+    // A route with retries turned off (`num_retries = 0`) gets no failover either.
+    let failover = outcome == AttemptOutcome::ConnectFailure && policy.num_retries > 0;
+    if failover && !overflowed && replayable && untried_left {
+        return Next::Failover;
+    }
+    match retry_backoff(
+        policy,
+        method,
+        (outcome, overflowed),
+        retries + 1,
+        replayable,
+        rng,
+    ) {
+        Some(wait) => Next::Retry(wait),
+        None => Next::Stop,
+    }
+}
+
 /// The back-off before another attempt, if the retry policy gives one: never after an
 /// overflow or for a body that cannot be sent again. `attempts` counts the attempts so far.
 /// The retry budget and the time left are the caller's to check.

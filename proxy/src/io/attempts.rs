@@ -5,6 +5,7 @@
 //! paths differ only in how one attempt is sent: their [`Transport`].
 
 use std::fmt::Display;
+use std::net::SocketAddr;
 use std::ops::Deref;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::cluster::{ActiveGuard, ActiveRequest, Cluster, HostHandle, RetrySlot};
 use crate::core::breaker::{Permit, Resource};
-use crate::core::policy::{self, LocalAnswer, Sent};
+use crate::core::policy::{self, LocalAnswer, Next, Sent};
 use crate::core::retry::AttemptOutcome;
 use crate::io::forward::Outcome;
 
@@ -89,11 +90,14 @@ impl Attempts<'_> {
         out: &mut Outcome,
     ) -> Result<(T::Response, ActiveGuard), LocalAnswer> {
         let cluster = self.cluster;
-        let mut previous = None;
+        // The hosts tried so far, avoided by the next pick while others are left.
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        // Attempts that went on after a refused connect: they do not spend `num_retries`.
+        let mut failovers = 0;
         // The retry this attempt is, if it is one: its slot is held until the attempt's outcome.
         let mut retry = None;
         loop {
-            let Some((addr, guard)) = cluster.pick(self.hash, previous) else {
+            let Some((addr, guard)) = cluster.pick(self.hash, &tried) else {
                 return Err(refuse(cluster, LocalAnswer::NoHealthyUpstream, out));
             };
             out.upstream = Some(addr);
@@ -106,13 +110,31 @@ impl Attempts<'_> {
             let sent = transport.send(guard.host(), req).await;
             drop(pending);
             let attempt = sent.classify();
-            if let Some(wait) = self.after_attempt(guard.host(), attempt, out.attempts, &mut retry)
-            {
+            if !tried.contains(&addr) {
+                tried.push(addr);
+            }
+            let untried_left =
+                attempt.0 == AttemptOutcome::ConnectFailure && cluster.has_untried(&tried);
+            let done = Done {
+                attempt,
+                retries: out.attempts - 1 - failovers,
+                untried_left,
+            };
+            let wait = match self.after_attempt(guard.host(), done, &mut retry) {
+                Next::Stop => None,
+                Next::Failover => {
+                    failovers += 1;
+                    Some(Duration::ZERO)
+                }
+                Next::Retry(wait) => Some(wait),
+            };
+            if let Some(wait) = wait {
                 // A response given up on goes with its connection: its body was not read, so
                 // the connection cannot be reused.
                 drop((sent, guard));
-                tokio::time::sleep(wait).await;
-                previous = Some(addr);
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
                 continue;
             }
             let answer = match sent.into_response() {
@@ -127,70 +149,78 @@ impl Attempts<'_> {
         }
     }
 
-    fn after_attempt(
-        &self,
-        host: &HostHandle,
-        attempt: (AttemptOutcome, bool),
-        attempts: u32,
-        retry: &mut Option<RetrySlot>,
-    ) -> Option<Duration> {
+    fn after_attempt(&self, host: &HostHandle, done: Done, retry: &mut Option<RetrySlot>) -> Next {
         after_attempt(
             self.cluster,
             host,
-            attempt,
-            self.method,
-            attempts,
-            self.replayable,
+            done,
+            (self.method, self.replayable),
             self.deadline,
             retry,
         )
     }
 }
 
-/// What an attempt's outcome (and whether it never left because the connection limit was
-/// hit) does: feeds outlier detection and the host's outcome counter, and decides whether the
-/// request gets another attempt — and the back-off to wait first — under the retry policy,
-/// the retry budget, the breaker's `max_retries` and the time left.
+/// How an attempt ended, and where its request stands.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Done {
+    /// The outcome, and whether it never left because the connection limit was hit.
+    pub attempt: (AttemptOutcome, bool),
+    /// Retries the policy granted before this attempt (failovers excluded).
+    pub retries: u32,
+    /// Whether a routable host was not tried yet (only asked after a refused connect).
+    pub untried_left: bool,
+}
+
+/// What an attempt's outcome does: feeds outlier detection (unless it never left because the
+/// connection limit was hit) and the host's outcome counter, and decides whether the request
+/// gets another attempt — at once on a host not tried yet after a refused connect, or after a
+/// back-off under the retry policy — within the retry budget, the breaker's `max_retries` and
+/// the time left. `request` is the method and whether the body can be sent again.
 ///
 /// `retry` is the request's retry in flight: the slot of the retry this attempt was is given
 /// back first (the attempt has its outcome), and the slot of the next one is put there, so
 /// the caller only has to keep it until the request ends.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn after_attempt(
     cluster: &Cluster,
     host: &HostHandle,
-    (outcome, overflowed): (AttemptOutcome, bool),
-    method: &Method,
-    attempts: u32,
-    replayable: bool,
+    done: Done,
+    (method, replayable): (&Method, bool),
     deadline: Instant,
     retry: &mut Option<RetrySlot>,
-) -> Option<Duration> {
+) -> Next {
     *retry = None;
+    let (outcome, overflowed) = done.attempt;
     if !overflowed {
         cluster.record_result(host.addr, policy::request_result(outcome));
     }
     host.count_outcome(policy::outcome_index(outcome));
-    let wait = policy::retry_backoff(
+    let next = policy::next_attempt(
         &cluster.retry_policy,
         method,
-        (outcome, overflowed),
-        attempts,
+        done.attempt,
+        done.retries,
         replayable,
+        done.untried_left,
         &mut rand::rng(),
-    )?;
+    );
+    let wait = match next {
+        Next::Stop => return Next::Stop,
+        Next::Failover => Duration::ZERO,
+        Next::Retry(wait) => wait,
+    };
     if Instant::now() + wait >= deadline {
-        return None;
+        return Next::Stop;
     }
     match cluster.try_start_retry() {
         Ok(slot) => *retry = Some(slot),
         Err(limit) => {
             cluster.metrics().retry_overflow(limit);
-            return None;
+            return Next::Stop;
         }
     }
     cluster.metrics().retry();
-    Some(wait)
+    next
 }
 
 #[cfg(test)]

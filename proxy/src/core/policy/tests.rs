@@ -82,3 +82,60 @@ fn overflows_and_spent_bodies_are_never_retried() {
     // Out of retries.
     assert!(retry_backoff(&policy, get, failed, 3, true, &mut rng).is_none());
 }
+
+#[test]
+fn a_refused_connect_fails_over_to_an_untried_host_without_spending_retries() {
+    let policy = RetryPolicy {
+        num_retries: 1,
+        ..RetryPolicy::default()
+    };
+    let refused = (AttemptOutcome::ConnectFailure, false);
+    let next = |method, attempt, retries, replayable, untried| {
+        next_attempt(
+            &policy,
+            method,
+            attempt,
+            retries,
+            replayable,
+            untried,
+            &mut SmallRng::seed_from_u64(2),
+        )
+    };
+    // Out of counted retries, yet another host is left: nothing was sent, so go on, even a POST.
+    assert_eq!(next(&Method::GET, refused, 5, true, true), Next::Failover);
+    assert_eq!(next(&Method::POST, refused, 0, true, true), Next::Failover);
+    // No untried host: the retry policy decides as for any failure.
+    assert!(matches!(
+        next(&Method::GET, refused, 0, true, false),
+        Next::Retry(_)
+    ));
+    assert_eq!(next(&Method::GET, refused, 1, true, false), Next::Stop);
+    // Never for an overflow, a spent body, or a status.
+    assert_eq!(
+        next(
+            &Method::GET,
+            (AttemptOutcome::ConnectFailure, true),
+            0,
+            true,
+            true
+        ),
+        Next::Stop
+    );
+    assert_eq!(next(&Method::GET, refused, 0, false, true), Next::Stop);
+    let reset = (AttemptOutcome::Reset, false);
+    assert!(matches!(
+        next(&Method::GET, reset, 0, true, true),
+        Next::Retry(_)
+    ));
+    assert_eq!(next(&Method::GET, reset, 1, true, true), Next::Stop);
+    // Retries turned off: no failover either.
+    let off = RetryPolicy {
+        num_retries: 0,
+        ..RetryPolicy::default()
+    };
+    let mut rng = SmallRng::seed_from_u64(3);
+    assert_eq!(
+        next_attempt(&off, &Method::GET, refused, 0, true, true, &mut rng),
+        Next::Stop
+    );
+}

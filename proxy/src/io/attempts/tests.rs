@@ -165,6 +165,65 @@ async fn a_full_request_breaker_refuses_before_any_attempt() {
     assert!(admit(c.as_ref(), &mut out).is_ok());
 }
 
+/// Three always-routable hosts, `num_retries` per request.
+fn three_hosts(num_retries: u32) -> Arc<Cluster> {
+    cluster_with(&[1, 2, 3], BreakerLimits::default(), |cfg| {
+        cfg.retries.num_retries = num_retries;
+    })
+}
+
+/// An attempt whose connection was refused: nothing was sent.
+fn refused() -> Sent<u16, &'static str> {
+    Sent::Connect {
+        error: "connection refused",
+        overflow: false,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_connect_goes_on_to_every_host_not_tried_yet() {
+    // Two of three hosts dead at once (campaign seed 12732142971970251098 killed two of eight):
+    // with one retry, the first try and the retry may both land on dead hosts. A refused
+    // connect sent nothing, so the request goes on to the hosts it has not tried.
+    let c = three_hosts(1);
+    let answers = vec![refused(), refused(), Sent::Response(200, 200)];
+    let (result, out, hosts) = run(&c, &Method::GET, answers).await;
+    assert_eq!(result, Ok(200));
+    assert_eq!(out.attempts, 3);
+    let mut distinct = hosts.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "each host tried once: {hosts:?}");
+    assert_eq!(c.retries_in_flight(), 0);
+
+    // Nothing was sent, so even a POST goes on.
+    let (result, out, _) = run(&c, &Method::POST, vec![refused(), Sent::Response(201, 201)]).await;
+    assert_eq!((result, out.attempts), (Ok(201), 2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_host_refuses_the_request_ends_after_one_counted_retry() {
+    let c = three_hosts(1);
+    // Three failovers' worth of hosts, then the policy's one retry (after a back-off, in
+    // case a host is back), then the answer.
+    let answers = (0..10).map(|_| refused()).collect();
+    let (result, out, hosts) = run(&c, &Method::GET, answers).await;
+    assert_eq!(result, Err(LocalAnswer::UpstreamConnect));
+    assert_eq!(
+        (out.attempts, out.flag),
+        (4, Some("upstream_connect_failure"))
+    );
+    assert_eq!(hosts.len(), 4);
+
+    // Retries turned off: no failover either.
+    let c = three_hosts(0);
+    let (result, out, _) = run(&c, &Method::GET, vec![refused(), Sent::Response(200, 200)]).await;
+    assert_eq!(
+        (result, out.attempts),
+        (Err(LocalAnswer::UpstreamConnect), 1)
+    );
+}
+
 mod retry_budget {
     use std::sync::Arc;
     use std::time::Duration;
@@ -174,8 +233,9 @@ mod retry_budget {
 
     use crate::cluster::{Cluster, RetrySlot};
     use crate::core::breaker::BreakerLimits;
+    use crate::core::policy::Next;
     use crate::core::retry::AttemptOutcome;
-    use crate::io::attempts::after_attempt;
+    use crate::io::attempts::{Done, after_attempt};
 
     /// One always-routable host, five retries allowed per request, the given budget and
     /// `max_retries`.
@@ -193,19 +253,14 @@ mod retry_budget {
 
     /// Attempt number `attempts` of one request ended with `status`: does it get a retry?
     fn after(c: &Cluster, status: u16, attempts: u32, retry: &mut Option<RetrySlot>) -> bool {
-        let (_, guard) = c.pick(None, None).expect("a routable host");
+        let (_, guard) = c.pick(None, &[]).expect("a routable host");
         let far = Instant::now() + Duration::from_secs(60);
-        after_attempt(
-            c,
-            guard.host(),
-            (AttemptOutcome::Status(status), false),
-            &Method::GET,
-            attempts,
-            true,
-            far,
-            retry,
-        )
-        .is_some()
+        let done = Done {
+            attempt: (AttemptOutcome::Status(status), false),
+            retries: attempts - 1,
+            untried_left: false,
+        };
+        after_attempt(c, guard.host(), done, (&Method::GET, true), far, retry) != Next::Stop
     }
 
     #[tokio::test]
