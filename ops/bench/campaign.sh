@@ -48,7 +48,7 @@ for _ in $(seq "$max_seeds"); do
   fi
   ran=$(( ran + 1 ))
   # The schedule, the per-seed summary and every violation; not the backtrace.
-  grep -E '^(campaign |  t=|  VIOLATION|  ENGINE|[0-9]+ violations|replay)' "$log" || tail -30 "$log"
+  grep -E '^(campaign |  t=|  VIOLATION|  ENGINE|  cron |[0-9]+ violations|replay)' "$log" || tail -30 "$log"
 done
 echo
 echo "=== $ran seeds of $secs s each; ${#failed[@]} found violations: ${failed[*]:-none}"

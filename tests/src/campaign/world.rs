@@ -98,6 +98,7 @@ impl Cron {
                 "--timeout",
                 &timeout,
             ];
+            let started = Instant::now();
             // Bounded: a day of check-ins at most; the flag ends it long before.
             for _ in 0..100_000 {
                 if s.load(Ordering::Relaxed) {
@@ -105,8 +106,24 @@ impl Cron {
                 }
                 let began = Instant::now();
                 // The outcome is not judged: a check-in while the registry is down fails, and
-                // the next one retries, as cron would.
-                let _ = run(&args, Duration::from_secs(5));
+                // the next one retries, as cron would. A failure is printed, with when it
+                // ended, so a late host in a violation can be told from a slow check-in.
+                let failed = match run(&args, Duration::from_secs(5)) {
+                    Ok((0, _, _)) => None,
+                    Ok((code, _, stderr)) => Some(format!(
+                        "exit {code}: {}",
+                        stderr.lines().last().unwrap_or_default()
+                    )),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = failed {
+                    eprintln!(
+                        "  cron {ip}:{port}: check-in that began {:.1?} after the host started \
+                         failed after {:.1?}: {why}",
+                        began.duration_since(started),
+                        began.elapsed()
+                    );
+                }
                 let left = HOST_INTERVAL.saturating_sub(began.elapsed());
                 std::thread::sleep(left);
             }
