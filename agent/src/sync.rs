@@ -190,10 +190,19 @@ pub fn defer_warming(warming: bool, holds_nothing: bool, peers: PeerOutlook) -> 
     warming && holds_nothing && peers.may_teach()
 }
 
-/// How long a just-started agent counts agents it is still joining as peers to learn from.
-/// Past it, an agent whose joins all failed applies warming answers alone rather than
-/// serving nothing.
+/// The shortest time a just-started agent waits for its peers' registry data before it
+/// applies a warming answer alone. Past it, an agent whose joins all failed, or whose peers
+/// hold nothing either (a whole fleet started cache-less beside a warming registry), serves
+/// the lower bound rather than nothing for the rest of the warm-up.
 pub const JOIN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long after its start an agent that holds nothing waits for its peers' registry data:
+/// [`JOIN_GRACE`], or three repair rounds when repair is slower (repair brings a joined
+/// agent the peers' snapshots within one round; three leave room for a join that needed a
+/// retry).
+pub fn warming_patience(repair_interval: Duration) -> Duration {
+    JOIN_GRACE.max(repair_interval.saturating_mul(3))
+}
 
 /// What this agent knows of peers that could bring it the registry data it lacks.
 #[derive(Debug, Clone, Copy)]
@@ -204,15 +213,18 @@ pub struct PeerOutlook {
     pub to_join: usize,
     /// Since this agent's sync loop began.
     pub running_for: Duration,
+    /// [`warming_patience`] for this agent's gossip settings.
+    pub patience: Duration,
 }
 
 impl PeerOutlook {
-    /// A live peer, or, right after a start, an agent about to be joined: an agent restarted
-    /// without its cache knows no live member at its first sync, yet its peers exist and
-    /// hold the fuller snapshots (campaign seed 12860982494713673050: published at once,
-    /// its lower bound hid a cron host on every other agent for a round).
+    /// A live peer, or an agent about to be joined (an agent restarted without its cache
+    /// knows no live member at its first sync, yet its peers exist and hold the fuller
+    /// snapshots: campaign seed 12860982494713673050, where the lower bound published at once
+    /// hid a cron host on every other agent for a round), while the patience lasts. An agent
+    /// still holding nothing past it has peers with nothing to teach.
     pub fn may_teach(self) -> bool {
-        self.live || (self.to_join > 0 && self.running_for < JOIN_GRACE)
+        (self.live || self.to_join > 0) && self.running_for < self.patience
     }
 }
 
@@ -315,6 +327,7 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
     let mut index: Option<u64> = None;
     let mut warming_noted = false;
     let loop_began = Instant::now();
+    let patience = warming_patience(Duration::from_millis(cfg.gossip.repair_interval_ms));
     loop {
         let started = Instant::now();
         let sent_ms = shared.now_ms();
@@ -367,6 +380,7 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                         .any(|m| m.active && m.id.addr != shared.gossip_addr),
                     to_join: join.len(),
                     running_for: loop_began.elapsed(),
+                    patience,
                 };
                 let deferred =
                     defer_warming(plan.warming, held.is_empty() && cached.is_empty(), peers);

@@ -256,12 +256,20 @@ fn pacing_backs_off_to_the_cap_and_polls_within_ten_percent() {
 
 #[test]
 fn a_warming_answer_waits_while_this_agent_holds_nothing_its_peers_could_teach_it() {
+    let patience = warming_patience(Duration::from_secs(5));
+    assert_eq!(
+        patience,
+        Duration::from_secs(15),
+        "three repair rounds of 5 s"
+    );
+    assert_eq!(warming_patience(Duration::from_secs(1)), JOIN_GRACE);
     let peers = |live, to_join, secs| PeerOutlook {
         live,
         to_join,
         running_for: Duration::from_secs(secs),
+        patience,
     };
-    let alive = peers(true, 0, 60);
+    let alive = peers(true, 0, 1);
     let alone = peers(false, 0, 0);
     // Restarted without a cache, peers alive: the lower bound alone would overwrite them.
     assert!(defer_warming(true, true, alive));
@@ -279,6 +287,7 @@ fn a_just_started_agent_counts_the_agents_it_is_joining_as_peers_to_learn_from()
         live: false,
         to_join: 3,
         running_for: Duration::from_millis(200),
+        patience: JOIN_GRACE,
     };
     assert!(defer_warming(true, true, joining));
     // Joins that never answer do not hold warming answers back for ever.
@@ -287,4 +296,23 @@ fn a_just_started_agent_counts_the_agents_it_is_joining_as_peers_to_learn_from()
         ..joining
     };
     assert!(!defer_warming(true, true, gave_up));
+}
+
+#[test]
+fn live_peers_that_bring_nothing_within_the_patience_do_not_hold_the_lower_bound_back() {
+    // A whole fleet started without caches beside a warming registry: every agent has live
+    // peers and none holds anything. Waiting for the end of warm-up (a check-in interval)
+    // would serve nothing for that long; past the patience the lower bound is applied.
+    let fleet = PeerOutlook {
+        live: true,
+        to_join: 0,
+        running_for: Duration::from_secs(14),
+        patience: warming_patience(Duration::from_secs(5)),
+    };
+    assert!(defer_warming(true, true, fleet));
+    let later = PeerOutlook {
+        running_for: Duration::from_secs(15),
+        ..fleet
+    };
+    assert!(!defer_warming(true, true, later));
 }

@@ -488,3 +488,60 @@ async fn a_restarted_agent_drops_cached_rows_of_an_owner_gone_for_good_once_the_
     wait_listed(b.api, "api", &[], |_| {}).await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_live_peers_hold_nothing_serves_a_warming_answer_after_its_patience() {
+    // A fleet started without caches beside a registry that is warming itself: every agent
+    // holds nothing, and each has live peers, so each holds its warming answer back for
+    // them. Before the patience bound they waited for the end of warm-up (a check-in
+    // interval; here for ever, the registry's clock never moves) and served nothing.
+    let now = unix_ms_now();
+    let registry = TestRegistry::start("127.0.0.1:0".parse().expect("addr"), now - 300_000).await;
+    registry
+        .client()
+        .check_in(&[ep("web", "10.0.0.1", 80)])
+        .await
+        .expect("check-in");
+    // The peer: live in gossip, with no registry to learn from (its address refuses).
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("listener");
+    let dead = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let peer = RunningAgent::start(AgentConfig {
+        registry: Some(dead),
+        ..config(&registry, dir_b.path())
+    })
+    .await;
+    let (_, _, me) = get(peer.api, "/v1/agent/self").await;
+    let peer_gossip: SocketAddr = me["gossip_addr"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .expect("the peer's gossip address");
+    // The registry lists the peer, as it would had the peer checked in: the agent counts it
+    // as a peer to learn from from its first sync on.
+    registry
+        .client()
+        .check_in(&[ep(
+            agent::AGENT_SERVICE,
+            &peer_gossip.ip().to_string(),
+            peer_gossip.port(),
+        )])
+        .await
+        .expect("check-in");
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(&registry, dir_a.path());
+    cfg.gossip.seeds = vec![peer_gossip];
+    let started = Instant::now();
+    let agent = RunningAgent::start(cfg).await;
+    // Patience: 10 s (three repair rounds of 300 ms are less); then the lower bound is served.
+    wait_listed(agent.api, "web", &["10.0.0.1:80"], |_| {}).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "held back while its peer might still teach it ({:?})",
+        started.elapsed()
+    );
+    agent.stop().await;
+    peer.stop().await;
+}

@@ -114,6 +114,10 @@ impl Cron {
                         "exit {code}: {}",
                         stderr.lines().last().unwrap_or_default()
                     )),
+                    // `run`'s deadline error repeats every argument; say it short.
+                    Err(e) if e.to_string().contains("did not finish") => {
+                        Some("no exit within 5 s, killed".to_string())
+                    }
                     Err(e) => Some(e.to_string()),
                 };
                 if let Some(why) = failed {
