@@ -13,6 +13,7 @@ use schema::{EndpointKey, ServiceName};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,7 +22,7 @@ use crate::checkin::{deregister_all, run_checkin};
 use crate::config::{AGENT_SERVICE, AgentConfig, ConfigError};
 use crate::state::{LocalEndpoints, Shared};
 use crate::sync::run_sync;
-use crate::view::{MergedView, Merger};
+use crate::view::{CachedHost, MergedView, Merger};
 
 #[derive(Debug, Error)]
 pub enum AgentError {
@@ -66,13 +67,7 @@ pub async fn run(
     if let Ok(bound) = api.local_addr() {
         config.api = bound;
     }
-    if let (None, Some(path)) = (&config.operator_token, &config.operator_token_file) {
-        let token = std::fs::read_to_string(path).map_err(|source| AgentError::OperatorToken {
-            path: path.clone(),
-            source,
-        })?;
-        config.operator_token = Some(token.trim().to_string()).filter(|t| !t.is_empty());
-    }
+    read_operator_token(&mut config)?;
     let client = config.client()?;
     // Loaded before anything starts: the API must not come up without its certificate.
     let api_tls = match &config.tls {
@@ -85,35 +80,10 @@ pub async fn run(
     })?;
     let (cached, cache_failed) = load_cache(&config);
 
-    let mut gcfg = config.gossip.clone();
-    if gcfg.seeds.is_empty() {
-        gcfg.seeds = seeds_from_cache(&cached, gcfg.bind);
-    }
-    if gcfg.advertise.is_none() && gcfg.bind.ip().is_unspecified() {
-        match (config.host_ip, gcfg.bind.port()) {
-            (Some(ip), port) if port != 0 => gcfg.advertise = Some(SocketAddr::new(ip, port)),
-            _ => return Err(ConfigError::NoHostIp(gcfg.bind).into()),
-        }
-    }
-    if gcfg.seeds.is_empty() {
-        // Known before binding unless the port is 0 (tests).
-        let planned = gcfg.advertise.unwrap_or(gcfg.bind);
-        let me = (planned.port() != 0)
-            .then(|| config.agent_endpoint(planned))
-            .flatten();
-        gcfg.seeds = seeds_from_registry(&client, me).await;
-    }
+    let gcfg = gossip_config(&config, &cached, &client).await?;
     let gossip_stop = CancellationToken::new();
-    // The epoch must grow across restarts even if the clock stepped back: peers ignore an
-    // identity or rows with an older epoch than they have seen.
-    let epoch = gossip::epoch::next_epoch(&config.data_dir, unix_ms_now()).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "a restart with the clock stepped back may be ignored by peers");
-        e.epoch()
-    });
-    let gossip =
-        gossip::run_with_epoch(gcfg.clone(), epoch, Vec::new(), gossip_stop.clone()).await?;
+    let gossip = start_gossip(&config, gcfg, gossip_stop.clone()).await?;
     let gossip_addr = gossip.id().addr;
-    tracing::info!(addr = %gossip_addr, seeds = ?gcfg.seeds, "gossip listening");
 
     let host_ip: IpAddr = config.host_ip.unwrap_or(gossip_addr.ip());
     let local = LocalEndpoints {
@@ -125,14 +95,7 @@ pub async fn run(
             .collect(),
         agent: config.agent_endpoint(gossip_addr),
     };
-    let settle_ms = u64::try_from(config.cache_settle.as_millis()).unwrap_or(u64::MAX);
-    let mut merger = Merger::new(gossip_addr, settle_ms, cached.hosts);
-    let first = merger.merge(&gossip.view().borrow(), unix_ms_now());
-    tracing::info!(
-        hosts = first.len(),
-        from_cache = merger.cache_len(),
-        "serving the view"
-    );
+    let (merger, first) = first_view(&config, &gossip, cached.hosts);
     let (view_tx, view_rx) = watch::channel(Arc::new(first));
     let draining = CancellationToken::new();
     let shared = Arc::new(Shared::new(
@@ -150,62 +113,215 @@ pub async fn run(
     }
     shared.local_changed().await;
 
-    let tracker = TaskTracker::new();
-    let loops = CancellationToken::new();
-    let view_stop = CancellationToken::new();
-    let listed = shared.registry_listed.subscribe();
-    tracker.spawn(run_view(
-        merger,
-        gossip.clone(),
-        listed,
-        view_tx,
-        view_stop.clone(),
-    ));
-    tracker.spawn(run_sync(shared.clone(), loops.clone()));
-    tracker.spawn(run_checkin(shared.clone(), loops.clone()));
-    let writer_stop = CancellationToken::new();
-    let writer = tokio::spawn(cache::run_writer(shared.clone(), writer_stop.clone()));
-    let api_stop = CancellationToken::new();
-    let server = {
-        let stop = api_stop.clone();
-        let app = crate::api::router(shared.clone());
-        let options = serve::Options {
-            component: "agent",
-            limits: api_limits,
-            metrics: shared.metrics.connections.clone(),
-            drain: API_DRAIN_TIMEOUT,
-            tls: api_tls,
-        };
-        tokio::spawn(async move { serve::http(api, app, options, stop.cancelled_owned()).await })
-    };
-
+    let loops = Loops::spawn(&shared, merger, &gossip, view_tx);
+    let api = ApiServer::spawn(api, &shared, api_limits, api_tls);
     shutdown.cancelled().await;
-    tracing::info!("shutting down: readiness fails");
-    draining.cancel();
-    loops.cancel();
-    if shared.config.deregister_on_shutdown {
-        deregister(&shared, &gossip).await;
+    let running = Running {
+        shared,
+        gossip,
+        gossip_stop,
+        draining,
+        loops,
+        api,
+    };
+    running.shut_down().await
+}
+
+/// Reads the operator token from its file when the config names only the file.
+fn read_operator_token(config: &mut AgentConfig) -> Result<(), AgentError> {
+    if let (None, Some(path)) = (&config.operator_token, &config.operator_token_file) {
+        let token = std::fs::read_to_string(path).map_err(|source| AgentError::OperatorToken {
+            path: path.clone(),
+            source,
+        })?;
+        config.operator_token = Some(token.trim().to_string()).filter(|t| !t.is_empty());
     }
-    gossip_stop.cancel();
-    if tokio::time::timeout(GOSSIP_STOP_TIMEOUT, gossip.closed())
-        .await
-        .is_err()
-    {
-        tracing::warn!("gossip did not stop in time");
+    Ok(())
+}
+
+/// Gossip's settings for this start: the configured seeds, else the disk cache's agents,
+/// else the registry's; and the address to advertise when bound to a wildcard address.
+async fn gossip_config(
+    config: &AgentConfig,
+    cached: &CacheFile,
+    client: &discovery::RegistryClient,
+) -> Result<gossip::GossipConfig, AgentError> {
+    let mut gcfg = config.gossip.clone();
+    if gcfg.seeds.is_empty() {
+        gcfg.seeds = seeds_from_cache(cached, gcfg.bind);
     }
-    view_stop.cancel();
-    tracker.close();
-    tracker.wait().await;
-    writer_stop.cancel();
-    if let Err(e) = writer.await {
-        tracing::warn!(error = %e, "cache writer failed");
+    if gcfg.advertise.is_none() && gcfg.bind.ip().is_unspecified() {
+        match (config.host_ip, gcfg.bind.port()) {
+            (Some(ip), port) if port != 0 => gcfg.advertise = Some(SocketAddr::new(ip, port)),
+            _ => return Err(ConfigError::NoHostIp(gcfg.bind).into()),
+        }
     }
-    api_stop.cancel();
-    let served = tokio::time::timeout(API_DRAIN_TIMEOUT, server).await;
-    tracing::info!("agent stopped");
-    match served {
-        Ok(Ok(Err(e))) => Err(AgentError::Serve(e)),
-        _ => Ok(()),
+    if gcfg.seeds.is_empty() {
+        // Known before binding unless the port is 0 (tests).
+        let planned = gcfg.advertise.unwrap_or(gcfg.bind);
+        let me = (planned.port() != 0)
+            .then(|| config.agent_endpoint(planned))
+            .flatten();
+        gcfg.seeds = seeds_from_registry(client, me).await;
+    }
+    Ok(gcfg)
+}
+
+/// Starts gossip under an epoch newer than any earlier start's.
+async fn start_gossip(
+    config: &AgentConfig,
+    gcfg: gossip::GossipConfig,
+    stop: CancellationToken,
+) -> Result<GossipHandle, AgentError> {
+    // The epoch must grow across restarts even if the clock stepped back: peers ignore an
+    // identity or rows with an older epoch than they have seen.
+    let epoch = gossip::epoch::next_epoch(&config.data_dir, unix_ms_now()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "a restart with the clock stepped back may be ignored by peers");
+        e.epoch()
+    });
+    let gossip = gossip::run_with_epoch(gcfg.clone(), epoch, Vec::new(), stop).await?;
+    tracing::info!(addr = %gossip.id().addr, seeds = ?gcfg.seeds, "gossip listening");
+    Ok(gossip)
+}
+
+/// The merger, holding the disk cache's hosts until live data covers them, and the first
+/// view it serves.
+fn first_view(
+    config: &AgentConfig,
+    gossip: &GossipHandle,
+    cached: Vec<CachedHost>,
+) -> (Merger, MergedView) {
+    let settle_ms = u64::try_from(config.cache_settle.as_millis()).unwrap_or(u64::MAX);
+    let mut merger = Merger::new(gossip.id().addr, settle_ms, cached);
+    let first = merger.merge(&gossip.view().borrow(), unix_ms_now());
+    tracing::info!(
+        hosts = first.len(),
+        from_cache = merger.cache_len(),
+        "serving the view"
+    );
+    (merger, first)
+}
+
+/// The agent's background loops (view, sync, check-in, cache writer) and their stop tokens.
+struct Loops {
+    tracker: TaskTracker,
+    /// Stops sync and check-in.
+    loops: CancellationToken,
+    view_stop: CancellationToken,
+    writer_stop: CancellationToken,
+    writer: JoinHandle<()>,
+}
+
+impl Loops {
+    /// Spawns the loops.
+    fn spawn(
+        shared: &Arc<Shared>,
+        merger: Merger,
+        gossip: &GossipHandle,
+        view_tx: watch::Sender<Arc<MergedView>>,
+    ) -> Loops {
+        let tracker = TaskTracker::new();
+        let loops = CancellationToken::new();
+        let view_stop = CancellationToken::new();
+        let listed = shared.registry_listed.subscribe();
+        tracker.spawn(run_view(
+            merger,
+            gossip.clone(),
+            listed,
+            view_tx,
+            view_stop.clone(),
+        ));
+        tracker.spawn(run_sync(shared.clone(), loops.clone()));
+        tracker.spawn(run_checkin(shared.clone(), loops.clone()));
+        let writer_stop = CancellationToken::new();
+        let writer = tokio::spawn(cache::run_writer(shared.clone(), writer_stop.clone()));
+        Loops {
+            tracker,
+            loops,
+            view_stop,
+            writer_stop,
+            writer,
+        }
+    }
+}
+
+/// The local API's server task and its stop token.
+struct ApiServer {
+    stop: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl ApiServer {
+    /// Serves the local API on `api`.
+    fn spawn(
+        api: TcpListener,
+        shared: &Arc<Shared>,
+        limits: serve::Limits,
+        tls: Option<Arc<serve::ServerTls>>,
+    ) -> ApiServer {
+        let api_stop = CancellationToken::new();
+        let server = {
+            let stop = api_stop.clone();
+            let app = crate::api::router(shared.clone());
+            let options = serve::Options {
+                component: "agent",
+                limits,
+                metrics: shared.metrics.connections.clone(),
+                drain: API_DRAIN_TIMEOUT,
+                tls,
+            };
+            tokio::spawn(
+                async move { serve::http(api, app, options, stop.cancelled_owned()).await },
+            )
+        };
+        ApiServer {
+            stop: api_stop,
+            server,
+        }
+    }
+}
+
+/// Everything `run` started, stopped in order by [`Running::shut_down`].
+struct Running {
+    shared: Arc<Shared>,
+    gossip: GossipHandle,
+    gossip_stop: CancellationToken,
+    draining: CancellationToken,
+    loops: Loops,
+    api: ApiServer,
+}
+
+impl Running {
+    /// Readiness fails, the loops stop, (optionally) this host deregisters, gossip stops,
+    /// the cache is written a last time, and the API drains.
+    async fn shut_down(self) -> Result<(), AgentError> {
+        tracing::info!("shutting down: readiness fails");
+        self.draining.cancel();
+        self.loops.loops.cancel();
+        if self.shared.config.deregister_on_shutdown {
+            deregister(&self.shared, &self.gossip).await;
+        }
+        self.gossip_stop.cancel();
+        if tokio::time::timeout(GOSSIP_STOP_TIMEOUT, self.gossip.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("gossip did not stop in time");
+        }
+        self.loops.view_stop.cancel();
+        self.loops.tracker.close();
+        self.loops.tracker.wait().await;
+        self.loops.writer_stop.cancel();
+        if let Err(e) = self.loops.writer.await {
+            tracing::warn!(error = %e, "cache writer failed");
+        }
+        self.api.stop.cancel();
+        let served = tokio::time::timeout(API_DRAIN_TIMEOUT, self.api.server).await;
+        tracing::info!("agent stopped");
+        match served {
+            Ok(Ok(Err(e))) => Err(AgentError::Serve(e)),
+            _ => Ok(()),
+        }
     }
 }
 

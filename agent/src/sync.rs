@@ -69,18 +69,11 @@ pub fn plan(
     let mut fresh: BTreeMap<ServiceName, Snapshot> = BTreeMap::new();
     for (service, entries) in listed {
         let entries = if warming {
-            // Lower bound: start from what we hold (a cache entry is newer than the held
-            // snapshot, or it would have given way), then let the answer win per key.
-            let mut union: BTreeMap<EndpointKey, SnapshotEntry> = BTreeMap::new();
-            let ours = held
-                .get(&service)
-                .into_iter()
-                .flat_map(|s| s.entries.iter());
-            let from_cache = cached_by.get(&service).into_iter().flatten().copied();
-            for e in ours.chain(from_cache).cloned().chain(entries) {
-                union.insert(e.endpoint.key(), e);
-            }
-            union.into_values().collect()
+            lower_bound(
+                held.get(&service).copied(),
+                cached_by.get(&service),
+                entries,
+            )
         } else {
             entries
         };
@@ -97,16 +90,7 @@ pub fn plan(
             .filter(|(_, s)| !s.entries.is_empty())
             .map(|(service, _)| *service)
             .chain(cached_by.keys().copied());
-        for service in gone {
-            if !fresh.contains_key(service) {
-                let empty = Snapshot {
-                    service: service.clone(),
-                    generated_at_ms: at,
-                    entries: Vec::new(),
-                };
-                fresh.insert(service.clone(), empty);
-            }
-        }
+        empty_unlisted(&mut fresh, gone, at);
     }
     // Unchanged hosts need no new snapshot: re-check-ins only move `last_check_in`, and
     // re-gossiping every service on every answer would be pure overhead. Changed hosts get
@@ -127,6 +111,42 @@ pub fn plan(
         snapshots,
         invalid,
         listed: keys,
+    }
+}
+
+/// A warming answer's entries for one service: a lower bound, so it starts from what we hold
+/// (a cache entry is newer than the held snapshot, or it would have given way), then lets
+/// the answer win per key.
+fn lower_bound(
+    held: Option<&Snapshot>,
+    cached: Option<&Vec<&SnapshotEntry>>,
+    listed: Vec<SnapshotEntry>,
+) -> Vec<SnapshotEntry> {
+    let mut union: BTreeMap<EndpointKey, SnapshotEntry> = BTreeMap::new();
+    let ours = held.into_iter().flat_map(|s| s.entries.iter());
+    let from_cache = cached.into_iter().flatten().copied();
+    for e in ours.chain(from_cache).cloned().chain(listed) {
+        union.insert(e.endpoint.key(), e);
+    }
+    union.into_values().collect()
+}
+
+/// Adds an empty snapshot, dated `at`, for each of the `gone` services the answer did not
+/// list: an authoritative answer empties them.
+fn empty_unlisted<'a>(
+    fresh: &mut BTreeMap<ServiceName, Snapshot>,
+    gone: impl Iterator<Item = &'a ServiceName>,
+    at: u64,
+) {
+    for service in gone {
+        if !fresh.contains_key(service) {
+            let empty = Snapshot {
+                service: service.clone(),
+                generated_at_ms: at,
+                entries: Vec::new(),
+            };
+            fresh.insert(service.clone(), empty);
+        }
     }
 }
 
@@ -323,112 +343,33 @@ async fn watch_relayed(shared: &Shared, stop: &CancellationToken) {
 
 async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
     let cfg = &shared.config;
-    let mut pacer = Pacer::new(cfg.poll_interval, cfg.sync_retry_max);
-    let mut index: Option<u64> = None;
-    let mut warming_noted = false;
-    let loop_began = Instant::now();
-    let patience = warming_patience(Duration::from_millis(cfg.gossip.repair_interval_ms));
+    let mut state = SyncState {
+        pacer: Pacer::new(cfg.poll_interval, cfg.sync_retry_max),
+        index: None,
+        warming_noted: false,
+        loop_began: Instant::now(),
+        patience: warming_patience(Duration::from_millis(cfg.gossip.repair_interval_ms)),
+    };
     loop {
         let started = Instant::now();
         let sent_ms = shared.now_ms();
-        shared
-            .freshness()
-            .query_sent(sent_ms, index.map(|_| cfg.sync_wait), cfg.request_timeout);
+        shared.freshness().query_sent(
+            sent_ms,
+            state.index.map(|_| cfg.sync_wait),
+            cfg.request_timeout,
+        );
         let answer = tokio::select! {
             () = stop.cancelled() => return,
-            r = shared.client.catalog(index, Some(cfg.sync_wait)) => r,
+            r = shared.client.catalog(state.index, Some(cfg.sync_wait)) => r,
         };
         let pause = match answer {
-            Err(e) => {
-                shared.freshness().failed();
-                shared.metrics.sync_errors.increment(1);
-                shared.set_registry_ok(false);
-                index = None;
-                let pause = pacer.after_failure(rand::random());
-                if pacer.failures() == 1 {
-                    tracing::warn!(error = %e, retry_in = ?pause, "registry sync failed; serving the last view");
-                } else {
-                    tracing::debug!(error = %e, retry_in = ?pause, "registry sync failed again");
-                }
-                Some(pause)
-            }
+            Err(e) => Some(state.failed(shared, &e)),
             Ok((catalog, meta)) => {
-                let received_ms = shared.now_ms();
-                if pacer.after_success() {
-                    tracing::info!("registry reachable again");
-                    shared.recheck.notify_one();
-                }
-                shared.set_registry_ok(true);
-                let held = shared.gossip.view().borrow().snapshots.clone();
-                let cached = cached_registry_entries(&shared.current_view());
-                let plan = plan(&catalog, &meta, &held, &cached);
-                shared
-                    .freshness()
-                    .answered(received_ms, sent_ms, !plan.warming);
-                if plan.invalid > 0 {
-                    tracing::warn!(
-                        invalid = plan.invalid,
-                        "registry listed hosts that do not validate; skipped"
-                    );
-                }
-                let members = shared.gossip.members();
-                // Joining more agents is harmless, so a warming listing is good enough.
-                let join = seeds_to_join(&catalog, shared.gossip_addr, &members);
-                let peers = PeerOutlook {
-                    live: members
-                        .iter()
-                        .any(|m| m.active && m.id.addr != shared.gossip_addr),
-                    to_join: join.len(),
-                    running_for: loop_began.elapsed(),
-                    patience,
+                let sent = Sent {
+                    at_ms: sent_ms,
+                    started,
                 };
-                let deferred =
-                    defer_warming(plan.warming, held.is_empty() && cached.is_empty(), peers);
-                let snapshots = if deferred {
-                    tracing::debug!(
-                        "warming answer held back until gossip brings the peers' registry data"
-                    );
-                    Vec::new()
-                } else {
-                    plan.snapshots
-                };
-                let changed = snapshots.len();
-                for s in snapshots {
-                    if shared.gossip.apply_registry_snapshot(s).await.is_err() {
-                        tracing::warn!("gossip has stopped; registry snapshot not applied");
-                    }
-                }
-                if !join.is_empty() {
-                    tracing::info!(seeds = ?join, "joining agents the registry lists");
-                    if shared.gossip.join(join).await.is_err() {
-                        tracing::warn!("gossip has stopped; cannot join");
-                    }
-                }
-                if let Some(keys) = plan.listed {
-                    // After the snapshots: a listed cache entry waits for its snapshot.
-                    shared.registry_listed.send_replace(Some(Arc::new(keys)));
-                }
-                if plan.warming {
-                    shared.metrics.sync_warming.increment(1);
-                    if !warming_noted {
-                        warming_noted = true;
-                        tracing::info!(
-                            "registry is warming up (restarted empty): taking only additions and updates from it, re-checking in"
-                        );
-                        shared.recheck.notify_one();
-                    }
-                    tracing::debug!(changed, "warming registry answer merged");
-                    index = None;
-                    Some(warming_poll(cfg.check_in_interval, rand::random()))
-                } else {
-                    warming_noted = false;
-                    shared.metrics.sync_applied.increment(1);
-                    tracing::debug!(index = catalog.index, changed, "registry snapshot applied");
-                    let same = index == Some(catalog.index);
-                    let quick = started.elapsed() < cfg.sync_wait / 2;
-                    index = Some(meta.index.unwrap_or(catalog.index));
-                    (same && quick).then(|| pacer.poll(rand::random()))
-                }
+                state.answered(shared, &catalog, &meta, sent).await
             }
         };
         if let Some(pause) = pause {
@@ -439,6 +380,155 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                 () = shared.registry_back.notified() => {}
             }
         }
+    }
+}
+
+/// What the sync loop carries from one answer to the next.
+struct SyncState {
+    pacer: Pacer,
+    /// The index to block on; `None`: ask for the catalog as it is now.
+    index: Option<u64>,
+    /// The registry's warm-up was logged (and a re-check-in asked for) since it last ended.
+    warming_noted: bool,
+    loop_began: Instant,
+    /// How long after the start a warming answer may wait for the peers' registry data.
+    patience: Duration,
+}
+
+/// When a catalog query went out: registry clock (ms) for freshness, and local time.
+struct Sent {
+    at_ms: u64,
+    started: Instant,
+}
+
+impl SyncState {
+    /// A failed query: serve the last view, and retry after a backoff (returned).
+    fn failed(&mut self, shared: &Shared, e: &discovery::ClientError) -> Duration {
+        shared.freshness().failed();
+        shared.metrics.sync_errors.increment(1);
+        shared.set_registry_ok(false);
+        self.index = None;
+        let pause = self.pacer.after_failure(rand::random());
+        if self.pacer.failures() == 1 {
+            tracing::warn!(error = %e, retry_in = ?pause, "registry sync failed; serving the last view");
+        } else {
+            tracing::debug!(error = %e, retry_in = ?pause, "registry sync failed again");
+        }
+        pause
+    }
+
+    /// An answer: plans it, feeds it into gossip, and returns the pause before the next
+    /// query (`None`: at once).
+    async fn answered(
+        &mut self,
+        shared: &Shared,
+        catalog: &Catalog,
+        meta: &ReadMeta,
+        sent: Sent,
+    ) -> Option<Duration> {
+        let received_ms = shared.now_ms();
+        if self.pacer.after_success() {
+            tracing::info!("registry reachable again");
+            shared.recheck.notify_one();
+        }
+        shared.set_registry_ok(true);
+        let held = shared.gossip.view().borrow().snapshots.clone();
+        let cached = cached_registry_entries(&shared.current_view());
+        let plan = plan(catalog, meta, &held, &cached);
+        shared
+            .freshness()
+            .answered(received_ms, sent.at_ms, !plan.warming);
+        if plan.invalid > 0 {
+            tracing::warn!(
+                invalid = plan.invalid,
+                "registry listed hosts that do not validate; skipped"
+            );
+        }
+        let members = shared.gossip.members();
+        // Joining more agents is harmless, so a warming listing is good enough.
+        let join = seeds_to_join(catalog, shared.gossip_addr, &members);
+        let peers = PeerOutlook {
+            live: members
+                .iter()
+                .any(|m| m.active && m.id.addr != shared.gossip_addr),
+            to_join: join.len(),
+            running_for: self.loop_began.elapsed(),
+            patience: self.patience,
+        };
+        let deferred = defer_warming(plan.warming, held.is_empty() && cached.is_empty(), peers);
+        let snapshots = if deferred {
+            tracing::debug!(
+                "warming answer held back until gossip brings the peers' registry data"
+            );
+            Vec::new()
+        } else {
+            plan.snapshots
+        };
+        let changed = snapshots.len();
+        feed_gossip(shared, snapshots, join, plan.listed).await;
+        if plan.warming {
+            Some(self.warming(shared, changed))
+        } else {
+            self.applied(shared, catalog, meta, sent.started, changed)
+        }
+    }
+
+    /// After a warming answer: note the warm-up once, and poll again soon without blocking.
+    fn warming(&mut self, shared: &Shared, changed: usize) -> Duration {
+        shared.metrics.sync_warming.increment(1);
+        if !self.warming_noted {
+            self.warming_noted = true;
+            tracing::info!(
+                "registry is warming up (restarted empty): taking only additions and updates from it, re-checking in"
+            );
+            shared.recheck.notify_one();
+        }
+        tracing::debug!(changed, "warming registry answer merged");
+        self.index = None;
+        warming_poll(shared.config.check_in_interval, rand::random())
+    }
+
+    /// After an applied answer: block on its index next; pause only when the registry
+    /// answered the same index quickly (it does not block).
+    fn applied(
+        &mut self,
+        shared: &Shared,
+        catalog: &Catalog,
+        meta: &ReadMeta,
+        started: Instant,
+        changed: usize,
+    ) -> Option<Duration> {
+        self.warming_noted = false;
+        shared.metrics.sync_applied.increment(1);
+        tracing::debug!(index = catalog.index, changed, "registry snapshot applied");
+        let same = self.index == Some(catalog.index);
+        let quick = started.elapsed() < shared.config.sync_wait / 2;
+        self.index = Some(meta.index.unwrap_or(catalog.index));
+        (same && quick).then(|| self.pacer.poll(rand::random()))
+    }
+}
+
+/// Feeds an answer into gossip: its snapshots, the agents to join, then the keys it lists.
+async fn feed_gossip(
+    shared: &Shared,
+    snapshots: Vec<Snapshot>,
+    join: Vec<SocketAddr>,
+    listed: Option<BTreeSet<EndpointKey>>,
+) {
+    for s in snapshots {
+        if shared.gossip.apply_registry_snapshot(s).await.is_err() {
+            tracing::warn!("gossip has stopped; registry snapshot not applied");
+        }
+    }
+    if !join.is_empty() {
+        tracing::info!(seeds = ?join, "joining agents the registry lists");
+        if shared.gossip.join(join).await.is_err() {
+            tracing::warn!("gossip has stopped; cannot join");
+        }
+    }
+    if let Some(keys) = listed {
+        // After the snapshots: a listed cache entry waits for its snapshot.
+        shared.registry_listed.send_replace(Some(Arc::new(keys)));
     }
 }
 

@@ -54,7 +54,6 @@ impl Metrics {
         let handle = recorder.handle();
         let reg = Registrar::new(&recorder, &META);
         let counter = |name: &'static str, help| reg.one::<Counter>(name, help);
-        let gauge = |name: &'static str, help| reg.one::<Gauge>(name, help);
         let checkins = counter(
             "tidings_registry_checkins_total",
             "Endpoints accepted by check-ins.",
@@ -67,73 +66,27 @@ impl Metrics {
             "tidings_registry_swept_endpoints_total",
             "Expired endpoints deleted by the sweeper.",
         );
-        let live = gauge(
-            "tidings_registry_live_endpoints",
-            "Endpoints checked in within the TTL (last sweep).",
-        );
-        let stored = gauge(
-            "tidings_registry_stored_endpoints",
-            "Rows in the store, expired or not (last sweep).",
-        );
-        let renewed = gauge(
-            "tidings_registry_renewed_endpoints",
-            "Endpoints that checked in within the last interval.",
-        );
-        let baseline = gauge(
-            "tidings_registry_expected_renewals",
-            "Self-preservation baseline: expected renewals.",
-        );
-        let preserving = gauge(
-            "tidings_registry_self_preservation_active",
-            "1 while expiry is paused.",
-        );
-        let warming = gauge(
-            "tidings_registry_warming",
-            "1 while the registry is warming up after an empty start.",
-        );
-        let blocking = gauge(
-            "tidings_registry_blocking_queries",
-            "Blocking queries waiting now.",
-        );
-        let requests = reg.family(
-            "tidings_registry_requests_total",
-            "HTTP requests by route, method and status.",
-            ["route", "method", "status"],
-        );
-        let request_seconds = reg.family(
-            "tidings_registry_request_duration_seconds",
-            "HTTP request latency by route.",
-            ["route"],
-        );
-        let store_errors = reg.family(
-            "tidings_registry_store_errors_total",
-            "Store operations that failed, by operation.",
-            ["op"],
-        );
-        let rejected = reg.family(
-            "tidings_registry_rejected_total",
-            "Requests refused by a configured limit (blocking waiters, quotas), by limit.",
-            ["limit"],
-        );
+        let gauges = gauges(&reg);
+        let families = families(&reg);
         let connections = serve::ConnMetrics::register(&recorder, "registry");
         Metrics {
             connections,
-            requests,
-            request_seconds,
-            store_errors,
-            rejected,
+            requests: families.requests,
+            request_seconds: families.request_seconds,
+            store_errors: families.store_errors,
+            rejected: families.rejected,
             recorder,
             handle,
             checkins,
             stale_reads,
             swept,
-            live,
-            stored,
-            renewed,
-            baseline,
-            preserving,
-            warming,
-            blocking,
+            live: gauges.live,
+            stored: gauges.stored,
+            renewed: gauges.renewed,
+            baseline: gauges.baseline,
+            preserving: gauges.preserving,
+            warming: gauges.warming,
+            blocking: gauges.blocking,
         }
     }
 
@@ -169,6 +122,86 @@ impl Metrics {
     /// Drains histogram buckets; the sweeper calls it so memory stays bounded between scrapes.
     pub fn upkeep(&self) {
         self.handle.run_upkeep();
+    }
+}
+
+/// The registry's fixed gauges: the last sweep's counts and the server's current state.
+struct Gauges {
+    live: Gauge,
+    stored: Gauge,
+    renewed: Gauge,
+    baseline: Gauge,
+    preserving: Gauge,
+    warming: Gauge,
+    blocking: Gauge,
+}
+
+/// Registers the fixed gauges.
+fn gauges(reg: &Registrar<'_, PrometheusRecorder>) -> Gauges {
+    let gauge = |name: &'static str, help| reg.one::<Gauge>(name, help);
+    Gauges {
+        live: gauge(
+            "tidings_registry_live_endpoints",
+            "Endpoints checked in within the TTL (last sweep).",
+        ),
+        stored: gauge(
+            "tidings_registry_stored_endpoints",
+            "Rows in the store, expired or not (last sweep).",
+        ),
+        renewed: gauge(
+            "tidings_registry_renewed_endpoints",
+            "Endpoints that checked in within the last interval.",
+        ),
+        baseline: gauge(
+            "tidings_registry_expected_renewals",
+            "Self-preservation baseline: expected renewals.",
+        ),
+        preserving: gauge(
+            "tidings_registry_self_preservation_active",
+            "1 while expiry is paused.",
+        ),
+        warming: gauge(
+            "tidings_registry_warming",
+            "1 while the registry is warming up after an empty start.",
+        ),
+        blocking: gauge(
+            "tidings_registry_blocking_queries",
+            "Blocking queries waiting now.",
+        ),
+    }
+}
+
+/// The per-label metric families, looked up by label on each request.
+struct Families {
+    requests: Family<Counter, 3>,
+    request_seconds: Family<Histogram, 1>,
+    store_errors: Family<Counter, 1>,
+    rejected: Family<Counter, 1>,
+}
+
+/// Registers the per-label families.
+fn families(reg: &Registrar<'_, PrometheusRecorder>) -> Families {
+    Families {
+        requests: reg.family(
+            "tidings_registry_requests_total",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+        ),
+        request_seconds: reg.family(
+            "tidings_registry_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+        ),
+        store_errors: reg.family(
+            "tidings_registry_store_errors_total",
+            "Store operations that failed, by operation.",
+            ["op"],
+        ),
+        rejected: reg.family(
+            "tidings_registry_rejected_total",
+            "Requests refused by a configured limit (blocking waiters, quotas), by limit.",
+            ["limit"],
+        ),
     }
 }
 

@@ -24,6 +24,8 @@ use crate::crypto::{KeyRing, SecretKey};
 use crate::node::{Effect, Node, Timer};
 use crate::rows::Version;
 
+mod phases;
+
 /// What to simulate. `Default` is a 100-node LAN cluster with no loss.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -483,95 +485,26 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
     let cfg = cfg.clamped();
     let n = cfg.nodes;
     let mut sim = Sim::new(cfg);
-    let roster: Vec<_> = sim.nodes.iter().map(Node::id).collect();
-    for i in 0..n {
-        sim.nodes[i].assume_members(0, roster.iter().copied());
-        sim.nodes[i].start(0);
-        sim.nodes[i].publish_local(0, vec![endpoint_of(i, 8080)]);
-        sim.flush(i);
-    }
+    sim.bootstrap();
     let c = sim.cfg.clone();
     sim.run_until(c.warmup_ms);
 
     // Steady state: no changes, count bytes.
     let (downs0, rejoins0) = (sim.downs(), sim.rejoins());
-    let bytes0 = sim.bytes_sent;
-    sim.run_until(sim.now + c.steady_ms);
-    let steady = (sim.bytes_sent - bytes0) as f64 / n as f64 / (c.steady_ms.max(1) as f64 / 1000.0);
-    let mean_indirect_probes = sim
-        .nodes
-        .iter()
-        .map(|n| n.indirect_probes as f64)
-        .sum::<f64>()
-        / n as f64;
+    let steady = sim.steady();
 
     // Dissemination of one new endpoint from node 0.
     let fresh = endpoint_of(0, 9090);
-    sim.publish(0, vec![endpoint_of(0, 8080), fresh.clone()]);
-    sim.watch_row(0, &fresh);
-    let target = ((n as f64) * 0.9999).ceil() as usize;
-    let t_9999 = sim.run_until_cond((c.gossip_interval_ms / 4).max(1), c.phase_timeout_ms, |s| {
-        s.watch_count >= target
-    });
-    let t_all = match t_9999 {
-        Some(t) => sim
-            .run_until_cond((c.gossip_interval_ms / 4).max(1), c.phase_timeout_ms, |s| {
-                s.watch_count >= n
-            })
-            .map(|x| x + t),
-        None => None,
-    };
+    let spread = sim.disseminate(&fresh);
     let false_downs = sim.downs() - downs0;
     let rejoins = sim.rejoins() - rejoins0;
     let reached_by_repair = sim.via_repair;
 
     // Kill the last node; wait until nobody shows its endpoint.
-    let victim = n - 1;
-    let victim_key = endpoint_of(victim, 8080).key();
-    sim.alive[victim] = false;
-    let t_hidden = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
-        (0..n)
-            .filter(|&i| s.alive[i])
-            .all(|i| !s.nodes[i].sees_row(&addr_of(victim), &victim_key))
-    });
+    let t_hidden = sim.kill_owner(n - 1);
 
     // Partition in two halves, a write on each side, heal.
-    let mut t_heal = None;
-    let mut t_members = None;
-    if c.partition_ms > 0 && n >= 4 {
-        let split = n / 2;
-        sim.partition = Some(split);
-        let (a, b) = (endpoint_of(0, 7070), endpoint_of(split, 7070));
-        sim.publish(0, vec![endpoint_of(0, 8080), fresh.clone(), a.clone()]);
-        let va = (addr_of(0), a.key(), sim.nodes[0].local_version());
-        sim.publish(split, vec![endpoint_of(split, 8080), b.clone()]);
-        let vb = (addr_of(split), b.key(), sim.nodes[split].local_version());
-        sim.run_until(sim.now + c.partition_ms);
-        sim.partition = None;
-        let heal_at = sim.now;
-        let live = sim.live_count();
-        t_heal = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
-            (0..n)
-                .filter(|&i| {
-                    s.alive[i]
-                        && s.nodes[i].has_row(&va.0, &va.1, va.2)
-                        && s.nodes[i].has_row(&vb.0, &vb.1, vb.2)
-                })
-                .count()
-                == live
-        });
-        // Rows of the other half become visible again once SWIM has merged the halves.
-        let start = sim.now;
-        let healed = sim.run_until_cond(100, c.phase_timeout_ms, |s| {
-            let alive: Vec<usize> = (0..n).filter(|&i| s.alive[i]).collect();
-            alive.iter().all(|&i| {
-                alive
-                    .iter()
-                    .all(|&j| i == j || s.nodes[i].is_member_active(&addr_of(j)))
-            })
-        });
-        t_members = healed.map(|t| t + start - heal_at);
-    }
+    let healing = (c.partition_ms > 0 && n >= 4).then(|| sim.partition_and_heal(&fresh));
 
     let secs = |ms: u64| ms as f64 / 1000.0;
     SimReport {
@@ -580,17 +513,19 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
         seed: c.seed,
         gossip_interval_ms: c.gossip_interval_ms,
         repair_interval_ms: c.repair_interval_ms,
-        rounds_to_9999: t_9999.map(|t| t.div_ceil(c.gossip_interval_ms.max(1))),
-        secs_to_9999: t_9999.map(secs),
-        secs_to_all: t_all.map(secs),
+        rounds_to_9999: spread
+            .t_9999
+            .map(|t| t.div_ceil(c.gossip_interval_ms.max(1))),
+        secs_to_9999: spread.t_9999.map(secs),
+        secs_to_all: spread.t_all.map(secs),
         secs_dead_hidden: t_hidden.map(secs),
         false_down_verdicts: false_downs,
         rejoins,
         reached_by_repair,
-        mean_indirect_probes,
-        steady_bytes_per_node_sec: steady,
-        secs_partition_converged: t_heal.map(secs),
-        secs_partition_members_healed: t_members.map(secs),
+        mean_indirect_probes: steady.mean_indirect_probes,
+        steady_bytes_per_node_sec: steady.bytes_per_node_sec,
+        secs_partition_converged: healing.as_ref().and_then(|h| h.converged).map(secs),
+        secs_partition_members_healed: healing.as_ref().and_then(|h| h.members).map(secs),
         udp_lost: sim.udp_lost,
         node_drops: sim
             .nodes

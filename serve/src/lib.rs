@@ -37,6 +37,7 @@ pub mod tls;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,48 +112,128 @@ where
     limits
         .validate()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    limits::warn_if_fd_limit_low(component, &limits);
-    let limits = Arc::new(limits);
-    let builder = Arc::new(builder(&limits));
-    let table = Arc::new(Table::default());
-    // Cancelled on shutdown: every connection's close token is a child of it.
-    let closing = CancellationToken::new();
-    // Cancelled when the drain time is over: drops what is still open.
-    let hard = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let mut accept_errors = AcceptErrors::default();
-    if let Some(tls) = &tls {
-        tracker.spawn(
-            tls.clone()
-                .watch(component, tls::RELOAD_INTERVAL, closing.clone()),
-        );
-    }
-
+    let mut accepting = Accepting::new(component, limits, metrics, tls);
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut shutdown => break,
+        let (stream, peer) = match accepting.accept(&listener, &mut shutdown).await {
+            Accepted::Conn(stream, peer) => (stream, peer),
+            Accepted::Retry => continue,
+            Accepted::Shutdown => break,
+        };
+        let Some((stream, conn)) = accepting.admit(stream) else {
+            continue;
+        };
+        let task = accepting.task.clone();
+        accepting
+            .tracker
+            .spawn(task.run(stream, peer, conn, service.clone()));
+        // Let the new connection read before accepting more: until it has, it cannot be
+        // evicted, and a burst of accepts would otherwise leave the cap full of connections
+        // that have not looked at their requests yet (so new ones would be refused).
+        tokio::task::yield_now().await;
+    }
+    drop(listener);
+    accepting.drain(drain).await;
+    Ok(())
+}
+
+/// What one turn of the accept loop got.
+enum Accepted {
+    Conn(TcpStream, SocketAddr),
+    /// Accepting failed (after any backoff): try again.
+    Retry,
+    Shutdown,
+}
+
+/// The accept loop's state: the template every connection task is cloned from, and what
+/// stops them all.
+struct Accepting {
+    component: &'static str,
+    task: ConnTask,
+    closing: CancellationToken,
+    tracker: TaskTracker,
+    accept_errors: AcceptErrors,
+}
+
+impl Accepting {
+    /// The loop's state for already validated `limits`; with TLS, also starts the
+    /// certificate watcher.
+    fn new(
+        component: &'static str,
+        limits: Limits,
+        metrics: ConnMetrics,
+        tls: Option<Arc<ServerTls>>,
+    ) -> Accepting {
+        limits::warn_if_fd_limit_low(component, &limits);
+        let limits = Arc::new(limits);
+        let builder = Arc::new(builder(&limits));
+        let accepting = Accepting {
+            component,
+            task: ConnTask {
+                builder,
+                limits,
+                metrics,
+                table: Arc::new(Table::default()),
+                // Cancelled when the drain time is over: drops what is still open.
+                hard: CancellationToken::new(),
+                tls,
+            },
+            // Cancelled on shutdown: every connection's close token is a child of it.
+            closing: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            accept_errors: AcceptErrors::default(),
+        };
+        if let Some(tls) = &accepting.task.tls {
+            accepting.tracker.spawn(tls.clone().watch(
+                component,
+                tls::RELOAD_INTERVAL,
+                accepting.closing.clone(),
+            ));
+        }
+        accepting
+    }
+
+    /// Waits for room under the cap, then for a connection; backs off after an accept error.
+    async fn accept<F: Future<Output = ()>>(
+        &mut self,
+        listener: &TcpListener,
+        shutdown: &mut Pin<&mut F>,
+    ) -> Accepted {
+        let limits = &self.task.limits;
+        let table = &self.task.table;
+        tokio::select! {
+            () = shutdown.as_mut() => Accepted::Shutdown,
             accepted = async {
                 table.room(limits.max_connections, ROOM_PATIENCE).await;
                 listener.accept().await
             } => match accepted {
-                Ok(a) => {
-                    accept_errors.reset();
-                    a
+                Ok((stream, peer)) => {
+                    self.accept_errors.reset();
+                    Accepted::Conn(stream, peer)
                 }
                 Err(e) => {
-                    metrics.accept_errors.increment(1);
-                    if let Some(pause) = accept_errors.failed(component, &e) {
+                    self.task.metrics.accept_errors.increment(1);
+                    if let Some(pause) = self.accept_errors.failed(self.component, &e) {
                         tokio::select! {
-                            () = &mut shutdown => break,
+                            () = shutdown.as_mut() => return Accepted::Shutdown,
                             () = tokio::time::sleep(pause) => {}
                         }
                     }
-                    continue;
+                    Accepted::Retry
                 }
             },
-        };
-        let conn = match table.admit(limits.max_connections, &closing) {
+        }
+    }
+
+    /// Admits the connection (evicting an idle one at the cap) and hands it back with its
+    /// state, or refuses it (answered and closed): `None`.
+    fn admit(&self, stream: TcpStream) -> Option<(TcpStream, Arc<ConnState>)> {
+        let metrics = &self.task.metrics;
+        let conn = match self
+            .task
+            .table
+            .admit(self.task.limits.max_connections, &self.closing)
+        {
             Admission::Admitted { conn, evicted } => {
                 if evicted.is_some() {
                     metrics.evicted_idle.increment(1);
@@ -162,41 +243,34 @@ where
             Admission::Refused => {
                 metrics.refused.increment(1);
                 refuse(stream);
-                continue;
+                return None;
             }
         };
         metrics.open.increment(1.0);
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let task = ConnTask {
-            builder: builder.clone(),
-            limits: limits.clone(),
-            metrics: metrics.clone(),
-            table: table.clone(),
-            hard: hard.clone(),
-            tls: tls.clone(),
-        };
-        tracker.spawn(task.run(stream, peer, conn, service.clone()));
-        // Let the new connection read before accepting more: until it has, it cannot be
-        // evicted, and a burst of accepts would otherwise leave the cap full of connections
-        // that have not looked at their requests yet (so new ones would be refused).
-        tokio::task::yield_now().await;
+        Some((stream, conn))
     }
-    drop(listener);
-    closing.cancel();
-    tracker.close();
-    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            component,
-            ?drain,
-            open = table.len(),
-            "drain time over; dropping remaining connections"
-        );
-        hard.cancel();
-        tracker.wait().await;
+
+    /// Stops every connection: asks them to finish, then drops those still open after `drain`.
+    async fn drain(self, drain: Duration) {
+        self.closing.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                component = self.component,
+                ?drain,
+                open = self.task.table.len(),
+                "drain time over; dropping remaining connections"
+            );
+            self.task.hard.cancel();
+            self.tracker.wait().await;
+        }
     }
-    Ok(())
 }
 
 /// Accept-queue length for [`bind`]; the kernel caps it at `net.core.somaxconn`.
@@ -279,6 +353,7 @@ impl AcceptErrors {
 }
 
 /// Everything one connection's task needs from its listener.
+#[derive(Clone)]
 struct ConnTask {
     builder: Arc<auto::Builder<TokioExecutor>>,
     limits: Arc<Limits>,

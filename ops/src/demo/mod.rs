@@ -7,14 +7,15 @@
 
 mod backends;
 mod procs;
+mod script;
 mod traffic;
 mod view;
 
 use std::io::IsTerminal;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::parse_duration;
 use backends::Backend;
 use procs::Proc;
+use script::Script;
 use traffic::Stats;
 
 #[derive(Debug, Args)]
@@ -80,7 +82,7 @@ pub async fn main(args: DemoArgs) -> ExitCode {
 struct Cluster {
     dir: tempfile::TempDir,
     registry: Proc,
-    registry_addr: std::net::SocketAddr,
+    registry_addr: SocketAddr,
     /// Held, not read: the agent processes live (kill_on_drop) as long as the demo does.
     _agents: Vec<Proc>,
     agent_apis: Vec<String>,
@@ -92,66 +94,95 @@ struct Cluster {
 
 async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
     let dir = tempfile::tempdir()?;
-    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let (registry, registry_addr) = start_registry(args.json, dir.path(), say).await?;
+    let hosts = start_hosts(args, dir.path(), registry_addr, say).await?;
+    let proxy = start_proxy(args.json, dir.path(), &hosts.agent_apis[0], say).await?;
+    Ok(Cluster {
+        dir,
+        registry,
+        registry_addr,
+        _agents: hosts.agents,
+        agent_apis: hosts.agent_apis,
+        backends: hosts.backends,
+        proxy: proxy.proc,
+        proxy_addr: proxy.addr,
+        admin_addr: proxy.admin_addr,
+    })
+}
+
+/// The registry's command line, listening on `listen` (its first start and its restart).
+fn registry_args(listen: &str) -> Vec<String> {
+    strings(&[
+        "registry",
+        "--listen",
+        listen,
+        "--ttl",
+        "10s",
+        "--check-in-interval",
+        CHECK_IN,
+    ])
+}
+
+/// Where the process `name` logs, in the demo's directory.
+fn log_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.log"))
+}
+
+/// Starts the registry (memory store) on a free port.
+async fn start_registry(json: bool, dir: &Path, say: &impl Fn(&str)) -> Result<(Proc, SocketAddr)> {
     let registry = Proc::start(
         "registry",
-        &strings(&[
-            "registry",
-            "--listen",
-            "127.0.0.2:0",
-            "--ttl",
-            "10s",
-            "--check-in-interval",
-            CHECK_IN,
-        ]),
+        &registry_args("127.0.0.2:0"),
         1,
-        log("registry"),
+        log_path(dir, "registry"),
     )
     .await?;
     let registry_addr = registry.addr("registry")?;
-    announce(args.json, "registry", registry_addr);
+    announce(json, "registry", registry_addr);
     say(&format!(
         "registry (memory store) listening on {registry_addr}, dashboard http://{registry_addr}/ui"
     ));
+    Ok((registry, registry_addr))
+}
 
-    let key_file = dir.path().join("gossip.key");
+/// Every host's agent and backends, in host order.
+struct Hosts {
+    agents: Vec<Proc>,
+    agent_apis: Vec<String>,
+    backends: Vec<Backend>,
+}
+
+/// Starts each host: its backends, then its agent (the first agent is the others' seed).
+async fn start_hosts(
+    args: &DemoArgs,
+    dir: &Path,
+    registry_addr: SocketAddr,
+    say: &impl Fn(&str),
+) -> Result<Hosts> {
+    let key_file = dir.join("gossip.key");
     std::fs::write(&key_file, gossip::generate_key())?;
-    let mut backends = Vec::new();
-    let mut agents: Vec<Proc> = Vec::new();
-    let mut agent_apis = Vec::new();
+    let mut hosts = Hosts {
+        agents: Vec::new(),
+        agent_apis: Vec::new(),
+        backends: Vec::new(),
+    };
     let mut seed: Option<String> = None;
     for i in 0..args.hosts {
         let ip = host_ip(i);
-        let mut a = strings(&["agent", "--registry", &format!("http://{registry_addr}")]);
-        a.extend(strings(&[
-            "--api",
-            &format!("{ip}:0"),
-            "--gossip",
-            &format!("{ip}:0"),
-        ]));
-        a.extend(strings(&[
-            "--data-dir",
-            &dir.path().join(format!("agent-{i}")).to_string_lossy(),
-        ]));
-        a.extend(strings(&[
-            "--gossip-key-file",
-            &key_file.to_string_lossy(),
-            "--check-in-interval",
-            CHECK_IN,
-        ]));
-        a.extend(strings(&["--zone", &format!("zone-{}", i % 2)]));
+        let mut a = agent_args(i, registry_addr, dir, &key_file);
         for svc in SERVICES {
             let b = Backend::start(svc, i, ip).await?;
             a.extend(strings(&[
                 "--endpoint",
                 &format!("{svc}:{}@{ip}", b.addr.port()),
             ]));
-            backends.push(b);
+            hosts.backends.push(b);
         }
         if let Some(s) = &seed {
             a.extend(strings(&["--join", s]));
         }
-        let agent = Proc::start(&format!("agent-{i}"), &a, 2, log(&format!("agent-{i}"))).await?;
+        let name = format!("agent-{i}");
+        let agent = Proc::start(&name, &a, 2, log_path(dir, &name)).await?;
         let api_addr = agent.addr("api")?;
         let api = api_addr.to_string();
         if seed.is_none() {
@@ -161,14 +192,54 @@ async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
         say(&format!(
             "host-{i} on {ip}: agent api {api} (dashboard http://{api}/ui), backends web+api"
         ));
-        agent_apis.push(api);
-        agents.push(agent);
+        hosts.agent_apis.push(api);
+        hosts.agents.push(agent);
     }
+    Ok(hosts)
+}
 
+/// Agent `i`'s command line, before its endpoints and seed.
+fn agent_args(i: usize, registry_addr: SocketAddr, dir: &Path, key_file: &Path) -> Vec<String> {
+    let ip = host_ip(i);
+    let mut a = strings(&["agent", "--registry", &format!("http://{registry_addr}")]);
+    a.extend(strings(&[
+        "--api",
+        &format!("{ip}:0"),
+        "--gossip",
+        &format!("{ip}:0"),
+    ]));
+    a.extend(strings(&[
+        "--data-dir",
+        &dir.join(format!("agent-{i}")).to_string_lossy(),
+    ]));
+    a.extend(strings(&[
+        "--gossip-key-file",
+        &key_file.to_string_lossy(),
+        "--check-in-interval",
+        CHECK_IN,
+    ]));
+    a.extend(strings(&["--zone", &format!("zone-{}", i % 2)]));
+    a
+}
+
+/// The running proxy and where it listens.
+struct ProxyProc {
+    proc: Proc,
+    addr: String,
+    admin_addr: String,
+}
+
+/// Starts the proxy, routing the demo's services through the first agent.
+async fn start_proxy(
+    json: bool,
+    dir: &Path,
+    agent_api: &str,
+    say: &impl Fn(&str),
+) -> Result<ProxyProc> {
     let mut p = strings(&["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
     p.extend(strings(&[
         "--agent",
-        &format!("http://{}", agent_apis[0]),
+        &format!("http://{agent_api}"),
         "--health-interval",
         "1s",
         "--zone",
@@ -177,7 +248,7 @@ async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
     for svc in SERVICES {
         p.extend(strings(&["--route", svc]));
     }
-    let proxy = Proc::start("proxy", &p, 2, log("proxy")).await?;
+    let proxy = Proc::start("proxy", &p, 2, log_path(dir, "proxy")).await?;
     let admin = proxy.addr("admin")?;
     let admin_addr = admin.to_string();
     let listener = proxy
@@ -187,20 +258,14 @@ async fn start(args: &DemoArgs, say: &impl Fn(&str)) -> Result<Cluster> {
         .map(|(_, a)| *a)
         .context("the proxy reported no listener")?;
     let proxy_addr = listener.to_string();
-    announce(args.json, "proxy", listener);
-    announce(args.json, "proxy admin", admin);
+    announce(json, "proxy", listener);
+    announce(json, "proxy admin", admin);
     say(&format!(
         "proxy listening on {proxy_addr}, admin on {admin_addr} (dashboard http://{admin_addr}/ui)"
     ));
-    Ok(Cluster {
-        dir,
-        registry,
-        registry_addr,
-        _agents: agents,
-        agent_apis,
-        backends,
-        proxy,
-        proxy_addr,
+    Ok(ProxyProc {
+        proc: proxy,
+        addr: proxy_addr,
         admin_addr,
     })
 }
@@ -233,25 +298,6 @@ async fn settle(c: &Cluster, expected: usize) -> Result<()> {
         "the proxy did not see all {expected} backends healthy within 60 s (logs in {})",
         c.dir.path().display()
     )
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
-    Steady,
-    RegistryKilled,
-    BackendKilled,
-    RegistryBack,
-}
-
-impl Phase {
-    fn label(self) -> &'static str {
-        match self {
-            Phase::Steady => "steady traffic",
-            Phase::RegistryKilled => "registry SIGKILLed: lookups and traffic must go on",
-            Phase::BackendKilled => "backend killed: health checks take it out",
-            Phase::RegistryBack => "registry restarted empty: repopulating from check-ins",
-        }
-    }
 }
 
 async fn run(args: DemoArgs) -> Result<bool> {
@@ -287,138 +333,33 @@ async fn run(args: DemoArgs) -> Result<bool> {
         stop.clone(),
     ));
 
-    let at = |share: f64| args.duration.mul_f64(share);
-    let (mut phase, mut events) = (Phase::Steady, Vec::<String>::new());
-    let mut down_since: Option<Instant> = None;
-    let mut downtime = Duration::ZERO;
-    let mut back_at: Option<Instant> = None;
-    let mut repopulated: Option<Duration> = None;
-    let client = traffic::client();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let expected_endpoints = args.hosts * SERVICES.len();
     let killed_backend = c.backends.len() - 2; // the last host's web service
-
+    let mut script = Script::new(
+        args.duration,
+        live,
+        quiet,
+        expected_endpoints,
+        killed_backend,
+    );
+    let client = traffic::client();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < deadline {
         tick.tick().await;
         let elapsed = start_at.elapsed();
-        let note = |e: String, events: &mut Vec<String>| {
-            let line = format!("[{:>3}s] {e}", elapsed.as_secs());
-            if !live && !quiet {
-                println!("{line}");
-            }
-            events.push(line);
-        };
-        if phase == Phase::Steady && elapsed >= at(0.15) {
-            c.registry.kill().await;
-            stats.registry_down.store(true, Ordering::Relaxed);
-            down_since = Some(Instant::now());
-            phase = Phase::RegistryKilled;
-            note("SIGKILL registry".into(), &mut events);
-        } else if phase == Phase::RegistryKilled && elapsed >= at(0.35) {
-            let b = &c.backends[killed_backend];
-            b.kill();
-            phase = Phase::BackendKilled;
-            note(
-                format!(
-                    "killed backend {} of host-{} at {}",
-                    b.service, b.host, b.addr
-                ),
-                &mut events,
-            );
-        } else if phase == Phase::BackendKilled && elapsed >= at(0.6) {
-            let listen = c.registry_addr.to_string();
-            let log = c.dir.path().join("registry-2.log");
-            let args = strings(&[
-                "registry",
-                "--listen",
-                &listen,
-                "--ttl",
-                "10s",
-                "--check-in-interval",
-                CHECK_IN,
-            ]);
-            c.registry = Proc::start("registry", &args, 1, log).await?;
-            stats.registry_down.store(false, Ordering::Relaxed);
-            if let Some(t) = down_since.take() {
-                downtime = t.elapsed();
-            }
-            back_at = Some(Instant::now());
-            phase = Phase::RegistryBack;
-            note(
-                format!(
-                    "registry restarted on {listen} with an empty store (down {:.1}s)",
-                    downtime.as_secs_f64()
-                ),
-                &mut events,
-            );
-        }
-        if let (Some(t), None) = (back_at, repopulated) {
-            let url = format!("http://{}/v2/services", c.registry_addr);
-            if let Ok((200, _, body)) =
-                traffic::get(&client, &url, None, Duration::from_secs(1)).await
-            {
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                let n: u64 = v["services"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|s| SERVICES.contains(&s["service"].as_str().unwrap_or("")))
-                    .filter_map(|s| s["hosts"].as_u64())
-                    .sum();
-                if n as usize >= expected_endpoints {
-                    repopulated = Some(t.elapsed());
-                    note(
-                        format!(
-                            "registry repopulated: {n} endpoints after {:.1}s",
-                            t.elapsed().as_secs_f64()
-                        ),
-                        &mut events,
-                    );
-                }
-            }
-        }
+        script.step(&mut c, &stats, elapsed).await?;
+        script.check_repopulated(&client, &c, elapsed).await;
         if quiet {
             continue;
         }
-        let mut agents = Vec::new();
-        for (i, api) in c.agent_apis.iter().enumerate() {
-            agents.push(view::agent_row(&client, &format!("agent-{i}"), api, &services).await);
-        }
-        let hosts = view::proxy_hosts(&client, &c.admin_addr).await;
-        let (rps, errs) = stats.take_window();
-        let (requests, errors_total) = stats
-            .counts
-            .lock()
-            .map(|c| (c.requests, c.errors))
-            .unwrap_or_default();
-        let frame = view::Frame {
-            elapsed,
-            total: args.duration,
-            phase: phase.label(),
-            registry_up: !stats.registry_down.load(Ordering::Relaxed),
-            rps,
-            errors: errs,
-            requests,
-            errors_total,
-            services: &services,
-            agents: &agents,
-            hosts: &hosts,
-            events: &events,
-        };
-        if live {
-            print!("{}", view::screen(&frame))
-        } else {
-            println!("{}", view::line(&frame))
-        }
+        script.show(&client, &c, &services, &stats, elapsed).await;
     }
     stop.cancel();
     let _ = driver.await;
     let _ = looker.await;
-    if let Some(t) = down_since.take() {
-        downtime = t.elapsed();
-    }
+    script.end_outage();
     let counts = stats.counts.lock().map(|c| c.clone()).unwrap_or_default();
-    let summary = summary(&counts, downtime, repopulated, args.duration);
+    let summary = summary(&counts, script.downtime, script.repopulated, args.duration);
     let ok = counts.errors_while_registry_down == 0
         && counts.lookups_while_registry_down > 0
         && counts.lookups_served_while_registry_down == counts.lookups_while_registry_down;

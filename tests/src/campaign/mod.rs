@@ -10,7 +10,9 @@
 //! failing seed always keeps them, with the replicas' `/v1/ops/status` at each violation, in
 //! `$TMPDIR/tidings-campaign-evidence-<seed>`).
 
+pub mod judge;
 pub mod model;
+mod procs;
 pub mod run;
 pub mod schedule;
 pub mod world;

@@ -11,10 +11,12 @@ use anyhow::{Result, anyhow};
 
 use super::Config;
 use super::bounds::{AGENT_EP_VISIBLE, CHECK_EVERY};
-use super::model::{EpState, Judge, Model, Owner, Seen, Viewer, Violation};
+use super::judge::{Judge, Seen, Violation};
+use super::model::{EpState, Model, Owner, Viewer};
 use super::schedule::Schedule;
 use super::world::{DynamoStarter, Effect, World, host_ip};
 use crate::fleet::lookup_within;
+use crate::traffic::Report;
 
 /// What one seed's run saw.
 #[derive(Debug)]
@@ -103,6 +105,52 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         run_for + Duration::from_secs(30),
     )?;
     let t0 = Instant::now();
+    let model = Arc::new(Mutex::new(settled_model(cfg, &schedule, t0)));
+    let judge = Arc::new(Mutex::new(Judge::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let statuses = Arc::new(Mutex::new(String::new()));
+    let checker = {
+        let (m, j, s) = (model.clone(), judge.clone(), stop.clone());
+        let views = Views {
+            agents: world.agent_urls(),
+            admin: world.admin.clone(),
+            registries: world.registry_urls(),
+            statuses: statuses.clone(),
+        };
+        std::thread::spawn(move || check_loop(&m, &j, &s, &views))
+    };
+
+    let (injected, mut engine_errors) = play(&schedule, &mut world, &model, t0);
+    std::thread::sleep((t0 + run_for).saturating_duration_since(Instant::now()));
+    engine_errors.extend(world.crashed());
+    stop.store(true, Ordering::Relaxed);
+    checker
+        .join()
+        .map_err(|_| anyhow!("checker thread panicked"))?;
+    let load = world.load.take().ok_or_else(|| anyhow!("no load"))?;
+    let report = load.finish()?;
+    let mut judge = std::mem::take(&mut *judge.lock().map_err(|_| anyhow!("judge lock"))?);
+    judge_get_errors(&mut judge, &report);
+    judge.violations.sort_by_key(|v| v.at);
+    let passed = judge.violations.is_empty();
+    let evidence = keep_evidence(seed, &world, &statuses, passed, &mut engine_errors);
+    drop(world);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(Outcome {
+        schedule,
+        violations: judge.violations,
+        checks: judge.checks,
+        injected,
+        engine_errors,
+        traffic: report.line(),
+        healthy_age: judge.healthy_age,
+        took: began.elapsed(),
+        evidence,
+    })
+}
+
+/// The record of the fleet `World::start` just saw whole, as of `t0`.
+fn settled_model(cfg: &Config, schedule: &Schedule, t0: Instant) -> Model {
     let web = |h: usize| format!("{}:8080", host_ip(h));
     let backends: Vec<String> = (0..cfg.agents + cfg.cron_hosts).map(web).collect();
     let mut model = Model::new(t0, cfg.agents, schedule.store.replicas(), backends, 0);
@@ -127,21 +175,18 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
     for r in &mut model.replicas {
         r.serving.since = seen_since;
     }
-    let model = Arc::new(Mutex::new(model));
-    let judge = Arc::new(Mutex::new(Judge::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let statuses = Arc::new(Mutex::new(String::new()));
-    let checker = {
-        let (m, j, s) = (model.clone(), judge.clone(), stop.clone());
-        let views = Views {
-            agents: world.agent_urls(),
-            admin: world.admin.clone(),
-            registries: world.registry_urls(),
-            statuses: statuses.clone(),
-        };
-        std::thread::spawn(move || check_loop(&m, &j, &s, &views))
-    };
+    model
+}
 
+/// Plays the schedule's fault starts and ends at their times (from `t0`), telling the model
+/// each change: the faults started by kind, and the engine errors. A fault that failed to
+/// start or end is not touched again.
+fn play(
+    schedule: &Schedule,
+    world: &mut World,
+    model: &Mutex<Model>,
+    t0: Instant,
+) -> (BTreeMap<&'static str, u64>, Vec<String>) {
     let mut actions: Vec<(u64, bool, usize)> = Vec::new();
     for (i, f) in schedule.faults.iter().enumerate() {
         actions.push((f.start_ms, true, i));
@@ -159,7 +204,7 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
         if failed.contains(&i) {
             continue;
         }
-        let mut report = |e: Effect| apply(&model, e);
+        let mut report = |e: Effect| apply(model, e);
         let res = if begin {
             *injected.entry(fault.kind.name()).or_default() += 1;
             world.begin(&fault.kind, &mut report)
@@ -175,15 +220,12 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
             ));
         }
     }
-    std::thread::sleep((t0 + run_for).saturating_duration_since(Instant::now()));
-    engine_errors.extend(world.crashed());
-    stop.store(true, Ordering::Relaxed);
-    checker
-        .join()
-        .map_err(|_| anyhow!("checker thread panicked"))?;
-    let load = world.load.take().ok_or_else(|| anyhow!("no load"))?;
-    let report = load.finish()?;
-    let mut judge = std::mem::take(&mut *judge.lock().map_err(|_| anyhow!("judge lock"))?);
+    (injected, engine_errors)
+}
+
+/// Counts the proxy traffic's GETs as `no_get_errors` checks, and its first ten errors
+/// (then one line for the rest) as violations.
+fn judge_get_errors(judge: &mut Judge, report: &Report) {
     *judge.checks.entry("no_get_errors").or_default() += report.total();
     for (n, (at, e)) in report.errors.iter().enumerate() {
         if n == 10 {
@@ -204,40 +246,37 @@ pub fn run_seed(seed: u64, cfg: &Config, dynamo: DynamoStarter<'_>) -> Result<Ou
             details: format!("GET through the proxy failed: {e}"),
         });
     }
-    judge.violations.sort_by_key(|v| v.at);
+}
+
+/// Writes every log and the registry statuses of a failed seed (`passed`: no violation)
+/// to a directory kept after the run; `None` for a passing seed, or if writing failed
+/// (an engine error then).
+fn keep_evidence(
+    seed: u64,
+    world: &World,
+    statuses: &Mutex<String>,
+    passed: bool,
+    engine_errors: &mut Vec<String>,
+) -> Option<std::path::PathBuf> {
     // `TIDINGS_CAMPAIGN_KEEP_LOGS=1` keeps them for a passing seed too (to compare a run
     // that failed with one that did not).
     let keep = std::env::var_os("TIDINGS_CAMPAIGN_KEEP_LOGS").is_some_and(|v| v == "1");
-    let evidence = if !keep && judge.violations.is_empty() && engine_errors.is_empty() {
-        None
-    } else {
-        let dir = std::env::temp_dir().join(format!("tidings-campaign-evidence-{seed}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let statuses = statuses.lock().map(|s| s.clone()).unwrap_or_default();
-        match world
-            .dump_logs(&dir)
-            .and_then(|()| Ok(std::fs::write(dir.join("registry-status.txt"), statuses)?))
-        {
-            Ok(()) => Some(dir),
-            Err(e) => {
-                engine_errors.push(format!("writing the evidence failed: {e:#}"));
-                None
-            }
+    if !keep && passed && engine_errors.is_empty() {
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("tidings-campaign-evidence-{seed}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let statuses = statuses.lock().map(|s| s.clone()).unwrap_or_default();
+    match world
+        .dump_logs(&dir)
+        .and_then(|()| Ok(std::fs::write(dir.join("registry-status.txt"), statuses)?))
+    {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            engine_errors.push(format!("writing the evidence failed: {e:#}"));
+            None
         }
-    };
-    drop(world);
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok(Outcome {
-        schedule,
-        violations: judge.violations,
-        checks: judge.checks,
-        injected,
-        engine_errors,
-        traffic: report.line(),
-        healthy_age: judge.healthy_age,
-        took: began.elapsed(),
-        evidence,
-    })
+    }
 }
 
 fn tempfile_dir(seed: u64) -> Result<std::path::PathBuf> {

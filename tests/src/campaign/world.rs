@@ -2,15 +2,14 @@
 //! torn down on drop (processes killed, namespaces and nftables rules removed), in field
 //! order, even when the run fails half-way.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::bounds::{AGENT_CONFIG, HOST_INTERVAL, REGISTRY_INTERVAL, TTL};
+use super::bounds::{AGENT_CONFIG, REGISTRY_INTERVAL, TTL};
+use super::procs::{Cron, Registry, schema_clock_env, seconds};
 use super::schedule::{ClockTarget, Kind, Store};
 use crate::backend::Backend;
 use crate::fleet::{self, Agent};
@@ -19,7 +18,7 @@ use crate::traffic::Load;
 use crate::{Proc, poll, run};
 
 /// How long the fleet may take to start and converge on a loaded machine.
-const SETTLE: Duration = Duration::from_secs(60);
+pub(super) const SETTLE: Duration = Duration::from_secs(60);
 /// The campaign's byte of [`fleet::loopback`].
 const LOOPBACK_TEST: u8 = 40;
 const TABLE: &str = "tidings-campaign";
@@ -36,120 +35,6 @@ pub fn host_ip(h: usize) -> String {
 
 fn churn_ip(n: usize) -> String {
     fleet::loopback(LOOPBACK_TEST, u8::try_from(150 + n % 90).unwrap_or(250))
-}
-
-fn seconds(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
-struct Registry {
-    proc: Option<Proc>,
-    name: String,
-    args: Vec<String>,
-    clock: PathBuf,
-}
-
-impl Registry {
-    fn start(&mut self) -> Result<()> {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let clock = self.clock.display().to_string();
-        let env = [(schema_clock_env(), clock.as_str())];
-        self.proc = Some(Proc::start_in_env(
-            None, &self.name, &args, &env, 1, SETTLE,
-        )?);
-        Ok(())
-    }
-
-    fn proc(&self) -> Result<&Proc> {
-        self.proc.as_ref().context("registry not running")
-    }
-}
-
-/// The clock hook's variable (`schema::timefmt::CLOCK_OFFSET_ENV`; the tests library does
-/// not depend on schema).
-fn schema_clock_env() -> &'static str {
-    "TIDINGS_CLOCK_OFFSET_FILE"
-}
-
-/// A cron-only host: `tidings checkin` once per check-in interval, on its own thread.
-struct Cron {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Cron {
-    fn start(registry: String, service: String, port: u16, ip: String) -> Cron {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let port = port.to_string();
-            let timeout = seconds(HOST_INTERVAL);
-            let args = [
-                "checkin",
-                "--registry",
-                &registry,
-                "--service",
-                &service,
-                "--port",
-                &port,
-                "--ip",
-                &ip,
-                "--no-splay",
-                "--timeout",
-                &timeout,
-            ];
-            let started = Instant::now();
-            // Bounded: a day of check-ins at most; the flag ends it long before.
-            for _ in 0..100_000 {
-                if s.load(Ordering::Relaxed) {
-                    break;
-                }
-                let began = Instant::now();
-                // The outcome is not judged: a check-in while the registry is down fails, and
-                // the next one retries, as cron would. A failure is printed, with when it
-                // ended, so a late host in a violation can be told from a slow check-in.
-                let failed = match run(&args, Duration::from_secs(5)) {
-                    Ok((0, _, _)) => None,
-                    Ok((code, _, stderr)) => Some(format!(
-                        "exit {code}: {}",
-                        stderr.lines().last().unwrap_or_default()
-                    )),
-                    // `run`'s deadline error repeats every argument; say it short.
-                    Err(e) if e.to_string().contains("did not finish") => {
-                        Some("no exit within 5 s, killed".to_string())
-                    }
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(why) = failed {
-                    eprintln!(
-                        "  cron {ip}:{port}: check-in that began {:.1?} after the host started \
-                         failed after {:.1?}: {why}",
-                        began.duration_since(started),
-                        began.elapsed()
-                    );
-                }
-                let left = HOST_INTERVAL.saturating_sub(began.elapsed());
-                std::thread::sleep(left);
-            }
-        });
-        Cron {
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Cron {
-    fn drop(&mut self) {
-        self.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// What one fault changed, so the engine can tell the model.
@@ -227,89 +112,20 @@ impl World {
         let (guard, endpoint) = match store {
             Store::Memory => (None, None),
             Store::Dynamo => {
-                let (g, e) = dynamo()?;
-                let (code, out, err) = run(
-                    &[
-                        "registry",
-                        "init-table",
-                        "--dynamodb-table",
-                        TABLE,
-                        "--dynamodb-endpoint",
-                        &e,
-                        "--region",
-                        "us-east-1",
-                    ],
-                    SETTLE,
-                )?;
-                if code != 0 {
-                    bail!("init-table failed: {out}\n{err}");
-                }
+                let (g, e) = start_dynamo(dynamo)?;
                 (Some(g), Some(e))
             }
         };
-        let mut replicas = Vec::new();
-        for r in 0..store.replicas() {
-            let addr = format!("{}:{}", lab.gateway(), 7700 + 10 * r);
-            let mut args: Vec<String> = [
-                "registry",
-                "--listen",
-                &addr,
-                "--ttl",
-                &seconds(TTL),
-                "--check-in-interval",
-                &seconds(REGISTRY_INTERVAL),
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            if let Some(e) = &endpoint {
-                for a in [
-                    "--store",
-                    "dynamodb",
-                    "--dynamodb-table",
-                    TABLE,
-                    "--dynamodb-endpoint",
-                    e,
-                    "--region",
-                    "us-east-1",
-                ] {
-                    args.push(a.to_string());
-                }
-            }
-            let mut reg = Registry {
-                proc: None,
-                name: format!("registry-{r}"),
-                args,
-                clock: dir.join(format!("clock-registry-{r}")),
-            };
-            reg.start()?;
-            replicas.push(reg);
-        }
-        let reg_url = |r: usize| format!("http://{}:{}", lab.gateway(), 7700 + 10 * r);
-        let seed = format!("{}:{GOSSIP_PORT}", lab.ip(1));
-        let mut fleet_agents = Vec::new();
-        for a in 0..agents {
-            // The web endpoint is registered through the local API (below, and again after
-            // each restart, as a service manager would): only those can be deregistered.
-            let extra = fleet::joining(a == 0, &seed, &[]);
-            let clock = dir.join(format!("clock-agent-{a}")).display().to_string();
-            let env = vec![(schema_clock_env().to_string(), clock)];
-            let data = dir.join(format!("agent-{a}"));
-            let reg = reg_url(a % replicas.len());
-            // The web and churn endpoints it registers are on its own host address, which
-            // the agent accepts only when told the address is this host's.
-            let config = format!("host_ips = [\"{}\"]\n{AGENT_CONFIG}", host_ip(a));
-            let agent = lab.agent_env(a + 1, &data, &reg, &extra, env, &config)?;
-            register_web(&agent.url(), a)?;
-            fleet_agents.push(agent);
-        }
+        let replicas = start_replicas(store, &lab, dir, endpoint.as_deref())?;
+        let fleet_agents = start_agents(agents, &lab, dir, replicas.len())?;
         let crons = (0..cron_hosts)
             .map(|c| {
                 let ip = host_ip(agents + c);
-                Cron::start(reg_url(c % replicas.len()), "web".into(), 8080, ip)
+                let reg = registry_url(&lab, c % replicas.len());
+                Cron::start(reg, "web".into(), 8080, ip)
             })
             .collect();
-        let all: std::collections::BTreeSet<String> = (0..agents + cron_hosts)
+        let all: BTreeSet<String> = (0..agents + cron_hosts)
             .map(|h| format!("{}:8080", host_ip(h)))
             .collect();
         for a in &fleet_agents {
@@ -374,7 +190,7 @@ impl World {
     /// The registry replicas' base URLs, by replica index.
     pub fn registry_urls(&self) -> Vec<String> {
         (0..self.replicas.len())
-            .map(|r| format!("http://{}:{}", self.lab.gateway(), 7700 + 10 * r))
+            .map(|r| registry_url(&self.lab, r))
             .collect()
     }
 
@@ -417,20 +233,9 @@ impl World {
     /// Starts `kind`; `report` is told each change as it happens (a fault may make two).
     pub fn begin(&mut self, kind: &Kind, report: &mut dyn FnMut(Effect)) -> Result<()> {
         match kind {
-            Kind::RegistryKill { replica } | Kind::RegistryEmptyRestart { replica } => {
-                let reg = self.replicas.get_mut(*replica).context("replica")?;
-                report(Effect::RegistryDown {
-                    replica: *replica,
-                    killed: true,
-                });
-                let mut proc = reg.proc.take().context("registry not running")?;
-                proc.signal("KILL")?;
-                proc.wait_exit(Duration::from_secs(5))?;
-                self.past_logs.push((reg.name.clone(), proc.log_text()));
-                if matches!(kind, Kind::RegistryEmptyRestart { .. }) {
-                    reg.start()?;
-                    report(Effect::RegistryUp(*replica));
-                }
+            Kind::RegistryKill { replica } => self.kill_registry(*replica, false, report)?,
+            Kind::RegistryEmptyRestart { replica } => {
+                self.kill_registry(*replica, true, report)?;
             }
             Kind::RegistryStop { replica } => {
                 report(Effect::RegistryDown {
@@ -465,28 +270,7 @@ impl World {
                     addr: format!("{}:8080", host_ip(*agent)),
                 });
             }
-            Kind::Churn { agent, service } => {
-                let port = churn_port(service);
-                let url = self.agents.get(*agent).context("agent")?.url();
-                let ip = host_ip(*agent);
-                let spec = format!(r#"{{"service": "{service}", "port": {port}, "ip": "{ip}"}}"#);
-                fleet::register(&url, &spec)?;
-                report(Effect::Added {
-                    service: service.clone(),
-                    addr: format!("{ip}:{port}"),
-                    agent: Some(*agent),
-                });
-                // A new host appears: cron-only, checking in to replica 0.
-                let cron_ip = churn_ip(usize::from(port));
-                let reg = format!("http://{}:7700", self.lab.gateway());
-                let cron = Cron::start(reg, service.clone(), port, cron_ip.clone());
-                self.churn_crons.push((service.clone(), cron));
-                report(Effect::Added {
-                    service: service.clone(),
-                    addr: format!("{cron_ip}:{port}"),
-                    agent: None,
-                });
-            }
+            Kind::Churn { agent, service } => self.begin_churn(*agent, service, report)?,
             Kind::ClockStep { target, offset_ms } => self.set_clock(*target, *offset_ms)?,
             Kind::GossipLoss { agents, percent } => {
                 report(Effect::NetDisturbed(agents.clone()));
@@ -502,6 +286,61 @@ impl World {
                 self.lab.partition(&a, &b)?;
             }
         }
+        Ok(())
+    }
+
+    /// SIGKILLs registry `replica`, and with `restart` starts it again at once (empty, with
+    /// the memory store).
+    fn kill_registry(
+        &mut self,
+        replica: usize,
+        restart: bool,
+        report: &mut dyn FnMut(Effect),
+    ) -> Result<()> {
+        let reg = self.replicas.get_mut(replica).context("replica")?;
+        report(Effect::RegistryDown {
+            replica,
+            killed: true,
+        });
+        let mut proc = reg.proc.take().context("registry not running")?;
+        proc.signal("KILL")?;
+        proc.wait_exit(Duration::from_secs(5))?;
+        self.past_logs.push((reg.name.clone(), proc.log_text()));
+        if restart {
+            reg.start()?;
+            report(Effect::RegistryUp(replica));
+        }
+        Ok(())
+    }
+
+    /// `agent` registers `service` on its host, and a new cron-only host starts checking
+    /// the same service in.
+    fn begin_churn(
+        &mut self,
+        agent: usize,
+        service: &str,
+        report: &mut dyn FnMut(Effect),
+    ) -> Result<()> {
+        let port = churn_port(service);
+        let url = self.agents.get(agent).context("agent")?.url();
+        let ip = host_ip(agent);
+        let spec = format!(r#"{{"service": "{service}", "port": {port}, "ip": "{ip}"}}"#);
+        fleet::register(&url, &spec)?;
+        report(Effect::Added {
+            service: service.to_string(),
+            addr: format!("{ip}:{port}"),
+            agent: Some(agent),
+        });
+        // A new host appears: cron-only, checking in to replica 0.
+        let cron_ip = churn_ip(usize::from(port));
+        let reg = format!("http://{}:7700", self.lab.gateway());
+        let cron = Cron::start(reg, service.to_string(), port, cron_ip.clone());
+        self.churn_crons.push((service.to_string(), cron));
+        report(Effect::Added {
+            service: service.to_string(),
+            addr: format!("{cron_ip}:{port}"),
+            agent: None,
+        });
         Ok(())
     }
 
@@ -554,24 +393,7 @@ impl World {
                     addr: format!("{}:8080", host_ip(*agent)),
                 });
             }
-            Kind::Churn { agent, service } => {
-                let port = churn_port(service);
-                let url = self.agents.get(*agent).context("agent")?.url();
-                fleet::deregister_at(&url, service, port, Some(&host_ip(*agent)))?;
-                report(Effect::Deregistered {
-                    service: service.clone(),
-                    addr: format!("{}:{port}", host_ip(*agent)),
-                });
-                for (s, cron) in &mut self.churn_crons {
-                    if s == service {
-                        cron.stop();
-                    }
-                }
-                report(Effect::CronStopped {
-                    service: service.clone(),
-                    addr: format!("{}:{port}", churn_ip(usize::from(port))),
-                });
-            }
+            Kind::Churn { agent, service } => self.end_churn(*agent, service, report)?,
             Kind::ClockStep { target, .. } => self.set_clock(*target, 0)?,
             Kind::GossipLoss { agents, .. } => {
                 for a in agents {
@@ -587,6 +409,131 @@ impl World {
         }
         Ok(())
     }
+
+    /// `agent` deregisters `service`, and the churn cron hosts of `service` stop.
+    fn end_churn(
+        &mut self,
+        agent: usize,
+        service: &str,
+        report: &mut dyn FnMut(Effect),
+    ) -> Result<()> {
+        let port = churn_port(service);
+        let url = self.agents.get(agent).context("agent")?.url();
+        fleet::deregister_at(&url, service, port, Some(&host_ip(agent)))?;
+        report(Effect::Deregistered {
+            service: service.to_string(),
+            addr: format!("{}:{port}", host_ip(agent)),
+        });
+        for (s, cron) in &mut self.churn_crons {
+            if s == service {
+                cron.stop();
+            }
+        }
+        report(Effect::CronStopped {
+            service: service.to_string(),
+            addr: format!("{}:{port}", churn_ip(usize::from(port))),
+        });
+        Ok(())
+    }
+}
+
+/// Base URL of registry replica `r`.
+fn registry_url(lab: &Lab, r: usize) -> String {
+    format!("http://{}:{}", lab.gateway(), 7700 + 10 * r)
+}
+
+/// Starts the DynamoDB-compatible server and creates the table: (its guard, its endpoint).
+fn start_dynamo(dynamo: DynamoStarter<'_>) -> Result<(Box<dyn std::any::Any>, String)> {
+    let (g, e) = dynamo()?;
+    let (code, out, err) = run(
+        &[
+            "registry",
+            "init-table",
+            "--dynamodb-table",
+            TABLE,
+            "--dynamodb-endpoint",
+            &e,
+            "--region",
+            "us-east-1",
+        ],
+        SETTLE,
+    )?;
+    if code != 0 {
+        bail!("init-table failed: {out}\n{err}");
+    }
+    Ok((g, e))
+}
+
+/// Starts `store`'s registry replicas on the lab's gateway, sharing the DynamoDB table at
+/// `endpoint` when there is one.
+fn start_replicas(
+    store: Store,
+    lab: &Lab,
+    dir: &Path,
+    endpoint: Option<&str>,
+) -> Result<Vec<Registry>> {
+    let mut replicas = Vec::new();
+    for r in 0..store.replicas() {
+        let addr = format!("{}:{}", lab.gateway(), 7700 + 10 * r);
+        let mut args: Vec<String> = [
+            "registry",
+            "--listen",
+            &addr,
+            "--ttl",
+            &seconds(TTL),
+            "--check-in-interval",
+            &seconds(REGISTRY_INTERVAL),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(e) = endpoint {
+            for a in [
+                "--store",
+                "dynamodb",
+                "--dynamodb-table",
+                TABLE,
+                "--dynamodb-endpoint",
+                e,
+                "--region",
+                "us-east-1",
+            ] {
+                args.push(a.to_string());
+            }
+        }
+        let mut reg = Registry {
+            proc: None,
+            name: format!("registry-{r}"),
+            args,
+            clock: dir.join(format!("clock-registry-{r}")),
+        };
+        reg.start()?;
+        replicas.push(reg);
+    }
+    Ok(replicas)
+}
+
+/// Starts the agents in their namespaces (agent 0 first, the others joining it), each
+/// talking to a replica in turn, and registers their web endpoints.
+fn start_agents(agents: usize, lab: &Lab, dir: &Path, replicas: usize) -> Result<Vec<Agent>> {
+    let seed = format!("{}:{GOSSIP_PORT}", lab.ip(1));
+    let mut fleet_agents = Vec::new();
+    for a in 0..agents {
+        // The web endpoint is registered through the local API (below, and again after
+        // each restart, as a service manager would): only those can be deregistered.
+        let extra = fleet::joining(a == 0, &seed, &[]);
+        let clock = dir.join(format!("clock-agent-{a}")).display().to_string();
+        let env = vec![(schema_clock_env().to_string(), clock)];
+        let data = dir.join(format!("agent-{a}"));
+        let reg = registry_url(lab, a % replicas);
+        // The web and churn endpoints it registers are on its own host address, which
+        // the agent accepts only when told the address is this host's.
+        let config = format!("host_ips = [\"{}\"]\n{AGENT_CONFIG}", host_ip(a));
+        let agent = lab.agent_env(a + 1, &data, &reg, &extra, env, &config)?;
+        register_web(&agent.url(), a)?;
+        fleet_agents.push(agent);
+    }
+    Ok(fleet_agents)
 }
 
 /// Registers agent `a`'s web endpoint (port 8080 at its backend's address).
