@@ -32,14 +32,54 @@ pub struct Seen {
 }
 
 /// The invariants, with the memory they need across rounds.
+/// The registry ages agents reported while every replica was healthy and settled: not yet
+/// asserted (see `ASSERT_FRESH_WHEN_HEALTHY`), so summed up for the seed's summary, with
+/// where the worst was seen to find it in the schedule.
+#[derive(Debug, Default, Clone)]
+pub struct HealthyAge {
+    pub samples: u64,
+    /// Samples above `FRESH_WHEN_HEALTHY`.
+    pub over: u64,
+    pub max_ms: i64,
+    /// The agent and the moment (since the seed began) of the largest.
+    pub worst: Option<(usize, Duration)>,
+}
+
+impl HealthyAge {
+    fn record(&mut self, age_ms: i64, agent: usize, at: Duration) {
+        self.samples += 1;
+        if age_ms > i64::try_from(FRESH_WHEN_HEALTHY.as_millis()).unwrap_or(i64::MAX) {
+            self.over += 1;
+        }
+        if self.worst.is_none() || age_ms > self.max_ms {
+            self.max_ms = age_ms;
+            self.worst = Some((agent, at));
+        }
+    }
+}
+
+impl std::fmt::Display for HealthyAge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} samples, {} over {:?}, max {} ms",
+            self.samples, self.over, FRESH_WHEN_HEALTHY, self.max_ms
+        )?;
+        if let Some((agent, at)) = self.worst {
+            write!(f, " (agent {agent} at {at:.1?})")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Judge {
     /// (viewer, viewer life, ep key, ep life): a host that is now required in that view.
     established: HashSet<(Viewer, u64, String, u64)>,
     /// Per check, how many evaluations were made.
     pub checks: BTreeMap<&'static str, u64>,
-    /// Registry ages seen while every replica was healthy and settled: (count, max).
-    pub healthy_age: (u64, i64),
+    /// Registry ages seen while every replica was healthy and settled.
+    pub healthy_age: HealthyAge,
     pub violations: Vec<Violation>,
     /// (check, subject) of violations already recorded → index in `violations`, so one
     /// breach held for many rounds is reported once (first and last moment, rounds).
@@ -269,8 +309,8 @@ impl Judge {
         } else if let Some(healthy) = m.registry_healthy_since()
             && now >= healthy.max(v_since) + AGENT_EP_VISIBLE
         {
-            self.healthy_age.0 += 1;
-            self.healthy_age.1 = self.healthy_age.1.max(age);
+            self.healthy_age
+                .record(age, agent, now.duration_since(m.t0));
             if ASSERT_FRESH_WHEN_HEALTHY {
                 self.count("freshness_honest");
                 if age > i64::try_from(FRESH_WHEN_HEALTHY.as_millis()).unwrap_or(i64::MAX) {

@@ -11,7 +11,7 @@ use anyhow::{Result, anyhow};
 
 use super::Config;
 use super::bounds::{AGENT_EP_VISIBLE, CHECK_EVERY};
-use super::judge::{Judge, Seen, Violation};
+use super::judge::{HealthyAge, Judge, Seen, Violation};
 use super::model::{EpState, Model, Owner, Viewer};
 use super::schedule::Schedule;
 use super::world::{DynamoStarter, Effect, World, host_ip};
@@ -31,8 +31,8 @@ pub struct Outcome {
     /// verdict on an invariant).
     pub engine_errors: Vec<String>,
     pub traffic: String,
-    /// Registry ages seen while healthy: (samples, max ms).
-    pub healthy_age: (u64, i64),
+    /// Registry ages seen while healthy.
+    pub healthy_age: HealthyAge,
     pub took: Duration,
     /// On failure: where every process's log and the replicas' `/v1/ops/status` answers at
     /// each new violation were written (kept after the run).
@@ -50,14 +50,13 @@ impl Outcome {
         let _ = writeln!(
             s,
             "campaign seed {} ({:?}, {:.0?}): faults injected {:?}; invariant checks {:?}; \
-             registry age while healthy: {} samples, max {} ms; traffic: {}",
+             registry age while healthy: {}; traffic: {}",
             self.schedule.seed,
             self.schedule.store,
             self.took,
             self.injected,
             self.checks,
-            self.healthy_age.0,
-            self.healthy_age.1,
+            self.healthy_age,
             self.traffic
         );
         let _ = writeln!(s, "{} violations", self.violations.len());
