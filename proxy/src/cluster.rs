@@ -23,6 +23,7 @@ use crate::core::outlier::{OutlierPolicy, OutlierState, RequestResult};
 use crate::core::retry::RetryPolicy;
 use crate::io::upstream::Upstream;
 
+mod families;
 mod gauges;
 mod handle;
 mod load;

@@ -1,6 +1,6 @@
-//! Prometheus metrics. The proxy records through the `metrics` facade, with handles registered
-//! once per cluster or host (`crate::cluster`); this module installs a Prometheus recorder once
-//! per process and keeps its handle for `/metrics`.
+//! Prometheus metrics. The proxy records on the process-global recorder, in families described
+//! once (`crate::cluster::families`) with handles registered once per cluster or host; this
+//! module installs a Prometheus recorder once per process and keeps its handle for `/metrics`.
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! Metrics hygiene: a host the proxy forgets takes its gauges out of `/metrics` (they are
-//! not left at their last value forever), while live hosts keep theirs.
+//! not left at their last value forever), while live hosts keep theirs; and every metric the
+//! proxy exposes carries its description.
 //!
 //! The exporter measures idleness with its own clock, not tokio's, so this test cannot pause
 //! time: it polls real time, bounded by the idle timeout plus a margin.
@@ -83,4 +84,50 @@ async fn a_forgotten_hosts_gauges_leave_and_live_hosts_keep_theirs() {
         "{metrics}"
     );
     p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_proxy_metric_is_described() {
+    let (_a, _b, _m, p) = two_routed().await;
+    for _ in 0..10 {
+        assert_eq!(p.get("/").await.status, 200);
+    }
+    let metrics = eventually_metrics(&p).await;
+    // Family names as exposed: a histogram's series carry `_bucket`/`_sum`/`_count`.
+    let mut families: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("tidings_proxy_"))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(|n| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s))
+                .unwrap_or(n)
+        })
+        .collect();
+    families.sort_unstable();
+    families.dedup();
+    assert!(families.len() >= 8, "{families:?}");
+    for f in families {
+        assert!(
+            metrics.contains(&format!("# HELP {f} ")),
+            "{f} has no HELP line: {metrics}"
+        );
+    }
+    p.stop().await;
+}
+
+/// `/metrics` once the cluster's gauges and a request's counters are in it.
+async fn eventually_metrics(p: &Running) -> String {
+    eventually(
+        Duration::from_secs(5),
+        "gauges and counters published",
+        || async {
+            let metrics = p.admin("/metrics").await.1;
+            metrics.contains("tidings_proxy_cluster_routable_hosts")
+                && metrics.contains("tidings_proxy_requests_total")
+        },
+    )
+    .await;
+    p.admin("/metrics").await.1
 }

@@ -1,7 +1,8 @@
-//! [`Registrar`] and [`Family`]: how every component but the proxy describes and registers
-//! its metrics; and [`ConnMetrics`], the listener's connection metrics, registered once on
-//! whichever recorder the component uses (the registry and the agent own one each, so tests
-//! running several in one process never share counters; the proxy installs a global one).
+//! [`Registrar`] and [`Family`]: how every component describes and registers its metrics;
+//! and [`ConnMetrics`], the listener's connection metrics, registered once on whichever
+//! recorder the component uses. The registry and the agent own one recorder each, so tests
+//! running several in one process never share counters; the proxy records on the global one
+//! it installs.
 
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
@@ -115,6 +116,12 @@ impl<H: Handle, const N: usize> Family<H, N> {
             &Key::from_parts(self.name.clone(), labels),
             self.meta,
         )
+    }
+
+    /// The handle for `values` on the process-global recorder (the proxy's), where the
+    /// family must have been described.
+    pub fn global(&self, values: [&str; N]) -> H {
+        metrics::with_recorder(|r| self.on(r, values))
     }
 }
 

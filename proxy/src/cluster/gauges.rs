@@ -9,6 +9,7 @@
 use metrics::Gauge;
 
 use super::HostHandle;
+use super::families::families;
 
 /// One host's gauges; they live in the cluster's table and go with the host.
 #[derive(Default)]
@@ -26,12 +27,11 @@ fn flag(b: bool) -> f64 {
 impl HostGauges {
     pub(super) fn publish(&mut self, host: &HostHandle, ejected: bool, routable: bool) {
         let [active, ej, routed] = self.state.get_or_insert_with(|| {
-            let labels = host.labels();
-            [
-                metrics::gauge!("tidings_proxy_host_active_requests", &labels),
-                metrics::gauge!("tidings_proxy_host_ejected", &labels),
-                metrics::gauge!("tidings_proxy_host_routable", &labels),
-            ]
+            let [cluster, addr] = host.label_values();
+            families()
+                .host
+                .each_ref()
+                .map(|f| f.global([&cluster, &addr]))
         });
         active.set(f64::from(host.active()));
         ej.set(flag(ejected));
@@ -41,7 +41,10 @@ impl HostGauges {
     /// Publishes `tidings_proxy_host_healthy`.
     pub(super) fn publish_health(&mut self, host: &HostHandle, healthy: bool) {
         self.healthy
-            .get_or_insert_with(|| metrics::gauge!("tidings_proxy_host_healthy", &host.labels()))
+            .get_or_insert_with(|| {
+                let [cluster, addr] = host.label_values();
+                families().host_healthy.global([&cluster, &addr])
+            })
             .set(flag(healthy));
     }
 
@@ -64,15 +67,9 @@ impl ClusterGauges {
         active_requests: u32,
         active_retries: u32,
     ) {
-        let [routable, panicking, active, retries] = self.0.get_or_insert_with(|| {
-            let name = cluster.to_string();
-            [
-                metrics::gauge!("tidings_proxy_cluster_routable_hosts", "cluster" => name.clone()),
-                metrics::gauge!("tidings_proxy_cluster_panic", "cluster" => name.clone()),
-                metrics::gauge!("tidings_proxy_cluster_active_requests", "cluster" => name.clone()),
-                metrics::gauge!("tidings_proxy_cluster_retries_active", "cluster" => name),
-            ]
-        });
+        let [routable, panicking, active, retries] = self
+            .0
+            .get_or_insert_with(|| families().cluster.each_ref().map(|f| f.global([cluster])));
         routable.set(routable_hosts as f64);
         panicking.set(flag(panic));
         active.set(f64::from(active_requests));

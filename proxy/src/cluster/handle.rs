@@ -1,7 +1,7 @@
 //! What the request path needs of a host and of a cluster without taking the cluster lock or
 //! allocating: the host's upstream authority, its active-request count, its pooled upstream
-//! connections, and counter handles registered once (a `metrics::counter!` with labels builds
-//! and hashes its key every call). Gauges are in `gauges`.
+//! connections, and counter handles registered once (registering builds and hashes the
+//! labelled key, too much per request) in the families of `families`. Gauges are in `gauges`.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use metrics::{Counter, Histogram};
+use serve::Family;
+
+use super::families::families;
 
 use crate::core::breaker::Resource;
 use crate::core::retry::RetryOverflow;
@@ -60,11 +63,9 @@ impl HostHandle {
         }
     }
 
-    pub(super) fn labels(&self) -> [(&'static str, String); 2] {
-        [
-            ("cluster", self.cluster.to_string()),
-            ("host", self.addr.to_string()),
-        ]
+    /// The values of the `cluster` and `host` labels.
+    pub(super) fn label_values(&self) -> [String; 2] {
+        [self.cluster.to_string(), self.addr.to_string()]
     }
 
     /// Counts one health check.
@@ -75,8 +76,8 @@ impl HostHandle {
             (&self.checks[1], "failure")
         };
         slot.get_or_init(|| {
-            let [(_, cluster), (_, host)] = self.labels();
-            metrics::counter!("tidings_proxy_health_checks_total", "cluster" => cluster, "host" => host, "result" => result)
+            let [cluster, host] = self.label_values();
+            families().health_checks.global([&cluster, &host, result])
         })
         .increment(1);
     }
@@ -84,7 +85,10 @@ impl HostHandle {
     /// Counts one ejection by outlier detection.
     pub(super) fn count_ejection(&self) {
         self.ejections
-            .get_or_init(|| metrics::counter!("tidings_proxy_ejections_total", &self.labels()))
+            .get_or_init(|| {
+                let [cluster, host] = self.label_values();
+                families().ejections.global([&cluster, &host])
+            })
             .increment(1);
     }
 
@@ -98,12 +102,10 @@ impl HostHandle {
             return;
         };
         slot.get_or_init(|| {
-            metrics::counter!(
-                "tidings_proxy_upstream_requests_total",
-                "cluster" => self.cluster.to_string(),
-                "host" => self.addr.to_string(),
-                "outcome" => OUTCOMES[outcome]
-            )
+            let [cluster, host] = self.label_values();
+            families()
+                .upstream_requests
+                .global([&cluster, &host, OUTCOMES[outcome]])
         })
         .increment(1);
     }
@@ -137,8 +139,8 @@ impl ClusterMetrics {
         }
     }
 
-    fn counter(&self, slot: &OnceLock<Counter>, name: &'static str) {
-        slot.get_or_init(|| metrics::counter!(name, "cluster" => self.name.to_string()))
+    fn counter(&self, slot: &OnceLock<Counter>, family: &Family<Counter, 1>) {
+        slot.get_or_init(|| family.global([&self.name]))
             .increment(1);
     }
 
@@ -149,36 +151,33 @@ impl ClusterMetrics {
             RetryOverflow::MaxRetries => &self.retry_overflows[1],
         };
         slot.get_or_init(|| {
-            metrics::counter!("tidings_proxy_retry_overflow_total", "cluster" => self.name.to_string(), "limit" => limit.as_str())
+            families()
+                .retry_overflow
+                .global([&self.name, limit.as_str()])
         })
         .increment(1);
     }
 
     /// Counts a retry granted.
     pub fn retry(&self) {
-        self.counter(&self.retries, "tidings_proxy_retries_total");
+        self.counter(&self.retries, &families().retries);
     }
 
     /// Counts a request refused because breaker `resource` was full.
     pub fn overflow(&self, resource: Resource) {
         let slot = &self.overflows[resource as usize];
-        slot.get_or_init(|| {
-            metrics::counter!("tidings_proxy_overflow_total", "cluster" => self.name.to_string(), "resource" => resource.as_str())
-        })
-        .increment(1);
+        slot.get_or_init(|| families().overflow.global([&self.name, resource.as_str()]))
+            .increment(1);
     }
 
     /// Counts a failed membership query.
     pub fn membership_error(&self) {
-        self.counter(
-            &self.membership_errors,
-            "tidings_proxy_membership_errors_total",
-        );
+        self.counter(&self.membership_errors, &families().membership_errors);
     }
 
     /// Counts one downstream request answered with `code`.
     pub fn count(&self, code: u16) {
-        let counter = |code: u16| metrics::counter!("tidings_proxy_requests_total", "cluster" => self.name.to_string(), "code" => code.to_string());
+        let counter = |code: u16| families().requests.global([&self.name, &code.to_string()]);
         match self.by_code.get(usize::from(code).wrapping_sub(100)) {
             Some(slot) => slot.get_or_init(|| counter(code)).increment(1),
             // Codes outside 100-599 cannot come from hyper or the fast path's parser.
@@ -190,9 +189,7 @@ impl ClusterMetrics {
     pub fn request(&self, code: u16, elapsed: Duration) {
         self.count(code);
         self.duration
-            .get_or_init(|| {
-                metrics::histogram!("tidings_proxy_request_duration_seconds", "cluster" => self.name.to_string())
-            })
+            .get_or_init(|| families().request_duration.global([&self.name]))
             .record(elapsed.as_secs_f64());
     }
 }
