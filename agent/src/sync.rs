@@ -68,18 +68,19 @@ pub fn plan(
     });
     let mut fresh: BTreeMap<ServiceName, Snapshot> = BTreeMap::new();
     for (service, entries) in listed {
-        let entries = if warming {
-            lower_bound(
-                held.get(&service).copied(),
-                cached_by.get(&service),
-                entries,
+        let (entries, generated_at_ms) = if warming {
+            let held = held.get(&service).copied();
+            let cached = cached_by.get(&service);
+            (
+                lower_bound(held, cached, entries),
+                lower_bound_date(held, cached, at),
             )
         } else {
-            entries
+            (entries, at)
         };
         let snapshot = Snapshot {
             service: service.clone(),
-            generated_at_ms: at,
+            generated_at_ms,
             entries,
         };
         fresh.insert(service, snapshot);
@@ -129,6 +130,20 @@ fn lower_bound(
         union.insert(e.endpoint.key(), e);
     }
     union.into_values().collect()
+}
+
+/// The date of a warming answer's lower bound for one service: the answer's own when this
+/// agent holds real registry data of the service (the union then holds everything it knew),
+/// else [`gossip::LOWER_BOUND_MS`]. An agent restarted without its disk cache holds nothing
+/// before gossip repair brings its peers' snapshots; dated like the answer, the lower bound
+/// alone would outrank their fuller snapshots and spread over them, hiding every host that
+/// had not checked in again since the registry restarted (fault campaign, seed
+/// 12860982494713673050). Dated at the start of time it is served here at once, fills the
+/// service on peers that hold nothing of it either (a whole fleet started cold), and gives
+/// way to any snapshot a registry dated.
+fn lower_bound_date(held: Option<&Snapshot>, cached: Option<&Vec<&SnapshotEntry>>, at: u64) -> u64 {
+    let knows = held.is_some_and(|s| !s.is_lower_bound()) || cached.is_some();
+    if knows { at } else { gossip::LOWER_BOUND_MS }
 }
 
 /// Adds an empty snapshot, dated `at`, for each of the `gone` services the answer did not
@@ -197,55 +212,6 @@ fn same_hosts(a: &Snapshot, b: &Snapshot) -> bool {
     x.sort_by_key(|e| e.key());
     y.sort_by_key(|e| e.key());
     x == y
-}
-
-/// Whether to hold a warming answer back from gossip for now. A warming answer is a lower
-/// bound, merged with what this agent holds; an agent that holds nothing yet (restarted
-/// without its disk cache, before gossip repair brought the peers' registry data) would
-/// publish the lower bound alone, dated newer than the fuller snapshots its peers hold, and
-/// gossip would spread it over them — every agent would lose the hosts that had not yet
-/// checked in again (found by the fault campaign). So it waits until it holds something, or
-/// until it knows it has no peer to learn from; the next warming poll comes soon.
-pub fn defer_warming(warming: bool, holds_nothing: bool, peers: PeerOutlook) -> bool {
-    warming && holds_nothing && peers.may_teach()
-}
-
-/// The shortest time a just-started agent waits for its peers' registry data before it
-/// applies a warming answer alone. Past it, an agent whose joins all failed, or whose peers
-/// hold nothing either (a whole fleet started cache-less beside a warming registry), serves
-/// the lower bound rather than nothing for the rest of the warm-up.
-pub const JOIN_GRACE: Duration = Duration::from_secs(10);
-
-/// How long after its start an agent that holds nothing waits for its peers' registry data:
-/// [`JOIN_GRACE`], or three repair rounds when repair is slower (repair brings a joined
-/// agent the peers' snapshots within one round; three leave room for a join that needed a
-/// retry).
-pub fn warming_patience(repair_interval: Duration) -> Duration {
-    JOIN_GRACE.max(repair_interval.saturating_mul(3))
-}
-
-/// What this agent knows of peers that could bring it the registry data it lacks.
-#[derive(Debug, Clone, Copy)]
-pub struct PeerOutlook {
-    /// Gossip lists another member as active.
-    pub live: bool,
-    /// Agents the registry lists that gossip does not know yet (about to be joined).
-    pub to_join: usize,
-    /// Since this agent's sync loop began.
-    pub running_for: Duration,
-    /// [`warming_patience`] for this agent's gossip settings.
-    pub patience: Duration,
-}
-
-impl PeerOutlook {
-    /// A live peer, or an agent about to be joined (an agent restarted without its cache
-    /// knows no live member at its first sync, yet its peers exist and hold the fuller
-    /// snapshots: campaign seed 12860982494713673050, where the lower bound published at once
-    /// hid a cron host on every other agent for a round), while the patience lasts. An agent
-    /// still holding nothing past it has peers with nothing to teach.
-    pub fn may_teach(self) -> bool {
-        (self.live || self.to_join > 0) && self.running_for < self.patience
-    }
 }
 
 /// Agents the registry lists that gossip should announce to: all of them when this agent is
@@ -347,8 +313,6 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
         pacer: Pacer::new(cfg.poll_interval, cfg.sync_retry_max),
         index: None,
         warming_noted: false,
-        loop_began: Instant::now(),
-        patience: warming_patience(Duration::from_millis(cfg.gossip.repair_interval_ms)),
     };
     loop {
         let started = Instant::now();
@@ -390,9 +354,6 @@ struct SyncState {
     index: Option<u64>,
     /// The registry's warm-up was logged (and a re-check-in asked for) since it last ended.
     warming_noted: bool,
-    loop_began: Instant,
-    /// How long after the start a warming answer may wait for the peers' registry data.
-    patience: Duration,
 }
 
 /// When a catalog query went out: registry clock (ms) for freshness, and local time.
@@ -447,23 +408,7 @@ impl SyncState {
         let members = shared.gossip.members();
         // Joining more agents is harmless, so a warming listing is good enough.
         let join = seeds_to_join(catalog, shared.gossip_addr, &members);
-        let peers = PeerOutlook {
-            live: members
-                .iter()
-                .any(|m| m.active && m.id.addr != shared.gossip_addr),
-            to_join: join.len(),
-            running_for: self.loop_began.elapsed(),
-            patience: self.patience,
-        };
-        let deferred = defer_warming(plan.warming, held.is_empty() && cached.is_empty(), peers);
-        let snapshots = if deferred {
-            tracing::debug!(
-                "warming answer held back until gossip brings the peers' registry data"
-            );
-            Vec::new()
-        } else {
-            plan.snapshots
-        };
+        let snapshots = plan.snapshots;
         let changed = snapshots.len();
         feed_gossip(shared, snapshots, join, plan.listed).await;
         if plan.warming {

@@ -14,10 +14,22 @@ fn host(service: &str, port: u16) -> V1Host {
     V1Host::from_endpoint(&ep, 1_000)
 }
 
+/// Registry dates in these tests are `BASE + t`; [`date`] gives `t` back.
+const BASE: u64 = 1_800_000_000_000;
+
+/// A snapshot's date as `t` of `BASE + t`; 0 for a lower bound (dated at the start of time).
+fn date(s: &Snapshot) -> u64 {
+    if s.is_lower_bound() {
+        0
+    } else {
+        s.generated_at_ms - BASE
+    }
+}
+
 fn catalog(at: u64, warming: bool, services: &[(&str, &[u16])]) -> Catalog {
     Catalog {
         index: at,
-        generated_at_ms: at,
+        generated_at_ms: BASE + at,
         warming,
         stale: false,
         services: services
@@ -38,7 +50,7 @@ fn summary(snapshots: &[Snapshot]) -> Vec<(&str, Vec<u16>, u64)> {
         .iter()
         .map(|s| {
             let ports = s.entries.iter().map(|e| e.endpoint.port.get()).collect();
-            (s.service.as_str(), ports, s.generated_at_ms)
+            (s.service.as_str(), ports, date(s))
         })
         .collect()
 }
@@ -54,7 +66,7 @@ fn entry(service: &str, port: u16, last_check_in_ms: u64) -> SnapshotEntry {
 fn snapshot(service: &str, at: u64, ports: &[u16]) -> Snapshot {
     Snapshot {
         service: ServiceName::new(service).expect("name"),
-        generated_at_ms: at,
+        generated_at_ms: BASE + at,
         entries: ports.iter().map(|p| entry(service, *p, 1)).collect(),
     }
 }
@@ -164,7 +176,7 @@ fn a_successful_answer_replaces_changed_services_and_empties_vanished_ones() {
     ));
     let got: Vec<(&str, usize, u64)> = next
         .iter()
-        .map(|s| (s.service.as_str(), s.entries.len(), s.generated_at_ms))
+        .map(|s| (s.service.as_str(), s.entries.len(), date(s)))
         .collect();
     assert_eq!(got, vec![("api", 1, 20), ("db", 0, 20)]);
 }
@@ -255,64 +267,70 @@ fn pacing_backs_off_to_the_cap_and_polls_within_ten_percent() {
 }
 
 #[test]
-fn a_warming_answer_waits_while_this_agent_holds_nothing_its_peers_could_teach_it() {
-    let patience = warming_patience(Duration::from_secs(5));
-    assert_eq!(
-        patience,
-        Duration::from_secs(15),
-        "three repair rounds of 5 s"
+fn a_warming_answer_for_a_service_held_nothing_of_is_dated_at_the_start_of_time() {
+    // Restarted without a disk cache, before repair brought the peers' snapshots: dated like
+    // the answer, the lower bound would outrank the peers' fuller snapshots and spread over
+    // them (campaign seed 12860982494713673050). Dated at the start of time it is served
+    // here at once, and any snapshot a registry dated outranks it.
+    let c = catalog(20, true, &[("web", &[1, 2])]);
+    let p = plan(&c, &ReadMeta::default(), &[], &[]);
+    assert_eq!(summary(&p.snapshots), vec![("web", vec![1, 2], 0)]);
+    assert_eq!(p.snapshots[0].generated_at_ms, gossip::LOWER_BOUND_MS);
+    let peers = snapshot("web", 5, &[1, 2, 3]);
+    assert!(peers.generated_at_ms > p.snapshots[0].generated_at_ms);
+
+    // Holding only lower bounds (its own, or a peer's) is still holding nothing real: the
+    // union keeps the start-of-time date, so it never outranks a registry-dated snapshot.
+    let held = p.snapshots;
+    let p = plan(
+        &catalog(25, true, &[("web", &[2, 4])]),
+        &ReadMeta::default(),
+        &held,
+        &[],
     );
-    assert_eq!(warming_patience(Duration::from_secs(1)), JOIN_GRACE);
-    let peers = |live, to_join, secs| PeerOutlook {
-        live,
-        to_join,
-        running_for: Duration::from_secs(secs),
-        patience,
-    };
-    let alive = peers(true, 0, 1);
-    let alone = peers(false, 0, 0);
-    // Restarted without a cache, peers alive: the lower bound alone would overwrite them.
-    assert!(defer_warming(true, true, alive));
-    // Alone, or holding something to merge with, or an authoritative answer: apply.
-    assert!(!defer_warming(true, true, alone));
-    assert!(!defer_warming(true, false, alive));
-    assert!(!defer_warming(false, true, alive));
-}
+    assert_eq!(summary(&p.snapshots), vec![("web", vec![1, 2, 4], 0)]);
 
-#[test]
-fn a_just_started_agent_counts_the_agents_it_is_joining_as_peers_to_learn_from() {
-    // First sync after a cache-less start: gossip knows no live member yet, but the registry
-    // lists three agents about to be joined: their data is on its way.
-    let joining = PeerOutlook {
-        live: false,
-        to_join: 3,
-        running_for: Duration::from_millis(200),
-        patience: JOIN_GRACE,
-    };
-    assert!(defer_warming(true, true, joining));
-    // Joins that never answer do not hold warming answers back for ever.
-    let gave_up = PeerOutlook {
-        running_for: JOIN_GRACE,
-        ..joining
-    };
-    assert!(!defer_warming(true, true, gave_up));
-}
+    // Holding real data of the service, or cache entries for it: the union holds everything
+    // this agent knew, and carries the answer's date.
+    let held = [snapshot("web", 10, &[1])];
+    let p = plan(
+        &catalog(30, true, &[("web", &[2])]),
+        &ReadMeta::default(),
+        &held,
+        &[],
+    );
+    assert_eq!(summary(&p.snapshots), vec![("web", vec![1, 2], 30)]);
+    let cached = [entry("web", 3, 7)];
+    let p = plan(
+        &catalog(30, true, &[("web", &[2])]),
+        &ReadMeta::default(),
+        &[],
+        &cached,
+    );
+    assert_eq!(summary(&p.snapshots), vec![("web", vec![2, 3], 30)]);
 
-#[test]
-fn live_peers_that_bring_nothing_within_the_patience_do_not_hold_the_lower_bound_back() {
-    // A whole fleet started without caches beside a warming registry: every agent has live
-    // peers and none holds anything. Waiting for the end of warm-up (a check-in interval)
-    // would serve nothing for that long; past the patience the lower bound is applied.
-    let fleet = PeerOutlook {
-        live: true,
-        to_join: 0,
-        running_for: Duration::from_secs(14),
-        patience: warming_patience(Duration::from_secs(5)),
-    };
-    assert!(defer_warming(true, true, fleet));
-    let later = PeerOutlook {
-        running_for: Duration::from_secs(15),
-        ..fleet
-    };
-    assert!(!defer_warming(true, true, later));
+    // Per service: real data of one service does not date another's lower bound.
+    let p = plan(
+        &catalog(40, true, &[("web", &[2]), ("api", &[8])]),
+        &ReadMeta::default(),
+        &held,
+        &[],
+    );
+    assert_eq!(
+        summary(&p.snapshots),
+        vec![("api", vec![8], 0), ("web", vec![1, 2], 40)]
+    );
+
+    // The first authoritative answer replaces lower bounds, dated as the registry dated it.
+    let lower = [Snapshot {
+        generated_at_ms: gossip::LOWER_BOUND_MS,
+        ..snapshot("web", 0, &[1, 2, 4])
+    }];
+    let done = snaps(plan(
+        &catalog(50, false, &[("web", &[2])]),
+        &ReadMeta::default(),
+        &lower,
+        &[],
+    ));
+    assert_eq!(summary(&done), vec![("web", vec![2], 50)]);
 }

@@ -489,59 +489,77 @@ async fn a_restarted_agent_drops_cached_rows_of_an_owner_gone_for_good_once_the_
     b.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_whose_live_peers_hold_nothing_serves_a_warming_answer_after_its_patience() {
-    // A fleet started without caches beside a registry that is warming itself: every agent
-    // holds nothing, and each has live peers, so each holds its warming answer back for
-    // them. Before the patience bound they waited for the end of warm-up (a check-in
-    // interval; here for ever, the registry's clock never moves) and served nothing.
-    let now = unix_ms_now();
-    let registry = TestRegistry::start("127.0.0.1:0".parse().expect("addr"), now - 300_000).await;
-    registry
-        .client()
-        .check_in(&[ep("web", "10.0.0.1", 80)])
-        .await
-        .expect("check-in");
-    // The peer: live in gossip, with no registry to learn from (its address refuses).
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("listener");
-    let dead = format!("http://{}", closed.local_addr().expect("addr"));
-    drop(closed);
-    let dir_b = tempfile::tempdir().expect("tempdir");
-    let peer = RunningAgent::start(AgentConfig {
-        registry: Some(dead),
-        ..config(&registry, dir_b.path())
-    })
-    .await;
-    let (_, _, me) = get(peer.api, "/v1/agent/self").await;
-    let peer_gossip: SocketAddr = me["gossip_addr"]
+/// An agent's gossip address, from its API.
+async fn gossip_addr(api: SocketAddr) -> SocketAddr {
+    let (_, _, me) = get(api, "/v1/agent/self").await;
+    me["gossip_addr"]
         .as_str()
         .and_then(|a| a.parse().ok())
-        .expect("the peer's gossip address");
-    // The registry lists the peer, as it would had the peer checked in: the agent counts it
-    // as a peer to learn from from its first sync on.
-    registry
+        .expect("the agent's gossip address")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_without_its_cache_during_warm_up_takes_no_host_from_its_peers() {
+    // Campaign seed 12860982494713673050: an agent restarted without its disk cache while
+    // the registry warmed up published the warming answer, a lower bound, dated newer than
+    // its peers' fuller snapshots; gossip spread it over them and they lost every host that
+    // had not checked in again.
+    let now = unix_ms_now();
+    let mut first = TestRegistry::start("127.0.0.1:0".parse().expect("addr"), now - 300_000).await;
+    first.clock.advance(Duration::from_secs(70)); // past its warm-up
+    first
         .client()
-        .check_in(&[ep(
-            agent::AGENT_SERVICE,
-            &peer_gossip.ip().to_string(),
-            peer_gossip.port(),
-        )])
+        .check_in(&[ep("web", "10.0.0.1", 80), ep("web", "10.0.0.2", 80)])
         .await
         .expect("check-in");
     let dir_a = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(&registry, dir_a.path());
-    cfg.gossip.seeds = vec![peer_gossip];
+    let a = RunningAgent::start(config(&first, dir_a.path())).await;
+    let a_gossip = gossip_addr(a.api).await;
+    // The registry's address stays the same across its restart.
+    let mut seeded = config(&first, dir_a.path());
+    seeded.gossip.seeds = vec![a_gossip];
+    let with_seed = |dir: &Path| AgentConfig {
+        data_dir: dir.to_path_buf(),
+        ..seeded.clone()
+    };
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let b = RunningAgent::start(with_seed(dir_b.path())).await;
+    let both = ["10.0.0.1:80", "10.0.0.2:80"];
+    wait_listed(a.api, "web", &both, |_| {}).await;
+    wait_listed(b.api, "web", &both, |_| {}).await;
+
+    // The registry restarts empty and warms up (its clock never moves: for the whole test);
+    // only a new cron host checks in. Agent b restarts without its cache.
+    let addr = first.addr;
+    first.kill();
+    let second = TestRegistry::start(addr, now - 200_000).await;
+    second
+        .client()
+        .check_in(&[ep("web", "10.0.0.3", 80)])
+        .await
+        .expect("check-in");
+    b.stop().await;
+    let dir_b = tempfile::tempdir().expect("a new, empty data dir");
+    let b = RunningAgent::start(with_seed(dir_b.path())).await;
+
+    // a keeps web:1 and web:2 all along; both end with all three.
+    let all = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"];
     let started = Instant::now();
-    let agent = RunningAgent::start(cfg).await;
-    // Patience: 10 s (three repair rounds of 300 ms are less); then the lower bound is served.
-    wait_listed(agent.api, "web", &["10.0.0.1:80"], |_| {}).await;
-    assert!(
-        started.elapsed() >= Duration::from_secs(9),
-        "held back while its peer might still teach it ({:?})",
-        started.elapsed()
-    );
-    agent.stop().await;
-    peer.stop().await;
+    loop {
+        let (on_a, _) = listed(a.api, "web").await;
+        for old in both {
+            assert!(on_a.iter().any(|h| h == old), "a dropped {old}: {on_a:?}");
+        }
+        let (on_b, _) = listed(b.api, "web").await;
+        if on_a == all && on_b == all {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "a lists {on_a:?}, b lists {on_b:?}, want {all:?} on both"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    a.stop().await;
+    b.stop().await;
 }

@@ -26,6 +26,15 @@ pub struct SnapshotEntry {
     pub last_check_in_ms: u64,
 }
 
+/// The date an agent gives a warming registry answer for a service it holds nothing real
+/// of: the start of time, so every snapshot dated by a registry outranks it wherever they
+/// meet, and the lower bound only fills services nobody holds.
+pub const LOWER_BOUND_MS: u64 = 1;
+
+/// Snapshots dated before this are lower bounds ([`LOWER_BOUND_MS`], restamped one ms later
+/// each time a holder republishes): no registry answers with a date in January 1970.
+pub const LOWER_BOUNDS_BEFORE_MS: u64 = 1_000_000_000;
+
 /// The registry's listing of one service at `generated_at_ms` (registry clock).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -35,6 +44,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// A warming answer's lower bound from an agent that held nothing real of the service
+    /// (see [`LOWER_BOUND_MS`]).
+    pub fn is_lower_bound(&self) -> bool {
+        self.generated_at_ms < LOWER_BOUNDS_BEFORE_MS
+    }
+
     /// A deterministic hash of the whole snapshot (tie-break and digest).
     pub fn content_hash(&self) -> u64 {
         let mut parts: Vec<Vec<u8>> = vec![self.service.as_str().as_bytes().to_vec()];
@@ -222,6 +237,23 @@ mod tests {
         let service = ServiceName::new("web").unwrap();
         assert_eq!(x.get(&service), y.get(&service));
         assert_eq!(x.merge(a, 0), SnapshotMerge::Stale);
+    }
+
+    #[test]
+    fn a_lower_bound_fills_an_empty_service_and_gives_way_to_any_registry_date() {
+        const NOW: u64 = 1_780_000_000_000;
+        let service = ServiceName::new("web").unwrap();
+        let lower = |bump: u64, ports: &[u16]| snap(LOWER_BOUND_MS + bump, ports);
+        let registry = snap(NOW - 3_600_000, &[1, 2, 3]);
+        assert!(lower(5, &[1]).is_lower_bound() && !registry.is_lower_bound());
+        // Held nothing: the lower bound is taken, and a registry-dated snapshot (even an
+        // hour old) replaces it.
+        let mut store = SnapshotStore::default();
+        assert_eq!(store.merge(lower(0, &[1]), NOW), SnapshotMerge::Applied);
+        assert_eq!(store.merge(registry.clone(), NOW), SnapshotMerge::Applied);
+        // Holding registry data: a lower bound, restamped however often, never replaces it.
+        assert_eq!(store.merge(lower(1_000, &[4]), NOW), SnapshotMerge::Stale);
+        assert_eq!(store.get(&service), Some(&registry));
     }
 
     #[test]
