@@ -114,12 +114,30 @@ pub(crate) fn merge(store: &mut Store, item: BroadcastItem) -> Option<BroadcastK
             applied.then_some(key)
         }
         BroadcastItem::Snapshot(snap) => {
-            let s = snap.summary();
-            let key = BroadcastKey::Snapshot {
-                service: s.service,
-                rank: (s.generated_at_ms, s.hash),
-            };
+            let key = snapshot_key(&snap);
             (store.snapshots.merge(snap, now) == SnapshotMerge::Applied).then_some(key)
         }
+    }
+}
+
+/// [`merge`] for a registry answer this node fetched itself ([`SnapshotStore::merge_direct`]).
+///
+/// [`SnapshotStore::merge_direct`]: crate::snapshot::SnapshotStore::merge_direct
+pub(crate) fn merge_direct(store: &mut Store, item: BroadcastItem) -> Option<BroadcastKey> {
+    match item {
+        BroadcastItem::Snapshot(snap) => {
+            let key = snapshot_key(&snap);
+            let now = store.now_ms;
+            (store.snapshots.merge_direct(snap, now) == SnapshotMerge::Applied).then_some(key)
+        }
+        row => merge(store, row),
+    }
+}
+
+fn snapshot_key(snap: &Snapshot) -> BroadcastKey {
+    let s = snap.summary();
+    BroadcastKey::Snapshot {
+        service: s.service,
+        rank: (s.generated_at_ms, s.hash),
     }
 }

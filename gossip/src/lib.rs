@@ -15,7 +15,8 @@
 //!   maximum, so any subset of rows is a valid delta. A row is visible only while its owner is
 //!   alive in SWIM; rows of an older epoch of an owner are dropped.
 //! - **Registry snapshots** ([`snapshot`]) travel too; per service the newest wins, and one
-//!   dated further ahead of the receiver's clock than `max_snapshot_skew_ms` is refused.
+//!   dated further ahead of the receiver's clock than `max_snapshot_skew_ms` is refused (an
+//!   agent's own registry answer: further ahead of what it holds).
 //! - **Dissemination** ([`spread`]): new rows and small snapshots travel in packets of
 //!   their own, beside SWIM rather than inside foca's: each node that learns one sends it
 //!   to 3 random members at once and on every gossip round, λ·⌈log10(N+1)⌉ times in all.

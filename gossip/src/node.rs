@@ -511,9 +511,9 @@ impl Node {
     /// a replica running a little ahead (within the skew bound) answered, the next honest
     /// answer would be dated older than what is held and ignored until real time caught
     /// up. The stamp runs ahead of real time by at most what was already accepted within
-    /// the bound. An answer itself dated beyond the bound is refused and counted (see
-    /// [`crate::snapshot`]), so a replica far ahead changes nothing, and the first answer
-    /// after it is back wins.
+    /// the bound. An answer dated beyond the bound ahead of the registry data held is refused
+    /// and counted (see [`crate::snapshot::SnapshotStore::merge_direct`]), so a replica far
+    /// ahead changes nothing, and the first answer after it is back wins.
     pub fn apply_registry_snapshot(&mut self, now_ms: u64, mut snapshot: Snapshot) {
         self.set_now(now_ms);
         if let Some(held) = self.store.snapshots.summary(&snapshot.service) {
@@ -522,16 +522,17 @@ impl Node {
                 .max(held.generated_at_ms.saturating_add(1));
         }
         let (service, at) = (snapshot.service.clone(), snapshot.generated_at_ms);
-        if at > self.store.snapshots.latest_acceptable(self.now_ms) {
+        let refusals = self.store.snapshots.refusals().future;
+        self.learn_direct(BroadcastItem::Snapshot(snapshot));
+        if self.store.snapshots.refusals().future > refusals {
             tracing::warn!(
                 %service,
                 generated_at_ms = at,
                 now_ms = self.now_ms,
                 max_skew_ms = self.cfg.max_snapshot_skew_ms,
-                "registry answer dated too far ahead of this host's clock, refused (a registry or this host has a wrong clock)"
+                "registry answer dated too far ahead of the registry data held, refused (a registry replica has a wrong clock)"
             );
         }
-        self.learn(BroadcastItem::Snapshot(snapshot));
         self.spread_now();
         self.drain();
     }

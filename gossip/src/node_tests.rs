@@ -307,6 +307,25 @@ fn snapshots_from_the_future_are_refused_whichever_way_they_come() {
     assert_eq!(n.metrics().snapshot().snapshots_refused_future, 2);
 }
 
+/// A registry answer dated `at` listing one endpoint on `port`.
+fn snap(at: u64, port: u16) -> Snapshot {
+    Snapshot {
+        service: ep(port).service,
+        generated_at_ms: at,
+        entries: vec![crate::SnapshotEntry {
+            endpoint: ep(port),
+            last_check_in_ms: at,
+        }],
+    }
+}
+
+/// The date and port of the snapshot `n` holds.
+fn held(n: &Node) -> Option<(u64, u16)> {
+    n.snapshots()
+        .first()
+        .map(|s| (s.generated_at_ms, s.entries[0].endpoint.port.get()))
+}
+
 /// The agent's own direct registry answers: a fresh one supersedes what is held even when
 /// dated older (the held one came from a replica a little ahead), by being stamped just
 /// after it; one dated beyond the bound is refused and counted.
@@ -315,19 +334,6 @@ fn a_direct_registry_answer_supersedes_what_is_held() {
     const NOW: u64 = 1_780_000_000_000;
     let mut n = node(1);
     n.start(NOW);
-    let snap = |at: u64, port: u16| Snapshot {
-        service: ep(port).service,
-        generated_at_ms: at,
-        entries: vec![crate::SnapshotEntry {
-            endpoint: ep(port),
-            last_check_in_ms: at,
-        }],
-    };
-    let held = |n: &Node| {
-        n.snapshots()
-            .first()
-            .map(|s| (s.generated_at_ms, s.entries[0].endpoint.port.get()))
-    };
     n.apply_registry_snapshot(NOW, snap(NOW, 80));
     assert_eq!(held(&n), Some((NOW, 80)));
     n.apply_registry_snapshot(NOW, snap(NOW + 20_000, 81));
@@ -340,4 +346,27 @@ fn a_direct_registry_answer_supersedes_what_is_held() {
     // Once real time passes the held stamp, answers carry their own date again.
     n.apply_registry_snapshot(NOW + 30_000, snap(NOW + 30_000, 84));
     assert_eq!(held(&n), Some((NOW + 30_000, 84)));
+}
+
+/// An agent whose own clock runs half an hour behind (restarted so, without its disk cache,
+/// in the fault campaign) takes its registry's answers: there is nothing held to protect,
+/// and then each answer is judged against the registry data held, not the slow clock. A
+/// replica an hour ahead of that data is still refused.
+#[test]
+fn a_host_whose_clock_runs_behind_takes_its_registrys_answers() {
+    const NOW: u64 = 1_780_000_000_000;
+    const SLOW: u64 = NOW - 2_038_514;
+    let mut n = node(1);
+    n.start(SLOW);
+    n.apply_registry_snapshot(SLOW, snap(NOW, 80));
+    assert_eq!(held(&n), Some((NOW, 80)), "nothing held: taken");
+    n.apply_registry_snapshot(SLOW + 1_000, snap(NOW + 1_000, 81));
+    assert_eq!(
+        held(&n),
+        Some((NOW + 1_000, 81)),
+        "within the bound of what is held"
+    );
+    n.apply_registry_snapshot(SLOW + 2_000, snap(NOW + 3_600_000, 82));
+    assert_eq!(held(&n), Some((NOW + 1_000, 81)), "a replica an hour ahead");
+    assert_eq!(n.metrics().snapshot().snapshots_refused_future, 1);
 }

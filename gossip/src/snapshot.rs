@@ -164,6 +164,24 @@ impl SnapshotStore {
         SnapshotMerge::Applied
     }
 
+    /// Merges a snapshot this node just fetched from its own registry. It is judged against
+    /// the later of this node's clock and the registry data held for the service: the
+    /// registry defines its own dates, and a host whose clock runs behind (an agent
+    /// restarted with its clock half an hour slow, in the fault campaign) would otherwise
+    /// refuse every answer and serve nothing. Where the node holds nothing of the service
+    /// the answer is taken whatever its date: there is nothing to protect, and the next direct answer is stamped after it
+    /// (`Node::apply_registry_snapshot`), so a replica that ran ahead pins nothing past its
+    /// next answer. (A lower bound held counts as held: an agent restarted without its cache
+    /// during a warm-up with its clock far behind keeps its lower bound until its clock is
+    /// right.) Snapshots from peers stay judged by this node's clock alone.
+    pub fn merge_direct(&mut self, snap: Snapshot, now_ms: u64) -> SnapshotMerge {
+        let clock = match self.by_service.get(&snap.service) {
+            Some((_, held)) => now_ms.max(held.generated_at_ms),
+            None => u64::MAX,
+        };
+        self.merge(snap, clock)
+    }
+
     /// The newest `generated_at_ms` accepted at `now_ms`.
     pub fn latest_acceptable(&self, now_ms: u64) -> u64 {
         now_ms.saturating_add(self.max_skew_ms)

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use rand::seq::IndexedRandom;
 use schema::codec;
 
-use crate::broadcast::{self, BroadcastItem, BroadcastKey};
+use crate::broadcast::{self, BroadcastItem, BroadcastKey, Store};
 use crate::codec::PacketKind;
 use crate::crypto::SEAL_OVERHEAD;
 use crate::metrics::Metrics;
@@ -109,8 +109,22 @@ impl Node {
     /// Merges an item and, if it was news, queues it to be passed on (if small enough:
     /// bigger ones reach peers through repair only). Returns whether it was news.
     pub(crate) fn learn(&mut self, item: BroadcastItem) -> bool {
+        self.learn_by(item, broadcast::merge)
+    }
+
+    /// [`Node::learn`] for a registry answer this node fetched itself: judged by
+    /// [`broadcast::merge_direct`].
+    pub(crate) fn learn_direct(&mut self, item: BroadcastItem) -> bool {
+        self.learn_by(item, broadcast::merge_direct)
+    }
+
+    fn learn_by(
+        &mut self,
+        item: BroadcastItem,
+        merge: fn(&mut Store, BroadcastItem) -> Option<BroadcastKey>,
+    ) -> bool {
         let bytes = item.encode().ok().filter(|b| b.len() <= MAX_BROADCAST_ITEM);
-        let Some(key) = broadcast::merge(&mut self.store, item) else {
+        let Some(key) = merge(&mut self.store, item) else {
             return false;
         };
         if let Some(bytes) = bytes {
