@@ -32,7 +32,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use discovery::ApiError;
 use discovery::http::blocking::{self, Blocking, BlockingParams};
-use metrics::Gauge;
 use schema::agent_api::{
     AgentEndpoints, AgentSelf, CacheState, Live, LocalEndpoint, Member, MemberState, Members,
     Ready, ViewSummary,
@@ -224,7 +223,7 @@ async fn block(
         recheck: None,
         draining: &shared.draining,
         refused: shared.metrics.api_refused_waiters.clone(),
-        waiting: Gauge::noop(),
+        waiting: shared.metrics.blocking.clone(),
     };
     let read = || async { Ok(shared.current_view()) };
     blocking::block(cfg, shared.view.clone(), params, read, |v| index_of(v)).await
