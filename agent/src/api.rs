@@ -52,6 +52,7 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 type AppState = Arc<Shared>;
 
 /// The local API's router. Tests drive it with `tower::ServiceExt::oneshot`.
+/// Large answers are compressed as the client's `Accept-Encoding` asks ([`serve::compression`]).
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/registration/{service}", get(v1_listing))
@@ -75,6 +76,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             shared.clone(),
             crate::guard::check_host,
         ))
+        .layer(serve::compression())
         .with_state(shared)
 }
 
