@@ -32,7 +32,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use discovery::ApiError;
 use discovery::http::blocking::{self, Blocking, BlockingParams};
-use metrics::Gauge;
 use schema::agent_api::{
     AgentEndpoints, AgentSelf, CacheState, Live, LocalEndpoint, Member, MemberState, Members,
     Ready, ViewSummary,
@@ -53,6 +52,7 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 type AppState = Arc<Shared>;
 
 /// The local API's router. Tests drive it with `tower::ServiceExt::oneshot`.
+/// Large answers are compressed as the client's `Accept-Encoding` asks ([`serve::compression`]).
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/registration/{service}", get(v1_listing))
@@ -76,6 +76,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             shared.clone(),
             crate::guard::check_host,
         ))
+        .layer(serve::compression())
         .with_state(shared)
 }
 
@@ -224,7 +225,7 @@ async fn block(
         recheck: None,
         draining: &shared.draining,
         refused: shared.metrics.api_refused_waiters.clone(),
-        waiting: Gauge::noop(),
+        waiting: shared.metrics.blocking.clone(),
     };
     let read = || async { Ok(shared.current_view()) };
     blocking::block(cfg, shared.view.clone(), params, read, |v| index_of(v)).await

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub api_refused_ip: Counter,
     pub api_refused_waiters: Counter,
     pub requests: Counter,
+    /// Blocking queries waiting on the local API now.
+    pub blocking: Gauge,
     registry_age: Gauge,
     view_endpoints: Gauge,
     view_services: Gauge,
@@ -115,6 +117,10 @@ impl Metrics {
             api_refused_ip: reg.get(&refused, ["foreign_ip"]),
             api_refused_waiters: reg.get(&refused, ["max_blocking_waiters"]),
             requests: counter("tidings_agent_requests_total", "Local API requests."),
+            blocking: gauge(
+                "tidings_agent_blocking_queries",
+                "Blocking queries waiting on the local API now.",
+            ),
             registry_age: gauge(
                 "tidings_agent_registry_age_seconds",
                 "Seconds since the registry data was last known current: an authoritative answer, or a blocking query waiting at a healthy registry (-1: never).",

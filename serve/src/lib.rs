@@ -28,7 +28,11 @@
 //! rather than closed with a FIN, so they leave no TIME_WAIT or unsent buffer behind. Bind
 //! with [`bind`]: its accept queue is long enough that a flood does not drop the SYNs of
 //! well-behaved clients.
+//!
+//! It also holds the one response-compression policy the registry and agent APIs share
+//! ([`compression`]: gzip or zstd by `Accept-Encoding`, answers of 1 KiB and up).
 
+mod compress;
 mod conn;
 mod limits;
 mod metrics;
@@ -51,6 +55,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::compress::{Compression, MIN_COMPRESSED_BYTES, compression};
 use crate::conn::{Admission, BoxError, ConnState, Reason, Table, Tracked, Watched};
 pub use crate::limits::{
     DEFAULT_MAX_CONNECTIONS, FD_MARGIN, Limits, LimitsError, LimitsTable, MIN_HEADER_BYTES,

@@ -321,3 +321,12 @@ pub fn catalog(base: &str) -> Result<BTreeSet<String>> {
         })
         .collect())
 }
+
+/// A v2 check-in body: `endpoints` as (service, port), every one with `revision`.
+pub fn checkin_body(ip: &str, endpoints: &[(String, u16)], revision: &str) -> String {
+    let endpoints: Vec<_> = endpoints
+        .iter()
+        .map(|(service, port)| serde_json::json!({"service": service, "port": port, "revision": revision}))
+        .collect();
+    serde_json::json!({"ip": ip, "endpoints": endpoints}).to_string()
+}

@@ -102,3 +102,20 @@ pub fn request_with(
 pub fn get(url: &str) -> Result<Response> {
     request("GET", url, None, b"", Duration::from_secs(10))
 }
+
+/// The sum of the samples of `name` whose labels contain `label` (all of them if empty).
+pub fn metric(url: &str, name: &str, label: &str) -> Result<f64> {
+    let r = get(&format!("{url}/metrics"))?;
+    let text = String::from_utf8_lossy(&r.body);
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let matches_name = key == name || key.starts_with(&format!("{name}{{"));
+        if matches_name && key.contains(label) {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    Ok(sum)
+}

@@ -12,6 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use tests::fleet::checkin_body;
+use tests::http::metric;
 use tests::{Proc, START, http, poll};
 
 /// What a well-behaved client may wait for an answer.
@@ -72,36 +74,10 @@ fn prompt(method: &str, url: &str, body: Option<&str>) -> Result<Duration> {
     Ok(took)
 }
 
-/// A v2 check-in body: `endpoints` as (service, port), every one with `revision`.
-fn checkin_body(ip: &str, endpoints: &[(String, u16)], revision: &str) -> String {
-    let endpoints: Vec<_> = endpoints
-        .iter()
-        .map(|(service, port)| serde_json::json!({"service": service, "port": port, "revision": revision}))
-        .collect();
-    serde_json::json!({"ip": ip, "endpoints": endpoints}).to_string()
-}
-
 /// A one-endpoint v2 check-in that must be answered 200 within [`PROMPT`].
 fn checkin(url: &str, ip: &str, service: &str, port: u16) -> Result<Duration> {
     let body = checkin_body(ip, &[(service.to_string(), port)], "r1");
     prompt("POST", &format!("{url}/v2/checkin"), Some(&body))
-}
-
-/// The sum of the samples of `name` whose labels contain `label` (all of them if empty).
-fn metric(url: &str, name: &str, label: &str) -> Result<f64> {
-    let r = http::get(&format!("{url}/metrics"))?;
-    let text = String::from_utf8_lossy(&r.body);
-    let mut sum = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((key, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let matches_name = key == name || key.starts_with(&format!("{name}{{"));
-        if matches_name && key.contains(label) {
-            sum += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    Ok(sum)
 }
 
 /// Probes `GET /live` on a fresh connection every `every` for `span`, in a thread; each

@@ -1,5 +1,6 @@
 //! The HTTP surface: [`router`] assembles every route (docs/API.md#registry-api) with the layers all
-//! of them share — body limit, handler timeout, request metrics, the warm-up header — and
+//! of them share — body limit, handler timeout, request metrics, the warm-up header, gzip/zstd
+//! compression of large answers ([`serve::compression`]) — and
 //! JSON answers for unknown routes, wrong methods and unreadable requests.
 
 use std::sync::Arc;
@@ -96,6 +97,7 @@ pub fn router(registry: Registry) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(registry.clone(), observe))
         .layer(DefaultBodyLimit::max(cfg.body_limit))
+        .layer(serve::compression())
         .with_state(registry)
 }
 
