@@ -310,7 +310,12 @@ impl Freshness {
     }
 
     /// Gossip's newest registry snapshot is dated `newest` (registry clock); seen at `now`.
+    /// A lower bound (a warming answer dated at the start of time) says nothing of when the
+    /// data was current.
     pub fn relayed(&mut self, newest: u64, now: u64) {
+        if newest < gossip::LOWER_BOUNDS_BEFORE_MS {
+            return;
+        }
         if newest > self.relayed_ms {
             self.relayed_ms = newest;
             self.relayed_seen_ms = now;
@@ -404,6 +409,14 @@ mod tests {
     }
 
     #[test]
+    fn a_relayed_lower_bound_makes_nothing_current() {
+        // Found by the fault campaign: an age of 56 years, from a lower bound dated 1 ms.
+        let mut f = Freshness::new(0);
+        f.relayed(gossip::LOWER_BOUND_MS + 3, 1_800_000_000_000);
+        assert_eq!(f.age_ms(1_800_000_000_000), None);
+    }
+
+    #[test]
     fn warming_answers_claim_nothing_and_end_the_in_flight_claim() {
         let t0 = 1_000_000;
         let mut f = Freshness::new(t0 - 4 * S);
@@ -415,7 +428,7 @@ mod tests {
 
     #[test]
     fn relayed_snapshots_count_from_their_date_but_never_after_their_arrival() {
-        let t0 = 1_000_000;
+        let t0 = 1_800_000_000_000;
         let mut f = Freshness::new(0);
         f.relayed(t0 - 2 * S, t0);
         assert_eq!(f.age_ms(t0), Some(2 * S));

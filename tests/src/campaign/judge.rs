@@ -307,7 +307,9 @@ impl Judge {
                 );
             }
         } else if let Some(healthy) = m.registry_healthy_since()
-            && now >= healthy.max(v_since) + AGENT_EP_VISIBLE
+            // After the warm-up a (re)start may begin: warming answers rightly leave the
+            // data's age growing (the first 5.7 s of every seed, before this was excluded).
+            && now >= (healthy + REGISTRY_INTERVAL).max(v_since) + AGENT_EP_VISIBLE
         {
             self.healthy_age
                 .record(age, agent, now.duration_since(m.t0));
