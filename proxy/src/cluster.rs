@@ -428,12 +428,15 @@ impl Cluster {
         Some((handle.addr, ActiveGuard(handle)))
     }
 
-    /// Whether a routable host exists that is not in `tried`: a failed connect may then go
-    /// on to it.
-    pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
+    /// Whether a routable host exists that is neither `last` (the attempt just made) nor in
+    /// `tried`: a failed connect may then go on to it.
+    pub fn has_untried(&self, tried: &[SocketAddr], last: SocketAddr) -> bool {
         let mut st = self.lock();
         self.refresh_routing(&mut st);
-        st.routing.handles.iter().any(|h| !tried.contains(&h.addr))
+        st.routing
+            .handles
+            .iter()
+            .any(|h| h.addr != last && !tried.contains(&h.addr))
     }
 
     /// Recomputes the routable set from the hosts' discovery, health and ejections, if

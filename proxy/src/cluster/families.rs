@@ -29,14 +29,12 @@ pub(crate) struct Families {
     pub cluster: [Family<Gauge, 1>; 4],
 }
 
-/// The families, described on first use. The Prometheus recorder is installed first (a no-op
-/// when it already is), so the descriptions land where `/metrics` reads.
+/// The families, described on first use on the global recorder. `Proxy::bind` installs the
+/// Prometheus recorder before it builds any cluster, so the descriptions land where
+/// `/metrics` reads.
 pub(crate) fn families() -> &'static Families {
     static FAMILIES: OnceLock<Families> = OnceLock::new();
-    FAMILIES.get_or_init(|| {
-        let _ = crate::telemetry::prometheus_handle();
-        metrics::with_recorder(|r| describe(&Registrar::new(r, &META)))
-    })
+    FAMILIES.get_or_init(|| metrics::with_recorder(|r| describe(&Registrar::new(r, &META))))
 }
 
 fn describe<R: metrics::Recorder + ?Sized>(reg: &Registrar<'_, R>) -> Families {

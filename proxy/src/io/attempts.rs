@@ -110,11 +110,8 @@ impl Attempts<'_> {
             let sent = transport.send(guard.host(), req).await;
             drop(pending);
             let attempt = sent.classify();
-            if !tried.contains(&addr) {
-                tried.push(addr);
-            }
             let untried_left =
-                attempt.0 == AttemptOutcome::ConnectFailure && cluster.has_untried(&tried);
+                attempt.0 == AttemptOutcome::ConnectFailure && cluster.has_untried(&tried, addr);
             let done = Done {
                 attempt,
                 retries: out.attempts - 1 - failovers,
@@ -132,6 +129,10 @@ impl Attempts<'_> {
                 // A response given up on goes with its connection: its body was not read, so
                 // the connection cannot be reused.
                 drop((sent, guard));
+                // Only a request that goes on keeps a list (most never do).
+                if !tried.contains(&addr) {
+                    tried.push(addr);
+                }
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
