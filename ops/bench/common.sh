@@ -1,5 +1,5 @@
 # Shared setup for the benchmark scripts (sourced, not run): the release binary, a scratch
-# directory, cleanup of every process a script started, and two loopback helpers.
+# directory, cleanup of every process a script started, two loopback helpers and a memory reading.
 # Expects `root` (the workspace) to be set and the working directory to be it.
 
 if [[ -n "${TIDINGS_BIN:-}" ]]; then
@@ -22,3 +22,6 @@ wait_http() {
   for _ in $(seq $((secs * 10))); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
   echo "no answer from $1 within $secs s" >&2; return 1
 }
+
+# hwm PID: the process's peak resident memory (VmHWM), in kB.
+hwm() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }

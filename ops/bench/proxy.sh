@@ -170,7 +170,6 @@ for r in $(seq "$rounds"); do
     fixed "$1" "$2" "$r"
   done
 done
-hwm() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 rss_ours="$(hwm "$ours_pid")"; rss_hap="$(hwm "$hap_pid")"; rss_ngx="$(hwm "$ngx_worker")"
 
 python3 - "$work" "$secs" "$conns" "$rate" "$rounds" "$(getconf CLK_TCK)" "$rss_ours" "$rss_hap" "$rss_ngx" "$nhosts" <<'PY'
