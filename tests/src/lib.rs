@@ -98,6 +98,9 @@ impl Proc {
         deadline: Duration,
     ) -> Result<Proc> {
         let bin = tidings_bin();
+        // TIDINGS_TEST_LOG sets every started process's log filter (EnvFilter syntax), to
+        // replay a failing seed with more detail; the evidence logs keep it.
+        let filter = std::env::var("TIDINGS_TEST_LOG").unwrap_or_else(|_| "info".to_string());
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -108,7 +111,7 @@ impl Proc {
         };
         let mut child = cmd
             .envs(env.iter().copied())
-            .args(["--log-format", "json", "--log-level", "info"])
+            .args(["--log-format", "json", "--log-level", &filter])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
