@@ -17,13 +17,28 @@ pub(crate) struct CacheEntry {
     pub data: Arc<ViewData>,
     /// The change generation the answer was built at.
     pub generation: u64,
-    /// Reusable without asking the store until then (registry clock, ms).
+    /// Reusable without asking the store until then (registry wall clock, ms): never past
+    /// the moment one of its rows expires.
     pub fresh_until_ms: u64,
+    /// ...and until then on the process's monotonic clock ([`crate::Clock::elapsed_ms`]).
+    /// The wall bound alone is not enough: a cache built while the wall clock ran ahead
+    /// would, once the clock is stepped back, be reused for as long as the step, blind to
+    /// every write other replicas make to the shared table meanwhile.
+    pub fresh_until_elapsed_ms: u64,
+}
+
+/// When a cached answer is judged: the registry's wall clock and its monotonic clock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    pub wall_ms: u64,
+    pub elapsed_ms: u64,
 }
 
 impl CacheEntry {
-    pub fn fresh(&self, generation: u64, now_ms: u64) -> bool {
-        self.generation == generation && now_ms < self.fresh_until_ms
+    pub fn fresh(&self, generation: u64, now: Now) -> bool {
+        self.generation == generation
+            && now.wall_ms < self.fresh_until_ms
+            && now.elapsed_ms < self.fresh_until_elapsed_ms
     }
 }
 
@@ -78,10 +93,10 @@ impl Slot {
     }
 
     /// Whether any cached answer here is fresh and leaves out one of `eps`.
-    pub fn misses_any(&self, eps: &[Endpoint], generation: u64, now_ms: u64) -> bool {
+    pub fn misses_any(&self, eps: &[Endpoint], generation: u64, now: Now) -> bool {
         let e = self.entry.read().unwrap_or_else(PoisonError::into_inner);
         e.as_ref().is_some_and(|c| {
-            c.fresh(generation, now_ms) && eps.iter().any(|ep| !contains(&c.data.rows, ep))
+            c.fresh(generation, now) && eps.iter().any(|ep| !contains(&c.data.rows, ep))
         })
     }
 }

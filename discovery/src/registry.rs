@@ -12,7 +12,7 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
-use crate::cache::{CacheEntry, Slot};
+use crate::cache::{CacheEntry, Now, Slot};
 use crate::clock::Clock;
 use crate::config::RegistryConfig;
 use crate::decide::status::SweepLog;
@@ -407,7 +407,7 @@ impl Registry {
     /// fresh cached answer leaves out (it had expired). The store cannot know that — it does
     /// not know the TTL — but readers would otherwise miss the return until the cache ages.
     fn revives(&self, endpoints: &[Endpoint]) -> bool {
-        let (generation, now) = (self.generation(), self.now_ms());
+        let (generation, now) = (self.generation(), self.cache_now());
         let cache = &self.inner.cache;
         if cache.catalog.misses_any(endpoints, generation, now) {
             return true;
@@ -462,7 +462,17 @@ impl Registry {
         Ok(n)
     }
 
-    fn build(&self, rows: Vec<StoredEndpoint>, now: u64, generation: u64) -> CacheEntry {
+    /// The moment cached answers are judged at (see [`CacheEntry::fresh`]).
+    fn cache_now(&self) -> Now {
+        Now {
+            wall_ms: self.now_ms(),
+            elapsed_ms: self.inner.clock.elapsed_ms(),
+        }
+    }
+
+    /// The answer of `rows` read at `at` (taken before the store call).
+    fn build(&self, rows: Vec<StoredEndpoint>, at: Now, generation: u64) -> CacheEntry {
+        let now = at.wall_ms;
         let cfg = &self.inner.config;
         let preserving = self.self_preservation_active() || self.decision_outdated(now);
         let rows = policy::visible(rows, now, cfg.ttl, preserving);
@@ -475,6 +485,9 @@ impl Registry {
                 fresh_until_ms = fresh_until_ms.min(t);
             }
         }
+        // The same span on the monotonic clock, from the same moment.
+        let span = fresh_until_ms.saturating_sub(now);
+        let fresh_until_elapsed_ms = at.elapsed_ms.saturating_add(span);
         CacheEntry {
             data: Arc::new(ViewData {
                 rows,
@@ -483,6 +496,7 @@ impl Registry {
             }),
             generation,
             fresh_until_ms,
+            fresh_until_elapsed_ms,
         }
     }
 
@@ -509,7 +523,7 @@ impl Registry {
         let generation = self.generation();
         let cached = slot.entry();
         if let Some(c) = &cached {
-            if c.fresh(generation, self.now_ms()) {
+            if c.fresh(generation, self.cache_now()) {
                 return Ok((
                     View {
                         data: c.data.clone(),
@@ -523,7 +537,7 @@ impl Registry {
         let res = flight
             .cell
             .get_or_init(|| async {
-                let now = self.now_ms();
+                let now = self.cache_now();
                 fetch
                     .await
                     .map(|rows| self.build(rows, now, generation))
@@ -599,7 +613,7 @@ impl Registry {
     pub async fn read_repo(&self, repo: &str) -> Result<View, ApiError> {
         let _ = self.ensure_init().await;
         self.recount_if_blind().await;
-        let now = self.now_ms();
+        let now = self.cache_now();
         match self
             .store_call("list_repo", self.inner.store.list_repo(repo))
             .await

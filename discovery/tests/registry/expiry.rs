@@ -464,3 +464,44 @@ async fn handler_timeout_is_a_json_503() {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(start.elapsed(), Duration::from_millis(1500));
 }
+
+#[tokio::test]
+async fn a_replica_whose_clock_stepped_back_still_sees_the_other_replicas_writes() {
+    // Found by the fault campaign (seed 3095031893209821760): replica B's clock ran 20 s
+    // ahead, then was stepped back. The answers it had cached while ahead were dated fresh
+    // until 20 s past the real time, so for 20 s it kept answering its old listing and
+    // never saw the cron host that had just checked in through replica A: every agent
+    // syncing from B lacked it. How long a cached answer is reused is a span of this
+    // process, not a wall-clock date.
+    let h = Harness::new();
+    h.register("web", "10.0.0.1", 80).await;
+    h.clock.step_wall(20_000);
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 1);
+    assert_eq!(
+        h.get("/v2/catalog").await.json()["services"]["web"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    h.clock.step_wall(-20_000);
+    // Replica A (sharing the table) stores a second host with the right time.
+    let other = schema::Endpoint::new(
+        ServiceName::new("web").expect("name"),
+        "10.0.0.2".parse().expect("ip"),
+        std::num::NonZeroU16::new(80).expect("port"),
+    );
+    h.store
+        .inner
+        .check_in(&[other], h.registry.now_ms())
+        .await
+        .expect("direct write");
+    // Past the read cache's reuse time (1 s by default), both answers list it.
+    h.clock.advance(Duration::from_millis(1_100));
+    assert_eq!(h.get("/v1/registration/web").await.hosts().len(), 2);
+    assert_eq!(
+        h.get("/v2/catalog").await.json()["services"]["web"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+}
