@@ -2,10 +2,12 @@
 //! store. It is reused for a short time (or until a local write changes something) and kept
 //! indefinitely as the fail-static fallback when the store is down. Rebuilds are
 //! single-flight: when a change wakes a thousand blocked catalog queries at once, one of them
-//! reads the store and the others share its answer.
+//! reads the store and the others share its answer. Each cached view also keeps the answer
+//! bodies encoded from it ([`Bodies`]), so repeated reads copy bytes instead of encoding JSON.
 
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
+use bytes::Bytes;
 use schema::Endpoint;
 use tokio::sync::OnceCell;
 
@@ -39,6 +41,47 @@ impl CacheEntry {
         self.generation == generation
             && now.wall_ms < self.fresh_until_ms
             && now.elapsed_ms < self.fresh_until_elapsed_ms
+    }
+}
+
+/// The answer formats encoded from a view. Every body of one format is a function of the
+/// view's rows and index alone (plus the service it is a view of, and the registry's fixed
+/// `env`): whatever varies per request or with time is added around it by the route.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Format {
+    /// `GET /v1/registration/{service}` and `GET /v2/services/{service}`.
+    V1Listing,
+    /// `GET /v2/services`.
+    Services,
+    /// The `services` member of `GET /v2/catalog` (the rest changes per request).
+    CatalogServices,
+    /// `POST /v3/discovery:endpoints` when the version differs.
+    Eds,
+}
+
+impl Format {
+    const COUNT: usize = 4;
+}
+
+/// Bodies encoded from one view, each at most once (two racing first readers may both
+/// encode; one result is kept, and both are the same bytes).
+#[derive(Debug, Default)]
+pub(crate) struct Bodies([OnceLock<Bytes>; Format::COUNT]);
+
+impl Bodies {
+    /// The body of `format`, encoding it with `encode` the first time. An encoding error is
+    /// returned and nothing is kept.
+    pub fn get_or_encode<E>(
+        &self,
+        format: Format,
+        encode: impl FnOnce() -> Result<Bytes, E>,
+    ) -> Result<Bytes, E> {
+        let cell = &self.0[format as usize];
+        if let Some(b) = cell.get() {
+            return Ok(b.clone());
+        }
+        let b = encode()?;
+        Ok(cell.get_or_init(|| b).clone())
     }
 }
 

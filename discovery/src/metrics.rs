@@ -3,6 +3,9 @@
 //! metrics are registered once and updated through lock-free handles; per-route request
 //! metrics are looked up by label on each request.
 
+use std::collections::HashMap;
+use std::sync::{PoisonError, RwLock};
+
 use metrics::{Counter, Gauge, Histogram, Level, Metadata};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serve::{Family, Registrar};
@@ -18,6 +21,9 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     requests: Family<Counter, 3>,
+    /// The request handles by route, so a request does not build labels and look them up in
+    /// the recorder each time. Bounded: routes, methods and statuses are finite sets.
+    routes: RwLock<HashMap<String, RouteHandles>>,
     request_seconds: Family<Histogram, 1>,
     store_errors: Family<Counter, 1>,
     rejected: Family<Counter, 1>,
@@ -36,6 +42,11 @@ pub struct Metrics {
     pub blocking: Gauge,
     /// The HTTP listener's connections (open, evicted, timed out, accept errors).
     pub connections: serve::ConnMetrics,
+}
+
+struct RouteHandles {
+    seconds: Histogram,
+    requests: HashMap<(&'static str, u16), Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -72,6 +83,7 @@ impl Metrics {
         Metrics {
             connections,
             requests: families.requests,
+            routes: RwLock::default(),
             request_seconds: families.request_seconds,
             store_errors: families.store_errors,
             rejected: families.rejected,
@@ -90,14 +102,34 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
-        let status = status.to_string();
-        self.requests
-            .on(&self.recorder, [route, method, &status])
-            .increment(1);
-        self.request_seconds
-            .on(&self.recorder, [route])
-            .record(seconds);
+    pub fn request(&self, route: &str, method: &'static str, status: u16, seconds: f64) {
+        let cached = {
+            let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+            routes.get(route).map(|r| {
+                let counter = r.requests.get(&(method, status)).cloned();
+                (r.seconds.clone(), counter)
+            })
+        };
+        let (seconds_h, counter) = match cached {
+            Some((h, Some(c))) => (h, c),
+            // First sight of this route, method or status: label, look up and keep.
+            _ => {
+                let c = self
+                    .requests
+                    .on(&self.recorder, [route, method, &status.to_string()]);
+                let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+                let r = routes
+                    .entry(route.to_string())
+                    .or_insert_with(|| RouteHandles {
+                        seconds: self.request_seconds.on(&self.recorder, [route]),
+                        requests: HashMap::new(),
+                    });
+                r.requests.insert((method, status), c.clone());
+                (r.seconds.clone(), c)
+            }
+        };
+        counter.increment(1);
+        seconds_h.record(seconds);
     }
 
     pub fn store_error(&self, op: &'static str) {

@@ -2,56 +2,28 @@
 //! the config, self-preservation and warm-up state, the last-good read cache, the change
 //! signal blocking queries wait on, and the metrics. Cheap to clone (one `Arc`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use schema::{Endpoint, ServiceName};
 use tokio::sync::{OnceCell, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
-use crate::cache::{CacheEntry, Now, Slot};
 use crate::clock::Clock;
 use crate::config::RegistryConfig;
 use crate::decide::status::SweepLog;
-use crate::errors::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{self, Deregistration, Preservation};
 use crate::quota::{QuotaExceeded, Quotas, Usage};
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
-/// A computed answer: the visible rows of a service (or of every service) and their index.
-#[derive(Debug)]
-pub struct ViewData {
-    pub rows: Vec<StoredEndpoint>,
-    pub index: u64,
-    /// Self-preservation was on: rows past the TTL are included.
-    pub preserving: bool,
-}
+mod read;
 
-/// A read as handlers see it.
-#[derive(Debug, Clone)]
-pub struct View {
-    pub data: Arc<ViewData>,
-    /// Served from the last-good cache because the store failed.
-    pub from_fallback: bool,
-}
-
-impl View {
-    /// Whether the answer carries `X-Tidings-Stale: true`.
-    pub fn stale(&self) -> bool {
-        self.from_fallback || self.data.preserving
-    }
-}
-
-#[derive(Debug, Default)]
-struct ReadCache {
-    /// Only services that had rows get a slot, so reads of random names cannot grow it.
-    services: RwLock<HashMap<ServiceName, Arc<Slot>>>,
-    catalog: Slot,
-}
+use read::ReadCache;
+pub use read::{View, ViewData};
 
 #[derive(Debug, Clone, Copy)]
 struct Init {
@@ -403,26 +375,6 @@ impl Registry {
             .collect()
     }
 
-    /// Whether a check-in the store saw as a plain renewal brings back an endpoint that a
-    /// fresh cached answer leaves out (it had expired). The store cannot know that — it does
-    /// not know the TTL — but readers would otherwise miss the return until the cache ages.
-    fn revives(&self, endpoints: &[Endpoint]) -> bool {
-        let (generation, now) = (self.generation(), self.cache_now());
-        let cache = &self.inner.cache;
-        if cache.catalog.misses_any(endpoints, generation, now) {
-            return true;
-        }
-        let services = cache
-            .services
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        endpoints.iter().any(|ep| {
-            services
-                .get(&ep.service)
-                .is_some_and(|s| s.misses_any(std::slice::from_ref(ep), generation, now))
-        })
-    }
-
     pub(crate) async fn deregister(
         &self,
         service: &ServiceName,
@@ -460,195 +412,5 @@ impl Registry {
             self.notify_change();
         }
         Ok(n)
-    }
-
-    /// The moment cached answers are judged at (see [`CacheEntry::fresh`]).
-    fn cache_now(&self) -> Now {
-        Now {
-            wall_ms: self.now_ms(),
-            elapsed_ms: self.inner.clock.elapsed_ms(),
-        }
-    }
-
-    /// The answer of `rows` read at `at` (taken before the store call).
-    fn build(&self, rows: Vec<StoredEndpoint>, at: Now, generation: u64) -> CacheEntry {
-        let now = at.wall_ms;
-        let cfg = &self.inner.config;
-        let preserving = self.self_preservation_active() || self.decision_outdated(now);
-        let rows = policy::visible(rows, now, cfg.ttl, preserving);
-        let index = policy::content_index(rows.iter().map(|r| &r.endpoint));
-        let cache_ms = u64::try_from(cfg.read_cache_ttl.as_millis()).unwrap_or(u64::MAX);
-        let mut fresh_until_ms = now.saturating_add(cache_ms);
-        if !preserving {
-            // Never serve a cached answer past the moment one of its rows expires.
-            if let Some(t) = policy::next_expiry_ms(&rows, cfg.ttl) {
-                fresh_until_ms = fresh_until_ms.min(t);
-            }
-        }
-        // The same span on the monotonic clock, from the same moment.
-        let span = fresh_until_ms.saturating_sub(now);
-        let fresh_until_elapsed_ms = at.elapsed_ms.saturating_add(span);
-        CacheEntry {
-            data: Arc::new(ViewData {
-                rows,
-                index,
-                preserving,
-            }),
-            generation,
-            fresh_until_ms,
-            fresh_until_elapsed_ms,
-        }
-    }
-
-    /// Whether the self-preservation decision is older than the shelf life at `now`: the
-    /// last good fleet count is that old (the count before this read failed — the store
-    /// answers reads but not scans — or the process froze after its blind-spot check). A
-    /// TTL verdict needs a fresh decision, so rows past the TTL are kept, flagged, as a
-    /// blind count would keep them.
-    fn decision_outdated(&self, now: u64) -> bool {
-        let inner = &self.inner;
-        let shelf =
-            u64::try_from(policy::shelf_life(&inner.config).as_millis()).unwrap_or(u64::MAX);
-        inner.config.self_preservation
-            && now.saturating_sub(inner.census_ok_ms.load(Ordering::Relaxed)) >= shelf
-    }
-
-    /// Answers from `slot` while it is fresh; else reads the store (one read in flight per
-    /// slot, shared by everyone waiting); when the store fails, serves the last good answer
-    /// flagged stale, or 503 if there is none.
-    async fn read_through<F>(&self, slot: &Slot, fetch: F) -> Result<(View, bool), ApiError>
-    where
-        F: Future<Output = Result<Vec<StoredEndpoint>, StoreError>>,
-    {
-        let generation = self.generation();
-        let cached = slot.entry();
-        if let Some(c) = &cached {
-            if c.fresh(generation, self.cache_now()) {
-                return Ok((
-                    View {
-                        data: c.data.clone(),
-                        from_fallback: false,
-                    },
-                    false,
-                ));
-            }
-        }
-        let flight = slot.flight(generation);
-        let res = flight
-            .cell
-            .get_or_init(|| async {
-                let now = self.cache_now();
-                fetch
-                    .await
-                    .map(|rows| self.build(rows, now, generation))
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .clone();
-        match res {
-            Ok(entry) => {
-                let data = entry.data.clone();
-                slot.store(entry);
-                Ok((
-                    View {
-                        data,
-                        from_fallback: false,
-                    },
-                    true,
-                ))
-            }
-            Err(message) => match slot.entry() {
-                Some(c) => {
-                    self.inner.metrics.stale_reads.increment(1);
-                    Ok((
-                        View {
-                            data: c.data,
-                            from_fallback: true,
-                        },
-                        false,
-                    ))
-                }
-                None => Err(ApiError::Unavailable {
-                    message,
-                    retry_after: self.inner.config.retry_after,
-                }),
-            },
-        }
-    }
-
-    /// The visible rows of one service, through the read cache.
-    pub async fn read_service(&self, service: &ServiceName) -> Result<View, ApiError> {
-        let _ = self.ensure_init().await;
-        self.recount_if_blind().await;
-        let cache = &self.inner.cache;
-        let existing = cache
-            .services
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(service)
-            .cloned();
-        let slot = existing.clone().unwrap_or_default();
-        let fetch = self.store_call("list_service", self.inner.store.list_service(service));
-        let (view, fetched) = self.read_through(&slot, fetch).await?;
-        if fetched && existing.is_none() && !view.data.rows.is_empty() {
-            let mut map = cache
-                .services
-                .write()
-                .unwrap_or_else(PoisonError::into_inner);
-            map.entry(service.clone()).or_insert(slot);
-        }
-        Ok(view)
-    }
-
-    /// Every visible row of every service, through the read cache.
-    pub async fn read_catalog(&self) -> Result<View, ApiError> {
-        let _ = self.ensure_init().await;
-        self.recount_if_blind().await;
-        let fetch = self.store_call("list_all", self.inner.store.list_all());
-        Ok(self.read_through(&self.inner.cache.catalog, fetch).await?.0)
-    }
-
-    /// The visible rows of one repo. Not cached (lyft's repo route is low-rate); when the
-    /// store fails it falls back to the cached catalog.
-    pub async fn read_repo(&self, repo: &str) -> Result<View, ApiError> {
-        let _ = self.ensure_init().await;
-        self.recount_if_blind().await;
-        let now = self.cache_now();
-        match self
-            .store_call("list_repo", self.inner.store.list_repo(repo))
-            .await
-        {
-            Ok(rows) => Ok(View {
-                data: self.build(rows, now, self.generation()).data,
-                from_fallback: false,
-            }),
-            Err(e) => {
-                let Some(c) = self.inner.cache.catalog.entry() else {
-                    return Err(ApiError::from_store(&e, self.inner.config.retry_after));
-                };
-                let rows: Vec<StoredEndpoint> = c
-                    .data
-                    .rows
-                    .iter()
-                    .filter(|r| {
-                        r.endpoint
-                            .service_repo_name
-                            .as_ref()
-                            .is_some_and(|n| n.as_str() == repo)
-                    })
-                    .cloned()
-                    .collect();
-                let index = policy::content_index(rows.iter().map(|r| &r.endpoint));
-                self.inner.metrics.stale_reads.increment(1);
-                Ok(View {
-                    data: Arc::new(ViewData {
-                        rows,
-                        index,
-                        preserving: c.data.preserving,
-                    }),
-                    from_fallback: true,
-                })
-            }
-        }
     }
 }

@@ -3,33 +3,36 @@
 //! cron line that sends only `az` keeps the `instance_id` it sent before; the price, as in
 //! lyft, is that a tag cannot be removed through v1 (v2 check-ins replace the whole set).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use schema::wire::tag;
 use schema::{MAX_EXTRA_TAGS, TagKey, Tags, ValidationError};
+use serde::de::IgnoredAny;
 use serde_json::Value;
 
 /// The keys of the tag object a v1 check-in body carries (form: `tags` as a JSON string;
 /// JSON: `tags` as an object or a JSON string). Empty when it sends none. Call it on a body
 /// the check-in parser accepted, so what it names is what was parsed.
 pub fn sent_tag_keys(body: &[u8], is_json: bool) -> BTreeSet<String> {
-    let tags = if is_json {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(mut obj)) => obj.remove("tags").unwrap_or(Value::Null),
-            _ => Value::Null,
-        }
-    } else {
-        serde_urlencoded::from_bytes::<Vec<(String, String)>>(body)
-            .ok()
-            .and_then(|pairs| pairs.into_iter().rev().find(|(k, _)| k == "tags"))
-            .map_or(Value::Null, |(_, v)| Value::String(v))
+    let keys_of = |text: &str| {
+        serde_json::from_str::<BTreeMap<String, IgnoredAny>>(text)
+            .map(|m| m.into_keys().collect())
+            .unwrap_or_default()
     };
-    let tags = match tags {
-        Value::String(s) => serde_json::from_str(&s).unwrap_or(Value::Null),
-        v => v,
-    };
-    match tags {
-        Value::Object(obj) => obj.into_iter().map(|(k, _)| k).collect(),
+    if !is_json {
+        // The last `tags` counts, as in the form parser the check-in went through (which
+        // accepted the body, so it is UTF-8 and the lossy decoding loses nothing).
+        return form_urlencoded::parse(body)
+            .filter(|(k, _)| k == "tags")
+            .last()
+            .map_or_else(BTreeSet::new, |(_, v)| keys_of(&v));
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut obj)) => match obj.remove("tags") {
+            Some(Value::String(s)) => keys_of(&s),
+            Some(Value::Object(tags)) => tags.into_iter().map(|(k, _)| k).collect(),
+            _ => BTreeSet::new(),
+        },
         _ => BTreeSet::new(),
     }
 }

@@ -122,12 +122,13 @@ pub fn resolve_auto_ip<'a>(
             .map_err(|e| ApiError::BadRequest(format!("cannot re-encode the body: {e}")))?;
         return Ok(Cow::Owned(bytes));
     }
+    // Most forms carry no `auto_ip`: a scan that decodes nothing it need not says so.
+    if !form_urlencoded::parse(body).any(|(k, _)| k == "auto_ip") {
+        return Ok(Cow::Borrowed(body));
+    }
     let Ok(mut pairs) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) else {
         return Ok(Cow::Borrowed(body));
     };
-    if !pairs.iter().any(|(k, _)| k == "auto_ip") {
-        return Ok(Cow::Borrowed(body));
-    }
     // The last occurrence counts, as in the form parser the check-in goes through.
     let mut on = false;
     for (_, v) in pairs.iter().filter(|(k, _)| k == "auto_ip") {

@@ -3,6 +3,7 @@
 //! (`caller`), the blocking-query loop ([`blocking`], which the agent reuses), the OpenAPI
 //! document and the dashboard ([`ui`]).
 
+pub(crate) mod answers;
 pub mod blocking;
 pub(crate) mod caller;
 pub mod errors;

@@ -144,11 +144,8 @@ async fn method_not_allowed() -> ApiError {
 /// Request metrics and the warm-up header, for every answer.
 async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_string();
+    // A clone of the matched path is a reference count, not a copy of the string.
+    let route = req.extensions().get::<MatchedPath>().cloned();
     // Only standard methods become labels: any other token would grow the series unbounded.
     let method = match *req.method() {
         Method::GET => "GET",
@@ -166,10 +163,12 @@ async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> 
             .insert(HEADER_WARMING, HeaderValue::from_static(TRUE));
     }
     let secs = started.elapsed().as_secs_f64();
-    registry
-        .inner
-        .metrics
-        .request(&route, method, resp.status().as_u16(), secs);
+    registry.inner.metrics.request(
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
+        method,
+        resp.status().as_u16(),
+        secs,
+    );
     resp
 }
 

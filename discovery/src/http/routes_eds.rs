@@ -6,14 +6,14 @@
 //! drop every host when refreshes stop, which is exactly the registry outage Tidings is built
 //! to survive (fail static).
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use schema::eds::{DiscoveryRequest, response};
-use schema::{Endpoint, ServiceName};
+use schema::ServiceName;
+use schema::eds::DiscoveryRequest;
 
 use crate::errors::ApiError;
+use crate::http::answers;
 use crate::http::router::{Body, with_view_headers};
 use crate::registry::Registry;
 
@@ -22,7 +22,8 @@ pub async fn endpoints(
     Body(body): Body,
 ) -> Result<Response, ApiError> {
     let (req, name) = DiscoveryRequest::parse(&body)?;
-    let service = ServiceName::new(name.clone())?;
+    // A valid name is its own `ServiceName`, so the cached body names the cluster as asked.
+    let service = ServiceName::new(name)?;
     let view = registry.read_service(&service).await?;
     let version = view.data.index.to_string();
     if req.version_info == version {
@@ -31,9 +32,5 @@ pub async fn endpoints(
             &view,
         ));
     }
-    let endpoints: Vec<Endpoint> = view.data.rows.iter().map(|r| r.endpoint.clone()).collect();
-    Ok(with_view_headers(
-        Json(response(&name, &version, &endpoints, None)).into_response(),
-        &view,
-    ))
+    answers::respond(&registry, answers::eds(&view, &service), &view)
 }

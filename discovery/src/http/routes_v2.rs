@@ -1,23 +1,21 @@
 //! The v2 routes: batch check-in, the service list, and the blocking queries agents and
 //! proxies watch (`?index=I&wait=30s`, Consul-style).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use schema::ServiceName;
-use schema::api::{
-    Catalog, CheckInRequest, CheckInResponse, ServiceSummary, ServicesResponse, V1Host, V1Listing,
-};
+use schema::api::{CheckInRequest, CheckInResponse};
 
-use super::routes_v1::hosts;
 use crate::auth::Scope;
 use crate::errors::ApiError;
+use crate::http::answers;
 use crate::http::blocking::{Blocking, BlockingParams, block};
-use crate::http::router::{ApiPath, Body, with_view_headers};
+use crate::http::router::{ApiPath, Body};
 use crate::registry::{Registry, View};
 
 /// `POST /v2/checkin`: all of one host's endpoints at once.
@@ -68,22 +66,7 @@ pub async fn checkin(
 /// `GET /v2/services`: every service with a visible endpoint, and how many.
 pub async fn services(State(registry): State<Registry>) -> Result<Response, ApiError> {
     let view = registry.read_catalog().await?;
-    let mut counts: BTreeMap<&ServiceName, usize> = BTreeMap::new();
-    for r in &view.data.rows {
-        *counts.entry(&r.endpoint.service).or_default() += 1;
-    }
-    let services = counts
-        .into_iter()
-        .map(|(s, hosts)| ServiceSummary {
-            service: s.to_string(),
-            hosts,
-        })
-        .collect();
-    let body = ServicesResponse {
-        index: view.data.index,
-        services,
-    };
-    Ok(with_view_headers(Json(body).into_response(), &view))
+    answers::respond(&registry, answers::services(&view), &view)
 }
 
 /// A blocking query on the registry: local writes wake it through the change signal; it
@@ -127,12 +110,8 @@ pub async fn service(
         registry.read_service(&service)
     })
     .await?;
-    let listing = V1Listing {
-        service: service.to_string(),
-        env: registry.config().env.clone(),
-        hosts: hosts(&view),
-    };
-    Ok(with_view_headers(Json(listing).into_response(), &view))
+    let body = answers::v1_listing(&view, &service, &registry.config().env);
+    answers::respond(&registry, body, &view)
 }
 
 /// `GET /v2/catalog?index=I&wait=30s`: every service at once, blocking. What agents sync.
@@ -141,20 +120,6 @@ pub async fn catalog(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let view = block_on(&registry, query.as_deref(), || registry.read_catalog()).await?;
-    let mut services: BTreeMap<String, Vec<V1Host>> = BTreeMap::new();
-    for r in &view.data.rows {
-        let host = V1Host::from_endpoint(&r.endpoint, r.last_check_in_ms);
-        services
-            .entry(r.endpoint.service.to_string())
-            .or_default()
-            .push(host);
-    }
-    let body = Catalog {
-        index: view.data.index,
-        generated_at_ms: registry.now_ms(),
-        warming: registry.is_warming(),
-        stale: view.stale(),
-        services,
-    };
-    Ok(with_view_headers(Json(body).into_response(), &view))
+    let body = answers::catalog(&view, registry.now_ms(), registry.is_warming());
+    answers::respond(&registry, body, &view)
 }

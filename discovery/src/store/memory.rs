@@ -43,8 +43,30 @@ impl Row {
         }
     }
 
+    /// Whether `new` with its tags merged into `tags` is what the row holds already.
+    fn renews_as(&self, new: &Endpoint, tags: &schema::Tags) -> bool {
+        // Destructured so that a new `Endpoint` field cannot be left out of the comparison.
+        let Endpoint {
+            service,
+            ip,
+            port,
+            revision,
+            service_repo_name,
+            tags: _,
+        } = new;
+        let old = &self.endpoint;
+        old.tags == *tags
+            && old.revision == *revision
+            && old.service_repo_name == *service_repo_name
+            && (&old.service, old.ip, old.port) == (service, *ip, *port)
+    }
+
     /// Whether replacing this row's endpoint with `new` changes what readers see.
     fn visible_change(&self, new: &Endpoint) -> bool {
+        // The common renewal sends what is stored: no copies to find that out.
+        if *new == self.endpoint {
+            return false;
+        }
         let mut new_eff = new.clone();
         if let Some(w) = self.weight_override {
             new_eff.tags.load_balancing_weight = w;
@@ -215,11 +237,17 @@ impl Store for MemoryStore {
     ) -> Result<CheckInOutcome, StoreError> {
         // Merged and written under the shard lock: no other write to the row in between.
         let (accepted, changed) = self.with_rows_mut(&endpoint.service, |rows| {
-            let merged = match rows.get(&(endpoint.ip, endpoint.port)) {
+            let merged = match rows.get_mut(&(endpoint.ip, endpoint.port)) {
                 Some(row) if row.last_check_in_ms > now_ms => return Ok((false, false)),
                 Some(row) => {
+                    let tags = merge_tags(&row.endpoint.tags, &endpoint.tags, sent)?;
+                    if row.renews_as(endpoint, &tags) {
+                        // A plain renewal (every minute per host): only the time moves.
+                        row.last_check_in_ms = now_ms;
+                        return Ok((true, false));
+                    }
                     let mut merged = endpoint.clone();
-                    merged.tags = merge_tags(&row.endpoint.tags, &endpoint.tags, sent)?;
+                    merged.tags = tags;
                     merged
                 }
                 None => endpoint.clone(),

@@ -1,6 +1,9 @@
 //! lyft/discovery v1 compatibility, route by route.
 
+use std::sync::Arc;
+
 use axum::http::StatusCode;
+use schema::ServiceName;
 use serde_json::json;
 
 use crate::common::Harness;
@@ -243,4 +246,35 @@ pub fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// The cached view of an unchanged service is kept, bodies and all, when its entry ages out;
+/// a plain renewal leaves it in place (no index move, no dropped body) and the renewed
+/// `last_check_in` shows once `read_cache_ttl` has passed.
+#[tokio::test]
+async fn a_renewal_keeps_the_cached_answer_for_at_most_the_cache_ttl() {
+    let h = Harness::new();
+    let ttl = h.registry.config().read_cache_ttl;
+    let service = ServiceName::new("web").expect("valid");
+    h.register("web", "10.0.0.1", 80).await;
+    let first = h.get("/v1/registration/web").await;
+    let a = h.registry.read_service(&service).await.expect("read");
+
+    h.clock.advance(ttl * 2);
+    let b = h.registry.read_service(&service).await.expect("read");
+    assert!(Arc::ptr_eq(&a.data, &b.data), "same rows: same view");
+    assert_eq!(h.get("/v1/registration/web").await.body, first.body);
+
+    h.register("web", "10.0.0.1", 80).await;
+    let c = h.registry.read_service(&service).await.expect("read");
+    assert!(Arc::ptr_eq(&a.data, &c.data), "a renewal drops nothing");
+    assert_eq!(h.get("/v1/registration/web").await.body, first.body);
+
+    h.clock.advance(ttl);
+    let d = h.get("/v1/registration/web").await;
+    assert_eq!(d.index(), first.index(), "a renewal never moves the index");
+    assert_ne!(d.body, first.body, "the renewed last_check_in shows");
+    let at = |r: &crate::common::Resp| r.json()["hosts"][0]["last_check_in"].clone();
+    assert_eq!(at(&d), json!("2026-01-01T00:00:02Z"));
+    assert_ne!(at(&first), at(&d));
 }

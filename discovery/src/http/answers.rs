@@ -1,0 +1,155 @@
+//! The bodies of the read routes, encoded from a view once and kept with it
+//! ([`crate::cache::Bodies`]): a lookup of an unchanged service copies bytes instead of
+//! encoding JSON again. A cached body holds only what is a function of the view's rows and
+//! index; what changes per request or with time (the catalog's `generated_at_ms` and
+//! `warming`, its `stale` flag, every header) is added per request around it — the catalog's
+//! top-level fields are written around its cached `services` member. Each function gives
+//! exactly the bytes `serde_json` gives for the whole answer struct; `answers/tests.rs` holds
+//! them to it.
+
+use std::collections::BTreeMap;
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use schema::api::{ServiceSummary, ServicesResponse, V1Host, V1Listing};
+use schema::{Endpoint, ServiceName, eds};
+use serde::Serialize;
+
+use crate::cache::Format;
+use crate::errors::ApiError;
+use crate::http::router::with_view_headers;
+use crate::registry::{Registry, View};
+
+/// The hosts of a view as v1 listings show them.
+pub(crate) fn hosts(view: &View) -> Vec<V1Host> {
+    view.data
+        .rows
+        .iter()
+        .map(|r| V1Host::from_endpoint(&r.endpoint, r.last_check_in_ms))
+        .collect()
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, serde_json::Error> {
+    serde_json::to_vec(value).map(Bytes::from)
+}
+
+fn cached<T: Serialize>(
+    view: &View,
+    format: Format,
+    make: impl FnOnce() -> T,
+) -> Result<Bytes, serde_json::Error> {
+    view.data.bodies.get_or_encode(format, || encode(&make()))
+}
+
+/// `GET /v1/registration/{service}` and `GET /v2/services/{service}`.
+pub(crate) fn v1_listing(
+    view: &View,
+    service: &ServiceName,
+    env: &str,
+) -> Result<Bytes, serde_json::Error> {
+    cached(view, Format::V1Listing, || V1Listing {
+        service: service.to_string(),
+        env: env.to_string(),
+        hosts: hosts(view),
+    })
+}
+
+/// `GET /v2/services`: every service with a visible endpoint, and how many.
+pub(crate) fn services(view: &View) -> Result<Bytes, serde_json::Error> {
+    cached(view, Format::Services, || {
+        let mut counts: BTreeMap<&ServiceName, usize> = BTreeMap::new();
+        for r in &view.data.rows {
+            *counts.entry(&r.endpoint.service).or_default() += 1;
+        }
+        let services = counts
+            .into_iter()
+            .map(|(s, hosts)| ServiceSummary {
+                service: s.to_string(),
+                hosts,
+            })
+            .collect();
+        ServicesResponse {
+            index: view.data.index,
+            services,
+        }
+    })
+}
+
+/// The fields of [`schema::api::Catalog`] before `services`, in its order: they vary per
+/// request, so they are never cached.
+#[derive(Serialize)]
+struct CatalogHead {
+    index: u64,
+    generated_at_ms: u64,
+    warming: bool,
+    stale: bool,
+}
+
+/// `GET /v2/catalog` as of `generated_at_ms`, with the registry warming or not.
+pub(crate) fn catalog(
+    view: &View,
+    generated_at_ms: u64,
+    warming: bool,
+) -> Result<Bytes, serde_json::Error> {
+    let services = cached(view, Format::CatalogServices, || {
+        let mut services: BTreeMap<String, Vec<V1Host>> = BTreeMap::new();
+        for r in &view.data.rows {
+            let host = V1Host::from_endpoint(&r.endpoint, r.last_check_in_ms);
+            services
+                .entry(r.endpoint.service.to_string())
+                .or_default()
+                .push(host);
+        }
+        services
+    })?;
+    let head = serde_json::to_vec(&CatalogHead {
+        index: view.data.index,
+        generated_at_ms,
+        warming,
+        stale: view.stale(),
+    })?;
+    // `{"index":…,"stale":…}` loses its closing brace and gains `,"services":{…}}`.
+    const MEMBER: &[u8] = br#","services":"#;
+    let open = head.len().saturating_sub(1);
+    let mut out = BytesMut::with_capacity(open + MEMBER.len() + services.len() + 1);
+    out.put_slice(&head[..open]);
+    out.put_slice(MEMBER);
+    out.put_slice(&services);
+    out.put_u8(b'}');
+    Ok(out.freeze())
+}
+
+/// `POST /v3/discovery:endpoints` for `service` at its current version (the index).
+pub(crate) fn eds(view: &View, service: &ServiceName) -> Result<Bytes, serde_json::Error> {
+    cached(view, Format::Eds, || {
+        let endpoints: Vec<Endpoint> = view.data.rows.iter().map(|r| r.endpoint.clone()).collect();
+        eds::response(
+            service.as_str(),
+            &view.data.index.to_string(),
+            &endpoints,
+            None,
+        )
+    })
+}
+
+/// A JSON answer of `body` with the view's headers (index, stale), as `Json` would give it.
+/// Encoding these types cannot fail (string keys, derived impls); if it ever did, the answer
+/// is a 503 the client retries rather than a panic or a 500.
+pub(crate) fn respond(
+    registry: &Registry,
+    body: Result<Bytes, serde_json::Error>,
+    view: &View,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::Unavailable {
+        message: format!("cannot encode the answer: {e}"),
+        retry_after: registry.config().retry_after,
+    })?;
+    // The content type `axum::Json` sets.
+    let json = HeaderValue::from_static("application/json");
+    let resp = ([(header::CONTENT_TYPE, json)], body).into_response();
+    Ok(with_view_headers(resp, view))
+}
+
+#[cfg(test)]
+mod tests;
