@@ -460,10 +460,15 @@ async fn feed_gossip(
     join: Vec<SocketAddr>,
     listed: Option<BTreeSet<EndpointKey>>,
 ) {
-    for s in snapshots {
-        if shared.gossip.apply_registry_snapshot(s).await.is_err() {
-            tracing::warn!("gossip has stopped; registry snapshot not applied");
-        }
+    // One batch: gossip republishes its view once per answer, not once per service.
+    if !snapshots.is_empty()
+        && shared
+            .gossip
+            .apply_registry_snapshots(snapshots)
+            .await
+            .is_err()
+    {
+        tracing::warn!("gossip has stopped; registry snapshots not applied");
     }
     if !join.is_empty() {
         tracing::info!(seeds = ?join, "joining agents the registry lists");
