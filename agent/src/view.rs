@@ -48,7 +48,7 @@ impl Provenance {
 }
 
 /// Where a cached entry originally came from; decides when live data supersedes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Origin {
     Row { owner: SocketAddr },
     Registry { generated_at_ms: u64 },
@@ -269,6 +269,16 @@ fn by_service(hosts: Vec<Host>, previous: &Services) -> Services {
         .collect()
 }
 
+/// The endpoint of `key` in `services` (each service's hosts are sorted by key).
+fn find<'a>(services: &'a Services, key: &EndpointKey) -> Option<&'a Endpoint> {
+    let hosts = &services.get(&key.service)?.hosts;
+    // Within a service, key order is (ip, port) order.
+    let i = hosts
+        .binary_search_by(|h| (h.endpoint.ip, h.endpoint.port).cmp(&(key.ip, key.port)))
+        .ok()?;
+    Some(&hosts[i].endpoint)
+}
+
 /// The merge state: cache entries not yet superseded, and when each member came alive.
 #[derive(Debug, Clone)]
 pub struct Merger {
@@ -277,11 +287,9 @@ pub struct Merger {
     cache: BTreeMap<EndpointKey, CachedHost>,
     alive_since: BTreeMap<SocketAddr, u64>,
     first_seen: BTreeMap<EndpointKey, u64>,
-    /// The endpoints of the last merge: what a deregistration removed is taken from here
-    /// (a tombstone carries no endpoint).
-    listed: BTreeMap<EndpointKey, Endpoint>,
     draining: BTreeMap<EndpointKey, Drain>,
-    /// The services of the last merge, shared with the view it published.
+    /// The services of the last merge, shared with the view it published: they also name
+    /// what a deregistration removed (a tombstone carries no endpoint).
     services: Services,
 }
 
@@ -300,7 +308,6 @@ impl Merger {
             cache,
             alive_since: BTreeMap::new(),
             first_seen: BTreeMap::new(),
-            listed: BTreeMap::new(),
             draining: BTreeMap::new(),
             services: Services::new(),
         }
@@ -359,7 +366,6 @@ impl Merger {
         }));
 
         let services = by_service(hosts, &self.services);
-        self.services.clone_from(&services);
         let index = content_index(
             services
                 .values()
@@ -373,6 +379,7 @@ impl Merger {
             Provenance::Registry
         };
         let draining = self.track_drains(&services, &gossip.deregistered, now_ms);
+        self.services.clone_from(&services);
         MergedView {
             services,
             index,
@@ -438,16 +445,11 @@ impl Merger {
         deregistered: &[EndpointKey],
         now_ms: u64,
     ) -> BTreeMap<ServiceName, Vec<Drain>> {
-        let now_listed: BTreeMap<EndpointKey, Endpoint> = services
-            .values()
-            .flat_map(|s| s.hosts.iter())
-            .map(|h| (h.endpoint.key(), h.endpoint.clone()))
-            .collect();
         for key in deregistered {
-            if now_listed.contains_key(key) {
+            if find(services, key).is_some() {
                 continue;
             }
-            if let Some(endpoint) = self.listed.get(key) {
+            if let Some(endpoint) = find(&self.services, key) {
                 self.draining.entry(key.clone()).or_insert_with(|| Drain {
                     endpoint: endpoint.clone(),
                     since_ms: now_ms,
@@ -455,9 +457,8 @@ impl Merger {
             }
         }
         self.draining.retain(|key, d| {
-            !now_listed.contains_key(key) && now_ms.saturating_sub(d.since_ms) < DRAIN_LISTING_MS
+            find(services, key).is_none() && now_ms.saturating_sub(d.since_ms) < DRAIN_LISTING_MS
         });
-        self.listed = now_listed;
         let mut out: BTreeMap<ServiceName, Vec<Drain>> = BTreeMap::new();
         for (key, d) in &self.draining {
             out.entry(key.service.clone()).or_default().push(d.clone());
