@@ -84,7 +84,7 @@ fn gossip_view(specs: &[Spec]) -> GossipView {
     }
     GossipView {
         endpoints,
-        snapshots,
+        snapshots: snapshots.into_iter().map(Arc::new).collect(),
         members: Vec::new(),
         deregistered: Vec::new(),
     }

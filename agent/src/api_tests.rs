@@ -46,7 +46,7 @@ fn view(ports: &[u16]) -> MergedView {
                 },
             })
             .collect(),
-        snapshots: vec![snap],
+        snapshots: vec![Arc::new(snap)],
         members: Vec::new(),
     };
     Merger::new("127.0.0.1:1".parse().expect("addr"), 0, Vec::new()).merge(&g, 1)

@@ -12,6 +12,7 @@
 //! lists (its version of an entry wins), so it adds and updates and never removes. Live
 //! gossip rows are not registry-derived and are never removed by either.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,12 +49,15 @@ pub struct Plan {
 pub fn plan(
     catalog: &Catalog,
     meta: &ReadMeta,
-    held: &[Snapshot],
+    held: &[impl Borrow<Snapshot>],
     cached: &[SnapshotEntry],
 ) -> Plan {
     let warming = catalog.warming || meta.warming;
     let at = catalog.generated_at_ms;
-    let held: BTreeMap<&ServiceName, &Snapshot> = held.iter().map(|s| (&s.service, s)).collect();
+    let held: BTreeMap<&ServiceName, &Snapshot> = held
+        .iter()
+        .map(|s| (&s.borrow().service, s.borrow()))
+        .collect();
     let mut cached_by: BTreeMap<&ServiceName, Vec<&SnapshotEntry>> = BTreeMap::new();
     for e in cached {
         cached_by.entry(&e.endpoint.service).or_default().push(e);
