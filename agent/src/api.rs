@@ -18,7 +18,6 @@
 //! hosts of the answer — see [`crate::view`] — or, for answers that list no hosts, of the
 //! whole view.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,13 +35,13 @@ use schema::agent_api::{
     AgentEndpoints, AgentSelf, CacheState, Live, LocalEndpoint, Member, MemberState, Members,
     Ready, ViewSummary,
 };
-use schema::api::{Catalog, EndpointSpec, ServiceSummary, ServicesResponse, V1Host, V1Listing};
-use schema::eds::{self, DiscoveryRequest};
-use schema::wire::{HEADER_INDEX, HEADER_REGISTRY_AGE, HEADER_SOURCE, TRUE, tag};
+use schema::api::{EndpointSpec, ServiceSummary, ServicesResponse, V1Host};
+use schema::eds::DiscoveryRequest;
+use schema::wire::{HEADER_INDEX, HEADER_REGISTRY_AGE, HEADER_SOURCE};
 use schema::{EndpointKey, ServiceName, ValidationError};
 use serde::Deserialize;
-use serde_json::Value;
 
+use crate::answers;
 use crate::state::Shared;
 use crate::view::{MergedView, Provenance};
 
@@ -112,25 +111,16 @@ fn service_name(s: String) -> Result<ServiceName, ApiError> {
     Ok(ServiceName::new(s)?)
 }
 
-fn listing(shared: &Shared, service: &ServiceName, view: &MergedView, draining: bool) -> V1Listing {
-    let mut hosts: Vec<V1Host> = view
-        .hosts(service)
-        .iter()
-        .map(|h| V1Host::from_endpoint(&h.endpoint, h.last_check_in_ms))
-        .collect();
-    if draining {
-        hosts.extend(view.draining(service).iter().map(|d| {
-            let mut h = V1Host::from_endpoint(&d.endpoint, d.since_ms);
-            h.tags
-                .insert(tag::DRAINING.to_string(), Value::String(TRUE.to_string()));
-            h
-        }));
-    }
-    V1Listing {
-        service: service.to_string(),
-        env: shared.config.env.clone(),
-        hosts,
-    }
+/// A kept (or computed) JSON body as an answer.
+fn json_body(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,9 +170,9 @@ fn listing_answer(
     view: &MergedView,
     draining: bool,
 ) -> Response {
-    let body = Json(listing(shared, service, view, draining)).into_response();
+    let body = answers::listing(view, service, &shared.config.env, draining);
     with_meta(
-        body,
+        json_body(body),
         view.service_index(service),
         view.source_of(view.hosts(service)),
     )
@@ -249,27 +239,12 @@ async fn v2_catalog(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let view = block(&shared, query.as_deref(), MergedView::index).await?;
-    let services: BTreeMap<String, Vec<V1Host>> = view
-        .services()
-        .map(|(s, h)| {
-            let hosts = h
-                .hosts
-                .iter()
-                .map(|h| V1Host::from_endpoint(&h.endpoint, h.last_check_in_ms))
-                .collect();
-            (s.to_string(), hosts)
-        })
-        .collect();
-    let body = Catalog {
-        index: view.index(),
-        generated_at_ms: schema::timefmt::unix_ms_now(),
-        warming: false,
-        // The agent's data is not confirmed by the registry right now.
-        stale: !shared.registry_ok(),
-        services,
-    };
+    // The agent's data is not confirmed by the registry right now.
+    let stale = !shared.registry_ok();
+    let now = schema::timefmt::unix_ms_now();
+    let body = answers::catalog(&view, &shared.config.env, now, stale);
     let source = view.source_of(view.all_hosts());
-    Ok(with_meta(Json(body).into_response(), view.index(), source))
+    Ok(with_meta(json_body(body), view.index(), source))
 }
 
 /// `POST /v3/discovery:endpoints`: Envoy EDS; the service's index is the version, and a
@@ -289,9 +264,8 @@ async fn eds_endpoints(State(shared): State<AppState>, body: Bytes) -> Result<Re
             source,
         ));
     }
-    let endpoints: Vec<_> = hosts.iter().map(|h| h.endpoint.clone()).collect();
-    let resp = eds::response(&name, &version, &endpoints, None);
-    Ok(with_meta(Json(resp).into_response(), index, source))
+    let body = answers::eds(&view, &service, &name);
+    Ok(with_meta(json_body(body), index, source))
 }
 
 /// `GET /v1/agent/members`: the gossip members this agent knows, itself first.
@@ -463,4 +437,4 @@ async fn metrics(State(shared): State<AppState>) -> Response {
 
 #[cfg(test)]
 #[path = "api_tests.rs"]
-mod tests;
+pub(crate) mod tests;

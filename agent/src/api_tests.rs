@@ -5,6 +5,7 @@ use axum::http::Request;
 use gossip::{GossipConfig, GossipView, Snapshot, SnapshotEntry, Source, ViewEntry};
 use http_body_util::BodyExt;
 use schema::Endpoint;
+use serde_json::Value;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
@@ -45,20 +46,20 @@ fn view(ports: &[u16]) -> MergedView {
                 },
             })
             .collect(),
-        snapshots: vec![snap],
+        snapshots: vec![Arc::new(snap)],
         members: Vec::new(),
     };
     Merger::new("127.0.0.1:1".parse().expect("addr"), 0, Vec::new()).merge(&g, 1)
 }
 
-struct Fixture {
-    app: Router,
-    shared: Arc<Shared>,
-    tx: watch::Sender<Arc<MergedView>>,
-    stop: tokio_util::sync::CancellationToken,
+pub(crate) struct Fixture {
+    pub(crate) app: Router,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) tx: watch::Sender<Arc<MergedView>>,
+    pub(crate) stop: tokio_util::sync::CancellationToken,
 }
 
-async fn fixture() -> Fixture {
+pub(crate) async fn fixture() -> Fixture {
     fixture_with(|_| {}).await
 }
 

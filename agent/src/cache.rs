@@ -10,6 +10,7 @@
 //! corrupt — is set aside as `view.cache.bad-<unix-ms>` (the newest few are kept, for a
 //! post-mortem) and the agent starts from the registry and gossip.
 
+use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,11 +20,12 @@ use schema::Endpoint;
 use schema::codec::{self, CodecError};
 use schema::timefmt::unix_ms_now;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::Shared;
-use crate::view::CachedHost;
+use crate::view::{CachedHost, Host, MergedView};
 
 /// Identifies our files before the codec's own version byte.
 const MAGIC: &[u8; 8] = b"TDNGSAC\0";
@@ -178,16 +180,33 @@ pub fn store(dir: &Path, file: &CacheFile, max: u64) -> Result<(), CacheError> {
     Ok(())
 }
 
-/// What would be written now, and the index of the view it holds.
-fn snapshot_of(shared: &Shared) -> (CacheFile, u64) {
-    let view = shared.current_view();
-    let file = CacheFile {
-        written_at_ms: unix_ms_now(),
-        last_sync_ms: shared.known_current_ms(),
-        hosts: view.all_hosts().map(|h| h.to_cached()).collect(),
-        runtime: shared.local().runtime.values().cloned().collect(),
-    };
-    (file, view.index())
+/// Feeds `Hash` output into SHA-256, so a derived `Hash` can digest a value without
+/// encoding it. Only `write` is used; `finish` is never called by `Hash` impls.
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        0
+    }
+}
+
+/// A digest of what a write would store, its date aside: the writer keeps this instead of
+/// a copy of the last file it wrote (one `CachedHost` per endpoint).
+pub fn content_digest(view: &MergedView, runtime: &[Endpoint], last_sync_ms: u64) -> [u8; 32] {
+    let mut h = Sha256Hasher(Sha256::new());
+    view.len().hash(&mut h);
+    for host in view.all_hosts() {
+        host.endpoint.hash(&mut h);
+        host.origin.hash(&mut h);
+        host.last_check_in_ms.hash(&mut h);
+    }
+    runtime.hash(&mut h);
+    last_sync_ms.hash(&mut h);
+    h.0.finalize().into()
 }
 
 /// Writes the cache whenever the view or the runtime endpoints change, at most once a
@@ -197,31 +216,33 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
     let max = shared.config.cache_max_bytes;
     let mut view = shared.view.clone();
     let mut local = shared.local_version.subscribe();
-    let mut last: Option<CacheFile> = None;
+    let mut last: Option<[u8; 32]> = None;
     loop {
         let stopping = tokio::select! {
             () = stop.cancelled() => true,
             r = view.changed() => r.is_err(),
             r = local.changed() => r.is_err(),
         };
-        let (mut next, index) = snapshot_of(&shared);
-        let unchanged = last.as_ref().is_some_and(|l| {
-            l.hosts == next.hosts
-                && l.runtime == next.runtime
-                && l.last_sync_ms == next.last_sync_ms
-        });
-        if !unchanged {
+        let current = shared.current_view();
+        let last_sync_ms = shared.known_current_ms();
+        let runtime: Vec<Endpoint> = shared.local().runtime.values().cloned().collect();
+        let digest = content_digest(&current, &runtime, last_sync_ms);
+        if last != Some(digest) {
+            let file = CacheFile {
+                written_at_ms: unix_ms_now(),
+                last_sync_ms,
+                hosts: current.all_hosts().map(Host::to_cached).collect(),
+                runtime,
+            };
             let dir2 = dir.clone();
-            let file = next.clone();
             let res = tokio::task::spawn_blocking(move || store(&dir2, &file, max)).await;
             match res {
                 Ok(Ok(())) => {
                     shared.metrics.cache_writes.increment(1);
                     shared
                         .cache_index
-                        .store(index, std::sync::atomic::Ordering::Relaxed);
-                    next.written_at_ms = 0;
-                    last = Some(next);
+                        .store(current.index(), std::sync::atomic::Ordering::Relaxed);
+                    last = Some(digest);
                 }
                 Ok(Err(e)) => {
                     shared.metrics.cache_write_errors.increment(1);
@@ -230,6 +251,7 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
                 Err(e) => tracing::warn!(error = %e, "disk cache writer failed"),
             }
         }
+        drop(current);
         if stopping {
             return;
         }
@@ -387,5 +409,32 @@ mod tests {
             left,
             ["view.cache.bad-3", "view.cache.bad-4", "view.cache.bad-5"]
         );
+    }
+
+    /// The writer's digest tells apart every change a write would store, and nothing else.
+    #[test]
+    fn the_digest_moves_with_what_a_write_stores() {
+        let me: std::net::SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let view_of = |hosts: Vec<CachedHost>| {
+            crate::view::Merger::new(me, u64::MAX, hosts).merge(&gossip::GossipView::default(), 0)
+        };
+        let f = file();
+        let base = content_digest(&view_of(f.hosts.clone()), &f.runtime, 4);
+        assert_eq!(
+            base,
+            content_digest(&view_of(f.hosts.clone()), &f.runtime, 4)
+        );
+        assert_ne!(
+            base,
+            content_digest(&view_of(f.hosts.clone()), &f.runtime, 5)
+        );
+        assert_ne!(base, content_digest(&view_of(f.hosts.clone()), &[], 4));
+        let mut later = f.hosts.clone();
+        later[0].last_check_in_ms += 1;
+        assert_ne!(base, content_digest(&view_of(later), &f.runtime, 4));
+        let mut other = f.hosts.clone();
+        other[0].origin = Origin::Registry { generated_at_ms: 1 };
+        assert_ne!(base, content_digest(&view_of(other), &f.runtime, 4));
+        assert_ne!(base, content_digest(&view_of(Vec::new()), &f.runtime, 4));
     }
 }

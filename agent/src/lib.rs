@@ -27,6 +27,7 @@
 //! checking in; the blocking-query index moves only when endpoints change; every answer
 //! carries `X-Tidings-Registry-Age-Ms` and `X-Tidings-Source`.
 
+pub mod answers;
 pub mod api;
 pub mod cache;
 pub mod checkin;

@@ -12,6 +12,7 @@
 //! lists (its version of an entry wins), so it adds and updates and never removes. Live
 //! gossip rows are not registry-derived and are never removed by either.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,12 +49,15 @@ pub struct Plan {
 pub fn plan(
     catalog: &Catalog,
     meta: &ReadMeta,
-    held: &[Snapshot],
+    held: &[impl Borrow<Snapshot>],
     cached: &[SnapshotEntry],
 ) -> Plan {
     let warming = catalog.warming || meta.warming;
     let at = catalog.generated_at_ms;
-    let held: BTreeMap<&ServiceName, &Snapshot> = held.iter().map(|s| (&s.service, s)).collect();
+    let held: BTreeMap<&ServiceName, &Snapshot> = held
+        .iter()
+        .map(|s| (&s.borrow().service, s.borrow()))
+        .collect();
     let mut cached_by: BTreeMap<&ServiceName, Vec<&SnapshotEntry>> = BTreeMap::new();
     for e in cached {
         cached_by.entry(&e.endpoint.service).or_default().push(e);
@@ -460,10 +464,15 @@ async fn feed_gossip(
     join: Vec<SocketAddr>,
     listed: Option<BTreeSet<EndpointKey>>,
 ) {
-    for s in snapshots {
-        if shared.gossip.apply_registry_snapshot(s).await.is_err() {
-            tracing::warn!("gossip has stopped; registry snapshot not applied");
-        }
+    // One batch: gossip republishes its view once per answer, not once per service.
+    if !snapshots.is_empty()
+        && shared
+            .gossip
+            .apply_registry_snapshots(snapshots)
+            .await
+            .is_err()
+    {
+        tracing::warn!("gossip has stopped; registry snapshots not applied");
     }
     if !join.is_empty() {
         tracing::info!(seeds = ?join, "joining agents the registry lists");

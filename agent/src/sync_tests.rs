@@ -163,7 +163,7 @@ fn a_successful_answer_replaces_changed_services_and_empties_vanished_ones() {
     let first = snaps(plan(
         &catalog(10, false, &[("web", &[1, 2]), ("db", &[5])]),
         &ReadMeta::default(),
-        &[],
+        &[] as &[Snapshot],
         &[],
     ));
     assert_eq!(first.len(), 2);
@@ -214,7 +214,7 @@ fn invalid_hosts_are_skipped_and_counted() {
     bad.ip_address = "nope".into();
     c.services.get_mut("web").expect("web").push(bad);
     c.services.insert("Bad Name".into(), vec![host("web", 3)]);
-    let p = plan(&c, &ReadMeta::default(), &[], &[]);
+    let p = plan(&c, &ReadMeta::default(), &[] as &[Snapshot], &[]);
     assert_eq!(p.invalid, 2);
     assert_eq!(p.snapshots.len(), 1);
     assert_eq!(p.snapshots[0].entries.len(), 1);
@@ -273,7 +273,7 @@ fn a_warming_answer_for_a_service_held_nothing_of_is_dated_at_the_start_of_time(
     // them (campaign seed 12860982494713673050). Dated at the start of time it is served
     // here at once, and any snapshot a registry dated outranks it.
     let c = catalog(20, true, &[("web", &[1, 2])]);
-    let p = plan(&c, &ReadMeta::default(), &[], &[]);
+    let p = plan(&c, &ReadMeta::default(), &[] as &[Snapshot], &[]);
     assert_eq!(summary(&p.snapshots), vec![("web", vec![1, 2], 0)]);
     assert_eq!(p.snapshots[0].generated_at_ms, gossip::LOWER_BOUND_MS);
     let peers = snapshot("web", 5, &[1, 2, 3]);
@@ -304,7 +304,7 @@ fn a_warming_answer_for_a_service_held_nothing_of_is_dated_at_the_start_of_time(
     let p = plan(
         &catalog(30, true, &[("web", &[2])]),
         &ReadMeta::default(),
-        &[],
+        &[] as &[Snapshot],
         &cached,
     );
     assert_eq!(summary(&p.snapshots), vec![("web", vec![2, 3], 30)]);

@@ -20,11 +20,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use discovery::policy::content_index;
 use gossip::{GossipView, Source, ViewEntry};
 use schema::{Endpoint, EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
+
+use crate::answers::Answers;
 
 /// Where a host of an answer is known from, strongest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,7 +48,7 @@ impl Provenance {
 }
 
 /// Where a cached entry originally came from; decides when live data supersedes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Origin {
     Row { owner: SocketAddr },
     Registry { generated_at_ms: u64 },
@@ -79,11 +82,13 @@ impl Host {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct ServiceHosts {
     pub hosts: Vec<Host>,
     /// Content hash of the hosts' endpoints: moves only when they change.
     pub index: u64,
+    /// The API's bodies for these hosts, encoded on first request.
+    pub(crate) answers: Answers,
 }
 
 /// How long an explicitly deregistered host is still listed, tagged `draining`, to callers
@@ -104,7 +109,9 @@ pub struct Drain {
 /// A published state of the view. Immutable; the API reads it through a watch channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MergedView {
-    services: BTreeMap<ServiceName, ServiceHosts>,
+    /// Shared with the previous view for each service whose hosts did not change, so the
+    /// bodies kept with them survive (see [`crate::answers`]).
+    services: BTreeMap<ServiceName, Arc<ServiceHosts>>,
     index: u64,
     fallback: Provenance,
     draining: BTreeMap<ServiceName, Vec<Drain>>,
@@ -124,6 +131,11 @@ impl Default for MergedView {
 impl MergedView {
     pub fn hosts(&self, service: &ServiceName) -> &[Host] {
         self.services.get(service).map_or(&[], |s| &s.hosts)
+    }
+
+    /// The hosts of a service the view lists.
+    pub fn service(&self, service: &ServiceName) -> Option<&ServiceHosts> {
+        self.services.get(service).map(|s| &**s)
     }
 
     /// The index of one service (the empty-list index for an unknown one).
@@ -149,7 +161,7 @@ impl MergedView {
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &ServiceHosts)> {
-        self.services.iter()
+        self.services.iter().map(|(n, s)| (n, &**s))
     }
 
     pub fn all_hosts(&self) -> impl Iterator<Item = &Host> {
@@ -227,21 +239,44 @@ fn live_host(entry: &ViewEntry, listed: Option<(u64, u64)>, seen: u64) -> Host {
     }
 }
 
-/// Hosts grouped by service, each service sorted by key and indexed.
-fn by_service(hosts: Vec<Host>) -> BTreeMap<ServiceName, ServiceHosts> {
-    let mut services: BTreeMap<ServiceName, ServiceHosts> = BTreeMap::new();
+type Services = BTreeMap<ServiceName, Arc<ServiceHosts>>;
+
+/// Hosts grouped by service, each service sorted by key and indexed; a service whose hosts
+/// are those of `previous` keeps its entry there (and the bodies encoded for it).
+fn by_service(hosts: Vec<Host>, previous: &Services) -> Services {
+    let mut grouped: BTreeMap<ServiceName, Vec<Host>> = BTreeMap::new();
     for h in hosts {
-        services
+        grouped
             .entry(h.endpoint.service.clone())
             .or_default()
-            .hosts
             .push(h);
     }
-    for s in services.values_mut() {
-        s.hosts.sort_by_key(|h| h.endpoint.key());
-        s.index = content_index(s.hosts.iter().map(|h| &h.endpoint));
-    }
-    services
+    grouped
+        .into_iter()
+        .map(|(name, mut hosts)| {
+            hosts.sort_by_key(|h| h.endpoint.key());
+            let same = previous.get(&name).filter(|p| p.hosts == hosts).cloned();
+            let entry = same.unwrap_or_else(|| {
+                let index = content_index(hosts.iter().map(|h| &h.endpoint));
+                Arc::new(ServiceHosts {
+                    hosts,
+                    index,
+                    answers: Answers::default(),
+                })
+            });
+            (name, entry)
+        })
+        .collect()
+}
+
+/// The endpoint of `key` in `services` (each service's hosts are sorted by key).
+fn find<'a>(services: &'a Services, key: &EndpointKey) -> Option<&'a Endpoint> {
+    let hosts = &services.get(&key.service)?.hosts;
+    // Within a service, key order is (ip, port) order.
+    let i = hosts
+        .binary_search_by(|h| (h.endpoint.ip, h.endpoint.port).cmp(&(key.ip, key.port)))
+        .ok()?;
+    Some(&hosts[i].endpoint)
 }
 
 /// The merge state: cache entries not yet superseded, and when each member came alive.
@@ -252,10 +287,10 @@ pub struct Merger {
     cache: BTreeMap<EndpointKey, CachedHost>,
     alive_since: BTreeMap<SocketAddr, u64>,
     first_seen: BTreeMap<EndpointKey, u64>,
-    /// The endpoints of the last merge: what a deregistration removed is taken from here
-    /// (a tombstone carries no endpoint).
-    listed: BTreeMap<EndpointKey, Endpoint>,
     draining: BTreeMap<EndpointKey, Drain>,
+    /// The services of the last merge, shared with the view it published: they also name
+    /// what a deregistration removed (a tombstone carries no endpoint).
+    services: Services,
 }
 
 impl Merger {
@@ -273,8 +308,8 @@ impl Merger {
             cache,
             alive_since: BTreeMap::new(),
             first_seen: BTreeMap::new(),
-            listed: BTreeMap::new(),
             draining: BTreeMap::new(),
+            services: Services::new(),
         }
     }
 
@@ -330,7 +365,7 @@ impl Merger {
             origin: c.origin,
         }));
 
-        let services = by_service(hosts);
+        let services = by_service(hosts, &self.services);
         let index = content_index(
             services
                 .values()
@@ -344,6 +379,7 @@ impl Merger {
             Provenance::Registry
         };
         let draining = self.track_drains(&services, &gossip.deregistered, now_ms);
+        self.services.clone_from(&services);
         MergedView {
             services,
             index,
@@ -405,20 +441,15 @@ impl Merger {
     /// owner crashed) is merely absent.
     fn track_drains(
         &mut self,
-        services: &BTreeMap<ServiceName, ServiceHosts>,
+        services: &Services,
         deregistered: &[EndpointKey],
         now_ms: u64,
     ) -> BTreeMap<ServiceName, Vec<Drain>> {
-        let now_listed: BTreeMap<EndpointKey, Endpoint> = services
-            .values()
-            .flat_map(|s| s.hosts.iter())
-            .map(|h| (h.endpoint.key(), h.endpoint.clone()))
-            .collect();
         for key in deregistered {
-            if now_listed.contains_key(key) {
+            if find(services, key).is_some() {
                 continue;
             }
-            if let Some(endpoint) = self.listed.get(key) {
+            if let Some(endpoint) = find(&self.services, key) {
                 self.draining.entry(key.clone()).or_insert_with(|| Drain {
                     endpoint: endpoint.clone(),
                     since_ms: now_ms,
@@ -426,9 +457,8 @@ impl Merger {
             }
         }
         self.draining.retain(|key, d| {
-            !now_listed.contains_key(key) && now_ms.saturating_sub(d.since_ms) < DRAIN_LISTING_MS
+            find(services, key).is_none() && now_ms.saturating_sub(d.since_ms) < DRAIN_LISTING_MS
         });
-        self.listed = now_listed;
         let mut out: BTreeMap<ServiceName, Vec<Drain>> = BTreeMap::new();
         for (key, d) in &self.draining {
             out.entry(key.service.clone()).or_default().push(d.clone());

@@ -74,7 +74,7 @@ fn provenance_is_registry_when_listed_gossip_when_only_owned() {
             row(ep("web", 1), "10.0.0.2:7702"),
             row(ep("web", 2), "10.0.0.2:7702"),
         ],
-        snapshots: vec![snap("web", 10, &[1])],
+        snapshots: vec![Arc::new(snap("web", 10, &[1]))],
         members: vec![member("10.0.0.2:7702", true)],
     };
     let v = m.merge(&g, 100);
@@ -134,7 +134,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     let mut g = GossipView {
         deregistered: Vec::new(),
         endpoints: vec![row(ep("web", 1), owner)],
-        snapshots: vec![snap("db", 5, &[])],
+        snapshots: vec![Arc::new(snap("db", 5, &[]))],
         members: vec![member(owner, true)],
     };
     let v = m.merge(&g, 100);
@@ -145,7 +145,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     assert_eq!(ports(&v, "db"), vec![(3, Provenance::Cache)]);
 
     // A db snapshot at least as new supersedes the cached db entries, even empty ones.
-    g.snapshots = vec![snap("db", 10, &[])];
+    g.snapshots = vec![Arc::new(snap("db", 10, &[]))];
     let v = m.merge(&g, 200);
     assert!(ports(&v, "db").is_empty());
     // Once the owner has been alive for `settle`, its cached rows give way.
@@ -228,7 +228,7 @@ fn registry_entries_stay_and_rows_override_them() {
     let g = GossipView {
         deregistered: Vec::new(),
         endpoints: vec![row(tagged.clone(), "10.0.0.2:7702"), reg(ep("web", 2), 10)],
-        snapshots: vec![snap("web", 10, &[1, 2])],
+        snapshots: vec![Arc::new(snap("web", 10, &[1, 2]))],
         members: vec![member("10.0.0.2:7702", true)],
     };
     let v = m.merge(&g, 5);
@@ -243,7 +243,7 @@ fn the_index_moves_only_when_endpoints_change() {
     let g1 = GossipView {
         deregistered: Vec::new(),
         endpoints: vec![reg(ep("web", 1), 10)],
-        snapshots: vec![snap("web", 10, &[1])],
+        snapshots: vec![Arc::new(snap("web", 10, &[1]))],
         members: Vec::new(),
     };
     let a = m.merge(&g1, 1);
@@ -251,7 +251,7 @@ fn the_index_moves_only_when_endpoints_change() {
     let g2 = GossipView {
         deregistered: Vec::new(),
         endpoints: vec![reg(ep("web", 1), 20)],
-        snapshots: vec![snap("web", 20, &[1])],
+        snapshots: vec![Arc::new(snap("web", 20, &[1]))],
         members: Vec::new(),
     };
     let b = m.merge(&g2, 2);
@@ -261,7 +261,7 @@ fn the_index_moves_only_when_endpoints_change() {
     let g3 = GossipView {
         deregistered: Vec::new(),
         endpoints: vec![reg(ep("web", 1), 30), reg(ep("web", 2), 30)],
-        snapshots: vec![snap("web", 30, &[1, 2])],
+        snapshots: vec![Arc::new(snap("web", 30, &[1, 2]))],
         members: Vec::new(),
     };
     let c = m.merge(&g3, 3);

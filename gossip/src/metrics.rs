@@ -67,6 +67,7 @@ counters! {
     spurious_turn_undead: "foca 'you are down' messages to members still alive, not sent.",
     snapshots_refused_future: "Registry snapshots refused: dated more than max_snapshot_skew_ms ahead of this node's clock.",
     snapshots_refused_inconsistent: "Registry snapshots refused: an entry of another service.",
+    views_published: "Times the merged view (rows, snapshots, members) changed and was handed to the agent.",
 }
 
 impl Metrics {

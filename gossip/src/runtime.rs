@@ -41,7 +41,7 @@ pub enum RuntimeError {
 
 pub(crate) enum Command {
     PublishLocal(Vec<Endpoint>),
-    Snapshot(Snapshot),
+    Snapshots(Vec<Snapshot>),
     KeyRing(Option<KeyRing>),
     Join(Vec<SocketAddr>),
     /// Stop without leaving the cluster, as a crash would.
@@ -68,9 +68,13 @@ impl GossipHandle {
         self.send(Command::PublishLocal(endpoints)).await
     }
 
-    /// Stores and gossips a registry snapshot of one service.
-    pub async fn apply_registry_snapshot(&self, snapshot: Snapshot) -> Result<(), RuntimeError> {
-        self.send(Command::Snapshot(snapshot)).await
+    /// Stores and gossips registry snapshots (one registry answer's), each as
+    /// [`crate::Node::apply_registry_snapshot`] does; the view is republished once for all.
+    pub async fn apply_registry_snapshots(
+        &self,
+        snapshots: Vec<Snapshot>,
+    ) -> Result<(), RuntimeError> {
+        self.send(Command::Snapshots(snapshots)).await
     }
 
     /// Rotates keys: the new ring's primary seals from now on, all its keys open.
@@ -295,7 +299,12 @@ impl NodeTask {
                 cmd = cmd_rx.recv() => match cmd {
                     None | Some(Command::Crash) => break,
                     Some(Command::PublishLocal(eps)) => self.node.publish_local(now_ms(), eps),
-                    Some(Command::Snapshot(s)) => self.node.apply_registry_snapshot(now_ms(), s),
+                    Some(Command::Snapshots(batch)) => {
+                        let now = now_ms();
+                        for s in batch {
+                            self.node.apply_registry_snapshot(now, s);
+                        }
+                    }
                     Some(Command::KeyRing(r)) => {
                         self.node.set_key_ring(r.as_ref());
                         self.sealer_tx.send_replace(Arc::new(Sealer::new(&self.cluster, r.as_ref())));
@@ -349,12 +358,15 @@ impl NodeTask {
             members: self.node.members(),
             deregistered: self.node.deregistered_keys(),
         };
-        self.view_tx.send_if_modified(|cur| {
+        let published = self.view_tx.send_if_modified(|cur| {
             let changed = **cur != view;
             if changed {
                 *cur = Arc::new(view);
             }
             changed
         });
+        if published {
+            Metrics::bump(&self.node.metrics().views_published, 1);
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! the one it holds.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use schema::{Endpoint, ServiceName};
 use serde::{Deserialize, Serialize};
@@ -112,7 +113,9 @@ pub struct Refusals {
 
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
-    by_service: BTreeMap<ServiceName, (Snapshot, SnapshotSummary)>,
+    /// Shared with every published [`crate::GossipView`]: a view holds the snapshots, not
+    /// copies of them.
+    by_service: BTreeMap<ServiceName, (Arc<Snapshot>, SnapshotSummary)>,
     changes: u64,
     max_skew_ms: u64,
     refused: Refusals,
@@ -159,7 +162,7 @@ impl SnapshotStore {
             return SnapshotMerge::Stale;
         }
         self.by_service
-            .insert(snap.service.clone(), (snap, summary));
+            .insert(snap.service.clone(), (Arc::new(snap), summary));
         self.changes += 1;
         SnapshotMerge::Applied
     }
@@ -199,7 +202,12 @@ impl SnapshotStore {
     }
 
     pub fn get(&self, service: &ServiceName) -> Option<&Snapshot> {
-        self.by_service.get(service).map(|(s, _)| s)
+        self.by_service.get(service).map(|(s, _)| &**s)
+    }
+
+    /// Every snapshot held, shared.
+    pub fn shared(&self) -> impl Iterator<Item = &Arc<Snapshot>> {
+        self.by_service.values().map(|(s, _)| s)
     }
 
     pub fn summary(&self, service: &ServiceName) -> Option<&SnapshotSummary> {
@@ -207,7 +215,7 @@ impl SnapshotStore {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&Snapshot, &SnapshotSummary)> {
-        self.by_service.values().map(|(a, b)| (a, b))
+        self.by_service.values().map(|(a, b)| (&**a, b))
     }
 
     pub fn changes(&self) -> u64 {

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use schema::{Endpoint, EndpointKey};
 
@@ -42,7 +43,7 @@ pub struct MemberInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GossipView {
     pub endpoints: Vec<ViewEntry>,
-    pub snapshots: Vec<Snapshot>,
+    pub snapshots: Vec<Arc<Snapshot>>,
     pub members: Vec<MemberInfo>,
     /// Keys whose owner wrote a tombstone (alive or not) and no owner lists as up: what was
     /// explicitly deregistered, as opposed to expired or crashed. The agent lists such hosts
@@ -152,12 +153,8 @@ impl Node {
             .is_some_and(|r| r.version() >= version)
     }
 
-    pub fn snapshots(&self) -> Vec<Snapshot> {
-        self.store
-            .snapshots
-            .iter()
-            .map(|(s, _)| s.clone())
-            .collect()
+    pub fn snapshots(&self) -> Vec<Arc<Snapshot>> {
+        self.store.snapshots.shared().cloned().collect()
     }
 
     /// Every member foca knows, down ones included (until it forgets them).

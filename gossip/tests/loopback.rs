@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::num::NonZeroU16;
 use std::time::Duration;
 
-use gossip::{GossipConfig, GossipHandle, KeyRing, NodeId, Source, generate_key, run};
+use gossip::{
+    GossipConfig, GossipHandle, KeyRing, NodeId, Snapshot, SnapshotEntry, Source, generate_key, run,
+};
 use schema::{Endpoint, ServiceName};
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, sleep};
@@ -228,5 +230,45 @@ async fn key_rotation_loses_nothing() {
             "nobody was declared down"
         );
     }
+    stop.cancel();
+}
+
+/// A registry answer of many services reaches gossip as one batch: every snapshot is held,
+/// and the view is republished once for the batch, not once per service.
+#[tokio::test]
+async fn a_batch_of_registry_snapshots_is_one_view_publish() {
+    let stop = CancellationToken::new();
+    let node = start(
+        &[generate_key()],
+        vec![],
+        any_port(),
+        vec![endpoint(300)],
+        &stop,
+    )
+    .await;
+    eventually("the first view", Duration::from_secs(5), || {
+        node.metrics().views_published >= 1
+    })
+    .await;
+    let before = node.metrics().views_published;
+    let batch: Vec<Snapshot> = (0..200)
+        .map(|i| {
+            let ep = endpoint(i);
+            Snapshot {
+                service: ep.service.clone(),
+                generated_at_ms: gossip::epoch_now(),
+                entries: vec![SnapshotEntry {
+                    endpoint: ep,
+                    last_check_in_ms: 1,
+                }],
+            }
+        })
+        .collect();
+    node.apply_registry_snapshots(batch).await.unwrap();
+    eventually("every snapshot held", Duration::from_secs(5), || {
+        node.view().borrow().snapshots.len() == 200
+    })
+    .await;
+    assert_eq!(node.metrics().views_published - before, 1);
     stop.cancel();
 }
