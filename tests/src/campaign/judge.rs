@@ -25,7 +25,8 @@ pub struct Violation {
 #[derive(Debug, Default, Clone)]
 pub struct Seen {
     pub hosts: BTreeMap<String, BTreeSet<String>>,
-    /// Agents: `X-Tidings-Registry-Age-Ms` of the web lookup.
+    /// Agents: `X-Tidings-Registry-Age-Ms` of the web lookup; `-1` means the agent never
+    /// knew its registry data current (the API reference's "never").
     pub age_ms: Option<i64>,
     /// Proxy: addr → (discovery, decision).
     pub routing: BTreeMap<String, (String, String)>,
@@ -38,8 +39,10 @@ pub struct Seen {
 #[derive(Debug, Default, Clone)]
 pub struct HealthyAge {
     pub samples: u64,
-    /// Samples above `FRESH_WHEN_HEALTHY`.
+    /// Samples above `FRESH_WHEN_HEALTHY`, "never current" ones included.
     pub over: u64,
+    /// Samples that said "never current" (`-1`), which `max_ms` does not count.
+    pub never: u64,
     pub max_ms: i64,
     /// The agent and the moment (since the seed began) of the largest.
     pub worst: Option<(usize, Duration)>,
@@ -48,6 +51,14 @@ pub struct HealthyAge {
 impl HealthyAge {
     fn record(&mut self, age_ms: i64, agent: usize, at: Duration) {
         self.samples += 1;
+        if age_ms < 0 {
+            self.over += 1;
+            self.never += 1;
+            if self.worst.is_none() {
+                self.worst = Some((agent, at));
+            }
+            return;
+        }
         if age_ms > i64::try_from(FRESH_WHEN_HEALTHY.as_millis()).unwrap_or(i64::MAX) {
             self.over += 1;
         }
@@ -62,8 +73,8 @@ impl std::fmt::Display for HealthyAge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} samples, {} over {:?}, max {} ms",
-            self.samples, self.over, FRESH_WHEN_HEALTHY, self.max_ms
+            "{} samples, {} over {:?} ({} never current), max {} ms",
+            self.samples, self.over, FRESH_WHEN_HEALTHY, self.never, self.max_ms
         )?;
         if let Some((agent, at)) = self.worst {
             write!(f, " (agent {agent} at {at:.1?})")?;
@@ -294,7 +305,10 @@ impl Judge {
             let floor = now.duration_since(died).saturating_sub(FRESH_SLACK);
             let floor_ms = i64::try_from(floor.as_millis()).unwrap_or(i64::MAX);
             self.count("freshness_honest");
-            if age < floor_ms {
+            // `-1` ("never known current") claims no freshness at all: honest whatever
+            // the outage (seed 10780137804266489355: the registry died during its first
+            // warm-up, before any agent had taken an authoritative answer).
+            if (0..floor_ms).contains(&age) {
                 self.violate(
                     m,
                     now,
@@ -466,5 +480,26 @@ mod tests {
         // A host that stays live is still required while the registry is down.
         j.judge(&m, now + 2 * FRESH_SLACK, Viewer::Agent(0), &seen(false));
         assert!(j.violations.iter().any(|v| v.check == "live_in_views"));
+    }
+
+    #[test]
+    fn never_current_is_an_honest_age_during_an_outage() {
+        let (mut m, now) = settled();
+        let mut j = Judge::default();
+        m.replicas[0].serving.set(false, now);
+        m.replicas[0].killed_at = Some(now);
+        let mut never = seen(true);
+        never.age_ms = Some(-1);
+        j.judge(&m, now + 2 * FRESH_SLACK, Viewer::Agent(0), &never);
+        assert!(j.violations.is_empty(), "{:?}", j.violations);
+        assert_eq!(j.checks.get("freshness_honest"), Some(&1));
+    }
+
+    #[test]
+    fn never_current_while_healthy_counts_as_over_the_bound() {
+        let mut h = HealthyAge::default();
+        h.record(-1, 2, Duration::from_secs(7));
+        h.record(40, 1, Duration::from_secs(8));
+        assert_eq!((h.samples, h.over, h.never, h.max_ms), (2, 1, 1, 40));
     }
 }
