@@ -350,9 +350,7 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                         at_ms: sent_ms,
                         started,
                     };
-                    let pause = state
-                        .answered(shared, replica.catalog(), &meta, sent)
-                        .await;
+                    let pause = state.answered(shared, replica.catalog(), &meta, sent).await;
                     state.keep(shared, replica, verified);
                     pause
                 }

@@ -18,7 +18,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::{ClientConfig, RootCertStore};
 use schema::api::{
-    Catalog, CatalogChanges, CheckInRequest, CheckInResponse, ErrorBody, ServicesResponse, V1Listing,
+    Catalog, CatalogChanges, CheckInRequest, CheckInResponse, ErrorBody, ServicesResponse,
+    V1Listing,
 };
 use schema::{Endpoint, ServiceName, Weight};
 use serde::de::DeserializeOwned;

@@ -198,7 +198,10 @@ fn diff_service(service: &str, was: &[V1Host], now: &[V1Host], out: &mut Changes
     if now.is_empty() {
         return;
     }
-    let after: BTreeSet<(&str, u16)> = now.iter().map(|h| (h.ip_address.as_str(), h.port)).collect();
+    let after: BTreeSet<(&str, u16)> = now
+        .iter()
+        .map(|h| (h.ip_address.as_str(), h.port))
+        .collect();
     let gone: Vec<HostKey> = was
         .iter()
         .filter(|h| !after.contains(&(h.ip_address.as_str(), h.port)))

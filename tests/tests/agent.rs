@@ -421,12 +421,28 @@ fn agent_metric(agent: &Agent, line_start: &str) -> Result<f64> {
 
 fn checkin(reg_url: &str, service: &str, ip: &str, port: &str) -> Result<()> {
     let args = [
-        "checkin", "--registry", reg_url, "--service", service, "--port", port, "--ip", ip,
+        "checkin",
+        "--registry",
+        reg_url,
+        "--service",
+        service,
+        "--port",
+        port,
+        "--ip",
+        ip,
         "--no-splay",
     ];
     let (code, _, err) = run(&args, Duration::from_secs(15))?;
     ensure!(code == 0, "checkin failed: {err}");
     Ok(())
+}
+
+fn warmed_up(reg_url: &str) -> Result<()> {
+    poll("the registry to finish warming up", START, || {
+        let r = http::get(&format!("{reg_url}/v2/catalog?delta=true")).ok()?;
+        let c: schema::api::CatalogChanges = r.parse().ok()?;
+        (!c.warming).then_some(())
+    })
 }
 
 #[test]
@@ -438,6 +454,8 @@ fn an_agent_syncs_by_deltas_and_recovers_whole_catalogs_after_kills() -> Result<
     let mut reg = registry(&reg_addr)?;
     let mut a1 = fleet::local_agent("agent-1", &ip(1), &tmp.path().join("a1"), &reg_url, &[])?;
     checkin(&reg_url, "billing", &ip(50), "9000")?;
+    // A warming registry is polled for whole catalogs: deltas start once it has warmed up.
+    warmed_up(&reg_url)?;
     wait_same_digest(&reg_url, &a1)?;
     for host in 51..54 {
         checkin(&reg_url, "billing", &ip(host), "9000")?;
@@ -461,11 +479,7 @@ fn an_agent_syncs_by_deltas_and_recovers_whole_catalogs_after_kills() -> Result<
     for host in [50, 51, 52, 53, 60] {
         checkin(&reg_url, "billing", &ip(host), "9000")?;
     }
-    poll("the restarted registry to finish warming up", START, || {
-        let r = http::get(&format!("{reg_url}/v2/catalog?delta=true")).ok()?;
-        let c: schema::api::CatalogChanges = r.parse().ok()?;
-        (!c.warming).then_some(())
-    })?;
+    warmed_up(&reg_url)?;
     wait_same_digest(&reg_url, &a1)?;
     reg.signal("TERM")?;
     reg.wait_exit(START)?;

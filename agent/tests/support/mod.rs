@@ -39,7 +39,11 @@ impl TestRegistry {
     }
 
     /// [`TestRegistry::start`] with `config`.
-    pub async fn start_with(addr: SocketAddr, clock_ms: u64, config: RegistryConfig) -> TestRegistry {
+    pub async fn start_with(
+        addr: SocketAddr,
+        clock_ms: u64,
+        config: RegistryConfig,
+    ) -> TestRegistry {
         Self::start_on(addr, clock_ms, config, Arc::new(MemoryStore::new())).await
     }
 
@@ -52,11 +56,7 @@ impl TestRegistry {
         store: Arc<MemoryStore>,
     ) -> TestRegistry {
         let clock = Arc::new(ManualClock::new(clock_ms));
-        let registry = Registry::new(
-            store,
-            config,
-            clock.clone(),
-        );
+        let registry = Registry::new(store, config, clock.clone());
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

@@ -162,7 +162,14 @@ fn the_digest_matches_a_fixed_value() {
     );
     c.services.insert(
         "web".into(),
-        vec![host("web", "10.0.0.7", 8080, "abc123", Some("us-east-1a"), 0)],
+        vec![host(
+            "web",
+            "10.0.0.7",
+            8080,
+            "abc123",
+            Some("us-east-1a"),
+            0,
+        )],
     );
     // docs/API.md's example: web on 10.0.0.7:8080, revision abc123, az us-east-1a, weight 100.
     assert_eq!(

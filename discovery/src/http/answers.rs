@@ -129,7 +129,14 @@ pub(crate) fn catalog(
         stale: view.stale(),
     })?;
     // `{"index":…,"stale":…}` loses its closing brace and gains `,"services":{…}}`.
-    Ok(join(&head, &[br#","services":"#.as_slice(), &services[..], b"}".as_slice()]))
+    Ok(join(
+        &head,
+        &[
+            br#","services":"#.as_slice(),
+            &services[..],
+            b"}".as_slice(),
+        ],
+    ))
 }
 
 /// The fields of [`schema::api::CatalogChanges`] before `services`, in its order.
@@ -166,11 +173,21 @@ pub(crate) fn catalog_changes(
     })?;
     let Some(base) = base else {
         let services = catalog_services(view)?;
-        return Ok(join(&head, &[br#","services":"#.as_slice(), &services[..], b"}".as_slice()]));
+        return Ok(join(
+            &head,
+            &[
+                br#","services":"#.as_slice(),
+                &services[..],
+                b"}".as_slice(),
+            ],
+        ));
     };
     let fresh = || encode(&delta::diff(&base.services, &current.services));
     let memo = view.data.deltas.cell(base.index);
-    let changes = match memo.as_deref().and_then(|c| c.get_or_init(|| fresh().ok()).clone()) {
+    let changes = match memo
+        .as_deref()
+        .and_then(|c| c.get_or_init(|| fresh().ok()).clone())
+    {
         Some(b) => b,
         None => fresh()?,
     };

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use bytes::Bytes;
 use schema::api::V1Host;
 
-use crate::delta::{self, Hash, ServiceHosts, same_host};
 use super::{Registry, View, ViewData};
+use crate::delta::{self, Hash, ServiceHosts, same_host};
 
 /// One catalog view as the ring holds it.
 #[derive(Debug)]

@@ -33,12 +33,17 @@ async fn full(h: &Harness) -> CatalogChanges {
 }
 
 async fn since(h: &Harness, index: u64) -> CatalogChanges {
-    changes(&h.get(&format!("/v2/catalog?delta=true&index={index}")).await)
+    changes(
+        &h.get(&format!("/v2/catalog?delta=true&index={index}"))
+            .await,
+    )
 }
 
 /// Applies `d` to `base` and checks the result is the registry's catalog now.
 async fn applies(h: &Harness, base: Replica, d: CatalogChanges) -> Replica {
-    let rebuilt = base.apply(d).expect("the delta applies and matches its digest");
+    let rebuilt = base
+        .apply(d)
+        .expect("the delta applies and matches its digest");
     let now = full(h).await;
     assert_eq!(rebuilt.digest_hex(), now.digest);
     let whole = Replica::new(delta::full_catalog(now));
@@ -75,7 +80,10 @@ async fn a_check_in_after_an_index_is_a_delta_with_just_that_row() {
     let now = full(&h).await;
     let uri = format!("/v2/catalog?delta=true&index={}&wait=0s", now.index);
     let d = changes(&h.get(&uri).await);
-    assert!(!d.full && d.services.is_empty() && d.removed.is_empty(), "{d:?}");
+    assert!(
+        !d.full && d.services.is_empty() && d.removed.is_empty(),
+        "{d:?}"
+    );
     assert_eq!(d.digest, now.digest);
 }
 
@@ -91,7 +99,9 @@ async fn a_deregistration_is_a_removal_and_an_emptied_service_goes_whole() {
         .call("DELETE", "/v1/registration/web/10.0.0.2?port=80", &[], "")
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = h.call("DELETE", "/v1/registration/db/10.0.0.3", &[], "").await;
+    let r = h
+        .call("DELETE", "/v1/registration/db/10.0.0.3", &[], "")
+        .await;
     assert_eq!(r.status, StatusCode::OK);
     let d = since(&h, base.index).await;
     assert!(d.services.is_empty(), "{d:?}");
@@ -172,7 +182,13 @@ async fn without_the_opt_in_the_answer_is_the_plain_catalog() {
         assert_eq!(r.status, StatusCode::OK);
         let c: Catalog = serde_json::from_slice(&r.body).expect("the plain catalog");
         assert_eq!(serde_json::to_vec(&c).expect("encodes"), r.body.to_vec());
-        let keys: Vec<String> = r.json().as_object().expect("object").keys().cloned().collect();
+        let keys: Vec<String> = r
+            .json()
+            .as_object()
+            .expect("object")
+            .keys()
+            .cloned()
+            .collect();
         assert_eq!(
             keys,
             ["generated_at_ms", "index", "services", "stale", "warming"],
@@ -212,7 +228,10 @@ async fn a_blocking_delta_waits_and_wakes_with_the_change() {
     // Nothing changes: it answers at its wait with an empty delta.
     let i = full(&h).await.index;
     let start = Instant::now();
-    let d = changes(&h.get(&format!("/v2/catalog?delta=true&index={i}&wait=10s")).await);
+    let d = changes(
+        &h.get(&format!("/v2/catalog?delta=true&index={i}&wait=10s"))
+            .await,
+    );
     assert!(start.elapsed() >= Duration::from_millis(9375));
     assert!(!d.full && d.services.is_empty() && d.from == Some(i));
 }
