@@ -163,7 +163,7 @@ pub struct Changes {
 pub fn diff<H: HostList>(old: &BTreeMap<String, H>, new: &BTreeMap<String, H>) -> Changes {
     let mut out = Changes::default();
     for (service, was) in old {
-        if !new.get(service).is_some_and(|h| !h.hosts().is_empty()) && !was.hosts().is_empty() {
+        if new.get(service).is_none_or(|h| h.hosts().is_empty()) && !was.hosts().is_empty() {
             out.removed_services.push(service.clone());
         }
     }

@@ -85,8 +85,8 @@ fn expected(a: &Catalog, b: &Catalog) -> Catalog {
     let mut want = b.clone();
     for (service, hosts) in &mut want.services {
         for h in hosts {
-            let old = a.services.get(service).into_iter().flatten();
-            if let Some(o) = old.filter(|o| same_host(o, h)).next() {
+            let mut old = a.services.get(service).into_iter().flatten();
+            if let Some(o) = old.find(|o| same_host(o, h)) {
                 h.last_check_in = o.last_check_in.clone();
             }
         }
@@ -99,7 +99,8 @@ proptest! {
     fn a_delta_rebuilds_the_target_and_its_digest(a in arb_catalog(), b in arb_catalog()) {
         let d = delta(&a, &b);
         // Through the wire form, as a client receives it.
-        let d: CatalogChanges = serde_json::from_slice(&serde_json::to_vec(&d).unwrap()).unwrap();
+        let wire = serde_json::to_vec(&d).expect("encodes");
+        let d: CatalogChanges = serde_json::from_slice(&wire).expect("decodes");
         let rebuilt = Replica::new(a.clone()).apply(d).expect("applies");
         prop_assert_eq!(rebuilt.catalog(), &expected(&a, &b));
         prop_assert_eq!(rebuilt.digest(), Replica::new(b.clone()).digest());
