@@ -253,16 +253,7 @@ async fn a_restarted_agent_drops_cached_rows_of_an_owner_gone_for_good_once_the_
         .expect("free port");
     let url = format!("http://{addr}");
     let config = |dir: &Path, seeds: Vec<SocketAddr>| {
-        let mut c = AgentConfig {
-            registry: Some(url.clone()),
-            data_dir: dir.to_path_buf(),
-            check_in_interval: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(1),
-            sync_retry_max: Duration::from_secs(1),
-            deregister_on_shutdown: false,
-            gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
-            ..Default::default()
-        };
+        let mut c = config_for(&url, dir);
         c.gossip.seeds = seeds;
         c
     };

@@ -135,8 +135,13 @@ pub fn ep(service: &str, ip: &str, port: u16) -> Endpoint {
 }
 
 pub fn config(registry: &TestRegistry, dir: &Path) -> AgentConfig {
+    config_for(&registry.url(), dir)
+}
+
+/// [`config`] for a registry at `url`.
+pub fn config_for(url: &str, dir: &Path) -> AgentConfig {
     AgentConfig {
-        registry: Some(registry.url()),
+        registry: Some(url.to_string()),
         data_dir: dir.to_path_buf(),
         // Short, so warming polls come every half second.
         check_in_interval: Duration::from_secs(2),
