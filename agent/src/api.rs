@@ -322,6 +322,7 @@ async fn self_info(State(shared): State<AppState>) -> Json<AgentSelf> {
         host_ip: shared.host_ip.to_string(),
         registry: shared.config.registry.clone(),
         registry_age_ms: shared.registry_age_ms(),
+        registry_digest: shared.registry_digest(),
         registry_ok: shared.registry_ok(),
         view: ViewSummary {
             hosts: view.len(),

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub sync_applied: Counter,
     pub sync_warming: Counter,
     pub sync_errors: Counter,
+    /// Catalog deltas applied (the registry sent only what changed).
+    pub sync_deltas: Counter,
+    /// Whole catalogs fetched, by why ([`FULL_REASONS`]).
+    sync_full: Vec<Counter>,
     pub cache_writes: Counter,
     pub cache_write_errors: Counter,
     pub cache_load_errors: Counter,
@@ -65,6 +69,22 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// Why the agent fetched a whole catalog rather than a delta: `start` (nothing held yet),
+/// `error` (the last query failed), `decode` (the last answer was unreadable), `warming`
+/// (it polls a warming registry without an index), `unknown_index` (the registry no longer
+/// held the agent's view: trimmed from its history, restarted, another replica), `base` (a
+/// delta from an index the agent did not hold), `digest` (what the agent rebuilt did not
+/// match the registry's digest).
+pub const FULL_REASONS: [&str; 7] = [
+    "start",
+    "error",
+    "decode",
+    "warming",
+    "unknown_index",
+    "base",
+    "digest",
+];
+
 fn gossip_name(field: &str) -> String {
     format!("tidings_gossip_{field}_total")
 }
@@ -84,6 +104,8 @@ impl Metrics {
         const CACHE_HELP: &str = "Disk cache writes by result.";
         const REFUSED: &str = "tidings_agent_api_refused_total";
         const REFUSED_HELP: &str = "Local API requests refused, by reason (403 host: a Host header naming another site; 403 foreign_ip: a registration on an address not this host's, without the operator token; 429 max_blocking_waiters: too many blocking queries waiting).";
+        const FULL: &str = "tidings_agent_registry_full_syncs_total";
+        const FULL_HELP: &str = "Whole catalogs fetched from the registry instead of a delta, by reason (start, error, decode, warming, unknown_index: the registry no longer held our view, base: a delta from another index, digest: the rebuilt catalog did not match).";
         const MEMBERS: &str = "tidings_agent_gossip_members";
         const MEMBERS_HELP: &str = "Gossip members by state, this agent excluded.";
         let mut gossip = Vec::new();
@@ -95,6 +117,7 @@ impl Metrics {
         let cache: Family<Counter, 1> = reg.family(CACHE, CACHE_HELP, ["result"]);
         let refused: Family<Counter, 1> = reg.family(REFUSED, REFUSED_HELP, ["result"]);
         let members: Family<Gauge, 1> = reg.family(MEMBERS, MEMBERS_HELP, ["state"]);
+        let full: Family<Counter, 1> = reg.family(FULL, FULL_HELP, ["reason"]);
         let connections = serve::ConnMetrics::register(&recorder, "agent");
         Metrics {
             connections,
@@ -103,6 +126,11 @@ impl Metrics {
             sync_applied: reg.get(&syncs, ["applied"]),
             sync_warming: reg.get(&syncs, ["warming"]),
             sync_errors: reg.get(&syncs, ["error"]),
+            sync_deltas: counter(
+                "tidings_agent_registry_deltas_total",
+                "Catalog deltas applied: the registry sent only what changed since the agent's view.",
+            ),
+            sync_full: FULL_REASONS.map(|r| reg.get(&full, [r])).to_vec(),
             cache_writes: reg.get(&cache, ["ok"]),
             cache_write_errors: reg.get(&cache, ["error"]),
             cache_load_errors: counter(
@@ -145,6 +173,14 @@ impl Metrics {
             ),
             gossip,
             handle,
+        }
+    }
+
+    /// Counts a whole catalog fetched for `reason`, one of [`FULL_REASONS`].
+    pub fn full_sync(&self, reason: &str) {
+        let at = FULL_REASONS.iter().position(|r| *r == reason);
+        if let Some(c) = at.and_then(|i| self.sync_full.get(i)) {
+            c.increment(1);
         }
     }
 

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use discovery::{Clock, RegistryClient};
@@ -74,6 +74,8 @@ pub struct Shared {
     /// Index of the view the disk cache last stored (0: none yet).
     pub cache_index: AtomicU64,
     registry_ok: AtomicBool,
+    /// The digest of the registry catalog last taken ([`crate::sync`]), for `/v1/agent/self`.
+    registry_digest: Mutex<Option<String>>,
     /// Fires when the agent starts shutting down: readiness fails, blocking queries answer.
     pub draining: CancellationToken,
     /// One permit per blocking query waiting on the local API (`max_blocking_waiters`).
@@ -118,6 +120,7 @@ impl Shared {
             registry_listed: watch::Sender::new(None),
             cache_index: AtomicU64::new(0),
             registry_ok: AtomicBool::new(false),
+            registry_digest: Mutex::new(None),
             waiters,
             draining,
             pending_deregistrations: Mutex::new(BTreeMap::new()),
@@ -162,6 +165,20 @@ impl Shared {
     }
 
     /// Whether the last registry sync attempt succeeded.
+    pub fn set_registry_digest(&self, digest: Option<String>) {
+        *self
+            .registry_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = digest;
+    }
+
+    pub fn registry_digest(&self) -> Option<String> {
+        self.registry_digest
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn registry_ok(&self) -> bool {
         self.registry_ok.load(Ordering::Relaxed)
     }

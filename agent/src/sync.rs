@@ -11,6 +11,13 @@
 //! up is only a lower bound: per service it yields the union of what we hold and what it
 //! lists (its version of an entry wins), so it adds and updates and never removes. Live
 //! gossip rows are not registry-derived and are never removed by either.
+//!
+//! On the wire the agent asks for deltas (`delta=true`, docs/API.md#catalog-deltas): it keeps
+//! the registry's catalog as last taken ([`Replica`]), applies each delta to it, checks the
+//! digest, and hands the rebuilt whole catalog to [`plan`] exactly where a whole answer
+//! would go, so nothing downstream knows deltas exist. Any doubt — an error, a warming
+//! registry, a delta from another base, a digest that does not match, or the registry no
+//! longer holding our view — ends with a whole catalog, counted by reason.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,8 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use discovery::ReadMeta;
+use discovery::delta::{self, DeltaError, Replica};
 use gossip::{MemberInfo, Snapshot, SnapshotEntry};
-use schema::api::Catalog;
+use schema::api::{Catalog, CatalogChanges};
 use schema::{EndpointKey, ServiceName};
 use tokio_util::sync::CancellationToken;
 
@@ -316,6 +324,8 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
     let mut state = SyncState {
         pacer: Pacer::new(cfg.poll_interval, cfg.sync_retry_max),
         index: None,
+        replica: None,
+        full_reason: "start",
         warming_noted: false,
     };
     loop {
@@ -328,17 +338,23 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
         );
         let answer = tokio::select! {
             () = stop.cancelled() => return,
-            r = shared.client.catalog(state.index, Some(cfg.sync_wait)) => r,
+            r = shared.client.catalog_changes(state.index, Some(cfg.sync_wait)) => r,
         };
         let pause = match answer {
             Err(e) => Some(state.failed(shared, &e)),
-            Ok((catalog, meta)) => {
-                let sent = Sent {
-                    at_ms: sent_ms,
-                    started,
-                };
-                state.answered(shared, &catalog, &meta, sent).await
-            }
+            // A delta that cannot be applied: fetch the whole catalog at once.
+            Ok((changes, meta)) => match state.take(shared, changes) {
+                None => None,
+                Some((replica, verified)) => {
+                    let sent = Sent {
+                        at_ms: sent_ms,
+                        started,
+                    };
+                    let pause = state.answered(shared, replica.catalog(), &meta, sent).await;
+                    state.keep(shared, replica, verified);
+                    pause
+                }
+            },
         };
         if let Some(pause) = pause {
             tokio::select! {
@@ -356,6 +372,11 @@ struct SyncState {
     pacer: Pacer,
     /// The index to block on; `None`: ask for the catalog as it is now.
     index: Option<u64>,
+    /// The registry's catalog at `index`, verified by its digest: the base of the next delta.
+    replica: Option<Replica>,
+    /// Why the next whole catalog will be fetched, if one is (see
+    /// [`crate::metrics::FULL_REASONS`]).
+    full_reason: &'static str,
     /// The registry's warm-up was logged (and a re-check-in asked for) since it last ended.
     warming_noted: bool,
 }
@@ -372,7 +393,10 @@ impl SyncState {
         shared.freshness().failed();
         shared.metrics.sync_errors.increment(1);
         shared.set_registry_ok(false);
-        self.index = None;
+        self.forget(match e {
+            discovery::ClientError::Decode(_) => "decode",
+            _ => "error",
+        });
         let pause = self.pacer.after_failure(rand::random());
         if self.pacer.failures() == 1 {
             tracing::warn!(error = %e, retry_in = ?pause, "registry sync failed; serving the last view");
@@ -380,6 +404,68 @@ impl SyncState {
             tracing::debug!(error = %e, retry_in = ?pause, "registry sync failed again");
         }
         pause
+    }
+
+    /// Asks for the whole catalog next, without blocking, counted under `reason`.
+    fn forget(&mut self, reason: &'static str) {
+        self.index = None;
+        self.replica = None;
+        self.full_reason = reason;
+    }
+
+    /// The registry's catalog an answer gives — whole, or the held one with the delta applied
+    /// — and whether its digest matched. `None`: a delta that could not be applied (from
+    /// another base, or rebuilding something else than the registry holds).
+    fn take(&mut self, shared: &Shared, mut changes: CatalogChanges) -> Option<(Replica, bool)> {
+        let held = self.replica.take();
+        if changes.full {
+            let reason = if held.is_some() {
+                "unknown_index"
+            } else {
+                self.full_reason
+            };
+            shared.metrics.full_sync(reason);
+            let digest = std::mem::take(&mut changes.digest);
+            let replica = Replica::new(delta::full_catalog(changes));
+            let verified = replica.digest_hex() == digest;
+            if !verified {
+                // Still the registry's whole answer, taken as before deltas existed; it is
+                // just no base for one (an empty digest: a registry from before deltas).
+                tracing::debug!(digest, "whole catalog without a matching digest");
+            }
+            return Some((replica, verified));
+        }
+        let Some(held) = held else {
+            // No verified base: after a whole catalog without a matching digest, say so.
+            let digest = self.full_reason == "digest";
+            self.forget(if digest { "digest" } else { "base" });
+            return None;
+        };
+        match held.apply(changes) {
+            Ok(replica) => {
+                shared.metrics.sync_deltas.increment(1);
+                Some((replica, true))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registry delta not applied; fetching the whole catalog");
+                self.forget(match e {
+                    DeltaError::Digest { .. } => "digest",
+                    _ => "base",
+                });
+                None
+            }
+        }
+    }
+
+    /// After an answer was handed on: keep its catalog as the base of the next delta when it
+    /// is verified and the next query blocks on its index.
+    fn keep(&mut self, shared: &Shared, replica: Replica, verified: bool) {
+        shared.set_registry_digest(Some(replica.digest_hex()));
+        if !verified {
+            self.full_reason = "digest";
+        } else if self.index == Some(replica.catalog().index) {
+            self.replica = Some(replica);
+        }
     }
 
     /// An answer: plans it, feeds it into gossip, and returns the pause before the next
@@ -433,7 +519,7 @@ impl SyncState {
             shared.recheck.notify_one();
         }
         tracing::debug!(changed, "warming registry answer merged");
-        self.index = None;
+        self.forget("warming");
         warming_poll(shared.config.check_in_interval, rand::random())
     }
 

@@ -7,225 +7,27 @@
 //! dies. Registry clocks are manual and set in the past, so no snapshot is ever dated ahead
 //! of the agents' wall clock.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU16;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::{AgentConfig, AgentError, LocalEndpoints, MergedView, Shared};
+use agent::{AgentConfig, LocalEndpoints, MergedView, Shared};
 use axum::body::Body;
 use axum::http::Request;
-use discovery::{ManualClock, MemoryStore, Registry, RegistryClient, RegistryConfig};
+use discovery::ManualClock;
 use gossip::GossipConfig;
 use http_body_util::BodyExt;
+use schema::ServiceName;
 use schema::timefmt::unix_ms_now;
-use schema::{Endpoint, ServiceName};
-use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-const DEADLINE: Duration = Duration::from_secs(15);
-const POLL: Duration = Duration::from_millis(20);
+mod support;
 
-/// A registry with an in-memory store on its own runtime.
-struct TestRegistry {
-    rt: Option<tokio::runtime::Runtime>,
-    addr: SocketAddr,
-    registry: Registry,
-    clock: Arc<ManualClock>,
-}
-
-impl TestRegistry {
-    /// Listens on `addr` (port 0: any). Its store is empty, so it warms up for one
-    /// check-in interval of its clock from `clock_ms` on.
-    async fn start(addr: SocketAddr, clock_ms: u64) -> TestRegistry {
-        let clock = Arc::new(ManualClock::new(clock_ms));
-        let registry = Registry::new(
-            Arc::new(MemoryStore::new()),
-            RegistryConfig::default(),
-            clock.clone(),
-        );
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("registry runtime");
-        // Bound within the registry's runtime, so shutting it down closes the listener. The
-        // port of a registry just killed may take a moment to be released.
-        let started = Instant::now();
-        let listener = loop {
-            let bound = {
-                let _in = rt.enter();
-                TcpSocket::new_v4().and_then(|s| {
-                    s.set_reuseaddr(true)?;
-                    s.bind(addr)?;
-                    s.listen(128)
-                })
-            };
-            match bound {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(started.elapsed() < DEADLINE, "cannot bind {addr}: {e}");
-                    tokio::time::sleep(POLL).await;
-                }
-            }
-        };
-        let addr = listener.local_addr().expect("local addr");
-        let app = discovery::router(registry.clone());
-        rt.spawn(async move { axum::serve(listener, app).await });
-        TestRegistry {
-            rt: Some(rt),
-            addr,
-            registry,
-            clock,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn client(&self) -> RegistryClient {
-        RegistryClient::new(&self.url(), None, Duration::from_secs(2)).expect("client")
-    }
-
-    /// The registry process dies: listener and connections close.
-    fn kill(&mut self) {
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
-    }
-
-    fn blocking_queries(&self) -> f64 {
-        let text = self.registry.render_metrics();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix("tidings_registry_blocking_queries ")?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for TestRegistry {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn ep(service: &str, ip: &str, port: u16) -> Endpoint {
-    Endpoint::new(
-        ServiceName::new(service).expect("name"),
-        ip.parse().expect("ip"),
-        NonZeroU16::new(port).expect("port"),
-    )
-}
-
-fn config(registry: &TestRegistry, dir: &Path) -> AgentConfig {
-    AgentConfig {
-        registry: Some(registry.url()),
-        data_dir: dir.to_path_buf(),
-        // Short, so warming polls come every half second.
-        check_in_interval: Duration::from_secs(2),
-        request_timeout: Duration::from_secs(1),
-        sync_retry_max: Duration::from_secs(1),
-        deregister_on_shutdown: false,
-        gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
-        ..Default::default()
-    }
-}
-
-struct RunningAgent {
-    api: SocketAddr,
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), AgentError>>,
-}
-
-impl RunningAgent {
-    async fn start(config: AgentConfig) -> RunningAgent {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("api listener");
-        let api = listener.local_addr().expect("api addr");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(agent::run(config, listener, stop.clone()));
-        RunningAgent { api, stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.task.await.expect("joined").expect("agent ran");
-    }
-}
-
-/// A plain HTTP/1.1 GET: the status line's code, the headers (lower-case names), the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, BTreeMap<String, String>, Value) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").expect("a full answer");
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    (
-        status,
-        headers,
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
-}
-
-/// The `ip:port`s an agent lists for `service`, sorted, and the answer's source.
-async fn listed(api: SocketAddr, service: &str) -> (Vec<String>, String) {
-    let (status, headers, v) = get(api, &format!("/v1/registration/{service}")).await;
-    assert_eq!(status, 200, "{v}");
-    let mut hosts: Vec<String> = v["hosts"]
-        .as_array()
-        .expect("hosts")
-        .iter()
-        .map(|h| format!("{}:{}", h["ip_address"].as_str().unwrap_or("?"), h["port"]))
-        .collect();
-    hosts.sort();
-    let source = headers
-        .get(schema::wire::HEADER_SOURCE)
-        .cloned()
-        .unwrap_or_default();
-    (hosts, source)
-}
-
-/// Polls until the agent lists exactly `want` for `service`; `check` sees every listing on
-/// the way (to assert what must never happen meanwhile).
-async fn wait_listed(api: SocketAddr, service: &str, want: &[&str], check: impl Fn(&[String])) {
-    let started = Instant::now();
-    loop {
-        let (hosts, _) = listed(api, service).await;
-        check(&hosts);
-        if hosts == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < DEADLINE,
-            "{service}: still {hosts:?}, want {want:?}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
+use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warming_registry_adds_hosts_at_once_and_removes_none_until_warm_up_ends() {
@@ -451,16 +253,7 @@ async fn a_restarted_agent_drops_cached_rows_of_an_owner_gone_for_good_once_the_
         .expect("free port");
     let url = format!("http://{addr}");
     let config = |dir: &Path, seeds: Vec<SocketAddr>| {
-        let mut c = AgentConfig {
-            registry: Some(url.clone()),
-            data_dir: dir.to_path_buf(),
-            check_in_interval: Duration::from_secs(2),
-            request_timeout: Duration::from_secs(1),
-            sync_retry_max: Duration::from_secs(1),
-            deregister_on_shutdown: false,
-            gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
-            ..Default::default()
-        };
+        let mut c = config_for(&url, dir);
         c.gossip.seeds = seeds;
         c
     };

@@ -18,7 +18,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rustls::{ClientConfig, RootCertStore};
 use schema::api::{
-    Catalog, CheckInRequest, CheckInResponse, ErrorBody, ServicesResponse, V1Listing,
+    Catalog, CatalogChanges, CheckInRequest, CheckInResponse, ErrorBody, ServicesResponse,
+    V1Listing,
 };
 use schema::{Endpoint, ServiceName, Weight};
 use serde::de::DeserializeOwned;
@@ -230,6 +231,23 @@ impl RegistryClient {
         wait: Option<Duration>,
     ) -> Result<(Catalog, ReadMeta), ClientError> {
         let path = format!("/v2/catalog{}", blocking_query(index, wait));
+        let (headers, bytes) = self
+            .send(Method::GET, &path, None, self.blocking_timeout(index, wait))
+            .await?;
+        Ok((decode(&bytes)?, ReadMeta::from_headers(&headers)))
+    }
+
+    /// `GET /v2/catalog?delta=true&index=&wait=`: the changes since `index` when the registry
+    /// still holds that view, else the whole catalog (`full`); blocks while `index` is
+    /// current. Apply it with [`crate::delta::Replica`].
+    pub async fn catalog_changes(
+        &self,
+        index: Option<u64>,
+        wait: Option<Duration>,
+    ) -> Result<(CatalogChanges, ReadMeta), ClientError> {
+        let query = blocking_query(index, wait);
+        let sep = if query.is_empty() { '?' } else { '&' };
+        let path = format!("/v2/catalog{query}{sep}delta=true");
         let (headers, bytes) = self
             .send(Method::GET, &path, None, self.blocking_timeout(index, wait))
             .await?;

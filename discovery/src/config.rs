@@ -84,6 +84,12 @@ pub struct RegistryConfig {
     /// `Retry-After` sent with 503s when the store is unavailable.
     #[serde(with = "duration")]
     pub retry_after: Duration,
+    /// Catalog views kept to answer deltas from (`GET /v2/catalog?delta=true`); a client
+    /// whose index is older than these gets the whole catalog. 0 turns deltas off.
+    pub delta_views: usize,
+    /// ...and for at most this long (the newest view is always kept).
+    #[serde(with = "duration")]
+    pub delta_max_age: Duration,
     /// On shutdown, `/ready` fails for this long before the listener closes, so load
     /// balancers stop sending new requests first.
     #[serde(with = "duration")]
@@ -124,6 +130,8 @@ impl Default for RegistryConfig {
             recheck_interval: Duration::from_secs(1),
             read_cache_ttl: Duration::from_secs(1),
             retry_after: Duration::from_secs(5),
+            delta_views: 64,
+            delta_max_age: Duration::from_secs(10 * 60),
             shutdown_delay: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
             tls: None,

@@ -18,6 +18,9 @@
 //!   ([`run_sweeper`]) until a shutdown token fires. `GET /v1/ops/status` ([`Status`])
 //!   reports warm-up, self-preservation and the last sweep; [`ui`] is the web dashboard at
 //!   `/ui`; [`http::blocking`] is the blocking-query loop the agent reuses.
+//! - [`delta`]: catalog deltas, sans IO — the digest, the difference of two catalogs, and
+//!   [`delta::Replica`], the client's copy that applies them; the registry keeps its recent
+//!   catalog views to answer them from (`registry/history.rs`).
 //! - [`RegistryClient`] (in [`client`]): the HTTP client the agent and `tidings checkin` use.
 //! - [`RegistryConfig`]: every knob, with defaults and `validate()`.
 //!
@@ -37,6 +40,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod decide;
+pub mod delta;
 pub mod http;
 mod metrics;
 mod registry;

@@ -20,8 +20,11 @@ use crate::policy::{self, Deregistration, Preservation};
 use crate::quota::{QuotaExceeded, Quotas, Usage};
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
+mod history;
 mod read;
 
+pub(crate) use history::Entry as CatalogEntry;
+use history::History;
 use read::ReadCache;
 pub use read::{View, ViewData};
 
@@ -63,6 +66,8 @@ pub(crate) struct Inner {
     /// One permit per waiting blocking query (`max_blocking_waiters`).
     pub(crate) waiters: Arc<Semaphore>,
     cache: ReadCache,
+    /// Recent catalog views, the bases of catalog deltas.
+    history: History,
     draining: CancellationToken,
 }
 
@@ -107,6 +112,10 @@ impl Registry {
                 config.max_blocking_waiters.min(Semaphore::MAX_PERMITS),
             )),
             cache: ReadCache::default(),
+            history: History::new(
+                config.delta_views,
+                u64::try_from(config.delta_max_age.as_millis()).unwrap_or(u64::MAX),
+            ),
             draining: CancellationToken::new(),
             metrics: Metrics::new(),
             init: OnceCell::new(),

@@ -10,12 +10,7 @@ cd "$root"
 # shellcheck source=ops/bench/common.sh
 source "$root/ops/bench/common.sh"
 
-port="$(free_port)"
-"$bin" --log-level warn registry --listen "127.0.0.1:$port" >"$work/registry.log" 2>&1 &
-pids+=($!)
-reg="http://127.0.0.1:$port"
-wait_http "$reg/live"
-"$bin" bench registry-lookup --url "$reg" --fill >/dev/null
+filled_registry
 
 for enc in identity gzip zstd; do
   curl -sS -o /dev/null -H "accept-encoding: $enc" \

@@ -1,5 +1,6 @@
 # Shared setup for the benchmark scripts (sourced, not run): the release binary, a scratch
-# directory, cleanup of every process a script started, two loopback helpers and a memory reading.
+# directory, cleanup of every process a script started, two loopback helpers, a memory reading
+# and a filled registry.
 # Expects `root` (the workspace) to be set and the working directory to be it.
 
 if [[ -n "${TIDINGS_BIN:-}" ]]; then
@@ -25,3 +26,15 @@ wait_http() {
 
 # hwm PID: the process's peak resident memory (VmHWM), in kB.
 hwm() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+# filled_registry: starts a memory registry on a free loopback port, fills it with 100 services x
+# 100 hosts (`tidings bench registry-lookup --fill`), and sets `reg` to its URL.
+filled_registry() {
+  local port
+  port="$(free_port)"
+  "$bin" --log-level warn registry --listen "127.0.0.1:$port" >"$work/registry.log" 2>&1 &
+  pids+=($!)
+  reg="http://127.0.0.1:$port"
+  wait_http "$reg/live"
+  "$bin" bench registry-lookup --url "$reg" --fill >/dev/null
+}

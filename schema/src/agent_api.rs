@@ -56,6 +56,10 @@ pub struct AgentSelf {
     pub registry: Option<String>,
     /// As the `x-tidings-registry-age-ms` header; `None` when never current.
     pub registry_age_ms: Option<u64>,
+    /// The digest (docs/API.md#the-digest) of the registry catalog the agent last took,
+    /// whole or rebuilt from deltas; `None` before the first.
+    #[serde(default)]
+    pub registry_digest: Option<String>,
     pub registry_ok: bool,
     pub view: ViewSummary,
     pub zone: Option<String>,

@@ -323,6 +323,58 @@ pub struct Catalog {
     pub services: BTreeMap<String, Vec<V1Host>>,
 }
 
+/// The key of a host in a catalog: its address within its service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct HostKey {
+    pub ip_address: String,
+    pub port: u16,
+}
+
+impl HostKey {
+    pub fn of(host: &V1Host) -> Self {
+        HostKey {
+            ip_address: host.ip_address.clone(),
+            port: host.port,
+        }
+    }
+}
+
+/// `GET /v2/catalog?delta=true[&index=I]` (docs/API.md#catalog-deltas): either the whole
+/// catalog (`full`), or the changes since index `from`. Both carry the digest of the catalog
+/// they describe, so a client can check what it rebuilt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogChanges {
+    pub index: u64,
+    pub generated_at_ms: u64,
+    pub warming: bool,
+    pub stale: bool,
+    /// `services` is the whole catalog (the registry no longer holds the view at `index`
+    /// the client named, or it named none). Absent means true: a registry from before
+    /// deltas ignores `delta=true` and answers the plain catalog.
+    #[serde(default = "yes")]
+    pub full: bool,
+    /// The index the changes apply to; absent when `full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    /// Lower-case hex SHA-256 of the resulting catalog (`discovery::delta::catalog_digest`);
+    /// empty from a registry from before deltas.
+    #[serde(default)]
+    pub digest: String,
+    /// Full: every service. Delta: per service, the hosts added or changed (a host whose
+    /// only change is `last_check_in` is not sent).
+    pub services: BTreeMap<String, Vec<V1Host>>,
+    /// Delta: per service, the hosts gone (its other hosts stay).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub removed: BTreeMap<String, Vec<HostKey>>,
+    /// Delta: services with no host left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_services: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

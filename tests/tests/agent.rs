@@ -390,3 +390,98 @@ fn bad_flags_exit_64_and_the_key_is_required() -> Result<()> {
     }
     Ok(())
 }
+
+/// The registry's digest (docs/API.md#the-digest) and the agent's: equal once the agent holds
+/// exactly the registry's catalog.
+fn digests(reg_url: &str, agent: &Agent) -> Result<(String, Option<String>)> {
+    let reg: schema::api::CatalogChanges =
+        http::get(&format!("{reg_url}/v2/catalog?delta=true"))?.parse()?;
+    let me: schema::agent_api::AgentSelf =
+        http::get(&format!("{}/v1/agent/self", agent.url()))?.parse()?;
+    Ok((reg.digest, me.registry_digest))
+}
+
+fn wait_same_digest(reg_url: &str, agent: &Agent) -> Result<()> {
+    poll("the agent to hold the registry's catalog", START, || {
+        digests(reg_url, agent)
+            .ok()
+            .filter(|(reg, mine)| mine.as_deref() == Some(reg.as_str()))
+    })?;
+    Ok(())
+}
+
+/// A counter on the agent's `/metrics`, 0 when absent.
+fn agent_metric(agent: &Agent, line_start: &str) -> Result<f64> {
+    let text = http::get(&format!("{}/metrics", agent.url()))?;
+    Ok(String::from_utf8_lossy(&text.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
+fn checkin(reg_url: &str, service: &str, ip: &str, port: &str) -> Result<()> {
+    let args = [
+        "checkin",
+        "--registry",
+        reg_url,
+        "--service",
+        service,
+        "--port",
+        port,
+        "--ip",
+        ip,
+        "--no-splay",
+    ];
+    let (code, _, err) = run(&args, Duration::from_secs(15))?;
+    ensure!(code == 0, "checkin failed: {err}");
+    Ok(())
+}
+
+fn warmed_up(reg_url: &str) -> Result<()> {
+    poll("the registry to finish warming up", START, || {
+        let r = http::get(&format!("{reg_url}/v2/catalog?delta=true")).ok()?;
+        let c: schema::api::CatalogChanges = r.parse().ok()?;
+        (!c.warming).then_some(())
+    })
+}
+
+#[test]
+fn an_agent_syncs_by_deltas_and_recovers_whole_catalogs_after_kills() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ip = |host: u8| fleet::loopback(43, host);
+    let reg_addr = format!("{}:7700", ip(100));
+    let reg_url = format!("http://{reg_addr}");
+    let mut reg = registry(&reg_addr)?;
+    let mut a1 = fleet::local_agent("agent-1", &ip(1), &tmp.path().join("a1"), &reg_url, &[])?;
+    checkin(&reg_url, "billing", &ip(50), "9000")?;
+    // A warming registry is polled for whole catalogs: deltas start once it has warmed up.
+    warmed_up(&reg_url)?;
+    wait_same_digest(&reg_url, &a1)?;
+    for host in 51..54 {
+        checkin(&reg_url, "billing", &ip(host), "9000")?;
+        wait_same_digest(&reg_url, &a1)?;
+    }
+    let deltas = agent_metric(&a1, "tidings_agent_registry_deltas_total")?;
+    ensure!(deltas >= 1.0, "no change came as a delta");
+
+    // Killed mid-stream: a change goes by while it is down; it starts with a whole catalog.
+    a1.proc.signal("KILL")?;
+    a1.proc.wait_exit(START)?;
+    checkin(&reg_url, "billing", &ip(60), "9000")?;
+    a1.restart()?;
+    wait_same_digest(&reg_url, &a1)?;
+
+    // The registry is killed and restarts empty: the agent's view is unknown to it; once it
+    // has warmed up and the hosts are back, the agent holds exactly what it lists.
+    reg.signal("KILL")?;
+    reg.wait_exit(START)?;
+    let mut reg = registry(&reg_addr)?;
+    for host in [50, 51, 52, 53, 60] {
+        checkin(&reg_url, "billing", &ip(host), "9000")?;
+    }
+    warmed_up(&reg_url)?;
+    wait_same_digest(&reg_url, &a1)?;
+    reg.signal("TERM")?;
+    reg.wait_exit(START)?;
+    Ok(())
+}

@@ -17,9 +17,10 @@ use schema::{Endpoint, ServiceName, eds};
 use serde::Serialize;
 
 use crate::cache::Format;
+use crate::delta;
 use crate::errors::ApiError;
 use crate::http::router::with_view_headers;
-use crate::registry::{Registry, View};
+use crate::registry::{CatalogEntry, Registry, View};
 
 /// The hosts of a view as v1 listings show them.
 pub(crate) fn hosts(view: &View) -> Vec<V1Host> {
@@ -86,13 +87,9 @@ struct CatalogHead {
     stale: bool,
 }
 
-/// `GET /v2/catalog` as of `generated_at_ms`, with the registry warming or not.
-pub(crate) fn catalog(
-    view: &View,
-    generated_at_ms: u64,
-    warming: bool,
-) -> Result<Bytes, serde_json::Error> {
-    let services = cached(view, Format::CatalogServices, || {
+/// The `services` member of `GET /v2/catalog`, encoded once per view.
+fn catalog_services(view: &View) -> Result<Bytes, serde_json::Error> {
+    cached(view, Format::CatalogServices, || {
         let mut services: BTreeMap<String, Vec<V1Host>> = BTreeMap::new();
         for r in &view.data.rows {
             let host = V1Host::from_endpoint(&r.endpoint, r.last_check_in_ms);
@@ -102,7 +99,29 @@ pub(crate) fn catalog(
                 .push(host);
         }
         services
-    })?;
+    })
+}
+
+/// `head`, an encoded JSON object, without its closing brace, then `rest`: how a per-request
+/// head and a cached member become one answer without encoding the member again.
+fn join(head: &[u8], rest: &[&[u8]]) -> Bytes {
+    let open = head.len().saturating_sub(1);
+    let len = open + rest.iter().map(|r| r.len()).sum::<usize>();
+    let mut out = BytesMut::with_capacity(len);
+    out.put_slice(&head[..open]);
+    for r in rest {
+        out.put_slice(r);
+    }
+    out.freeze()
+}
+
+/// `GET /v2/catalog` as of `generated_at_ms`, with the registry warming or not.
+pub(crate) fn catalog(
+    view: &View,
+    generated_at_ms: u64,
+    warming: bool,
+) -> Result<Bytes, serde_json::Error> {
+    let services = catalog_services(view)?;
     let head = serde_json::to_vec(&CatalogHead {
         index: view.data.index,
         generated_at_ms,
@@ -110,14 +129,71 @@ pub(crate) fn catalog(
         stale: view.stale(),
     })?;
     // `{"index":…,"stale":…}` loses its closing brace and gains `,"services":{…}}`.
-    const MEMBER: &[u8] = br#","services":"#;
-    let open = head.len().saturating_sub(1);
-    let mut out = BytesMut::with_capacity(open + MEMBER.len() + services.len() + 1);
-    out.put_slice(&head[..open]);
-    out.put_slice(MEMBER);
-    out.put_slice(&services);
-    out.put_u8(b'}');
-    Ok(out.freeze())
+    Ok(join(
+        &head,
+        &[
+            br#","services":"#.as_slice(),
+            &services[..],
+            b"}".as_slice(),
+        ],
+    ))
+}
+
+/// The fields of [`schema::api::CatalogChanges`] before `services`, in its order.
+#[derive(Serialize)]
+struct ChangesHead<'a> {
+    index: u64,
+    generated_at_ms: u64,
+    warming: bool,
+    stale: bool,
+    full: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<u64>,
+    digest: &'a str,
+}
+
+/// `GET /v2/catalog?delta=true`: the changes from `base` to `view` (whose history entry is
+/// `current`), or the whole catalog when there is no base. The changes are encoded once per
+/// base and view, for every client waiting at that base.
+pub(crate) fn catalog_changes(
+    view: &View,
+    current: &CatalogEntry,
+    base: Option<&CatalogEntry>,
+    generated_at_ms: u64,
+    warming: bool,
+) -> Result<Bytes, serde_json::Error> {
+    let head = serde_json::to_vec(&ChangesHead {
+        index: view.data.index,
+        generated_at_ms,
+        warming,
+        stale: view.stale(),
+        full: base.is_none(),
+        from: base.map(|b| b.index),
+        digest: current.digest_hex(),
+    })?;
+    let Some(base) = base else {
+        let services = catalog_services(view)?;
+        return Ok(join(
+            &head,
+            &[
+                br#","services":"#.as_slice(),
+                &services[..],
+                b"}".as_slice(),
+            ],
+        ));
+    };
+    let fresh = || encode(&delta::diff(&base.services, &current.services));
+    let memo = view.data.deltas.cell(base.index);
+    let changes = match memo
+        .as_deref()
+        .and_then(|c| c.get_or_init(|| fresh().ok()).clone())
+    {
+        Some(b) => b,
+        None => fresh()?,
+    };
+    // `{"services":…}` loses its opening brace and follows the head's fields.
+    let members = changes.get(1..).unwrap_or_default();
+    Ok(join(&head, &[b",".as_slice(), members]))
 }
 
 /// `POST /v3/discovery:endpoints` for `service` at its current version (the index).

@@ -102,7 +102,7 @@ fn paths() -> Value {
             "get": op("blocking query on one service", &["service"], "200", json_ok("V1Listing"), &["index", "wait"])
         },
         "/v2/catalog": {
-            "get": op("blocking query on every service", &[], "200", json_ok("Catalog"), &["index", "wait"])
+            "get": op("blocking query on every service; with delta=true a CatalogChanges answer (docs/API.md#catalog-deltas)", &[], "200", json_ok("Catalog"), &["index", "wait", "delta"])
         },
         "/v3/discovery:endpoints": {
             "post": with_body(op("Envoy EDS (REST-JSON): one ClusterLoadAssignment; 304 when version_info is current", &[], "200", json_ok("DiscoveryResponse"), &[]), &["application/json"])
@@ -133,6 +133,13 @@ fn schemas() -> Value {
         "Catalog": {"type": "object", "properties": {"index": {"type": "integer"}, "generated_at_ms": {"type": "integer"},
             "warming": {"type": "boolean"}, "stale": {"type": "boolean"}, "services": {"type": "object",
             "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/V1Host"}}}}},
+        "CatalogChanges": {"type": "object", "properties": {"index": {"type": "integer"}, "generated_at_ms": {"type": "integer"},
+            "warming": {"type": "boolean"}, "stale": {"type": "boolean"}, "full": {"type": "boolean"},
+            "from": {"type": "integer"}, "digest": {"type": "string"}, "services": {"type": "object",
+            "additionalProperties": {"type": "array", "items": {"$ref": "#/components/schemas/V1Host"}}},
+            "removed": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object",
+                "properties": {"ip_address": {"type": "string"}, "port": {"type": "integer"}}}}},
+            "removed_services": {"type": "array", "items": {"type": "string"}}}},
         "Status": {"type": "object", "properties": {
             "store": {"type": "string", "enum": ["memory", "dynamodb", "custom"]}, "env": {"type": "string"},
             "auth": {"type": "string", "enum": ["open", "tokens"]},

@@ -114,12 +114,43 @@ pub async fn service(
     answers::respond(&registry, body, &view)
 }
 
-/// `GET /v2/catalog?index=I&wait=30s`: every service at once, blocking. What agents sync.
+/// `GET /v2/catalog?index=I&wait=30s[&delta=true]`: every service at once, blocking. What
+/// agents sync. With `delta=true`, the changes since `index` when the registry still holds
+/// that view, else the whole catalog marked `full`; either with the catalog's digest.
 pub async fn catalog(
     State(registry): State<Registry>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let delta = wants_delta(query.as_deref())?;
     let view = block_on(&registry, query.as_deref(), || registry.read_catalog()).await?;
-    let body = answers::catalog(&view, registry.now_ms(), registry.is_warming());
+    let (at, warming) = (registry.now_ms(), registry.is_warming());
+    let body = if delta {
+        let since = BlockingParams::parse(query.as_deref())?.index;
+        let current = registry.catalog_entry(&view);
+        let base = since.and_then(|i| registry.catalog_base(i));
+        answers::catalog_changes(&view, &current, base.as_deref(), at, warming)
+    } else {
+        answers::catalog(&view, at, warming)
+    };
     answers::respond(&registry, body, &view)
+}
+
+/// The `delta` parameter of `GET /v2/catalog`: `true`/`1` or `false`/`0`/absent.
+fn wants_delta(query: Option<&str>) -> Result<bool, ApiError> {
+    #[derive(Default, serde::Deserialize)]
+    struct Raw {
+        delta: Option<String>,
+    }
+    let raw: Raw = match query {
+        Some(q) => serde_urlencoded::from_str(q)
+            .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,
+        None => Raw::default(),
+    };
+    match raw.delta.as_deref().map(str::trim) {
+        None | Some("" | "false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "delta must be true or false, got {other:?}"
+        ))),
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use schema::{Endpoint, ServiceName};
 
 use super::Registry;
+use super::history::DeltaMemo;
 use crate::cache::{Bodies, CacheEntry, Now, Slot};
 use crate::errors::ApiError;
 use crate::policy;
@@ -24,6 +25,8 @@ pub struct ViewData {
     pub preserving: bool,
     /// Answer bodies encoded from this data, filled as routes first ask for them.
     pub(crate) bodies: Bodies,
+    /// Catalog deltas to this data, per base index, encoded once for every client at that base.
+    pub(crate) deltas: DeltaMemo,
 }
 
 impl ViewData {
@@ -35,6 +38,7 @@ impl ViewData {
             index,
             preserving,
             bodies: Bodies::default(),
+            deltas: DeltaMemo::default(),
         }
     }
 }

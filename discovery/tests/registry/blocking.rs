@@ -10,7 +10,7 @@ use crate::common::{Harness, get_req, send};
 
 /// Yields (a bounded number of times) until `n` queries are blocked inside the registry, so
 /// the test acts only once the waiter is really waiting.
-async fn blocked(h: &Harness, n: usize) {
+pub(crate) async fn blocked(h: &Harness, n: usize) {
     let needle = format!("tidings_registry_blocking_queries {n}");
     for _ in 0..10_000 {
         if h.registry.render_metrics().contains(&needle) {

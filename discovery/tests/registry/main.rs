@@ -7,6 +7,7 @@ mod auth_limits;
 mod auth_scope;
 mod blocking;
 mod common;
+mod delta;
 mod eds;
 mod expiry;
 mod fuzz;

@@ -57,6 +57,7 @@ fn self_bytes() {
         host_ip: "10.0.0.1".into(),
         registry: Some("http://registry:7700".into()),
         registry_age_ms: None,
+        registry_digest: None,
         registry_ok: false,
         view: ViewSummary {
             hosts: 3,
@@ -68,7 +69,7 @@ fn self_bytes() {
     };
     pin(
         &s,
-        r#"{"cache":{"entries_pending":1,"stored_index":42},"endpoints":[{"addr":"10.0.0.1:8080","service":"web"}],"epoch":7,"gossip_addr":"10.0.0.1:7702","host_ip":"10.0.0.1","registry":"http://registry:7700","registry_age_ms":null,"registry_ok":false,"view":{"hosts":3,"index":42,"services":2,"source":"cache"},"zone":"zone-a"}"#,
+        r#"{"cache":{"entries_pending":1,"stored_index":42},"endpoints":[{"addr":"10.0.0.1:8080","service":"web"}],"epoch":7,"gossip_addr":"10.0.0.1:7702","host_ip":"10.0.0.1","registry":"http://registry:7700","registry_age_ms":null,"registry_digest":null,"registry_ok":false,"view":{"hosts":3,"index":42,"services":2,"source":"cache"},"zone":"zone-a"}"#,
     );
 }
 
