@@ -11,7 +11,8 @@
 //! current. Answers from a registry still warming up do not make the data current (they may
 //! miss removals). A registry snapshot a peer relayed through gossip counts from its date,
 //! but never from later than this agent first saw it. The disk cache keeps the moment, so a
-//! restarted agent goes on counting from it. `/metrics` reports the same age in seconds
+//! restarted agent goes on counting from it (unless it lies ahead of the agent's clock,
+//! which was then stepped back: `-1` until the registry answers). `/metrics` reports the same age in seconds
 //! (`tidings_agent_registry_age_seconds`, `-1`: never).
 //!
 //! `X-Tidings-Source` is `registry`, `gossip` or `cache`: the weakest provenance among the

@@ -104,6 +104,8 @@ impl Shared {
                 .max_blocking_waiters
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
+        let clock = Arc::new(SteadyClock::starting_now());
+        let freshness = Freshness::new(known_current_ms, clock.now_ms());
         Shared {
             config,
             client,
@@ -115,8 +117,8 @@ impl Shared {
             local_version: watch::Sender::new(0),
             recheck: Notify::new(),
             registry_back: Notify::new(),
-            freshness: Mutex::new(Freshness::new(known_current_ms)),
-            clock: Arc::new(SteadyClock::starting_now()),
+            freshness: Mutex::new(freshness),
+            clock,
             registry_listed: watch::Sender::new(None),
             cache_index: AtomicU64::new(0),
             registry_ok: AtomicBool::new(false),
@@ -286,10 +288,15 @@ pub struct Freshness {
 }
 
 impl Freshness {
-    /// `known_ms`: from the disk cache (0: none).
-    pub fn new(known_ms: u64) -> Self {
+    /// `known_ms`: from the disk cache (0: none); `now`: this clock at start. A cached
+    /// moment ahead of `now` is not taken: this host's clock was stepped back since it was
+    /// written, so how long ago it was cannot be told, and clamping it to `now` would claim
+    /// the data fresh for as long as the step (long campaign run 7, seed
+    /// 6050724522341991563: an agent restarted with its clock 34 min behind said "0 ms" while
+    /// its registry was dead). "Never" is the honest answer until the registry answers.
+    pub fn new(known_ms: u64, now: u64) -> Self {
         Freshness {
-            known_ms,
+            known_ms: if known_ms > now { 0 } else { known_ms },
             ..Default::default()
         }
     }
@@ -381,7 +388,7 @@ mod tests {
     #[test]
     fn a_healthy_blocking_query_in_flight_keeps_the_data_current() {
         let t0 = 1_000_000;
-        let mut f = Freshness::new(0);
+        let mut f = Freshness::new(0, 0);
         assert_eq!(f.age_ms(t0), None, "never synced");
         // First query: no index, answered at once.
         f.query_sent(t0, None, TIMEOUT);
@@ -399,7 +406,7 @@ mod tests {
     #[test]
     fn the_age_grows_from_the_last_known_moment_once_a_query_fails_or_overstays() {
         let t0 = 1_000_000;
-        let mut f = Freshness::new(0);
+        let mut f = Freshness::new(0, 0);
         f.query_sent(t0, None, TIMEOUT);
         f.answered(t0, t0, true);
         f.query_sent(t0 + S, Some(WAIT), TIMEOUT);
@@ -428,15 +435,28 @@ mod tests {
     #[test]
     fn a_relayed_lower_bound_makes_nothing_current() {
         // Found by the fault campaign: an age of 56 years, from a lower bound dated 1 ms.
-        let mut f = Freshness::new(0);
+        let mut f = Freshness::new(0, 0);
         f.relayed(gossip::LOWER_BOUND_MS + 3, 1_800_000_000_000);
         assert_eq!(f.age_ms(1_800_000_000_000), None);
     }
 
     #[test]
+    fn a_cached_moment_ahead_of_a_stepped_back_clock_counts_as_never() {
+        let t0 = 1_800_000_000_000;
+        let f = Freshness::new(t0 + 34 * 60 * S, t0);
+        assert_eq!(f.age_ms(t0 + 2 * S), None, "not 0 ms for 34 minutes");
+        let f = Freshness::new(t0 - S, t0);
+        assert_eq!(
+            f.age_ms(t0 + 2 * S),
+            Some(3 * S),
+            "a cached moment behind is taken"
+        );
+    }
+
+    #[test]
     fn warming_answers_claim_nothing_and_end_the_in_flight_claim() {
         let t0 = 1_000_000;
-        let mut f = Freshness::new(t0 - 4 * S);
+        let mut f = Freshness::new(t0 - 4 * S, t0);
         assert_eq!(f.age_ms(t0), Some(4 * S), "from the disk cache");
         f.answered(t0 + S, t0, false);
         f.query_sent(t0 + S, Some(WAIT), TIMEOUT);
@@ -446,7 +466,7 @@ mod tests {
     #[test]
     fn relayed_snapshots_count_from_their_date_but_never_after_their_arrival() {
         let t0 = 1_800_000_000_000;
-        let mut f = Freshness::new(0);
+        let mut f = Freshness::new(0, 0);
         f.relayed(t0 - 2 * S, t0);
         assert_eq!(f.age_ms(t0), Some(2 * S));
         // Dated an hour ahead: counts as of its arrival, and then ages.
