@@ -54,12 +54,18 @@ async fn applies(h: &Harness, base: Replica, d: CatalogChanges) -> Replica {
     rebuilt
 }
 
-#[tokio::test]
-async fn a_check_in_after_an_index_is_a_delta_with_just_that_row() {
+/// A registry holding `web` on 10.0.0.1 and .2 and `db` on 10.0.0.3.
+async fn two_web_one_db() -> Harness {
     let h = Harness::new();
     h.register("web", "10.0.0.1", 80).await;
     h.register("web", "10.0.0.2", 80).await;
     h.register("db", "10.0.0.3", 5432).await;
+    h
+}
+
+#[tokio::test]
+async fn a_check_in_after_an_index_is_a_delta_with_just_that_row() {
+    let h = two_web_one_db().await;
     let base = full(&h).await;
     let i = base.index;
     h.register("web", "10.0.0.9", 80).await;
@@ -89,10 +95,7 @@ async fn a_check_in_after_an_index_is_a_delta_with_just_that_row() {
 
 #[tokio::test]
 async fn a_deregistration_is_a_removal_and_an_emptied_service_goes_whole() {
-    let h = Harness::new();
-    h.register("web", "10.0.0.1", 80).await;
-    h.register("web", "10.0.0.2", 80).await;
-    h.register("db", "10.0.0.3", 5432).await;
+    let h = two_web_one_db().await;
     let base = full(&h).await;
     let held = Replica::new(delta::full_catalog(base.clone()));
     let r = h
