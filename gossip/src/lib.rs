@@ -72,6 +72,6 @@ pub use metrics::{Metrics, MetricsSnapshot};
 pub use node::{Effect, Node, Timer};
 pub use rows::{Row, RowStatus, Version};
 pub use runtime::{GossipHandle, RuntimeError, epoch_now, run, run_with_epoch};
-pub use sim::{SimConfig, SimReport, simulate};
+pub use sim::{RegistryLoad, RegistryReport, SimConfig, SimReport, simulate, simulate_registry};
 pub use snapshot::{LOWER_BOUND_MS, LOWER_BOUNDS_BEFORE_MS, Snapshot, SnapshotEntry};
 pub use view::{GossipView, MemberInfo, Source, ViewEntry};

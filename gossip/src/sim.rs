@@ -25,6 +25,9 @@ use crate::node::{Effect, Node, Timer};
 use crate::rows::Version;
 
 mod phases;
+mod registry;
+
+pub use registry::{RegistryLoad, RegistryReport, simulate_registry};
 
 /// What to simulate. `Default` is a 100-node LAN cluster with no loss.
 #[derive(Debug, Clone)]
@@ -220,6 +223,12 @@ enum Event {
         peer: usize,
         data: Vec<u8>,
     },
+    /// A node's sync brings it the registry's answer for one service
+    /// ([`registry::simulate_registry`]).
+    Fetch {
+        node: usize,
+        service: usize,
+    },
 }
 
 struct Sim {
@@ -241,6 +250,8 @@ struct Sim {
     has_watch: Vec<bool>,
     watch_count: usize,
     via_repair: usize,
+    /// The registry the nodes sync from, in [`registry::simulate_registry`].
+    registry: Option<registry::Table>,
 }
 
 pub(crate) fn addr_of(i: usize) -> SocketAddr {
@@ -305,6 +316,7 @@ impl Sim {
             has_watch: vec![false; n],
             watch_count: 0,
             via_repair: 0,
+            registry: None,
             cfg,
         }
     }
@@ -414,6 +426,7 @@ impl Sim {
                     self.send_frame(to, peer, reply);
                 }
             }
+            Event::Fetch { node, service } if self.alive[node] => self.fetch(node, service),
             _ => {}
         }
         true

@@ -238,7 +238,7 @@ fn ring(sim: &Sim) -> Option<KeyRing> {
 fn restart(sim: &mut Sim, i: usize, epoch: u64, endpoints: Vec<Endpoint>) {
     // Timers and traffic addressed to the dead process must not reach the new one.
     sim.events.retain(|_, ev| match ev {
-        Event::Timer { node, .. } => *node != i,
+        Event::Timer { node, .. } | Event::Fetch { node, .. } => *node != i,
         Event::Packet { to, .. } | Event::Frame { to, .. } => *to != i,
     });
     sim.nodes[i] = node_of(&sim.cfg, ring(sim).as_ref(), i, epoch, 1);

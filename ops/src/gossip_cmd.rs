@@ -38,6 +38,22 @@ pub struct SimulateArgs {
     /// Seal packets as in production (costs CPU, changes sizes by the AEAD overhead).
     #[arg(long)]
     pub encrypt: bool,
+    /// Instead of the scripted phases, hold a registry catalog of this many services in
+    /// snapshots and churn it (0: off). Prints bandwidth held and churning, and convergence.
+    #[arg(long, default_value_t = 0)]
+    pub registry_services: usize,
+    /// Hosts per registry service.
+    #[arg(long, default_value_t = 100)]
+    pub registry_hosts: usize,
+    /// Registry endpoint changes per second.
+    #[arg(long, default_value_t = 10)]
+    pub registry_churn: u32,
+    /// How long the churn lasts.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub registry_churn_for: Duration,
+    /// Share of nodes that cannot reach the registry (they learn by gossip only), 0.0-1.0.
+    #[arg(long, default_value_t = 0.01)]
+    pub registry_blind: f64,
 }
 
 pub async fn main(cmd: GossipCommand) -> ExitCode {
@@ -66,8 +82,33 @@ async fn simulate(args: SimulateArgs) -> ExitCode {
         encrypt: args.encrypt,
         ..gossip::SimConfig::default()
     };
+    if args.registry_services > 0 {
+        if args.registry_services > 100_000
+            || !(1..=10_000).contains(&args.registry_hosts)
+            || !(0.0..=1.0).contains(&args.registry_blind)
+        {
+            eprintln!(
+                "tidings gossip simulate: --registry-services must be 0-100000, --registry-hosts 1-10000 and --registry-blind 0.0-1.0"
+            );
+            return ExitCode::from(crate::EXIT_USAGE);
+        }
+        let load = gossip::RegistryLoad {
+            services: args.registry_services,
+            hosts_per_service: args.registry_hosts,
+            changes_per_sec: args.registry_churn.clamp(1, 1_000),
+            churn_ms: ms(args.registry_churn_for).min(3_600_000),
+            blind: args.registry_blind,
+            ..gossip::RegistryLoad::default()
+        };
+        let run = move || gossip::simulate_registry(cfg, load).to_string();
+        return print_report(tokio::task::spawn_blocking(run).await);
+    }
     // The simulator is CPU-bound and synchronous: keep it off the async workers.
-    match tokio::task::spawn_blocking(move || gossip::simulate(cfg)).await {
+    print_report(tokio::task::spawn_blocking(move || gossip::simulate(cfg).to_string()).await)
+}
+
+fn print_report(done: Result<String, tokio::task::JoinError>) -> ExitCode {
+    match done {
         Ok(report) => {
             println!("{report}");
             ExitCode::SUCCESS
