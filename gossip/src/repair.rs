@@ -23,6 +23,14 @@ use crate::snapshot::{Snapshot, SnapshotMerge, SnapshotSummary};
 
 pub const DIGEST_BUCKETS: usize = 64;
 
+/// How long after a registry answer repair leaves its change to the registry: every agent
+/// that can reach the registry fetches a change within its blocking query's wake-up and
+/// one round trip (well under this), so repair sends it only to those that could not. In
+/// the simulator at 100 000 endpoints and 10 changes/s, sending in-flight changes cost
+/// 8 KB/s per node; holding them back costs a node cut off from the registry this much
+/// delay.
+pub const REGISTRY_SPREAD_MS: u64 = 2_000;
+
 /// Most down verdicts a digest carries.
 pub const DIGEST_MAX_DOWN: usize = 8;
 
@@ -58,13 +66,10 @@ fn owner_fingerprint(s: &OwnerSummary) -> u64 {
     ])
 }
 
+/// By the hosts a snapshot lists, not its date ([`crate::snapshot::Snapshot::hosts_hash`]):
+/// two nodes holding the same hosts have nothing to repair, whoever fetched them last.
 fn snapshot_fingerprint(s: &SnapshotSummary) -> u64 {
-    stable_hash(&[
-        b"svc",
-        s.service.as_str().as_bytes(),
-        &s.generated_at_ms.to_le_bytes(),
-        &s.hash.to_le_bytes(),
-    ])
+    stable_hash(&[b"svc", s.service.as_str().as_bytes(), &s.hash.to_le_bytes()])
 }
 
 impl Digest {
@@ -186,12 +191,17 @@ fn snapshots_they_lack(
         .iter()
         .map(|s| (s.service.clone(), (s.generated_at_ms, s.hash)))
         .collect();
+    // A copy with the same hosts is not sent whatever its date: they have what it lists.
+    // Nor is a change younger than REGISTRY_SPREAD_MS to a peer that holds the service: it
+    // is on its way to that peer from the registry, as to every agent that can reach it.
+    let now = store.now_ms;
     snapshot_summaries(store, buckets)
         .into_iter()
         .filter(|mine| {
-            theirs
-                .get(&mine.service)
-                .is_none_or(|r| *r < (mine.generated_at_ms, mine.hash))
+            theirs.get(&mine.service).is_none_or(|&(at, hash)| {
+                let young = now.saturating_sub(mine.generated_at_ms) < REGISTRY_SPREAD_MS;
+                hash != mine.hash && (at, hash) < (mine.generated_at_ms, mine.hash) && !young
+            })
         })
         .filter_map(|mine| store.snapshots.get(&mine.service).cloned())
         .collect()
@@ -316,4 +326,120 @@ pub fn on_response(store: &mut Store, me: SocketAddr, resp: RepairResponse) -> O
         snapshots: snapshots_they_lack(store, &buckets, &snapshot_summaries),
     };
     (!push.rows.is_empty() || !push.snapshots.is_empty()).then_some(push)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::num::NonZeroU16;
+
+    use schema::{Endpoint, ServiceName};
+
+    use super::*;
+    use crate::snapshot::SnapshotEntry;
+
+    const DAY: u64 = 1_800_000_000_000;
+
+    fn snap(at: u64, checked_in: u64, ports: &[u16]) -> Snapshot {
+        let service = ServiceName::new("web").unwrap();
+        let entries = ports
+            .iter()
+            .map(|&p| SnapshotEntry {
+                endpoint: Endpoint::new(
+                    service.clone(),
+                    IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                    NonZeroU16::new(p).unwrap(),
+                ),
+                last_check_in_ms: checked_in,
+            })
+            .collect();
+        Snapshot {
+            service,
+            generated_at_ms: at,
+            entries,
+        }
+    }
+
+    fn store(s: Snapshot) -> Store {
+        let mut store = Store {
+            rows: Default::default(),
+            snapshots: Default::default(),
+            now_ms: DAY + 10_000,
+            rows_received: 0,
+        };
+        assert_eq!(
+            store.snapshots.merge(s, DAY + 10_000),
+            SnapshotMerge::Applied
+        );
+        store
+    }
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 0, n)), 7702)
+    }
+
+    /// What `holder` sends `asker` in a repair over every bucket.
+    fn sent(holder: &Store, asker: &Store) -> Vec<Snapshot> {
+        let req = RepairRequest {
+            from: addr(1),
+            buckets: (0..DIGEST_BUCKETS as u8).collect(),
+            owners: Vec::new(),
+            snapshots: asker.snapshots.iter().map(|(_, s)| s.clone()).collect(),
+        };
+        respond(holder, addr(2), &req).snapshots
+    }
+
+    /// Two agents fetched the same hosts at different moments: their copies differ in date
+    /// and check-in times, and repair has nothing to do.
+    #[test]
+    fn copies_listing_the_same_hosts_are_not_repaired() {
+        let early = store(snap(DAY, DAY - 5_000, &[80, 81]));
+        let late = store(snap(DAY + 700, DAY + 600, &[81, 80]));
+        assert_eq!(Digest::of(&early), Digest::of(&late));
+        assert!(sent(&late, &early).is_empty());
+        assert!(sent(&early, &late).is_empty());
+    }
+
+    /// Copies whose hosts differ still repair, newest first.
+    #[test]
+    fn a_copy_with_other_hosts_is_sent_when_newer() {
+        let old = store(snap(DAY, DAY, &[80, 81]));
+        let new = store(snap(DAY + 700, DAY, &[80, 81, 82]));
+        assert_ne!(Digest::of(&old), Digest::of(&new));
+        let pushed = sent(&new, &old);
+        assert_eq!(pushed.len(), 1);
+        assert_eq!(pushed[0].entries.len(), 3);
+        assert!(sent(&old, &new).is_empty(), "the older copy is not sent");
+    }
+
+    /// A change younger than the registry's own spread is left to the registry for a peer
+    /// that holds the service, and sent once older; a peer without it gets it at once.
+    #[test]
+    fn a_fresh_change_is_left_to_the_registry_for_a_while() {
+        let old = store(snap(DAY, DAY, &[80]));
+        let mut new = store(snap(DAY + 9_000, DAY, &[80, 81]));
+        assert!(
+            sent(&new, &old).is_empty(),
+            "1 s old: on its way from the registry"
+        );
+        new.now_ms = DAY + 9_000 + REGISTRY_SPREAD_MS;
+        assert_eq!(sent(&new, &old).len(), 1);
+        new.now_ms = DAY + 10_000;
+        let mut empty = store(snap(DAY, DAY, &[80]));
+        empty.snapshots = Default::default();
+        assert_eq!(
+            sent(&new, &empty).len(),
+            1,
+            "a peer without the service gets it"
+        );
+    }
+
+    /// A lower bound listing the same hosts as a dated copy still gives way to it.
+    #[test]
+    fn a_lower_bound_is_repaired_even_with_the_same_hosts() {
+        let lower = store(snap(crate::LOWER_BOUND_MS, DAY, &[80]));
+        let dated = store(snap(DAY, DAY, &[80]));
+        assert_ne!(Digest::of(&lower), Digest::of(&dated));
+        assert_eq!(sent(&dated, &lower).len(), 1);
+    }
 }
