@@ -223,8 +223,8 @@ impl DynamoStore {
                 row: stored,
             }),
             Err(_) => {
-                if let Some(key) = row::endpoint_key(item) {
-                    self.follow.echo(Change::Forget { key });
+                if let (Some(key), Some(stamp)) = (row::endpoint_key(item), row::stamp(item)) {
+                    self.follow.echo(Change::Forget { key, stamp });
                 }
             }
         }

@@ -36,16 +36,17 @@ pub enum Change {
     Upsert { row: StoredEndpoint, version: u64 },
     /// The row was deleted; `stamp` is its old image's.
     Remove { key: EndpointKey, stamp: Stamp },
-    /// The row is no longer one reads can show (a foreign writer made it unreadable): drop
-    /// it, with no tombstone, so a later check-in that repairs it is taken at once.
-    Forget { key: EndpointKey },
+    /// The row as written is not one reads can show (a foreign writer made it unreadable):
+    /// drop it unless the held row is newer, with no tombstone, so a later check-in that
+    /// repairs it is taken at once.
+    Forget { key: EndpointKey, stamp: Stamp },
 }
 
 impl Change {
     pub fn key(&self) -> EndpointKey {
         match self {
             Change::Upsert { row, .. } => row.endpoint.key(),
-            Change::Remove { key, .. } | Change::Forget { key } => key.clone(),
+            Change::Remove { key, .. } | Change::Forget { key, .. } => key.clone(),
         }
     }
 }
@@ -125,7 +126,13 @@ impl Mirror {
                     _ => false,
                 }
             }
-            Change::Forget { key } => self.rows.remove(&key).is_some(),
+            Change::Forget { key, stamp } => match self.rows.get(&key) {
+                Some(held) if stamp >= held.stamp => {
+                    self.rows.remove(&key);
+                    true
+                }
+                _ => false,
+            },
         }
     }
 

@@ -26,6 +26,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use schema::{Endpoint, EndpointKey, RepoName, Revision, ServiceName, Tags, Weight};
 
 use crate::store::StoredEndpoint;
+use crate::store::mirror::Stamp;
 
 pub(crate) type Item = HashMap<String, AttributeValue>;
 
@@ -130,6 +131,15 @@ pub(crate) fn decode(item: &Item) -> Result<StoredEndpoint, String> {
 /// The row's write count (0 on rows written before it was kept, or by a foreign writer).
 pub(crate) fn version(item: &Item) -> u64 {
     get_n(item, VERSION).unwrap_or(0)
+}
+
+/// The order of an item's writes (`last_check_in`, `version`), when it has a numeric
+/// `last_check_in`: even an item that does not decode can be ordered against the mirror.
+pub(crate) fn stamp(item: &Item) -> Option<Stamp> {
+    Some(Stamp {
+        last_check_in_ms: get_n(item, LAST_CHECK_IN).ok()?,
+        version: version(item),
+    })
 }
 
 /// The key of an item, when it is one of ours.

@@ -339,8 +339,10 @@ async fn read(link: &Link, iterator: &str) -> Result<(Vec<Record>, Option<String
     Ok((out.records.unwrap_or_default(), out.next_shard_iterator))
 }
 
-/// What one stream record says about one row. Records of rows this code cannot read drop
-/// the row from the mirror (reads skip such rows anyway).
+/// What one stream record says about one row. A record of a row this code cannot read drops
+/// the row from the mirror (reads skip such rows anyway) unless the held row is newer; one
+/// that cannot even be ordered (no numeric `last_check_in`: moto's key-only record of a new
+/// item before its update, never one of our writes on DynamoDB) says nothing.
 pub(super) fn change_of(record: &Record) -> Option<Change> {
     let data = record.dynamodb()?;
     let key = data.keys().map(item).as_ref().and_then(row::endpoint_key);
@@ -348,18 +350,23 @@ pub(super) fn change_of(record: &Record) -> Option<Change> {
         OperationType::Remove => data.old_image(),
         _ => data.new_image(),
     };
-    let decoded = image.map(item).map(|i| (row::decode(&i), row::version(&i)));
-    match (record.event_name()?, decoded) {
-        (OperationType::Remove, Some((Ok(old), version))) => Some(Change::Remove {
+    let image = image.map(item)?;
+    match (record.event_name()?, row::decode(&image)) {
+        (OperationType::Remove, Ok(old)) => Some(Change::Remove {
             key: old.endpoint.key(),
             stamp: Stamp {
                 last_check_in_ms: old.last_check_in_ms,
-                version,
+                version: row::version(&image),
             },
         }),
-        (OperationType::Remove, _) => Some(Change::Forget { key: key? }),
-        (_, Some((Ok(row), version))) => Some(Change::Upsert { row, version }),
-        (_, _) => Some(Change::Forget { key: key? }),
+        (_, Ok(row)) => Some(Change::Upsert {
+            version: row::version(&image),
+            row,
+        }),
+        (_, Err(_)) => Some(Change::Forget {
+            key: key?,
+            stamp: row::stamp(&image)?,
+        }),
     }
 }
 

@@ -137,16 +137,16 @@ impl DynamoStore {
                 let Some(old) = out.attributes().filter(|old| !old.is_empty()) else {
                     return Ok(false);
                 };
-                let change = match (row::decode(old), row::endpoint_key(old)) {
-                    (Ok(r), _) => Some(Change::Remove {
+                let change = match (row::decode(old), row::endpoint_key(old), row::stamp(old)) {
+                    (Ok(r), _, _) => Some(Change::Remove {
                         key: r.endpoint.key(),
                         stamp: Stamp {
                             last_check_in_ms: r.last_check_in_ms,
                             version: row::version(old),
                         },
                     }),
-                    (Err(_), Some(key)) => Some(Change::Forget { key }),
-                    (Err(_), None) => None,
+                    (Err(_), Some(key), Some(stamp)) => Some(Change::Forget { key, stamp }),
+                    _ => None,
                 };
                 if let Some(change) = change {
                     self.follow.echo(change);
