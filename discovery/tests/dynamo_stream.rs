@@ -243,6 +243,12 @@ async fn a_check_in_through_a_wakes_a_blocking_query_on_b_from_its_mirror() {
         "took {took:?}, more than a stream poll ({STREAM_POLL:?}) and {SLACK:?}"
     );
     let after = b.stats();
+    eprintln!(
+        "b while the query waited: {} table reads, {} mirror reads, {} records applied",
+        after.table_reads - before.table_reads,
+        after.mirror_reads - before.mirror_reads,
+        after.records_applied - before.records_applied
+    );
     assert!(after.followed, "b still follows the stream");
     assert_eq!(
         after.table_reads, before.table_reads,
