@@ -256,23 +256,36 @@ async fn adopt_new_shards(link: &Link, shards: &mut Shards) -> Result<bool, Call
     if latest_stream(link).await?.as_deref() != Some(shards.arn.as_str()) {
         return Ok(false);
     }
-    for shard in describe_shards(link, &shards.arn).await? {
-        let Some(id) = shard.shard_id() else { continue };
-        if shards.known.contains(id) {
-            continue;
-        }
-        // Parents before children: this one is read once its parent has closed.
-        if shard
-            .parent_shard_id()
-            .is_some_and(|p| shards.open.contains_key(p))
-        {
-            continue;
-        }
+    let all = describe_shards(link, &shards.arn).await?;
+    for id in to_adopt(&all, &shards.open, &shards.known) {
         let it = iterator(link, &shards.arn, id, ShardIteratorType::TrimHorizon).await?;
         shards.known.insert(id.to_string());
         shards.open.insert(id.to_string(), it);
     }
     Ok(true)
+}
+
+/// The shards to start reading now: those never seen, except a child whose parent is still
+/// read or is itself new (parents before children: the child waits for the parent to close).
+fn to_adopt<'a>(
+    all: &'a [Shard],
+    open: &BTreeMap<String, String>,
+    known: &HashSet<String>,
+) -> Vec<&'a str> {
+    let new: HashSet<&str> = all
+        .iter()
+        .filter_map(Shard::shard_id)
+        .filter(|id| !known.contains(*id))
+        .collect();
+    all.iter()
+        .filter_map(|shard| {
+            let id = shard.shard_id()?;
+            let waits = shard
+                .parent_shard_id()
+                .is_some_and(|p| open.contains_key(p) || new.contains(p));
+            (new.contains(id) && !waits).then_some(id)
+        })
+        .collect()
 }
 
 /// The ARN of the table's stream, when it has one the mirror can follow (enabled, with both
@@ -404,3 +417,6 @@ fn value(v: &StreamValue) -> AttributeValue {
         _ => AttributeValue::Null(true),
     }
 }
+
+#[cfg(test)]
+mod tests;
