@@ -74,8 +74,9 @@ pub struct RegistryConfig {
     /// Longest `wait` a blocking query may ask for.
     #[serde(with = "duration")]
     pub max_wait: Duration,
-    /// Blocking queries re-read the store this often even without a local write, to notice
-    /// expiries and writes made by other registries sharing the table.
+    /// Blocking queries re-read the store this often even without a change signal, to notice
+    /// expiries (and writes by other registries sharing the table when its stream is not
+    /// followed; while it is, the re-read is answered from the mirror).
     #[serde(with = "duration")]
     pub recheck_interval: Duration,
     /// A read answer is reused for this long unless a local write changed something.

@@ -7,7 +7,9 @@
 //!
 //! - [`store`]: the [`Store`] trait every backend implements; [`memory`]: [`MemoryStore`], the
 //!   embedded single-process store; [`DynamoStore`] (in [`dynamo`]) for replicas sharing a
-//!   table; `conformance`: the suite both pass (feature `conformance`, tests only).
+//!   table, each answering reads from its mirror of the table ([`store::mirror`]) that the
+//!   table's stream keeps current; `conformance`: the suite both pass (feature
+//!   `conformance`, tests only).
 //! - [`Registry`] (in `registry`): the policy layer over a store — TTL filtering on read,
 //!   self-preservation, warm-up, the content-hash index, the single-flight last-good read
 //!   cache (`cache`), metrics. Its decisions are pure functions in [`decide`] ([`policy`]:

@@ -27,6 +27,7 @@ pub struct Metrics {
     request_seconds: Family<Histogram, 1>,
     store_errors: Family<Counter, 1>,
     rejected: Family<Counter, 1>,
+    stream: StreamMetrics,
     /// Endpoints accepted by check-ins.
     pub checkins: Counter,
     /// Reads answered from the last-good cache because the store failed.
@@ -80,7 +81,9 @@ impl Metrics {
         let gauges = gauges(&reg);
         let families = families(&reg);
         let connections = serve::ConnMetrics::register(&recorder, "registry");
+        let stream = StreamMetrics::register(&reg);
         Metrics {
+            stream,
             connections,
             requests: families.requests,
             routes: RwLock::default(),
@@ -146,6 +149,25 @@ impl Metrics {
         self.rejected.on(&self.recorder, [limit])
     }
 
+    /// Copies what the store's stream follower counted (a DynamoDB store keeps its own
+    /// counts; they are read at each scrape).
+    pub fn follow(&self, stats: &crate::store::FollowStats) {
+        let m = &self.stream;
+        m.records.absolute(stats.records_applied);
+        for (reason, n) in &stats.rescans {
+            m.rescans.on(&self.recorder, [reason.label()]).absolute(*n);
+        }
+        m.followed.set(f64::from(u8::from(stats.followed)));
+        m.lag.set(stats.lag_ms as f64 / 1000.0);
+        m.mirror_rows.set(stats.mirror_rows as f64);
+        m.reads
+            .on(&self.recorder, ["table"])
+            .absolute(stats.table_reads);
+        m.reads
+            .on(&self.recorder, ["mirror"])
+            .absolute(stats.mirror_reads);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         self.handle.render()
@@ -200,6 +222,49 @@ fn gauges(reg: &Registrar<'_, PrometheusRecorder>) -> Gauges {
             "tidings_registry_blocking_queries",
             "Blocking queries waiting now.",
         ),
+    }
+}
+
+/// How a DynamoDB store follows the table's stream.
+struct StreamMetrics {
+    records: Counter,
+    rescans: Family<Counter, 1>,
+    followed: Gauge,
+    lag: Gauge,
+    mirror_rows: Gauge,
+    reads: Family<Counter, 1>,
+}
+
+impl StreamMetrics {
+    fn register(reg: &Registrar<'_, PrometheusRecorder>) -> Self {
+        StreamMetrics {
+            records: reg.one(
+                "tidings_registry_stream_records_total",
+                "DynamoDB stream records applied to the replica's mirror of the table.",
+            ),
+            rescans: reg.family(
+                "tidings_registry_stream_rescans_total",
+                "Full reads of the table into the mirror, by reason.",
+                ["reason"],
+            ),
+            followed: reg.one(
+                "tidings_registry_stream_followed",
+                "1 while reads are answered from the mirror the table's stream keeps current.",
+            ),
+            lag: reg.one(
+                "tidings_registry_stream_lag_seconds",
+                "Age of the newest stream record when it was applied.",
+            ),
+            mirror_rows: reg.one(
+                "tidings_registry_stream_mirror_rows",
+                "Rows in the replica's mirror of the table.",
+            ),
+            reads: reg.family(
+                "tidings_registry_store_reads_total",
+                "Store reads (list calls), by what answered them: the table or the mirror.",
+                ["source"],
+            ),
+        }
     }
 }
 

@@ -59,6 +59,8 @@ pub(crate) struct Inner {
     /// One fleet count at a time (the sweeper's, or a read's after a blind spot).
     pub(crate) census_lock: tokio::sync::Mutex<()>,
     changes: watch::Sender<u64>,
+    /// The store's own change signal is forwarded to `changes` (started once).
+    forwarding: AtomicBool,
     /// What the table holds as far as quotas go: rebuilt at every fleet count, updated by
     /// this replica's writes in between.
     usage: Mutex<Usage>,
@@ -106,6 +108,7 @@ impl Registry {
             census_try_ms: AtomicU64::new(now),
             census_lock: tokio::sync::Mutex::new(()),
             changes: watch::Sender::new(0),
+            forwarding: AtomicBool::new(false),
             usage: Mutex::default(),
             quotas: Quotas::from_config(&config),
             waiters: Arc::new(Semaphore::new(
@@ -160,6 +163,8 @@ impl Registry {
     /// must hold from the first answer on). Retried until it works.
     pub(crate) async fn ensure_init(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
+        // Before the first read, so no change between that read and the subscription is lost.
+        self.forward_store_changes();
         inner
             .init
             .get_or_try_init(|| async {
@@ -211,6 +216,27 @@ impl Registry {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Subscribes, once, to the store's own change signal (a DynamoDB store learns of other
+    /// replicas' writes from the table's stream): each move drops the read cache and wakes
+    /// blocking queries, as a local write does. The task ends with the registry.
+    fn forward_store_changes(&self) {
+        if self.inner.forwarding.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Some(mut changes) = self.inner.store.changes() else {
+            return;
+        };
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                Registry { inner }.notify_change();
+            }
+        });
     }
 
     /// True while the registry started on an empty store less than one check-in interval
@@ -295,6 +321,9 @@ impl Registry {
             .metrics
             .warming
             .set(f64::from(u8::from(self.is_warming())));
+        if let Some(stats) = self.inner.store.follow_stats() {
+            self.inner.metrics.follow(&stats);
+        }
         self.inner.metrics.render()
     }
 

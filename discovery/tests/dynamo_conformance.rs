@@ -6,11 +6,14 @@
 mod moto;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use discovery::conformance;
 use discovery::dynamo::init_table;
 use discovery::{DynamoStore, MemoryStore};
+
+/// A new store's first sync (stream iterators and a scan of an empty table) on moto.
+const SYNC_WITHIN: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn memory_store_conforms() {
@@ -29,7 +32,15 @@ async fn dynamo_store_conforms() {
             tables.fetch_add(1, Ordering::SeqCst)
         ));
         init_table(&cfg).await.expect("init_table");
-        DynamoStore::connect(&cfg).await.expect("connect")
+        let store = DynamoStore::connect(&cfg).await.expect("connect");
+        // Reads come from the mirror the table's stream keeps, as in a registry.
+        store.follow_stream();
+        let deadline = Instant::now() + SYNC_WITHIN;
+        while !store.stream_followed() {
+            assert!(Instant::now() < deadline, "the mirror did not sync");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        store
     })
     .await;
     eprintln!("DynamoDB conformance on moto took {:?}", started.elapsed());

@@ -4,6 +4,8 @@
 
 #[path = "support/moto.rs"]
 mod moto;
+#[path = "support/raw.rs"]
+mod raw;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use discovery::conformance::{T0, ep, ip, svc};
 use discovery::dynamo::init_table;
 use discovery::{DynamoConfig, DynamoStore, Store, StoreError};
+use raw::{attr, key};
 use schema::{Revision, Weight};
 
 /// A store call against a dead server must give up within the call deadline (2 s) plus
@@ -114,6 +117,7 @@ async fn nothing_listening_is_unavailable_fast() {
         endpoint: Some(format!("http://127.0.0.1:{port}")),
         region: Some("us-east-1".to_string()),
         ttl: Duration::from_secs(180),
+        stream_poll: DynamoConfig::DEFAULT_STREAM_POLL,
     };
     // Building the store needs no network: a registry can start while DynamoDB is down.
     let store = DynamoStore::connect(&cfg)
@@ -384,6 +388,7 @@ fn fake_config(endpoint: String) -> DynamoConfig {
         endpoint: Some(endpoint),
         region: None,
         ttl: Duration::from_secs(180),
+        stream_poll: DynamoConfig::DEFAULT_STREAM_POLL,
     }
 }
 
@@ -416,14 +421,7 @@ async fn throttling_is_retried_with_backoff_and_bounded() {
 // ---- raw access, for what a foreign tool would do -----------------------------------------
 
 async fn raw_client(moto: &moto::Moto) -> aws_sdk_dynamodb::Client {
-    let creds = aws_sdk_dynamodb::config::Credentials::new("test", "test", None, None, "test");
-    let cfg = aws_sdk_dynamodb::Config::builder()
-        .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
-        .endpoint_url(moto.endpoint())
-        .credentials_provider(creds)
-        .build();
-    aws_sdk_dynamodb::Client::from_conf(cfg)
+    raw::client(&moto.endpoint())
 }
 
 async fn raw_item(
@@ -451,23 +449,4 @@ fn s(v: &str) -> AttributeValue {
 
 fn n(v: u64) -> AttributeValue {
     AttributeValue::N(v.to_string())
-}
-
-fn attr(name: &str) -> aws_sdk_dynamodb::types::AttributeDefinition {
-    aws_sdk_dynamodb::types::AttributeDefinition::builder()
-        .attribute_name(name)
-        .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
-        .build()
-        .expect("attribute definition")
-}
-
-fn key(
-    name: &str,
-    kind: aws_sdk_dynamodb::types::KeyType,
-) -> aws_sdk_dynamodb::types::KeySchemaElement {
-    aws_sdk_dynamodb::types::KeySchemaElement::builder()
-        .attribute_name(name)
-        .key_type(kind)
-        .build()
-        .expect("key schema element")
 }

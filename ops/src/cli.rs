@@ -120,6 +120,10 @@ pub struct StoreArgs {
     /// AWS region; default: the standard AWS chain (AWS_REGION, profile).
     #[arg(long)]
     pub region: Option<String>,
+    /// How often a registry reads the DynamoDB table's stream for other replicas' writes
+    /// [default: 1s].
+    #[arg(long, value_parser = parse_duration)]
+    pub stream_poll: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]

@@ -37,7 +37,14 @@ pub struct StoreSection {
     pub table: Option<String>,
     pub endpoint: Option<String>,
     pub region: Option<String>,
+    /// How often replicas read the table's stream (DynamoDB only).
+    #[serde(default, with = "schema::duration::option")]
+    pub stream_poll: Option<Duration>,
 }
+
+/// The slowest stream poll: past it a replica would serve its mirror for minutes behind
+/// the others before falling back, and DynamoDB keeps a shard iterator only 15 minutes.
+const MAX_STREAM_POLL: Duration = Duration::from_secs(60);
 
 impl StoreSection {
     fn overlay(mut self, flags: &StoreArgs) -> Self {
@@ -45,7 +52,21 @@ impl StoreSection {
         self.table = flags.dynamodb_table.clone().or(self.table);
         self.endpoint = flags.dynamodb_endpoint.clone().or(self.endpoint);
         self.region = flags.region.clone().or(self.region);
+        self.stream_poll = flags.stream_poll.or(self.stream_poll);
         self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(poll) = self.stream_poll {
+            if poll.is_zero() || poll > MAX_STREAM_POLL {
+                bail!(
+                    "store.stream_poll must be more than 0 and at most {}, got {}",
+                    schema::duration::format(MAX_STREAM_POLL),
+                    schema::duration::format(poll)
+                );
+            }
+        }
+        Ok(())
     }
 
     fn dynamo(&self, ttl: Duration) -> Result<DynamoConfig> {
@@ -58,6 +79,9 @@ impl StoreSection {
             endpoint: self.endpoint.clone(),
             region: self.region.clone(),
             ttl,
+            stream_poll: self
+                .stream_poll
+                .unwrap_or(DynamoConfig::DEFAULT_STREAM_POLL),
         })
     }
 }
@@ -112,9 +136,11 @@ pub fn settings(args: &RegistryArgs) -> Result<Settings> {
         .listen
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7700)));
+    let store = file.store.overlay(&args.store);
+    store.validate()?;
     Ok(Settings {
         listen,
-        store: file.store.overlay(&args.store),
+        store,
         registry,
     })
 }
@@ -176,7 +202,10 @@ fn report(r: Result<()>, what: &str) -> ExitCode {
 async fn init(store: &StoreArgs, ttl: Duration) -> Result<()> {
     let cfg = StoreSection::default().overlay(store).dynamo(ttl)?;
     init_table(&cfg).await?;
-    println!("table {} is ready (TTL on expires_at)", cfg.table);
+    println!(
+        "table {} is ready (stream of new and old images, TTL on expires_at)",
+        cfg.table
+    );
     Ok(())
 }
 
@@ -259,6 +288,28 @@ mod tests {
             "the example documents the defaults"
         );
         assert_eq!(file.listen, Some(SocketAddr::from(([0, 0, 0, 0], 7700))));
+    }
+
+    #[test]
+    fn stream_poll_comes_from_the_file_or_the_flag_and_is_bounded() {
+        let file: RegistryFile =
+            toml::from_str("[store]\nkind = \"dynamodb\"\nstream_poll = \"250ms\"\n")
+                .expect("parses");
+        assert_eq!(file.store.stream_poll, Some(Duration::from_millis(250)));
+        let args = registry_args(&["--stream-poll", "2s"]).expect("parses");
+        let store = settings(&args).expect("valid").store;
+        assert_eq!(store.stream_poll, Some(Duration::from_secs(2)));
+        let cfg = StoreSection {
+            table: Some("t-1".into()),
+            ..StoreSection::default()
+        }
+        .dynamo(Duration::from_secs(180))
+        .expect("config");
+        assert_eq!(cfg.stream_poll, DynamoConfig::DEFAULT_STREAM_POLL);
+        for bad in ["0s", "61s"] {
+            let args = registry_args(&["--stream-poll", bad]).expect("parses");
+            assert!(settings(&args).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

@@ -69,9 +69,10 @@ pub async fn services(State(registry): State<Registry>) -> Result<Response, ApiE
     answers::respond(&registry, answers::services(&view), &view)
 }
 
-/// A blocking query on the registry: local writes wake it through the change signal; it
-/// also re-reads every `recheck_interval`, which notices expiries and writes by other
-/// registries sharing the store.
+/// A blocking query on the registry: local writes wake it through the change signal, and so
+/// do other registries' writes when the store learns of them (DynamoDB, from the table's
+/// stream); it also re-reads every `recheck_interval`, which notices expiries (and other
+/// registries' writes where the stream is not followed: the read then queries the table).
 async fn block_on<F, Fut>(
     registry: &Registry,
     query: Option<&str>,

@@ -15,6 +15,7 @@ use thiserror::Error;
 pub mod conformance;
 pub mod dynamo;
 pub mod memory;
+pub mod mirror;
 
 pub use crate::decide::tag_merge::merge_tags;
 
@@ -38,6 +39,56 @@ pub struct CheckInOutcome {
     /// Services whose membership or tags changed (new endpoint, changed revision or tags).
     /// A plain re-check-in changes nothing and leaves this empty.
     pub changed_services: Vec<ServiceName>,
+}
+
+/// Why a store that follows a change stream read its whole table again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RescanReason {
+    /// The first sync, or the stream came back after the table had none.
+    Start,
+    /// The stream no longer held the records the follower needed (trimmed after 24 h, or an
+    /// iterator that expired while the store was unreachable).
+    Trimmed,
+    /// The stream or a shard was gone (`ResourceNotFoundException`), or the table's stream
+    /// is another one now (disabled and enabled again: a new ARN).
+    StreamChanged,
+    /// Stream reads kept failing while the rest answered: a doubt, so read everything again.
+    Doubt,
+}
+
+impl RescanReason {
+    pub const ALL: [RescanReason; 4] = [
+        RescanReason::Start,
+        RescanReason::Trimmed,
+        RescanReason::StreamChanged,
+        RescanReason::Doubt,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            RescanReason::Start => "start",
+            RescanReason::Trimmed => "trimmed",
+            RescanReason::StreamChanged => "stream_changed",
+            RescanReason::Doubt => "doubt",
+        }
+    }
+}
+
+/// How a store that mirrors a shared table follows its change stream, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowStats {
+    /// Reads are answered from the mirror now.
+    pub followed: bool,
+    pub mirror_rows: u64,
+    /// Stream records applied to the mirror.
+    pub records_applied: u64,
+    pub rescans: Vec<(RescanReason, u64)>,
+    /// Age of the newest record applied when it was applied, ms.
+    pub lag_ms: u64,
+    /// Reads that queried the table, and reads the mirror answered.
+    pub table_reads: u64,
+    pub mirror_reads: u64,
 }
 
 #[derive(Debug, Error)]
@@ -118,4 +169,17 @@ pub trait Store: Send + Sync + 'static {
     /// the time at delete (conditionally, in DynamoDB) so a row that checked in meanwhile is
     /// kept. Returns how many were deleted.
     async fn delete_expired(&self, cutoff_ms: u64, max: usize) -> Result<usize, StoreError>;
+
+    /// A signal that moves when *other* writers changed what reads return (a store shared
+    /// between processes that learns of their writes, as DynamoDB through its stream). The
+    /// registry subscribes once and invalidates its read cache and wakes blocking queries on
+    /// each move. `None` (the default): the store learns of nothing by itself.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// How the store follows its change stream, when it does (metrics).
+    fn follow_stats(&self) -> Option<FollowStats> {
+        None
+    }
 }

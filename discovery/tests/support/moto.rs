@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use discovery::DynamoConfig;
 
+/// How often test stores read the table's stream: short, so tests wait little.
+pub const STREAM_POLL: Duration = Duration::from_millis(200);
+
 /// How long moto may take to start answering (a cold Python import on a loaded machine).
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -57,13 +60,15 @@ impl Moto {
         self.port
     }
 
-    /// A store config for `table` on this server, with a 180 s TTL.
+    /// A store config for `table` on this server, with a 180 s TTL and the stream read every
+    /// [`STREAM_POLL`].
     pub fn config(&self, table: &str) -> DynamoConfig {
         DynamoConfig {
             table: table.to_string(),
             endpoint: Some(self.endpoint()),
             region: Some("us-east-1".to_string()),
             ttl: Duration::from_secs(180),
+            stream_poll: STREAM_POLL,
         }
     }
 

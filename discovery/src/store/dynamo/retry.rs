@@ -34,6 +34,9 @@ pub(crate) enum ErrorClass {
     TableMissing,
     /// `CreateTable` raced another creator (`ResourceInUseException`).
     TableInUse,
+    /// A stream read asked for records the stream no longer keeps (24 h), or from a shard
+    /// iterator older than 15 minutes: the follower rescans.
+    StreamGap,
     /// Throttled: provisioned throughput, account request limit, or control-plane throttling.
     Throttled,
     /// DynamoDB's own 5xx (`InternalServerError`, `ServiceUnavailable`).
@@ -68,13 +71,16 @@ pub(crate) fn classify_service_error(code: Option<&str>, status: u16) -> ErrorCl
         "ConditionalCheckFailedException" => ErrorClass::ConditionFailed,
         "ResourceNotFoundException" => ErrorClass::TableMissing,
         "ResourceInUseException" => ErrorClass::TableInUse,
+        "TrimmedDataAccessException" | "ExpiredIteratorException" => ErrorClass::StreamGap,
         // DynamoDB throttles with three different codes depending on the capacity mode and
         // on whether the data plane or the control plane said no.
         "ProvisionedThroughputExceededException"
         | "ThrottlingException"
         | "Throttling"
         | "RequestLimitExceeded"
-        | "TooManyRequestsException" => ErrorClass::Throttled,
+        | "TooManyRequestsException"
+        // DynamoDB Streams' own word for it (more than 5 GetRecords a second on a shard).
+        | "LimitExceededException" => ErrorClass::Throttled,
         "InternalServerError" | "InternalFailure" | "ServiceUnavailable" => ErrorClass::ServerError,
         _ if status >= 500 => ErrorClass::ServerError,
         // An unknown 429 is throttling whatever its code says.
@@ -251,6 +257,9 @@ mod tests {
             ),
             (Some("ResourceNotFoundException"), 400, TableMissing),
             (Some("ResourceInUseException"), 400, TableInUse),
+            (Some("TrimmedDataAccessException"), 400, StreamGap),
+            (Some("ExpiredIteratorException"), 400, StreamGap),
+            (Some("LimitExceededException"), 400, Throttled),
             (
                 Some("ProvisionedThroughputExceededException"),
                 400,
@@ -283,7 +292,7 @@ mod tests {
         for class in [Throttled, ServerError, Timeout, Connection, BadResponse] {
             assert!(class.is_retryable(), "{class:?}");
         }
-        for class in [ConditionFailed, TableMissing, TableInUse, Fatal] {
+        for class in [ConditionFailed, TableMissing, TableInUse, StreamGap, Fatal] {
             assert!(!class.is_retryable(), "{class:?}");
         }
     }

@@ -11,6 +11,7 @@
 //! | `last_check_in` | N | registry clock at the last check-in, epoch ms |
 //! | `expires_at` | N | epoch **seconds**, `last_check_in + ttl`: the table's TTL attribute |
 //! | `weight_override` | N | absent unless an operator set one |
+//! | `version` | N | bumped by every write: orders a row's writes for the stream's mirror |
 //!
 //! Tags are one JSON string rather than a DynamoDB map: a check-in replaces the whole tag
 //! set anyway (so tags can be removed), a string is one `SET`, and the serde form round-trips
@@ -22,9 +23,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU16;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use schema::{Endpoint, RepoName, Revision, ServiceName, Tags, Weight};
+use schema::{Endpoint, EndpointKey, RepoName, Revision, ServiceName, Tags, Weight};
 
 use crate::store::StoredEndpoint;
+use crate::store::mirror::Stamp;
 
 pub(crate) type Item = HashMap<String, AttributeValue>;
 
@@ -38,6 +40,7 @@ pub(crate) const TAGS: &str = "tags";
 pub(crate) const LAST_CHECK_IN: &str = "last_check_in";
 pub(crate) const EXPIRES_AT: &str = "expires_at";
 pub(crate) const WEIGHT_OVERRIDE: &str = "weight_override";
+pub(crate) const VERSION: &str = "version";
 
 /// The sort key of an endpoint: `ip:port`, `[v6]:port`.
 pub(crate) fn sort_key(ip: IpAddr, port: NonZeroU16) -> String {
@@ -123,6 +126,46 @@ pub(crate) fn decode(item: &Item) -> Result<StoredEndpoint, String> {
         last_check_in_ms,
         weight_override,
     })
+}
+
+/// The row's write count (0 on rows written before it was kept, or by a foreign writer).
+pub(crate) fn version(item: &Item) -> u64 {
+    get_n(item, VERSION).unwrap_or(0)
+}
+
+/// The order of an item's writes (`last_check_in`, `version`), when it has a numeric
+/// `last_check_in`: even an item that does not decode can be ordered against the mirror.
+pub(crate) fn stamp(item: &Item) -> Option<Stamp> {
+    Some(Stamp {
+        last_check_in_ms: get_n(item, LAST_CHECK_IN).ok()?,
+        version: version(item),
+    })
+}
+
+/// The key of an item, when it is one of ours.
+pub(crate) fn endpoint_key(item: &Item) -> Option<EndpointKey> {
+    let service = ServiceName::new(get_s(item, SERVICE).ok()?).ok()?;
+    let addr: SocketAddr = get_s(item, ENDPOINT).ok()?.parse().ok()?;
+    Some(EndpointKey {
+        service,
+        ip: addr.ip(),
+        port: NonZeroU16::new(addr.port())?,
+    })
+}
+
+/// The item a check-in's `UpdateItem` leaves, from the one it replaced (`old`, `ALL_OLD`)
+/// and what it set: the write is one atomic step, so this is exactly what DynamoDB holds
+/// after it, without reading it back.
+pub(crate) fn after_check_in(old: Option<&Item>, set: Item, repo: Option<&str>) -> Item {
+    let mut item = old.cloned().unwrap_or_default();
+    let version = old.map(version).unwrap_or(0);
+    item.extend(set);
+    match repo {
+        Some(r) => item.insert(REPO.to_string(), s(r)),
+        None => item.remove(REPO),
+    };
+    item.insert(VERSION.to_string(), n(version.saturating_add(1)));
+    item
 }
 
 /// Whether storing `new` over `old` changes what readers see: a different revision, repo or

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    TableDescription, TableStatus, TimeToLiveSpecification, TimeToLiveStatus,
+    StreamSpecification, StreamViewType, TableDescription, TableStatus, TimeToLiveSpecification,
+    TimeToLiveStatus,
 };
 use tokio::time::Instant;
 
@@ -17,8 +18,9 @@ use crate::store::StoreError;
 /// Real DynamoDB takes seconds to tens of seconds to make a new table ACTIVE.
 const ACTIVE_DEADLINE: Duration = Duration::from_secs(120);
 
-/// Creates `cfg.table` (on-demand capacity) if it does not exist, waits until it is ACTIVE
-/// and makes `expires_at` its TTL attribute. Running it again changes nothing.
+/// Creates `cfg.table` (on-demand capacity, with a stream of new and old images) if it does
+/// not exist, waits until it is ACTIVE, enables that stream on a table made before replicas
+/// followed it, and makes `expires_at` its TTL attribute. Running it again changes nothing.
 pub async fn init_table(cfg: &DynamoConfig) -> Result<(), StoreError> {
     DynamoStore::connect(cfg).await?.ensure_table().await
 }
@@ -31,7 +33,54 @@ impl DynamoStore {
             None => self.create_table().await?,
         }
         self.wait_active().await?;
+        self.ensure_stream().await?;
         self.ensure_ttl().await
+    }
+
+    /// Enables the table's stream with both images (replicas follow it to keep their
+    /// mirrors: docs/ARCHITECTURE.md#following-the-table) unless it already has it.
+    async fn ensure_stream(&self) -> Result<(), StoreError> {
+        let spec = self
+            .describe_table()
+            .await?
+            .and_then(|t| t.stream_specification);
+        match spec {
+            Some(s) if s.stream_enabled() => {
+                if s.stream_view_type() == Some(&StreamViewType::NewAndOldImages) {
+                    return Ok(());
+                }
+                // DynamoDB cannot change a stream's view type in place, and disabling the
+                // stream under running replicas is the operator's call, not ours.
+                Err(StoreError::Unavailable(format!(
+                    "table {} has a stream of {:?}, not NEW_AND_OLD_IMAGES; disable it \
+                     (aws dynamodb update-table --stream-specification StreamEnabled=false) and \
+                     run init-table again",
+                    self.table,
+                    s.stream_view_type().map(|v| v.as_str())
+                )))
+            }
+            _ => {
+                let req = self
+                    .client
+                    .update_table()
+                    .table_name(&self.table)
+                    .stream_specification(stream_spec()?);
+                retry::call("UpdateTable", || req.clone().send()).await?;
+                tracing::info!(table = %self.table, "enabled the DynamoDB stream (NEW_AND_OLD_IMAGES)");
+                self.wait_active().await
+            }
+        }
+    }
+
+    /// Whether the table has the stream replicas follow (tests, diagnostics).
+    pub async fn has_stream(&self) -> Result<bool, StoreError> {
+        Ok(self
+            .describe_table()
+            .await?
+            .and_then(|t| t.stream_specification)
+            .is_some_and(|s| {
+                s.stream_enabled() && s.stream_view_type() == Some(&StreamViewType::NewAndOldImages)
+            }))
     }
 
     async fn describe_table(&self) -> Result<Option<TableDescription>, StoreError> {
@@ -69,7 +118,8 @@ impl DynamoStore {
             .attribute_definitions(attr(row::ENDPOINT)?)
             .key_schema(key(row::SERVICE, KeyType::Hash)?)
             .key_schema(key(row::ENDPOINT, KeyType::Range)?)
-            .billing_mode(BillingMode::PayPerRequest);
+            .billing_mode(BillingMode::PayPerRequest)
+            .stream_specification(stream_spec()?);
         tracing::info!(table = %self.table, "creating DynamoDB table");
         match retry::call("CreateTable", || req.clone().send()).await {
             Ok(_) => Ok(()),
@@ -155,6 +205,15 @@ impl DynamoStore {
                 _ => None,
             }))
     }
+}
+
+/// A stream of new and old images: an upsert needs the new one, a remove the old one.
+fn stream_spec() -> Result<StreamSpecification, StoreError> {
+    StreamSpecification::builder()
+        .stream_enabled(true)
+        .stream_view_type(StreamViewType::NewAndOldImages)
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("StreamSpecification: {e}")))
 }
 
 /// An existing table must be keyed exactly as we key it, or every write would fail (or,
