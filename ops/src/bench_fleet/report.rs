@@ -13,6 +13,8 @@ pub struct Report<'a> {
     pub clients: usize,
     pub first_sync: Duration,
     pub sent: usize,
+    /// How long sending the changes took.
+    pub churn_time: Duration,
     pub drained: bool,
     pub window: Duration,
     /// Fleet counters and the registry's (CPU seconds, bytes written), before and after.
@@ -78,8 +80,10 @@ impl Report<'_> {
             a.accept_encoding.as_deref().unwrap_or("(none)")
         ));
         line(format!(
-            "churn: {} changes sent in {:.1} s window (churn {:?} + drain{}), {} reached every client, {} did not",
+            "churn: {} changes sent ({:.1}/s) in {:.1} s window (churn {:?} planned + drain{}), \
+             {} reached every client, {} did not",
             self.sent,
+            self.sent as f64 / self.churn_time.as_secs_f64().max(1e-9),
             secs,
             a.churn,
             if self.drained {
