@@ -247,3 +247,107 @@ impl Answers {
         .clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use discovery::delta::Replica;
+    use schema::api::HostKey;
+
+    fn host(service: &str, ip: &str, revision: &str) -> V1Host {
+        V1Host {
+            service: service.into(),
+            ip_address: ip.into(),
+            port: 8080,
+            revision: revision.into(),
+            service_repo_name: None,
+            last_check_in: "2026-12-06T00:00:00.000Z".into(),
+            tags: serde_json::Map::new(),
+        }
+    }
+
+    fn catalog(index: u64, services: &[(&str, Vec<V1Host>)]) -> Catalog {
+        Catalog {
+            index,
+            generated_at_ms: 0,
+            warming: false,
+            stale: false,
+            services: services
+                .iter()
+                .map(|(s, h)| (s.to_string(), h.clone()))
+                .collect(),
+        }
+    }
+
+    /// The shared-structure view rebuilds what the agent's `Replica` rebuilds, digest included,
+    /// and refuses a delta whose digest it does not reach.
+    #[test]
+    fn apply_agrees_with_the_agents_replica() {
+        let before = catalog(
+            1,
+            &[
+                (
+                    "a",
+                    vec![host("a", "10.0.0.1", "r1"), host("a", "10.0.0.2", "r1")],
+                ),
+                ("b", vec![host("b", "10.0.0.3", "r1")]),
+            ],
+        );
+        let after = catalog(
+            2,
+            &[
+                (
+                    "a",
+                    vec![
+                        host("a", "10.0.0.1", "r1"),
+                        host("a", "10.0.0.9", "fleet-7"),
+                    ],
+                ),
+                ("c", vec![host("c", "10.0.0.4", "r1")]),
+            ],
+        );
+        let mut changes = CatalogChanges {
+            index: 2,
+            generated_at_ms: 0,
+            warming: false,
+            stale: false,
+            full: false,
+            from: Some(1),
+            digest: Replica::new(after.clone()).digest_hex(),
+            services: [
+                ("a".to_string(), vec![host("a", "10.0.0.9", "fleet-7")]),
+                ("c".to_string(), vec![host("c", "10.0.0.4", "r1")]),
+            ]
+            .into(),
+            removed: [(
+                "a".to_string(),
+                vec![HostKey {
+                    ip_address: "10.0.0.2".into(),
+                    port: 8080,
+                }],
+            )]
+            .into(),
+            removed_services: vec!["b".into()],
+        };
+        let view = View::whole(before.index, before.services.clone());
+        let replica = Replica::new(before).apply(changes.clone());
+        let applied = view.apply(&changes);
+        let (Ok(replica), Ok(applied)) = (replica, applied) else {
+            panic!("the delta did not apply");
+        };
+        assert_eq!(applied.digest_hex(), replica.digest_hex());
+        assert_eq!(applied.index, 2);
+        assert!(
+            applied
+                .host("a", "10.0.0.9", 8080)
+                .is_some_and(|h| h.revision == "fleet-7")
+        );
+        assert!(applied.host("a", "10.0.0.2", 8080).is_none());
+        assert!(!applied.services.contains_key("b"));
+        changes.digest = "00".repeat(32);
+        assert!(matches!(
+            view.apply(&changes),
+            Err(DeltaError::Digest { .. })
+        ));
+    }
+}
