@@ -268,25 +268,14 @@ impl Replica {
             self.digests.remove(&service);
         }
         for (service, gone) in changes.removed {
-            let gone: BTreeSet<HostKey> = gone.into_iter().collect();
             if let Some(hosts) = self.catalog.services.get_mut(&service) {
-                hosts.retain(|h| !gone.contains(&HostKey::of(h)));
+                remove_hosts(hosts, &gone);
             }
             touched.insert(service);
         }
         for (service, upserts) in changes.services {
             let hosts = self.catalog.services.entry(service.clone()).or_default();
-            let at: HashMap<HostKey, usize> = hosts
-                .iter()
-                .enumerate()
-                .map(|(i, h)| (HostKey::of(h), i))
-                .collect();
-            for new in upserts {
-                match at.get(&HostKey::of(&new)).and_then(|&i| hosts.get_mut(i)) {
-                    Some(old) => *old = new,
-                    None => hosts.push(new),
-                }
-            }
+            upsert_hosts(hosts, upserts);
             touched.insert(service);
         }
         for service in touched {
@@ -314,6 +303,28 @@ impl Replica {
         self.catalog.warming = changes.warming;
         self.catalog.stale = changes.stale;
         Ok(self)
+    }
+}
+
+/// Drops the hosts keyed in `gone` (one step of applying a delta to a service's hosts).
+pub fn remove_hosts(hosts: &mut Vec<V1Host>, gone: &[HostKey]) {
+    let gone: BTreeSet<&HostKey> = gone.iter().collect();
+    hosts.retain(|h| !gone.contains(&HostKey::of(h)));
+}
+
+/// Puts each of `upserts` in place of the host with its key, or adds it (one step of applying
+/// a delta; the caller puts the hosts back in [`host_order`]).
+pub fn upsert_hosts(hosts: &mut Vec<V1Host>, upserts: Vec<V1Host>) {
+    let at: HashMap<HostKey, usize> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (HostKey::of(h), i))
+        .collect();
+    for new in upserts {
+        match at.get(&HostKey::of(&new)).and_then(|&i| hosts.get_mut(i)) {
+            Some(old) => *old = new,
+            None => hosts.push(new),
+        }
     }
 }
 

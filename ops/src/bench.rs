@@ -29,6 +29,8 @@ pub enum BenchTarget {
     EtcdPut(LoadArgs),
     /// etcd v3 prefix reads of one service's keys, the lookup equivalent.
     EtcdGet(LoadArgs),
+    /// A fleet of agent-like sync clients under a churn of changes (ops/bench/fleet.sh).
+    Fleet(crate::bench_fleet::FleetArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -52,7 +54,16 @@ pub struct LoadArgs {
     pub fill: bool,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The load generators' client: pooled keep-alive connections, Nagle off.
+pub(crate) fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build(connector)
+}
 
 pub async fn main(args: crate::cli::BenchArgs) -> ExitCode {
     let (kind, load) = match args.target {
@@ -60,6 +71,7 @@ pub async fn main(args: crate::cli::BenchArgs) -> ExitCode {
         BenchTarget::RegistryLookup(a) => (Kind::RegistryLookup, a),
         BenchTarget::EtcdPut(a) => (Kind::EtcdPut, a),
         BenchTarget::EtcdGet(a) => (Kind::EtcdGet, a),
+        BenchTarget::Fleet(a) => return crate::bench_fleet::main(a).await,
     };
     if !is_loopback_url(&load.url) {
         eprintln!(
@@ -68,11 +80,7 @@ pub async fn main(args: crate::cli::BenchArgs) -> ExitCode {
         );
         return ExitCode::from(crate::EXIT_USAGE);
     }
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client: HttpClient = Client::builder(TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .build(connector);
+    let client = http_client();
     if load.fill {
         return match fill(&client, kind, &load).await {
             Ok(n) => {
@@ -102,7 +110,7 @@ enum Kind {
     EtcdGet,
 }
 
-fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     let host = url.split("://").nth(1).unwrap_or(url);
     host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
 }
@@ -111,7 +119,7 @@ fn service(i: u32) -> String {
     format!("svc-{i:03}")
 }
 
-fn host_ip(h: u32) -> String {
+pub(crate) fn host_ip(h: u32) -> String {
     format!("10.{}.{}.{}", (h >> 16) & 0xff, (h >> 8) & 0xff, h & 0xff)
 }
 
@@ -178,7 +186,7 @@ fn request(kind: Kind, base: &str, svc: u32, host: u32) -> Request<Full<Bytes>> 
         .unwrap_or_default()
 }
 
-fn url_encode(s: &str) -> String {
+pub(crate) fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
@@ -187,7 +195,7 @@ fn url_encode(s: &str) -> String {
         .collect()
 }
 
-async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Result<usize, String> {
+pub(crate) async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Result<usize, String> {
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let body = resp

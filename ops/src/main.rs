@@ -7,6 +7,7 @@ use clap::Parser;
 
 mod agent_cmd;
 mod bench;
+mod bench_fleet;
 mod checkin;
 mod cli;
 mod demo;
