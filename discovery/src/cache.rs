@@ -12,7 +12,6 @@ use schema::Endpoint;
 use tokio::sync::OnceCell;
 
 use crate::registry::ViewData;
-use crate::store::StoredEndpoint;
 
 #[derive(Debug, Clone)]
 pub(crate) struct CacheEntry {
@@ -139,17 +138,7 @@ impl Slot {
     pub fn misses_any(&self, eps: &[Endpoint], generation: u64, now: Now) -> bool {
         let e = self.entry.read().unwrap_or_else(PoisonError::into_inner);
         e.as_ref().is_some_and(|c| {
-            c.fresh(generation, now) && eps.iter().any(|ep| !contains(&c.data.rows, ep))
+            c.fresh(generation, now) && eps.iter().any(|ep| !c.data.rows.contains(ep))
         })
     }
-}
-
-/// Whether `ep`'s key is among `rows` (sorted by key, as [`crate::policy::visible`] leaves
-/// them).
-fn contains(rows: &[StoredEndpoint], ep: &Endpoint) -> bool {
-    rows.binary_search_by(|r| {
-        let r = &r.endpoint;
-        (&r.service, r.ip, r.port).cmp(&(&ep.service, ep.ip, ep.port))
-    })
-    .is_ok()
 }

@@ -67,7 +67,7 @@ pub use http::blocking::BlockingParams;
 pub use http::router::router;
 pub use http::serve;
 pub use memory::MemoryStore;
-pub use registry::{Registry, View, ViewData};
+pub use registry::{Registry, Rows, View, ViewData};
 pub use store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 pub use sweep::{SweepReport, run_sweeper};
 

@@ -22,11 +22,14 @@ use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
 mod history;
 mod read;
+mod rows;
+mod segments;
 
 pub(crate) use history::Entry as CatalogEntry;
 use history::History;
 use read::ReadCache;
 pub use read::{View, ViewData};
+pub use rows::Rows;
 
 #[derive(Debug, Clone, Copy)]
 struct Init {

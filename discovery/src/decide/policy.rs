@@ -11,7 +11,7 @@ use schema::{Endpoint, EndpointKey, ServiceName};
 use sha2::{Digest, Sha256};
 
 use crate::config::RegistryConfig;
-use crate::store::StoredEndpoint;
+use crate::store::{ServiceRows, StoredEndpoint};
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -47,9 +47,43 @@ pub fn visible(
     rows
 }
 
+/// [`visible`] for rows held as one shared list per service (in service order, each in key
+/// order): a list with no row past the TTL is kept as it is, shared, and a list left with
+/// none is dropped.
+pub fn visible_shared(
+    services: Vec<ServiceRows>,
+    now_ms: u64,
+    ttl: Duration,
+    preserving: bool,
+) -> Vec<ServiceRows> {
+    if preserving {
+        return services;
+    }
+    services
+        .into_iter()
+        .filter_map(|rows| {
+            if rows
+                .iter()
+                .all(|r| is_live(now_ms, r.last_check_in_ms, ttl))
+            {
+                return Some(rows);
+            }
+            let live: Vec<StoredEndpoint> = rows
+                .iter()
+                .filter(|r| is_live(now_ms, r.last_check_in_ms, ttl))
+                .cloned()
+                .collect();
+            (!live.is_empty()).then(|| ServiceRows::from(live))
+        })
+        .collect()
+}
+
 /// When the first visible row will expire (ms), so a cached answer is not served past it.
-pub fn next_expiry_ms(rows: &[StoredEndpoint], ttl: Duration) -> Option<u64> {
-    rows.iter()
+pub fn next_expiry_ms<'a>(
+    rows: impl IntoIterator<Item = &'a StoredEndpoint>,
+    ttl: Duration,
+) -> Option<u64> {
+    rows.into_iter()
         .map(|r| r.last_check_in_ms.saturating_add(ms(ttl)))
         .min()
 }
@@ -277,7 +311,21 @@ impl Preservation {
     /// count read before this call puts them back). Returns how many left.
     pub fn on_deregister(&mut self, d: Deregistration) -> usize {
         let before = self.counted.len();
-        self.counted.retain(|k| !d.matches(k));
+        // Keys sort by service, then ip, then port: the matches are one range, found in
+        // O(log n) rather than by walking a baseline of the whole fleet per deregistration.
+        let key = |port| EndpointKey {
+            service: d.service.clone(),
+            ip: d.ip,
+            port,
+        };
+        let (lo, hi) = match d.port {
+            Some(p) => (key(p), key(p)),
+            None => (key(NonZeroU16::MIN), key(NonZeroU16::MAX)),
+        };
+        let gone: Vec<EndpointKey> = self.counted.range(lo..=hi).cloned().collect();
+        for k in &gone {
+            self.counted.remove(k);
+        }
         self.seq += 1;
         self.deregistered.push((self.seq, d));
         before - self.counted.len()

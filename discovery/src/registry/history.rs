@@ -13,7 +13,7 @@ use bytes::Bytes;
 use schema::api::V1Host;
 
 use super::{Registry, View, ViewData};
-use crate::delta::{self, Hash, ServiceHosts, same_host};
+use crate::delta::{self, Hash, ServiceHosts};
 
 /// One catalog view as the ring holds it.
 #[derive(Debug)]
@@ -22,6 +22,9 @@ pub(crate) struct Entry {
     /// [`crate::Clock::elapsed_ms`] when the view was recorded, for the age bound.
     recorded_ms: u64,
     pub services: BTreeMap<String, Arc<ServiceHosts>>,
+    /// Each service's content hash (`registry/segments.rs`), in service order: what a later
+    /// view compares to share the service's entry.
+    content: Vec<(String, Hash)>,
     pub digest: Hash,
     digest_hex: OnceLock<String>,
 }
@@ -76,7 +79,7 @@ impl History {
         if let Some(head) = ring.back().filter(|h| h.index == data.index) {
             return head.clone();
         }
-        let entry = Arc::new(build(data, ring.back().map(|h| &h.services), now_ms));
+        let entry = Arc::new(build(data, ring.back().map(|h| &**h), now_ms));
         ring.push_back(entry.clone());
         // The newest view always stays: it is the base of the next delta.
         while ring.len() > self.views.max(1)
@@ -99,39 +102,40 @@ impl History {
     }
 }
 
-/// The entry for `data`, sharing every service whose hosts equal `previous`'s (but for their
-/// check-in times).
-fn build(
-    data: &ViewData,
-    previous: Option<&BTreeMap<String, Arc<ServiceHosts>>>,
-    now_ms: u64,
-) -> Entry {
-    let mut grouped: BTreeMap<String, Vec<V1Host>> = BTreeMap::new();
-    for r in &data.rows {
-        grouped
-            .entry(r.endpoint.service.to_string())
-            .or_default()
-            .push(V1Host::from_endpoint(&r.endpoint, r.last_check_in_ms));
+/// The entry for `data`, sharing every service whose content (all but check-in times) is
+/// what `previous` had: only the services that changed are converted to hosts and digested.
+fn build(data: &ViewData, previous: Option<&Entry>, now_ms: u64) -> Entry {
+    let mut services = BTreeMap::new();
+    let mut content = Vec::with_capacity(data.segments.len());
+    for (seg, rows) in data.segments.iter().zip(data.rows.services()) {
+        let name = seg.service.to_string();
+        let same = previous.and_then(|p| {
+            let i = p
+                .content
+                .binary_search_by(|(s, _)| s.as_str().cmp(&name))
+                .ok()?;
+            let (_, hash) = p.content.get(i)?;
+            (*hash == seg.hash).then(|| p.services.get(&name).cloned())?
+        });
+        let shared = match same {
+            Some(old) => old,
+            None => {
+                let hosts = rows
+                    .iter()
+                    .map(|r| V1Host::from_endpoint(&r.endpoint, r.last_check_in_ms))
+                    .collect();
+                Arc::new(ServiceHosts::new(&name, hosts))
+            }
+        };
+        content.push((name.clone(), seg.hash));
+        services.insert(name, shared);
     }
-    let services: BTreeMap<String, Arc<ServiceHosts>> = grouped
-        .into_iter()
-        .map(|(service, hosts)| {
-            let same = previous.and_then(|p| p.get(&service)).filter(|old| {
-                old.hosts.len() == hosts.len()
-                    && old.hosts.iter().zip(&hosts).all(|(a, b)| same_host(a, b))
-            });
-            let shared = match same {
-                Some(old) => old.clone(),
-                None => Arc::new(ServiceHosts::new(&service, hosts)),
-            };
-            (service, shared)
-        })
-        .collect();
     let digest = delta::catalog_digest(services.values().map(|s| &s.digest));
     Entry {
         index: data.index,
         recorded_ms: now_ms,
         services,
+        content,
         digest,
         digest_hex: OnceLock::new(),
     }

@@ -11,15 +11,17 @@ use schema::{Endpoint, ServiceName};
 
 use super::Registry;
 use super::history::DeltaMemo;
+use super::rows::Rows;
+use super::segments::{self, Segment};
 use crate::cache::{Bodies, CacheEntry, Now, Slot};
 use crate::errors::ApiError;
 use crate::policy;
-use crate::store::{StoreError, StoredEndpoint};
+use crate::store::{ServiceRows, StoreError, StoredEndpoint, group_by_service};
 
 /// A computed answer: the visible rows of a service (or of every service) and their index.
 #[derive(Debug)]
 pub struct ViewData {
-    pub rows: Vec<StoredEndpoint>,
+    pub rows: Rows,
     pub index: u64,
     /// Self-preservation was on: rows past the TTL are included.
     pub preserving: bool,
@@ -27,18 +29,37 @@ pub struct ViewData {
     pub(crate) bodies: Bodies,
     /// Catalog deltas to this data, per base index, encoded once for every client at that base.
     pub(crate) deltas: DeltaMemo,
+    /// `rows` per service, with each service's content hash.
+    pub(crate) segments: Vec<Segment>,
 }
 
 impl ViewData {
     /// `rows` (visible, in key order) and their content index.
     pub fn new(rows: Vec<StoredEndpoint>, preserving: bool) -> Self {
-        let index = policy::content_index(rows.iter().map(|r| &r.endpoint));
+        let rows = Rows::from_vec(rows);
+        let cut = segments::cut(&rows, None);
+        Self::from_segments(rows, preserving, cut.segments)
+    }
+
+    fn from_segments(rows: Rows, preserving: bool, segments: Vec<Segment>) -> Self {
         ViewData {
+            index: segments::index(&segments),
             rows,
-            index,
             preserving,
             bodies: Bodies::default(),
             deltas: DeltaMemo::default(),
+            segments,
+        }
+    }
+
+    /// The data for `rows`: `previous` itself when nothing a reader sees differs from it
+    /// (then the bodies it encoded are kept), else new data that reuses the content hash of
+    /// every service `previous` had the same.
+    fn next(rows: Rows, preserving: bool, previous: Option<&Arc<ViewData>>) -> Arc<ViewData> {
+        let cut = segments::cut(&rows, previous.map(|p| (&p.rows, p.segments.as_slice())));
+        match previous {
+            Some(p) if cut.identical && p.preserving == preserving => p.clone(),
+            _ => Arc::new(Self::from_segments(rows, preserving, cut.segments)),
         }
     }
 }
@@ -92,7 +113,7 @@ impl Registry {
     /// encoding when its entry ages out.
     fn build(
         &self,
-        rows: Vec<StoredEndpoint>,
+        rows: Vec<ServiceRows>,
         at: Now,
         generation: u64,
         previous: Option<&Arc<ViewData>>,
@@ -100,7 +121,7 @@ impl Registry {
         let now = at.wall_ms;
         let cfg = &self.inner.config;
         let preserving = self.self_preservation_active() || self.decision_outdated(now);
-        let rows = policy::visible(rows, now, cfg.ttl, preserving);
+        let rows = Rows::from_services(policy::visible_shared(rows, now, cfg.ttl, preserving));
         let cache_ms = u64::try_from(cfg.read_cache_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut fresh_until_ms = now.saturating_add(cache_ms);
         if !preserving {
@@ -109,10 +130,7 @@ impl Registry {
                 fresh_until_ms = fresh_until_ms.min(t);
             }
         }
-        let data = match previous {
-            Some(p) if p.preserving == preserving && p.rows == rows => p.clone(),
-            _ => Arc::new(ViewData::new(rows, preserving)),
-        };
+        let data = ViewData::next(rows, preserving, previous);
         // The same span on the monotonic clock, from the same moment.
         let span = fresh_until_ms.saturating_sub(now);
         CacheEntry {
@@ -149,7 +167,7 @@ impl Registry {
     /// flagged stale, or 503 if there is none.
     async fn read_through<F>(&self, slot: &Slot, fetch: F) -> Result<(View, bool), ApiError>
     where
-        F: Future<Output = Result<Vec<StoredEndpoint>, StoreError>>,
+        F: Future<Output = Result<Vec<ServiceRows>, StoreError>>,
     {
         let generation = self.generation();
         let cached = slot.entry();
@@ -220,7 +238,12 @@ impl Registry {
             .get(service)
             .cloned();
         let slot = existing.clone().unwrap_or_default();
-        let fetch = self.store_call("list_service", self.inner.store.list_service(service));
+        let fetch = async {
+            let rows = self
+                .store_call("list_service", self.inner.store.list_service(service))
+                .await?;
+            Ok(group_by_service(rows))
+        };
         let (view, fetched) = self.read_through(&slot, fetch).await?;
         if fetched && existing.is_none() && !view.data.rows.is_empty() {
             let mut map = cache
@@ -236,7 +259,7 @@ impl Registry {
     pub async fn read_catalog(&self) -> Result<View, ApiError> {
         let _ = self.ensure_init().await;
         self.recount_if_blind().await;
-        let fetch = self.store_call("list_all", self.inner.store.list_all());
+        let fetch = self.store_call("list_all", self.inner.store.list_all_shared());
         Ok(self.read_through(&self.inner.cache.catalog, fetch).await?.0)
     }
 
@@ -251,7 +274,9 @@ impl Registry {
             .await
         {
             Ok(rows) => Ok(View {
-                data: self.build(rows, now, self.generation(), None).data,
+                data: self
+                    .build(group_by_service(rows), now, self.generation(), None)
+                    .data,
                 from_fallback: false,
             }),
             Err(e) => {

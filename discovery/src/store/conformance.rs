@@ -90,17 +90,51 @@ fn sorted(mut rows: Vec<StoredEndpoint>) -> Vec<StoredEndpoint> {
     rows
 }
 
+/// The rows of `service`, checked against what [`Store::list_all_shared`] holds for it (a
+/// store that shares unchanged services must notice every write: each case reads after its
+/// writes, so each write is checked).
 async fn list<S: Store>(store: &S, service: &str) -> Vec<StoredEndpoint> {
-    sorted(
+    let rows = sorted(
         store
             .list_service(&svc(service))
             .await
             .expect("list_service"),
-    )
+    );
+    let shared: Vec<StoredEndpoint> = shared(store)
+        .await
+        .into_iter()
+        .filter(|r| r.endpoint.service.as_str() == service)
+        .collect();
+    assert_eq!(shared, rows, "list_all_shared disagrees with list_service");
+    rows
 }
 
+/// Every row, checked against [`Store::list_all_shared`].
 async fn all<S: Store>(store: &S) -> Vec<StoredEndpoint> {
-    sorted(store.list_all().await.expect("list_all"))
+    let rows = sorted(store.list_all().await.expect("list_all"));
+    assert_eq!(
+        shared(store).await,
+        rows,
+        "list_all_shared disagrees with list_all"
+    );
+    rows
+}
+
+/// [`Store::list_all_shared`] flattened, after checking its shape: services in name order,
+/// none empty, each in key order.
+async fn shared<S: Store>(store: &S) -> Vec<StoredEndpoint> {
+    let lists = store.list_all_shared().await.expect("list_all_shared");
+    let names: Vec<&ServiceName> = lists
+        .iter()
+        .map(|l| &l.first().expect("no empty service list").endpoint.service)
+        .collect();
+    assert!(names.is_sorted_by(|a, b| a < b), "services in name order");
+    let rows: Vec<StoredEndpoint> = lists.iter().flat_map(|l| l.iter().cloned()).collect();
+    assert!(
+        rows.is_sorted_by(|a, b| a.endpoint.key() < b.endpoint.key()),
+        "rows in key order"
+    );
+    rows
 }
 
 async fn check_in<S: Store>(store: &S, eps: &[Endpoint], now: u64) -> (usize, Vec<ServiceName>) {

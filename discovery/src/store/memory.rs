@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use async_trait::async_trait;
 use schema::{Endpoint, ServiceName, Weight};
 
-use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint, merge_tags};
+use crate::store::{CheckInOutcome, ServiceRows, Store, StoreError, StoredEndpoint, merge_tags};
 
 type RowKey = (IpAddr, NonZeroU16);
 
@@ -77,7 +77,13 @@ impl Row {
 
 #[derive(Debug, Default)]
 struct ShardRows {
-    rows: BTreeMap<RowKey, Row>,
+    /// Read through [`ShardRows::rows`]; written only through [`ShardRows::rows_mut`], which
+    /// drops `shared`.
+    map: BTreeMap<RowKey, Row>,
+    /// The rows as [`Store::list_all_shared`] last answered them, until the next write: an
+    /// unchanged service is answered with the same allocation, which the registry then skips
+    /// without comparing a row.
+    shared: Option<ServiceRows>,
     /// Set once the shard has been unlinked from the outer map (it was empty). A writer that
     /// still holds the `Arc` must then look the service up again, or its write would be lost.
     dead: bool,
@@ -85,6 +91,23 @@ struct ShardRows {
 
 #[derive(Debug, Default)]
 struct Shard(Mutex<ShardRows>);
+
+impl ShardRows {
+    fn rows(&self) -> &BTreeMap<RowKey, Row> {
+        &self.map
+    }
+
+    fn rows_mut(&mut self) -> &mut BTreeMap<RowKey, Row> {
+        self.shared = None;
+        &mut self.map
+    }
+
+    fn shared(&mut self) -> ServiceRows {
+        self.shared
+            .get_or_insert_with(|| self.map.values().map(Row::to_stored).collect())
+            .clone()
+    }
+}
 
 impl Shard {
     fn lock(&self) -> MutexGuard<'_, ShardRows> {
@@ -137,7 +160,7 @@ impl MemoryStore {
             return;
         };
         let mut rows = shard.lock();
-        if rows.rows.is_empty() {
+        if rows.rows().is_empty() {
             rows.dead = true;
             map.remove(service);
         }
@@ -154,7 +177,7 @@ impl MemoryStore {
             let shard = self.shard_or_create(service);
             let mut rows = shard.lock();
             if !rows.dead {
-                return f(&mut rows.rows);
+                return f(rows.rows_mut());
             }
         }
     }
@@ -163,7 +186,7 @@ impl MemoryStore {
     pub fn len(&self) -> usize {
         self.all_shards()
             .iter()
-            .map(|(_, s)| s.lock().rows.len())
+            .map(|(_, s)| s.lock().rows().len())
             .sum()
     }
 
@@ -269,7 +292,7 @@ impl Store for MemoryStore {
             return Ok(Vec::new());
         };
         let rows = shard.lock();
-        Ok(rows.rows.values().map(Row::to_stored).collect())
+        Ok(rows.rows().values().map(Row::to_stored).collect())
     }
 
     async fn list_all(&self) -> Result<Vec<StoredEndpoint>, StoreError> {
@@ -277,9 +300,19 @@ impl Store for MemoryStore {
         shards.sort_by(|a, b| a.0.cmp(&b.0));
         let mut out = Vec::new();
         for (_, shard) in shards {
-            out.extend(shard.lock().rows.values().map(Row::to_stored));
+            out.extend(shard.lock().rows().values().map(Row::to_stored));
         }
         Ok(out)
+    }
+
+    async fn list_all_shared(&self) -> Result<Vec<ServiceRows>, StoreError> {
+        let mut shards = self.all_shards();
+        shards.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(shards
+            .iter()
+            .map(|(_, shard)| shard.lock().shared())
+            .filter(|rows| !rows.is_empty())
+            .collect())
     }
 
     async fn list_repo(&self, repo: &str) -> Result<Vec<StoredEndpoint>, StoreError> {
@@ -289,7 +322,7 @@ impl Store for MemoryStore {
         let mut out = Vec::new();
         for (_, shard) in shards {
             let rows = shard.lock();
-            let hits = rows.rows.values().filter(|r| {
+            let hits = rows.rows().values().filter(|r| {
                 r.endpoint
                     .service_repo_name
                     .as_ref()
@@ -311,10 +344,10 @@ impl Store for MemoryStore {
         };
         let (removed, now_empty) = {
             let mut rows = shard.lock();
-            let before = rows.rows.len();
-            rows.rows
-                .retain(|(rip, rport), _| !(*rip == ip && port.is_none_or(|p| p == *rport)));
-            (before - rows.rows.len(), rows.rows.is_empty())
+            let rows = rows.rows_mut();
+            let before = rows.len();
+            rows.retain(|(rip, rport), _| !(*rip == ip && port.is_none_or(|p| p == *rport)));
+            (before - rows.len(), rows.is_empty())
         };
         if now_empty {
             self.unlink_if_empty(service);
@@ -333,7 +366,7 @@ impl Store for MemoryStore {
         };
         let mut rows = shard.lock();
         let mut n = 0;
-        for ((rip, _), row) in rows.rows.iter_mut() {
+        for ((rip, _), row) in rows.rows_mut().iter_mut() {
             if ip.is_none_or(|ip| ip == *rip) {
                 row.weight_override = Some(weight);
                 n += 1;
@@ -353,17 +386,20 @@ impl Store for MemoryStore {
                 // The check happens under the shard lock, so a row that checked in after the
                 // caller computed `cutoff_ms` is never removed.
                 let expired: Vec<RowKey> = rows
-                    .rows
+                    .rows()
                     .iter()
                     .filter(|(_, r)| r.last_check_in_ms < cutoff_ms)
                     .map(|(k, _)| *k)
                     .take(max - deleted)
                     .collect();
-                for k in &expired {
-                    rows.rows.remove(k);
+                if !expired.is_empty() {
+                    let rows = rows.rows_mut();
+                    for k in &expired {
+                        rows.remove(k);
+                    }
                 }
                 deleted += expired.len();
-                !expired.is_empty() && rows.rows.is_empty()
+                !expired.is_empty() && rows.rows().is_empty()
             };
             if now_empty {
                 self.unlink_if_empty(&service);

@@ -107,6 +107,30 @@ pub enum StoreError {
     Invalid(#[from] ValidationError),
 }
 
+/// One service's rows, in key order, shared between the store's answers and the registry's
+/// views ([`Store::list_all_shared`]).
+pub type ServiceRows = std::sync::Arc<[StoredEndpoint]>;
+
+/// `rows` sorted by key and cut into one list per service.
+pub fn group_by_service(mut rows: Vec<StoredEndpoint>) -> Vec<ServiceRows> {
+    rows.sort_by(|a, b| {
+        let (a, b) = (&a.endpoint, &b.endpoint);
+        (&a.service, a.ip, a.port).cmp(&(&b.service, b.ip, b.port))
+    });
+    let mut out = Vec::new();
+    let mut rest = rows.as_slice();
+    while let Some(first) = rest.first() {
+        let len = rest
+            .iter()
+            .take_while(|r| r.endpoint.service == first.endpoint.service)
+            .count();
+        let (group, tail) = rest.split_at(len);
+        out.push(ServiceRows::from(group));
+        rest = tail;
+    }
+    out
+}
+
 /// A registry backend. Implementations must be safe to share between tasks and between
 /// registry processes (DynamoDB): every method is a self-contained, idempotent operation.
 #[async_trait]
@@ -143,6 +167,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every row of every service (the catalog, the sweeper, self-preservation accounting).
     async fn list_all(&self) -> Result<Vec<StoredEndpoint>, StoreError>;
+
+    /// Every row of every service as one shared list per non-empty service: services in name
+    /// order, each list in key order. A store that keeps its rows per service answers a
+    /// service unchanged since its last call with the same allocation, so the registry can
+    /// skip it without comparing rows. The default groups [`Store::list_all`].
+    async fn list_all_shared(&self) -> Result<Vec<ServiceRows>, StoreError> {
+        Ok(group_by_service(self.list_all().await?))
+    }
 
     /// Every row whose `service_repo_name` is `repo`.
     async fn list_repo(&self, repo: &str) -> Result<Vec<StoredEndpoint>, StoreError>;

@@ -48,6 +48,29 @@ fn visible_filters_unless_preserving_and_sorts() {
     assert_eq!(next_expiry_ms(&rows, TTL), Some(180_000));
 }
 
+#[test]
+fn visible_shared_keeps_live_lists_as_they_are() {
+    let now = 250_000;
+    let live: ServiceRows = vec![row(1, 100_000), row(3, 200_000)].into();
+    let mixed: ServiceRows = vec![row(1, 0), row(2, 200_000)].into();
+    let dead: ServiceRows = vec![row(4, 0)].into();
+    let out = visible_shared(
+        vec![live.clone(), mixed.clone(), dead.clone()],
+        now,
+        TTL,
+        false,
+    );
+    assert_eq!(out.len(), 2, "a list left empty is dropped");
+    assert!(
+        ServiceRows::ptr_eq(&out[0], &live),
+        "an all-live list is shared, not copied"
+    );
+    let ports: Vec<u16> = out[1].iter().map(|r| r.endpoint.port.get()).collect();
+    assert_eq!(ports, vec![2]);
+    let kept = visible_shared(vec![live.clone(), mixed, dead], now, TTL, true);
+    assert_eq!(kept.len(), 3, "self-preservation shows every row");
+}
+
 fn cfg() -> RegistryConfig {
     RegistryConfig::default()
 }
@@ -340,4 +363,33 @@ fn startup_baseline_counts_the_fleet_as_last_seen() {
     let counted = startup_baseline(&rows, TTL);
     assert_eq!(counted.len(), 2);
     assert!(counted.contains(&rows[0].endpoint.key()) && counted.contains(&rows[1].endpoint.key()));
+}
+
+proptest::proptest! {
+    /// A deregistration takes exactly the baseline keys it matches (the range lookup agrees
+    /// with testing every key).
+    #[test]
+    fn deregistration_removes_exactly_its_matches(
+        keys in proptest::collection::btree_set((0..3usize, 0u8..4, 1u16..4), 0..40),
+        (s, ip, port) in (0..3usize, 0u8..4, proptest::option::of(1u16..4)),
+    ) {
+        let names = ["api", "db", "web"];
+        let make = |s: usize, ip: u8, port: u16| EndpointKey {
+            service: ServiceName::new(names[s]).expect("name"),
+            ip: IpAddr::from([10, 0, 0, ip]),
+            port: NonZeroU16::new(port).expect("port"),
+        };
+        let counted: BTreeSet<EndpointKey> = keys.iter().map(|&(s, ip, p)| make(s, ip, p)).collect();
+        let d = Deregistration {
+            service: ServiceName::new(names[s]).expect("name"),
+            ip: IpAddr::from([10, 0, 0, ip]),
+            port: port.map(|p| NonZeroU16::new(p).expect("port")),
+        };
+        let mut expected = counted.clone();
+        expected.retain(|k| !d.matches(k));
+        let mut p = Preservation::new(&cfg(), 0, counted.clone());
+        let left = p.on_deregister(d);
+        proptest::prop_assert_eq!(left, counted.len() - expected.len());
+        proptest::prop_assert_eq!(&p.counted, &expected);
+    }
 }

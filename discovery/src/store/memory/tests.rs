@@ -154,3 +154,52 @@ async fn list_repo_filters_by_repo_name() {
 async fn concurrent_tag_merges_all_land() {
     crate::conformance::concurrent_merges_all_land(&MemoryStore::new()).await;
 }
+
+#[tokio::test]
+async fn shared_lists_change_only_for_the_services_written() {
+    let store = MemoryStore::new();
+    let (a, b) = (ep("api", "10.0.0.1", 80), ep("web", "10.0.0.2", 80));
+    store
+        .check_in(&[a.clone(), b.clone()], 1_000)
+        .await
+        .expect("ok");
+    let first = store.list_all_shared().await.expect("ok");
+    let again = store.list_all_shared().await.expect("ok");
+    assert_eq!(first.len(), 2);
+    for (x, y) in first.iter().zip(&again) {
+        assert!(
+            std::sync::Arc::ptr_eq(x, y),
+            "nothing written: the same lists"
+        );
+    }
+
+    // A plain renewal moves the check-in time, which readers see: a new list for "web" only.
+    store
+        .check_in(std::slice::from_ref(&b), 2_000)
+        .await
+        .expect("ok");
+    let renewed = store.list_all_shared().await.expect("ok");
+    assert!(std::sync::Arc::ptr_eq(&first[0], &renewed[0]));
+    assert!(!std::sync::Arc::ptr_eq(&first[1], &renewed[1]));
+    assert_eq!(renewed[1][0].last_check_in_ms, 2_000);
+
+    // Every other write: a new list, holding the write.
+    store
+        .set_weight(&svc("api"), None, Weight::new(7).expect("weight"))
+        .await
+        .expect("ok");
+    let weighted = store.list_all_shared().await.expect("ok");
+    assert_eq!(
+        weighted[0][0].weight_override,
+        Some(Weight::new(7).expect("weight"))
+    );
+    store
+        .deregister(&svc("api"), "10.0.0.1".parse().expect("ip"), None)
+        .await
+        .expect("ok");
+    let left = store.list_all_shared().await.expect("ok");
+    assert_eq!(left.len(), 1, "a service with no rows has no list");
+    assert_eq!(left[0][0].endpoint, b);
+    assert_eq!(store.delete_expired(3_000, 10).await.expect("ok"), 1);
+    assert!(store.list_all_shared().await.expect("ok").is_empty());
+}
