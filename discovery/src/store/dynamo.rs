@@ -48,8 +48,10 @@ use aws_sdk_dynamodb::config::{Credentials, Region};
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use schema::{Endpoint, ServiceName, Weight};
 
-use crate::store::mirror::Change;
-use crate::store::{CheckInOutcome, FollowStats, Store, StoreError, StoredEndpoint};
+use crate::store::mirror::{Change, Mirror};
+use crate::store::{
+    CheckInOutcome, FollowStats, ServiceRows, Store, StoreError, StoredEndpoint, group_by_service,
+};
 use follow::Follow;
 use pages::{Filter, decode_all};
 use row::{Item, s};
@@ -315,6 +317,13 @@ impl Store for DynamoStore {
         }
         let items = pages::scan(&self.client, &self.table, None, false, usize::MAX).await;
         self.watch(items.map(|i| decode_all(&i)))
+    }
+
+    async fn list_all_shared(&self) -> Result<Vec<ServiceRows>, StoreError> {
+        if let Some(lists) = self.follow.read_mut(Mirror::list_all_shared) {
+            return Ok(lists);
+        }
+        Ok(group_by_service(self.list_all().await?))
     }
 
     async fn list_repo(&self, repo: &str) -> Result<Vec<StoredEndpoint>, StoreError> {

@@ -14,12 +14,13 @@
 //! a record fetched twice of the row's earlier state does not bring it back.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroU16;
+use std::ops::Bound;
 
 use schema::{EndpointKey, ServiceName};
 
-use crate::store::StoredEndpoint;
+use crate::store::{ServiceRows, StoredEndpoint};
 
 /// The order of a row's writes: its check-in time, then its write count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,6 +69,9 @@ struct Held {
 #[derive(Debug, Default)]
 pub struct Mirror {
     rows: BTreeMap<EndpointKey, Held>,
+    /// Per service, its rows as [`Mirror::list_all_shared`] last handed them out; dropped
+    /// for a service by any change to it, and for all by a rescan.
+    shared: BTreeMap<ServiceName, ServiceRows>,
     /// The stamp of each recent remove, with the follower's round it was applied in (for
     /// [`Mirror::forget_tombstones`]).
     tombstones: BTreeMap<EndpointKey, (Stamp, u64)>,
@@ -84,6 +88,11 @@ impl Mirror {
                 log.push(change.clone());
             }
         }
+        let service = match &change {
+            Change::Upsert { row, .. } => &row.endpoint.service,
+            Change::Remove { key, .. } | Change::Forget { key, .. } => &key.service,
+        };
+        self.shared.remove(service);
         match change {
             Change::Upsert { row, version } => {
                 let key = row.endpoint.key();
@@ -148,6 +157,7 @@ impl Mirror {
         let replay = self.during_scan.take().unwrap_or_default();
         let before: Vec<StoredEndpoint> = self.list_all();
         self.rows.clear();
+        self.shared.clear();
         for (row, version) in rows {
             self.apply(Change::Upsert { row, version }, Origin::Stream, round);
         }
@@ -174,6 +184,33 @@ impl Mirror {
     /// Every row, in key order.
     pub fn list_all(&self) -> Vec<StoredEndpoint> {
         self.rows.values().map(|h| h.row.clone()).collect()
+    }
+
+    /// Every row as one shared list per service (services in name order, each in key order):
+    /// a service no change touched since the last call is the same allocation
+    /// ([`crate::store::Store::list_all_shared`]).
+    pub fn list_all_shared(&mut self) -> Vec<ServiceRows> {
+        let mut out = Vec::new();
+        let mut from: Bound<EndpointKey> = Bound::Unbounded;
+        while let Some(first) = self.rows.range((from.clone(), Bound::Unbounded)).next() {
+            let service = first.0.service.clone();
+            let list = match self.shared.get(&service) {
+                Some(list) => list.clone(),
+                None => {
+                    let list: ServiceRows = self.list_service(&service).into();
+                    self.shared.insert(service.clone(), list.clone());
+                    list
+                }
+            };
+            out.push(list);
+            // Past the highest key the service can have.
+            from = Bound::Excluded(EndpointKey {
+                service,
+                ip: IpAddr::V6(Ipv6Addr::from(u128::MAX)),
+                port: NonZeroU16::MAX,
+            });
+        }
+        out
     }
 
     /// The rows of one service, in key order.

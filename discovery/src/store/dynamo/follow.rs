@@ -91,10 +91,15 @@ impl Follow {
 
     /// `f` over the mirror when it may answer reads; `None` sends the read to the table.
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Mirror) -> T) -> Option<T> {
-        let st = self.state();
+        self.read_mut(|m| f(m))
+    }
+
+    /// [`Follow::read`] for reads that update the mirror's own bookkeeping (its shared lists).
+    pub(crate) fn read_mut<T>(&self, f: impl FnOnce(&mut Mirror) -> T) -> Option<T> {
+        let mut st = self.state();
         if st.synced && st.fresh_until.is_some_and(|t| Instant::now() < t) {
             self.mirror_reads.fetch_add(1, Ordering::Relaxed);
-            Some(f(&st.mirror))
+            Some(f(&mut st.mirror))
         } else {
             self.table_reads.fetch_add(1, Ordering::Relaxed);
             None

@@ -133,6 +133,44 @@ fn services_and_repos_are_listed_apart() {
     assert_eq!(m.len(), 2);
 }
 
+#[test]
+fn shared_lists_are_replaced_only_for_the_services_changed() {
+    let mut m = Mirror::default();
+    let api = StoredEndpoint {
+        endpoint: ep("api", "10.0.0.1", 80),
+        last_check_in_ms: T0,
+        weight_override: None,
+    };
+    let web = row("10.0.0.1", T0, "a", None);
+    m.apply(upsert(&api, 1), Origin::Stream, 0);
+    m.apply(upsert(&web, 1), Origin::Stream, 0);
+    let first = m.list_all_shared();
+    assert_eq!(first.len(), 2);
+    assert_eq!(*first[0], *std::slice::from_ref(&api));
+    assert_eq!(*first[1], *std::slice::from_ref(&web));
+
+    let web2 = row("10.0.0.2", T0, "a", None);
+    m.apply(upsert(&web2, 1), Origin::Echo, 0);
+    let second = m.list_all_shared();
+    assert!(
+        std::sync::Arc::ptr_eq(&first[0], &second[0]),
+        "api untouched: shared"
+    );
+    assert_eq!(*second[1], [web.clone(), web2.clone()]);
+
+    // A removal empties "api": its list goes, "web" keeps its own.
+    m.apply(remove(&api, 1), Origin::Stream, 0);
+    let third = m.list_all_shared();
+    assert_eq!(third.len(), 1);
+    assert!(std::sync::Arc::ptr_eq(&second[1], &third[0]));
+
+    // A rescan replaces everything.
+    m.begin_scan();
+    m.finish_scan(vec![(web.clone(), 2)], 1);
+    let fourth = m.list_all_shared();
+    assert_eq!(*fourth[0], [web]);
+}
+
 // ---- convergence ---------------------------------------------------------------------------
 
 /// One write to the table, by this replica (`mine`: echoed) or another.
@@ -231,6 +269,10 @@ proptest! {
                 break;
             }
             let pick = picks.next().unwrap_or(0) as usize;
+            if pick % 3 == 0 {
+                // Hand out shared lists now and then: later changes must replace them.
+                m.list_all_shared();
+            }
             match sources[pick % sources.len()] {
                 usize::MAX => {
                     let e = echoes.remove(pick % echoes.len());
@@ -243,6 +285,8 @@ proptest! {
             }
         }
         let want: Vec<StoredEndpoint> = table.into_values().map(|(r, _)| r).collect();
-        prop_assert_eq!(m.list_all(), want);
+        prop_assert_eq!(m.list_all(), want.clone());
+        let shared: Vec<StoredEndpoint> = m.list_all_shared().iter().flat_map(|l| l.iter().cloned()).collect();
+        prop_assert_eq!(shared, want);
     }
 }
