@@ -9,9 +9,10 @@
 
 use std::collections::BTreeMap;
 
+use axum::body::Body;
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use schema::api::{ServiceSummary, ServicesResponse, V1Host, V1Listing};
 use schema::{Endpoint, ServiceName, eds};
 use serde::Serialize;
@@ -19,6 +20,7 @@ use serde::Serialize;
 use crate::cache::Format;
 use crate::delta;
 use crate::errors::ApiError;
+use crate::http::parts::Parts;
 use crate::http::router::with_view_headers;
 use crate::registry::{CatalogEntry, Registry, View};
 
@@ -103,24 +105,22 @@ fn catalog_services(view: &View) -> Result<Bytes, serde_json::Error> {
 }
 
 /// `head`, an encoded JSON object, without its closing brace, then `rest`: how a per-request
-/// head and a cached member become one answer without encoding the member again.
-fn join(head: &[u8], rest: &[&[u8]]) -> Bytes {
-    let open = head.len().saturating_sub(1);
-    let len = open + rest.iter().map(|r| r.len()).sum::<usize>();
-    let mut out = BytesMut::with_capacity(len);
-    out.put_slice(&head[..open]);
-    for r in rest {
-        out.put_slice(r);
-    }
-    out.freeze()
+/// head and a cached member become one answer without encoding the member again, nor copying
+/// it ([`Parts`]).
+fn join(mut head: Vec<u8>, rest: impl IntoIterator<Item = Bytes>) -> Parts {
+    head.pop();
+    Parts::new(std::iter::once(Bytes::from(head)).chain(rest))
 }
+
+const SERVICES_KEY: Bytes = Bytes::from_static(br#","services":"#);
+const CLOSE: Bytes = Bytes::from_static(b"}");
 
 /// `GET /v2/catalog` as of `generated_at_ms`, with the registry warming or not.
 pub(crate) fn catalog(
     view: &View,
     generated_at_ms: u64,
     warming: bool,
-) -> Result<Bytes, serde_json::Error> {
+) -> Result<Parts, serde_json::Error> {
     let services = catalog_services(view)?;
     let head = serde_json::to_vec(&CatalogHead {
         index: view.data.index,
@@ -129,14 +129,7 @@ pub(crate) fn catalog(
         stale: view.stale(),
     })?;
     // `{"index":…,"stale":…}` loses its closing brace and gains `,"services":{…}}`.
-    Ok(join(
-        &head,
-        &[
-            br#","services":"#.as_slice(),
-            &services[..],
-            b"}".as_slice(),
-        ],
-    ))
+    Ok(join(head, [SERVICES_KEY, services, CLOSE]))
 }
 
 /// The fields of [`schema::api::CatalogChanges`] before `services`, in its order.
@@ -161,7 +154,7 @@ pub(crate) fn catalog_changes(
     base: Option<&CatalogEntry>,
     generated_at_ms: u64,
     warming: bool,
-) -> Result<Bytes, serde_json::Error> {
+) -> Result<Parts, serde_json::Error> {
     let head = serde_json::to_vec(&ChangesHead {
         index: view.data.index,
         generated_at_ms,
@@ -173,14 +166,7 @@ pub(crate) fn catalog_changes(
     })?;
     let Some(base) = base else {
         let services = catalog_services(view)?;
-        return Ok(join(
-            &head,
-            &[
-                br#","services":"#.as_slice(),
-                &services[..],
-                b"}".as_slice(),
-            ],
-        ));
+        return Ok(join(head, [SERVICES_KEY, services, CLOSE]));
     };
     let fresh = || encode(&delta::diff(&base.services, &current.services));
     let memo = view.data.deltas.cell(base.index);
@@ -192,8 +178,8 @@ pub(crate) fn catalog_changes(
         None => fresh()?,
     };
     // `{"services":…}` loses its opening brace and follows the head's fields.
-    let members = changes.get(1..).unwrap_or_default();
-    Ok(join(&head, &[b",".as_slice(), members]))
+    let members = changes.slice(1.min(changes.len())..);
+    Ok(join(head, [Bytes::from_static(b","), members]))
 }
 
 /// `POST /v3/discovery:endpoints` for `service` at its current version (the index).
@@ -214,7 +200,7 @@ pub(crate) fn eds(view: &View, service: &ServiceName) -> Result<Bytes, serde_jso
 /// is a 503 the client retries rather than a panic or a 500.
 pub(crate) fn respond(
     registry: &Registry,
-    body: Result<Bytes, serde_json::Error>,
+    body: Result<impl Into<Parts>, serde_json::Error>,
     view: &View,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::Unavailable {
@@ -223,7 +209,7 @@ pub(crate) fn respond(
     })?;
     // The content type `axum::Json` sets.
     let json = HeaderValue::from_static("application/json");
-    let resp = ([(header::CONTENT_TYPE, json)], body).into_response();
+    let resp = ([(header::CONTENT_TYPE, json)], Body::new(body.into())).into_response();
     Ok(with_view_headers(resp, view))
 }
 

@@ -8,6 +8,7 @@ pub mod blocking;
 pub(crate) mod caller;
 pub mod errors;
 pub(crate) mod openapi;
+pub mod parts;
 pub(crate) mod router;
 mod routes_eds;
 mod routes_ops;
