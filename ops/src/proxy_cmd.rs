@@ -24,8 +24,8 @@ pub struct ProxyArgs {
     /// TOML config file (see ops/deploy/proxy.toml); flags override its keys.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Traffic listener address, repeatable; replaces the file's listener addresses (other
-    /// listener keys come from the file's first listener) [default: 127.0.0.1:7710].
+    /// HTTP listener address, repeatable; replaces the file's HTTP listeners (other listener
+    /// keys come from the first of them; TCP listeners are kept) [default: 127.0.0.1:7710].
     #[arg(long = "listen")]
     pub listen: Vec<SocketAddr>,
     /// Admin listener (/clusters, /ready, /metrics) [default: 127.0.0.1:7711].
@@ -115,7 +115,9 @@ pub fn settings(args: &ProxyArgs) -> Result<ProxyConfig> {
         None => ProxyConfig::default(),
     };
     if !args.listen.is_empty() {
-        let template = cfg.listeners.first().cloned().unwrap_or_default();
+        // The flags replace the HTTP listeners; the file's TCP listeners stay.
+        let (tcp, http): (Vec<_>, Vec<_>) = cfg.listeners.drain(..).partition(|l| l.is_tcp());
+        let template = http.into_iter().next().unwrap_or_default();
         cfg.listeners = args
             .listen
             .iter()
@@ -123,6 +125,7 @@ pub fn settings(args: &ProxyArgs) -> Result<ProxyConfig> {
                 address,
                 ..template.clone()
             })
+            .chain(tcp)
             .collect();
     }
     if let Some(a) = args.admin {
@@ -149,17 +152,29 @@ pub fn settings(args: &ProxyArgs) -> Result<ProxyConfig> {
             c.health_check.interval = i;
         }
     }
-    if cfg.routes.is_empty() {
+    if cfg.routes.is_empty() && cfg.listeners.iter().any(|l| !l.is_tcp()) {
         bail!("no routes: give --route SERVICE[=HOST|/PREFIX] or a --config file with [[routes]]");
     }
     cfg.validate()?;
     Ok(cfg)
 }
 
-/// Replaces the routes. Clusters keep their file settings when a route names them; clusters no
-/// route uses any more are dropped, since they would be watched and health-checked for nothing.
+/// Replaces the routes. Clusters keep their file settings when a route names them; clusters
+/// neither a route nor a TCP listener uses any more are dropped, since they would be watched
+/// and health-checked for nothing.
 fn apply_routes(cfg: &mut ProxyConfig, routes: &[RouteFlag]) {
-    let mut clusters: Vec<ClusterConfig> = Vec::new();
+    let tcp_clusters: Vec<&String> = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.is_tcp())
+        .filter_map(|l| l.cluster.as_ref())
+        .collect();
+    let mut clusters: Vec<ClusterConfig> = cfg
+        .clusters
+        .iter()
+        .filter(|c| tcp_clusters.contains(&&c.name))
+        .cloned()
+        .collect();
     for r in routes {
         if clusters.iter().any(|c| c.name == r.service) {
             continue;
@@ -188,6 +203,7 @@ pub async fn main(args: ProxyArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage(&e),
     };
+    let listeners = config.listeners.clone();
     let proxy = match Proxy::bind(config).await {
         Ok(p) => p,
         Err(e @ (ProxyError::Config(_) | ProxyError::Tls(_))) => return usage(&e.into()),
@@ -196,8 +212,11 @@ pub async fn main(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    for addr in &proxy.listen_addrs {
-        tracing::info!(%addr, "proxy listening");
+    for (addr, l) in proxy.listen_addrs.iter().zip(&listeners) {
+        match &l.cluster {
+            Some(cluster) if l.is_tcp() => tracing::info!(%addr, %cluster, "proxy tcp listening"),
+            _ => tracing::info!(%addr, "proxy listening"),
+        }
     }
     tracing::info!(addr = %proxy.admin_addr, "proxy admin listening");
     let shutdown = CancellationToken::new();
@@ -333,6 +352,34 @@ mod tests {
         let names: Vec<&str> = cfg.clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["users", "orders"]);
         assert!(cfg.clusters.iter().all(|c| c.health_check.path == "/up"));
+    }
+
+    #[test]
+    fn a_tcp_only_file_needs_no_routes_and_listen_flags_keep_its_tcp_listeners() {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(
+            &mut file,
+            b"[[listeners]]\naddress = \"127.0.0.1:6380\"\nprotocol = \"tcp\"\ncluster = \"redis\"\n\
+              [[clusters]]\nname = \"redis\"\nservice = \"redis\"\n",
+        )
+        .expect("write");
+        let path = file.path().display().to_string();
+        let cfg = settings(&args(&["--config", &path])).expect("tcp only, no routes");
+        assert_eq!(cfg.listeners.len(), 1);
+        let err = settings(&args(&["--config", &path, "--listen", "127.0.0.1:0"]))
+            .expect_err("an HTTP listener needs routes");
+        assert!(err.to_string().contains("--route"), "{err}");
+        let cfg = settings(&args(&[
+            "--config",
+            &path,
+            "--listen",
+            "127.0.0.1:0",
+            "--route",
+            "web",
+        ]))
+        .expect("valid");
+        let tcp: Vec<bool> = cfg.listeners.iter().map(|l| l.is_tcp()).collect();
+        assert_eq!(tcp, [false, true]);
     }
 
     #[test]

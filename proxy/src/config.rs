@@ -16,8 +16,10 @@ use crate::core::lb::LbPolicy;
 use crate::core::outlier::OutlierPolicy;
 use crate::core::retry::RetryPolicy;
 
+mod listener;
 mod scheme;
 
+pub use self::listener::{ListenerConfig, ListenerProtocol, ServerTlsConfig};
 pub use self::scheme::{Scheme, UnknownScheme};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,38 +74,6 @@ impl Default for AdminConfig {
             max_connections: 64,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ListenerConfig {
-    pub address: SocketAddr,
-    pub tls: Option<ServerTlsConfig>,
-    /// A client must finish sending request headers (and a TLS handshake) within this.
-    #[serde(with = "duration")]
-    pub header_read_timeout: Duration,
-    /// Request headers larger than this are refused with 431.
-    pub max_header_bytes: usize,
-}
-
-impl Default for ListenerConfig {
-    fn default() -> Self {
-        ListenerConfig {
-            address: SocketAddr::from(([127, 0, 0, 1], 7710)),
-            tls: None,
-            header_read_timeout: Duration::from_secs(10),
-            max_header_bytes: 64 * 1024,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerTlsConfig {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -358,18 +328,7 @@ impl ProxyConfig {
             return bad("at least one listener is required".into());
         }
         for l in &self.listeners {
-            if l.max_header_bytes < 8192 {
-                return bad(format!(
-                    "listener {}: max_header_bytes must be at least 8192",
-                    l.address
-                ));
-            }
-            if l.header_read_timeout.is_zero() {
-                return bad(format!(
-                    "listener {}: header_read_timeout must be positive",
-                    l.address
-                ));
-            }
+            l.validate(&self.clusters)?;
         }
         if self.admin.header_read_timeout.is_zero() || self.admin.idle_timeout.is_zero() {
             return bad("admin: header_read_timeout and idle_timeout must be positive".into());
@@ -385,7 +344,8 @@ impl ProxyConfig {
             validate_cluster(c)
                 .map_err(|m| ProxyError::Config(format!("cluster {:?}: {m}", c.name)))?;
         }
-        if self.routes.is_empty() {
+        // A proxy of TCP listeners only needs no routes.
+        if self.routes.is_empty() && self.listeners.iter().any(|l| !l.is_tcp()) {
             return bad("at least one route is required".into());
         }
         for (i, r) in self.routes.iter().enumerate() {

@@ -2,6 +2,9 @@
 //! each upstream service, health-checks the hosts itself, and load-balances over the ones the
 //! *health checks win* table lets through.
 //!
+//! Listeners are HTTP (routed per request) or TCP (`protocol = "tcp"`: every connection to one
+//! cluster, through the same balancer, health, outlier and breaker state).
+//!
 //! Layout (the folders say which is which):
 //! - `core/`: sans-IO cores, pure and tested without sockets: [`health`] (active check state
 //!   machine), [`merge`] (discovery × health → route/hold/drain/remove, panic threshold),
@@ -10,7 +13,8 @@
 //!   breakers) and `policy` (the request policy's pure parts: local answers, attempt
 //!   classification, the retry decision).
 //! - `io/`: the IO shells: `server` (listeners), two request paths — [`forward`] (hyper) and
-//!   `h1` (the HTTP/1.1 fast path) — that run one attempt loop (`attempts`), `upstream`
+//!   `h1` (the HTTP/1.1 fast path) — that run one attempt loop (`attempts`), which the TCP
+//!   listeners (`tcp`) use to connect too, `upstream`
 //!   (dialling, pool), `checker` (health-check tasks), [`membership`] (blocking-query watch),
 //!   `admin` (with its web dashboard, `admin_ui`), [`tls`].
 //! - At the top: [`config`], [`cluster`] (the runtime state the shells share, where the cores'
@@ -63,7 +67,7 @@ use crate::config::ListenerConfig;
 use crate::core::breaker::CircuitBreaker;
 use crate::io::forward::Route;
 use crate::io::upstream::{Connector, Upstream};
-use crate::io::{admin, server};
+use crate::io::{admin, server, tcp};
 
 /// How long an upstream connection may sit idle before the proxy closes it: above common
 /// backend keep-alive timeouts is harmless (a request that finds its pooled connection closed
@@ -91,12 +95,20 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
 }
 
+/// What a listener serves.
+enum Served {
+    /// HTTP over its routes, with TLS when it has an acceptor.
+    Http(Option<TlsAcceptor>),
+    /// Every connection to this cluster.
+    Tcp(Arc<Cluster>),
+}
+
 /// A proxy whose sockets are bound but which serves nothing until [`Proxy::run`].
 pub struct Proxy {
     /// The traffic listeners' addresses, in config order.
     pub listen_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
-    listeners: Vec<(TcpListener, ListenerConfig, Option<TlsAcceptor>)>,
+    listeners: Vec<(TcpListener, ListenerConfig, Served)>,
     admin: TcpListener,
     shared: Arc<Shared>,
     tracker: TaskTracker,
@@ -185,13 +197,18 @@ impl Proxy {
         let mut listeners = Vec::new();
         let mut listen_addrs = Vec::new();
         for l in &config.listeners {
-            let acceptor = match &l.tls {
-                Some(t) => Some(TlsAcceptor::from(tls::server_config(t)?)),
-                None => None,
+            let served = match (&l.tls, &l.cluster) {
+                // `validate` made sure a TCP listener's cluster exists.
+                (_, Some(name)) if l.is_tcp() => match clusters.iter().find(|c| c.name() == name) {
+                    Some(c) => Served::Tcp(c.clone()),
+                    None => return Err(ProxyError::Config(format!("unknown cluster {name:?}"))),
+                },
+                (Some(t), _) => Served::Http(Some(TlsAcceptor::from(tls::server_config(t)?))),
+                (None, _) => Served::Http(None),
             };
             let socket = bind_addr(l.address).await?;
             listen_addrs.push(local_addr(&socket, l.address)?);
-            listeners.push((socket, l.clone(), acceptor));
+            listeners.push((socket, l.clone(), served));
         }
         let admin = bind_addr(config.admin.address).await?;
         let admin_addr = local_addr(&admin, config.admin.address)?;
@@ -243,16 +260,25 @@ impl Proxy {
         }
         let traffic = CancellationToken::new();
         let servers = TaskTracker::new();
-        for ((socket, cfg, acceptor), addr) in listeners.into_iter().zip(&listen_addrs) {
-            tracing::debug!(%addr, tls = acceptor.is_some(), "serving listener");
-            servers.spawn(server::serve(
-                socket,
-                cfg,
-                acceptor,
-                shared.clone(),
-                traffic.clone(),
-                drain,
-            ));
+        for ((socket, cfg, served), addr) in listeners.into_iter().zip(&listen_addrs) {
+            match served {
+                Served::Http(acceptor) => {
+                    tracing::debug!(%addr, tls = acceptor.is_some(), "serving listener");
+                    servers.spawn(server::serve(
+                        socket,
+                        cfg,
+                        acceptor,
+                        shared.clone(),
+                        traffic.clone(),
+                        drain,
+                    ));
+                }
+                Served::Tcp(cluster) => {
+                    tracing::debug!(%addr, cluster = %cluster.name(), "serving tcp listener");
+                    let idle = cfg.tcp_idle_timeout();
+                    servers.spawn(tcp::serve(socket, cluster, idle, traffic.clone(), drain));
+                }
+            }
         }
         tracing::debug!(addr = %admin_addr, "serving admin");
         let admin_stop = CancellationToken::new();

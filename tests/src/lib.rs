@@ -278,6 +278,7 @@ pub fn run(args: &[&str], deadline: Duration) -> Result<(i32, String, String)> {
 
 pub mod backend;
 pub mod campaign;
+pub mod echo;
 pub mod fleet;
 pub mod hammer;
 pub mod http;

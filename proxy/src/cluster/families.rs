@@ -22,6 +22,9 @@ pub(crate) struct Families {
     pub membership_errors: Family<Counter, 1>,
     pub health_checks: Family<Counter, 3>,
     pub ejections: Family<Counter, 2>,
+    pub tcp_connections: Family<Counter, 1>,
+    pub tcp_bytes: Family<Counter, 2>,
+    pub tcp_idle_timeouts: Family<Counter, 1>,
     /// Host gauges: active requests, ejected, routable; and healthy.
     pub host: [Family<Gauge, 2>; 3],
     pub host_healthy: Family<Gauge, 2>,
@@ -52,7 +55,7 @@ fn describe<R: metrics::Recorder + ?Sized>(reg: &Registrar<'_, R>) -> Families {
         ),
         upstream_requests: reg.family(
             "tidings_proxy_upstream_requests_total",
-            "Upstream attempts by outcome: 1xx to 5xx, connect_failure, reset, timeout.",
+            "Upstream attempts by outcome: 1xx to 5xx, connect_failure, reset, timeout; connected (TCP listeners).",
             ["cluster", "host", "outcome"],
         ),
         retries: reg.family(
@@ -84,6 +87,21 @@ fn describe<R: metrics::Recorder + ?Sized>(reg: &Registrar<'_, R>) -> Families {
             "tidings_proxy_ejections_total",
             "Outlier ejections of a host.",
             CLUSTER_HOST,
+        ),
+        tcp_connections: reg.family(
+            "tidings_proxy_tcp_connections_total",
+            "Connections accepted by the TCP listeners sending to the cluster.",
+            ["cluster"],
+        ),
+        tcp_bytes: reg.family(
+            "tidings_proxy_tcp_bytes_total",
+            "Bytes copied by TCP listeners: received from clients, sent to clients.",
+            ["cluster", "direction"],
+        ),
+        tcp_idle_timeouts: reg.family(
+            "tidings_proxy_tcp_idle_timeouts_total",
+            "TCP connections closed after idle_timeout without a byte either way.",
+            ["cluster"],
         ),
         host: [
             reg.family(

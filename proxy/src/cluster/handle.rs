@@ -19,7 +19,7 @@ use crate::core::retry::RetryOverflow;
 use crate::io::upstream::HostConns;
 
 /// Outcome labels of `tidings_proxy_upstream_requests_total`, in a fixed order.
-pub const OUTCOMES: [&str; 8] = [
+pub const OUTCOMES: [&str; 9] = [
     "1xx",
     "2xx",
     "3xx",
@@ -28,6 +28,8 @@ pub const OUTCOMES: [&str; 8] = [
     "connect_failure",
     "reset",
     "timeout",
+    // A TCP listener's connection made.
+    "connected",
 ];
 
 /// One host, shared between the cluster's table and the requests in flight to it.
@@ -123,6 +125,10 @@ pub struct ClusterMetrics {
     /// Retries refused, by limit: budget, max_retries.
     retry_overflows: [OnceLock<Counter>; 2],
     membership_errors: OnceLock<Counter>,
+    tcp_connections: OnceLock<Counter>,
+    /// Bytes received from and sent to TCP clients.
+    tcp_bytes: [OnceLock<Counter>; 2],
+    tcp_idle_timeouts: OnceLock<Counter>,
 }
 
 impl ClusterMetrics {
@@ -136,6 +142,9 @@ impl ClusterMetrics {
             retries: OnceLock::new(),
             retry_overflows: Default::default(),
             membership_errors: OnceLock::new(),
+            tcp_connections: OnceLock::new(),
+            tcp_bytes: Default::default(),
+            tcp_idle_timeouts: OnceLock::new(),
         }
     }
 
@@ -173,6 +182,26 @@ impl ClusterMetrics {
     /// Counts a failed membership query.
     pub fn membership_error(&self) {
         self.counter(&self.membership_errors, &families().membership_errors);
+    }
+
+    /// Counts a connection accepted by a TCP listener.
+    pub fn tcp_connection(&self) {
+        self.counter(&self.tcp_connections, &families().tcp_connections);
+    }
+
+    /// Counts a TCP connection closed by its idle timeout.
+    pub fn tcp_idle_timeout(&self) {
+        self.counter(&self.tcp_idle_timeouts, &families().tcp_idle_timeouts);
+    }
+
+    /// The byte counters of TCP connections: (received from clients, sent to clients).
+    pub fn tcp_bytes(&self) -> (Counter, Counter) {
+        let [rx, tx] = [("received", 0), ("sent", 1)].map(|(direction, i)| {
+            self.tcp_bytes[i]
+                .get_or_init(|| families().tcp_bytes.global([&self.name, direction]))
+                .clone()
+        });
+        (rx, tx)
     }
 
     /// Counts one downstream request answered with `code`.

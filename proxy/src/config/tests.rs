@@ -170,3 +170,81 @@ fn durations_parse_and_round_trip() {
     let text = toml::to_string(&cfg).expect("serialises");
     assert_eq!(ProxyConfig::from_toml(&text).expect("round trip"), cfg);
 }
+
+#[test]
+fn a_tcp_listener_names_an_existing_plain_cluster_and_refuses_http_keys() {
+    let tcp = |tune: &dyn Fn(&mut ListenerConfig)| {
+        let mut c = base();
+        let mut l = ListenerConfig {
+            protocol: ListenerProtocol::Tcp,
+            cluster: Some("a".into()),
+            ..ListenerConfig::default()
+        };
+        tune(&mut l);
+        c.listeners = vec![l];
+        c.routes.clear();
+        c
+    };
+    tcp(&|_| {})
+        .validate()
+        .expect("a tcp-only proxy needs no routes");
+    let parsed = ProxyConfig::from_toml(
+        "[[listeners]]\naddress = \"127.0.0.1:6380\"\nprotocol = \"tcp\"\ncluster = \"redis\"\n\
+         idle_timeout = \"5m\"\n[[clusters]]\nname = \"redis\"\nservice = \"redis\"\n",
+    )
+    .expect("parses");
+    parsed.validate().expect("valid");
+    assert_eq!(
+        parsed.listeners[0].tcp_idle_timeout(),
+        Duration::from_secs(300)
+    );
+    type Tune = Box<dyn Fn(&mut ListenerConfig)>;
+    let cases: Vec<(&str, Tune)> = vec![
+        ("needs a cluster", Box::new(|l| l.cluster = None)),
+        (
+            "unknown cluster",
+            Box::new(|l| l.cluster = Some("b".into())),
+        ),
+        (
+            "HTTP listeners only",
+            Box::new(|l| l.max_header_bytes = 1 << 20),
+        ),
+        (
+            "HTTP listeners only",
+            Box::new(|l| l.header_read_timeout = Duration::from_secs(1)),
+        ),
+        (
+            "tls applies to HTTP",
+            Box::new(|l| {
+                l.tls = Some(ServerTlsConfig {
+                    cert: "c".into(),
+                    key: "k".into(),
+                })
+            }),
+        ),
+        (
+            "idle_timeout must be positive",
+            Box::new(|l| l.idle_timeout = Some(Duration::ZERO)),
+        ),
+    ];
+    for (want, tune) in cases {
+        let err = tcp(&*tune).validate().expect_err(want).to_string();
+        assert!(err.contains(want), "{want}: {err}");
+        assert!(err.contains("listener 127.0.0.1:7710"), "{err}");
+    }
+    let mut h2 = tcp(&|_| {});
+    h2.clusters[0].http2 = true;
+    let err = h2.validate().expect_err("http2 cluster").to_string();
+    assert!(err.contains("TCP listener cannot speak"), "{err}");
+    // HTTP listeners refuse the TCP keys, and still need routes.
+    let mut http = base();
+    http.listeners[0].idle_timeout = Some(Duration::from_secs(1));
+    let err = http
+        .validate()
+        .expect_err("idle_timeout on http")
+        .to_string();
+    assert!(err.contains("protocol = \"tcp\" listeners only"), "{err}");
+    let mut no_routes = base();
+    no_routes.routes.clear();
+    assert!(no_routes.validate().is_err());
+}

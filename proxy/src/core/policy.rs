@@ -112,6 +112,8 @@ impl LocalAnswer {
 pub enum Sent<R, E> {
     /// A response head arrived, with this status.
     Response(R, u16),
+    /// A TCP listener's upstream connection was made.
+    Connected(R),
     /// No connection; `overflow` when the breaker's connection limit refused it, which says
     /// nothing about the host.
     Connect { error: E, overflow: bool },
@@ -127,6 +129,7 @@ impl<R, E> Sent<R, E> {
     pub fn classify(&self) -> (AttemptOutcome, bool) {
         match self {
             Sent::Response(_, status) => (AttemptOutcome::Status(*status), false),
+            Sent::Connected(_) => (AttemptOutcome::Connected, false),
             Sent::Connect { overflow, .. } => (AttemptOutcome::ConnectFailure, *overflow),
             Sent::Reset(_) => (AttemptOutcome::Reset, false),
             Sent::Timeout => (AttemptOutcome::Timeout, false),
@@ -137,7 +140,7 @@ impl<R, E> Sent<R, E> {
     /// log, when there was one).
     pub fn into_response(self) -> Result<R, (LocalAnswer, Option<E>)> {
         match self {
-            Sent::Response(r, _) => Ok(r),
+            Sent::Response(r, _) | Sent::Connected(r) => Ok(r),
             Sent::Connect {
                 error,
                 overflow: true,
@@ -154,6 +157,7 @@ impl<R, E> Sent<R, E> {
 pub fn request_result(outcome: AttemptOutcome) -> RequestResult {
     match outcome {
         AttemptOutcome::Status(s) if s < 500 => RequestResult::Success,
+        AttemptOutcome::Connected => RequestResult::Success,
         _ => RequestResult::Failure,
     }
 }
@@ -169,6 +173,7 @@ pub fn outcome_index(o: AttemptOutcome) -> usize {
         AttemptOutcome::ConnectFailure => 5,
         AttemptOutcome::Reset => 6,
         AttemptOutcome::Timeout => 7,
+        AttemptOutcome::Connected => 8,
     }
 }
 

@@ -41,6 +41,8 @@ pub enum AttemptOutcome {
     /// The per-try or route timeout fired.
     Timeout,
     Status(u16),
+    /// A TCP listener's connection was made: its whole outcome, as far as the policy goes.
+    Connected,
 }
 
 /// Methods that may be repeated without changing the result (RFC 9110 §9.2.2).
@@ -66,7 +68,7 @@ pub fn should_retry(
     match outcome {
         AttemptOutcome::ConnectFailure | AttemptOutcome::Reset => true,
         AttemptOutcome::Status(s) => policy.retry_statuses.contains(&s),
-        AttemptOutcome::Timeout => false,
+        AttemptOutcome::Timeout | AttemptOutcome::Connected => false,
     }
 }
 

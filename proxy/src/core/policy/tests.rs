@@ -139,3 +139,30 @@ fn a_refused_connect_fails_over_to_an_untried_host_without_spending_retries() {
         Next::Stop
     );
 }
+
+#[test]
+fn a_tcp_connection_made_is_a_success_and_ends_the_attempts() {
+    let s: Sent<(), ()> = Sent::Connected(());
+    assert_eq!(s.classify(), (AttemptOutcome::Connected, false));
+    assert_eq!(s.into_response(), Ok(()));
+    assert_eq!(
+        request_result(AttemptOutcome::Connected),
+        RequestResult::Success
+    );
+    assert_eq!(
+        crate::cluster::OUTCOMES[outcome_index(AttemptOutcome::Connected)],
+        "connected"
+    );
+    let mut rng = SmallRng::seed_from_u64(1);
+    let p = crate::core::retry::RetryPolicy::default();
+    let next = next_attempt(
+        &p,
+        &Method::GET,
+        (AttemptOutcome::Connected, false),
+        0,
+        true,
+        true,
+        &mut rng,
+    );
+    assert_eq!(next, Next::Stop);
+}
