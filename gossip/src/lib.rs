@@ -58,6 +58,7 @@ mod repair_tcp;
 mod returning;
 pub mod rows;
 pub mod runtime;
+pub mod sign;
 pub mod sim;
 pub mod snapshot;
 pub mod spread;
