@@ -52,6 +52,7 @@ mod identity;
 mod membership;
 pub mod metrics;
 pub mod node;
+pub mod owner_key;
 pub mod probing;
 pub mod repair;
 mod repair_tcp;

@@ -219,6 +219,17 @@ impl Certificate {
         Ok(())
     }
 
+    /// The text form carried in a check-in answer: base64 of the binary encoding.
+    pub fn to_base64(&self) -> Option<String> {
+        codec::encode_file(self).ok().map(|b| B64.encode(b))
+    }
+
+    /// Parses [`to_base64`](Self::to_base64)'s form. Checks nothing: see [`Self::check`].
+    pub fn from_base64(s: &str) -> Option<Certificate> {
+        let bytes = B64.decode(s.trim()).ok()?;
+        codec::decode_file(&bytes).ok()
+    }
+
     /// Whether this certificate lets its key write `row`: the owner address, the endpoint
     /// and (when scoped) the service must all be this certificate's.
     pub fn covers(&self, row: &Row) -> bool {
@@ -273,6 +284,11 @@ impl Reject {
         Reject::OutOfScope,
     ];
 
+    /// Position in [`Reject::ALL`], for counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Reject::Unsigned => "unsigned",
@@ -312,7 +328,7 @@ impl FromStr for SigningMode {
 }
 
 /// A receiver's trust: the registry key, the mode and the certificate grace.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Trust {
     pub registry: Option<PublicKey>,
     pub mode: SigningMode,
