@@ -127,7 +127,7 @@ impl Default for RegistryConfig {
             sweep_max_per_pass: 1000,
             secret: None,
             signing_key: None,
-            certificate_validity: Duration::from_secs(3600),
+            certificate_validity: Duration::from_secs(24 * 3600),
             env: "production".to_string(),
             body_limit: 64 * 1024,
             trusted_proxies: 0,

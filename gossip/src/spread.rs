@@ -205,8 +205,24 @@ fn encodings(item: &BroadcastItem, mode: SigningMode) -> Option<Vec<Vec<u8>>> {
             Some(vec![encode(item)?, encode(&plain(row))?])
         }
         (BroadcastItem::Cert(..), SigningMode::Off) => Some(Vec::new()),
+        // Peers that require signatures drop unsigned snapshots: no use sending them (each
+        // agent fetches its registry's answers itself).
+        (BroadcastItem::Snapshot(_), SigningMode::Require) => Some(Vec::new()),
         _ => Some(vec![encode(item)?]),
     }
+}
+
+/// The plaintext of one dissemination packet carrying `items` (seal it with
+/// [`crate::crypto::Sealer`]): for tools and tests that speak gossip from outside a node.
+/// `None` if an item does not encode or the whole exceeds a datagram.
+pub fn rows_packet(items: &[BroadcastItem]) -> Option<Vec<u8>> {
+    let mut out = vec![PacketKind::Rows as u8];
+    for item in items {
+        let bytes = item.encode().ok()?;
+        out.extend_from_slice(&u16::try_from(bytes.len()).ok()?.to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    (out.len() <= ROOM + 1).then_some(out)
 }
 
 /// Splits a packet body into its items; `None` if the framing is broken.

@@ -322,6 +322,55 @@ pub fn catalog(base: &str) -> Result<BTreeSet<String>> {
         .collect())
 }
 
+/// An agent on `ip` (gossip :7702, API :7701) that seals its gossip with the key in
+/// `key_file`, checking in every second (fleet agents run insecure).
+pub fn keyed_agent(
+    ip: &str,
+    dir: &Path,
+    registry: &str,
+    key_file: &Path,
+    extra: &[&str],
+) -> Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let config = dir.with_extension("toml");
+    std::fs::write(&config, FAST_GOSSIP)?;
+    let (gossip, api) = (format!("{ip}:7702"), format!("{ip}:7701"));
+    let (dir, config, key) = (
+        dir.display().to_string(),
+        config.display().to_string(),
+        key_file.display().to_string(),
+    );
+    let mut args = vec![
+        "agent",
+        "--registry",
+        registry,
+        "--api",
+        &api,
+        "--gossip",
+        &gossip,
+        "--check-in-interval",
+        "1s",
+        "--gossip-key-file",
+        &key,
+        "--data-dir",
+        &dir,
+        "--config",
+        &config,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&format!("agent-{ip}"), &args, 2, START)
+}
+
+/// One `tidings_gossip_<field>` counter from the `/metrics` of the agent at `base`.
+pub fn gossip_counter(base: &str, field: &str) -> Result<u64> {
+    let text = String::from_utf8(http::get(&format!("{base}/metrics"))?.body.to_vec())?;
+    let name = format!("tidings_gossip_{field}_total");
+    text.lines()
+        .find(|l| l.starts_with(&name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .with_context(|| format!("{name} not in /metrics"))
+}
+
 /// A v2 check-in body: `endpoints` as (service, port), every one with `revision`.
 pub fn checkin_body(ip: &str, endpoints: &[(String, u16)], revision: &str) -> String {
     let endpoints: Vec<_> = endpoints
