@@ -161,7 +161,7 @@ pub(crate) fn merge_row(
             && store.rows.lacks_sig(&row)
             && store
                 .trust
-                .check_row(&row, Some(&sig), store.certs.get(&row.owner), now)
+                .check_row_stored(&row, Some(&sig), store.certs.get(&row.owner), now)
                 .is_ok()
         {
             store.rows.attach_sig(&row, sig);
@@ -170,7 +170,7 @@ pub(crate) fn merge_row(
     }
     match store
         .trust
-        .check_row(&row, sig.as_ref(), store.certs.get(&row.owner), now)
+        .check_row_stored(&row, sig.as_ref(), store.certs.get(&row.owner), now)
     {
         Ok(()) => apply_row(store, row, sig),
         Err(why) => {

@@ -207,10 +207,20 @@ impl Certificate {
     /// Checks the registry's signature and the validity at `now_ms`, honouring the
     /// certificate `grace_ms` past its end (fail-static while the registry is down).
     pub fn check(&self, registry: &PublicKey, now_ms: u64, grace_ms: u64) -> Result<(), Reject> {
-        let signed = tagged(CERT_TAG, &self.body).is_some_and(|m| registry.verifies(&m, &self.sig));
-        if !signed {
+        if !self.signed_by(registry) {
             return Err(Reject::BadCertificate);
         }
+        self.check_dates(now_ms, grace_ms)
+    }
+
+    /// Whether the registry key signed this certificate.
+    pub fn signed_by(&self, registry: &PublicKey) -> bool {
+        tagged(CERT_TAG, &self.body).is_some_and(|m| registry.verifies(&m, &self.sig))
+    }
+
+    /// The validity part of [`check`](Self::check), for a certificate whose signature was
+    /// checked when it was stored.
+    pub fn check_dates(&self, now_ms: u64, grace_ms: u64) -> Result<(), Reject> {
         if now_ms < self.body.not_before_ms
             || now_ms > self.body.not_after_ms.saturating_add(grace_ms)
         {
@@ -344,17 +354,35 @@ impl Trust {
         cert: Option<&Certificate>,
         now_ms: u64,
     ) -> Result<(), Reject> {
+        if let (Some(c), Some(_)) = (cert, sig)
+            && self.mode != SigningMode::Off
+            && !self.registry.as_ref().is_some_and(|r| c.signed_by(r))
+        {
+            return Err(Reject::BadCertificate);
+        }
+        self.check_row_stored(row, sig, cert, now_ms)
+    }
+
+    /// [`check_row`](Self::check_row) with a certificate taken from the store, whose
+    /// registry signature was checked when it was stored ([`check_cert`](Self::check_cert)):
+    /// only its dates and scope are checked again, so a row costs one verification.
+    pub fn check_row_stored(
+        &self,
+        row: &Row,
+        sig: Option<&Signature>,
+        cert: Option<&Certificate>,
+        now_ms: u64,
+    ) -> Result<(), Reject> {
         match (self.mode, sig) {
             (SigningMode::Off, _) => Ok(()),
             (SigningMode::Accept, None) => Ok(()),
             (SigningMode::Require, None) => Err(Reject::Unsigned),
             (_, Some(sig)) => {
                 let cert = cert.ok_or(Reject::NoCertificate)?;
-                cert.check(
-                    self.registry.as_ref().ok_or(Reject::BadCertificate)?,
-                    now_ms,
-                    self.grace_ms,
-                )?;
+                if self.registry.is_none() {
+                    return Err(Reject::BadCertificate);
+                }
+                cert.check_dates(now_ms, self.grace_ms)?;
                 if !cert.covers(row) {
                     return Err(Reject::OutOfScope);
                 }

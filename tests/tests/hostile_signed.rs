@@ -20,7 +20,7 @@ use gossip::sign::{CertBody, Certificate, SigningKey, sign_row, sign_snapshot};
 use gossip::{Row, RowStatus, Snapshot, SnapshotEntry, Version};
 use schema::{Endpoint, ServiceName};
 use tests::fleet::{self, checkin_body, set};
-use tests::{Proc, START, http, poll, run};
+use tests::{Proc, START, http, poll};
 
 /// A per-run /24 of loopback, apart from the other suites' ranges.
 fn ip(host: u8) -> String {
@@ -150,40 +150,12 @@ fn views() -> Result<Vec<BTreeSet<String>>> {
 #[test]
 fn a_member_without_the_registrys_trust_changes_no_view() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let (cluster_key, reg_key, reg_pub) = (
-        tmp.path().join("cluster-key"),
-        tmp.path().join("registry-key"),
-        tmp.path().join("registry-key.pub"),
-    );
-    let (code, key, err) = run(&["gossip", "keygen"], Duration::from_secs(10))?;
-    ensure!(code == 0, "gossip keygen: {err}");
-    std::fs::write(&cluster_key, &key)?;
-    let out = reg_key.display().to_string();
-    let (code, public, err) = run(
-        &["registry", "keygen", "--out", &out],
-        Duration::from_secs(10),
-    )?;
-    ensure!(code == 0, "registry keygen: {err}");
-    std::fs::write(&reg_pub, &public)?;
-
+    let keys = fleet::SigningKeys::create(tmp.path())?;
+    let (cluster_key, reg_pub) = (keys.cluster.clone(), keys.registry_public.clone());
+    let key = std::fs::read_to_string(&cluster_key)?;
     let reg_addr = format!("{}:7700", ip(100));
     let reg_url = format!("http://{reg_addr}");
-    let _reg = Proc::start(
-        "registry",
-        &[
-            "registry",
-            "--listen",
-            &reg_addr,
-            "--ttl",
-            "300s",
-            "--check-in-interval",
-            "2s",
-            "--signing-key-file",
-            &out,
-        ],
-        1,
-        START,
-    )?;
+    let _reg = keys.registry(&reg_addr)?;
     // A cron-only host: listed by the registry, owned by no agent.
     let body = checkin_body(&ip(5), &[("cron".to_string(), 9000)], "1");
     let r = http::request(
