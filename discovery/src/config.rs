@@ -41,8 +41,9 @@ pub struct RegistryConfig {
     /// never serialised or printed. Registries sharing a table share this key.
     #[serde(skip)]
     pub signing_key: Option<String>,
-    /// How long a gossip certificate is valid from issue. Agents renew it at every
-    /// check-in; receivers honour it a grace period longer (their own setting).
+    /// How long a gossip certificate is valid from issue. Every check-in gets a fresh one;
+    /// agents adopt it once theirs is half spent, and receivers honour a certificate a
+    /// grace period past its end (their own setting).
     #[serde(with = "duration")]
     pub certificate_validity: Duration,
     /// Shown as `env` in v1 listings (lyft's `APPLICATION_ENV`).

@@ -185,4 +185,35 @@ mod tests {
                 .is_err()
         );
     }
+
+    #[test]
+    fn a_bounded_codec_refuses_identities_dated_past_its_bound() {
+        let max = Arc::new(AtomicU64::new(1_000));
+        let mut bounded = FocaCodec::bounded(max.clone());
+        let (now, future) = (
+            NodeId::new("127.0.0.1:1".parse().unwrap(), 1_000),
+            NodeId::new("127.0.0.1:2".parse().unwrap(), 4_102_444_800_000),
+        );
+        for (id, ok) in [(now, true), (future, false)] {
+            let header = Header {
+                src: id,
+                src_incarnation: 0,
+                dst: now,
+                message: Message::Ping(1),
+            };
+            let mut buf = Vec::new();
+            bounded.encode_header(&header, &mut buf).unwrap();
+            assert_eq!(bounded.decode_header(&buf[..]).is_ok(), ok);
+            let mut buf = Vec::new();
+            bounded.encode_member(&Member::alive(id), &mut buf).unwrap();
+            assert_eq!(bounded.decode_member(&buf[..]).is_ok(), ok);
+        }
+        // The bound moves with the node's clock.
+        max.store(u64::MAX, Ordering::Relaxed);
+        let mut buf = Vec::new();
+        bounded
+            .encode_member(&Member::alive(future), &mut buf)
+            .unwrap();
+        assert!(bounded.decode_member(&buf[..]).is_ok());
+    }
 }
