@@ -52,6 +52,7 @@ mod identity;
 mod membership;
 pub mod metrics;
 pub mod node;
+mod node_signing;
 pub mod owner_key;
 pub mod probing;
 pub mod repair;

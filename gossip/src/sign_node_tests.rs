@@ -9,7 +9,7 @@ use schema::{Endpoint, EndpointKey, ServiceName};
 use super::*;
 use crate::codec::PacketKind;
 use crate::repair::{Proofs, RepairPush, RepairResponse};
-use crate::sign::{CertBody, Reject};
+use crate::sign::{CertBody, Certificate, Reject};
 
 const NOW: u64 = 1_780_000_000_000;
 const HOUR: u64 = 3_600_000;
