@@ -179,12 +179,16 @@ async fn send(shared: &Shared, interval: Duration, batch: &[Endpoint]) -> Result
         .with_max_delay((interval / 8).max(Duration::from_millis(100)))
         .with_max_times(3)
         .with_jitter();
-    let attempt = || async { shared.client.check_in(batch).await };
-    attempt
+    let key = shared.signing.get().map(|s| s.public_key());
+    let attempt = || async { shared.client.check_in_with_key(batch, key).await };
+    let answer = attempt
         .retry(backoff)
         .when(ClientError::is_transient)
-        .await
-        .map(|_| ())
+        .await?;
+    if let (Some(signing), Some(cert)) = (shared.signing.get(), &answer.gossip_certificate) {
+        signing.offer(&shared.gossip, cert, unix_ms_now()).await;
+    }
+    Ok(())
 }
 
 /// One round: the host's endpoints in one request — those refused before in another — split

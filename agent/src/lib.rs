@@ -35,6 +35,7 @@ pub mod config;
 pub mod guard;
 pub mod metrics;
 mod run;
+pub mod signing;
 mod state;
 pub mod sync;
 pub mod ui;

@@ -35,6 +35,8 @@ pub enum AgentError {
     },
     #[error("gossip: {0}")]
     Gossip(#[from] gossip::RuntimeError),
+    #[error("gossip signing: {0}")]
+    Signing(#[from] gossip::owner_key::OwnerKeyError),
     #[error("local API: {0}")]
     Serve(std::io::Error),
     #[error("local API TLS: {0}")]
@@ -95,6 +97,12 @@ pub async fn run(
             .collect(),
         agent: config.agent_endpoint(gossip_addr),
     };
+    // Before the first endpoints are published, so every row this process writes is signed.
+    let signing = if config.gossip.signing == gossip::sign::SigningMode::Off {
+        None
+    } else {
+        Some(crate::signing::Signing::start(config.data_dir.clone(), &gossip).await?)
+    };
     let (merger, first) = first_view(&config, &gossip, cached.hosts);
     let (view_tx, view_rx) = watch::channel(Arc::new(first));
     let draining = CancellationToken::new();
@@ -108,6 +116,9 @@ pub async fn run(
         cached.last_sync_ms,
         draining.clone(),
     ));
+    if let Some(s) = signing {
+        let _ = shared.signing.set(s);
+    }
     if cache_failed {
         shared.metrics.cache_load_errors.increment(1);
     }

@@ -64,6 +64,8 @@ pub struct Shared {
     pub recheck: Notify,
     /// A check-in succeeded after failures: the registry is back, sync now.
     pub registry_back: Notify,
+    /// Signed gossip: the owner key offered at check-in (unset while signing is off).
+    pub signing: std::sync::OnceLock<crate::signing::Signing>,
     /// When the registry data was last known current; see [`Freshness`].
     freshness: Mutex<Freshness>,
     /// Ms for freshness: a [`SteadyClock`] (tests inject a manual one).
@@ -117,6 +119,7 @@ impl Shared {
             local_version: watch::Sender::new(0),
             recheck: Notify::new(),
             registry_back: Notify::new(),
+            signing: std::sync::OnceLock::new(),
             freshness: Mutex::new(freshness),
             clock,
             registry_listed: watch::Sender::new(None),

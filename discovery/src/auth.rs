@@ -203,6 +203,16 @@ pub enum Grant {
     Token(Token),
 }
 
+impl Grant {
+    /// The services a service-scoped host token is limited to; `None` for any service.
+    pub fn services(&self) -> Option<&[ServiceName]> {
+        match self {
+            Grant::Any => None,
+            Grant::Token(t) => t.services.as_deref(),
+        }
+    }
+}
+
 /// The token of `Authorization: Bearer [services:]<hex>`; anything else is a 401.
 fn bearer(headers: &HeaderMap) -> Result<Token, ApiError> {
     let unauthorized = |m: &str| ApiError::Unauthorized(m.to_string());

@@ -190,8 +190,20 @@ impl RegistryClient {
 
     /// `POST /v2/checkin` with every endpoint in one request.
     pub async fn check_in(&self, endpoints: &[Endpoint]) -> Result<CheckInResponse, ClientError> {
-        let body = serde_json::to_vec(&CheckInRequest::from_endpoints(endpoints))
-            .map_err(|e| ClientError::Encode(e.to_string()))?;
+        self.check_in_with_key(endpoints, None).await
+    }
+
+    /// [`check_in`](Self::check_in), asking the registry to certify `gossip_key` (an
+    /// agent's gossip owner key, base64). Only sent when set: registries older than the
+    /// field refuse unknown fields.
+    pub async fn check_in_with_key(
+        &self,
+        endpoints: &[Endpoint],
+        gossip_key: Option<&str>,
+    ) -> Result<CheckInResponse, ClientError> {
+        let mut req = CheckInRequest::from_endpoints(endpoints);
+        req.gossip_key = gossip_key.map(str::to_string);
+        let body = serde_json::to_vec(&req).map_err(|e| ClientError::Encode(e.to_string()))?;
         let (_, bytes) = self
             .send(
                 Method::POST,

@@ -35,6 +35,17 @@ pub struct RegistryConfig {
     /// serialised or printed by `Debug`, so dumping the config cannot leak it.
     #[serde(skip_serializing)]
     pub secret: Option<String>,
+    /// The registry's gossip signing key (base64 Ed25519 seed, `tidings registry keygen`).
+    /// With it, a check-in carrying an agent's owner key is answered with a certificate
+    /// (docs/ARCHITECTURE.md#signed-gossip). Set by the binary from `signing_key_file`;
+    /// never serialised or printed. Registries sharing a table share this key.
+    #[serde(skip)]
+    pub signing_key: Option<String>,
+    /// How long a gossip certificate is valid from issue. Every check-in gets a fresh one;
+    /// agents adopt it once theirs is half spent, and receivers honour a certificate a
+    /// grace period past its end (their own setting).
+    #[serde(with = "duration")]
+    pub certificate_validity: Duration,
     /// Shown as `env` in v1 listings (lyft's `APPLICATION_ENV`).
     pub env: String,
     /// Largest accepted request body, bytes.
@@ -116,6 +127,8 @@ impl Default for RegistryConfig {
             sweep_interval: Duration::from_secs(5),
             sweep_max_per_pass: 1000,
             secret: None,
+            signing_key: None,
+            certificate_validity: Duration::from_secs(24 * 3600),
             env: "production".to_string(),
             body_limit: 64 * 1024,
             trusted_proxies: 0,
@@ -159,6 +172,8 @@ pub enum ConfigError {
     EmptySecret,
     #[error("registry.env must be 1-64 characters")]
     Env,
+    #[error("registry signing key: {0}")]
+    SigningKey(gossip::sign::SignKeyError),
 }
 
 impl std::fmt::Debug for RegistryConfig {
@@ -198,6 +213,7 @@ impl RegistryConfig {
             ("store_timeout", self.store_timeout),
             ("max_wait", self.max_wait),
             ("recheck_interval", self.recheck_interval),
+            ("certificate_validity", self.certificate_validity),
         ];
         for (field, d) in non_zero {
             if d.is_zero() {
@@ -250,6 +266,10 @@ impl RegistryConfig {
         }
         if self.env.is_empty() || self.env.len() > 64 {
             return Err(ConfigError::Env);
+        }
+        if let Some(key) = &self.signing_key {
+            key.parse::<gossip::sign::SigningKey>()
+                .map_err(ConfigError::SigningKey)?;
         }
         Ok(())
     }

@@ -41,6 +41,8 @@ pub(crate) struct Inner {
     pub(crate) config: RegistryConfig,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) auth: Auth,
+    /// Certifies agents' gossip owner keys on check-in, when configured.
+    pub(crate) signer: Option<gossip::sign::SigningKey>,
     pub(crate) metrics: Metrics,
     /// [`Clock::elapsed_ms`] at start: warm-up and uptime are spans of this process, so a
     /// stepped wall clock must neither end warm-up early nor stretch it.
@@ -101,6 +103,8 @@ impl Registry {
         let inner = Inner {
             store,
             auth: Auth::new(config.secret.as_deref()),
+            // `validate` has parsed it already; an unparsable key issues nothing.
+            signer: config.signing_key.as_deref().and_then(|k| k.parse().ok()),
             started_ms: clock.elapsed_ms(),
             warm_from_ms: AtomicU64::new(clock.elapsed_ms()),
             census_ok_elapsed_ms: AtomicU64::new(clock.elapsed_ms()),

@@ -2,7 +2,7 @@
 //! item is news, and worth passing on ([`crate::spread`]), exactly when merging it changed
 //! the store; a newer version of the same row or service supersedes a queued older one.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use schema::codec::{self, CodecError};
@@ -10,6 +10,7 @@ use schema::{EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
 
 use crate::rows::{Merge, Row, RowStore, Version};
+use crate::sign::{Certificate, Reject, Signature, SigningMode, Trust};
 use crate::snapshot::{Snapshot, SnapshotMerge, SnapshotStore};
 
 /// Everything gossip replicates.
@@ -20,6 +21,12 @@ pub struct Store {
     /// The node's clock at its last entry point, so merges can stamp receive times.
     pub now_ms: u64,
     pub rows_received: u64,
+    /// What signatures this node checks, against which registry key.
+    pub trust: Trust,
+    /// The newest valid certificate of each owner (docs/ARCHITECTURE.md#signed-gossip).
+    pub certs: BTreeMap<SocketAddr, Certificate>,
+    /// Items refused for their signature, by [`Reject::index`].
+    pub rejected: [u64; Reject::ALL.len()],
 }
 
 impl Store {
@@ -42,11 +49,17 @@ impl Store {
     }
 }
 
-/// One item of dissemination: a row or a registry snapshot.
+/// One item of dissemination: a row or a registry snapshot, and (signed gossip) a row with
+/// its owner's signature, an owner's certificate, a snapshot with the registry's signature.
+/// New variants go last: agents from before one count it as malformed and read on, which
+/// is what lets a fleet roll from unsigned to signed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum BroadcastItem {
     Row(Box<Row>),
     Snapshot(Snapshot),
+    SignedRow(Box<Row>, Signature),
+    Cert(SocketAddr, Box<Certificate>),
+    SignedSnapshot(Snapshot, Signature),
 }
 
 impl BroadcastItem {
@@ -66,6 +79,10 @@ pub enum BroadcastKey {
     Snapshot {
         service: ServiceName,
         rank: (u64, u64),
+    },
+    Cert {
+        owner: SocketAddr,
+        not_after_ms: u64,
     },
 }
 
@@ -92,6 +109,16 @@ impl BroadcastKey {
                     rank: r2,
                 },
             ) => service == s2 && rank > r2,
+            (
+                Self::Cert {
+                    owner,
+                    not_after_ms,
+                },
+                Self::Cert {
+                    owner: o2,
+                    not_after_ms: n2,
+                },
+            ) => owner == o2 && not_after_ms > n2,
             _ => false,
         }
     }
@@ -102,22 +129,113 @@ impl BroadcastKey {
 pub(crate) fn merge(store: &mut Store, item: BroadcastItem) -> Option<BroadcastKey> {
     let now = store.now_ms;
     match item {
-        BroadcastItem::Row(row) => {
-            let row = *row;
-            let key = BroadcastKey::Row {
-                owner: row.owner,
-                key: row.key.clone(),
-                version: row.version(),
-            };
-            let applied = store.rows.merge(row, now) == Merge::Applied;
-            store.rows_received += u64::from(applied);
-            applied.then_some(key)
+        BroadcastItem::Row(row) => merge_row(store, *row, None),
+        BroadcastItem::SignedRow(row, sig) => merge_row(store, *row, Some(sig)),
+        BroadcastItem::Cert(owner, cert) => merge_cert(store, owner, *cert),
+        BroadcastItem::Snapshot(snap) => merge_snapshot(store, snap, None, now),
+        BroadcastItem::SignedSnapshot(snap, sig) => merge_snapshot(store, snap, Some(sig), now),
+    }
+}
+
+impl Store {
+    fn reject(&mut self, why: Reject) {
+        self.rejected[why.index()] += 1;
+    }
+}
+
+/// Merges a row if it is news and its signature (when needed) holds; a refusal is counted.
+pub(crate) fn merge_row(
+    store: &mut Store,
+    row: Row,
+    sig: Option<Signature>,
+) -> Option<BroadcastKey> {
+    let now = store.now_ms;
+    if store.trust.mode == SigningMode::Off {
+        // Off: as before signing existed; a signature is neither checked nor kept.
+        return apply_row(store, row, None);
+    }
+    if !store.rows.would_apply(&row) {
+        // Old news (the unsigned copy of a signed row just taken, typically) costs no check;
+        // but a signature for a version held unsigned is kept once checked.
+        if let Some(sig) = sig
+            && store.rows.lacks_sig(&row)
+            && store
+                .trust
+                .check_row_stored(&row, Some(&sig), store.certs.get(&row.owner), now)
+                .is_ok()
+        {
+            store.rows.attach_sig(&row, sig);
         }
-        BroadcastItem::Snapshot(snap) => {
-            let key = snapshot_key(&snap);
-            (store.snapshots.merge(snap, now) == SnapshotMerge::Applied).then_some(key)
+        return None;
+    }
+    match store
+        .trust
+        .check_row_stored(&row, sig.as_ref(), store.certs.get(&row.owner), now)
+    {
+        Ok(()) => apply_row(store, row, sig),
+        Err(why) => {
+            store.reject(why);
+            None
         }
     }
+}
+
+fn apply_row(store: &mut Store, row: Row, sig: Option<Signature>) -> Option<BroadcastKey> {
+    let key = BroadcastKey::Row {
+        owner: row.owner,
+        key: row.key.clone(),
+        version: row.version(),
+    };
+    let applied = store.rows.merge_signed(row, sig, store.now_ms) == Merge::Applied;
+    store.rows_received += u64::from(applied);
+    applied.then_some(key)
+}
+
+/// Keeps an owner's certificate if the registry signed it for the owner's ip and it is
+/// newer than the one held. Certificates matter only when signatures are checked.
+pub(crate) fn merge_cert(
+    store: &mut Store,
+    owner: SocketAddr,
+    cert: Certificate,
+) -> Option<BroadcastKey> {
+    if store.trust.mode == SigningMode::Off {
+        return None;
+    }
+    if store.certs.get(&owner) == Some(&cert) {
+        return None;
+    }
+    // Checked before it is compared, so a forged one is counted whatever its dates.
+    if let Err(why) = store.trust.check_cert(owner, &cert, store.now_ms) {
+        store.reject(why);
+        return None;
+    }
+    if store
+        .certs
+        .get(&owner)
+        .is_some_and(|held| held.body.not_after_ms >= cert.body.not_after_ms)
+    {
+        return None;
+    }
+    let key = BroadcastKey::Cert {
+        owner,
+        not_after_ms: cert.body.not_after_ms,
+    };
+    store.certs.insert(owner, cert);
+    Some(key)
+}
+
+fn merge_snapshot(
+    store: &mut Store,
+    snap: Snapshot,
+    sig: Option<Signature>,
+    now: u64,
+) -> Option<BroadcastKey> {
+    if let Err(why) = store.trust.check_snapshot(&snap, sig.as_ref()) {
+        store.reject(why);
+        return None;
+    }
+    let key = snapshot_key(&snap);
+    (store.snapshots.merge(snap, now) == SnapshotMerge::Applied).then_some(key)
 }
 
 /// [`merge`] for a registry answer this node fetched itself ([`SnapshotStore::merge_direct`]).

@@ -5,6 +5,9 @@
 //! with the packet limit). The prefix costs 2 bytes per item but keeps bincode out of this
 //! crate and every item independently bounded.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use bytes::{Buf, BufMut};
 use foca::{Header, Member};
 use schema::codec::{self, CodecError};
@@ -24,11 +27,37 @@ pub enum FocaCodecError {
     TooLarge(usize),
     #[error("output buffer full")]
     BufferFull,
+    #[error("identity epoch {0} is further ahead than this node accepts")]
+    FutureEpoch(u64),
 }
 
 /// The codec foca uses for every SWIM message.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FocaCodec;
+///
+/// With signed gossip on, it refuses identities whose epoch is further ahead than
+/// `max_epoch` (set by the node from its clock): an identity's epoch is the wall clock at its
+/// start, and one claimed far in the future for another member's address would win every
+/// address conflict in foca and hide that member until the date passed.
+#[derive(Debug, Clone, Default)]
+pub struct FocaCodec {
+    max_epoch: Option<Arc<AtomicU64>>,
+}
+
+impl FocaCodec {
+    pub(crate) fn bounded(max_epoch: Arc<AtomicU64>) -> Self {
+        FocaCodec {
+            max_epoch: Some(max_epoch),
+        }
+    }
+
+    fn check(&self, id: &NodeId) -> Result<(), FocaCodecError> {
+        match &self.max_epoch {
+            Some(max) if id.epoch > max.load(Ordering::Relaxed) => {
+                Err(FocaCodecError::FutureEpoch(id.epoch))
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 fn put<T: Serialize>(value: &T, mut buf: impl BufMut) -> Result<(), FocaCodecError> {
     let bytes = codec::encode_packet(value)?;
@@ -72,7 +101,9 @@ impl foca::Codec<NodeId> for FocaCodec {
     }
 
     fn decode_header(&mut self, buf: impl Buf) -> Result<Header<NodeId>, Self::Error> {
-        take(buf)
+        let header: Header<NodeId> = take(buf)?;
+        self.check(&header.src)?;
+        Ok(header)
     }
 
     fn encode_member(
@@ -84,7 +115,9 @@ impl foca::Codec<NodeId> for FocaCodec {
     }
 
     fn decode_member(&mut self, buf: impl Buf) -> Result<Member<NodeId>, Self::Error> {
-        take(buf)
+        let member: Member<NodeId> = take(buf)?;
+        self.check(member.id())?;
+        Ok(member)
     }
 }
 
@@ -128,15 +161,59 @@ mod tests {
             message: Message::Ping(7),
         };
         let mut buf = Vec::new();
-        FocaCodec.encode_header(&header, &mut buf).unwrap();
-        FocaCodec
+        FocaCodec::default()
+            .encode_header(&header, &mut buf)
+            .unwrap();
+        FocaCodec::default()
             .encode_member(&Member::alive(b), &mut buf)
             .unwrap();
         let mut rd = &buf[..];
-        assert_eq!(FocaCodec.decode_header(&mut rd).unwrap(), header);
-        assert_eq!(FocaCodec.decode_member(&mut rd).unwrap(), Member::alive(b));
+        assert_eq!(FocaCodec::default().decode_header(&mut rd).unwrap(), header);
+        assert_eq!(
+            FocaCodec::default().decode_member(&mut rd).unwrap(),
+            Member::alive(b)
+        );
         assert!(rd.is_empty());
-        assert!(FocaCodec.decode_header(&buf[..buf.len() / 2]).is_err());
-        assert!(FocaCodec.decode_header(&[0xff, 0xff, 1][..]).is_err());
+        assert!(
+            FocaCodec::default()
+                .decode_header(&buf[..buf.len() / 2])
+                .is_err()
+        );
+        assert!(
+            FocaCodec::default()
+                .decode_header(&[0xff, 0xff, 1][..])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_bounded_codec_refuses_identities_dated_past_its_bound() {
+        let max = Arc::new(AtomicU64::new(1_000));
+        let mut bounded = FocaCodec::bounded(max.clone());
+        let (now, future) = (
+            NodeId::new("127.0.0.1:1".parse().unwrap(), 1_000),
+            NodeId::new("127.0.0.1:2".parse().unwrap(), 4_102_444_800_000),
+        );
+        for (id, ok) in [(now, true), (future, false)] {
+            let header = Header {
+                src: id,
+                src_incarnation: 0,
+                dst: now,
+                message: Message::Ping(1),
+            };
+            let mut buf = Vec::new();
+            bounded.encode_header(&header, &mut buf).unwrap();
+            assert_eq!(bounded.decode_header(&buf[..]).is_ok(), ok);
+            let mut buf = Vec::new();
+            bounded.encode_member(&Member::alive(id), &mut buf).unwrap();
+            assert_eq!(bounded.decode_member(&buf[..]).is_ok(), ok);
+        }
+        // The bound moves with the node's clock.
+        max.store(u64::MAX, Ordering::Relaxed);
+        let mut buf = Vec::new();
+        bounded
+            .encode_member(&Member::alive(future), &mut buf)
+            .unwrap();
+        assert!(bounded.decode_member(&buf[..]).is_ok());
     }
 }

@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::crypto::{KeyError, KeyRing, SEAL_OVERHEAD};
 use crate::node::MAX_DATAGRAM;
+use crate::sign::{PublicKey, SignKeyError, SigningMode, Trust};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -24,6 +25,12 @@ pub enum ConfigError {
     ClusterName,
     #[error("{0}")]
     Interval(&'static str),
+    #[error(
+        "gossip signing `{0:?}` needs the registry's public key (`registry_key`, --registry-key-file)"
+    )]
+    RegistryKeyRequired(SigningMode),
+    #[error("registry key: {0}")]
+    RegistryKey(#[from] SignKeyError),
 }
 
 /// How far ahead of a node's clock a registry snapshot may be dated before it is refused.
@@ -84,6 +91,16 @@ pub struct GossipConfig {
     /// may buffer a frame of up to 16 MiB. Others are refused or skipped; the next repair
     /// interval retries.
     pub max_repair_sessions: usize,
+    /// Owner signatures on rows and registry signatures on snapshots: `off` (neither made
+    /// nor checked), `accept` (made, and checked when present) or `require` (unsigned items
+    /// dropped). See docs/ARCHITECTURE.md#signed-gossip for the roll from off to require.
+    pub signing: SigningMode,
+    /// The registry's public key (base64, printed by `tidings registry keygen`); needed
+    /// unless `signing` is off.
+    pub registry_key: Option<String>,
+    /// How long past its end a certificate is still honoured, so a registry outage does not
+    /// unsign the fleet (fail-static). Default one day.
+    pub certificate_grace_ms: u64,
 }
 
 impl Default for GossipConfig {
@@ -106,6 +123,9 @@ impl Default for GossipConfig {
             repair_idle_timeout_ms: 5_000,
             repair_max_connections: 64,
             max_repair_sessions: 8,
+            signing: SigningMode::Off,
+            registry_key: None,
+            certificate_grace_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -158,12 +178,30 @@ impl GossipConfig {
             ));
         }
 
+        self.trust()?;
         match (self.insecure, self.keys.is_empty()) {
             (true, true) => Ok(None),
             (true, false) => Err(ConfigError::KeyAndInsecure),
             (false, true) => Err(ConfigError::KeyRequired),
             (false, false) => Ok(Some(KeyRing::parse(&self.keys)?)),
         }
+    }
+
+    /// What this node trusts: the registry key, the signing mode and the grace.
+    pub fn trust(&self) -> Result<Trust, ConfigError> {
+        let registry = self
+            .registry_key
+            .as_deref()
+            .map(str::parse::<PublicKey>)
+            .transpose()?;
+        if registry.is_none() && self.signing != SigningMode::Off {
+            return Err(ConfigError::RegistryKeyRequired(self.signing));
+        }
+        Ok(Trust {
+            registry,
+            mode: self.signing,
+            grace_ms: self.certificate_grace_ms,
+        })
     }
 
     pub(crate) fn probe_period(&self) -> Duration {

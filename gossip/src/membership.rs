@@ -14,6 +14,7 @@ use crate::config::foca_config;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::repair;
+use crate::sign::SigningMode;
 use crate::view::MemberInfo;
 
 impl Node {
@@ -126,8 +127,12 @@ impl Node {
             self.membership_changes += 1;
         }
         let store = &mut self.store;
-        for m in self.members.values() {
-            store.rows.observe_epoch(m.id.addr, m.id.epoch);
+        // With signatures required, only an owner's signed rows move its epoch: SWIM
+        // identities carry no signature, and a forged one must not drop a member's rows.
+        if store.trust.mode != SigningMode::Require {
+            for m in self.members.values() {
+                store.rows.observe_epoch(m.id.addr, m.id.epoch);
+            }
         }
     }
 
@@ -218,6 +223,8 @@ impl Node {
         if prev.map(|p| p.active) != Some(active) || prev.map(|p| p.id) != Some(id) {
             self.membership_changes += 1;
         }
-        self.store.rows.observe_epoch(id.addr, id.epoch);
+        if self.store.trust.mode != SigningMode::Require {
+            self.store.rows.observe_epoch(id.addr, id.epoch);
+        }
     }
 }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::crypto::OpenError;
+use crate::sign::Reject;
 
 macro_rules! counters {
     ($($name:ident: $doc:literal),* $(,)?) => {
@@ -68,6 +69,12 @@ counters! {
     snapshots_refused_future: "Registry snapshots refused: dated more than max_snapshot_skew_ms ahead of this node's clock.",
     snapshots_refused_inconsistent: "Registry snapshots refused: an entry of another service.",
     views_published: "Times the merged view (rows, snapshots, members) changed and was handed to the agent.",
+    rejected_unsigned: "Rows or snapshots dropped: unsigned while signatures are required.",
+    rejected_no_certificate: "Signed rows dropped: no certificate known for their owner.",
+    rejected_bad_certificate: "Rows or certificates dropped: a certificate not signed by the registry key.",
+    rejected_expired_certificate: "Rows or certificates dropped: a certificate past its validity and grace.",
+    rejected_bad_signature: "Rows or snapshots dropped: a signature that does not verify.",
+    rejected_out_of_scope: "Rows or certificates dropped: owner, endpoint ip or service outside the certificate.",
 }
 
 impl Metrics {
@@ -83,11 +90,70 @@ impl Metrics {
         };
         Self::bump(c, 1);
     }
+
+    /// Copies the store's signature refusals (indexed by [`Reject::index`]).
+    pub(crate) fn set_rejected(&self, counts: &[u64; Reject::ALL.len()]) {
+        for (why, n) in Reject::ALL.iter().zip(counts) {
+            let c = match why {
+                Reject::Unsigned => &self.rejected_unsigned,
+                Reject::NoCertificate => &self.rejected_no_certificate,
+                Reject::BadCertificate => &self.rejected_bad_certificate,
+                Reject::ExpiredCertificate => &self.rejected_expired_certificate,
+                Reject::BadSignature => &self.rejected_bad_signature,
+                Reject::OutOfScope => &self.rejected_out_of_scope,
+            };
+            c.store(*n, Ordering::Relaxed);
+        }
+    }
 }
+
+const REJECTED_HELP: &str = "Rows, snapshots and certificates dropped by signed gossip, by reason (docs/ARCHITECTURE.md#signed-gossip).";
 
 /// Counters that are one series of a labeled family: (field, family, label, value, family
 /// help). The flat field names stay for [`MetricsSnapshot::each`].
 const FAMILIES: &[(&str, &str, &str, &str, &str)] = &[
+    (
+        "rejected_unsigned",
+        "rejected",
+        "reason",
+        "unsigned",
+        REJECTED_HELP,
+    ),
+    (
+        "rejected_no_certificate",
+        "rejected",
+        "reason",
+        "no_certificate",
+        REJECTED_HELP,
+    ),
+    (
+        "rejected_bad_certificate",
+        "rejected",
+        "reason",
+        "bad_certificate",
+        REJECTED_HELP,
+    ),
+    (
+        "rejected_expired_certificate",
+        "rejected",
+        "reason",
+        "expired_certificate",
+        REJECTED_HELP,
+    ),
+    (
+        "rejected_bad_signature",
+        "rejected",
+        "reason",
+        "bad_signature",
+        REJECTED_HELP,
+    ),
+    (
+        "rejected_out_of_scope",
+        "rejected",
+        "reason",
+        "out_of_scope",
+        REJECTED_HELP,
+    ),
     (
         "snapshots_refused_future",
         "snapshots_refused",

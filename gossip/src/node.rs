@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use foca::{AccumulatingRuntime, Foca, Member, NoCustomBroadcast};
@@ -23,6 +23,7 @@ use crate::probing::ProbeHealth;
 use crate::repair::{self, Digest, RepairFrame};
 use crate::returning::Returning;
 use crate::rows::{Row, RowStatus, Version};
+use crate::sign::{self, Signature, SigningKey, SigningMode};
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::spread::Outbox;
 use crate::view::MemberInfo;
@@ -37,6 +38,11 @@ pub const MAX_FRAME: usize = 16 * 1024 * 1024;
 pub(crate) const MAX_BROADCAST_ITEM: usize = 1000;
 /// Most rows from one repair frame that are re-broadcast (see `Node::rebroadcast`).
 const REBROADCAST_MAX: usize = 32;
+/// With signed gossip on, SWIM identities dated further ahead of this node's clock are
+/// refused ([`FocaCodec`]). An hour: far beyond clock error between synced hosts, and
+/// room for an agent whose epoch was carried ahead of its clock by a step back
+/// (`epoch::next_epoch`).
+pub const MAX_EPOCH_AHEAD_MS: u64 = 3_600_000;
 
 type Swim = Foca<NodeId, FocaCodec, StdRng, NoCustomBroadcast>;
 
@@ -95,6 +101,10 @@ pub struct Node {
     pub(crate) indirect_probes: usize,
     /// Owners back in contact whose tombstones wait for their current rows.
     pub(crate) returning: Returning,
+    /// This node's owner key: signs the rows it writes (signed gossip).
+    pub(crate) signer: Option<SigningKey>,
+    /// The newest SWIM identity epoch accepted ([`MAX_EPOCH_AHEAD_MS`]), shared with the codec.
+    pub(crate) max_epoch: Arc<AtomicU64>,
 }
 
 impl Node {
@@ -102,17 +112,20 @@ impl Node {
     /// start, or persisted + 1); `rng_seed` seeds every random choice and nonce.
     pub fn new(cfg: GossipConfig, epoch: u64, rng_seed: u64) -> Result<Node, ConfigError> {
         let ring = cfg.validate()?;
+        let trust = cfg.trust()?;
         let me = NodeId::new(cfg.advertise.unwrap_or(cfg.bind), epoch);
         let swim_rng = StdRng::seed_from_u64(rng_seed);
         let indirect_probes = crate::probing::MIN_INDIRECT_PROBES;
-        let swim = Foca::new(
-            me,
-            foca_config(&cfg, 1, indirect_probes),
-            swim_rng,
-            FocaCodec,
-        );
+        let max_epoch = Arc::new(AtomicU64::new(u64::MAX));
+        let codec = if trust.mode == SigningMode::Off {
+            FocaCodec::default()
+        } else {
+            FocaCodec::bounded(max_epoch.clone())
+        };
+        let swim = Foca::new(me, foca_config(&cfg, 1, indirect_probes), swim_rng, codec);
         let store = Store {
             snapshots: SnapshotStore::with_max_skew(cfg.max_snapshot_skew_ms),
+            trust,
             ..Store::default()
         };
         Ok(Node {
@@ -139,6 +152,8 @@ impl Node {
             probing: ProbeHealth::default(),
             indirect_probes,
             returning: Returning::default(),
+            signer: None,
+            max_epoch,
         })
     }
 
@@ -158,6 +173,10 @@ impl Node {
     pub(crate) fn set_now(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.store.now_ms = self.now_ms;
+        self.max_epoch.store(
+            self.now_ms.saturating_add(MAX_EPOCH_AHEAD_MS),
+            Ordering::Relaxed,
+        );
     }
 
     /// Schedules the node's own timers and announces to the seeds.
@@ -291,7 +310,14 @@ impl Node {
             .filter(|_| !digest.reply);
         match req {
             Some(req) => {
-                if let Some(frame) = encode_frame(&RepairFrame::Request(req)) {
+                // Only `require` asks for signatures: nodes from before signing cannot read
+                // the signed request, and by `require` every node can.
+                let frame = if self.store.trust.mode == SigningMode::Require {
+                    RepairFrame::SignedRequest(req)
+                } else {
+                    RepairFrame::Request(req)
+                };
+                if let Some(frame) = encode_frame(&frame) {
                     Metrics::bump(&self.metrics.repair_exchanges, 1);
                     self.effects.push(Effect::Repair { peer: from, frame });
                 }
@@ -315,27 +341,52 @@ impl Node {
             }
         };
         let before = self.store.rows_received;
+        // Rows refused while being re-broadcast are refused (and counted) again when the
+        // frame is applied below: count them there only.
+        let rejected = self.store.rejected;
         match &frame {
-            RepairFrame::Response(r) => self.rebroadcast(&r.rows),
-            RepairFrame::Push(p) => self.rebroadcast(&p.rows),
-            RepairFrame::Request(_) => {}
+            RepairFrame::Response(r) => self.rebroadcast(&r.rows, &[]),
+            RepairFrame::Push(p) => self.rebroadcast(&p.rows, &[]),
+            RepairFrame::SignedResponse(r, proofs) => {
+                repair::apply_certs(&mut self.store, proofs);
+                self.rebroadcast(&r.rows, &proofs.sigs);
+            }
+            RepairFrame::SignedPush(p, proofs) => {
+                repair::apply_certs(&mut self.store, proofs);
+                self.rebroadcast(&p.rows, &proofs.sigs);
+            }
+            RepairFrame::Request(_) | RepairFrame::SignedRequest(_) => {}
         }
+        self.store.rejected = rejected;
         let reply = {
             let store = &mut self.store;
+            let me = self.me.addr;
             let reply = match frame {
                 RepairFrame::Request(req) => {
                     repair::note_own_summary(store, req.from, &req.owners);
-                    Some(RepairFrame::Response(repair::respond(
-                        store,
-                        self.me.addr,
-                        &req,
-                    )))
+                    Some(RepairFrame::Response(repair::respond(store, me, &req)))
+                }
+                RepairFrame::SignedRequest(req) => {
+                    repair::note_own_summary(store, req.from, &req.owners);
+                    let resp = repair::respond(store, me, &req);
+                    let proofs = repair::proofs(store, &resp.rows);
+                    Some(RepairFrame::SignedResponse(resp, proofs))
                 }
                 RepairFrame::Response(resp) => {
-                    repair::on_response(store, self.me.addr, resp).map(RepairFrame::Push)
+                    repair::on_response(store, me, resp, &[]).map(RepairFrame::Push)
+                }
+                RepairFrame::SignedResponse(resp, proofs) => {
+                    repair::on_response(store, me, resp, &proofs.sigs).map(|push| {
+                        let proofs = repair::proofs(store, &push.rows);
+                        RepairFrame::SignedPush(push, proofs)
+                    })
                 }
                 RepairFrame::Push(p) => {
-                    repair::apply(store, p.from, p.rows, p.snapshots);
+                    repair::apply(store, p.from, p.rows, &[], p.snapshots);
+                    None
+                }
+                RepairFrame::SignedPush(p, proofs) => {
+                    repair::apply(store, p.from, p.rows, &proofs.sigs, p.snapshots);
                     None
                 }
             };
@@ -354,15 +405,19 @@ impl Node {
     /// second instead of repair doing it pairwise over several periods. Catch-ups (more
     /// than `REBROADCAST_MAX` rows, or a node in its first two repair periods) are not
     /// re-broadcast: everyone else already has those rows.
-    fn rebroadcast(&mut self, rows: &[Row]) {
+    fn rebroadcast(&mut self, rows: &[Row], sigs: &[Option<Signature>]) {
         // A node in its first repair periods is catching up on old news: don't re-spread it.
         let catching_up = self.now_ms < self.started_ms + 2 * self.cfg.repair_interval_ms;
         if catching_up || rows.is_empty() || rows.len() > REBROADCAST_MAX {
             return;
         }
         let mut news = false;
-        for row in rows {
-            news |= self.learn(BroadcastItem::Row(Box::new(row.clone())));
+        for (i, row) in rows.iter().enumerate() {
+            let row = Box::new(row.clone());
+            news |= self.learn(match sigs.get(i).copied().flatten() {
+                Some(sig) => BroadcastItem::SignedRow(row, sig),
+                None => BroadcastItem::Row(row),
+            });
         }
         if news {
             self.spread_now();
@@ -466,6 +521,7 @@ impl Node {
             .store(refused.future, Ordering::Relaxed);
         m.snapshots_refused_inconsistent
             .store(refused.inconsistent, Ordering::Relaxed);
+        m.set_rejected(&self.store.rejected);
     }
 
     /// Publishes this node's own endpoints: diffs them against the last call into row
@@ -492,12 +548,15 @@ impl Node {
                 epoch: self.me.epoch,
                 seq: self.seq,
             };
-            self.learn(BroadcastItem::Row(Box::new(Row::new(
-                self.me.addr,
-                key,
-                status,
-                version,
-            ))));
+            let row = Box::new(Row::new(self.me.addr, key, status, version));
+            let sig = match (&self.signer, self.store.trust.mode) {
+                (Some(k), SigningMode::Accept | SigningMode::Require) => sign::sign_row(k, &row),
+                _ => None,
+            };
+            self.learn(match sig {
+                Some(sig) => BroadcastItem::SignedRow(row, sig),
+                None => BroadcastItem::Row(row),
+            });
         }
         self.spread_now();
         self.drain();
@@ -561,3 +620,7 @@ fn encode_frame(frame: &RepairFrame) -> Option<Vec<u8>> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "sign_node_tests.rs"]
+mod sign_tests;

@@ -180,7 +180,7 @@ fn a_refuted_suspicion_does_not_tell_the_member_it_is_down() {
         message: foca::Message::Gossip,
     };
     let mut plain = vec![PacketKind::Swim as u8];
-    foca::Codec::encode_header(&mut FocaCodec, &header, &mut plain).unwrap();
+    foca::Codec::encode_header(&mut FocaCodec::default(), &header, &mut plain).unwrap();
     plain.extend_from_slice(&0u16.to_be_bytes());
     let packet = Sealer::new("tidings", None).seal(&plain, &mut StdRng::seed_from_u64(1));
     n.handle_packet(now, peer.addr, &packet);
@@ -190,7 +190,7 @@ fn a_refuted_suspicion_does_not_tell_the_member_it_is_down() {
         let body = Sealer::new("tidings", None).open(packet).unwrap();
         *to == peer.addr
             && body.first() == Some(&(PacketKind::Swim as u8))
-            && foca::Codec::decode_header(&mut FocaCodec, &body[1..])
+            && foca::Codec::decode_header(&mut FocaCodec::default(), &body[1..])
                 .is_ok_and(|h| h.message == foca::Message::TurnUndead)
     });
     assert!(!told_down, "the refuted member was told it is down");

@@ -17,9 +17,10 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::NodeId;
-use crate::broadcast::Store;
+use crate::broadcast::{self, BroadcastItem, Store};
 use crate::rows::{OwnerSummary, Row, addr_bytes, stable_hash};
-use crate::snapshot::{Snapshot, SnapshotMerge, SnapshotSummary};
+use crate::sign::{Certificate, Signature, SigningMode};
+use crate::snapshot::{Snapshot, SnapshotSummary};
 
 pub const DIGEST_BUCKETS: usize = 64;
 
@@ -146,12 +147,46 @@ pub struct RepairPush {
     pub snapshots: Vec<Snapshot>,
 }
 
-/// One TCP frame of a repair exchange.
+/// The owners' signatures of a frame's rows (`sigs[i]` signs `rows[i]`) and the
+/// certificates of those owners (signed gossip).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proofs {
+    pub sigs: Vec<Option<Signature>>,
+    pub certs: Vec<(SocketAddr, Certificate)>,
+}
+
+/// One TCP frame of a repair exchange. The signed forms go last, so the unsigned ones keep
+/// their encoding: a node sends `SignedRequest` only with signing `require` (by then every
+/// peer reads it), and answers in the form it was asked in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RepairFrame {
     Request(RepairRequest),
     Response(RepairResponse),
     Push(RepairPush),
+    SignedRequest(RepairRequest),
+    SignedResponse(RepairResponse, Proofs),
+    SignedPush(RepairPush, Proofs),
+}
+
+/// The signatures and certificates this node holds for `rows`.
+pub fn proofs(store: &Store, rows: &[Row]) -> Proofs {
+    let sigs = rows
+        .iter()
+        .map(|r| store.rows.sig(&r.owner, &r.key, r.version()))
+        .collect();
+    let owners: BTreeSet<SocketAddr> = rows.iter().map(|r| r.owner).collect();
+    let certs = owners
+        .into_iter()
+        .filter_map(|o| store.certs.get(&o).map(|c| (o, c.clone())))
+        .collect();
+    Proofs { sigs, certs }
+}
+
+/// Takes a frame's certificates (each checked), before its rows are.
+pub fn apply_certs(store: &mut Store, proofs: &Proofs) {
+    for (owner, cert) in &proofs.certs {
+        broadcast::merge_cert(store, *owner, cert.clone());
+    }
 }
 
 fn owner_summaries(store: &Store, buckets: &BTreeSet<u8>) -> Vec<OwnerSummary> {
@@ -267,24 +302,29 @@ pub fn respond(store: &Store, me: SocketAddr, req: &RepairRequest) -> RepairResp
     }
 }
 
-/// Applies rows and snapshots from a peer. A peer's full row set of its *own* rows is
-/// authoritative: rows of it we hold and it no longer has were deleted.
+/// Applies rows and snapshots from a peer, each checked as a broadcast one would be
+/// (`sigs[i]` signs `rows[i]`). A peer's full row set of its *own* rows is authoritative:
+/// rows of it we hold and it no longer has were deleted — except with signing `require`,
+/// where `from` is only the frame's word and a member holding the cluster key could
+/// otherwise delete another's rows by claiming to be it.
 pub fn apply(
     store: &mut Store,
     from: SocketAddr,
     rows: Vec<Row>,
+    sigs: &[Option<Signature>],
     snapshots: Vec<Snapshot>,
 ) -> usize {
-    let now = store.now_ms;
     let mut applied = 0;
     let mut own: Option<BTreeSet<_>> = None;
-    for row in rows {
+    for (i, row) in rows.into_iter().enumerate() {
         if row.owner == from {
             own.get_or_insert_default().insert(row.key.clone());
         }
-        if store.rows.merge(row, now) == crate::rows::Merge::Applied {
-            applied += 1;
-        }
+        let sig = sigs.get(i).copied().flatten();
+        applied += usize::from(broadcast::merge_row(store, row, sig).is_some());
+    }
+    if store.trust.mode == SigningMode::Require {
+        own = None;
     }
     if let (Some(present), Some(max)) = (own, store.rows.max_version(&from)) {
         store.rows.prune_to_authoritative(&from, &present, max);
@@ -292,9 +332,10 @@ pub fn apply(
         store.rows.mark_synced(&from, from);
     }
     for snap in snapshots {
-        applied += usize::from(store.snapshots.merge(snap, now) == SnapshotMerge::Applied);
+        let news = broadcast::merge(store, BroadcastItem::Snapshot(snap)).is_some();
+        store.rows_received += u64::from(news);
+        applied += usize::from(news);
     }
-    store.rows_received += applied as u64;
     applied
 }
 
@@ -309,7 +350,12 @@ pub fn note_own_summary(store: &mut Store, from: SocketAddr, owners: &[OwnerSumm
 }
 
 /// The requester's side after the response: merge, then push what the responder lacks.
-pub fn on_response(store: &mut Store, me: SocketAddr, resp: RepairResponse) -> Option<RepairPush> {
+pub fn on_response(
+    store: &mut Store,
+    me: SocketAddr,
+    resp: RepairResponse,
+    sigs: &[Option<Signature>],
+) -> Option<RepairPush> {
     let RepairResponse {
         from,
         buckets,
@@ -318,7 +364,7 @@ pub fn on_response(store: &mut Store, me: SocketAddr, resp: RepairResponse) -> O
         owners,
         snapshot_summaries,
     } = resp;
-    apply(store, from, rows, snapshots);
+    apply(store, from, rows, sigs, snapshots);
     note_own_summary(store, from, &owners);
     let push = RepairPush {
         from: me,
@@ -362,14 +408,12 @@ mod tests {
 
     fn store(s: Snapshot) -> Store {
         let mut store = Store {
-            rows: Default::default(),
-            snapshots: Default::default(),
             now_ms: DAY + 10_000,
-            rows_received: 0,
+            ..Store::default()
         };
         assert_eq!(
             store.snapshots.merge(s, DAY + 10_000),
-            SnapshotMerge::Applied
+            crate::snapshot::SnapshotMerge::Applied
         );
         store
     }

@@ -16,6 +16,8 @@ use crdts::{CvRDT, LWWReg};
 use schema::{Endpoint, EndpointKey};
 use serde::{Deserialize, Serialize};
 
+use crate::sign::Signature;
+
 /// A row version: `(owner epoch, seq)`, compared lexicographically.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -88,6 +90,8 @@ struct Entry {
     reg: LWWReg<RowStatus, Version>,
     /// Local receive time (ms), for tombstone retention only.
     at_ms: u64,
+    /// The owner's signature of this version, passed on with it (`None`: unsigned).
+    sig: Option<Signature>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -162,6 +166,67 @@ pub struct RowStore {
 impl RowStore {
     /// Merges one row (per-key maximum). `now_ms` is only used for tombstone retention.
     pub fn merge(&mut self, row: Row, now_ms: u64) -> Merge {
+        self.merge_signed(row, None, now_ms)
+    }
+
+    /// Whether [`merge`](Self::merge) would apply `row`: checked before its signature, so
+    /// old news costs no verification.
+    pub fn would_apply(&self, row: &Row) -> bool {
+        if !row.is_consistent() {
+            return false;
+        }
+        let v = row.version();
+        let Some(o) = self.owners.get(&row.owner) else {
+            return true;
+        };
+        if v.epoch < o.epoch {
+            return false;
+        }
+        if v.epoch > o.epoch {
+            return true;
+        }
+        match o.rows.get(&row.key) {
+            Some(e) => e.reg.marker < v,
+            None => v > o.gc_floor,
+        }
+    }
+
+    /// The signature held for exactly this version of a row, if any.
+    pub fn sig(
+        &self,
+        owner: &SocketAddr,
+        key: &EndpointKey,
+        version: Version,
+    ) -> Option<Signature> {
+        let e = self.owners.get(owner)?.rows.get(key)?;
+        (e.reg.marker == version).then_some(e.sig).flatten()
+    }
+
+    /// Whether this exact version is held without a signature (one arriving now, checked,
+    /// can then be kept for passing on: see [`attach_sig`](Self::attach_sig)).
+    pub fn lacks_sig(&self, row: &Row) -> bool {
+        self.owners
+            .get(&row.owner)
+            .and_then(|o| o.rows.get(&row.key))
+            .is_some_and(|e| {
+                e.reg.marker == row.version() && e.sig.is_none() && e.reg.val == row.reg.val
+            })
+    }
+
+    /// Keeps a checked signature for a version held unsigned (learned from an old agent).
+    pub fn attach_sig(&mut self, row: &Row, sig: Signature) {
+        if let Some(e) = self
+            .owners
+            .get_mut(&row.owner)
+            .and_then(|o| o.rows.get_mut(&row.key))
+            && e.reg.marker == row.version()
+        {
+            e.sig = Some(sig);
+        }
+    }
+
+    /// [`merge`](Self::merge), keeping the row's (already checked) signature.
+    pub fn merge_signed(&mut self, row: Row, sig: Option<Signature>, now_ms: u64) -> Merge {
         if !row.is_consistent() {
             return Merge::Invalid;
         }
@@ -181,6 +246,7 @@ impl RowStore {
         let mut entry = Entry {
             reg: row.reg,
             at_ms: now_ms,
+            sig,
         };
         if let Some(old) = o.rows.remove(&row.key) {
             o.toggle_hash(&row.key, &old);
@@ -242,6 +308,26 @@ impl RowStore {
                         owner: *owner,
                         key: k.clone(),
                         reg: e.reg.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every row of `owner` with its signature, tombstones included (repair).
+    pub fn owner_rows_signed(&self, owner: &SocketAddr) -> Vec<(Row, Option<Signature>)> {
+        self.owners
+            .get(owner)
+            .map(|o| {
+                o.rows
+                    .iter()
+                    .map(|(k, e)| {
+                        let row = Row {
+                            owner: *owner,
+                            key: k.clone(),
+                            reg: e.reg.clone(),
+                        };
+                        (row, e.sig)
                     })
                     .collect()
             })

@@ -44,6 +44,8 @@ pub(crate) enum Command {
     Snapshots(Vec<Snapshot>),
     KeyRing(Option<KeyRing>),
     Join(Vec<SocketAddr>),
+    OwnerKey(Box<crate::sign::SigningKey>),
+    Certificate(Box<crate::sign::Certificate>),
     /// Stop without leaving the cluster, as a crash would.
     Crash,
     Frame {
@@ -83,6 +85,20 @@ impl GossipHandle {
     }
 
     /// Adds seeds (for instance the registry's `tidings-agent` hosts) and announces to them.
+    /// Gives the node its owner key ([`crate::Node::set_owner_key`]); send it before the
+    /// first endpoints, so every row is signed.
+    pub async fn set_owner_key(&self, key: crate::sign::SigningKey) -> Result<(), RuntimeError> {
+        self.send(Command::OwnerKey(Box::new(key))).await
+    }
+
+    /// Takes a certificate from the registry ([`crate::Node::set_certificate`]).
+    pub async fn set_certificate(
+        &self,
+        cert: crate::sign::Certificate,
+    ) -> Result<(), RuntimeError> {
+        self.send(Command::Certificate(Box::new(cert))).await
+    }
+
     pub async fn join(&self, seeds: Vec<SocketAddr>) -> Result<(), RuntimeError> {
         self.send(Command::Join(seeds)).await
     }
@@ -310,6 +326,8 @@ impl NodeTask {
                         self.sealer_tx.send_replace(Arc::new(Sealer::new(&self.cluster, r.as_ref())));
                     }
                     Some(Command::Join(seeds)) => self.node.join(now_ms(), &seeds),
+                    Some(Command::OwnerKey(k)) => self.node.set_owner_key(*k),
+                    Some(Command::Certificate(c)) => self.node.set_certificate(now_ms(), *c),
                     Some(Command::Frame { data, reply }) => {
                         let _ = reply.send(self.node.handle_repair_frame(now_ms(), &data));
                     }

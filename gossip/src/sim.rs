@@ -23,6 +23,7 @@ use crate::GossipConfig;
 use crate::crypto::{KeyRing, SecretKey};
 use crate::node::{Effect, Node, Timer};
 use crate::rows::Version;
+use crate::sign::{CertBody, Certificate, SigningKey, SigningMode};
 
 mod phases;
 mod registry;
@@ -55,6 +56,9 @@ pub struct SimConfig {
     /// Extra latency of every TCP repair frame: a loaded host, a long frame or a slow
     /// handshake make repair lag behind SWIM's datagrams.
     pub frame_extra_delay_ms: u64,
+    /// Signed gossip (`require`): every node has an owner key and a registry certificate,
+    /// so rows travel signed and certificates spread once.
+    pub sign: bool,
 }
 
 impl Default for SimConfig {
@@ -74,6 +78,7 @@ impl Default for SimConfig {
             phase_timeout_ms: 60_000,
             encrypt: false,
             frame_extra_delay_ms: 0,
+            sign: false,
         }
     }
 }
@@ -286,8 +291,44 @@ pub(crate) fn node_of(
         repair_interval_ms: cfg.repair_interval_ms,
         ..GossipConfig::default()
     };
+    let registry = cfg.sign.then(|| sim_key(cfg.seed, u64::MAX));
+    let gc = GossipConfig {
+        signing: if cfg.sign {
+            SigningMode::Require
+        } else {
+            SigningMode::Off
+        },
+        registry_key: registry.as_ref().map(|k| k.public().to_base64()),
+        ..gc
+    };
     let seed = cfg.seed.wrapping_mul(1_000_003).wrapping_add(i as u64) ^ (incarnation << 40);
-    Node::new(gc, epoch, seed).unwrap_or_else(|e| unreachable!("simulator config is valid: {e}"))
+    let mut node = Node::new(gc, epoch, seed)
+        .unwrap_or_else(|e| unreachable!("simulator config is valid: {e}"));
+    if let Some(registry) = registry {
+        let owner = sim_key(cfg.seed, i as u64);
+        let body = CertBody {
+            owner_key: owner.public(),
+            ip: addr_of(i).ip(),
+            services: None,
+            not_before_ms: 0,
+            not_after_ms: u64::MAX / 4,
+        };
+        node.set_owner_key(owner);
+        if let Some(cert) = Certificate::issue(&registry, body) {
+            node.set_certificate(0, cert);
+        }
+        node.take_effects();
+    }
+    node
+}
+
+/// A deterministic Ed25519 key for the simulator (`which`: a node, or `u64::MAX` for the
+/// registry).
+fn sim_key(seed: u64, which: u64) -> SigningKey {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..16].copy_from_slice(&which.to_le_bytes());
+    SigningKey::from_seed(bytes).unwrap_or_else(|_| unreachable!("any seed is a key"))
 }
 
 impl Sim {

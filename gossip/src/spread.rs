@@ -26,6 +26,8 @@ use crate::codec::PacketKind;
 use crate::crypto::SEAL_OVERHEAD;
 use crate::metrics::Metrics;
 use crate::node::{MAX_BROADCAST_ITEM, MAX_DATAGRAM, Node};
+use crate::rows::Row;
+use crate::sign::SigningMode;
 
 /// Members each round sends to (memberlist's and serf's gossip fan-out).
 pub const FANOUT: usize = 3;
@@ -44,7 +46,9 @@ pub fn retransmits(n: u32) -> u32 {
 
 struct Pending {
     key: BroadcastKey,
-    data: Vec<u8>,
+    /// The item's encodings, sent together: one, or (signing `accept`) the signed form and
+    /// the unsigned one for agents that do not read signatures yet.
+    data: Vec<Vec<u8>>,
     left: u32,
 }
 
@@ -57,7 +61,16 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// Queues an item the node just learned; it replaces an equal or older queued one, and
     /// is dropped if a newer one is queued.
+    #[cfg(test)]
     pub(crate) fn push(&mut self, key: BroadcastKey, data: Vec<u8>, budget: u32) {
+        self.push_all(key, vec![data], budget);
+    }
+
+    /// [`push`](Self::push) for an item sent in several encodings at once.
+    pub(crate) fn push_all(&mut self, key: BroadcastKey, data: Vec<Vec<u8>>, budget: u32) {
+        if data.is_empty() {
+            return;
+        }
         if self.queue.iter().any(|p| p.key.invalidates(&key)) {
             return;
         }
@@ -87,13 +100,16 @@ impl Outbox {
         self.queue.sort_by_key(|p| std::cmp::Reverse(p.left));
         let mut body = Vec::new();
         for p in &mut self.queue {
-            let Ok(len) = u16::try_from(p.data.len()) else {
+            let size: usize = p.data.iter().map(|d| 2 + d.len()).sum();
+            if p.data.iter().any(|d| u16::try_from(d.len()).is_err()) {
                 p.left = 0;
                 continue;
-            };
-            if body.len() + 2 + p.data.len() <= room {
-                body.extend_from_slice(&len.to_be_bytes());
-                body.extend_from_slice(&p.data);
+            }
+            if body.len() + size <= room {
+                for d in &p.data {
+                    body.extend_from_slice(&(d.len() as u16).to_be_bytes());
+                    body.extend_from_slice(d);
+                }
                 p.left -= 1;
             }
         }
@@ -123,12 +139,12 @@ impl Node {
         item: BroadcastItem,
         merge: fn(&mut Store, BroadcastItem) -> Option<BroadcastKey>,
     ) -> bool {
-        let bytes = item.encode().ok().filter(|b| b.len() <= MAX_BROADCAST_ITEM);
+        let encodings = encodings(&item, self.store.trust.mode);
         let Some(key) = merge(&mut self.store, item) else {
             return false;
         };
-        if let Some(bytes) = bytes {
-            self.outbox.push(key, bytes, retransmits(self.sized_for));
+        if let Some(data) = encodings {
+            self.outbox.push_all(key, data, retransmits(self.sized_for));
         }
         true
     }
@@ -174,6 +190,39 @@ impl Node {
             self.spread_now();
         }
     }
+}
+
+/// How an item is passed on: `None` if too big for a broadcast (repair carries it). With
+/// signing off a signed row goes on unsigned (as agents before signing did); with `accept`
+/// it goes signed and, for agents that do not read signatures, unsigned too; with
+/// `require` signed only.
+fn encodings(item: &BroadcastItem, mode: SigningMode) -> Option<Vec<Vec<u8>>> {
+    let encode = |i: &BroadcastItem| i.encode().ok().filter(|b| b.len() <= MAX_BROADCAST_ITEM);
+    let plain = |row: &Row| BroadcastItem::Row(Box::new(row.clone()));
+    match (item, mode) {
+        (BroadcastItem::SignedRow(row, _), SigningMode::Off) => Some(vec![encode(&plain(row))?]),
+        (BroadcastItem::SignedRow(row, _), SigningMode::Accept) => {
+            Some(vec![encode(item)?, encode(&plain(row))?])
+        }
+        (BroadcastItem::Cert(..), SigningMode::Off) => Some(Vec::new()),
+        // Peers that require signatures drop unsigned snapshots: no use sending them (each
+        // agent fetches its registry's answers itself).
+        (BroadcastItem::Snapshot(_), SigningMode::Require) => Some(Vec::new()),
+        _ => Some(vec![encode(item)?]),
+    }
+}
+
+/// The plaintext of one dissemination packet carrying `items` (seal it with
+/// [`crate::crypto::Sealer`]): for tools and tests that speak gossip from outside a node.
+/// `None` if an item does not encode or the whole exceeds a datagram.
+pub fn rows_packet(items: &[BroadcastItem]) -> Option<Vec<u8>> {
+    let mut out = vec![PacketKind::Rows as u8];
+    for item in items {
+        let bytes = item.encode().ok()?;
+        out.extend_from_slice(&u16::try_from(bytes.len()).ok()?.to_be_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    (out.len() <= ROOM + 1).then_some(out)
 }
 
 /// Splits a packet body into its items; `None` if the framing is broken.

@@ -74,6 +74,14 @@ pub struct AgentArgs {
     /// Gossip without encryption (tests, demos).
     #[arg(long)]
     pub gossip_insecure: bool,
+    /// Owner signatures on gossip rows: off, accept (sign, check what is signed, take
+    /// unsigned from older agents) or require [default: off]. Needs --registry-key-file
+    /// unless off.
+    #[arg(long, value_name = "MODE")]
+    pub gossip_signing: Option<gossip::sign::SigningMode>,
+    /// File holding the registry's public key (printed by `tidings registry keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub registry_key_file: Option<PathBuf>,
     /// Leave this host's endpoints registered on SIGTERM (default: deregister them).
     #[arg(long)]
     pub keep_registered: bool,
@@ -173,6 +181,14 @@ pub fn settings(args: &AgentArgs) -> Result<AgentConfig> {
     }
     if let Some(path) = cfg.gossip_key_file.clone() {
         cfg.gossip.keys = read_keys(&path)?;
+    }
+    if let Some(mode) = args.gossip_signing {
+        cfg.gossip.signing = mode;
+    }
+    if let Some(path) = &args.registry_key_file {
+        let key = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read registry key file {}", path.display()))?;
+        cfg.gossip.registry_key = Some(key.trim().to_string());
     }
     cfg.validate()?;
     Ok(cfg)

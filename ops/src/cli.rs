@@ -78,6 +78,10 @@ pub struct RegistryArgs {
     /// File holding the HMAC secret; when set, writes need a host or operator token.
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// File holding the gossip signing key (`tidings registry keygen`); when set, agents'
+    /// check-ins are answered with certificates for their gossip owner keys.
+    #[arg(long, value_name = "FILE")]
+    pub signing_key_file: Option<PathBuf>,
     /// Proxies in front of the registry that append to X-Forwarded-For [default: 0]. A v1
     /// `auto_ip` check-in takes the hop the outermost one appended; 0 takes the peer address.
     #[arg(long, value_name = "N")]
@@ -142,6 +146,12 @@ pub enum RegistryAction {
         /// TTL used to compute `expires_at` [default: 180s].
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
+    },
+    /// Create the registry's gossip signing key in `--out` (kept if it exists) and print its
+    /// public key, for agents' `--registry-key-file`. Registries sharing a table share it.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Print a write token: a host token for `--ip`, or the operator token.
     Token {

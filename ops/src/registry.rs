@@ -22,6 +22,8 @@ pub struct RegistryFile {
     pub listen: Option<SocketAddr>,
     /// File holding the HMAC write secret (kept out of the config file itself).
     pub secret_file: Option<PathBuf>,
+    /// File holding the gossip signing key (`tidings registry keygen`).
+    pub signing_key_file: Option<PathBuf>,
     #[serde(default)]
     pub store: StoreSection,
     #[serde(default)]
@@ -124,6 +126,18 @@ pub fn settings(args: &RegistryArgs) -> Result<Settings> {
     if let Some(path) = args.secret_file.as_ref().or(file.secret_file.as_ref()) {
         registry.secret = Some(read_secret(path)?);
     }
+    if let Some(path) = args
+        .signing_key_file
+        .as_ref()
+        .or(file.signing_key_file.as_ref())
+    {
+        registry.signing_key = Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read signing key file {}", path.display()))?
+                .trim()
+                .to_string(),
+        );
+    }
     registry.tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(serve::TlsFiles {
             cert_file: cert.clone(),
@@ -169,6 +183,9 @@ pub async fn main(args: RegistryArgs) -> ExitCode {
                 "init-table",
             );
         }
+        Some(RegistryAction::Keygen { out }) => {
+            return report(keygen(out), "registry keygen");
+        }
         Some(RegistryAction::Token {
             secret_file,
             ip,
@@ -187,6 +204,24 @@ pub async fn main(args: RegistryArgs) -> ExitCode {
         }
     };
     report(serve(settings).await, "registry")
+}
+
+/// Creates the signing key in `out` unless one is there, and prints its public key.
+fn keygen(out: &Path) -> Result<()> {
+    let key: gossip::sign::SigningKey = match std::fs::read_to_string(out) {
+        Ok(text) => text
+            .parse()
+            .with_context(|| format!("{} holds no signing key", out.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = gossip::sign::SigningKey::generate();
+            gossip::owner_key::write_private(out, &key.to_base64())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            key
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", out.display())),
+    };
+    println!("{}", key.public().to_base64());
+    Ok(())
 }
 
 fn report(r: Result<()>, what: &str) -> ExitCode {

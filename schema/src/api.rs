@@ -222,10 +222,19 @@ pub struct CheckInRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
     pub endpoints: Vec<EndpointSpec>,
+    /// The agent's gossip owner key (Ed25519 public key, base64), for the registry to
+    /// certify (docs/API.md#check-in). Optional: cron check-ins and older agents omit it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_key: Option<String>,
 }
 
 impl CheckInRequest {
     pub fn parse(body: &[u8]) -> Result<Vec<Endpoint>, ValidationError> {
+        Self::parse_with_key(body).map(|(endpoints, _)| endpoints)
+    }
+
+    /// [`parse`](Self::parse), also returning the gossip owner key if the request has one.
+    pub fn parse_with_key(body: &[u8]) -> Result<(Vec<Endpoint>, Option<String>), ValidationError> {
         let req: CheckInRequest =
             serde_json::from_slice(body).map_err(|e| ValidationError::Malformed(e.to_string()))?;
         if req.endpoints.len() > MAX_CHECKIN_ENDPOINTS {
@@ -235,10 +244,12 @@ impl CheckInRequest {
             });
         }
         let default_ip = req.ip.as_deref().map(parse_ip).transpose()?;
-        req.endpoints
+        let endpoints = req
+            .endpoints
             .into_iter()
             .map(|s| s.into_endpoint(None, default_ip))
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok((endpoints, req.gossip_key))
     }
 
     /// The request a client sends for `endpoints`.
@@ -257,6 +268,7 @@ impl CheckInRequest {
         CheckInRequest {
             ip: None,
             endpoints,
+            gossip_key: None,
         }
     }
 }
@@ -266,6 +278,10 @@ impl CheckInRequest {
 pub struct CheckInResponse {
     pub accepted: usize,
     pub ttl_secs: u64,
+    /// When the request carried a `gossip_key` and the registry has a signing key: the
+    /// certificate binding that key to the host's ip (base64 of its binary form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_certificate: Option<String>,
 }
 
 /// Parses the weight of `POST /v1/loadbalancing/...`: form field `load_balancing_weight`

@@ -322,6 +322,100 @@ pub fn catalog(base: &str) -> Result<BTreeSet<String>> {
         .collect())
 }
 
+/// An agent on `ip` (gossip :7702, API :7701) that seals its gossip with the key in
+/// `key_file`, checking in every second (fleet agents run insecure).
+pub fn keyed_agent(
+    ip: &str,
+    dir: &Path,
+    registry: &str,
+    key_file: &Path,
+    extra: &[&str],
+) -> Result<Proc> {
+    std::fs::create_dir_all(dir)?;
+    let config = dir.with_extension("toml");
+    std::fs::write(&config, FAST_GOSSIP)?;
+    let (gossip, api) = (format!("{ip}:7702"), format!("{ip}:7701"));
+    let (dir, config, key) = (
+        dir.display().to_string(),
+        config.display().to_string(),
+        key_file.display().to_string(),
+    );
+    let mut args = vec![
+        "agent",
+        "--registry",
+        registry,
+        "--api",
+        &api,
+        "--gossip",
+        &gossip,
+        "--check-in-interval",
+        "1s",
+        "--gossip-key-file",
+        &key,
+        "--data-dir",
+        &dir,
+        "--config",
+        &config,
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&format!("agent-{ip}"), &args, 2, START)
+}
+
+/// The keys of a signed-gossip fleet, written in `dir`: the cluster key, the registry's
+/// signing key and its public half (for agents' `--registry-key-file`).
+pub struct SigningKeys {
+    pub cluster: PathBuf,
+    pub registry: PathBuf,
+    pub registry_public: PathBuf,
+}
+
+impl SigningKeys {
+    pub fn create(dir: &Path) -> Result<SigningKeys> {
+        let keys = SigningKeys {
+            cluster: dir.join("cluster-key"),
+            registry: dir.join("registry-key"),
+            registry_public: dir.join("registry-key.pub"),
+        };
+        let (code, key, err) = crate::run(&["gossip", "keygen"], Duration::from_secs(10))?;
+        ensure!(code == 0, "gossip keygen: {err}");
+        std::fs::write(&keys.cluster, key)?;
+        let out = keys.registry.display().to_string();
+        let args = ["registry", "keygen", "--out", &out];
+        let (code, public, err) = crate::run(&args, Duration::from_secs(10))?;
+        ensure!(code == 0, "registry keygen: {err}");
+        std::fs::write(&keys.registry_public, public)?;
+        Ok(keys)
+    }
+
+    /// A memory registry on `addr` that certifies agents' owner keys (TTL 300 s, check-ins
+    /// every 2 s).
+    pub fn registry(&self, addr: &str) -> Result<Proc> {
+        let key = self.registry.display().to_string();
+        let args = [
+            "registry",
+            "--listen",
+            addr,
+            "--ttl",
+            "300s",
+            "--check-in-interval",
+            "2s",
+            "--signing-key-file",
+            &key,
+        ];
+        Proc::start("registry", &args, 1, START)
+    }
+}
+
+/// One `tidings_gossip_<field>` counter from the `/metrics` of the agent at `base`.
+pub fn gossip_counter(base: &str, field: &str) -> Result<u64> {
+    let text = String::from_utf8(http::get(&format!("{base}/metrics"))?.body.to_vec())?;
+    let name = format!("tidings_gossip_{field}_total");
+    text.lines()
+        .find(|l| l.starts_with(&name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .with_context(|| format!("{name} not in /metrics"))
+}
+
 /// A v2 check-in body: `endpoints` as (service, port), every one with `revision`.
 pub fn checkin_body(ip: &str, endpoints: &[(String, u16)], revision: &str) -> String {
     let endpoints: Vec<_> = endpoints

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use tests::fleet::{self, FAST_GOSSIP, lookup, register, set};
+use tests::fleet::{self, lookup, register, set};
 use tests::{Proc, START, http, poll, run};
 
 /// A per-run /24 of loopback, apart from the other suites' ranges.
@@ -20,42 +20,8 @@ fn ip(host: u8) -> String {
     format!("127.201.{net}.{host}")
 }
 
-/// An agent that seals its gossip with the key in `key_file` (fleet agents run insecure).
-fn keyed_agent(
-    host: u8,
-    dir: &Path,
-    registry: &str,
-    key_file: &Path,
-    extra: &[&str],
-) -> Result<Proc> {
-    std::fs::create_dir_all(dir)?;
-    let config = dir.with_extension("toml");
-    std::fs::write(&config, FAST_GOSSIP)?;
-    let (gossip, api) = (format!("{}:7702", ip(host)), format!("{}:7701", ip(host)));
-    let (dir, config, key) = (
-        dir.display().to_string(),
-        config.display().to_string(),
-        key_file.display().to_string(),
-    );
-    let mut args = vec![
-        "agent",
-        "--registry",
-        registry,
-        "--api",
-        &api,
-        "--gossip",
-        &gossip,
-        "--check-in-interval",
-        "1s",
-        "--gossip-key-file",
-        &key,
-        "--data-dir",
-        &dir,
-        "--config",
-        &config,
-    ];
-    args.extend_from_slice(extra);
-    Proc::start(&format!("agent-{host}"), &args, 2, START)
+fn keyed_agent(host: u8, dir: &Path, registry: &str, key: &Path, extra: &[&str]) -> Result<Proc> {
+    fleet::keyed_agent(&ip(host), dir, registry, key, extra)
 }
 
 fn keygen(path: &Path) -> Result<()> {
@@ -80,14 +46,8 @@ fn rss(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-/// One `tidings_gossip_<field>` counter from the agent's `/metrics`.
 fn counter(host: u8, field: &str) -> Result<u64> {
-    let text = String::from_utf8(http::get(&format!("{}/metrics", url(host)))?.body.to_vec())?;
-    let name = format!("tidings_gossip_{field}_total");
-    text.lines()
-        .find(|l| l.starts_with(&name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .with_context(|| format!("{name} not in /metrics"))
+    fleet::gossip_counter(&url(host), field)
 }
 
 fn alive_members(host: u8) -> Result<BTreeSet<String>> {

@@ -18,6 +18,9 @@ use crate::http::blocking::{Blocking, BlockingParams, block};
 use crate::http::router::{ApiPath, Body};
 use crate::registry::{Registry, View};
 
+/// How far back a certificate's validity starts, for receivers whose clock is behind.
+const CERT_BACKDATE_MS: u64 = 5 * 60 * 1000;
+
 /// `POST /v2/checkin`: all of one host's endpoints at once.
 pub async fn checkin(
     State(registry): State<Registry>,
@@ -25,7 +28,7 @@ pub async fn checkin(
     Body(body): Body,
 ) -> Result<Json<CheckInResponse>, ApiError> {
     let grant = registry.inner.auth.grant(&headers)?;
-    let endpoints = CheckInRequest::parse(&body)?;
+    let (endpoints, gossip_key) = CheckInRequest::parse_with_key(&body)?;
     let ips: Vec<IpAddr> = endpoints
         .iter()
         .map(|e| e.ip)
@@ -46,6 +49,11 @@ pub async fn checkin(
             services: &services,
         },
     )?;
+    // Before any write, so a malformed key is refused with nothing stored.
+    let gossip_certificate = match gossip_key {
+        Some(key) => certify(&registry, &key, &ips, grant.services())?,
+        None => None,
+    };
     let store_err = |e| ApiError::from_store(&e, registry.config().retry_after);
     if let Err(quota) = registry.admit(&endpoints).await {
         // Still renew what is already stored: a refused newcomer must not let the rest of
@@ -60,7 +68,38 @@ pub async fn checkin(
     Ok(Json(CheckInResponse {
         accepted: out.accepted,
         ttl_secs: registry.config().ttl.as_secs(),
+        gossip_certificate,
     }))
+}
+
+/// A certificate for the agent's gossip owner `key`, bound to the one ip the (already
+/// authorized) check-in wrote and to the token's services: exactly what the host may write
+/// through the registry, it may then write through gossip. None when the registry has no
+/// signing key or the check-in spans several ips (a certificate speaks for one host).
+fn certify(
+    registry: &Registry,
+    key: &str,
+    ips: &[IpAddr],
+    services: Option<&[ServiceName]>,
+) -> Result<Option<String>, ApiError> {
+    let owner_key: gossip::sign::PublicKey = key
+        .parse()
+        .map_err(|e| ApiError::BadRequest(format!("gossip_key: {e}")))?;
+    let (Some(signer), [ip]) = (&registry.inner.signer, ips) else {
+        return Ok(None);
+    };
+    let now = registry.inner.clock.now_ms();
+    let validity =
+        u64::try_from(registry.config().certificate_validity.as_millis()).unwrap_or(u64::MAX);
+    let body = gossip::sign::CertBody {
+        owner_key,
+        ip: *ip,
+        services: services.map(<[ServiceName]>::to_vec),
+        // Receivers' clocks may run a little behind ours.
+        not_before_ms: now.saturating_sub(CERT_BACKDATE_MS),
+        not_after_ms: now.saturating_add(validity),
+    };
+    Ok(gossip::sign::Certificate::issue(signer, body).and_then(|c| c.to_base64()))
 }
 
 /// `GET /v2/services`: every service with a visible endpoint, and how many.

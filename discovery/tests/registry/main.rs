@@ -6,6 +6,7 @@
 mod auth_limits;
 mod auth_scope;
 mod blocking;
+mod certificates;
 mod common;
 mod delta;
 mod eds;

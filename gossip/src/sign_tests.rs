@@ -1,0 +1,299 @@
+use std::num::NonZeroU16;
+
+use proptest::prelude::*;
+use schema::{Endpoint, EndpointKey};
+
+use super::*;
+use crate::rows::{RowStatus, Version};
+use crate::snapshot::SnapshotEntry;
+
+const NOW: u64 = 1_780_000_000_000;
+const HOUR: u64 = 3_600_000;
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_seed([seed; SEED_LEN]).unwrap()
+}
+
+fn service(name: &str) -> ServiceName {
+    ServiceName::new(name).unwrap()
+}
+
+fn endpoint(svc: &str, ip: &str, port: u16) -> Endpoint {
+    Endpoint::new(
+        service(svc),
+        ip.parse().unwrap(),
+        NonZeroU16::new(port).unwrap(),
+    )
+}
+
+fn up_row(owner: &str, svc: &str, ip: &str, port: u16, seq: u64) -> Row {
+    let ep = endpoint(svc, ip, port);
+    Row::new(
+        owner.parse().unwrap(),
+        ep.key(),
+        RowStatus::Up(ep),
+        Version { epoch: 7, seq },
+    )
+}
+
+fn tombstone(owner: &str, svc: &str, ip: &str, port: u16) -> Row {
+    let key = EndpointKey {
+        service: service(svc),
+        ip: ip.parse().unwrap(),
+        port: NonZeroU16::new(port).unwrap(),
+    };
+    Row::new(
+        owner.parse().unwrap(),
+        key,
+        RowStatus::Deregistered,
+        Version { epoch: 7, seq: 9 },
+    )
+}
+
+fn cert(
+    registry: &SigningKey,
+    owner: &SigningKey,
+    ip: &str,
+    services: Option<&[&str]>,
+) -> Certificate {
+    Certificate::issue(
+        registry,
+        CertBody {
+            owner_key: owner.public(),
+            ip: ip.parse().unwrap(),
+            services: services.map(|s| s.iter().map(|n| service(n)).collect()),
+            not_before_ms: NOW - HOUR,
+            not_after_ms: NOW + HOUR,
+        },
+    )
+    .unwrap()
+}
+
+fn trust(registry: &SigningKey, mode: SigningMode) -> Trust {
+    Trust {
+        registry: Some(registry.public()),
+        mode,
+        grace_ms: 24 * HOUR,
+    }
+}
+
+#[test]
+fn keys_round_trip_through_base64_and_never_print_the_secret() {
+    let k = SigningKey::generate();
+    let again: SigningKey = k.to_base64().parse().unwrap();
+    assert_eq!(again.public(), k.public());
+    assert_eq!(
+        k.public().to_base64().parse::<PublicKey>().unwrap(),
+        k.public()
+    );
+    assert!(!format!("{k:?}").contains(&k.to_base64()));
+    assert!("not base64!".parse::<SigningKey>().is_err());
+    assert!(matches!(
+        B64.encode([1u8; 31]).parse::<PublicKey>(),
+        Err(SignKeyError::Length {
+            expected: 32,
+            got: 31
+        })
+    ));
+}
+
+#[test]
+fn an_owner_row_signed_under_its_certificate_is_accepted() {
+    let (registry, owner) = (key(1), key(2));
+    let c = cert(&registry, &owner, "10.0.0.1", None);
+    let t = trust(&registry, SigningMode::Require);
+    for row in [
+        up_row("10.0.0.1:7702", "web", "10.0.0.1", 80, 1),
+        tombstone("10.0.0.1:7702", "web", "10.0.0.1", 81),
+    ] {
+        let sig = sign_row(&owner, &row).unwrap();
+        assert_eq!(t.check_row(&row, Some(&sig), Some(&c), NOW), Ok(()));
+        // Within the grace period after the certificate's end (registry down): still good.
+        assert_eq!(
+            t.check_row(&row, Some(&sig), Some(&c), NOW + 20 * HOUR),
+            Ok(())
+        );
+        assert_eq!(
+            t.check_row(&row, Some(&sig), Some(&c), NOW + 26 * HOUR),
+            Err(Reject::ExpiredCertificate)
+        );
+        assert_eq!(
+            t.check_row(&row, Some(&sig), Some(&c), NOW - 2 * HOUR),
+            Err(Reject::ExpiredCertificate)
+        );
+    }
+}
+
+#[test]
+fn the_hostile_member_cases_are_refused_with_a_reason() {
+    let (registry, owner, hostile) = (key(1), key(2), key(3));
+    let t = trust(&registry, SigningMode::Require);
+    let victim = cert(&registry, &owner, "10.0.0.1", None);
+    let own = cert(&registry, &hostile, "10.0.0.9", None);
+    let forged = cert(&hostile, &hostile, "10.0.0.1", None);
+
+    // A foreign Up row, unsigned, signed by the wrong key, or under a self-made certificate.
+    let row = up_row("10.0.0.1:7702", "web", "10.0.0.1", 80, 1);
+    assert_eq!(
+        t.check_row(&row, None, Some(&victim), NOW),
+        Err(Reject::Unsigned)
+    );
+    let bad = sign_row(&hostile, &row).unwrap();
+    assert_eq!(
+        t.check_row(&row, Some(&bad), Some(&victim), NOW),
+        Err(Reject::BadSignature)
+    );
+    assert_eq!(
+        t.check_row(&row, Some(&bad), Some(&forged), NOW),
+        Err(Reject::BadCertificate)
+    );
+    assert_eq!(
+        t.check_row(&row, Some(&bad), None, NOW),
+        Err(Reject::NoCertificate)
+    );
+    // Its own valid certificate does not reach another IP: not as owner, not as endpoint,
+    // so a tombstone for a cron-only host's registry entry is refused.
+    let theirs = up_row("10.0.0.9:7702", "web", "10.0.0.1", 80, 1);
+    let sig = sign_row(&hostile, &theirs).unwrap();
+    assert_eq!(
+        t.check_row(&theirs, Some(&sig), Some(&own), NOW),
+        Err(Reject::OutOfScope)
+    );
+    let cron = tombstone("10.0.0.9:7702", "web", "10.0.0.5", 80);
+    let sig = sign_row(&hostile, &cron).unwrap();
+    assert_eq!(
+        t.check_row(&cron, Some(&sig), Some(&own), NOW),
+        Err(Reject::OutOfScope)
+    );
+    // A far-future epoch under another member's address.
+    let mut future = up_row("10.0.0.1:7702", "web", "10.0.0.9", 80, 1);
+    future.reg.marker.epoch = u64::MAX;
+    let sig = sign_row(&hostile, &future).unwrap();
+    assert_eq!(
+        t.check_row(&future, Some(&sig), Some(&own), NOW),
+        Err(Reject::OutOfScope)
+    );
+    assert_eq!(
+        t.check_cert("10.0.0.1:7702".parse().unwrap(), &own, NOW),
+        Err(Reject::OutOfScope)
+    );
+    assert_eq!(
+        t.check_cert("10.0.0.9:7702".parse().unwrap(), &own, NOW),
+        Ok(())
+    );
+}
+
+#[test]
+fn a_service_scoped_certificate_covers_only_its_services() {
+    let (registry, owner) = (key(1), key(2));
+    let c = cert(&registry, &owner, "10.0.0.1", Some(&["web"]));
+    let t = trust(&registry, SigningMode::Require);
+    let web = up_row("10.0.0.1:7702", "web", "10.0.0.1", 80, 1);
+    let db = up_row("10.0.0.1:7702", "db", "10.0.0.1", 5432, 2);
+    let sig = sign_row(&owner, &web).unwrap();
+    assert_eq!(t.check_row(&web, Some(&sig), Some(&c), NOW), Ok(()));
+    let sig = sign_row(&owner, &db).unwrap();
+    assert_eq!(
+        t.check_row(&db, Some(&sig), Some(&c), NOW),
+        Err(Reject::OutOfScope)
+    );
+}
+
+#[test]
+fn modes_off_and_accept_take_unsigned_items_and_accept_still_checks_signed_ones() {
+    let (registry, owner, hostile) = (key(1), key(2), key(3));
+    let c = cert(&registry, &owner, "10.0.0.1", None);
+    let row = up_row("10.0.0.1:7702", "web", "10.0.0.1", 80, 1);
+    let bad = sign_row(&hostile, &row).unwrap();
+    let off = trust(&registry, SigningMode::Off);
+    let accept = trust(&registry, SigningMode::Accept);
+    assert_eq!(off.check_row(&row, Some(&bad), Some(&c), NOW), Ok(()));
+    assert_eq!(accept.check_row(&row, None, None, NOW), Ok(()));
+    assert_eq!(
+        accept.check_row(&row, Some(&bad), Some(&c), NOW),
+        Err(Reject::BadSignature)
+    );
+    assert_eq!("require".parse::<SigningMode>(), Ok(SigningMode::Require));
+    assert!("maybe".parse::<SigningMode>().is_err());
+}
+
+#[test]
+fn snapshots_verify_only_under_the_registry_key() {
+    let (registry, hostile) = (key(1), key(3));
+    let snap = Snapshot {
+        service: service("web"),
+        generated_at_ms: NOW,
+        entries: vec![SnapshotEntry {
+            endpoint: endpoint("web", "10.0.0.5", 80),
+            last_check_in_ms: NOW,
+        }],
+    };
+    let t = trust(&registry, SigningMode::Require);
+    let sig = sign_snapshot(&registry, &snap).unwrap();
+    assert_eq!(t.check_snapshot(&snap, Some(&sig)), Ok(()));
+    assert_eq!(t.check_snapshot(&snap, None), Err(Reject::Unsigned));
+    let forged = sign_snapshot(&hostile, &snap).unwrap();
+    assert_eq!(
+        t.check_snapshot(&snap, Some(&forged)),
+        Err(Reject::BadSignature)
+    );
+    // The 2100 snapshot: a signature of today's snapshot does not carry over to it.
+    let mut later = snap.clone();
+    later.generated_at_ms = 4_102_444_800_000;
+    assert_eq!(
+        t.check_snapshot(&later, Some(&sig)),
+        Err(Reject::BadSignature)
+    );
+}
+
+proptest! {
+    /// Any change to a signed row — owner, endpoint, value or version — breaks the
+    /// signature, and so does any flipped bit of the signature.
+    #[test]
+    fn no_tampering_with_a_signed_row_verifies(
+        port in 1u16..,
+        seq in 0u64..1_000,
+        epoch in any::<u64>(),
+        bit in 0usize..512,
+        which in 0u8..4,
+    ) {
+        let (registry, owner) = (key(1), key(2));
+        let c = cert(&registry, &owner, "10.0.0.1", None);
+        let t = trust(&registry, SigningMode::Require);
+        let row = up_row("10.0.0.1:7702", "web", "10.0.0.1", 80, 1);
+        let sig = sign_row(&owner, &row).unwrap();
+        let mut forged = row.clone();
+        match which {
+            0 => forged.reg.marker = Version { epoch, seq: seq + 2 },
+            1 => forged.owner.set_port(port.max(2).wrapping_add(u16::from(port == 7702))),
+            2 => forged = tombstone("10.0.0.1:7702", "web", "10.0.0.1", 80),
+            _ => {
+                let ep = endpoint("web", "10.0.0.1", port.max(81));
+                forged = Row::new(row.owner, ep.key(), RowStatus::Up(ep), row.version());
+            }
+        }
+        prop_assume!(forged != row);
+        prop_assert_eq!(t.check_row(&forged, Some(&sig), Some(&c), NOW), Err(Reject::BadSignature));
+        let mut bytes = sig.to_bytes();
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        let flipped = Signature::from_slice(&bytes).unwrap();
+        prop_assert!(t.check_row(&row, Some(&flipped), Some(&c), NOW).is_err());
+    }
+
+    /// A certificate with any field changed after signing is refused.
+    #[test]
+    fn no_tampering_with_a_certificate_verifies(last in 0u8..=255, days in 1u64..10_000) {
+        let (registry, owner) = (key(1), key(2));
+        let t = trust(&registry, SigningMode::Require);
+        let good = cert(&registry, &owner, "10.0.0.1", Some(&["web"]));
+        let mut c = good.clone();
+        c.body.not_after_ms += days * 24 * HOUR;
+        prop_assert_eq!(c.check(&registry.public(), NOW, 0), Err(Reject::BadCertificate));
+        let mut c = good.clone();
+        c.body.ip = format!("10.0.1.{last}").parse().unwrap();
+        prop_assert_eq!(c.check(&registry.public(), NOW, 0), Err(Reject::BadCertificate));
+        let mut c = good;
+        c.body.services = None;
+        prop_assert_eq!(t.check_cert("10.0.0.1:1".parse().unwrap(), &c, NOW), Err(Reject::BadCertificate));
+    }
+}
