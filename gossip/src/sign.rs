@@ -24,7 +24,7 @@ use std::str::FromStr;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use ring::signature::{ED25519, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
+use ed25519_dalek::Signer as _;
 use schema::ServiceName;
 use schema::codec;
 use serde::{Deserialize, Serialize};
@@ -75,9 +75,12 @@ impl PublicKey {
 
     /// Whether `sig` is this key's signature of `msg`.
     pub fn verifies(&self, msg: &[u8], sig: &Signature) -> bool {
-        UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(msg, &sig.to_bytes())
-            .is_ok()
+        // Strict: refuses small-order keys and non-canonical signatures, so no signature
+        // verifies under two keys and none can be malleated into another that verifies.
+        ed25519_dalek::VerifyingKey::from_bytes(&self.0).is_ok_and(|key| {
+            key.verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&sig.to_bytes()))
+                .is_ok()
+        })
     }
 }
 
@@ -122,13 +125,12 @@ impl fmt::Debug for Signature {
 /// A private Ed25519 key, kept as its 32-byte seed. Debug output never shows it.
 pub struct SigningKey {
     seed: [u8; SEED_LEN],
-    pair: Ed25519KeyPair,
+    pair: ed25519_dalek::SigningKey,
 }
 
 impl SigningKey {
     pub fn from_seed(seed: [u8; SEED_LEN]) -> Result<Self, SignKeyError> {
-        let pair =
-            Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| SignKeyError::Rejected)?;
+        let pair = ed25519_dalek::SigningKey::from_bytes(&seed);
         Ok(SigningKey { seed, pair })
     }
 
@@ -146,15 +148,12 @@ impl SigningKey {
     }
 
     pub fn public(&self) -> PublicKey {
-        let mut pk = [0u8; PUBLIC_KEY_LEN];
-        pk.copy_from_slice(self.pair.public_key().as_ref());
-        PublicKey(pk)
+        PublicKey(self.pair.verifying_key().to_bytes())
     }
 
     pub fn sign(&self, msg: &[u8]) -> Signature {
-        let sig = self.pair.sign(msg);
-        Signature::from_slice(sig.as_ref())
-            .unwrap_or_else(|| unreachable!("Ed25519 signs 64 bytes"))
+        let sig = self.pair.sign(msg).to_bytes();
+        Signature::from_slice(&sig).unwrap_or_else(|| unreachable!("Ed25519 signs 64 bytes"))
     }
 }
 
