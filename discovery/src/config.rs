@@ -173,7 +173,7 @@ pub enum ConfigError {
     #[error("registry.env must be 1-64 characters")]
     Env,
     #[error("registry signing key: {0}")]
-    SigningKey(gossip::sign::SignKeyError),
+    SigningKey(schema::cert::SignKeyError),
 }
 
 impl std::fmt::Debug for RegistryConfig {
@@ -268,7 +268,7 @@ impl RegistryConfig {
             return Err(ConfigError::Env);
         }
         if let Some(key) = &self.signing_key {
-            key.parse::<gossip::sign::SigningKey>()
+            key.parse::<schema::cert::SigningKey>()
                 .map_err(ConfigError::SigningKey)?;
         }
         Ok(())

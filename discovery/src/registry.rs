@@ -42,7 +42,7 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) auth: Auth,
     /// Certifies agents' gossip owner keys on check-in, when configured.
-    pub(crate) signer: Option<gossip::sign::SigningKey>,
+    pub(crate) signer: Option<schema::cert::SigningKey>,
     pub(crate) metrics: Metrics,
     /// [`Clock::elapsed_ms`] at start: warm-up and uptime are spans of this process, so a
     /// stepped wall clock must neither end warm-up early nor stretch it.

@@ -1,7 +1,9 @@
 use std::num::NonZeroU16;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
 use proptest::prelude::*;
-use schema::{Endpoint, EndpointKey};
+use schema::{Endpoint, EndpointKey, ServiceName};
 
 use super::*;
 use crate::rows::{RowStatus, Version};

@@ -8,6 +8,8 @@
 //! - [`agent_api`] holds the JSON answers of the agent's own routes (`/v1/agent/*`, probes).
 //! - [`codec`] is the one place that knows the binary wire format (bincode 2 behind a
 //!   version byte, with a size limit), used by gossip and the disk cache.
+//! - [`cert`] holds the registry's certificates of agents' gossip keys and the Ed25519 keys
+//!   behind them: the registry issues them, gossip checks against them.
 //! - [`wire`] names the `x-tidings-*` headers and the tag names components share.
 //! - [`ui`] holds what the components' web dashboards share: stylesheet, JS helpers, and
 //!   the strict response headers (CSP) they are served with.
@@ -17,6 +19,7 @@
 
 pub mod agent_api;
 pub mod api;
+pub mod cert;
 pub mod codec;
 pub mod duration;
 pub mod eds;

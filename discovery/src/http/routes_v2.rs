@@ -82,7 +82,7 @@ fn certify(
     ips: &[IpAddr],
     services: Option<&[ServiceName]>,
 ) -> Result<Option<String>, ApiError> {
-    let owner_key: gossip::sign::PublicKey = key
+    let owner_key: schema::cert::PublicKey = key
         .parse()
         .map_err(|e| ApiError::BadRequest(format!("gossip_key: {e}")))?;
     let (Some(signer), [ip]) = (&registry.inner.signer, ips) else {
@@ -91,7 +91,7 @@ fn certify(
     let now = registry.inner.clock.now_ms();
     let validity =
         u64::try_from(registry.config().certificate_validity.as_millis()).unwrap_or(u64::MAX);
-    let body = gossip::sign::CertBody {
+    let body = schema::cert::CertBody {
         owner_key,
         ip: *ip,
         services: services.map(<[ServiceName]>::to_vec),
@@ -99,7 +99,7 @@ fn certify(
         not_before_ms: now.saturating_sub(CERT_BACKDATE_MS),
         not_after_ms: now.saturating_add(validity),
     };
-    Ok(gossip::sign::Certificate::issue(signer, body).and_then(|c| c.to_base64()))
+    Ok(schema::cert::Certificate::issue(signer, body).and_then(|c| c.to_base64()))
 }
 
 /// `GET /v2/services`: every service with a visible endpoint, and how many.

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use discovery::{RegistryConfig, operator_token, scoped_token};
-use gossip::sign::{Certificate, SigningKey};
 use schema::ServiceName;
+use schema::cert::{Certificate, SigningKey};
 use serde_json::json;
 
 use crate::common::Harness;

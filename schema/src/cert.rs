@@ -1,0 +1,216 @@
+//! Registry certificates and the Ed25519 keys behind them (docs/ARCHITECTURE.md#signed-gossip),
+//! sans IO. The registry issues a [`Certificate`] on check-in binding an agent's owner key
+//! to its IP (and, for a service-scoped token, to those services); gossip checks rows and
+//! snapshots against them (`gossip::sign`). Here because both the registry and gossip need
+//! them, and neither may depend on the other.
+//!
+//! Every signed message is prefixed by a domain tag ([`tagged`]), so a signature over one
+//! kind of message can never be replayed as another.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use ed25519_dalek::Signer as _;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ServiceName;
+use crate::codec;
+
+pub const PUBLIC_KEY_LEN: usize = 32;
+pub const SEED_LEN: usize = 32;
+pub const SIGNATURE_LEN: usize = 64;
+
+const CERT_TAG: &[u8] = b"tidings-cert-v1\0";
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SignKeyError {
+    #[error("key is not valid base64: {0}")]
+    Base64(String),
+    #[error("key must be {expected} bytes, got {got}")]
+    Length { expected: usize, got: usize },
+    #[error("not an Ed25519 key")]
+    Rejected,
+}
+
+fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], SignKeyError> {
+    let bytes = B64
+        .decode(s.trim())
+        .map_err(|e| SignKeyError::Base64(e.to_string()))?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| SignKeyError::Length {
+            expected: N,
+            got: bytes.len(),
+        })
+}
+
+/// An Ed25519 public key (registry or owner).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublicKey(pub [u8; PUBLIC_KEY_LEN]);
+
+impl PublicKey {
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+
+    /// Whether `sig` is this key's signature of `msg`.
+    pub fn verifies(&self, msg: &[u8], sig: &Signature) -> bool {
+        // Strict: refuses small-order keys and non-canonical signatures, so no signature
+        // verifies under two keys and none can be malleated into another that verifies.
+        ed25519_dalek::VerifyingKey::from_bytes(&self.0).is_ok_and(|key| {
+            key.verify_strict(msg, &ed25519_dalek::Signature::from_bytes(&sig.to_bytes()))
+                .is_ok()
+        })
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.to_base64())
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = SignKeyError;
+    fn from_str(s: &str) -> Result<Self, SignKeyError> {
+        decode_fixed::<PUBLIC_KEY_LEN>(s).map(PublicKey)
+    }
+}
+
+/// An Ed25519 signature. Two halves because serde derives arrays only up to 32 bytes;
+/// bincode writes it as 64 bytes with no length prefix either way.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Signature(pub [u8; 32], pub [u8; 32]);
+
+impl Signature {
+    pub fn to_bytes(&self) -> [u8; SIGNATURE_LEN] {
+        let mut out = [0u8; SIGNATURE_LEN];
+        out[..32].copy_from_slice(&self.0);
+        out[32..].copy_from_slice(&self.1);
+        out
+    }
+
+    /// A signature from its 64 wire bytes; `None` when the length is wrong.
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        let (lo, hi) = b.split_at_checked(32)?;
+        Some(Signature(lo.try_into().ok()?, hi.try_into().ok()?))
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({:02x}{:02x}..)", self.0[0], self.0[1])
+    }
+}
+
+/// A private Ed25519 key, kept as its 32-byte seed. Debug output never shows it.
+pub struct SigningKey {
+    seed: [u8; SEED_LEN],
+    pair: ed25519_dalek::SigningKey,
+}
+
+impl SigningKey {
+    pub fn from_seed(seed: [u8; SEED_LEN]) -> Result<Self, SignKeyError> {
+        let pair = ed25519_dalek::SigningKey::from_bytes(&seed);
+        Ok(SigningKey { seed, pair })
+    }
+
+    /// A fresh key from the OS RNG.
+    pub fn generate() -> Self {
+        let mut seed = [0u8; SEED_LEN];
+        rand::RngExt::fill(&mut rand::rng(), &mut seed);
+        // Every 32-byte seed is a valid Ed25519 private key.
+        Self::from_seed(seed).unwrap_or_else(|_| unreachable!("any seed is a key"))
+    }
+
+    /// The base64 text form of the seed, for key files.
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.seed)
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.pair.verifying_key().to_bytes())
+    }
+
+    pub fn sign(&self, msg: &[u8]) -> Signature {
+        let sig = self.pair.sign(msg).to_bytes();
+        Signature::from_slice(&sig).unwrap_or_else(|| unreachable!("Ed25519 signs 64 bytes"))
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey(public={})", self.public().to_base64())
+    }
+}
+
+impl FromStr for SigningKey {
+    type Err = SignKeyError;
+    fn from_str(s: &str) -> Result<Self, SignKeyError> {
+        Self::from_seed(decode_fixed::<SEED_LEN>(s)?)
+    }
+}
+
+/// What the registry vouches for: this key speaks for this IP (and these services).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertBody {
+    pub owner_key: PublicKey,
+    pub ip: IpAddr,
+    /// `None`: any service (a host token); `Some`: only these (a service-scoped token).
+    pub services: Option<Vec<ServiceName>>,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+/// A [`CertBody`] signed by the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub body: CertBody,
+    pub sig: Signature,
+}
+
+/// `tag` followed by the binary encoding of `value`: the bytes a signature covers.
+pub fn tagged<T: Serialize>(tag: &[u8], value: &T) -> Option<Vec<u8>> {
+    let body = codec::encode_file(value).ok()?;
+    let mut msg = Vec::with_capacity(tag.len() + body.len());
+    msg.extend_from_slice(tag);
+    msg.extend_from_slice(&body);
+    Some(msg)
+}
+
+impl Certificate {
+    /// Signs `body` with the registry key.
+    pub fn issue(registry: &SigningKey, body: CertBody) -> Option<Certificate> {
+        let sig = registry.sign(&tagged(CERT_TAG, &body)?);
+        Some(Certificate { body, sig })
+    }
+
+    /// Whether the registry key signed this certificate.
+    pub fn signed_by(&self, registry: &PublicKey) -> bool {
+        tagged(CERT_TAG, &self.body).is_some_and(|m| registry.verifies(&m, &self.sig))
+    }
+
+    /// Whether `now_ms` is within the validity, honouring the certificate `grace_ms` past
+    /// its end (fail-static while the registry is down).
+    pub fn valid_at(&self, now_ms: u64, grace_ms: u64) -> bool {
+        now_ms >= self.body.not_before_ms
+            && now_ms <= self.body.not_after_ms.saturating_add(grace_ms)
+    }
+
+    /// The text form carried in a check-in answer: base64 of the binary encoding.
+    pub fn to_base64(&self) -> Option<String> {
+        codec::encode_file(self).ok().map(|b| B64.encode(b))
+    }
+
+    /// Parses [`to_base64`](Self::to_base64)'s form. Checks nothing: see
+    /// [`signed_by`](Self::signed_by) and [`valid_at`](Self::valid_at).
+    pub fn from_base64(s: &str) -> Option<Certificate> {
+        let bytes = B64.decode(s.trim()).ok()?;
+        codec::decode_file(&bytes).ok()
+    }
+}
