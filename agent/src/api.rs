@@ -214,6 +214,9 @@ async fn block(
         max_wait: MAX_WAIT,
         // The view changes only through its watch channel.
         recheck: None,
+        // A local answer is cheap, and the apps reading it want a change as soon as the
+        // agent has it (the registry already coalesced what it sent the agent).
+        coalesce: Duration::ZERO,
         draining: &shared.draining,
         refused: shared.metrics.api_refused_waiters.clone(),
         waiting: shared.metrics.blocking.clone(),

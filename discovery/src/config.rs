@@ -85,6 +85,13 @@ pub struct RegistryConfig {
     /// Longest `wait` a blocking query may ask for.
     #[serde(with = "duration")]
     pub max_wait: Duration,
+    /// A blocking query that sees a change sooner than this after it arrived answers when
+    /// this much has passed since it arrived, with every change of that window: while the
+    /// catalog churns, each waiter is answered at most once per interval instead of once per
+    /// change (what a fleet of waiters costs the registry is its answers), and a change to a
+    /// quiet catalog still answers at once. 0 answers every change at once.
+    #[serde(with = "duration")]
+    pub blocking_coalesce: Duration,
     /// Blocking queries re-read the store this often even without a change signal, to notice
     /// expiries (and writes by other registries sharing the table when its stream is not
     /// followed; while it is, the re-read is answered from the mirror).
@@ -141,6 +148,7 @@ impl Default for RegistryConfig {
             handler_timeout: Duration::from_secs(10),
             store_timeout: Duration::from_secs(3),
             max_wait: Duration::from_secs(5 * 60),
+            blocking_coalesce: Duration::from_millis(200),
             recheck_interval: Duration::from_secs(1),
             read_cache_ttl: Duration::from_secs(1),
             retry_after: Duration::from_secs(5),
@@ -166,6 +174,12 @@ pub enum ConfigError {
          or a slow store could never fall back to the cache"
     )]
     StoreTimeout { store: Duration, handler: Duration },
+    #[error(
+        "registry.blocking_coalesce ({0:?}) must be at most {max:?}: a longer hold makes every \
+         change look late",
+        max = RegistryConfig::MAX_BLOCKING_COALESCE
+    )]
+    Coalesce(Duration),
     #[error("registry.renewal_threshold must be within (0, 1], got {0}")]
     Threshold(String),
     #[error("registry.secret must not be empty (leave it out to disable auth)")]
@@ -194,6 +208,9 @@ impl RegistryConfig {
     /// fleet, and an agent keeps one or two keep-alive connections to it; the systemd unit
     /// raises the file limit to 65 536, far above this.
     pub const DEFAULT_CONNECTIONS: usize = 4096;
+
+    /// The longest `blocking_coalesce` accepted.
+    pub const MAX_BLOCKING_COALESCE: Duration = Duration::from_secs(10);
 
     /// The listener limits in force: `[connections]` over the defaults.
     pub fn listener_limits(&self) -> Result<serve::Limits, serve::LimitsError> {
@@ -257,6 +274,9 @@ impl RegistryConfig {
                 store: self.store_timeout,
                 handler: self.handler_timeout,
             });
+        }
+        if self.blocking_coalesce > Self::MAX_BLOCKING_COALESCE {
+            return Err(ConfigError::Coalesce(self.blocking_coalesce));
         }
         if !(self.renewal_threshold > 0.0 && self.renewal_threshold <= 1.0) {
             return Err(ConfigError::Threshold(self.renewal_threshold.to_string()));
@@ -322,6 +342,10 @@ mod tests {
             },
             RegistryConfig {
                 renewal_threshold: 0.0,
+                ..Default::default()
+            },
+            RegistryConfig {
+                blocking_coalesce: Duration::from_secs(11),
                 ..Default::default()
             },
             RegistryConfig {

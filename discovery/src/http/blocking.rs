@@ -76,6 +76,12 @@ pub struct Blocking<'a> {
     /// Re-read this often even without a change signal (the registry: expiries and writes by
     /// replicas sharing its store). `None`: only on a signal.
     pub recheck: Option<Duration>,
+    /// A query that sees a change sooner than this after it arrived holds its answer until
+    /// this much time has passed since it arrived, so the changes of that window travel in
+    /// one answer: a client that re-asks at once is answered at most once per this interval
+    /// while the catalog churns, and a change to a quiet catalog (the waiter has been
+    /// waiting longer than this) is answered at once. `ZERO`: every change answers at once.
+    pub coalesce: Duration,
     /// Fired on drain: every waiting query answers at once.
     pub draining: &'a CancellationToken,
     /// Counts queries refused for want of a permit.
@@ -86,7 +92,8 @@ pub struct Blocking<'a> {
 
 /// Answers at once unless `params.index` is current; then waits until `index_of` of a read
 /// differs from it, the wait (capped at `max_wait`, then moved by up to ±1/16 of itself:
-/// [`policy::blocking_wait`]) elapses, or the server drains, and answers with a fresh read.
+/// [`policy::blocking_wait`]) elapses, or the server drains, and answers with a fresh read
+/// (after the change, no sooner than `cfg.coalesce` from the query's arrival).
 /// `changes` wakes it; it is subscribed before the first read, so a change between the two
 /// is not missed.
 pub async fn block<T, S, R, Fut>(
@@ -122,7 +129,8 @@ where
         cfg.max_wait,
         rand::random::<f64>(),
     );
-    let deadline = tokio::time::Instant::now() + wait;
+    let arrived = tokio::time::Instant::now();
+    let deadline = arrived + wait;
     cfg.waiting.increment(1.0);
     let _done = OnDrop(|| cfg.waiting.decrement(1.0));
     loop {
@@ -140,9 +148,21 @@ where
             () = recheck => {}
         }
         let now = read().await?;
-        if index_of(&now) != index {
+        if index_of(&now) == index {
+            continue;
+        }
+        let hold_until = (arrived + cfg.coalesce).min(deadline);
+        if tokio::time::Instant::now() >= hold_until {
             return Ok(now);
         }
+        // Changes often come in bursts (a deploy, a zone's hosts checking in): this answer
+        // carries whatever else changes until the hold ends, instead of one answer each.
+        tokio::select! {
+            biased;
+            () = cfg.draining.cancelled() => {}
+            () = tokio::time::sleep_until(hold_until) => {}
+        }
+        return read().await;
     }
 }
 

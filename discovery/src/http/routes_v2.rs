@@ -129,6 +129,7 @@ where
         limit: cfg.max_blocking_waiters,
         max_wait: cfg.max_wait,
         recheck: Some(cfg.recheck_interval),
+        coalesce: cfg.blocking_coalesce,
         draining: registry.draining(),
         refused: metrics.rejected_counter("max_blocking_waiters"),
         waiting: metrics.blocking.clone(),

@@ -11,6 +11,7 @@ use super::*;
 const MAX: Duration = Duration::from_secs(300);
 
 struct Server {
+    coalesce: Duration,
     waiters: Arc<Semaphore>,
     draining: CancellationToken,
     tx: watch::Sender<u64>,
@@ -19,6 +20,7 @@ struct Server {
 impl Server {
     fn new(permits: usize) -> Self {
         Server {
+            coalesce: Duration::ZERO,
             waiters: Arc::new(Semaphore::new(permits)),
             draining: CancellationToken::new(),
             tx: watch::channel(7).0,
@@ -31,6 +33,7 @@ impl Server {
             limit: 1,
             max_wait: MAX,
             recheck: None,
+            coalesce: self.coalesce,
             draining: &self.draining,
             refused: Counter::noop(),
             waiting: Gauge::noop(),
@@ -131,4 +134,64 @@ async fn refuses_past_the_waiter_limit_and_drains() {
     s.draining.cancel();
     assert_eq!(first.await.expect("join").expect("answer"), 7);
     assert_eq!(t0.elapsed(), Duration::ZERO);
+}
+
+/// A change sooner than the hold after the query arrived is answered when the hold ends, with
+/// every change made until then; one later than the hold is answered at once.
+#[tokio::test(start_paused = true)]
+async fn a_change_soon_after_arrival_waits_out_the_hold_and_carries_the_rest() {
+    let mut s = Server::new(1);
+    s.coalesce = Duration::from_millis(200);
+    let tx = s.tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send_replace(8);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send_replace(9);
+    });
+    let t0 = Instant::now();
+    assert_eq!(s.query(Some(7), "30s").await.expect("answer"), 9);
+    assert_eq!(t0.elapsed(), Duration::from_millis(200));
+
+    // The query has waited past the hold when the change comes: no delay.
+    let tx = s.tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tx.send_replace(10);
+    });
+    let t0 = Instant::now();
+    assert_eq!(s.query(Some(9), "30s").await.expect("answer"), 10);
+    assert_eq!(t0.elapsed(), Duration::from_secs(3));
+}
+
+/// The hold ends early on drain and never outlasts the query's own wait.
+#[tokio::test(start_paused = true)]
+async fn the_hold_yields_to_drain_and_to_the_wait() {
+    let mut s = Server::new(1);
+    s.coalesce = Duration::from_secs(10);
+    let s = Arc::new(s);
+    let tx = s.tx.clone();
+    let draining = s.draining.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send_replace(8);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        draining.cancel();
+    });
+    let t0 = Instant::now();
+    assert_eq!(s.query(Some(7), "30s").await.expect("answer"), 8);
+    assert_eq!(t0.elapsed(), Duration::from_millis(110));
+
+    let s = Server {
+        coalesce: Duration::from_secs(10),
+        ..Server::new(1)
+    };
+    let tx = s.tx.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send_replace(8);
+    });
+    let t0 = Instant::now();
+    assert_eq!(s.query(Some(7), "1s").await.expect("answer"), 8);
+    assert!(t0.elapsed() <= Duration::from_secs(1) + Duration::from_secs(1) / 16);
 }
