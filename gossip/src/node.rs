@@ -483,8 +483,12 @@ impl Node {
     /// when the buckets are equal.
     pub(crate) fn digest_to(&mut self, peer: SocketAddr, reply: bool, theirs: Option<&[u64]>) {
         let mut digest = Digest::of(&self.store);
-        if theirs.is_some_and(|t| t == digest.buckets) {
-            digest.buckets = vec![repair::buckets_hash(&digest.buckets)];
+        if let Some(t) = theirs
+            && Digest::differing(&self.store, t).is_some_and(|d| d.is_empty())
+        {
+            // Equal as far as repair goes: the hash of the buckets the asker sent, which it
+            // checks against its own (`repair::on_equal_answer`).
+            digest.buckets = vec![repair::buckets_hash(t)];
         }
         digest.down = self.down_sample();
         digest.reply = reply;

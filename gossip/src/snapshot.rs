@@ -112,6 +112,13 @@ impl SnapshotSummary {
     }
 }
 
+/// Whether a change dated `since_ms` (registry clock) may still be on its way to agents
+/// from the registry at `now_ms`. Both ways: a date far ahead of our clock (a replica
+/// running ahead, within the skew bound) must not hide a change for longer either.
+fn in_flight(since_ms: u64, now_ms: u64) -> bool {
+    since_ms.abs_diff(now_ms) < crate::repair::REGISTRY_SPREAD_MS
+}
+
 /// The outcome of merging one snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapshotMerge {
@@ -131,11 +138,24 @@ pub struct Refusals {
     pub inconsistent: u64,
 }
 
+/// The hosts a service listed before its newest change, and when that change began
+/// (registry clock): while the change is younger than [`crate::repair::REGISTRY_SPREAD_MS`]
+/// the repair digest counts the service by these hosts, so a node that has fetched the
+/// change and one that has not yet still agree (see [`SnapshotStore::digest_hash`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Change {
+    /// `None`: the service was not held before.
+    replaced: Option<u64>,
+    since_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     /// Shared with every published [`crate::GossipView`]: a view holds the snapshots, not
     /// copies of them.
     by_service: BTreeMap<ServiceName, (Arc<Snapshot>, SnapshotSummary)>,
+    /// At most one per service held; an entry no longer in flight counts for nothing.
+    changes_in_flight: BTreeMap<ServiceName, Change>,
     changes: u64,
     max_skew_ms: u64,
     refused: Refusals,
@@ -152,6 +172,7 @@ impl SnapshotStore {
     pub fn with_max_skew(max_skew_ms: u64) -> Self {
         SnapshotStore {
             by_service: BTreeMap::new(),
+            changes_in_flight: BTreeMap::new(),
             changes: 0,
             max_skew_ms,
             refused: Refusals::default(),
@@ -181,10 +202,42 @@ impl SnapshotStore {
         {
             return SnapshotMerge::Stale;
         }
+        self.note_change(&summary, now_ms);
         self.by_service
             .insert(snap.service.clone(), (Arc::new(snap), summary));
         self.changes += 1;
         SnapshotMerge::Applied
+    }
+
+    /// Records what `new` replaces. A change made while an earlier one is still in flight
+    /// keeps that one's replaced hosts and start: the digest hides a service's changes for
+    /// at most one spread, however fast it changes, so a node cut off from the registry is
+    /// never kept from repair for longer.
+    fn note_change(&mut self, new: &SnapshotSummary, now_ms: u64) {
+        let held = self.by_service.get(&new.service).map(|(_, s)| s);
+        if held.is_some_and(|h| h.hash == new.hash) {
+            // Same hosts, later copy: not a change (a refresh must not restart the clock).
+            return;
+        }
+        let change = match self.changes_in_flight.get(&new.service) {
+            Some(c) if in_flight(c.since_ms, now_ms) => *c,
+            _ => Change {
+                replaced: held.map(|h| h.hash),
+                since_ms: new.generated_at_ms,
+            },
+        };
+        self.changes_in_flight.insert(new.service.clone(), change);
+    }
+
+    /// The hosts hash the repair digest counts for `service` at `now_ms`: the hosts its
+    /// change replaced if that change is younger than `window_ms` (`None`: it counts for
+    /// nothing, as on a node that has not heard of the service), else those it lists.
+    pub fn digest_hash(&self, service: &ServiceName, now_ms: u64, window_ms: u64) -> Option<u64> {
+        let (_, held) = self.by_service.get(service)?;
+        match self.changes_in_flight.get(service) {
+            Some(c) if c.since_ms.abs_diff(now_ms) < window_ms => c.replaced,
+            _ => Some(held.hash),
+        }
     }
 
     /// Holds `snap` as it is, shared, with no check: for the simulator, which hands a

@@ -382,6 +382,24 @@ mod tests {
         assert_eq!(report.services_diverged_at_end, 0, "{report}");
     }
 
+    /// The same under random loss, whatever the seed: a cut-off node's changes reach it by
+    /// repair only, and the digest hiding a change in flight must not keep them from it.
+    #[test]
+    fn blind_nodes_catch_up_under_loss() {
+        for seed in [2, 3] {
+            let (mut cfg, load) = small();
+            cfg.loss = 0.1;
+            cfg.seed = seed;
+            let report = simulate_registry(cfg, load);
+            assert!(report.blind_nodes > 0, "seed {seed}: {report}");
+            assert!(
+                report.secs_converged_after_churn.is_some(),
+                "seed {seed}: {report}"
+            );
+            assert_eq!(report.services_diverged_at_end, 0, "seed {seed}: {report}");
+        }
+    }
+
     /// The table's answers list exactly its hosts, and a change is seen as one.
     #[test]
     fn a_change_is_news_and_a_re_check_in_is_not() {
