@@ -303,10 +303,14 @@ impl Node {
         }
         // The exchange is symmetric for down verdicts and tombstone evidence; only the side
         // that received the first digest starts a repair, so a mismatch costs one exchange.
+        // Counted once for both uses: three passes over every snapshot held.
+        let diff = Digest::differing(&self.store, &digest.buckets);
         if !digest.reply {
-            self.digest_to(from, true, Some(&digest.buckets));
+            let equal = diff.as_ref().is_some_and(BTreeSet::is_empty);
+            self.digest_to(from, true, equal.then_some(&digest.buckets[..]));
         }
-        let req = repair::on_digest(&mut self.store, self.me.addr, from, digest)
+        let req = diff
+            .and_then(|diff| repair::on_digest(&mut self.store, self.me.addr, from, diff))
             .filter(|_| !digest.reply);
         match req {
             Some(req) => {
@@ -481,15 +485,17 @@ impl Node {
 
     /// Sends our digest to `peer`; as an answer to `theirs` when given, in its short form
     /// when the buckets are equal.
-    pub(crate) fn digest_to(&mut self, peer: SocketAddr, reply: bool, theirs: Option<&[u64]>) {
-        let mut digest = Digest::of(&self.store);
-        if let Some(t) = theirs
-            && Digest::differing(&self.store, t).is_some_and(|d| d.is_empty())
-        {
+    pub(crate) fn digest_to(&mut self, peer: SocketAddr, reply: bool, equal_to: Option<&[u64]>) {
+        let mut digest = match equal_to {
             // Equal as far as repair goes: the hash of the buckets the asker sent, which it
             // checks against its own (`repair::on_equal_answer`).
-            digest.buckets = vec![repair::buckets_hash(t)];
-        }
+            Some(theirs) => Digest {
+                buckets: vec![repair::buckets_hash(theirs)],
+                down: Vec::new(),
+                reply,
+            },
+            None => Digest::of(&self.store),
+        };
         digest.down = self.down_sample();
         digest.reply = reply;
         if let Ok(body) = codec::encode_packet(&digest) {

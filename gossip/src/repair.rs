@@ -306,14 +306,14 @@ pub fn on_equal_answer(store: &mut Store, peer: SocketAddr, hash: u64) -> bool {
     true
 }
 
-/// The digest receiver's side: which buckets to ask about (and GC evidence for the rest).
+/// The digest receiver's side, given the buckets that differ ([`Digest::differing`]): which
+/// buckets to ask about (and GC evidence for the rest).
 pub fn on_digest(
     store: &mut Store,
     me: SocketAddr,
     peer: SocketAddr,
-    theirs: &Digest,
+    diff: BTreeSet<u8>,
 ) -> Option<RepairRequest> {
-    let diff = Digest::differing(store, &theirs.buckets)?;
     let owners: Vec<SocketAddr> = store.rows.owners().copied().collect();
     for owner in owners {
         if !diff.contains(&(owner_bucket(&owner) as u8)) {

@@ -112,11 +112,11 @@ impl SnapshotSummary {
     }
 }
 
-/// Whether a change dated `since_ms` (registry clock) may still be on its way to agents
-/// from the registry at `now_ms`. Both ways: a date far ahead of our clock (a replica
-/// running ahead, within the skew bound) must not hide a change for longer either.
-fn in_flight(since_ms: u64, now_ms: u64) -> bool {
-    since_ms.abs_diff(now_ms) < crate::repair::REGISTRY_SPREAD_MS
+/// Whether a change dated `since_ms` (registry clock) is younger than `window_ms` at
+/// `now_ms`. Both ways: a date far ahead of our clock (a replica running ahead, within the
+/// skew bound) must not hide a change for longer either.
+fn younger_than(since_ms: u64, now_ms: u64, window_ms: u64) -> bool {
+    since_ms.abs_diff(now_ms) < window_ms
 }
 
 /// The outcome of merging one snapshot.
@@ -220,7 +220,7 @@ impl SnapshotStore {
             return;
         }
         let change = match self.changes_in_flight.get(&new.service) {
-            Some(c) if in_flight(c.since_ms, now_ms) => *c,
+            Some(c) if younger_than(c.since_ms, now_ms, crate::repair::REGISTRY_SPREAD_MS) => *c,
             _ => Change {
                 replaced: held.map(|h| h.hash),
                 since_ms: new.generated_at_ms,
@@ -235,7 +235,7 @@ impl SnapshotStore {
     pub fn digest_hash(&self, service: &ServiceName, now_ms: u64, window_ms: u64) -> Option<u64> {
         let (_, held) = self.by_service.get(service)?;
         match self.changes_in_flight.get(service) {
-            Some(c) if c.since_ms.abs_diff(now_ms) < window_ms => c.replaced,
+            Some(c) if younger_than(c.since_ms, now_ms, window_ms) => c.replaced,
             _ => Some(held.hash),
         }
     }
