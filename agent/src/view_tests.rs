@@ -373,3 +373,123 @@ mod through_gossip {
         assert!(drained(&v, "web").is_empty());
     }
 }
+
+/// A merge that reuses the previous view's services gives exactly what a merge from nothing
+/// gives: same hosts, same per-service and view indexes — over random sequences of gossip
+/// views (rows, registry entries, snapshots listing some of them, members coming and going)
+/// with a disk cache at start.
+mod incremental {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SERVICES: [&str; 3] = ["api", "db", "web"];
+    const OWNERS: [&str; 2] = ["10.0.0.2:7702", "10.0.0.3:7702"];
+
+    /// (service, port, revision, source): source 0 = registry, 1..=2 = a row of that owner.
+    type Spec = (usize, u16, u8, usize);
+
+    fn entry((s, port, rev, source): Spec, at: u64) -> ViewEntry {
+        let mut e = ep(SERVICES[s], port);
+        e.revision = schema::Revision::new(format!("r{rev}")).expect("revision");
+        match source {
+            0 => reg(e, at),
+            o => row(e, OWNERS[o - 1]),
+        }
+    }
+
+    fn view(specs: &[Spec], listed: &[(usize, u16)], alive: &[bool], at: u64) -> GossipView {
+        let mut endpoints: Vec<ViewEntry> = Vec::new();
+        for spec in specs {
+            let e = entry(*spec, at);
+            // Gossip's view holds a key once.
+            if !endpoints
+                .iter()
+                .any(|x| x.endpoint.key() == e.endpoint.key())
+            {
+                endpoints.push(e);
+            }
+        }
+        let snapshots = SERVICES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let ports: Vec<u16> = listed
+                    .iter()
+                    .filter(|(s, _)| *s == i)
+                    .map(|(_, p)| *p)
+                    .collect();
+                Arc::new(snap(name, at, &ports))
+            })
+            .collect();
+        GossipView {
+            endpoints,
+            snapshots,
+            members: OWNERS
+                .iter()
+                .zip(alive)
+                .map(|(o, a)| member(o, *a))
+                .collect(),
+            deregistered: Vec::new(),
+        }
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        (0..SERVICES.len(), 1u16..6, 0u8..2, 0..=OWNERS.len())
+    }
+
+    /// One gossip view: its entries, the snapshots' listed ports, owners alive, time step.
+    type Step = (Vec<Spec>, Vec<(usize, u16)>, Vec<bool>, u64);
+
+    fn step() -> impl Strategy<Value = Step> {
+        (
+            proptest::collection::vec(spec(), 0..12),
+            proptest::collection::vec((0..SERVICES.len(), 1u16..6), 0..8),
+            proptest::collection::vec(any::<bool>(), OWNERS.len()),
+            0u64..3,
+        )
+    }
+
+    fn same(a: &MergedView, b: &MergedView) -> Result<(), TestCaseError> {
+        prop_assert_eq!(a.index(), b.index());
+        let services = |v: &MergedView| -> Vec<(ServiceName, Vec<Host>, u64)> {
+            v.services()
+                .map(|(n, s)| (n.clone(), s.hosts.clone(), s.index))
+                .collect()
+        };
+        prop_assert_eq!(services(a), services(b));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn reusing_services_equals_merging_from_nothing(
+            cached in proptest::collection::vec(spec(), 0..6),
+            steps in proptest::collection::vec(step(), 1..8),
+        ) {
+            let cached: Vec<CachedHost> = cached
+                .into_iter()
+                .map(|s| {
+                    let e = entry(s, 5_000);
+                    let origin = match e.source {
+                        Source::Gossip { owner } => Origin::Row { owner },
+                        Source::Registry { .. } => Origin::Registry { generated_at_ms: 5_000 },
+                    };
+                    CachedHost { endpoint: e.endpoint, origin, last_check_in_ms: 4_000 }
+                })
+                .collect();
+            let mut m = Merger::new(addr(ME), 1_000, cached);
+            let mut now = 10_000;
+            for (specs, listed, alive, dt) in steps {
+                now += dt * 700;
+                let g = view(&specs, &listed, &alive, now);
+                let mut fresh = m.clone();
+                fresh.services.clear();
+                let incremental = m.merge(&g, now);
+                let from_nothing = fresh.merge(&g, now);
+                same(&incremental, &from_nothing)?;
+            }
+        }
+    }
+}
