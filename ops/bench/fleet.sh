@@ -12,12 +12,21 @@
 #   ops/bench/fleet.sh --clients 100 --churn 20s --accept-encoding gzip
 #   (TIDINGS_BIN=... to use a built binary; any flag of `tidings bench fleet` passes through)
 #
+# STORE=dynamodb ops/bench/fleet.sh starts a local moto_server (the pinned one, from the repo's
+# .venv, installed if missing) and two registry replicas on one DynamoDB table, each following
+# the table's stream; clients are spread over both, fill and churn go through the first, so
+# every change the second replica's clients see travelled through the stream. moto is a Python
+# emulator: its CPU is printed beside the registries'.
+#
 # FLEET_URLS="http://127.0.0.1:P1 http://127.0.0.1:P2" FLEET_PIDS="PID1 PID2" runs against
 # registries already started (sharing one store): clients are spread over them, fill and
 # churn go through the first. Pass --no-fill when they are filled already.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
+if [[ "${STORE:-memory}" == dynamodb && ! -x .venv/bin/moto_server ]]; then
+  python3 -m venv .venv && .venv/bin/pip install --quiet -r ops/moto-requirements.txt
+fi
 # shellcheck source=ops/bench/common.sh
 source "$root/ops/bench/common.sh"
 
@@ -33,7 +42,43 @@ fi
 
 urls=()
 pid_flags=()
-if [[ -n "${FLEET_URLS:-}" ]]; then
+# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+if [[ "${STORE:-memory}" == dynamodb ]]; then
+  # moto and both replicas on CPU 0 (the server side: "registries and their database"), the
+  # fleet on CPU 1. The sweeper's full-table Scan is moved out of the window (moto takes
+  # longer than the store's call deadline to Scan 100 000 rows on one core); each replica
+  # still scans once at start, on the empty table. The fill goes in by v2 check-ins through
+  # replica a (one conditional UpdateItem per endpoint) and reaches b by the stream.
+  moto_port="$(free_port)"
+  moto="http://127.0.0.1:$moto_port"
+  "${on_cpu0[@]}" .venv/bin/moto_server -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
+  moto_pid=$!
+  pids+=("$moto_pid")
+  wait_http "$moto/moto-api/data.json" 60
+  dyn=(--dynamodb-table tidings-fleet --dynamodb-endpoint "$moto" --region us-east-1)
+  timeout 150 "$bin" --log-level warn registry init-table "${dyn[@]}" >/dev/null
+  cat >"$work/registry.toml" <<'TOML'
+[registry]
+ttl = "1h"
+check_in_interval = "5s"
+self_preservation = false
+sweep_interval = "1h"
+TOML
+  reg_pids=()
+  for r in a b; do
+    port="$(free_port)"
+    "${on_cpu0[@]}" "$bin" --log-level warn registry --config "$work/registry.toml" --store dynamodb \
+      "${dyn[@]}" --listen "127.0.0.1:$port" >"$work/registry-$r.log" 2>&1 &
+    reg_pids+=($!)
+    pids+=($!)
+    wait_http "http://127.0.0.1:$port/live" 60
+    urls+=(--url "http://127.0.0.1:$port")
+    pid_flags+=(--registry-pid "$!")
+  done
+  moto_t0="$(ticks "$moto_pid")"
+elif [[ -n "${FLEET_URLS:-}" ]]; then
   for u in $FLEET_URLS; do urls+=(--url "$u"); done
   for p in ${FLEET_PIDS:-}; do pid_flags+=(--registry-pid "$p"); done
 else
@@ -59,6 +104,17 @@ TOML
 fi
 
 "${on_cpu1[@]}" "$bin" --log-level warn bench fleet "${urls[@]}" "${pid_flags[@]}" "$@"
+if [[ -n "${moto_pid:-}" ]]; then
+  echo "moto CPU over the whole run (fill included): $(( ($(ticks "$moto_pid") - moto_t0) / $(getconf CLK_TCK) )) s"
+  for i in 0 1; do
+    echo "replica $i peak RSS: $(hwm "${reg_pids[$i]}") kB"
+  done
+  for r in a b; do
+    if grep -iE 'warn|error' "$work/registry-$r.log" | grep -qv 'no write secret'; then
+      echo "replica $r log (warnings):"; grep -iE 'warn|error' "$work/registry-$r.log" | grep -v 'no write secret' | tail -n 5
+    fi
+  done
+fi
 if [[ -n "${regpid:-}" ]]; then
   echo "registry peak RSS: $(hwm "$regpid") kB"
   if grep -qiE 'warn|error' "$work/registry.log"; then

@@ -55,6 +55,13 @@ pub struct FleetArgs {
     /// The registry is filled already (same `services` and `hosts`).
     #[arg(long)]
     pub no_fill: bool,
+    /// Check-ins of the fill in flight at once (fewer for a slow store: a v2 check-in of 100
+    /// endpoints is 100 store writes, answered within the registry's store deadline).
+    #[arg(long, default_value_t = 8)]
+    pub fill_workers: u32,
+    /// Endpoints per fill check-in (at most the registry's per-request limit).
+    #[arg(long, default_value_t = schema::api::MAX_CHECKIN_ENDPOINTS)]
+    pub fill_chunk: usize,
     #[arg(long, default_value_t = 10)]
     pub changes_per_sec: u32,
     /// How long the churn lasts.
@@ -338,17 +345,20 @@ async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
     true
 }
 
+/// Tries of one fill check-in refused with 503.
+const FILL_ATTEMPTS: u32 = 8;
+
 /// One v2 check-in per service, its hosts on their own ips, a few services at once.
 async fn fill(http: &HttpClient, base: &str, args: &FleetArgs) -> Result<(), String> {
     let tags: serde_json::Value = serde_json::from_str(TAGS).map_err(|e| e.to_string())?;
     let mut tasks = tokio::task::JoinSet::new();
-    let workers = 8u32;
+    let workers = args.fill_workers.max(1);
     for w in 0..workers {
         let (http, base, tags, args) = (http.clone(), base.to_string(), tags.clone(), args.clone());
         tasks.spawn(async move {
             for svc in (w..args.services).step_by(workers as usize) {
                 let hosts: Vec<u32> = (0..args.hosts).collect();
-                for chunk in hosts.chunks(schema::api::MAX_CHECKIN_ENDPOINTS) {
+                for chunk in hosts.chunks(args.fill_chunk.clamp(1, schema::api::MAX_CHECKIN_ENDPOINTS)) {
                     let endpoints: Vec<serde_json::Value> = chunk
                         .iter()
                         .map(|&h| {
@@ -356,14 +366,24 @@ async fn fill(http: &HttpClient, base: &str, args: &FleetArgs) -> Result<(), Str
                                 "port": PORT, "revision": "abc123", "tags": tags})
                         })
                         .collect();
-                    let body = serde_json::json!({ "endpoints": endpoints }).to_string();
-                    let req = Request::builder()
-                        .method(Method::POST)
-                        .uri(format!("{base}/v2/checkin"))
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(body)))
-                        .map_err(|e| e.to_string())?;
-                    send(&http, req).await?;
+                    let body = Bytes::from(serde_json::json!({ "endpoints": endpoints }).to_string());
+                    // A check-in is idempotent: one refused while the store is busy (503) is
+                    // sent again, a bounded number of times, as an agent's next check-in would.
+                    for attempt in 1..=FILL_ATTEMPTS {
+                        let req = Request::builder()
+                            .method(Method::POST)
+                            .uri(format!("{base}/v2/checkin"))
+                            .header("content-type", "application/json")
+                            .body(Full::new(body.clone()))
+                            .map_err(|e| e.to_string())?;
+                        match send(&http, req).await {
+                            Ok(_) => break,
+                            Err(e) if e.contains("503") && attempt < FILL_ATTEMPTS => {
+                                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
                 }
             }
             Ok::<(), String>(())
