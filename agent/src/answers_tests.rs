@@ -83,7 +83,7 @@ fn gossip_view(specs: &[Spec]) -> GossipView {
         });
     }
     GossipView {
-        endpoints,
+        endpoints: endpoints.into(),
         snapshots: snapshots.into_iter().map(Arc::new).collect(),
         members: Vec::new(),
         deregistered: Vec::new(),

@@ -417,7 +417,7 @@ impl Merger {
         // Per service: gossip's hosts and the cache's (disjoint once covered ones dropped).
         type Group<'a> = (Vec<&'a ViewEntry>, Vec<&'a CachedHost>);
         let mut groups: BTreeMap<&ServiceName, Group<'_>> = BTreeMap::new();
-        for e in &gossip.endpoints {
+        for e in gossip.endpoints.iter() {
             groups.entry(&e.endpoint.service).or_default().0.push(e);
         }
         for c in self.cache.values() {

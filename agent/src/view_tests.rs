@@ -73,7 +73,8 @@ fn provenance_is_registry_when_listed_gossip_when_only_owned() {
         endpoints: vec![
             row(ep("web", 1), "10.0.0.2:7702"),
             row(ep("web", 2), "10.0.0.2:7702"),
-        ],
+        ]
+        .into(),
         snapshots: vec![Arc::new(snap("web", 10, &[1]))],
         members: vec![member("10.0.0.2:7702", true)],
     };
@@ -133,7 +134,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     // (does not supersede), and the owner comes alive (not settled yet).
     let mut g = GossipView {
         deregistered: Vec::new(),
-        endpoints: vec![row(ep("web", 1), owner)],
+        endpoints: vec![row(ep("web", 1), owner)].into(),
         snapshots: vec![Arc::new(snap("db", 5, &[]))],
         members: vec![member(owner, true)],
     };
@@ -227,7 +228,7 @@ fn registry_entries_stay_and_rows_override_them() {
     tagged.tags.canary = true;
     let g = GossipView {
         deregistered: Vec::new(),
-        endpoints: vec![row(tagged.clone(), "10.0.0.2:7702"), reg(ep("web", 2), 10)],
+        endpoints: vec![row(tagged.clone(), "10.0.0.2:7702"), reg(ep("web", 2), 10)].into(),
         snapshots: vec![Arc::new(snap("web", 10, &[1, 2]))],
         members: vec![member("10.0.0.2:7702", true)],
     };
@@ -242,7 +243,7 @@ fn the_index_moves_only_when_endpoints_change() {
     let mut m = Merger::new(addr(ME), 1_000, Vec::new());
     let g1 = GossipView {
         deregistered: Vec::new(),
-        endpoints: vec![reg(ep("web", 1), 10)],
+        endpoints: vec![reg(ep("web", 1), 10)].into(),
         snapshots: vec![Arc::new(snap("web", 10, &[1]))],
         members: Vec::new(),
     };
@@ -250,7 +251,7 @@ fn the_index_moves_only_when_endpoints_change() {
     // A newer snapshot with the same endpoints (a re-check-in): same index.
     let g2 = GossipView {
         deregistered: Vec::new(),
-        endpoints: vec![reg(ep("web", 1), 20)],
+        endpoints: vec![reg(ep("web", 1), 20)].into(),
         snapshots: vec![Arc::new(snap("web", 20, &[1]))],
         members: Vec::new(),
     };
@@ -260,7 +261,7 @@ fn the_index_moves_only_when_endpoints_change() {
     assert_eq!(a.service_index(&web), b.service_index(&web));
     let g3 = GossipView {
         deregistered: Vec::new(),
-        endpoints: vec![reg(ep("web", 1), 30), reg(ep("web", 2), 30)],
+        endpoints: vec![reg(ep("web", 1), 30), reg(ep("web", 2), 30)].into(),
         snapshots: vec![Arc::new(snap("web", 30, &[1, 2]))],
         members: Vec::new(),
     };
@@ -281,7 +282,7 @@ mod through_gossip {
     fn observe(node: &Node, m: &mut Merger, now: u64) -> MergedView {
         let g = GossipView {
             deregistered: node.deregistered_keys(),
-            endpoints: node.visible_endpoints(),
+            endpoints: node.visible_endpoints().into(),
             snapshots: node.snapshots(),
             members: node.members(),
         };
@@ -423,7 +424,7 @@ mod incremental {
             })
             .collect();
         GossipView {
-            endpoints,
+            endpoints: endpoints.into(),
             snapshots,
             members: OWNERS
                 .iter()

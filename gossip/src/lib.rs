@@ -66,6 +66,7 @@ pub mod snapshot;
 pub mod spread;
 pub mod stream;
 pub mod view;
+pub mod view_entries;
 
 pub use codec::{FocaCodec, FocaCodecError};
 pub use config::{ConfigError, GossipConfig};
@@ -78,3 +79,4 @@ pub use runtime::{GossipHandle, RuntimeError, epoch_now, run, run_with_epoch};
 pub use sim::{RegistryLoad, RegistryReport, SimConfig, SimReport, simulate, simulate_registry};
 pub use snapshot::{LOWER_BOUND_MS, LOWER_BOUNDS_BEFORE_MS, Snapshot, SnapshotEntry};
 pub use view::{GossipView, MemberInfo, Source, ViewEntry};
+pub use view_entries::{ViewCache, ViewEntries};

@@ -22,6 +22,7 @@ use crate::node::{Effect, MAX_DATAGRAM, Node, Timer};
 use crate::repair_tcp::{self, ConnError, Repair};
 use crate::snapshot::Snapshot;
 use crate::view::{GossipView, MemberInfo};
+use crate::view_entries::ViewCache;
 use crate::{ConfigError, GossipConfig, NodeId};
 
 #[derive(Debug, Error)]
@@ -202,6 +203,7 @@ pub async fn run_with_epoch(
         timers: Timers::default(),
         view_tx,
         last_gen: u64::MAX,
+        view_cache: ViewCache::default(),
         tracker: tracker.clone(),
     };
     let tcp = Arc::new(tcp);
@@ -285,6 +287,8 @@ struct NodeTask {
     timers: Timers,
     view_tx: watch::Sender<Arc<GossipView>>,
     last_gen: u64,
+    /// Each service's view entries as last published: a change rebuilds only its services.
+    view_cache: ViewCache,
     tracker: TaskTracker,
 }
 
@@ -371,7 +375,7 @@ impl NodeTask {
         }
         self.last_gen = generation;
         let view = GossipView {
-            endpoints: self.node.visible_endpoints(),
+            endpoints: self.node.view_entries(&mut self.view_cache),
             snapshots: self.node.snapshots(),
             members: self.node.members(),
             deregistered: self.node.deregistered_keys(),

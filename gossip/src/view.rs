@@ -1,6 +1,6 @@
 //! The merged gossip view (docs/ARCHITECTURE.md#what-the-agent-answers) and membership as the agent sees them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use crate::node::Node;
 use crate::rows::RowStatus;
 use crate::rows::Version;
 use crate::snapshot::Snapshot;
+use crate::view_entries::{ViewCache, ViewEntries, view_entries};
 
 /// Where an endpoint of the view comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +43,7 @@ pub struct MemberInfo {
 /// What the runtime publishes on its watch channel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GossipView {
-    pub endpoints: Vec<ViewEntry>,
+    pub endpoints: ViewEntries,
     pub snapshots: Vec<Arc<Snapshot>>,
     pub members: Vec<MemberInfo>,
     /// Keys whose owner wrote a tombstone (alive or not) and no owner lists as up: what was
@@ -50,56 +51,6 @@ pub struct GossipView {
     /// as draining for a while, so proxies finish in-flight requests and stop routing even
     /// when the host still passes health checks (docs/ARCHITECTURE.md#draining).
     pub deregistered: Vec<EndpointKey>,
-}
-
-/// Live owned rows ∪ registry entries; an owned row overrides the registry entry for the same
-/// key while its owner is alive, and a live owner's tombstone removes the endpoint — once
-/// `settled` says we hold the owner's current rows (see `crate::returning`).
-pub(crate) fn merged_view(
-    store: &Store,
-    alive: impl Fn(&SocketAddr) -> bool,
-    settled: impl Fn(&SocketAddr) -> bool,
-) -> Vec<ViewEntry> {
-    let mut out: BTreeMap<EndpointKey, ViewEntry> = BTreeMap::new();
-    for (snap, _) in store.snapshots.iter() {
-        for e in &snap.entries {
-            let source = Source::Registry {
-                generated_at_ms: snap.generated_at_ms,
-                last_check_in_ms: e.last_check_in_ms,
-            };
-            out.insert(
-                e.endpoint.key(),
-                ViewEntry {
-                    endpoint: e.endpoint.clone(),
-                    source,
-                },
-            );
-        }
-    }
-    let mut up: BTreeMap<EndpointKey, ViewEntry> = BTreeMap::new();
-    let mut gone: BTreeSet<EndpointKey> = BTreeSet::new();
-    for (owner, key, reg) in store.rows.iter_owner_entries() {
-        if !alive(owner) {
-            continue;
-        }
-        match &reg.val {
-            RowStatus::Up(ep) => {
-                up.entry(key.clone()).or_insert_with(|| ViewEntry {
-                    endpoint: ep.clone(),
-                    source: Source::Gossip { owner: *owner },
-                });
-            }
-            RowStatus::Deregistered if settled(owner) => {
-                gone.insert(key.clone());
-            }
-            RowStatus::Deregistered => {}
-        }
-    }
-    for key in gone.iter().filter(|k| !up.contains_key(*k)) {
-        out.remove(key);
-    }
-    out.extend(up);
-    out.into_values().collect()
 }
 
 /// Keys with a tombstone and no `Up` row of any owner, whether the owners are alive or not.
@@ -123,8 +74,18 @@ impl Node {
 
     /// The merged view: live owned rows ∪ registry snapshot entries (docs/ARCHITECTURE.md#what-the-agent-answers).
     pub fn visible_endpoints(&self) -> Vec<ViewEntry> {
-        merged_view(
+        self.view_entries(&mut ViewCache::default())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The merged view per service, rebuilding only the services whose snapshot or rows
+    /// changed since `cache` was last used (see [`crate::view_entries`]).
+    pub fn view_entries(&self, cache: &mut ViewCache) -> ViewEntries {
+        view_entries(
             &self.store,
+            cache,
             |o| self.owner_alive(o),
             |o| self.tombstones_settled(o),
         )
@@ -190,6 +151,17 @@ mod tests {
     use super::*;
     use crate::rows::Row;
     use crate::snapshot::SnapshotEntry;
+
+    fn merged_view(
+        store: &Store,
+        alive: impl Fn(&SocketAddr) -> bool,
+        settled: impl Fn(&SocketAddr) -> bool,
+    ) -> Vec<ViewEntry> {
+        view_entries(store, &mut ViewCache::default(), alive, settled)
+            .iter()
+            .cloned()
+            .collect()
+    }
 
     fn ep(port: u16) -> Endpoint {
         let service = ServiceName::new("web").unwrap();
