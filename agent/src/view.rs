@@ -209,7 +209,7 @@ impl MergedView {
 }
 
 /// The newest registry snapshot of each service gossip holds.
-type Snapshots<'a> = BTreeMap<&'a ServiceName, &'a Snapshot>;
+type Snapshots<'a> = BTreeMap<&'a ServiceName, &'a Arc<Snapshot>>;
 
 /// The check-in time of each host a snapshot lists, by `(ip, port)`, sorted for lookup.
 fn listed_times(snap: &Snapshot) -> Vec<((IpAddr, NonZeroU16), u64)> {
@@ -346,11 +346,34 @@ pub struct Merger {
     settle_ms: u64,
     cache: BTreeMap<EndpointKey, CachedHost>,
     alive_since: BTreeMap<SocketAddr, u64>,
-    first_seen: BTreeMap<EndpointKey, u64>,
+    /// When this agent first saw each row the registry does not list, per service.
+    first_seen: BTreeMap<ServiceName, BTreeMap<(IpAddr, NonZeroU16), u64>>,
     draining: BTreeMap<EndpointKey, Drain>,
     /// The services of the last merge, shared with the view it published: they also name
     /// what a deregistration removed (a tombstone carries no endpoint).
     services: Services,
+    /// What each service of the last merge was built from, when gossip alone made it.
+    inputs: BTreeMap<ServiceName, Inputs>,
+}
+
+/// Gossip's entries of a service and the service's snapshot, as one merge used them. Both
+/// are shared and never changed in place, so the very same two (by pointer) give the very
+/// same hosts, and the merge reuses them without looking at a single host.
+#[derive(Debug, Clone)]
+struct Inputs {
+    entries: Arc<[ViewEntry]>,
+    snapshot: Option<Arc<Snapshot>>,
+}
+
+impl Inputs {
+    fn are(&self, entries: &Arc<[ViewEntry]>, snapshot: Option<&Arc<Snapshot>>) -> bool {
+        Arc::ptr_eq(&self.entries, entries)
+            && match (&self.snapshot, snapshot) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
 }
 
 impl Merger {
@@ -370,6 +393,7 @@ impl Merger {
             first_seen: BTreeMap::new(),
             draining: BTreeMap::new(),
             services: Services::new(),
+            inputs: BTreeMap::new(),
         }
     }
 
@@ -403,11 +427,7 @@ impl Merger {
     /// Merges gossip's view with what is left of the cache at `now_ms`.
     pub fn merge(&mut self, gossip: &GossipView, now_ms: u64) -> MergedView {
         let down = self.track_members(gossip, now_ms);
-        let snaps: Snapshots<'_> = gossip
-            .snapshots
-            .iter()
-            .map(|s| (&s.service, &**s))
-            .collect();
+        let snaps: Snapshots<'_> = gossip.snapshots.iter().map(|s| (&s.service, s)).collect();
         if !self.cache.is_empty() {
             let live: BTreeSet<EndpointKey> =
                 gossip.endpoints.iter().map(|e| e.endpoint.key()).collect();
@@ -415,51 +435,75 @@ impl Merger {
         }
 
         // Per service: gossip's hosts and the cache's (disjoint once covered ones dropped).
-        type Group<'a> = (Vec<&'a ViewEntry>, Vec<&'a CachedHost>);
+        type Group<'a> = (Option<&'a Arc<[ViewEntry]>>, Vec<&'a CachedHost>);
         let mut groups: BTreeMap<&ServiceName, Group<'_>> = BTreeMap::new();
-        for e in gossip.endpoints.iter() {
-            groups.entry(&e.endpoint.service).or_default().0.push(e);
+        for (name, entries) in gossip.endpoints.services() {
+            groups.entry(name).or_default().0 = Some(entries);
         }
         for c in self.cache.values() {
             groups.entry(&c.endpoint.service).or_default().1.push(c);
         }
-        // Only rows the registry does not list show when this agent first saw them.
         let mut first_seen = BTreeMap::new();
+        let mut inputs = BTreeMap::new();
         let mut services = Services::new();
         for (name, (live, cached)) in groups {
+            let snapshot = snaps.get(name).copied();
+            // The very inputs of last time: the very hosts of last time.
+            if let (Some(entries), true) = (live, cached.is_empty())
+                && let Some(before) = self.inputs.remove(name)
+                && before.are(entries, snapshot)
+                && let Some(hosts) = self.services.get(name)
+            {
+                services.insert(name.clone(), Arc::clone(hosts));
+                inputs.insert(name.clone(), before);
+                if let Some(seen) = self.first_seen.remove(name) {
+                    first_seen.insert(name.clone(), seen);
+                }
+                continue;
+            }
+            let live: &[ViewEntry] = live.map_or(&[], |e| &e[..]);
             let needs_listing = live
                 .iter()
                 .any(|e| matches!(e.source, Source::Gossip { .. }));
             let listing = needs_listing
-                .then(|| {
-                    snaps
-                        .get(name)
-                        .map(|s| (s.generated_at_ms, listed_times(s)))
-                })
+                .then(|| snapshot.map(|s| (s.generated_at_ms, listed_times(s))))
                 .flatten();
+            // Only rows the registry does not list show when this agent first saw them.
+            let seen_before = self.first_seen.get(name);
+            let mut seen_now = BTreeMap::new();
             let mut candidates = Vec::with_capacity(live.len() + cached.len());
             for entry in live {
+                let at = (entry.endpoint.ip, entry.endpoint.port);
                 let listed = match (&entry.source, &listing) {
-                    (Source::Gossip { .. }, Some((at, times))) => times
-                        .binary_search_by_key(
-                            &(entry.endpoint.ip, entry.endpoint.port),
-                            |(k, _)| *k,
-                        )
+                    (Source::Gossip { .. }, Some((t, times))) => times
+                        .binary_search_by_key(&at, |(k, _)| *k)
                         .ok()
-                        .map(|i| (*at, times[i].1)),
+                        .map(|i| (*t, times[i].1)),
                     _ => None,
                 };
                 let mut seen = 0;
                 if listed.is_none() && matches!(entry.source, Source::Gossip { .. }) {
-                    let key = entry.endpoint.key();
-                    seen = self.first_seen.get(&key).copied().unwrap_or(now_ms);
-                    first_seen.insert(key, seen);
+                    seen = seen_before
+                        .and_then(|m| m.get(&at))
+                        .copied()
+                        .unwrap_or(now_ms);
+                    seen_now.insert(at, seen);
                 }
                 candidates.push(Candidate::Live {
                     entry,
                     listed,
                     seen,
                 });
+            }
+            if !seen_now.is_empty() {
+                first_seen.insert(name.clone(), seen_now);
+            }
+            if let (Some(entries), true) = (gossip.endpoints.service(name), cached.is_empty()) {
+                let used = Inputs {
+                    entries: Arc::clone(entries),
+                    snapshot: snapshot.cloned(),
+                };
+                inputs.insert(name.clone(), used);
             }
             candidates.extend(cached.into_iter().map(Candidate::Cached));
             services.insert(
@@ -468,6 +512,7 @@ impl Merger {
             );
         }
         self.first_seen = first_seen;
+        self.inputs = inputs;
 
         let index = view_index(&services);
         let fallback = if !self.cache.is_empty() {

@@ -482,14 +482,24 @@ mod incremental {
                 .collect();
             let mut m = Merger::new(addr(ME), 1_000, cached);
             let mut now = 10_000;
+            let mut previous = GossipView::default();
             for (specs, listed, alive, dt) in steps {
                 now += dt * 700;
-                let g = view(&specs, &listed, &alive, now);
+                let mut g = view(&specs, &listed, &alive, now);
+                // As gossip publishes: what did not change is the very same shared value,
+                // so the merge's by-pointer reuse is exercised too.
+                g.endpoints.share_with(&previous.endpoints);
+                for s in &mut g.snapshots {
+                    if let Some(p) = previous.snapshots.iter().find(|p| **p == *s) {
+                        *s = Arc::clone(p);
+                    }
+                }
                 let mut fresh = m.clone();
                 fresh.services.clear();
                 let incremental = m.merge(&g, now);
                 let from_nothing = fresh.merge(&g, now);
                 same(&incremental, &from_nothing)?;
+                previous = g;
             }
         }
     }

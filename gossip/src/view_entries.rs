@@ -43,6 +43,21 @@ impl ViewEntries {
         self.services.iter()
     }
 
+    /// The shared entries of one service.
+    pub fn service(&self, name: &ServiceName) -> Option<&Arc<[ViewEntry]>> {
+        self.services.get(name)
+    }
+
+    /// Takes `previous`'s shared entries for every service whose entries are equal to them,
+    /// as a publisher that kept them would have (for views built by hand: tools, tests).
+    pub fn share_with(&mut self, previous: &ViewEntries) {
+        for (name, entries) in &mut self.services {
+            if let Some(p) = previous.services.get(name).filter(|p| p[..] == entries[..]) {
+                *entries = Arc::clone(p);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.services.values().map(|s| s.len()).sum()
     }

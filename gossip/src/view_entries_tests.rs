@@ -55,10 +55,8 @@ fn owner_is(o: &SocketAddr, a: &str) -> bool {
     a.parse::<SocketAddr>().is_ok_and(|a| a == *o)
 }
 
-fn service<'a>(v: &'a ViewEntries, name: usize) -> Option<&'a Arc<[ViewEntry]>> {
-    v.services()
-        .find(|(n, _)| n.as_str() == SERVICES[name])
-        .map(|(_, e)| e)
+fn service(v: &ViewEntries, name: usize) -> Option<&Arc<[ViewEntry]>> {
+    v.service(&ServiceName::new(SERVICES[name]).expect("name"))
 }
 
 #[test]
