@@ -129,6 +129,9 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     let v = m.merge(&GossipView::default(), 0);
     assert_eq!(v.len(), 3);
     assert_eq!(v.source_of(v.all_hosts()), Provenance::Cache);
+    // Nothing here changes with time alone: the cached row's owner is not even alive, and
+    // cached registry entries wait for a snapshot or a registry answer (both events).
+    assert!(!m.time_pending());
 
     // Gossip brings web:1 as a row (replaces the cache entry), an older db snapshot
     // (does not supersede), and the owner comes alive (not settled yet).
@@ -144,6 +147,9 @@ fn cache_entries_are_served_until_live_data_covers_them() {
         vec![(1, Provenance::Gossip), (2, Provenance::Cache)]
     );
     assert_eq!(ports(&v, "db"), vec![(3, Provenance::Cache)]);
+    // The owner is alive, so its cached row settles with time: the view must be re-merged
+    // without any event.
+    assert!(m.time_pending());
 
     // A db snapshot at least as new supersedes the cached db entries, even empty ones.
     g.snapshots = vec![Arc::new(snap("db", 10, &[]))];
@@ -153,6 +159,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     let v = m.merge(&g, 1_100);
     assert_eq!(ports(&v, "web"), vec![(1, Provenance::Gossip)]);
     assert_eq!(m.cache_len(), 0);
+    assert!(!m.time_pending());
 }
 
 #[test]

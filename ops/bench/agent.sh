@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The agent's footprint at a given catalog size: peak memory once it holds the whole catalog
 # and after a steady spell, its disk cache file, its start-up time from that cache with the
-# registry down, and its lookup rate under wrk.
+# registry down and the CPU it spends serving from it (nothing asking), and its lookup rate
+# under wrk.
 #
 #   ops/bench/agent.sh [SERVICESxHOSTS ...]      (default: 100x100 1000x100)
 #
@@ -24,6 +25,9 @@ fi
 source "$root/ops/bench/common.sh"
 
 # rss_kb PID: current resident memory of a process, in kB (`hwm` gives the peak).
+# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # view_size API: the agent's tidings_agent_view_endpoints gauge (0 before it answers).
@@ -123,13 +127,16 @@ for size in "${sizes[@]}"; do
   agent_pid=$!; pids+=("$agent_pid")
   wait "$poller" || { echo "the agent restarted from its cache did not list $hosts hosts of $last within 30 s" >&2; exit 1; }
   from_cache=$(( ($(cat "$work/first-$size") - t0) / 1000000 ))
-  sleep 5
+  # CPU while it serves from the cache with the registry down, nothing asking: seconds 1-5.
+  sleep 1
+  c0=$(ticks "$agent_pid"); sleep 4; c1=$(ticks "$agent_pid")
+  outage_cpu=$(( (c1 - c0) * 1000 / $(getconf CLK_TCK) / 4 ))
   (( $(view_size "$api") >= want )) || { echo "the agent restarted from its cache serves fewer than $want endpoints" >&2; exit 1; }
   hwm_cached=$(hwm "$agent_pid")
   stop "$agent_pid"
 
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$want" "$synced" "$hwm_synced" "$hwm_steady" \
-    "$rss_steady" "$cache_bytes" "$from_cache" "$hwm_cached" "$hwm_wrk" "$work/wrk-$size.txt" >>"$results"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$want" "$synced" "$hwm_synced" "$hwm_steady" \
+    "$rss_steady" "$cache_bytes" "$from_cache" "$hwm_cached" "$outage_cpu" "$hwm_wrk" "$work/wrk-$size.txt" >>"$results"
 done
 
 python3 - "$results" "$steady" "$wrk_secs" <<'PY'
@@ -147,15 +154,15 @@ def wrk(path):
 print(f"agent footprint: one agent, in-memory registry on loopback; steady {sys.argv[2]} s; "
       f"wrk -t1 -c8 -d{sys.argv[3]}s rotating over services; MiB = 2^20 bytes")
 head = ("endpoints", "sync s", "HWM synced", "HWM steady", "RSS steady", "cache file",
-        "start from cache", "HWM cached", "lookups/s", "p50", "p99", "HWM after wrk")
+        "start from cache", "HWM cached", "CPU registry down", "lookups/s", "p50", "p99", "HWM after wrk")
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 failed = False
-for n, synced, hs, hst, rs, cache, fc, hc, hw, wpath in rows:
+for n, synced, hs, hst, rs, cache, fc, hc, cpu, hw, wpath in rows:
     rate, p50, p99, bad, errors = wrk(wpath)
     failed |= bad > 0 or bool(errors)
     print(f"| {int(n):,} | {int(synced)/1000:.2f} | {mib(hs):.1f} MiB | {mib(hst):.1f} MiB | {mib(rs):.1f} MiB "
-          f"| {int(cache)/2**20:.2f} MiB | {fc} ms | {mib(hc):.1f} MiB | {rate:,.0f} | {p50:.2f} ms | {p99:.2f} ms "
+          f"| {int(cache)/2**20:.2f} MiB | {fc} ms | {mib(hc):.1f} MiB | {cpu} ms/s | {rate:,.0f} | {p50:.2f} ms | {p99:.2f} ms "
           f"| {mib(hw):.1f} MiB |")
     if bad or errors:
         print(f"  wrk: {bad} non-2xx answers; socket errors: {errors or 'none'}")
