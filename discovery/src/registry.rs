@@ -256,12 +256,14 @@ impl Registry {
     pub fn is_warming(&self) -> bool {
         let inner = &self.inner;
         let empty = inner.init.get().is_some_and(|i| i.store_was_empty);
-        policy::warming(
-            empty,
-            inner.warm_from_ms.load(Ordering::Relaxed),
-            inner.clock.elapsed_ms(),
-            inner.config.check_in_interval,
-        )
+        // Asked on every answer: read the clock only when the answer can depend on it.
+        empty
+            && policy::warming(
+                empty,
+                inner.warm_from_ms.load(Ordering::Relaxed),
+                inner.clock.elapsed_ms(),
+                inner.config.check_in_interval,
+            )
     }
 
     /// Called when a count finds the registry was blind (paused, starved): if that began

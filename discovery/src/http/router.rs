@@ -17,6 +17,7 @@ use bytes::Bytes;
 use schema::wire::{HEADER_INDEX, HEADER_STALE, TRUE};
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
 
 use super::layers::{Limits, Observe};
 use super::{routes_eds, routes_ops, routes_v1, routes_v2, ui};
@@ -84,9 +85,14 @@ pub fn router(registry: Registry) -> Router {
         .merge(blocking)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(Observe(registry.clone()))
-        .layer(DefaultBodyLimit::max(cfg.body_limit))
-        .layer(serve::compression())
+        // One `layer` call for the three (outermost first): each call boxes every route
+        // once more per request.
+        .layer(
+            ServiceBuilder::new()
+                .layer(serve::compression())
+                .layer(DefaultBodyLimit::max(cfg.body_limit))
+                .layer(Observe(registry.clone())),
+        )
         .with_state(registry)
 }
 
@@ -118,6 +124,20 @@ fn body_error(e: &BytesRejection, limit: usize) -> ApiError {
         ApiError::TooLarge(limit)
     } else {
         ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text()))
+    }
+}
+
+/// The request headers and body of a write, as [`Body`]; the headers are moved out of the
+/// request rather than copied, as the `HeaderMap` extractor does.
+pub struct HeadersAndBody(pub HeaderMap, pub Bytes);
+
+impl FromRequest<Registry> for HeadersAndBody {
+    type Rejection = ApiError;
+
+    async fn from_request(mut req: Request, registry: &Registry) -> Result<Self, ApiError> {
+        let headers = std::mem::take(req.headers_mut());
+        let Body(body) = Body::from_request(req, registry).await?;
+        Ok(HeadersAndBody(headers, body))
     }
 }
 

@@ -17,7 +17,7 @@ use crate::auth::Scope;
 use crate::errors::ApiError;
 use crate::http::answers::{self, hosts};
 use crate::http::caller::{PeerAddr, caller_ip, resolve_auto_ip_form, resolve_auto_ip_json};
-use crate::http::router::{ApiPath, Body, is_json, with_view_headers};
+use crate::http::router::{ApiPath, Body, HeadersAndBody, is_json, with_view_headers};
 use crate::registry::Registry;
 
 fn store_error(registry: &Registry) -> impl Fn(crate::StoreError) -> ApiError + '_ {
@@ -56,8 +56,7 @@ pub async fn register(
     State(registry): State<Registry>,
     ApiPath(service): ApiPath<String>,
     PeerAddr(peer): PeerAddr,
-    headers: HeaderMap,
-    Body(body): Body,
+    HeadersAndBody(headers, body): HeadersAndBody,
 ) -> Result<Response, ApiError> {
     let grant = registry.inner.auth.grant(&headers)?;
     let service = ServiceName::new(service)?;
