@@ -17,7 +17,7 @@ use crate::config::RegistryConfig;
 use crate::decide::status::SweepLog;
 use crate::metrics::Metrics;
 use crate::policy::{self, Deregistration, Preservation};
-use crate::quota::{QuotaExceeded, Quotas, Usage};
+use crate::quota::{Admitted, QuotaExceeded, Quotas, Usage};
 use crate::store::{CheckInOutcome, Store, StoreError, StoredEndpoint};
 
 mod history;
@@ -145,15 +145,20 @@ impl Registry {
         self.inner.clock.now_ms()
     }
 
-    /// Runs a store call under the store timeout, counting failures.
+    /// Runs a store call under the store timeout (unless the store answers at once), counting
+    /// failures.
     pub(crate) async fn store_call<T>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let res = match tokio::time::timeout(self.inner.config.store_timeout, fut).await {
-            Ok(res) => res,
-            Err(_) => Err(StoreError::Unavailable(format!("{op} timed out"))),
+        let res = if self.inner.store.answers_at_once() {
+            fut.await
+        } else {
+            match tokio::time::timeout(self.inner.config.store_timeout, fut).await {
+                Ok(res) => res,
+                Err(_) => Err(StoreError::Unavailable(format!("{op} timed out"))),
+            }
         };
         // A refused write is the client's fault, not the store's.
         if let Err(e @ (StoreError::Unavailable(_) | StoreError::Corrupt(_))) = &res {
@@ -251,12 +256,14 @@ impl Registry {
     pub fn is_warming(&self) -> bool {
         let inner = &self.inner;
         let empty = inner.init.get().is_some_and(|i| i.store_was_empty);
-        policy::warming(
-            empty,
-            inner.warm_from_ms.load(Ordering::Relaxed),
-            inner.clock.elapsed_ms(),
-            inner.config.check_in_interval,
-        )
+        // Asked on every answer: read the clock only when the answer can depend on it.
+        empty
+            && policy::warming(
+                empty,
+                inner.warm_from_ms.load(Ordering::Relaxed),
+                inner.clock.elapsed_ms(),
+                inner.config.check_in_interval,
+            )
     }
 
     /// Called when a count finds the registry was blind (paused, starved): if that began
@@ -360,10 +367,12 @@ impl Registry {
 
     /// A v1 check-in of one endpoint: as [`Registry::check_in`], with its tags merged over
     /// the stored ones (only the keys named in `sent` change), as lyft/discovery did.
+    /// `admitted` is what [`Registry::admit`] said of `endpoint`.
     pub async fn check_in_merging_tags(
         &self,
         endpoint: &Endpoint,
         sent: &std::collections::BTreeSet<String>,
+        admitted: Admitted,
     ) -> Result<CheckInOutcome, StoreError> {
         if let Err(e) = self.ensure_init().await {
             tracing::debug!(error = %e, "init deferred");
@@ -375,8 +384,13 @@ impl Registry {
                 self.inner.store.check_in_merging_tags(endpoint, sent, now),
             )
             .await?;
-        // The merged row may be a little larger than what was sent: approximate is enough.
-        self.usage().record(endpoint);
+        // A held key whose row the store found unchanged (it existed, so a removal in
+        // between would have shown as a change) moves no count: the common renewal skips the
+        // second search. Otherwise the merged row may be a little larger than what was sent:
+        // approximate is enough.
+        if !(admitted.renewal && out.changed_services.is_empty()) {
+            self.usage().record(endpoint);
+        }
         self.inner.metrics.checkins.increment(out.accepted as u64);
         if !out.changed_services.is_empty() || self.revives(std::slice::from_ref(endpoint)) {
             self.notify_change();
@@ -399,7 +413,7 @@ impl Registry {
     /// Whether storing `endpoints` keeps every quota (renewals always do); a refusal is
     /// counted by limit. Looks at the store first if nothing has been counted yet, so a
     /// restarted replica does not admit everything.
-    pub(crate) async fn admit(&self, endpoints: &[Endpoint]) -> Result<(), QuotaExceeded> {
+    pub(crate) async fn admit(&self, endpoints: &[Endpoint]) -> Result<Admitted, QuotaExceeded> {
         if let Err(e) = self.ensure_init().await {
             tracing::debug!(error = %e, "init deferred; quotas use the counts so far");
         }
@@ -415,7 +429,7 @@ impl Registry {
         let usage = self.usage();
         endpoints
             .iter()
-            .filter(|e| usage.contains(&e.key()))
+            .filter(|e| usage.holds(e))
             .cloned()
             .collect()
     }

@@ -5,7 +5,7 @@
 //! `last_check_in` and a flat `tags` object. v2 adds batch check-in, the service list and the
 //! catalog that agents sync from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 
@@ -14,6 +14,10 @@ use serde_json::{Map, Value};
 
 use crate::timefmt::{parse_rfc3339_ms, rfc3339_ms};
 use crate::{Endpoint, RepoName, Revision, ServiceName, Tags, ValidationError, Weight};
+
+mod v1_checkin;
+
+pub use v1_checkin::{V1Checkin, V1Form};
 
 /// At most this many endpoints in one v2 check-in (docs/OPERATING.md#limits).
 pub const MAX_CHECKIN_ENDPOINTS: usize = 256;
@@ -108,6 +112,26 @@ impl EndpointSpec {
         service: Option<&ServiceName>,
         default_ip: Option<IpAddr>,
     ) -> Result<Endpoint, ValidationError> {
+        self.build(service, default_ip, None)
+    }
+
+    /// [`into_endpoint`](Self::into_endpoint) for a v1 check-in, also giving the keys of the
+    /// tag object the spec carried, taken from the same parse of its tags.
+    pub(crate) fn into_endpoint_with_tag_keys(
+        self,
+        service: &ServiceName,
+    ) -> Result<(Endpoint, BTreeSet<String>), ValidationError> {
+        let mut keys = BTreeSet::new();
+        let ep = self.build(Some(service), None, Some(&mut keys))?;
+        Ok((ep, keys))
+    }
+
+    fn build(
+        self,
+        service: Option<&ServiceName>,
+        default_ip: Option<IpAddr>,
+        tag_keys: Option<&mut BTreeSet<String>>,
+    ) -> Result<Endpoint, ValidationError> {
         let service = match (self.service, service) {
             (Some(s), _) => ServiceName::new(s)?,
             (None, Some(s)) => s.clone(),
@@ -128,10 +152,14 @@ impl EndpointSpec {
             other => return Err(ValidationError::Port(other.to_string())),
         };
         // lyft/discovery clients send tags as a JSON *string*; accept both forms.
-        let tags = match &self.tags {
-            Value::String(s) => Tags::from_json(&parse_tag_string(s)?)?,
-            v => Tags::from_json(v)?,
+        let tags_value = match self.tags {
+            Value::String(s) => parse_tag_string(&s)?,
+            v => v,
         };
+        let tags = Tags::from_json(&tags_value)?;
+        if let (Some(keys), Value::Object(obj)) = (tag_keys, tags_value) {
+            keys.extend(obj.into_iter().map(|(k, _)| k));
+        }
         Ok(Endpoint {
             service,
             ip,
@@ -184,34 +212,19 @@ fn port_from(n: u64) -> Result<NonZeroU16, ValidationError> {
 }
 
 /// Parses a v1 check-in body for `service`: form-encoded (lyft/discovery's clients, `tags` as
-/// a JSON string) when `is_json` is false, a JSON [`EndpointSpec`] otherwise.
+/// a JSON string) when `is_json` is false, a JSON [`EndpointSpec`] otherwise. The registry
+/// reads the body once through [`V1Checkin`], which also keeps the sent tag keys.
 pub fn parse_v1_checkin(
     service: &ServiceName,
     body: &[u8],
     is_json: bool,
 ) -> Result<Endpoint, ValidationError> {
-    let spec = if is_json {
-        serde_json::from_slice::<EndpointSpec>(body)
-            .map_err(|e| ValidationError::Malformed(e.to_string()))?
+    let checkin = if is_json {
+        V1Checkin::from_json(service, body)?
     } else {
-        let form: BTreeMap<String, String> = serde_urlencoded::from_bytes(body)
-            .map_err(|e| ValidationError::Malformed(e.to_string()))?;
-        EndpointSpec {
-            service: None,
-            ip: form.get("ip").cloned(),
-            port: form
-                .get("port")
-                .map(|p| Value::String(p.clone()))
-                .unwrap_or(Value::Null),
-            revision: form.get("revision").cloned(),
-            service_repo_name: form.get("service_repo_name").cloned(),
-            tags: form
-                .get("tags")
-                .map(|t| Value::String(t.clone()))
-                .unwrap_or(Value::Null),
-        }
+        V1Checkin::from_form(service, V1Form::decode(body))?
     };
-    spec.into_endpoint(Some(service), None)
+    Ok(checkin.endpoint)
 }
 
 /// `POST /v2/checkin`: one host's endpoints in one request.

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::num::NonZeroU16;
 
-use schema::{Endpoint, EndpointKey, ServiceName, TagValue};
+use schema::{Endpoint, ServiceName, TagValue};
 use thiserror::Error;
 
 use crate::config::RegistryConfig;
@@ -52,13 +52,23 @@ pub struct QuotaExceeded {
     pub detail: String,
 }
 
+/// What [`Usage::admit`] saw besides its verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct Admitted {
+    /// Every endpoint admitted was held already: a renewal, which moves no count.
+    pub renewal: bool,
+}
+
 /// What the registry believes the table holds: every endpoint key with its approximate size,
-/// and the per-ip and per-service counts derived from them.
+/// and the per-ip counts derived from them.
 #[derive(Debug, Default, Clone)]
 pub struct Usage {
-    rows: BTreeMap<EndpointKey, u64>,
+    /// Sizes per service, then per (ip, port): a renewal's lookup hashes the service name it
+    /// was sent and never copies it (every check-in asks, and most are renewals).
+    rows: HashMap<ServiceName, BTreeMap<(IpAddr, NonZeroU16), u64>>,
+    endpoints: usize,
     per_ip: HashMap<IpAddr, usize>,
-    per_service: HashMap<ServiceName, usize>,
     bytes: u64,
 }
 
@@ -72,73 +82,80 @@ impl Usage {
     }
 
     pub fn endpoints(&self) -> usize {
-        self.rows.len()
+        self.endpoints
     }
 
+    /// Services with at least one endpoint.
     pub fn services(&self) -> usize {
-        self.per_service.len()
+        self.rows.len()
     }
 
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    pub fn contains(&self, key: &EndpointKey) -> bool {
-        self.rows.contains_key(key)
+    /// Whether `ep`'s key is held.
+    pub fn holds(&self, ep: &Endpoint) -> bool {
+        self.rows
+            .get(&ep.service)
+            .is_some_and(|rows| rows.contains_key(&(ep.ip, ep.port)))
     }
 
     /// Adds or replaces one stored endpoint.
     pub fn record(&mut self, ep: &Endpoint) {
         let size = approx_size(ep);
-        match self.rows.insert(ep.key(), size) {
+        let rows = match self.rows.get_mut(&ep.service) {
+            Some(rows) => rows,
+            None => self.rows.entry(ep.service.clone()).or_default(),
+        };
+        match rows.insert((ep.ip, ep.port), size) {
             Some(old) => self.bytes = self.bytes.saturating_sub(old).saturating_add(size),
             None => {
                 self.bytes = self.bytes.saturating_add(size);
+                self.endpoints += 1;
                 *self.per_ip.entry(ep.ip).or_default() += 1;
-                *self.per_service.entry(ep.service.clone()).or_default() += 1;
             }
         }
     }
 
     /// Forgets the service's endpoints on `ip` (only the one on `port` when given).
     pub fn remove(&mut self, service: &ServiceName, ip: IpAddr, port: Option<NonZeroU16>) {
-        let key = |port| EndpointKey {
-            service: service.clone(),
-            ip,
-            port,
+        let Some(rows) = self.rows.get_mut(service) else {
+            return;
         };
-        let keys: Vec<EndpointKey> = match port {
-            Some(p) => vec![key(p)],
-            None => self
-                .rows
-                .range(key(NonZeroU16::MIN)..=key(NonZeroU16::MAX))
-                .map(|(k, _)| k.clone())
+        let ports: Vec<NonZeroU16> = match port {
+            Some(p) => vec![p],
+            None => rows
+                .range((ip, NonZeroU16::MIN)..=(ip, NonZeroU16::MAX))
+                .map(|(k, _)| k.1)
                 .collect(),
         };
-        for k in keys {
-            let Some(size) = self.rows.remove(&k) else {
+        for p in ports {
+            let Some(size) = rows.remove(&(ip, p)) else {
                 continue;
             };
             self.bytes = self.bytes.saturating_sub(size);
-            decrement(&mut self.per_ip, &k.ip);
-            decrement(&mut self.per_service, &k.service);
+            self.endpoints -= 1;
+            decrement(&mut self.per_ip, &ip);
+        }
+        if rows.is_empty() {
+            self.rows.remove(service);
         }
     }
 
     /// Whether storing `incoming` keeps every quota. Endpoints already held are renewals and
     /// never count; a key listed twice counts once.
-    pub fn admit(&self, incoming: &[Endpoint], q: &Quotas) -> Result<(), QuotaExceeded> {
+    pub fn admit(&self, incoming: &[Endpoint], q: &Quotas) -> Result<Admitted, QuotaExceeded> {
         let mut seen = BTreeSet::new();
         let mut per_ip: BTreeMap<IpAddr, usize> = BTreeMap::new();
         let mut services = BTreeSet::new();
         let mut bytes = 0u64;
         for ep in incoming {
-            let key = ep.key();
-            if self.rows.contains_key(&key) || !seen.insert(key) {
+            if self.holds(ep) || !seen.insert(ep.key()) {
                 continue;
             }
             *per_ip.entry(ep.ip).or_default() += 1;
-            if !self.per_service.contains_key(&ep.service) {
+            if !self.rows.contains_key(&ep.service) {
                 services.insert(&ep.service);
             }
             bytes = bytes.saturating_add(approx_size(ep));
@@ -153,7 +170,7 @@ impl Usage {
                 });
             }
         }
-        let total = self.per_service.len() + services.len();
+        let total = self.rows.len() + services.len();
         if total > q.max_services {
             return Err(QuotaExceeded {
                 limit: "max_services",
@@ -169,7 +186,9 @@ impl Usage {
                 detail: format!("stored endpoints would take about {total} bytes"),
             });
         }
-        Ok(())
+        Ok(Admitted {
+            renewal: seen.is_empty(),
+        })
     }
 }
 
@@ -232,17 +251,17 @@ mod tests {
         let mut u = Usage::from_endpoints(&[ep("a", "10.0.0.1", 1), ep("a", "10.0.0.1", 2)]);
         assert_eq!((u.endpoints(), u.services()), (2, 1));
         // Renewals of what is held pass even though the ip is at its quota.
-        assert!(
-            u.admit(&[ep("a", "10.0.0.1", 1), ep("a", "10.0.0.1", 2)], &q)
-                .is_ok()
-        );
+        let renewal = u.admit(&[ep("a", "10.0.0.1", 1), ep("a", "10.0.0.1", 2)], &q);
+        assert_eq!(renewal, Ok(Admitted { renewal: true }));
         let e = u
             .admit(&[ep("b", "10.0.0.1", 3)], &q)
             .expect_err("third on ip");
         assert_eq!((e.limit, e.value), ("max_endpoints_per_ip", 2));
         // The same new key twice is one endpoint.
         let twice = [ep("b", "10.0.0.2", 3), ep("b", "10.0.0.2", 3)];
-        assert!(u.admit(&twice, &q).is_ok());
+        assert_eq!(u.admit(&twice, &q), Ok(Admitted { renewal: false }));
+        let held_and_new = [ep("a", "10.0.0.1", 1), ep("b", "10.0.0.2", 3)];
+        assert_eq!(u.admit(&held_and_new, &q), Ok(Admitted { renewal: false }));
         u.record(&twice[0]);
         let e = u
             .admit(&[ep("c", "10.0.0.3", 1)], &q)
@@ -275,5 +294,36 @@ mod tests {
         assert_eq!(u.endpoints(), 1);
         u.remove(&e.service, e.ip, Some(e.port));
         assert_eq!((u.bytes(), u.endpoints(), u.services()), (0, 0, 0));
+    }
+
+    #[test]
+    fn removing_every_port_of_an_ip_keeps_the_service_s_other_ips() {
+        let mut u = Usage::from_endpoints(&[
+            ep("a", "10.0.0.1", 1),
+            ep("a", "10.0.0.1", 2),
+            ep("a", "10.0.0.2", 1),
+            ep("b", "10.0.0.1", 1),
+        ]);
+        let a = ServiceName::new("a").expect("name");
+        u.remove(&a, "10.0.0.1".parse().expect("ip"), None);
+        assert_eq!((u.endpoints(), u.services()), (2, 2));
+        assert!(u.holds(&ep("a", "10.0.0.2", 1)) && u.holds(&ep("b", "10.0.0.1", 1)));
+        assert!(!u.holds(&ep("a", "10.0.0.1", 2)));
+        u.remove(&a, "10.0.0.2".parse().expect("ip"), Some(NonZeroU16::MIN));
+        assert_eq!(
+            (u.endpoints(), u.services()),
+            (1, 1),
+            "an empty service is gone"
+        );
+        let e = u
+            .admit(
+                &[ep("c", "10.0.0.1", 1)],
+                &Quotas {
+                    max_endpoints_per_ip: 1,
+                    ..quotas()
+                },
+            )
+            .expect_err("ip count kept");
+        assert_eq!(e.limit, "max_endpoints_per_ip");
     }
 }

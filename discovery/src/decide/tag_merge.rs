@@ -3,39 +3,10 @@
 //! cron line that sends only `az` keeps the `instance_id` it sent before; the price, as in
 //! lyft, is that a tag cannot be removed through v1 (v2 check-ins replace the whole set).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use schema::wire::tag;
 use schema::{MAX_EXTRA_TAGS, TagKey, Tags, ValidationError};
-use serde::de::IgnoredAny;
-use serde_json::Value;
-
-/// The keys of the tag object a v1 check-in body carries (form: `tags` as a JSON string;
-/// JSON: `tags` as an object or a JSON string). Empty when it sends none. Call it on a body
-/// the check-in parser accepted, so what it names is what was parsed.
-pub fn sent_tag_keys(body: &[u8], is_json: bool) -> BTreeSet<String> {
-    let keys_of = |text: &str| {
-        serde_json::from_str::<BTreeMap<String, IgnoredAny>>(text)
-            .map(|m| m.into_keys().collect())
-            .unwrap_or_default()
-    };
-    if !is_json {
-        // The last `tags` counts, as in the form parser the check-in went through (which
-        // accepted the body, so it is UTF-8 and the lossy decoding loses nothing).
-        return form_urlencoded::parse(body)
-            .filter(|(k, _)| k == "tags")
-            .last()
-            .map_or_else(BTreeSet::new, |(_, v)| keys_of(&v));
-    }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut obj)) => match obj.remove("tags") {
-            Some(Value::String(s)) => keys_of(&s),
-            Some(Value::Object(tags)) => tags.into_iter().map(|(k, _)| k).collect(),
-            _ => BTreeSet::new(),
-        },
-        _ => BTreeSet::new(),
-    }
-}
 
 /// `stored` updated with the keys of `new` named in `sent`. The host's own weight is merged
 /// like any tag; an operator's override lives beside the tags and is not touched. Fails when
@@ -71,9 +42,26 @@ pub fn merge_tags(
     Ok(out)
 }
 
+/// Whether [`merge_tags`] would give `stored` back unchanged: true for the common renewal,
+/// which sends the tags it sent before. Answers without copying the tags.
+pub fn merge_keeps(stored: &Tags, new: &Tags, sent: &BTreeSet<String>) -> bool {
+    // Past the limit the merge refuses, even with nothing to change.
+    stored.extra.len() <= MAX_EXTRA_TAGS
+        && sent.iter().all(|key| match key.as_str() {
+            tag::AZ => stored.az == new.az,
+            tag::REGION => stored.region == new.region,
+            tag::INSTANCE_ID => stored.instance_id == new.instance_id,
+            tag::CANARY => stored.canary == new.canary,
+            tag::LOAD_BALANCING_WEIGHT => stored.load_balancing_weight == new.load_balancing_weight,
+            // An invalid key makes the merge fail: not "unchanged".
+            other => TagKey::new(other.to_string())
+                .is_ok_and(|key| stored.extra.get(&key) == new.extra.get(&key)),
+        })
+}
+
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -114,18 +102,50 @@ mod tests {
     }
 
     #[test]
-    fn sent_keys_from_form_and_json_bodies() {
-        let form = format!(
-            "ip=1.2.3.4&port=1&tags={}",
-            "%7B%22az%22%3A%22a%22%2C%22x%22%3A1%7D"
-        );
-        let want: BTreeSet<String> = ["az".to_string(), "x".to_string()].into();
-        assert_eq!(sent_tag_keys(form.as_bytes(), false), want);
-        let body = json!({"ip": "1.2.3.4", "port": 1, "tags": {"az": "a", "x": 1}});
-        assert_eq!(sent_tag_keys(body.to_string().as_bytes(), true), want);
-        let body = json!({"ip": "1.2.3.4", "port": 1, "tags": "{\"az\":\"a\",\"x\":1}"});
-        assert_eq!(sent_tag_keys(body.to_string().as_bytes(), true), want);
-        assert!(sent_tag_keys(b"ip=1.2.3.4&port=1", false).is_empty());
-        assert!(sent_tag_keys(b"ip=1.2.3.4&port=1&tags=", false).is_empty());
+    fn merge_keeps_exactly_when_the_merge_gives_the_stored_tags_back() {
+        // One past the limit (stored by an older registry with a higher one): every merge
+        // refuses it.
+        let over = Tags {
+            extra: (0..=MAX_EXTRA_TAGS)
+                .map(|i| {
+                    let key = TagKey::new(format!("k{i}")).expect("key");
+                    (key, schema::TagValue::new("v").expect("value"))
+                })
+                .collect(),
+            ..Tags::default()
+        };
+        let mut sets = vec![
+            tags(json!({})),
+            tags(json!({"az": "a", "region": "r", "instance_id": "i-1"})),
+            tags(json!({"az": "b", "region": "r", "instance_id": "i-1"})),
+            tags(json!({"az": "a", "canary": true, "load_balancing_weight": 40, "team": "core"})),
+            tags(json!({"az": "a", "team": "edge", "k0": "v"})),
+            over,
+        ];
+        sets.push(tags(json!({"instance_id": "i-2", "k1": "v"})));
+        let key_sets: Vec<BTreeSet<String>> = [
+            &[][..],
+            &["az"],
+            &["az", "region", "instance_id"],
+            &["canary", "load_balancing_weight"],
+            &["team", "k0"],
+            &["Not A Key"],
+            &["k1", "zz"],
+        ]
+        .iter()
+        .map(|ks| ks.iter().map(|k| (*k).to_string()).collect())
+        .collect();
+        for stored in &sets {
+            for new in &sets {
+                for sent in &key_sets {
+                    let same = merge_tags(stored, new, sent).as_ref() == Ok(stored);
+                    assert_eq!(
+                        merge_keeps(stored, new, sent),
+                        same,
+                        "{stored:?} {new:?} {sent:?}"
+                    );
+                }
+            }
+        }
     }
 }

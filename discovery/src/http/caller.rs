@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use schema::api::V1Form;
 use serde_json::Value;
 
 use crate::errors::ApiError;
@@ -83,70 +84,60 @@ fn flag(value: &str) -> Result<bool, ApiError> {
     }
 }
 
-/// A v1 check-in body with `auto_ip` resolved: the field removed and, when it is set and
-/// the body names no `ip`, the caller's address (from `caller`, asked only then) put in its
-/// place. An explicit `ip` wins, as in lyft. A body without `auto_ip`, or one that does not
-/// parse (the check-in parser reports that), comes back unchanged.
-pub fn resolve_auto_ip<'a>(
+/// A JSON v1 check-in body with `auto_ip` resolved: the field removed and, when it is set
+/// and the body names no `ip`, the caller's address (from `caller`, asked only then) put in
+/// its place. An explicit `ip` wins, as in lyft. A body without `auto_ip`, or one that does
+/// not parse (the check-in parser reports that), comes back unchanged.
+pub fn resolve_auto_ip_json<'a>(
     body: &'a [u8],
-    is_json: bool,
     caller: impl FnOnce() -> Result<IpAddr, ApiError>,
 ) -> Result<Cow<'a, [u8]>, ApiError> {
-    if is_json {
-        let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(body) else {
-            return Ok(Cow::Borrowed(body));
-        };
-        let Some(auto) = obj.remove("auto_ip") else {
-            return Ok(Cow::Borrowed(body));
-        };
-        let on = match &auto {
-            Value::Bool(b) => *b,
-            Value::String(s) => flag(s)?,
-            Value::Number(n) => flag(&n.to_string())?,
-            Value::Null => false,
-            other => {
-                return Err(ApiError::BadRequest(format!(
-                    "auto_ip must be true or false, got {other}"
-                )));
-            }
-        };
-        let named = match obj.get("ip") {
-            None | Some(Value::Null) => false,
-            Some(Value::String(s)) => !s.trim().is_empty(),
-            Some(_) => true,
-        };
-        if on && !named {
-            obj.insert("ip".into(), Value::String(caller()?.to_string()));
-        }
-        let bytes = serde_json::to_vec(&obj)
-            .map_err(|e| ApiError::BadRequest(format!("cannot re-encode the body: {e}")))?;
-        return Ok(Cow::Owned(bytes));
-    }
-    // Most forms carry no `auto_ip`: a scan that decodes nothing it need not says so.
-    if !form_urlencoded::parse(body).any(|(k, _)| k == "auto_ip") {
-        return Ok(Cow::Borrowed(body));
-    }
-    let Ok(mut pairs) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) else {
+    let Ok(Value::Object(mut obj)) = serde_json::from_slice::<Value>(body) else {
         return Ok(Cow::Borrowed(body));
     };
-    // The last occurrence counts, as in the form parser the check-in goes through.
+    let Some(auto) = obj.remove("auto_ip") else {
+        return Ok(Cow::Borrowed(body));
+    };
+    let on = match &auto {
+        Value::Bool(b) => *b,
+        Value::String(s) => flag(s)?,
+        Value::Number(n) => flag(&n.to_string())?,
+        Value::Null => false,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "auto_ip must be true or false, got {other}"
+            )));
+        }
+    };
+    let named = match obj.get("ip") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.trim().is_empty(),
+        Some(_) => true,
+    };
+    if on && !named {
+        obj.insert("ip".into(), Value::String(caller()?.to_string()));
+    }
+    let bytes = serde_json::to_vec(&obj)
+        .map_err(|e| ApiError::BadRequest(format!("cannot re-encode the body: {e}")))?;
+    Ok(Cow::Owned(bytes))
+}
+
+/// A decoded v1 check-in form with `auto_ip` resolved: when its last `auto_ip` is set (every
+/// one must be a flag) and the form names no `ip` (or a blank one), `ip` becomes the
+/// caller's address, from `caller`, asked only then. An explicit `ip` wins, as in lyft.
+pub fn resolve_auto_ip_form(
+    form: &mut V1Form<'_>,
+    caller: impl FnOnce() -> Result<IpAddr, ApiError>,
+) -> Result<(), ApiError> {
     let mut on = false;
-    for (_, v) in pairs.iter().filter(|(k, _)| k == "auto_ip") {
+    for v in &form.auto_ip {
         on = flag(v)?;
     }
-    pairs.retain(|(k, _)| k != "auto_ip");
-    let named = pairs
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "ip")
-        .is_some_and(|(_, v)| !v.trim().is_empty());
+    let named = form.ip.as_deref().is_some_and(|ip| !ip.trim().is_empty());
     if on && !named {
-        pairs.retain(|(k, _)| k != "ip");
-        pairs.push(("ip".into(), caller()?.to_string()));
+        form.ip = Some(Cow::Owned(caller()?.to_string()));
     }
-    let text = serde_urlencoded::to_string(&pairs)
-        .map_err(|e| ApiError::BadRequest(format!("cannot re-encode the form: {e}")))?;
-    Ok(Cow::Owned(text.into_bytes()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -199,29 +190,47 @@ mod tests {
     #[test]
     fn auto_ip_fills_in_a_missing_ip_and_an_explicit_one_wins() {
         let me = || Ok(ip("10.9.9.9"));
-        let out = resolve_auto_ip(b"auto_ip=true&port=80", false, me).expect("form");
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&out).expect("form");
-        assert!(pairs.contains(&("ip".into(), "10.9.9.9".into())));
-        assert!(!pairs.iter().any(|(k, _)| k == "auto_ip"));
-        let out = resolve_auto_ip(b"auto_ip=true&ip=&port=80", false, me).expect("empty ip");
-        assert!(String::from_utf8_lossy(&out).contains("ip=10.9.9.9"));
-        let out = resolve_auto_ip(b"auto_ip=true&ip=10.0.0.1&port=80", false, me).expect("ip");
-        assert_eq!(&out[..], b"ip=10.0.0.1&port=80");
-        let out = resolve_auto_ip(b"auto_ip=false&port=80", false, me).expect("off");
-        assert_eq!(&out[..], b"port=80");
-        assert!(resolve_auto_ip(b"auto_ip=maybe&port=80", false, me).is_err());
+        let form = |body: &'static [u8]| -> Result<V1Form<'static>, ApiError> {
+            let mut f = V1Form::decode(body);
+            resolve_auto_ip_form(&mut f, me)?;
+            Ok(f)
+        };
+        let ip_of = |f: V1Form<'_>| f.ip.map(Cow::into_owned);
+        assert_eq!(
+            ip_of(form(b"auto_ip=true&port=80").expect("form")).as_deref(),
+            Some("10.9.9.9")
+        );
+        let out = form(b"auto_ip=true&ip=&port=80").expect("empty ip");
+        assert_eq!(ip_of(out).as_deref(), Some("10.9.9.9"));
+        let out = form(b"auto_ip=true&ip=10.0.0.1&port=80").expect("ip");
+        assert_eq!(ip_of(out).as_deref(), Some("10.0.0.1"));
+        assert_eq!(ip_of(form(b"auto_ip=false&port=80").expect("off")), None);
+        // The last flag counts, and every one must be a flag.
+        assert_eq!(
+            ip_of(form(b"auto_ip=1&auto_ip=off&port=80").expect("last")),
+            None
+        );
+        assert!(form(b"auto_ip=maybe&auto_ip=true&port=80").is_err());
+        assert!(form(b"auto_ip=maybe&port=80").is_err());
         let unknown = || Err(ApiError::BadRequest("no".into()));
-        let same = resolve_auto_ip(b"ip=10.0.0.1&port=80", false, unknown).expect("untouched");
-        assert!(matches!(same, Cow::Borrowed(_)));
+        let mut same = V1Form::decode(b"ip=10.0.0.1&port=80");
+        resolve_auto_ip_form(&mut same, unknown).expect("caller not asked");
+        assert_eq!(same, V1Form::decode(b"ip=10.0.0.1&port=80"));
+        let mut off = V1Form::decode(b"auto_ip=true&ip=10.0.0.1");
+        resolve_auto_ip_form(&mut off, unknown).expect("named: caller not asked");
+        let mut unknown_peer = V1Form::decode(b"auto_ip=true&port=80");
+        assert!(resolve_auto_ip_form(&mut unknown_peer, unknown).is_err());
 
-        let out = resolve_auto_ip(br#"{"auto_ip":true,"port":80}"#, true, me).expect("json");
+        let out = resolve_auto_ip_json(br#"{"auto_ip":true,"port":80}"#, me).expect("json");
         let v: Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v, serde_json::json!({"ip": "10.9.9.9", "port": 80}));
-        let out = resolve_auto_ip(br#"{"auto_ip":"true","ip":"10.0.0.1","port":80}"#, true, me)
+        let out = resolve_auto_ip_json(br#"{"auto_ip":"true","ip":"10.0.0.1","port":80}"#, me)
             .expect("json ip");
         let v: Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v, serde_json::json!({"ip": "10.0.0.1", "port": 80}));
-        assert!(resolve_auto_ip(br#"{"auto_ip":[1],"port":80}"#, true, me).is_err());
-        assert!(resolve_auto_ip(br#"{"auto_ip":true,"port":80}"#, true, unknown).is_err());
+        assert!(resolve_auto_ip_json(br#"{"auto_ip":[1],"port":80}"#, me).is_err());
+        assert!(resolve_auto_ip_json(br#"{"auto_ip":true,"port":80}"#, unknown).is_err());
+        let same = resolve_auto_ip_json(br#"{"ip":"10.0.0.1","port":80}"#, unknown).expect("as is");
+        assert!(matches!(same, Cow::Borrowed(_)));
     }
 }

@@ -7,6 +7,7 @@ pub(crate) mod answers;
 pub mod blocking;
 pub(crate) mod caller;
 pub mod errors;
+mod layers;
 pub(crate) mod openapi;
 pub mod parts;
 pub(crate) mod router;

@@ -1,26 +1,25 @@
 //! The HTTP surface: [`router`] assembles every route (docs/API.md#registry-api) with the layers all
-//! of them share — body limit, handler timeout, request metrics, the warm-up header, gzip/zstd
-//! compression of large answers ([`serve::compression`]) — and
+//! of them share — body limit, handler timeout and request metrics with the warm-up header
+//! (both in [`super::layers`]), gzip/zstd compression of large answers
+//! ([`serve::compression`]) — and
 //! JSON answers for unknown routes, wrong methods and unreadable requests.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
-};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use schema::wire::{HEADER_INDEX, HEADER_STALE, HEADER_WARMING, TRUE};
+use schema::wire::{HEADER_INDEX, HEADER_STALE, TRUE};
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
 
+use super::layers::{Limits, Observe};
 use super::{routes_eds, routes_ops, routes_v1, routes_v2, ui};
 use crate::errors::ApiError;
 use crate::registry::{Registry, View};
@@ -35,10 +34,7 @@ pub fn router(registry: Registry) -> Router {
     let blocking = Router::new()
         .route("/v2/services/{service}", get(routes_v2::service))
         .route("/v2/catalog", get(routes_v2::catalog))
-        .layer(middleware::from_fn_with_state(
-            Limits::timeout(blocking_timeout),
-            limit,
-        ));
+        .layer(Limits::timeout(blocking_timeout));
     // Probes, metrics, status and the dashboard are never shed: an overloaded registry
     // must still say so.
     let ops = Router::new()
@@ -51,10 +47,7 @@ pub fn router(registry: Registry) -> Router {
         .route("/ui", get(ui::handler))
         .route("/ui/", get(ui::handler))
         .route("/ui/{asset}", get(ui::handler))
-        .layer(middleware::from_fn_with_state(
-            Limits::timeout(cfg.handler_timeout),
-            limit,
-        ));
+        .layer(Limits::timeout(cfg.handler_timeout));
     let in_flight = Some(Arc::new(Semaphore::new(
         cfg.max_in_flight.min(Semaphore::MAX_PERMITS),
     )));
@@ -84,53 +77,23 @@ pub fn router(registry: Registry) -> Router {
         .route("/v2/checkin", post(routes_v2::checkin))
         .route("/v3/discovery:endpoints", post(routes_eds::endpoints))
         .route("/v2/services", get(routes_v2::services))
-        .layer(middleware::from_fn_with_state(
-            Limits {
-                timeout: cfg.handler_timeout,
-                in_flight,
-            },
-            limit,
-        ));
+        .layer(Limits {
+            timeout: cfg.handler_timeout,
+            in_flight,
+        });
     api.merge(ops)
         .merge(blocking)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(registry.clone(), observe))
-        .layer(DefaultBodyLimit::max(cfg.body_limit))
-        .layer(serve::compression())
+        // One `layer` call for the three (outermost first): each call boxes every route
+        // once more per request.
+        .layer(
+            ServiceBuilder::new()
+                .layer(serve::compression())
+                .layer(DefaultBodyLimit::max(cfg.body_limit))
+                .layer(Observe(registry.clone())),
+        )
         .with_state(registry)
-}
-
-/// Per route group: how long a handler may take, and how many may run at once.
-#[derive(Debug, Clone)]
-struct Limits {
-    timeout: Duration,
-    in_flight: Option<Arc<Semaphore>>,
-}
-
-impl Limits {
-    fn timeout(timeout: Duration) -> Self {
-        Limits {
-            timeout,
-            in_flight: None,
-        }
-    }
-}
-
-/// Sheds load past `max_in_flight` with a 429 (rather than queueing into timeouts), and
-/// bounds every handler's time with a JSON 503.
-async fn limit(State(limits): State<Limits>, req: Request, next: Next) -> Response {
-    let _permit = match &limits.in_flight {
-        Some(sem) => match sem.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => return ApiError::Overloaded.into_response(),
-        },
-        None => None,
-    };
-    match tokio::time::timeout(limits.timeout, next.run(req)).await {
-        Ok(resp) => resp,
-        Err(_) => ApiError::Timeout(limits.timeout).into_response(),
-    }
 }
 
 async fn no_route(req: Request) -> ApiError {
@@ -139,37 +102,6 @@ async fn no_route(req: Request) -> ApiError {
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
-}
-
-/// Request metrics and the warm-up header, for every answer.
-async fn observe(State(registry): State<Registry>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    // A clone of the matched path is a reference count, not a copy of the string.
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    // Only standard methods become labels: any other token would grow the series unbounded.
-    let method = match *req.method() {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        Method::PUT => "PUT",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        _ => "other",
-    };
-    let mut resp = next.run(req).await;
-    if registry.is_warming() {
-        resp.headers_mut()
-            .insert(HEADER_WARMING, HeaderValue::from_static(TRUE));
-    }
-    let secs = started.elapsed().as_secs_f64();
-    registry.inner.metrics.request(
-        route.as_ref().map_or("unmatched", MatchedPath::as_str),
-        method,
-        resp.status().as_u16(),
-        secs,
-    );
-    resp
 }
 
 /// A request body, read whole under the body limit; over the limit is a JSON 413, any other
@@ -192,6 +124,20 @@ fn body_error(e: &BytesRejection, limit: usize) -> ApiError {
         ApiError::TooLarge(limit)
     } else {
         ApiError::BadRequest(format!("cannot read the request body: {}", e.body_text()))
+    }
+}
+
+/// The request headers and body of a write, as [`Body`]; the headers are moved out of the
+/// request rather than copied, as the `HeaderMap` extractor does.
+pub struct HeadersAndBody(pub HeaderMap, pub Bytes);
+
+impl FromRequest<Registry> for HeadersAndBody {
+    type Rejection = ApiError;
+
+    async fn from_request(mut req: Request, registry: &Registry) -> Result<Self, ApiError> {
+        let headers = std::mem::take(req.headers_mut());
+        let Body(body) = Body::from_request(req, registry).await?;
+        Ok(HeadersAndBody(headers, body))
     }
 }
 

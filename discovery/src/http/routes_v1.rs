@@ -8,17 +8,16 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use schema::api::{V1RepoListing, parse_ip, parse_port, parse_v1_checkin, parse_weight_body};
+use schema::api::{V1Checkin, V1Form, V1RepoListing, parse_ip, parse_port, parse_weight_body};
 use schema::{RepoName, ServiceName};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::auth::Scope;
-use crate::decide::tag_merge::sent_tag_keys;
 use crate::errors::ApiError;
 use crate::http::answers::{self, hosts};
-use crate::http::caller::{PeerAddr, caller_ip, resolve_auto_ip};
-use crate::http::router::{ApiPath, Body, is_json, with_view_headers};
+use crate::http::caller::{PeerAddr, caller_ip, resolve_auto_ip_form, resolve_auto_ip_json};
+use crate::http::router::{ApiPath, Body, HeadersAndBody, is_json, with_view_headers};
 use crate::registry::Registry;
 
 fn store_error(registry: &Registry) -> impl Fn(crate::StoreError) -> ApiError + '_ {
@@ -57,15 +56,23 @@ pub async fn register(
     State(registry): State<Registry>,
     ApiPath(service): ApiPath<String>,
     PeerAddr(peer): PeerAddr,
-    headers: HeaderMap,
-    Body(body): Body,
+    HeadersAndBody(headers, body): HeadersAndBody,
 ) -> Result<Response, ApiError> {
     let grant = registry.inner.auth.grant(&headers)?;
     let service = ServiceName::new(service)?;
-    let json = is_json(&headers);
     let trusted = registry.config().trusted_proxies;
-    let body = resolve_auto_ip(&body, json, || caller_ip(&headers, peer, trusted))?;
-    let ep = parse_v1_checkin(&service, &body, json)?;
+    let caller = || caller_ip(&headers, peer, trusted);
+    // The body is decoded once: the endpoint and the tag keys it sent come from one parse.
+    let V1Checkin {
+        endpoint: ep,
+        sent_tags,
+    } = if is_json(&headers) {
+        V1Checkin::from_json(&service, &resolve_auto_ip_json(&body, caller)?)?
+    } else {
+        let mut form = V1Form::decode(&body);
+        resolve_auto_ip_form(&mut form, caller)?;
+        V1Checkin::from_form(&service, form)?
+    };
     registry.inner.auth.authorize(
         &grant,
         Scope::Hosts {
@@ -73,11 +80,10 @@ pub async fn register(
             services: &[&ep.service],
         },
     )?;
-    registry.admit(std::slice::from_ref(&ep)).await?;
+    let admitted = registry.admit(std::slice::from_ref(&ep)).await?;
     // lyft merged a re-check-in's tags over the stored ones; v1 keeps that (v2 replaces).
-    let sent = sent_tag_keys(&body, json);
     registry
-        .check_in_merging_tags(&ep, &sent)
+        .check_in_merging_tags(&ep, &sent_tags, admitted)
         .await
         .map_err(store_error(&registry))?;
     // What `Json(json!({}))` gives, without building a map per check-in.

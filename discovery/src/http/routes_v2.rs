@@ -6,7 +6,6 @@ use std::net::IpAddr;
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use schema::ServiceName;
 use schema::api::{CheckInRequest, CheckInResponse};
@@ -15,7 +14,7 @@ use crate::auth::Scope;
 use crate::errors::ApiError;
 use crate::http::answers;
 use crate::http::blocking::{Blocking, BlockingParams, block};
-use crate::http::router::{ApiPath, Body};
+use crate::http::router::{ApiPath, HeadersAndBody};
 use crate::registry::{Registry, View};
 
 /// How far back a certificate's validity starts, for receivers whose clock is behind.
@@ -24,8 +23,7 @@ const CERT_BACKDATE_MS: u64 = 5 * 60 * 1000;
 /// `POST /v2/checkin`: all of one host's endpoints at once.
 pub async fn checkin(
     State(registry): State<Registry>,
-    headers: HeaderMap,
-    Body(body): Body,
+    HeadersAndBody(headers, body): HeadersAndBody,
 ) -> Result<Json<CheckInResponse>, ApiError> {
     let grant = registry.inner.auth.grant(&headers)?;
     let (endpoints, gossip_key) = CheckInRequest::parse_with_key(&body)?;

@@ -17,7 +17,7 @@ pub mod dynamo;
 pub mod memory;
 pub mod mirror;
 
-pub use crate::decide::tag_merge::merge_tags;
+pub use crate::decide::tag_merge::{merge_keeps, merge_tags};
 
 /// One stored row: the endpoint as last checked in, when, and the operator's weight override.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,6 +138,12 @@ pub trait Store: Send + Sync + 'static {
     /// What backs this store, for operators (`GET /v1/ops/status`, the dashboard).
     fn kind(&self) -> &'static str {
         "custom"
+    }
+
+    /// True when every call finishes the first time it is polled (no IO, nothing awaited):
+    /// the registry then runs calls without the store timeout, a timer that could never fire.
+    fn answers_at_once(&self) -> bool {
+        false
     }
 
     /// Upserts each endpoint with `last_check_in = now_ms`, never moving an existing
