@@ -160,6 +160,12 @@ impl Usage {
             }
             bytes = bytes.saturating_add(approx_size(ep));
         }
+        // Counts can already be past a quota (replicas overshooting together within a sweep,
+        // a quota lowered by a restart): that must not refuse what adds nothing, or stored
+        // hosts would stop renewing and expire.
+        if seen.is_empty() {
+            return Ok(Admitted { renewal: true });
+        }
         for (ip, added) in per_ip {
             let total = self.per_ip.get(&ip).copied().unwrap_or(0) + added;
             if total > q.max_endpoints_per_ip {
@@ -171,7 +177,7 @@ impl Usage {
             }
         }
         let total = self.rows.len() + services.len();
-        if total > q.max_services {
+        if !services.is_empty() && total > q.max_services {
             return Err(QuotaExceeded {
                 limit: "max_services",
                 value: q.max_services as u64,
@@ -186,9 +192,7 @@ impl Usage {
                 detail: format!("stored endpoints would take about {total} bytes"),
             });
         }
-        Ok(Admitted {
-            renewal: seen.is_empty(),
-        })
+        Ok(Admitted { renewal: false })
     }
 }
 
@@ -279,6 +283,40 @@ mod tests {
             ..q
         };
         let e = u.admit(&[ep("b", "10.0.0.9", 1)], &big).expect_err("bytes");
+        assert_eq!(e.limit, "max_catalog_bytes");
+    }
+
+    /// Counts past a quota (replicas that together accepted more within one sweep, a quota
+    /// lowered since) still admit renewals, and new endpoints that add nothing to the quota
+    /// that is exceeded: refusing them would let stored hosts expire.
+    #[test]
+    fn counts_past_a_quota_refuse_only_what_adds_to_it() {
+        let q = quotas();
+        let held = [
+            ep("a", "10.0.0.1", 1),
+            ep("b", "10.0.0.2", 1),
+            ep("c", "10.0.0.3", 1),
+        ];
+        let u = Usage::from_endpoints(&held);
+        assert_eq!(u.services(), 3, "one past max_services = 2");
+        assert_eq!(u.admit(&held, &q), Ok(Admitted { renewal: true }));
+        assert_eq!(
+            u.admit(&[ep("a", "10.0.0.4", 1)], &q),
+            Ok(Admitted { renewal: false }),
+            "a new host of a held service names no new service"
+        );
+        let e = u
+            .admit(&[ep("d", "10.0.0.4", 1)], &q)
+            .expect_err("a fourth service");
+        assert_eq!(e.limit, "max_services");
+        let tight = Quotas {
+            max_catalog_bytes: u.bytes() - 1,
+            ..q
+        };
+        assert_eq!(u.admit(&held[..1], &tight), Ok(Admitted { renewal: true }));
+        let e = u
+            .admit(&[ep("a", "10.0.0.4", 1)], &tight)
+            .expect_err("more bytes");
         assert_eq!(e.limit, "max_catalog_bytes");
     }
 
