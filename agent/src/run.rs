@@ -433,9 +433,9 @@ async fn seeds_from_registry(
 }
 
 /// Recomputes the merged view when gossip's view changes, when an authoritative registry
-/// answer may retire disk-cache entries, and every second while disk-cache entries wait to
-/// be superseded (their `settle` time passes without any gossip event) or deregistered hosts
-/// are listed as draining.
+/// answer may retire disk-cache entries, and every second while a cached row of a live owner
+/// waits out its `settle` time (it passes without any gossip event) or deregistered hosts
+/// are listed as draining ([`Merger::time_pending`]).
 async fn run_view(
     mut merger: Merger,
     gossip: GossipHandle,
