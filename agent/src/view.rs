@@ -386,37 +386,27 @@ pub struct Merger {
     /// The services of the last merge, shared with the view it published: they also name
     /// what a deregistration removed (a tombstone carries no endpoint).
     services: Services,
-    /// What each service of the last merge was built from.
+    /// What each service of the last merge was built from, when gossip alone made it.
     inputs: BTreeMap<ServiceName, Inputs>,
-    /// Moves whenever cache entries go (the cache only ever shrinks): a service's cached
-    /// hosts are those of the last merge while it has not moved.
-    cache_cuts: u64,
 }
 
-/// Gossip's entries of a service, the service's snapshot and, if it had cached hosts, the
-/// cache's cut count, as one merge used them. Entries and snapshots are shared and never
-/// changed in place, and the cache only shrinks, so the very same inputs (by pointer) give
-/// the very same hosts, and the merge reuses them without looking at a single host.
+/// Gossip's entries of a service and the service's snapshot, as one merge used them. Both
+/// are shared and never changed in place, so the very same two (by pointer) give the very
+/// same hosts, and the merge reuses them without looking at a single host.
 #[derive(Debug, Clone)]
 struct Inputs {
-    entries: Option<Arc<[ViewEntry]>>,
+    entries: Arc<[ViewEntry]>,
     snapshot: Option<Arc<Snapshot>>,
-    cache_cuts: Option<u64>,
-}
-
-fn same<T: ?Sized>(a: Option<&Arc<T>>, b: Option<&Arc<T>>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
-    }
 }
 
 impl Inputs {
-    fn are(&self, other: &Inputs) -> bool {
-        same(self.entries.as_ref(), other.entries.as_ref())
-            && same(self.snapshot.as_ref(), other.snapshot.as_ref())
-            && self.cache_cuts == other.cache_cuts
+    fn are(&self, entries: &Arc<[ViewEntry]>, snapshot: Option<&Arc<Snapshot>>) -> bool {
+        Arc::ptr_eq(&self.entries, entries)
+            && match (&self.snapshot, snapshot) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
     }
 }
 
@@ -438,7 +428,6 @@ impl Merger {
             draining: BTreeMap::new(),
             services: Services::new(),
             inputs: BTreeMap::new(),
-            cache_cuts: 0,
         }
     }
 
@@ -460,11 +449,7 @@ impl Merger {
             listed.contains(key)
                 || matches!(c.origin, Origin::Row { owner } if alive.contains_key(&owner))
         });
-        let gone = before - self.cache.len();
-        if gone > 0 {
-            self.cache_cuts += 1;
-        }
-        gone
+        before - self.cache.len()
     }
 
     /// Whether the view will change with time alone, so it must be recomputed even without
@@ -504,18 +489,14 @@ impl Merger {
         let mut services = Services::new();
         for (name, (live, cached)) in groups {
             let snapshot = snaps.get(name).copied();
-            let used = Inputs {
-                entries: live.cloned(),
-                snapshot: snapshot.cloned(),
-                cache_cuts: (!cached.is_empty()).then_some(self.cache_cuts),
-            };
             // The very inputs of last time: the very hosts of last time.
-            if let Some(before) = self.inputs.remove(name)
-                && before.are(&used)
+            if let (Some(entries), true) = (live, cached.is_empty())
+                && let Some(before) = self.inputs.remove(name)
+                && before.are(entries, snapshot)
                 && let Some(hosts) = self.services.get(name)
             {
                 services.insert(name.clone(), Arc::clone(hosts));
-                inputs.insert(name.clone(), used);
+                inputs.insert(name.clone(), before);
                 if let Some(seen) = self.first_seen.remove(name) {
                     first_seen.insert(name.clone(), seen);
                 }
@@ -558,7 +539,13 @@ impl Merger {
             if !seen_now.is_empty() {
                 first_seen.insert(name.clone(), seen_now);
             }
-            inputs.insert(name.clone(), used);
+            if let (Some(entries), true) = (gossip.endpoints.service(name), cached.is_empty()) {
+                let used = Inputs {
+                    entries: Arc::clone(entries),
+                    snapshot: snapshot.cloned(),
+                };
+                inputs.insert(name.clone(), used);
+            }
             candidates.extend(cached.into_iter().map(Candidate::Cached));
             services.insert(
                 name.clone(),
@@ -621,7 +608,6 @@ impl Merger {
                 .is_some_and(|since| now_ms.saturating_sub(*since) >= settle_ms)
         };
         let me = self.me;
-        let before = self.cache.len();
         self.cache.retain(|key, c| {
             if live.contains(key) {
                 return false;
@@ -633,9 +619,6 @@ impl Merger {
                 Origin::Row { owner } => owner != me && !down.contains(&owner) && !settled(&owner),
             }
         });
-        if self.cache.len() < before {
-            self.cache_cuts += 1;
-        }
     }
 
     /// A host listed last time, gone now, with a tombstone: deregistered, so drained for

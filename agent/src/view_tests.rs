@@ -382,34 +382,6 @@ mod through_gossip {
     }
 }
 
-/// A merge reuses a service whose inputs are the very same as last time; a cached host that
-/// went in between (its owner declared down) is not among those inputs, and must not stay.
-#[test]
-fn a_cached_host_that_went_is_not_kept_by_reuse() {
-    let (x, y) = ("10.0.0.2:7702", "10.0.0.3:7702");
-    let cached = [(1, x), (2, y)]
-        .map(|(port, owner)| CachedHost {
-            endpoint: ep("web", port),
-            origin: Origin::Row { owner: addr(owner) },
-            last_check_in_ms: 9,
-        })
-        .to_vec();
-    let mut m = Merger::new(addr(ME), 1_000, cached);
-    let mut g = GossipView {
-        members: vec![member(x, true), member(y, true)],
-        ..GossipView::default()
-    };
-    let v = m.merge(&g, 0);
-    assert_eq!(
-        ports(&v, "web"),
-        vec![(1, Provenance::Cache), (2, Provenance::Cache)]
-    );
-    // Same entries (none), same snapshot (none), same time: only the cache changed.
-    g.members = vec![member(x, false), member(y, true)];
-    let v = m.merge(&g, 0);
-    assert_eq!(ports(&v, "web"), vec![(2, Provenance::Cache)]);
-}
-
 /// A merge that reuses the previous view's services gives exactly what a merge from nothing
 /// gives: same hosts, same per-service and view indexes — over random sequences of gossip
 /// views (rows, registry entries, snapshots listing some of them, members coming and going)
