@@ -25,9 +25,6 @@ fi
 source "$root/ops/bench/common.sh"
 
 # rss_kb PID: current resident memory of a process, in kB (`hwm` gives the peak).
-# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
-ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
-
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 # view_size API: the agent's tidings_agent_view_endpoints gauge (0 before it answers).

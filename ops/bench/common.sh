@@ -27,6 +27,10 @@ wait_http() {
 # hwm PID: the process's peak resident memory (VmHWM), in kB.
 hwm() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
+# ticks PID: the process's utime + stime, in clock ticks (fields 14 and 15 of /proc/PID/stat,
+# counted after the parenthesised command name, which may hold spaces).
+ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
 # filled_registry: starts a memory registry on a free loopback port, fills it with 100 services x
 # 100 hosts (`tidings bench registry-lookup --fill`), and sets `reg` to its URL.
 filled_registry() {

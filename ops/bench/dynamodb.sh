@@ -40,9 +40,6 @@ if [ ! -x .venv/bin/moto_server ]; then
 fi
 # shellcheck source=ops/bench/common.sh
 source "$root/ops/bench/common.sh"
-# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat, counted
-# after the parenthesised command name, which may hold spaces).
-ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
 moto_port="$(free_port)"
 moto="http://127.0.0.1:$moto_port"

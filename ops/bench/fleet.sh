@@ -42,9 +42,6 @@ fi
 
 urls=()
 pid_flags=()
-# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
-ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
-
 if [[ "${STORE:-memory}" == dynamodb ]]; then
   # moto and both replicas on CPU 0 (the server side: "registries and their database"), the
   # fleet on CPU 1. The sweeper's full-table Scan is moved out of the window (moto takes

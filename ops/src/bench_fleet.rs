@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use http_body_util::Full;
@@ -345,8 +346,8 @@ async fn wait_until(limit: Duration, done: impl Fn() -> bool) -> bool {
     true
 }
 
-/// Tries of one fill check-in refused with 503.
-const FILL_ATTEMPTS: u32 = 8;
+/// Retries of one fill check-in refused with 503.
+const FILL_RETRIES: usize = 7;
 
 /// One v2 check-in per service, its hosts on their own ips, a few services at once.
 async fn fill(http: &HttpClient, base: &str, args: &FleetArgs) -> Result<(), String> {
@@ -356,34 +357,19 @@ async fn fill(http: &HttpClient, base: &str, args: &FleetArgs) -> Result<(), Str
     for w in 0..workers {
         let (http, base, tags, args) = (http.clone(), base.to_string(), tags.clone(), args.clone());
         tasks.spawn(async move {
+            let hosts: Vec<u32> = (0..args.hosts).collect();
+            let chunk = args.fill_chunk.clamp(1, schema::api::MAX_CHECKIN_ENDPOINTS);
             for svc in (w..args.services).step_by(workers as usize) {
-                let hosts: Vec<u32> = (0..args.hosts).collect();
-                for chunk in hosts.chunks(args.fill_chunk.clamp(1, schema::api::MAX_CHECKIN_ENDPOINTS)) {
-                    let endpoints: Vec<serde_json::Value> = chunk
+                for hosts in hosts.chunks(chunk) {
+                    let endpoints: Vec<serde_json::Value> = hosts
                         .iter()
                         .map(|&h| {
                             serde_json::json!({"service": service(svc), "ip": fill_ip(&args, svc, h),
                                 "port": PORT, "revision": "abc123", "tags": tags})
                         })
                         .collect();
-                    let body = Bytes::from(serde_json::json!({ "endpoints": endpoints }).to_string());
-                    // A check-in is idempotent: one refused while the store is busy (503) is
-                    // sent again, a bounded number of times, as an agent's next check-in would.
-                    for attempt in 1..=FILL_ATTEMPTS {
-                        let req = Request::builder()
-                            .method(Method::POST)
-                            .uri(format!("{base}/v2/checkin"))
-                            .header("content-type", "application/json")
-                            .body(Full::new(body.clone()))
-                            .map_err(|e| e.to_string())?;
-                        match send(&http, req).await {
-                            Ok(_) => break,
-                            Err(e) if e.contains("503") && attempt < FILL_ATTEMPTS => {
-                                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
+                    let body = serde_json::json!({ "endpoints": endpoints }).to_string();
+                    fill_check_in(&http, &base, Bytes::from(body)).await?;
                 }
             }
             Ok::<(), String>(())
@@ -393,6 +379,28 @@ async fn fill(http: &HttpClient, base: &str, args: &FleetArgs) -> Result<(), Str
         r.map_err(|e| e.to_string())??;
     }
     Ok(())
+}
+
+/// One fill check-in. A check-in is idempotent: one refused while the store is busy (503) is
+/// sent again, a bounded number of times, as an agent's next check-in would.
+async fn fill_check_in(http: &HttpClient, base: &str, body: Bytes) -> Result<(), String> {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(FILL_RETRIES);
+    let attempt = || async {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{base}/v2/checkin"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))
+            .map_err(|e| e.to_string())?;
+        send(http, req).await.map(|_| ())
+    };
+    attempt
+        .retry(backoff)
+        .when(|e: &String| e.contains("503"))
+        .await
 }
 
 /// Waits (at most two minutes) for the registry's warm-up to end: agents take no delta base
