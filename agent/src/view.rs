@@ -3,7 +3,10 @@
 //! what the disk cache held at start, until live data covers it. Time is passed in.
 //!
 //! Cache rules: an entry loaded from disk is served until live data replaces it —
-//! - any entry, as soon as gossip's view has the same key;
+//! - any entry, as soon as a registry snapshot in gossip's view lists its key or a tombstone
+//!   removes it; while only a live row has the key, the row is served and the entry kept
+//!   (a row hides again if SWIM stops counting its owner alive, and the view must not
+//!   shrink meanwhile);
 //! - a registry-snapshot entry, when gossip holds a snapshot of its service at least as new
 //!   (the first authoritative registry answer brings one for every such service, an empty
 //!   one for a service the registry no longer lists: see [`crate::sync::plan`]);
@@ -436,12 +439,22 @@ impl Merger {
         let down = self.track_members(gossip, now_ms);
         let snaps: Snapshots<'_> = gossip.snapshots.iter().map(|s| (&s.service, s)).collect();
         if !self.cache.is_empty() {
-            let live: BTreeSet<EndpointKey> =
-                gossip.endpoints.iter().map(|e| e.endpoint.key()).collect();
-            self.drop_covered_cache(&snaps, &live, &down, now_ms);
+            // Covered for good: a registry snapshot lists the key, or a tombstone removed it.
+            // A key only a live row has stays cached, unserved while the row shows: a row
+            // hides again when SWIM stops counting its owner alive, which a restarted agent
+            // sees while membership settles, and if the snapshot has not arrived by then the
+            // host would drop out of the view for a moment.
+            let covered: BTreeSet<EndpointKey> = gossip
+                .endpoints
+                .iter()
+                .filter(|e| matches!(e.source, Source::Registry { .. }))
+                .map(|e| e.endpoint.key())
+                .chain(gossip.deregistered.iter().cloned())
+                .collect();
+            self.drop_covered_cache(&snaps, &covered, &down, now_ms);
         }
 
-        // Per service: gossip's hosts and the cache's (disjoint once covered ones dropped).
+        // Per service: gossip's hosts and the cache's, less cached hosts gossip shows.
         type Group<'a> = (Option<&'a Arc<[ViewEntry]>>, Vec<&'a CachedHost>);
         let mut groups: BTreeMap<&ServiceName, Group<'_>> = BTreeMap::new();
         for (name, entries) in gossip.endpoints.services() {
@@ -453,7 +466,14 @@ impl Merger {
         let mut first_seen = BTreeMap::new();
         let mut inputs = BTreeMap::new();
         let mut services = Services::new();
-        for (name, (live, cached)) in groups {
+        for (name, (live, mut cached)) in groups {
+            if let Some(live) = live {
+                let at = |e: &ViewEntry| (e.endpoint.ip, e.endpoint.port);
+                cached.retain(|c| {
+                    live.binary_search_by_key(&(c.endpoint.ip, c.endpoint.port), at)
+                        .is_err()
+                });
+            }
             let snapshot = snaps.get(name).copied();
             // The very inputs of last time: the very hosts of last time.
             if let (Some(entries), true) = (live, cached.is_empty())
@@ -556,9 +576,10 @@ impl Merger {
         down
     }
 
-    /// Drops cache entries that live data now covers: a host gossip lists, a registry entry
-    /// older than the service's newest snapshot, a row whose owner is this agent, is down,
-    /// or has been alive long enough to have republished it.
+    /// Drops cache entries that live data now covers: a host a registry snapshot lists or a
+    /// tombstone removed (`covered`), a registry entry older than the service's newest
+    /// snapshot, a row whose owner is this agent, is down, or has been alive long enough to
+    /// have republished it.
     fn drop_covered_cache(
         &mut self,
         snaps: &Snapshots<'_>,

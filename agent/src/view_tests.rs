@@ -155,11 +155,44 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     g.snapshots = vec![Arc::new(snap("db", 10, &[]))];
     let v = m.merge(&g, 200);
     assert!(ports(&v, "db").is_empty());
-    // Once the owner has been alive for `settle`, its cached rows give way.
+    // Once the owner has been alive for `settle`, its cached rows give way. The cached
+    // registry entry web:1 stays, unserved: only a live row covers it.
     let v = m.merge(&g, 1_100);
     assert_eq!(ports(&v, "web"), vec![(1, Provenance::Gossip)]);
-    assert_eq!(m.cache_len(), 0);
+    assert_eq!(m.cache_len(), 1);
     assert!(!m.time_pending());
+    // The row's owner stops counting as alive before any web snapshot arrived: web:1 is
+    // still served, from the cache, not dropped from the view.
+    g.members = vec![member(owner, false)];
+    g.endpoints = Vec::new().into();
+    let v = m.merge(&g, 1_200);
+    assert_eq!(ports(&v, "web"), vec![(1, Provenance::Cache)]);
+    // A web snapshot at least as new covers it for good.
+    g.snapshots.push(Arc::new(snap("web", 10, &[1])));
+    g.endpoints = vec![reg(ep("web", 1), 10)].into();
+    let v = m.merge(&g, 1_300);
+    assert_eq!(ports(&v, "web"), vec![(1, Provenance::Registry)]);
+    assert_eq!(m.cache_len(), 0);
+}
+
+/// A tombstone removes a cached host for good, even one a live row had covered.
+#[test]
+fn a_tombstone_retires_a_cached_host() {
+    let cached = vec![CachedHost {
+        endpoint: ep("web", 1),
+        origin: Origin::Registry {
+            generated_at_ms: 10,
+        },
+        last_check_in_ms: 9,
+    }];
+    let mut m = Merger::new(addr(ME), 1_000, cached);
+    let g = GossipView {
+        deregistered: vec![ep("web", 1).key()],
+        ..GossipView::default()
+    };
+    let v = m.merge(&g, 100);
+    assert!(ports(&v, "web").is_empty());
+    assert_eq!(m.cache_len(), 0);
 }
 
 #[test]
