@@ -51,6 +51,15 @@ pub struct Plan {
     pub listed: Option<BTreeSet<EndpointKey>>,
 }
 
+/// A registry entry served only from the disk cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedEntry {
+    pub entry: SnapshotEntry,
+    /// It came from a registry-dated snapshot, not from a lower bound: only such an entry
+    /// is real registry data (see [`lower_bound_date`]).
+    pub dated: bool,
+}
+
 /// Decides what a catalog answer does to what we hold: `held`, gossip's newest snapshot per
 /// service, and `cached`, the registry entries still served only from the disk cache. A
 /// failed answer never reaches `plan`, so it cannot replace anything.
@@ -58,7 +67,7 @@ pub fn plan(
     catalog: &Catalog,
     meta: &ReadMeta,
     held: &[impl Borrow<Snapshot>],
-    cached: &[SnapshotEntry],
+    cached: &[CachedEntry],
 ) -> Plan {
     let warming = catalog.warming || meta.warming;
     let at = catalog.generated_at_ms;
@@ -66,9 +75,9 @@ pub fn plan(
         .iter()
         .map(|s| (&s.borrow().service, s.borrow()))
         .collect();
-    let mut cached_by: BTreeMap<&ServiceName, Vec<&SnapshotEntry>> = BTreeMap::new();
+    let mut cached_by: BTreeMap<&ServiceName, Vec<&CachedEntry>> = BTreeMap::new();
     for e in cached {
-        cached_by.entry(&e.endpoint.service).or_default().push(e);
+        cached_by.entry(&e.entry.endpoint.service).or_default().push(e);
     }
     let (listed, invalid) = listed(catalog);
     let keys = (!warming).then(|| {
@@ -132,12 +141,12 @@ pub fn plan(
 /// the answer win per key.
 fn lower_bound(
     held: Option<&Snapshot>,
-    cached: Option<&Vec<&SnapshotEntry>>,
+    cached: Option<&Vec<&CachedEntry>>,
     listed: Vec<SnapshotEntry>,
 ) -> Vec<SnapshotEntry> {
     let mut union: BTreeMap<EndpointKey, SnapshotEntry> = BTreeMap::new();
     let ours = held.into_iter().flat_map(|s| s.entries.iter());
-    let from_cache = cached.into_iter().flatten().copied();
+    let from_cache = cached.into_iter().flatten().map(|c| &c.entry);
     for e in ours.chain(from_cache).cloned().chain(listed) {
         union.insert(e.endpoint.key(), e);
     }
@@ -152,9 +161,12 @@ fn lower_bound(
 /// had not checked in again since the registry restarted (fault campaign, seed
 /// 12860982494713673050). Dated at the start of time it is served here at once, fills the
 /// service on peers that hold nothing of it either (a whole fleet started cold), and gives
-/// way to any snapshot a registry dated.
-fn lower_bound_date(held: Option<&Snapshot>, cached: Option<&Vec<&SnapshotEntry>>, at: u64) -> u64 {
-    let knows = held.is_some_and(|s| !s.is_lower_bound()) || cached.is_some();
+/// way to any snapshot a registry dated. Cached entries count as knowing only when they came
+/// from a registry-dated snapshot: an agent restarted with a cache of lower bounds knows no
+/// more than its peers' lower bounds, which may hold hosts its cache lacks.
+fn lower_bound_date(held: Option<&Snapshot>, cached: Option<&Vec<&CachedEntry>>, at: u64) -> u64 {
+    let knows = held.is_some_and(|s| !s.is_lower_bound())
+        || cached.is_some_and(|c| c.iter().any(|c| c.dated));
     if knows { at } else { gossip::LOWER_BOUND_MS }
 }
 
@@ -206,14 +218,18 @@ fn listed(catalog: &Catalog) -> (BTreeMap<ServiceName, Vec<SnapshotEntry>>, usiz
 
 /// The registry entries the view serves only from the disk cache: what an authoritative
 /// answer must confirm or remove, and what a warming answer must not drop.
-fn cached_registry_entries(view: &crate::view::MergedView) -> Vec<SnapshotEntry> {
+fn cached_registry_entries(view: &crate::view::MergedView) -> Vec<CachedEntry> {
     view.all_hosts()
-        .filter(|h| {
-            h.provenance == Provenance::Cache && matches!(h.origin, Origin::Registry { .. })
-        })
-        .map(|h| SnapshotEntry {
-            endpoint: h.endpoint.clone(),
-            last_check_in_ms: h.last_check_in_ms,
+        .filter(|h| h.provenance == Provenance::Cache)
+        .filter_map(|h| match h.origin {
+            Origin::Registry { generated_at_ms } => Some(CachedEntry {
+                entry: SnapshotEntry {
+                    endpoint: h.endpoint.clone(),
+                    last_check_in_ms: h.last_check_in_ms,
+                },
+                dated: generated_at_ms >= gossip::LOWER_BOUNDS_BEFORE_MS,
+            }),
+            Origin::Row { .. } => None,
         })
         .collect()
 }

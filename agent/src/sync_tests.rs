@@ -63,6 +63,14 @@ fn entry(service: &str, port: u16, last_check_in_ms: u64) -> SnapshotEntry {
     }
 }
 
+/// A cache entry from a registry-dated snapshot.
+fn cached(service: &str, port: u16, last_check_in_ms: u64) -> CachedEntry {
+    CachedEntry {
+        entry: entry(service, port, last_check_in_ms),
+        dated: true,
+    }
+}
+
 fn snapshot(service: &str, at: u64, ports: &[u16]) -> Snapshot {
     Snapshot {
         service: ServiceName::new(service).expect("name"),
@@ -74,7 +82,7 @@ fn snapshot(service: &str, at: u64, ports: &[u16]) -> Snapshot {
 #[test]
 fn a_warming_answer_adds_and_updates_but_never_removes() {
     let held = [snapshot("web", 10, &[1, 2]), snapshot("db", 10, &[5])];
-    let cached = [entry("web", 3, 7), entry("api", 8, 7)];
+    let cached = [cached("web", 3, 7), cached("api", 8, 7)];
     // The registry restarted empty: it knows web:2 (with new tags), a new web:4, and
     // nothing of web:1, web:3, db or api yet.
     let mut c = catalog(20, true, &[("web", &[2, 4])]);
@@ -132,7 +140,7 @@ fn an_authoritative_answer_covers_what_the_disk_cache_holds() {
     // Restarted from the cache: gossip holds an old web snapshot, the cache holds newer
     // registry entries of web and of db, which the registry no longer lists at all.
     let held = [snapshot("web", 10, &[1])];
-    let cached = [entry("web", 2, 15), entry("db", 5, 15)];
+    let cached = [cached("web", 2, 15), cached("db", 5, 15)];
     let got = snaps(plan(
         &catalog(20, false, &[("web", &[1])]),
         &ReadMeta::default(),
@@ -300,7 +308,7 @@ fn a_warming_answer_for_a_service_held_nothing_of_is_dated_at_the_start_of_time(
         &[],
     );
     assert_eq!(summary(&p.snapshots), vec![("web", vec![1, 2], 30)]);
-    let cached = [entry("web", 3, 7)];
+    let cached = [cached("web", 3, 7)];
     let p = plan(
         &catalog(30, true, &[("web", &[2])]),
         &ReadMeta::default(),
@@ -333,4 +341,31 @@ fn a_warming_answer_for_a_service_held_nothing_of_is_dated_at_the_start_of_time(
         &[],
     ));
     assert_eq!(summary(&done), vec![("web", vec![2], 50)]);
+}
+
+/// A cache of lower bounds is no registry data: a warming answer's union with it stays a
+/// lower bound, so it cannot outrank a peer's fuller lower bound (which may list hosts that
+/// checked in after this agent's cache was written) and hide them fleet-wide.
+#[test]
+fn a_cache_of_lower_bounds_does_not_date_a_warming_answer() {
+    let lower = [CachedEntry {
+        dated: false,
+        ..cached("web", 3, 7)
+    }];
+    let p = plan(
+        &catalog(30, true, &[("web", &[2])]),
+        &ReadMeta::default(),
+        &[] as &[Snapshot],
+        &lower,
+    );
+    assert_eq!(summary(&p.snapshots), vec![("web", vec![2, 3], 0)]);
+    // One registry-dated entry makes it real data.
+    let mixed = [lower[0].clone(), cached("web", 4, 7)];
+    let p = plan(
+        &catalog(30, true, &[("web", &[2])]),
+        &ReadMeta::default(),
+        &[] as &[Snapshot],
+        &mixed,
+    );
+    assert_eq!(summary(&p.snapshots), vec![("web", vec![2, 3, 4], 30)]);
 }

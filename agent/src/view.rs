@@ -7,8 +7,9 @@
 //!   removes it; while only a live row has the key, the row is served and the entry kept
 //!   (a row hides again if SWIM stops counting its owner alive, and the view must not
 //!   shrink meanwhile);
-//! - a registry-snapshot entry, when gossip holds a snapshot of its service at least as new
-//!   (the first authoritative registry answer brings one for every such service, an empty
+//! - a registry-snapshot entry, when gossip holds a registry-dated snapshot of its service
+//!   at least as new — never a lower bound, which may lack hosts that have not checked in
+//!   again since the registry restarted (the first authoritative registry answer brings one for every such service, an empty
 //!   one for a service the registry no longer lists: see [`crate::sync::plan`]);
 //! - an owned-row entry, when its owner has been alive in SWIM for `settle` (repair has then
 //!   brought the owner's current rows), when SWIM declares it down, or when it was our own;
@@ -600,9 +601,12 @@ impl Merger {
                 return false;
             }
             match c.origin {
+                // A lower bound (a warming answer's union, dated at the start of time) never
+                // retires anything: it may lack hosts that have not checked in again since
+                // the registry restarted, and the entry may be a lower bound's itself.
                 Origin::Registry { generated_at_ms } => snaps
                     .get(&key.service)
-                    .is_none_or(|s| s.generated_at_ms < generated_at_ms),
+                    .is_none_or(|s| s.is_lower_bound() || s.generated_at_ms < generated_at_ms),
                 Origin::Row { owner } => owner != me && !down.contains(&owner) && !settled(&owner),
             }
         });

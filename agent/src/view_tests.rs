@@ -65,6 +65,10 @@ fn member(a: &str, active: bool) -> MemberInfo {
 
 const ME: &str = "10.0.0.9:7702";
 
+/// A registry date (registry clock, ms since the Unix epoch); dates below
+/// [`gossip::LOWER_BOUNDS_BEFORE_MS`] are lower bounds.
+const T: u64 = 1_800_000_000_000;
+
 #[test]
 fn provenance_is_registry_when_listed_gossip_when_only_owned() {
     let mut m = Merger::new(addr(ME), 1_000, Vec::new());
@@ -101,7 +105,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
         CachedHost {
             endpoint: ep("web", 1),
             origin: Origin::Registry {
-                generated_at_ms: 10,
+                generated_at_ms: T + 10,
             },
             last_check_in_ms: 9,
         },
@@ -113,7 +117,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
         CachedHost {
             endpoint: ep("db", 3),
             origin: Origin::Registry {
-                generated_at_ms: 10,
+                generated_at_ms: T + 10,
             },
             last_check_in_ms: 9,
         },
@@ -138,7 +142,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     let mut g = GossipView {
         deregistered: Vec::new(),
         endpoints: vec![row(ep("web", 1), owner)].into(),
-        snapshots: vec![Arc::new(snap("db", 5, &[]))],
+        snapshots: vec![Arc::new(snap("db", T + 5, &[]))],
         members: vec![member(owner, true)],
     };
     let v = m.merge(&g, 100);
@@ -152,7 +156,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     assert!(m.time_pending());
 
     // A db snapshot at least as new supersedes the cached db entries, even empty ones.
-    g.snapshots = vec![Arc::new(snap("db", 10, &[]))];
+    g.snapshots = vec![Arc::new(snap("db", T + 10, &[]))];
     let v = m.merge(&g, 200);
     assert!(ports(&v, "db").is_empty());
     // Once the owner has been alive for `settle`, its cached rows give way. The cached
@@ -168,10 +172,40 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     let v = m.merge(&g, 1_200);
     assert_eq!(ports(&v, "web"), vec![(1, Provenance::Cache)]);
     // A web snapshot at least as new covers it for good.
-    g.snapshots.push(Arc::new(snap("web", 10, &[1])));
-    g.endpoints = vec![reg(ep("web", 1), 10)].into();
+    g.snapshots.push(Arc::new(snap("web", T + 10, &[1])));
+    g.endpoints = vec![reg(ep("web", 1), T + 10)].into();
     let v = m.merge(&g, 1_300);
     assert_eq!(ports(&v, "web"), vec![(1, Provenance::Registry)]);
+    assert_eq!(m.cache_len(), 0);
+}
+
+/// A lower bound (an agent's union of warming answers) never retires a cached host: the
+/// e2e outage test saw a restarted agent drop a host for a moment when a peer that had
+/// started with nothing spread `(lower bound, [web:2])` before the fuller snapshots
+/// arrived, and the cached entries, themselves a lower bound's, gave way to it.
+#[test]
+fn a_lower_bound_snapshot_retires_no_cached_host() {
+    let lower = gossip::LOWER_BOUND_MS;
+    let cached = |port, generated_at_ms| CachedHost {
+        endpoint: ep("web", port),
+        origin: Origin::Registry { generated_at_ms },
+        last_check_in_ms: 9,
+    };
+    let mut m = Merger::new(addr(ME), 1_000, vec![cached(1, lower), cached(2, lower), cached(3, T)]);
+    let mut g = GossipView {
+        snapshots: vec![Arc::new(snap("web", lower + 1, &[2]))],
+        endpoints: vec![reg(ep("web", 2), lower + 1)].into(),
+        ..GossipView::default()
+    };
+    let v = m.merge(&g, 100);
+    let served: Vec<u16> = ports(&v, "web").iter().map(|(p, _)| *p).collect();
+    assert_eq!(served, vec![1, 2, 3], "a lower bound shrank the view");
+    // The key it lists covers that entry; the others wait for a registry-dated snapshot.
+    assert_eq!(m.cache_len(), 2);
+    g.snapshots = vec![Arc::new(snap("web", T + 1, &[2]))];
+    g.endpoints = vec![reg(ep("web", 2), T + 1)].into();
+    let v = m.merge(&g, 200);
+    assert_eq!(ports(&v, "web"), vec![(2, Provenance::Registry)]);
     assert_eq!(m.cache_len(), 0);
 }
 
