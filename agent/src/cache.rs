@@ -10,7 +10,7 @@
 //! corrupt — is set aside as `view.cache.bad-<unix-ms>` (the newest few are kept, for a
 //! post-mortem) and the agent starts from the registry and gossip.
 
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,24 +180,10 @@ pub fn store(dir: &Path, file: &CacheFile, max: u64) -> Result<(), CacheError> {
     Ok(())
 }
 
-/// Feeds `Hash` output into SHA-256, so a derived `Hash` can digest a value without
-/// encoding it. Only `write` is used; `finish` is never called by `Hash` impls.
-struct Sha256Hasher(Sha256);
-
-impl Hasher for Sha256Hasher {
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-
-    fn finish(&self) -> u64 {
-        0
-    }
-}
-
 /// A digest of what a write would store, its date aside: the writer keeps this instead of
 /// a copy of the last file it wrote (one `CachedHost` per endpoint).
 pub fn content_digest(view: &MergedView, runtime: &[Endpoint], last_sync_ms: u64) -> [u8; 32] {
-    let mut h = Sha256Hasher(Sha256::new());
+    let mut h = crate::view::Sha256Hasher(Sha256::new());
     view.len().hash(&mut h);
     for host in view.all_hosts() {
         host.endpoint.hash(&mut h);

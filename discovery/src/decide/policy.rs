@@ -372,7 +372,7 @@ pub fn warming(
 /// The index of a set of endpoints: the first 53 bits of a SHA-256 over every endpoint (tags
 /// and effective weight included, `last_check_in` excluded), in key order. A plain
 /// re-check-in leaves it unchanged; every registry replica computes the same value from the
-/// same rows. The agent indexes each service of its merged view with it too. At most 2^53 - 1, so it
+/// same rows. At most 2^53 - 1, so it
 /// survives a JSON number in any client (a double); never 0, so clients can use 0 for "no
 /// index yet".
 pub fn content_index<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> u64 {
