@@ -77,7 +77,10 @@ pub fn plan(
         .collect();
     let mut cached_by: BTreeMap<&ServiceName, Vec<&CachedEntry>> = BTreeMap::new();
     for e in cached {
-        cached_by.entry(&e.entry.endpoint.service).or_default().push(e);
+        cached_by
+            .entry(&e.entry.endpoint.service)
+            .or_default()
+            .push(e);
     }
     let (listed, invalid) = listed(catalog);
     let keys = (!warming).then(|| {

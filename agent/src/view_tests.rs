@@ -191,7 +191,11 @@ fn a_lower_bound_snapshot_retires_no_cached_host() {
         origin: Origin::Registry { generated_at_ms },
         last_check_in_ms: 9,
     };
-    let mut m = Merger::new(addr(ME), 1_000, vec![cached(1, lower), cached(2, lower), cached(3, T)]);
+    let mut m = Merger::new(
+        addr(ME),
+        1_000,
+        vec![cached(1, lower), cached(2, lower), cached(3, T)],
+    );
     let mut g = GossipView {
         snapshots: vec![Arc::new(snap("web", lower + 1, &[2]))],
         endpoints: vec![reg(ep("web", 2), lower + 1)].into(),
@@ -369,7 +373,7 @@ mod through_gossip {
         let mut node = Node::new(GossipConfig::for_tests(me), 1, 7).expect("node");
         node.start(1);
         let mut m = Merger::new(me, 1_000, Vec::new());
-        node.apply_registry_snapshot(2, snap("web", 10, &[1, 2]));
+        node.apply_registry_snapshot(2, snap("web", T + 10, &[1, 2]));
         assert_eq!(
             ports(&observe(&node, &mut m, 2), "web"),
             vec![(1, Provenance::Registry), (2, Provenance::Registry)]
@@ -390,7 +394,7 @@ mod through_gossip {
         );
 
         // A newer successful snapshot replaces the registry entries.
-        node.apply_registry_snapshot(6, snap("web", 20, &[3]));
+        node.apply_registry_snapshot(6, snap("web", T + 20, &[3]));
         assert_eq!(
             ports(&observe(&node, &mut m, 6), "web"),
             vec![(3, Provenance::Registry)]
@@ -411,7 +415,7 @@ mod through_gossip {
         node.start(1);
         let mut m = Merger::new(me, 1_000, Vec::new());
         node.publish_local(2, vec![ep("web", 1), ep("web", 2)]);
-        node.apply_registry_snapshot(2, snap("web", 10, &[3]));
+        node.apply_registry_snapshot(2, snap("web", T + 10, &[3]));
         let v = observe(&node, &mut m, 2);
         assert_eq!(v.hosts(&ServiceName::new("web").expect("name")).len(), 3);
         assert!(drained(&v, "web").is_empty());
@@ -420,7 +424,7 @@ mod through_gossip {
         // the endpoint it had. Port 3 vanishing from a newer snapshot (it expired) is not a
         // deregistration.
         node.publish_local(1_000, vec![ep("web", 1)]);
-        node.apply_registry_snapshot(1_000, snap("web", 20, &[]));
+        node.apply_registry_snapshot(1_000, snap("web", T + 20, &[]));
         let v = observe(&node, &mut m, 1_000);
         assert_eq!(ports(&v, "web"), vec![(1, Provenance::Gossip)]);
         assert_eq!(drained(&v, "web"), vec![(2, 1_000)]);

@@ -274,6 +274,12 @@ fn snapshots_they_lack(
         .into_iter()
         .filter(|mine| {
             theirs.get(&mine.service).is_none_or(|&(at, hash)| {
+                // Two different lower bounds: each side sends its own, and both add them up
+                // (`union_of_lower_bounds`), whichever is dated later.
+                let lower = |t: u64| t < crate::LOWER_BOUNDS_BEFORE_MS;
+                if lower(at) && lower(mine.generated_at_ms) {
+                    return hash != mine.hash;
+                }
                 let young = now.saturating_sub(mine.generated_at_ms) < REGISTRY_SPREAD_MS;
                 hash != mine.hash && (at, hash) < (mine.generated_at_ms, mine.hash) && !young
             })

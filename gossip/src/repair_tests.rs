@@ -227,3 +227,27 @@ fn a_lower_bound_is_repaired_even_with_the_same_hosts() {
     assert_ne!(Digest::of(&lower), Digest::of(&dated));
     assert_eq!(sent(&dated, &lower).len(), 1);
 }
+
+/// Two different lower bounds travel both ways, whichever is dated later, and each side
+/// adds the other's up: both end with every host either listed.
+#[test]
+fn different_lower_bounds_are_repaired_both_ways_into_their_union() {
+    let lower = crate::LOWER_BOUND_MS;
+    let mut fuller = store(snap(lower, DAY, &[80, 81, 82]));
+    let mut later = store(snap(lower + 5, DAY, &[81]));
+    let (to_later, to_fuller) = (sent(&fuller, &later), sent(&later, &fuller));
+    assert_eq!((to_later.len(), to_fuller.len()), (1, 1));
+    for s in to_later {
+        later.snapshots.merge(s, DAY + 10_000);
+    }
+    for s in to_fuller {
+        fuller.snapshots.merge(s, DAY + 10_000);
+    }
+    let ports = |s: &Store| -> Vec<u16> {
+        let held = s.snapshots.get(&ServiceName::new("web").unwrap()).unwrap();
+        held.entries.iter().map(|e| e.endpoint.port.get()).collect()
+    };
+    assert_eq!(ports(&fuller), vec![80, 81, 82]);
+    assert_eq!(ports(&later), vec![80, 81, 82]);
+    assert!(sent(&fuller, &later).is_empty() && sent(&later, &fuller).is_empty());
+}

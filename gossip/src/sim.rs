@@ -272,6 +272,11 @@ fn endpoint_of(i: usize, port: u16) -> Endpoint {
 }
 
 /// Node `i` of the simulated cluster; `incarnation` varies its RNG seed across restarts.
+/// The simulator's clock at start: late enough that the registry dates it hands out are
+/// registry dates, not lower bounds (dates before [`crate::LOWER_BOUNDS_BEFORE_MS`] are an
+/// agent's union of warming answers, which add up instead of replacing each other).
+pub(crate) const SIM_START_MS: u64 = crate::LOWER_BOUNDS_BEFORE_MS;
+
 pub(crate) fn node_of(
     cfg: &SimConfig,
     ring: Option<&KeyRing>,
@@ -348,7 +353,7 @@ impl Sim {
             queue: BinaryHeap::new(),
             events: HashMap::new(),
             next_seq: 0,
-            now: 0,
+            now: SIM_START_MS,
             rng,
             partition: None,
             bytes_sent: 0,
@@ -541,7 +546,7 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
     let mut sim = Sim::new(cfg);
     sim.bootstrap();
     let c = sim.cfg.clone();
-    sim.run_until(c.warmup_ms);
+    sim.run_until(sim.now + c.warmup_ms);
 
     // Steady state: no changes, count bytes.
     let (downs0, rejoins0) = (sim.downs(), sim.rejoins());
@@ -586,7 +591,7 @@ pub fn simulate(cfg: SimConfig) -> SimReport {
             .iter()
             .map(|n| n.metrics().snapshot().dropped_total())
             .sum(),
-        virtual_secs: secs(sim.now),
+        virtual_secs: secs(sim.now - SIM_START_MS),
     }
 }
 

@@ -112,6 +112,37 @@ impl SnapshotSummary {
     }
 }
 
+/// Two lower bounds of one service, added up: every host either lists, each key's entry the
+/// one checked in last (ties broken by content, so any order of merges gives the same
+/// snapshot), dated the later of the two. Replacing one lower bound by another by date, as
+/// registry-dated snapshots replace each other, let an agent that started with nothing
+/// (its union holding only what a just-restarted registry had heard again) hide hosts a
+/// fuller lower bound listed from every peer it reached, until they checked in again.
+pub fn union_of_lower_bounds(a: &Snapshot, b: &Snapshot) -> Snapshot {
+    let mut by_key: BTreeMap<(std::net::IpAddr, std::num::NonZeroU16), &SnapshotEntry> =
+        BTreeMap::new();
+    for e in a.entries.iter().chain(&b.entries) {
+        let at = (e.endpoint.ip, e.endpoint.port);
+        let keep = by_key.get(&at).is_none_or(|held| {
+            let order = |x: &SnapshotEntry| (x.last_check_in_ms, entry_hash(x));
+            order(e) > order(held)
+        });
+        if keep {
+            by_key.insert(at, e);
+        }
+    }
+    Snapshot {
+        service: a.service.clone(),
+        generated_at_ms: a.generated_at_ms.max(b.generated_at_ms),
+        entries: by_key.into_values().cloned().collect(),
+    }
+}
+
+fn entry_hash(e: &SnapshotEntry) -> u64 {
+    let bytes = schema::codec::encode_file(&e.endpoint).unwrap_or_default();
+    stable_hash(&[b"entry", &bytes])
+}
+
 /// Whether a change dated `since_ms` (registry clock) is younger than `window_ms` at
 /// `now_ms`. Both ways: a date far ahead of our clock (a replica running ahead, within the
 /// skew bound) must not hide a change for longer either.
@@ -196,11 +227,21 @@ impl SnapshotStore {
             );
             return SnapshotMerge::Future;
         }
-        let summary = snap.summary();
-        if let Some((_, cur)) = self.by_service.get(&snap.service)
-            && cur.rank() >= summary.rank()
-        {
-            return SnapshotMerge::Stale;
+        let mut snap = snap;
+        let mut summary = snap.summary();
+        if let Some((held, cur)) = self.by_service.get(&snap.service) {
+            if held.is_lower_bound() && snap.is_lower_bound() {
+                // Two lower bounds are two agents' partial knowledge of a warming registry:
+                // neither replaces the other, they add up (see [`union_of_lower_bounds`]).
+                let union = union_of_lower_bounds(held, &snap);
+                if union.hosts_hash() == cur.hash {
+                    return SnapshotMerge::Stale;
+                }
+                snap = union;
+                summary = snap.summary();
+            } else if cur.rank() >= summary.rank() {
+                return SnapshotMerge::Stale;
+            }
         }
         self.note_change(&summary, now_ms);
         self.by_service
@@ -278,9 +319,14 @@ impl SnapshotStore {
 
     /// Whether a snapshot with this summary would be news to us.
     pub fn is_newer(&self, s: &SnapshotSummary) -> bool {
-        self.by_service
-            .get(&s.service)
-            .is_none_or(|(_, cur)| s.rank() > cur.rank())
+        self.by_service.get(&s.service).is_none_or(|(held, cur)| {
+            let lower = s.generated_at_ms < LOWER_BOUNDS_BEFORE_MS;
+            if lower && held.is_lower_bound() {
+                s.hash != cur.hash
+            } else {
+                s.rank() > cur.rank()
+            }
+        })
     }
 
     pub fn get(&self, service: &ServiceName) -> Option<&Snapshot> {
@@ -307,6 +353,7 @@ impl SnapshotStore {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
     use std::num::NonZeroU16;
 
     use super::*;
@@ -333,18 +380,57 @@ mod tests {
 
     #[test]
     fn newest_wins_in_any_order() {
-        let (a, b, c) = (snap(1, &[1]), snap(2, &[1, 2]), snap(2, &[3]));
+        const T: u64 = 1_800_000_000_000;
+        let (a, b, c) = (snap(T + 1, &[1]), snap(T + 2, &[1, 2]), snap(T + 2, &[3]));
         let mut x = SnapshotStore::default();
         let mut y = SnapshotStore::default();
         for s in [&a, &b, &c] {
-            x.merge(s.clone(), 0);
+            x.merge(s.clone(), T);
         }
         for s in [&c, &a, &b] {
-            y.merge(s.clone(), 0);
+            y.merge(s.clone(), T);
         }
         let service = ServiceName::new("web").unwrap();
         assert_eq!(x.get(&service), y.get(&service));
-        assert_eq!(x.merge(a, 0), SnapshotMerge::Stale);
+        assert_eq!(x.merge(a, T), SnapshotMerge::Stale);
+    }
+
+    proptest::proptest! {
+        /// Lower bounds add up, in any order, to one snapshot listing every host any of
+        /// them listed (the fault this guards against: a lower bound from an agent that
+        /// started with nothing replaced a fuller one and hid hosts fleet-wide).
+        #[test]
+        fn lower_bounds_add_up_in_any_order(
+            parts in proptest::collection::vec(
+                (1u64..50, proptest::collection::btree_map(1u16..20, 0u64..5, 0..6)),
+                1..6,
+            ),
+        ) {
+            let lower_bound = |(at, hosts): &(u64, BTreeMap<u16, u64>)| {
+                let mut s = snap(*at, &hosts.keys().copied().collect::<Vec<_>>());
+                for e in &mut s.entries {
+                    e.last_check_in_ms = hosts[&e.endpoint.port.get()];
+                }
+                s
+            };
+            let snaps: Vec<Snapshot> = parts.iter().map(lower_bound).collect();
+            let (mut x, mut y) = (SnapshotStore::default(), SnapshotStore::default());
+            for s in &snaps {
+                x.merge(s.clone(), 0);
+            }
+            for s in snaps.iter().rev() {
+                y.merge(s.clone(), 0);
+            }
+            let service = ServiceName::new("web").unwrap();
+            // Both hold the same hosts (a copy with the same hosts is not news, so which
+            // date and check-in times each keeps depends on the order, as for dated ones).
+            let got = x.get(&service).unwrap();
+            proptest::prop_assert_eq!(got.hosts_hash(), y.get(&service).unwrap().hosts_hash());
+            let ports: BTreeSet<u16> = got.entries.iter().map(|e| e.endpoint.port.get()).collect();
+            let want: BTreeSet<u16> = parts.iter().flat_map(|(_, h)| h.keys().copied()).collect();
+            proptest::prop_assert_eq!(ports, want);
+            proptest::prop_assert!(got.is_lower_bound());
+        }
     }
 
     #[test]

@@ -181,7 +181,7 @@ mod tests {
         let me: SocketAddr = "10.0.0.9:7702".parse().unwrap();
         let snapshot = |at, ports: &[u16]| Snapshot {
             service: ep(1).service,
-            generated_at_ms: at,
+            generated_at_ms: crate::LOWER_BOUNDS_BEFORE_MS + at,
             entries: ports
                 .iter()
                 .map(|p| SnapshotEntry {
@@ -191,7 +191,9 @@ mod tests {
                 .collect(),
         };
         let mut store = Store::default();
-        store.snapshots.merge(snapshot(7, &[1, 2]), 0);
+        store
+            .snapshots
+            .merge(snapshot(7, &[1, 2]), crate::LOWER_BOUNDS_BEFORE_MS);
         let v = |seq| Version { epoch: 1, seq };
         for (key, seq) in [(ep(1).key(), 1), (ep(3).key(), 1)] {
             store
@@ -212,12 +214,16 @@ mod tests {
         };
         assert_eq!(ports(&store), vec![2], "port 1 stays deregistered");
         // A newer snapshot without it: the tombstone has nothing left to hide.
-        store.snapshots.merge(snapshot(8, &[2]), 0);
+        store
+            .snapshots
+            .merge(snapshot(8, &[2]), crate::LOWER_BOUNDS_BEFORE_MS);
         store.gc_tombstones(11, 1_000, me, &live);
         assert_eq!(store.rows.len(), 0);
         assert_eq!(ports(&store), vec![2]);
         // Retention ends a shadowing tombstone too.
-        store.snapshots.merge(snapshot(9, &[1, 2]), 0);
+        store
+            .snapshots
+            .merge(snapshot(9, &[1, 2]), crate::LOWER_BOUNDS_BEFORE_MS);
         store.rows.merge(
             Row::new(owner, ep(1).key(), RowStatus::Deregistered, v(3)),
             20,

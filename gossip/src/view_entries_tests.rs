@@ -26,7 +26,7 @@ fn owner(i: usize) -> SocketAddr {
 fn snapshot(service: usize, at: u64, ports: &[u16]) -> Snapshot {
     Snapshot {
         service: ServiceName::new(SERVICES[service]).expect("name"),
-        generated_at_ms: at,
+        generated_at_ms: crate::LOWER_BOUNDS_BEFORE_MS + at,
         entries: ports
             .iter()
             .map(|p| SnapshotEntry {
@@ -62,8 +62,12 @@ fn service(v: &ViewEntries, name: usize) -> Option<&Arc<[ViewEntry]>> {
 #[test]
 fn a_change_rebuilds_only_its_service() {
     let mut store = Store::default();
-    store.snapshots.merge(snapshot(0, 10, &[1, 2]), 0);
-    store.snapshots.merge(snapshot(2, 10, &[1]), 0);
+    store
+        .snapshots
+        .merge(snapshot(0, 10, &[1, 2]), crate::LOWER_BOUNDS_BEFORE_MS);
+    store
+        .snapshots
+        .merge(snapshot(2, 10, &[1]), crate::LOWER_BOUNDS_BEFORE_MS);
     let mut cache = ViewCache::default();
     let alive = [true, true, true];
     let first = entries(&store, &mut cache, &alive);
@@ -88,7 +92,9 @@ fn a_change_rebuilds_only_its_service() {
     );
     assert_eq!(service(&second, 2).map(|s| s.len()), Some(2));
     // A newer snapshot of `api` moves `api` only.
-    store.snapshots.merge(snapshot(0, 20, &[1]), 0);
+    store
+        .snapshots
+        .merge(snapshot(0, 20, &[1]), crate::LOWER_BOUNDS_BEFORE_MS);
     let third = entries(&store, &mut cache, &alive);
     assert!(Arc::ptr_eq(
         service(&second, 2).expect("web"),
@@ -134,7 +140,7 @@ proptest! {
                 store.rows.merge(Row::new(owner(o), ep(s, port).key(), status, version), 0);
             }
             for (s, ports) in snaps {
-                store.snapshots.merge(snapshot(s, t, &ports), 0);
+                store.snapshots.merge(snapshot(s, t, &ports), crate::LOWER_BOUNDS_BEFORE_MS);
             }
             let cached = entries(&store, &mut cache, &alive);
             let fresh = entries(&store, &mut ViewCache::default(), &alive);

@@ -29,10 +29,11 @@ impl Sim {
     /// Every node knows the roster, starts, and publishes one endpoint.
     pub(super) fn bootstrap(&mut self) {
         let roster: Vec<_> = self.nodes.iter().map(Node::id).collect();
+        let now = self.now;
         for i in 0..self.cfg.nodes {
-            self.nodes[i].assume_members(0, roster.iter().copied());
-            self.nodes[i].start(0);
-            self.nodes[i].publish_local(0, vec![endpoint_of(i, 8080)]);
+            self.nodes[i].assume_members(now, roster.iter().copied());
+            self.nodes[i].start(now);
+            self.nodes[i].publish_local(now, vec![endpoint_of(i, 8080)]);
             self.flush(i);
         }
     }
