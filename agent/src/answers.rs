@@ -13,10 +13,10 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use schema::ServiceName;
 use schema::api::{V1Host, V1Listing};
 use schema::eds;
 use schema::wire::{TRUE, tag};
+use schema::{Endpoint, ServiceName};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -96,7 +96,11 @@ impl ServiceHosts {
         self.answers
             .eds
             .get_or_init(|| {
-                let endpoints: Vec<_> = self.hosts.iter().map(|h| h.endpoint.clone()).collect();
+                let endpoints: Vec<_> = self
+                    .hosts
+                    .iter()
+                    .map(|h| Endpoint::clone(&h.endpoint))
+                    .collect();
                 let resp =
                     eds::response(service.as_str(), &self.index.to_string(), &endpoints, None);
                 encoded(&resp)
@@ -154,7 +158,12 @@ pub fn eds(view: &MergedView, service: &ServiceName, cluster: &str) -> Bytes {
         Some(s) if cluster == service.as_str() => s.eds_body(service),
         s => {
             let endpoints: Vec<_> = s
-                .map(|s| s.hosts.iter().map(|h| h.endpoint.clone()).collect())
+                .map(|s| {
+                    s.hosts
+                        .iter()
+                        .map(|h| Endpoint::clone(&h.endpoint))
+                        .collect()
+                })
                 .unwrap_or_default();
             let version = view.service_index(service).to_string();
             encoded(&eds::response(cluster, &version, &endpoints, None))

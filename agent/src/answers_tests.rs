@@ -65,7 +65,7 @@ fn gossip_view(specs: &[Spec]) -> GossipView {
         ep.tags.az = az.clone().map(|a| TagValue::new(a).expect("bounded"));
         let source = if *registry {
             snapshots[*svc].entries.push(SnapshotEntry {
-                endpoint: ep.clone(),
+                endpoint: ep.clone().into(),
                 last_check_in_ms: *lci,
             });
             Source::Registry {
@@ -78,7 +78,7 @@ fn gossip_view(specs: &[Spec]) -> GossipView {
             }
         };
         endpoints.push(ViewEntry {
-            endpoint: ep,
+            endpoint: ep.into(),
             source,
         });
     }
@@ -98,7 +98,7 @@ fn fresh_eds(view: &MergedView, service: &ServiceName) -> Bytes {
     let endpoints: Vec<_> = view
         .hosts(service)
         .iter()
-        .map(|h| h.endpoint.clone())
+        .map(|h| Endpoint::clone(&h.endpoint))
         .collect();
     let version = view.service_index(service).to_string();
     encoded(&eds::response(service.as_str(), &version, &endpoints, None))

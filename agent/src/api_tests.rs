@@ -29,7 +29,7 @@ fn view(ports: &[u16]) -> MergedView {
         entries: ports
             .iter()
             .map(|p| SnapshotEntry {
-                endpoint: ep(*p),
+                endpoint: ep(*p).into(),
                 last_check_in_ms: 9,
             })
             .collect(),
@@ -39,7 +39,7 @@ fn view(ports: &[u16]) -> MergedView {
         endpoints: ports
             .iter()
             .map(|p| ViewEntry {
-                endpoint: ep(*p),
+                endpoint: ep(*p).into(),
                 source: Source::Registry {
                     generated_at_ms: 10,
                     last_check_in_ms: 9,
@@ -434,7 +434,7 @@ async fn draining_hosts_are_listed_only_on_request_and_tagged() {
         endpoints: ports
             .iter()
             .map(|p| ViewEntry {
-                endpoint: ep(*p),
+                endpoint: ep(*p).into(),
                 source: Source::Gossip { owner },
             })
             .collect(),

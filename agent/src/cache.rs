@@ -267,7 +267,7 @@ mod tests {
             written_at_ms: 5,
             last_sync_ms: 4,
             hosts: vec![CachedHost {
-                endpoint: ep.clone(),
+                endpoint: ep.clone().into(),
                 origin: Origin::Row {
                     owner: "10.0.0.1:7702".parse().expect("addr"),
                 },

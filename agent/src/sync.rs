@@ -206,7 +206,7 @@ fn listed(catalog: &Catalog) -> (BTreeMap<ServiceName, Vec<SnapshotEntry>>, usiz
             match h.to_endpoint() {
                 Ok((endpoint, last_check_in_ms)) if endpoint.service == service => {
                     entries.push(SnapshotEntry {
-                        endpoint,
+                        endpoint: Arc::new(endpoint),
                         last_check_in_ms,
                     });
                 }

@@ -58,7 +58,7 @@ fn summary(snapshots: &[Snapshot]) -> Vec<(&str, Vec<u16>, u64)> {
 fn entry(service: &str, port: u16, last_check_in_ms: u64) -> SnapshotEntry {
     let (endpoint, _) = host(service, port).to_endpoint().expect("valid");
     SnapshotEntry {
-        endpoint,
+        endpoint: endpoint.into(),
         last_check_in_ms,
     }
 }

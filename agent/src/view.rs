@@ -63,7 +63,7 @@ pub enum Origin {
 /// One host as the disk cache stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedHost {
-    pub endpoint: Endpoint,
+    pub endpoint: Arc<Endpoint>,
     pub origin: Origin,
     pub last_check_in_ms: u64,
 }
@@ -71,7 +71,9 @@ pub struct CachedHost {
 /// One host of the merged view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Host {
-    pub endpoint: Endpoint,
+    /// Shared with the registry snapshot or the gossip row it came from (one copy of each
+    /// endpoint however many views hold it).
+    pub endpoint: Arc<Endpoint>,
     pub provenance: Provenance,
     /// Registry clock when the registry lists it; else when this agent first saw it.
     pub last_check_in_ms: u64,
@@ -107,7 +109,7 @@ pub const DRAIN_LISTING_MS: u64 = 60_000;
 /// A host that left the view because its owner deregistered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drain {
-    pub endpoint: Endpoint,
+    pub endpoint: Arc<Endpoint>,
     /// When this agent saw the deregistration (unix ms).
     pub since_ms: u64,
 }
@@ -277,7 +279,7 @@ enum Candidate<'a> {
 }
 
 impl Candidate<'_> {
-    fn endpoint(&self) -> &Endpoint {
+    fn endpoint(&self) -> &Arc<Endpoint> {
         match self {
             Candidate::Live { entry, .. } => &entry.endpoint,
             Candidate::Cached(c) => &c.endpoint,
@@ -359,7 +361,7 @@ fn service_hosts(
         return Arc::clone(p);
     }
     let hosts: Vec<Host> = candidates.iter().map(Candidate::build).collect();
-    let index = service_index(hosts.iter().map(|h| &h.endpoint));
+    let index = service_index(hosts.iter().map(|h| &*h.endpoint));
     Arc::new(ServiceHosts {
         hosts,
         index,
@@ -368,7 +370,7 @@ fn service_hosts(
 }
 
 /// The endpoint of `key` in `services` (each service's hosts are sorted by key).
-fn find<'a>(services: &'a Services, key: &EndpointKey) -> Option<&'a Endpoint> {
+fn find<'a>(services: &'a Services, key: &EndpointKey) -> Option<&'a Arc<Endpoint>> {
     let hosts = &services.get(&key.service)?.hosts;
     // Within a service, key order is (ip, port) order.
     let i = hosts

@@ -27,7 +27,7 @@ fn ports(view: &MergedView, service: &str) -> Vec<(u16, Provenance)> {
 
 fn row(e: Endpoint, owner: &str) -> ViewEntry {
     ViewEntry {
-        endpoint: e,
+        endpoint: e.into(),
         source: Source::Gossip { owner: addr(owner) },
     }
 }
@@ -39,7 +39,7 @@ fn snap(service: &str, at: u64, p: &[u16]) -> Snapshot {
         entries: p
             .iter()
             .map(|p| SnapshotEntry {
-                endpoint: ep(service, *p),
+                endpoint: ep(service, *p).into(),
                 last_check_in_ms: at - 1,
             })
             .collect(),
@@ -48,7 +48,7 @@ fn snap(service: &str, at: u64, p: &[u16]) -> Snapshot {
 
 fn reg(e: Endpoint, at: u64) -> ViewEntry {
     ViewEntry {
-        endpoint: e,
+        endpoint: e.into(),
         source: Source::Registry {
             generated_at_ms: at,
             last_check_in_ms: at - 1,
@@ -103,19 +103,19 @@ fn cache_entries_are_served_until_live_data_covers_them() {
     let owner = "10.0.0.2:7702";
     let cached = vec![
         CachedHost {
-            endpoint: ep("web", 1),
+            endpoint: ep("web", 1).into(),
             origin: Origin::Registry {
                 generated_at_ms: T + 10,
             },
             last_check_in_ms: 9,
         },
         CachedHost {
-            endpoint: ep("web", 2),
+            endpoint: ep("web", 2).into(),
             origin: Origin::Row { owner: addr(owner) },
             last_check_in_ms: 9,
         },
         CachedHost {
-            endpoint: ep("db", 3),
+            endpoint: ep("db", 3).into(),
             origin: Origin::Registry {
                 generated_at_ms: T + 10,
             },
@@ -123,7 +123,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
         },
         // Our own previous rows: republished by this process, never from the cache.
         CachedHost {
-            endpoint: ep("mine", 4),
+            endpoint: ep("mine", 4).into(),
             origin: Origin::Row { owner: addr(ME) },
             last_check_in_ms: 9,
         },
@@ -187,7 +187,7 @@ fn cache_entries_are_served_until_live_data_covers_them() {
 fn a_lower_bound_snapshot_retires_no_cached_host() {
     let lower = gossip::LOWER_BOUND_MS;
     let cached = |port, generated_at_ms| CachedHost {
-        endpoint: ep("web", port),
+        endpoint: ep("web", port).into(),
         origin: Origin::Registry { generated_at_ms },
         last_check_in_ms: 9,
     };
@@ -217,7 +217,7 @@ fn a_lower_bound_snapshot_retires_no_cached_host() {
 #[test]
 fn a_tombstone_retires_a_cached_host() {
     let cached = vec![CachedHost {
-        endpoint: ep("web", 1),
+        endpoint: ep("web", 1).into(),
         origin: Origin::Registry {
             generated_at_ms: 10,
         },
@@ -237,7 +237,7 @@ fn a_tombstone_retires_a_cached_host() {
 fn a_cached_row_of_an_owner_declared_down_is_dropped() {
     let owner = "10.0.0.2:7702";
     let cached = vec![CachedHost {
-        endpoint: ep("web", 2),
+        endpoint: ep("web", 2).into(),
         origin: Origin::Row { owner: addr(owner) },
         last_check_in_ms: 9,
     }];
@@ -261,7 +261,7 @@ fn an_authoritative_answer_retires_the_cache_entries_it_does_not_list() {
     let alive = "10.0.0.2:7702";
     let gone = "10.0.0.3:7702";
     let cached = |port, origin| CachedHost {
-        endpoint: ep("web", port),
+        endpoint: ep("web", port).into(),
         origin,
         last_check_in_ms: 9,
     };
@@ -312,7 +312,7 @@ fn registry_entries_stay_and_rows_override_them() {
     };
     let v = m.merge(&g, 5);
     let hosts = v.hosts(&ServiceName::new("web").expect("name"));
-    assert_eq!(hosts[0].endpoint, tagged, "the owner's row wins");
+    assert_eq!(*hosts[0].endpoint, tagged, "the owner's row wins");
     assert_eq!(v.source_of(hosts), Provenance::Registry);
 }
 
@@ -384,7 +384,7 @@ mod through_gossip {
         mine.tags.canary = true;
         node.publish_local(3, vec![mine.clone()]);
         let v = observe(&node, &mut m, 3);
-        assert_eq!(v.hosts(&mine.service)[0].endpoint, mine);
+        assert_eq!(*v.hosts(&mine.service)[0].endpoint, mine);
 
         // The owner's tombstone removes the endpoint, although the registry still lists it.
         node.publish_local(5, Vec::new());

@@ -262,7 +262,7 @@ fn snapshots_from_the_future_are_refused_whichever_way_they_come() {
         service: ep(port).service,
         generated_at_ms: at,
         entries: vec![crate::SnapshotEntry {
-            endpoint: ep(port),
+            endpoint: ep(port).into(),
             last_check_in_ms: at,
         }],
     };
@@ -313,7 +313,7 @@ fn snap(at: u64, port: u16) -> Snapshot {
         service: ep(port).service,
         generated_at_ms: at,
         entries: vec![crate::SnapshotEntry {
-            endpoint: ep(port),
+            endpoint: ep(port).into(),
             last_check_in_ms: at,
         }],
     }

@@ -17,7 +17,8 @@ fn snap(at: u64, checked_in: u64, ports: &[u16]) -> Snapshot {
                 service.clone(),
                 IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
                 NonZeroU16::new(p).unwrap(),
-            ),
+            )
+            .into(),
             last_check_in_ms: checked_in,
         })
         .collect();

@@ -226,7 +226,7 @@ fn snapshots_verify_only_under_the_registry_key() {
         service: service("web"),
         generated_at_ms: NOW,
         entries: vec![SnapshotEntry {
-            endpoint: endpoint("web", "10.0.0.5", 80),
+            endpoint: endpoint("web", "10.0.0.5", 80).into(),
             last_check_in_ms: NOW,
         }],
     };

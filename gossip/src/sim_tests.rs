@@ -170,7 +170,8 @@ fn snapshots_and_tombstones_reach_everyone() {
                 big_service.clone(),
                 "10.8.0.1".parse().unwrap(),
                 NonZeroU16::new(p).unwrap(),
-            ),
+            )
+            .into(),
             last_check_in_ms: 1,
         })
         .collect();
@@ -188,7 +189,7 @@ fn snapshots_and_tombstones_reach_everyone() {
         service: small_ep.service.clone(),
         generated_at_ms: 10,
         entries: vec![crate::SnapshotEntry {
-            endpoint: small_ep.clone(),
+            endpoint: small_ep.clone().into(),
             last_check_in_ms: 9,
         }],
     };
@@ -202,8 +203,8 @@ fn snapshots_and_tombstones_reach_everyone() {
         s.nodes.iter().all(|n| {
             let view = n.visible_endpoints();
             view.len() == 11 + 199 + 1
-                && !view.iter().any(|e| e.endpoint == gone)
-                && view.iter().any(|e| e.endpoint == small_ep)
+                && !view.iter().any(|e| *e.endpoint == gone)
+                && view.iter().any(|e| *e.endpoint == small_ep)
         })
     });
     assert!(done.is_some(), "snapshots and tombstone did not converge");
@@ -318,7 +319,7 @@ fn registry_snapshot(service: &str, at: u64, port: u16) -> crate::Snapshot {
         service: ep.service.clone(),
         generated_at_ms: at,
         entries: vec![crate::SnapshotEntry {
-            endpoint: ep,
+            endpoint: ep.into(),
             last_check_in_ms: at,
         }],
     }
@@ -384,7 +385,7 @@ fn relisted(at: u64) -> crate::Snapshot {
         service: ep.service.clone(),
         generated_at_ms: at,
         entries: vec![crate::SnapshotEntry {
-            endpoint: ep,
+            endpoint: ep.into(),
             last_check_in_ms: at,
         }],
     }
@@ -409,7 +410,7 @@ fn a_stale_tombstone_of_a_returning_owner_never_hides_the_registry_entry() {
     bootstrap(&mut sim);
     sim.run_until(20_000);
     let ep = endpoint_of(5, 8080);
-    let lists = |n: &Node| n.visible_endpoints().iter().any(|e| e.endpoint == ep);
+    let lists = |n: &Node| n.visible_endpoints().iter().any(|e| *e.endpoint == ep);
     // Deregistered: everyone drops it.
     sim.publish(5, vec![]);
     let gone = sim.run_until_cond(50, 10_000, |s| s.nodes.iter().all(|n| !lists(n)));
@@ -467,7 +468,7 @@ fn a_returning_owner_in_step_with_us_has_its_tombstones_count_at_once() {
     bootstrap(&mut sim);
     sim.run_until(20_000);
     let ep = endpoint_of(5, 8080);
-    let lists = |n: &Node| n.visible_endpoints().iter().any(|e| e.endpoint == ep);
+    let lists = |n: &Node| n.visible_endpoints().iter().any(|e| *e.endpoint == ep);
     // The registry's stale listing (it missed the delete) reaches everyone first.
     sim.nodes[0].apply_registry_snapshot(sim.now, relisted(sim.now));
     sim.flush(0);

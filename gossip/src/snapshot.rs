@@ -23,7 +23,7 @@ use crate::rows::stable_hash;
 /// One registry endpoint and its last check-in (registry clock, ms since the Unix epoch).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SnapshotEntry {
-    pub endpoint: Endpoint,
+    pub endpoint: Arc<Endpoint>,
     pub last_check_in_ms: u64,
 }
 
@@ -367,7 +367,8 @@ mod tests {
                     service.clone(),
                     "10.0.0.1".parse().unwrap(),
                     NonZeroU16::new(*p).unwrap(),
-                ),
+                )
+                .into(),
                 last_check_in_ms: at,
             })
             .collect();

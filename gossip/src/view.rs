@@ -28,7 +28,7 @@ pub enum Source {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewEntry {
-    pub endpoint: Endpoint,
+    pub endpoint: Arc<Endpoint>,
     pub source: Source,
 }
 
@@ -185,7 +185,7 @@ mod tests {
             entries: ports
                 .iter()
                 .map(|p| SnapshotEntry {
-                    endpoint: ep(*p),
+                    endpoint: ep(*p).into(),
                     last_check_in_ms: 5,
                 })
                 .collect(),
@@ -243,7 +243,7 @@ mod tests {
         let mut store = Store::default();
         let entries = [1, 2, 3]
             .map(|p| SnapshotEntry {
-                endpoint: ep(p),
+                endpoint: ep(p).into(),
                 last_check_in_ms: 5,
             })
             .to_vec();
@@ -292,7 +292,8 @@ mod tests {
             ]
         );
         assert_eq!(
-            view[0].endpoint, tagged,
+            view[0].endpoint,
+            tagged.into(),
             "the owner's row overrides the registry entry"
         );
         // Tombstones count as deregistrations whether their owner is alive (2) or not (3);

@@ -154,7 +154,7 @@ fn build(snapshot: Option<&Snapshot>, rows: &[RowRef<'_>]) -> Arc<[ViewEntry]> {
         match r.up {
             Some(ep) => {
                 up.entry(at).or_insert_with(|| ViewEntry {
-                    endpoint: ep.clone(),
+                    endpoint: Arc::new(ep.clone()),
                     source: Source::Gossip { owner: *r.owner },
                 });
             }

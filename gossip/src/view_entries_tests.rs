@@ -30,7 +30,7 @@ fn snapshot(service: usize, at: u64, ports: &[u16]) -> Snapshot {
         entries: ports
             .iter()
             .map(|p| SnapshotEntry {
-                endpoint: ep(service, *p),
+                endpoint: ep(service, *p).into(),
                 last_check_in_ms: at - 1,
             })
             .collect(),

@@ -57,7 +57,7 @@ fn sees(h: &GossipHandle, ep: &Endpoint) -> bool {
         .borrow()
         .endpoints
         .iter()
-        .any(|e| e.endpoint == *ep && matches!(e.source, Source::Gossip { .. }))
+        .any(|e| *e.endpoint == *ep && matches!(e.source, Source::Gossip { .. }))
 }
 
 /// A hello (preamble and challenge), then the start of a chunk that claims 32 768 bytes,

@@ -50,7 +50,7 @@ fn sees(h: &GossipHandle, ep: &Endpoint) -> bool {
         .borrow()
         .endpoints
         .iter()
-        .any(|e| e.endpoint == *ep && matches!(e.source, Source::Gossip { .. }))
+        .any(|e| *e.endpoint == *ep && matches!(e.source, Source::Gossip { .. }))
 }
 
 async fn start(
@@ -258,7 +258,7 @@ async fn a_batch_of_registry_snapshots_is_one_view_publish() {
                 service: ep.service.clone(),
                 generated_at_ms: gossip::epoch_now(),
                 entries: vec![SnapshotEntry {
-                    endpoint: ep,
+                    endpoint: ep.into(),
                     last_check_in_ms: 1,
                 }],
             }

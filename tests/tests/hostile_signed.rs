@@ -131,7 +131,7 @@ fn attacks(hostile: &SigningKey, now_ms: u64) -> Result<Vec<Vec<BroadcastItem>>>
         service: ServiceName::new("cron")?,
         generated_at_ms: YEAR_2100_MS,
         entries: vec![SnapshotEntry {
-            endpoint: endpoint("cron", 9, 6666)?,
+            endpoint: std::sync::Arc::new(endpoint("cron", 9, 6666)?),
             last_check_in_ms: YEAR_2100_MS,
         }],
     };

@@ -147,7 +147,7 @@ impl Table {
             .map(|h| {
                 let since = at_ms.saturating_sub(h.phase_ms) % self.check_in_ms;
                 SnapshotEntry {
-                    endpoint: h.endpoint.clone(),
+                    endpoint: Arc::new(h.endpoint.clone()),
                     last_check_in_ms: at_ms.saturating_sub(since),
                 }
             })
@@ -168,7 +168,7 @@ impl Table {
                     .entries
                     .iter()
                     .zip(hosts.values())
-                    .all(|(e, h)| e.endpoint == h.endpoint)
+                    .all(|(e, h)| *e.endpoint == h.endpoint)
         })
     }
 }
