@@ -42,7 +42,7 @@ fn main() {
                 epoch: NOW,
                 seq: u64::from(p),
             };
-            let row = Row::new(owner, ep.key(), RowStatus::Up(ep), v);
+            let row = Row::new(owner, ep.key(), RowStatus::Up(ep.into()), v);
             proofs.sigs.push(sign_row(&key, &row));
             rows.push(row);
         }

@@ -543,7 +543,7 @@ impl Node {
         let mut changes: Vec<(EndpointKey, RowStatus)> = new
             .iter()
             .filter(|(k, e)| self.local.get(*k) != Some(*e))
-            .map(|(k, e)| (k.clone(), RowStatus::Up(e.clone())))
+            .map(|(k, e)| (k.clone(), RowStatus::Up(e.clone().into())))
             .collect();
         changes.extend(
             self.local

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use crdts::{CvRDT, LWWReg};
 use schema::{Endpoint, EndpointKey};
@@ -30,7 +31,7 @@ pub struct Version {
 /// The value of a row. `Deregistered` is the tombstone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RowStatus {
-    Up(Endpoint),
+    Up(Arc<Endpoint>),
     Deregistered,
 }
 

@@ -28,7 +28,7 @@ fn arb_row() -> impl Strategy<Value = Row> {
         let status = if (seq + u64::from(o)) % 3 == 0 {
             RowStatus::Deregistered
         } else {
-            RowStatus::Up(ep.clone())
+            RowStatus::Up(ep.clone().into())
         };
         Row::new(owner(o), ep.key(), status, Version { epoch, seq })
     })
@@ -102,7 +102,7 @@ fn older_epochs_are_dropped_and_refused() {
     let old = Row::new(
         owner(1),
         ep.key(),
-        RowStatus::Up(ep.clone()),
+        RowStatus::Up(ep.clone().into()),
         Version { epoch: 5, seq: 9 },
     );
     assert_eq!(s.merge(old.clone(), 0), Merge::Applied);
@@ -110,7 +110,7 @@ fn older_epochs_are_dropped_and_refused() {
     let new = Row::new(
         owner(1),
         other.key(),
-        RowStatus::Up(other),
+        RowStatus::Up(other.into()),
         Version { epoch: 6, seq: 1 },
     );
     assert_eq!(s.merge(new, 0), Merge::Applied);
@@ -126,7 +126,7 @@ fn inconsistent_rows_are_refused() {
     let row = Row::new(
         owner(1),
         endpoint(1, 2).key(),
-        RowStatus::Up(ep),
+        RowStatus::Up(ep.into()),
         Version { epoch: 1, seq: 1 },
     );
     assert_eq!(RowStore::default().merge(row, 0), Merge::Invalid);
@@ -138,7 +138,7 @@ fn tombstones_are_collected_and_not_resurrected() {
     let up = Row::new(
         owner(1),
         ep.key(),
-        RowStatus::Up(ep.clone()),
+        RowStatus::Up(ep.clone().into()),
         Version { epoch: 1, seq: 1 },
     );
     let tomb = Row::new(

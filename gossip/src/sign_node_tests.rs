@@ -57,7 +57,7 @@ fn ep(host: u8, port: u16) -> Endpoint {
 
 fn up(owner: u8, host: u8, port: u16, version: Version) -> Row {
     let e = ep(host, port);
-    Row::new(addr(owner), e.key(), RowStatus::Up(e), version)
+    Row::new(addr(owner), e.key(), RowStatus::Up(e.into()), version)
 }
 
 fn tombstone(owner: u8, host: u8, port: u16) -> Row {

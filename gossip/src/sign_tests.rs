@@ -33,7 +33,7 @@ fn up_row(owner: &str, svc: &str, ip: &str, port: u16, seq: u64) -> Row {
     Row::new(
         owner.parse().unwrap(),
         ep.key(),
-        RowStatus::Up(ep),
+        RowStatus::Up(ep.into()),
         Version { epoch: 7, seq },
     )
 }
@@ -271,7 +271,7 @@ proptest! {
             2 => forged = tombstone("10.0.0.1:7702", "web", "10.0.0.1", 80),
             _ => {
                 let ep = endpoint("web", "10.0.0.1", port.max(81));
-                forged = Row::new(row.owner, ep.key(), RowStatus::Up(ep), row.version());
+                forged = Row::new(row.owner, ep.key(), RowStatus::Up(ep.into()), row.version());
             }
         }
         prop_assume!(forged != row);

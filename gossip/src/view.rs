@@ -259,7 +259,12 @@ mod tests {
         let mut tagged = ep(1);
         tagged.tags.canary = true;
         store.rows.merge(
-            Row::new(alive, ep(1).key(), RowStatus::Up(tagged.clone()), v(1)),
+            Row::new(
+                alive,
+                ep(1).key(),
+                RowStatus::Up(tagged.clone().into()),
+                v(1),
+            ),
             0,
         );
         store.rows.merge(
@@ -270,9 +275,10 @@ mod tests {
             Row::new(dead, ep(3).key(), RowStatus::Deregistered, v(1)),
             0,
         );
-        store
-            .rows
-            .merge(Row::new(dead, ep(4).key(), RowStatus::Up(ep(4)), v(2)), 0);
+        store.rows.merge(
+            Row::new(dead, ep(4).key(), RowStatus::Up(ep(4).into()), v(2)),
+            0,
+        );
         let view = merged_view(&store, |o| *o == alive, |_| true);
         let got: Vec<(u16, Source)> = view
             .iter()

@@ -113,7 +113,7 @@ pub struct ViewCache {
 struct RowRef<'a> {
     owner: &'a SocketAddr,
     key: &'a EndpointKey,
-    up: Option<&'a Endpoint>,
+    up: Option<&'a Arc<Endpoint>>,
     version: Version,
 }
 
@@ -154,7 +154,7 @@ fn build(snapshot: Option<&Snapshot>, rows: &[RowRef<'_>]) -> Arc<[ViewEntry]> {
         match r.up {
             Some(ep) => {
                 up.entry(at).or_insert_with(|| ViewEntry {
-                    endpoint: Arc::new(ep.clone()),
+                    endpoint: Arc::clone(ep),
                     source: Source::Gossip { owner: *r.owner },
                 });
             }

@@ -76,7 +76,7 @@ fn a_change_rebuilds_only_its_service() {
         Row::new(
             owner(0),
             ep(2, 5).key(),
-            RowStatus::Up(ep(2, 5)),
+            RowStatus::Up(ep(2, 5).into()),
             Version { epoch: 1, seq: 1 },
         ),
         0,
@@ -135,7 +135,7 @@ proptest! {
         for (i, (rows, snaps, alive)) in steps.into_iter().enumerate() {
             let t = 10 + i as u64;
             for (s, port, o, up, seq) in rows {
-                let status = if up { RowStatus::Up(ep(s, port)) } else { RowStatus::Deregistered };
+                let status = if up { RowStatus::Up(ep(s, port).into()) } else { RowStatus::Deregistered };
                 let version = Version { epoch: 1, seq: seq + t };
                 store.rows.merge(Row::new(owner(o), ep(s, port).key(), status, version), 0);
             }

@@ -73,7 +73,7 @@ fn up(owner: u8, ep: Endpoint, version: Version) -> Row {
     Row::new(
         gossip_addr(owner),
         ep.key(),
-        RowStatus::Up(ep.clone()),
+        RowStatus::Up(ep.clone().into()),
         version,
     )
 }
