@@ -369,3 +369,39 @@ fn a_cache_of_lower_bounds_does_not_date_a_warming_answer() {
     );
     assert_eq!(summary(&p.snapshots), vec![("web", vec![2, 3, 4], 30)]);
 }
+
+proptest::proptest! {
+    /// A delta's plan, made over the services it touched, is the whole catalog's plan: every
+    /// other service is as the previous answer left it, so the whole plan has nothing for it
+    /// either. (Fails if a removed service, or a touched one, is left out of the scope.)
+    #[test]
+    fn a_deltas_plan_over_what_it_touched_is_the_whole_plan(
+        before in proptest::collection::btree_map(0u8..6, proptest::collection::btree_set(1u16..8, 0..4), 0..6),
+        after in proptest::collection::btree_map(0u8..6, proptest::collection::btree_set(1u16..8, 0..4), 0..6),
+    ) {
+        let name = |s: &u8| format!("svc{s}");
+        let whole = |services: &BTreeMap<u8, BTreeSet<u16>>, at| {
+            let owned: Vec<(String, Vec<u16>)> = services
+                .iter()
+                .filter(|(_, p)| !p.is_empty())
+                .map(|(s, p)| (name(s), p.iter().copied().collect()))
+                .collect();
+            let refs: Vec<(&str, &[u16])> =
+                owned.iter().map(|(s, p)| (s.as_str(), p.as_slice())).collect();
+            catalog(at, false, &refs)
+        };
+        let (a, b) = (whole(&before, 10), whole(&after, 20));
+        let held = snaps(plan(&a, &ReadMeta::default(), &[] as &[Snapshot], &[]));
+        let touched: BTreeSet<String> = a
+            .services
+            .keys()
+            .chain(b.services.keys())
+            .filter(|s| a.services.get(*s) != b.services.get(*s))
+            .cloned()
+            .collect();
+        let full = plan(&b, &ReadMeta::default(), &held, &[]);
+        let scoped = plan_scoped(&b, &ReadMeta::default(), &held, &[], Some(&touched));
+        proptest::prop_assert_eq!(full.snapshots, scoped.snapshots);
+        proptest::prop_assert!(scoped.listed.is_none());
+    }
+}
