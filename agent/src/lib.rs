@@ -34,6 +34,7 @@ pub mod checkin;
 pub mod config;
 pub mod guard;
 pub mod metrics;
+pub mod replica;
 mod run;
 pub mod signing;
 mod state;

@@ -26,13 +26,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use discovery::ReadMeta;
-use discovery::delta::{self, DeltaError, Replica};
+use discovery::delta::DeltaError;
 use gossip::{MemberInfo, Snapshot, SnapshotEntry};
 use schema::api::{Catalog, CatalogChanges};
 use schema::{EndpointKey, ServiceName};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AGENT_SERVICE;
+use crate::replica::Replica;
 use crate::state::Shared;
 use crate::view::{Origin, Provenance};
 
@@ -70,7 +71,7 @@ pub fn plan(
     held: &[impl Borrow<Snapshot>],
     cached: &[CachedEntry],
 ) -> Plan {
-    plan_scoped(catalog, meta, held, cached, None)
+    plan_scoped(&Replica::from(catalog.clone()), meta, held, cached, None)
 }
 
 /// [`plan`] for a catalog rebuilt from a delta that touched only the services in `scope`
@@ -80,7 +81,7 @@ pub fn plan(
 /// included — the lookup latency tail. While the disk cache still serves registry entries
 /// the whole catalog is planned anyway: their keys must be confirmed or retired.
 pub fn plan_scoped(
-    catalog: &Catalog,
+    catalog: &Replica,
     meta: &ReadMeta,
     held: &[impl Borrow<Snapshot>],
     cached: &[CachedEntry],
@@ -101,7 +102,7 @@ pub fn plan_scoped(
             .or_default()
             .push(e);
     }
-    let (listed, invalid) = listed(catalog, in_scope);
+    let (listed, invalid) = catalog.listed(in_scope);
     // Only a whole answer names every key the registry lists (a delta's plan sees only the
     // services it touched).
     let keys = (!warming && scope.is_none()).then(|| {
@@ -213,36 +214,6 @@ fn empty_unlisted<'a>(
     }
 }
 
-/// The answer's hosts per service, sorted by key, and how many did not validate.
-fn listed(
-    catalog: &Catalog,
-    in_scope: impl Fn(&str) -> bool,
-) -> (BTreeMap<ServiceName, Vec<SnapshotEntry>>, usize) {
-    let mut invalid = 0;
-    let mut out = BTreeMap::new();
-    for (name, hosts) in catalog.services.iter().filter(|(n, _)| in_scope(n)) {
-        let Ok(service) = ServiceName::new(name.clone()) else {
-            invalid += hosts.len();
-            continue;
-        };
-        let mut entries = Vec::with_capacity(hosts.len());
-        for h in hosts {
-            match h.to_endpoint() {
-                Ok((endpoint, last_check_in_ms)) if endpoint.service == service => {
-                    entries.push(SnapshotEntry {
-                        endpoint: Arc::new(endpoint),
-                        last_check_in_ms,
-                    });
-                }
-                _ => invalid += 1,
-            }
-        }
-        entries.sort_by_key(|e| e.endpoint.key());
-        out.insert(service, entries);
-    }
-    (out, invalid)
-}
-
 /// The registry entries the view serves only from the disk cache: what an authoritative
 /// answer must confirm or remove, and what a warming answer must not drop.
 fn cached_registry_entries(view: &crate::view::MergedView) -> Vec<CachedEntry> {
@@ -272,16 +243,14 @@ fn same_hosts(a: &Snapshot, b: &Snapshot) -> bool {
 /// Agents the registry lists that gossip should announce to: all of them when this agent is
 /// alone, else those SWIM has never heard of (e.g. two halves that started while the
 /// registry was down, each without seeds).
-pub fn seeds_to_join(catalog: &Catalog, me: SocketAddr, members: &[MemberInfo]) -> Vec<SocketAddr> {
+pub fn seeds_to_join(catalog: &Replica, me: SocketAddr, members: &[MemberInfo]) -> Vec<SocketAddr> {
     let alone = !members.iter().any(|m| m.active);
     let known: BTreeSet<SocketAddr> = members.iter().map(|m| m.id.addr).collect();
-    catalog
-        .services
-        .get(AGENT_SERVICE)
-        .into_iter()
+    let (agents, _) = catalog.listed(|s| s == AGENT_SERVICE);
+    agents
+        .into_values()
         .flatten()
-        .filter_map(|h| h.to_endpoint().ok())
-        .map(|(e, _)| e.socket_addr())
+        .map(|e| e.endpoint.socket_addr())
         .filter(|a| *a != me && (alone || !known.contains(a)))
         .collect()
 }
@@ -393,7 +362,7 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
                         at_ms: sent_ms,
                         started,
                     };
-                    let catalog = t.replica.catalog();
+                    let catalog = &t.replica;
                     let scope = t.scope.as_ref();
                     let pause = state.answered(shared, catalog, &meta, sent, scope).await;
                     state.keep(shared, t.replica, t.verified);
@@ -480,7 +449,7 @@ impl SyncState {
             };
             shared.metrics.full_sync(reason);
             let digest = std::mem::take(&mut changes.digest);
-            let replica = Replica::new(delta::full_catalog(changes));
+            let replica = Replica::whole(changes);
             let verified = replica.digest_hex() == digest;
             if !verified {
                 // Still the registry's whole answer, taken as before deltas existed; it is
@@ -499,13 +468,7 @@ impl SyncState {
             self.forget(if digest { "digest" } else { "base" });
             return None;
         };
-        let scope: BTreeSet<String> = changes
-            .services
-            .keys()
-            .chain(changes.removed.keys())
-            .chain(&changes.removed_services)
-            .cloned()
-            .collect();
+        let scope = Replica::scope_of(&changes);
         match held.apply(changes) {
             Ok(replica) => {
                 shared.metrics.sync_deltas.increment(1);
@@ -532,7 +495,7 @@ impl SyncState {
         shared.set_registry_digest(Some(replica.digest_hex()));
         if !verified {
             self.full_reason = "digest";
-        } else if self.index == Some(replica.catalog().index) {
+        } else if self.index == Some(replica.index) {
             self.replica = Some(replica);
         }
     }
@@ -542,7 +505,7 @@ impl SyncState {
     async fn answered(
         &mut self,
         shared: &Shared,
-        catalog: &Catalog,
+        catalog: &Replica,
         meta: &ReadMeta,
         sent: Sent,
         scope: Option<&BTreeSet<String>>,
@@ -598,7 +561,7 @@ impl SyncState {
     fn applied(
         &mut self,
         shared: &Shared,
-        catalog: &Catalog,
+        catalog: &Replica,
         meta: &ReadMeta,
         started: Instant,
         changed: usize,

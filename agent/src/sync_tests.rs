@@ -230,7 +230,11 @@ fn invalid_hosts_are_skipped_and_counted() {
 
 #[test]
 fn alone_agents_join_everyone_listed_others_only_strangers() {
-    let agents = catalog(10, false, &[("tidings-agent", &[7702, 7703, 7704])]);
+    let agents = Replica::from(catalog(
+        10,
+        false,
+        &[("tidings-agent", &[7702, 7703, 7704])],
+    ));
     let me: SocketAddr = "10.0.0.1:7702".parse().expect("addr");
     let addr = |p: u16| SocketAddr::new(me.ip(), p);
     let member = |p: u16, active: bool| MemberInfo {
@@ -400,7 +404,7 @@ proptest::proptest! {
             .cloned()
             .collect();
         let full = plan(&b, &ReadMeta::default(), &held, &[]);
-        let scoped = plan_scoped(&b, &ReadMeta::default(), &held, &[], Some(&touched));
+        let scoped = plan_scoped(&Replica::from(b.clone()), &ReadMeta::default(), &held, &[], Some(&touched));
         proptest::prop_assert_eq!(full.snapshots, scoped.snapshots);
         proptest::prop_assert!(scoped.listed.is_none());
     }

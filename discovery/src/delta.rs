@@ -329,6 +329,25 @@ pub fn upsert_hosts(hosts: &mut Vec<V1Host>, upserts: Vec<V1Host>) {
 }
 
 /// The catalog a full answer carries (the caller checks its digest with [`Replica::new`]).
+/// The delta answer that takes catalog `a` to `b`, as the registry sends it: the changes
+/// ([`diff`]), `b`'s per-request fields and digest. (The registry builds its answers from
+/// its history of views instead; this is for clients' tests and tools.)
+pub fn between(a: &Catalog, b: &Catalog) -> CatalogChanges {
+    let changes = diff(&a.services, &b.services);
+    CatalogChanges {
+        index: b.index,
+        generated_at_ms: b.generated_at_ms,
+        warming: b.warming,
+        stale: b.stale,
+        full: false,
+        from: Some(a.index),
+        digest: Replica::new(b.clone()).digest_hex(),
+        services: changes.services,
+        removed: changes.removed,
+        removed_services: changes.removed_services,
+    }
+}
+
 pub fn full_catalog(changes: CatalogChanges) -> Catalog {
     Catalog {
         index: changes.index,

@@ -64,19 +64,7 @@ fn arb_catalog() -> impl Strategy<Value = Catalog> {
 
 /// The delta answer that takes `a` to `b`, as the registry would send it.
 fn delta(a: &Catalog, b: &Catalog) -> CatalogChanges {
-    let changes = diff(&a.services, &b.services);
-    CatalogChanges {
-        index: b.index,
-        generated_at_ms: b.generated_at_ms,
-        warming: b.warming,
-        stale: b.stale,
-        full: false,
-        from: Some(a.index),
-        digest: Replica::new(b.clone()).digest_hex(),
-        services: changes.services,
-        removed: changes.removed,
-        removed_services: changes.removed_services,
-    }
+    between(a, b)
 }
 
 /// `b` as a replica of `a` rebuilds it: a host unchanged but for `last_check_in` keeps the
