@@ -22,7 +22,9 @@ use discovery::delta::{
 };
 use gossip::SnapshotEntry;
 use schema::ServiceName;
-use schema::api::{Catalog, CatalogChanges, V1Host};
+use schema::api::{Catalog, CatalogChanges, HostKey, V1Host};
+use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 
 /// One service's hosts.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +63,10 @@ impl Held {
         held
     }
 
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.verbatim.is_empty()
+    }
+
     /// Back to the wire form (check-in times as the entries hold them).
     fn wire(&self) -> Vec<V1Host> {
         self.entries
@@ -92,6 +98,90 @@ impl Held {
     }
 }
 
+/// A `GET /v2/catalog?delta=true` answer (`schema::api::CatalogChanges`, same fields and
+/// defaults) with each service's hosts parsed straight into the form the agent keeps, one
+/// service at a time: a whole catalog of 100 000 endpoints parsed first into `V1Host`s (each
+/// with its JSON tag map) was most of the agent's peak memory, beside the body itself.
+#[derive(Debug, Deserialize)]
+pub struct Answer {
+    pub index: u64,
+    pub generated_at_ms: u64,
+    pub warming: bool,
+    pub stale: bool,
+    #[serde(default = "yes")]
+    pub full: bool,
+    #[serde(default)]
+    pub from: Option<u64>,
+    #[serde(default)]
+    pub digest: String,
+    #[serde(deserialize_with = "held_per_service")]
+    services: BTreeMap<String, Held>,
+    #[serde(default)]
+    pub removed: BTreeMap<String, Vec<HostKey>>,
+    #[serde(default)]
+    pub removed_services: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `services`, each service's hosts kept as [`Held`] as soon as they are read.
+fn held_per_service<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Held>, D::Error> {
+    struct PerService;
+    impl<'de> Visitor<'de> for PerService {
+        type Value = BTreeMap<String, Held>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of service names to host lists")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((name, hosts)) = map.next_entry::<String, Vec<V1Host>>()? {
+                let held = Held::new(&name, hosts);
+                out.insert(name, held);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(PerService)
+}
+
+impl Answer {
+    /// The services the answer names (touched, for a delta).
+    pub fn scope(&self) -> BTreeSet<String> {
+        self.services
+            .keys()
+            .chain(self.removed.keys())
+            .chain(&self.removed_services)
+            .cloned()
+            .collect()
+    }
+}
+
+impl From<CatalogChanges> for Answer {
+    fn from(c: CatalogChanges) -> Self {
+        Answer {
+            index: c.index,
+            generated_at_ms: c.generated_at_ms,
+            warming: c.warming,
+            stale: c.stale,
+            full: c.full,
+            from: c.from,
+            digest: c.digest,
+            services: c
+                .services
+                .into_iter()
+                .map(|(name, hosts)| {
+                    let held = Held::new(&name, hosts);
+                    (name, held)
+                })
+                .collect(),
+            removed: c.removed,
+            removed_services: c.removed_services,
+        }
+    }
+}
+
 /// The registry's catalog at `index`, as the agent holds it.
 #[derive(Debug, Clone)]
 pub struct Replica {
@@ -105,7 +195,7 @@ pub struct Replica {
 /// A whole catalog as a replica (the form tests and tools hold).
 impl From<Catalog> for Replica {
     fn from(c: Catalog) -> Self {
-        Replica::whole(CatalogChanges {
+        Replica::whole(Answer::from(CatalogChanges {
             index: c.index,
             generated_at_ms: c.generated_at_ms,
             warming: c.warming,
@@ -116,21 +206,17 @@ impl From<Catalog> for Replica {
             services: c.services,
             removed: BTreeMap::new(),
             removed_services: Vec::new(),
-        })
+        }))
     }
 }
 
 impl Replica {
     /// From a whole catalog answer (its `services`; the rest of `changes` is ignored).
-    pub fn whole(changes: CatalogChanges) -> Self {
+    pub fn whole(changes: Answer) -> Self {
         let services = changes
             .services
             .into_iter()
-            .filter(|(_, hosts)| !hosts.is_empty())
-            .map(|(service, hosts)| {
-                let held = Held::new(&service, hosts);
-                (service, held)
-            })
+            .filter(|(_, held)| !held.is_empty())
             .collect();
         Replica {
             index: changes.index,
@@ -149,7 +235,7 @@ impl Replica {
     /// Applies a delta answer: the result is the registry's catalog at `changes.index`.
     /// Refused (and the replica consumed) when the answer is not a delta from the index held
     /// or what it rebuilds does not match its digest, as `discovery::delta::Replica::apply`.
-    pub fn apply(mut self, changes: CatalogChanges) -> Result<Replica, DeltaError> {
+    pub fn apply(mut self, changes: Answer) -> Result<Replica, DeltaError> {
         if changes.full {
             return Err(DeltaError::NotADelta);
         }
@@ -176,7 +262,7 @@ impl Replica {
             let hosts = touched
                 .entry(service.clone())
                 .or_insert_with(|| wire(&self.services, &service));
-            upsert_hosts(hosts, upserts);
+            upsert_hosts(hosts, upserts.wire());
         }
         for (service, hosts) in touched {
             if hosts.is_empty() {
@@ -224,17 +310,6 @@ impl Replica {
             out.insert(service, entries);
         }
         (out, invalid)
-    }
-
-    /// The services a delta touches (before it is applied).
-    pub fn scope_of(changes: &CatalogChanges) -> BTreeSet<String> {
-        changes
-            .services
-            .keys()
-            .chain(changes.removed.keys())
-            .chain(&changes.removed_services)
-            .cloned()
-            .collect()
     }
 }
 

@@ -109,7 +109,11 @@ proptest! {
         prop_assert_eq!(compact.digest_hex(), wire_a.digest_hex());
         let d = delta::between(&a, &b);
         let rebuilt_wire = wire_a.apply(d.clone()).expect("the wire form applies it");
-        let rebuilt = compact.apply(d).expect("the compact form applies it");
+        // Through the wire, as the agent receives it: the answer parsed straight into the
+        // compact form.
+        let json = serde_json::to_vec(&d).expect("encodes");
+        let answer: Answer = serde_json::from_slice(&json).expect("decodes");
+        let rebuilt = compact.apply(answer).expect("the compact form applies it");
         prop_assert_eq!(rebuilt.digest_hex(), rebuilt_wire.digest_hex());
         prop_assert_eq!(rebuilt.index, b.index);
         prop_assert_eq!(rebuilt.listed(|_| true), listed_from_wire(rebuilt_wire.catalog()));
@@ -120,7 +124,38 @@ proptest! {
     fn a_delta_rebuilding_something_else_is_refused(a in arb_catalog(), b in arb_catalog()) {
         let mut d = delta::between(&a, &b);
         d.digest = "00".repeat(32);
-        let refused = matches!(Replica::from(a).apply(d), Err(DeltaError::Digest { .. }));
+        let refused = matches!(Replica::from(a).apply(Answer::from(d)), Err(DeltaError::Digest { .. }));
         prop_assert!(refused);
     }
+}
+
+/// A whole answer parsed straight into the compact form is the catalog it lists, with the
+/// registry's digest.
+#[test]
+fn a_whole_answer_parses_into_the_catalog_it_lists() {
+    let c = Catalog {
+        index: 4,
+        generated_at_ms: 9,
+        warming: false,
+        stale: false,
+        services: [(
+            "api".to_string(),
+            vec![
+                host("api", "10.0.0.2", 80, "a", Some("zone-a"), 3),
+                host("api", "0:0:0:0:0:0:0:5", 81, "b", None, 4),
+            ],
+        )]
+        .into(),
+    };
+    let json = serde_json::json!({
+        "index": 4, "generated_at_ms": 9, "warming": false, "stale": false,
+        "digest": delta::Replica::new(c.clone()).digest_hex(),
+        "services": c.services,
+    });
+    let answer: Answer = serde_json::from_value(json).expect("decodes");
+    assert!(answer.full, "absent means a whole catalog");
+    let digest = answer.digest.clone();
+    let replica = Replica::whole(answer);
+    assert_eq!(replica.digest_hex(), digest);
+    assert_eq!(replica.listed(|_| true), listed_from_wire(&c));
 }

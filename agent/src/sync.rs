@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 use discovery::ReadMeta;
 use discovery::delta::DeltaError;
 use gossip::{MemberInfo, Snapshot, SnapshotEntry};
-use schema::api::{Catalog, CatalogChanges};
+use schema::api::Catalog;
 use schema::{EndpointKey, ServiceName};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AGENT_SERVICE;
-use crate::replica::Replica;
+use crate::replica::{Answer, Replica};
 use crate::state::Shared;
 use crate::view::{Origin, Provenance};
 
@@ -350,7 +350,7 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
         );
         let answer = tokio::select! {
             () = stop.cancelled() => return,
-            r = shared.client.catalog_changes(state.index, Some(cfg.sync_wait)) => r,
+            r = shared.client.catalog_changes_as::<Answer>(state.index, Some(cfg.sync_wait)) => r,
         };
         let pause = match answer {
             Err(e) => Some(state.failed(shared, &e)),
@@ -439,7 +439,7 @@ impl SyncState {
     /// The registry's catalog an answer gives — whole, or the held one with the delta applied
     /// — and whether its digest matched. `None`: a delta that could not be applied (from
     /// another base, or rebuilding something else than the registry holds).
-    fn take(&mut self, shared: &Shared, mut changes: CatalogChanges) -> Option<Taken> {
+    fn take(&mut self, shared: &Shared, mut changes: Answer) -> Option<Taken> {
         let held = self.replica.take();
         if changes.full {
             let reason = if held.is_some() {
@@ -468,7 +468,7 @@ impl SyncState {
             self.forget(if digest { "digest" } else { "base" });
             return None;
         };
-        let scope = Replica::scope_of(&changes);
+        let scope = changes.scope();
         match held.apply(changes) {
             Ok(replica) => {
                 shared.metrics.sync_deltas.increment(1);

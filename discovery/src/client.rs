@@ -257,6 +257,17 @@ impl RegistryClient {
         index: Option<u64>,
         wait: Option<Duration>,
     ) -> Result<(CatalogChanges, ReadMeta), ClientError> {
+        self.catalog_changes_as(index, wait).await
+    }
+
+    /// [`RegistryClient::catalog_changes`] decoded into the caller's own form of the answer
+    /// (the agent parses a whole catalog straight into what it keeps, one service at a
+    /// time, rather than into a `CatalogChanges` of the whole catalog first).
+    pub async fn catalog_changes_as<T: DeserializeOwned>(
+        &self,
+        index: Option<u64>,
+        wait: Option<Duration>,
+    ) -> Result<(T, ReadMeta), ClientError> {
         let query = blocking_query(index, wait);
         let sep = if query.is_empty() { '?' } else { '&' };
         let path = format!("/v2/catalog{query}{sep}delta=true");
