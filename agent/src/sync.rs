@@ -599,7 +599,11 @@ async fn feed_gossip(
             tracing::warn!("gossip has stopped; cannot join");
         }
     }
-    if let Some(keys) = listed {
+    // Only a view still serving disk-cache entries needs the keys; once the cache is spent
+    // they are dropped (at 100 000 endpoints the set was 8 MB kept for nothing).
+    if !shared.current_view().holds_cache() {
+        shared.registry_listed.send_replace(None);
+    } else if let Some(keys) = listed {
         // After the snapshots: a listed cache entry waits for its snapshot.
         shared.registry_listed.send_replace(Some(Arc::new(keys)));
     }

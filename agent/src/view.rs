@@ -191,6 +191,12 @@ impl Default for MergedView {
 }
 
 impl MergedView {
+    /// Whether the merge that made it still held disk-cache entries (served or waiting for
+    /// live data to cover them).
+    pub fn holds_cache(&self) -> bool {
+        self.fallback == Provenance::Cache
+    }
+
     pub fn hosts(&self, service: &ServiceName) -> &[Host] {
         self.services.get(service).map_or(&[], |s| &s.hosts)
     }
