@@ -302,6 +302,8 @@ impl Replica {
         self.catalog.generated_at_ms = changes.generated_at_ms;
         self.catalog.warming = changes.warming;
         self.catalog.stale = changes.stale;
+        // Signatures are of this answer's listings at its date: the held ones are spent.
+        self.catalog.signatures = changes.signatures;
         Ok(self)
     }
 }
@@ -336,6 +338,7 @@ pub fn full_catalog(changes: CatalogChanges) -> Catalog {
         warming: changes.warming,
         stale: changes.stale,
         services: changes.services,
+        signatures: changes.signatures,
     }
 }
 

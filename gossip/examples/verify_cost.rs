@@ -59,7 +59,7 @@ fn main() {
     let n = rows.len();
     let t = Instant::now();
     repair::apply_certs(&mut store, &proofs);
-    let applied = repair::apply(&mut store, rows[0].owner, rows, &proofs.sigs, Vec::new());
+    let applied = repair::apply(&mut store, rows[0].owner, rows, Vec::new(), &proofs);
     let took = t.elapsed();
     println!(
         "verified and applied {applied} of {n} rows ({OWNERS} owners, {OWNERS} certificates) in {:.1} ms ({:.1} µs per row)",

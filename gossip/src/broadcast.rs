@@ -138,7 +138,7 @@ pub(crate) fn merge(store: &mut Store, item: BroadcastItem) -> Option<BroadcastK
 }
 
 impl Store {
-    fn reject(&mut self, why: Reject) {
+    pub(crate) fn reject(&mut self, why: Reject) {
         self.rejected[why.index()] += 1;
     }
 }
@@ -234,22 +234,25 @@ fn merge_snapshot(
         store.reject(why);
         return None;
     }
+    // Kept only when checked: with signing off a signature is neither checked nor passed on.
+    let sig = sig.filter(|_| store.trust.mode != SigningMode::Off);
     let key = snapshot_key(&snap);
-    (store.snapshots.merge(snap, now) == SnapshotMerge::Applied).then_some(key)
+    (store.snapshots.merge_signed(snap, sig, now) == SnapshotMerge::Applied).then_some(key)
 }
 
 /// [`merge`] for a registry answer this node fetched itself ([`SnapshotStore::merge_direct`]).
+/// A signature comes checked (`Node::apply_registry_answer`).
 ///
 /// [`SnapshotStore::merge_direct`]: crate::snapshot::SnapshotStore::merge_direct
 pub(crate) fn merge_direct(store: &mut Store, item: BroadcastItem) -> Option<BroadcastKey> {
-    match item {
-        BroadcastItem::Snapshot(snap) => {
-            let key = snapshot_key(&snap);
-            let now = store.now_ms;
-            (store.snapshots.merge_direct(snap, now) == SnapshotMerge::Applied).then_some(key)
-        }
-        row => merge(store, row),
-    }
+    let (snap, sig) = match item {
+        BroadcastItem::Snapshot(snap) => (snap, None),
+        BroadcastItem::SignedSnapshot(snap, sig) => (snap, Some(sig)),
+        row => return merge(store, row),
+    };
+    let key = snapshot_key(&snap);
+    let now = store.now_ms;
+    (store.snapshots.merge_direct(snap, sig, now) == SnapshotMerge::Applied).then_some(key)
 }
 
 fn snapshot_key(snap: &Snapshot) -> BroadcastKey {

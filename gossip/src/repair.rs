@@ -187,12 +187,14 @@ pub struct RepairPush {
     pub snapshots: Vec<Snapshot>,
 }
 
-/// The owners' signatures of a frame's rows (`sigs[i]` signs `rows[i]`) and the
-/// certificates of those owners (signed gossip).
+/// The owners' signatures of a frame's rows (`sigs[i]` signs `rows[i]`), the certificates
+/// of those owners, and the registry's signatures of its snapshots (`snapshot_sigs[i]` signs
+/// `snapshots[i]`) (signed gossip).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proofs {
     pub sigs: Vec<Option<Signature>>,
     pub certs: Vec<(SocketAddr, Certificate)>,
+    pub snapshot_sigs: Vec<Option<Signature>>,
 }
 
 /// One TCP frame of a repair exchange. The signed forms go last, so the unsigned ones keep
@@ -208,8 +210,8 @@ pub enum RepairFrame {
     SignedPush(RepairPush, Proofs),
 }
 
-/// The signatures and certificates this node holds for `rows`.
-pub fn proofs(store: &Store, rows: &[Row]) -> Proofs {
+/// The signatures and certificates this node holds for `rows` and `snapshots`.
+pub fn proofs(store: &Store, rows: &[Row], snapshots: &[Snapshot]) -> Proofs {
     let sigs = rows
         .iter()
         .map(|r| store.rows.sig(&r.owner, &r.key, r.version()))
@@ -219,7 +221,15 @@ pub fn proofs(store: &Store, rows: &[Row]) -> Proofs {
         .into_iter()
         .filter_map(|o| store.certs.get(&o).map(|c| (o, c.clone())))
         .collect();
-    Proofs { sigs, certs }
+    let snapshot_sigs = snapshots
+        .iter()
+        .map(|s| store.snapshots.sig(&s.service).copied())
+        .collect();
+    Proofs {
+        sigs,
+        certs,
+        snapshot_sigs,
+    }
 }
 
 /// Takes a frame's certificates (each checked), before its rows are.
@@ -283,6 +293,11 @@ fn snapshots_they_lack(
                 let young = now.saturating_sub(mine.generated_at_ms) < REGISTRY_SPREAD_MS;
                 hash != mine.hash && (at, hash) < (mine.generated_at_ms, mine.hash) && !young
             })
+        })
+        // With `require`, peers drop a snapshot the registry did not sign (a lower bound, a
+        // restamped answer): it stays with the agent that made it.
+        .filter(|mine| {
+            store.trust.mode != SigningMode::Require || store.snapshots.sig(&mine.service).is_some()
         })
         .filter_map(|mine| store.snapshots.get(&mine.service).cloned())
         .collect()
@@ -348,8 +363,8 @@ pub fn respond(store: &Store, me: SocketAddr, req: &RepairRequest) -> RepairResp
     }
 }
 
-/// Applies rows and snapshots from a peer, each checked as a broadcast one would be
-/// (`sigs[i]` signs `rows[i]`). A peer's full row set of its *own* rows is authoritative:
+/// Applies rows and snapshots from a peer, each checked as a broadcast one would be, against
+/// the frame's `proofs` (empty for an unsigned frame). A peer's full row set of its *own* rows is authoritative:
 /// rows of it we hold and it no longer has were deleted — except with signing `require`,
 /// where `from` is only the frame's word and a member holding the cluster key could
 /// otherwise delete another's rows by claiming to be it.
@@ -357,9 +372,10 @@ pub fn apply(
     store: &mut Store,
     from: SocketAddr,
     rows: Vec<Row>,
-    sigs: &[Option<Signature>],
     snapshots: Vec<Snapshot>,
+    proofs: &Proofs,
 ) -> usize {
+    let sigs = &proofs.sigs;
     let mut applied = 0;
     let mut own: Option<BTreeSet<_>> = None;
     for (i, row) in rows.into_iter().enumerate() {
@@ -377,8 +393,12 @@ pub fn apply(
         // We now hold exactly what the owner holds of itself.
         store.rows.mark_synced(&from, from);
     }
-    for snap in snapshots {
-        let news = broadcast::merge(store, BroadcastItem::Snapshot(snap)).is_some();
+    for (i, snap) in snapshots.into_iter().enumerate() {
+        let item = match proofs.snapshot_sigs.get(i).copied().flatten() {
+            Some(sig) => BroadcastItem::SignedSnapshot(snap, sig),
+            None => BroadcastItem::Snapshot(snap),
+        };
+        let news = broadcast::merge(store, item).is_some();
         store.rows_received += u64::from(news);
         applied += usize::from(news);
     }
@@ -400,7 +420,7 @@ pub fn on_response(
     store: &mut Store,
     me: SocketAddr,
     resp: RepairResponse,
-    sigs: &[Option<Signature>],
+    proofs: &Proofs,
 ) -> Option<RepairPush> {
     let RepairResponse {
         from,
@@ -410,7 +430,7 @@ pub fn on_response(
         owners,
         snapshot_summaries,
     } = resp;
-    apply(store, from, rows, sigs, snapshots);
+    apply(store, from, rows, snapshots, proofs);
     note_own_summary(store, from, &owners);
     let push = RepairPush {
         from: me,

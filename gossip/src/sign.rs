@@ -32,7 +32,6 @@ use crate::rows::Row;
 use crate::snapshot::Snapshot;
 
 const ROW_TAG: &[u8] = b"tidings-row-v1\0";
-const SNAPSHOT_TAG: &[u8] = b"tidings-snapshot-v1\0";
 
 /// What gossip asks of a [`Certificate`] (the type lives in `schema`, shared with the
 /// registry that issues it).
@@ -82,8 +81,18 @@ pub fn sign_row(owner: &SigningKey, row: &Row) -> Option<Signature> {
     row_message(row).map(|m| owner.sign(&m))
 }
 
+/// The bytes the registry signs for a snapshot: its service, date and endpoints
+/// ([`schema::cert::listing_message`], which the registry builds from its own answer). Not
+/// the hosts' check-in times: see there.
+pub fn snapshot_message(snap: &Snapshot) -> Option<Vec<u8>> {
+    let endpoints = snap.entries.iter().map(|e| &e.endpoint);
+    schema::cert::listing_message(&snap.service, snap.generated_at_ms, endpoints)
+}
+
+/// The registry's signature of `snap` (as the registry gives it in a catalog answer; for
+/// tests and the simulator, which play the registry).
 pub fn sign_snapshot(registry: &SigningKey, snap: &Snapshot) -> Option<Signature> {
-    tagged(SNAPSHOT_TAG, snap).map(|m| registry.sign(&m))
+    snapshot_message(snap).map(|m| registry.sign(&m))
 }
 
 /// Why a signed item was not accepted. Never changes any state. The label is the `reason`
@@ -227,7 +236,7 @@ impl Trust {
             return Ok(());
         };
         let registry = self.registry.as_ref().ok_or(Reject::BadSignature)?;
-        tagged(SNAPSHOT_TAG, snap)
+        snapshot_message(snap)
             .is_some_and(|m| registry.verifies(&m, sig))
             .then_some(())
             .ok_or(Reject::BadSignature)

@@ -173,7 +173,7 @@ fn repair_carries_signatures_and_a_claimed_sender_cannot_prune_its_rows() {
     let mut c = signed_node(3, SigningMode::Require);
     // A repair response from `a` with proofs: taken.
     let rows = rows_of(&a);
-    let proofs = repair::proofs(&a.store, &rows);
+    let proofs = repair::proofs(&a.store, &rows, &[]);
     assert!(proofs.sigs.iter().all(Option::is_some));
     assert_eq!(proofs.certs.len(), 1);
     let resp = RepairResponse {
@@ -230,4 +230,125 @@ fn accept_mode_sends_both_forms_and_takes_unsigned_rows() {
     );
     assert!(rows_of(&b).contains(&old));
     assert_eq!(b.metrics().snapshot().rejected_unsigned, 0);
+}
+
+fn web_snapshot(at: u64, hosts: &[u8]) -> Snapshot {
+    Snapshot {
+        service: ServiceName::new("web").unwrap(),
+        generated_at_ms: at,
+        entries: hosts
+            .iter()
+            .map(|h| crate::SnapshotEntry {
+                endpoint: ep(*h, 80),
+                last_check_in_ms: at,
+            })
+            .collect(),
+    }
+}
+
+fn held(n: &Node) -> Option<&Snapshot> {
+    n.store.snapshots.get(&ServiceName::new("web").unwrap())
+}
+
+fn snapshot_items(items: &[BroadcastItem]) -> (usize, usize) {
+    let signed = items
+        .iter()
+        .filter(|i| matches!(i, BroadcastItem::SignedSnapshot(..)))
+        .count();
+    let plain = items
+        .iter()
+        .filter(|i| matches!(i, BroadcastItem::Snapshot(..)))
+        .count();
+    (signed, plain)
+}
+
+#[test]
+fn a_registry_signed_answer_travels_signed_in_broadcasts_and_repair() {
+    let (mut a, mut b) = (
+        signed_node(1, SigningMode::Require),
+        signed_node(2, SigningMode::Require),
+    );
+    a.assume_members(NOW, [b.id()]);
+    a.take_effects();
+    // A host only the registry knows (a cron check-in), as the registry signed it.
+    let snap = web_snapshot(NOW, &[5]);
+    let sig = sign::sign_snapshot(&registry(), &snap);
+    a.apply_registry_answer(NOW, snap.clone(), sig);
+    let items = sent_items(&a.take_effects());
+    assert_eq!(snapshot_items(&items), (1, 0), "signed only under require");
+    b.handle_packet(NOW, addr(1), &packet(&items));
+    assert_eq!(held(&b), Some(&snap));
+    // Repair carries the registry's signature with the snapshot.
+    let mut c = signed_node(3, SigningMode::Require);
+    let snapshots = vec![snap.clone()];
+    let proofs = repair::proofs(&a.store, &[], &snapshots);
+    assert_eq!(proofs.snapshot_sigs, vec![sig]);
+    let resp = RepairResponse {
+        from: addr(1),
+        buckets: Default::default(),
+        rows: Vec::new(),
+        snapshots,
+        owners: Vec::new(),
+        snapshot_summaries: Vec::new(),
+    };
+    let frame = encode_frame(&RepairFrame::SignedResponse(resp, proofs)).unwrap();
+    c.handle_repair_frame(NOW, &frame);
+    assert_eq!(held(&c), Some(&snap));
+    // Tampered copies of it are refused: a host added, the date moved.
+    let mut d = signed_node(4, SigningMode::Require);
+    let mut added = snap.clone();
+    added.entries.extend(web_snapshot(NOW, &[6]).entries);
+    let mut later = snap.clone();
+    later.generated_at_ms += 1;
+    let sig = sig.unwrap();
+    let forged = [
+        BroadcastItem::SignedSnapshot(added, sig),
+        BroadcastItem::SignedSnapshot(later, sig),
+        BroadcastItem::Snapshot(snap),
+    ];
+    d.handle_packet(NOW, addr(1), &packet(&forged));
+    assert_eq!(held(&d), None);
+    let m = d.metrics().snapshot();
+    assert_eq!((m.rejected_bad_signature, m.rejected_unsigned), (2, 1));
+}
+
+#[test]
+fn an_answer_the_registry_did_not_sign_as_held_stays_with_the_agent_under_require() {
+    let mut a = signed_node(1, SigningMode::Require);
+    let b = signed_node(2, SigningMode::Require);
+    a.assume_members(NOW, [b.id()]);
+    a.take_effects();
+    // A signature that is not of this listing: taken (it is this agent's own answer),
+    // counted, and kept from peers.
+    let other = sign::sign_snapshot(&registry(), &web_snapshot(NOW, &[9]));
+    a.apply_registry_answer(NOW, web_snapshot(NOW, &[5]), other);
+    assert_eq!(held(&a), Some(&web_snapshot(NOW, &[5])));
+    assert_eq!(a.metrics().snapshot().rejected_bad_signature, 1);
+    assert_eq!(snapshot_items(&sent_items(&a.take_effects())), (0, 0));
+    // A signed answer dated before what is held is restamped after it: the registry did
+    // not sign that date, so it stays here too. So does a lower bound.
+    let early = web_snapshot(NOW - 5, &[7]);
+    let sig = sign::sign_snapshot(&registry(), &early);
+    a.apply_registry_answer(NOW, early, sig);
+    assert_eq!(held(&a).map(|s| s.generated_at_ms), Some(NOW + 1));
+    assert_eq!(snapshot_items(&sent_items(&a.take_effects())), (0, 0));
+    // Nor does repair send what it holds unsigned to a peer that would drop it.
+    let req = repair::RepairRequest {
+        from: addr(2),
+        buckets: (0..repair::DIGEST_BUCKETS as u8).collect(),
+        owners: Vec::new(),
+        snapshots: Vec::new(),
+    };
+    assert!(
+        repair::respond(&a.store, addr(1), &req)
+            .snapshots
+            .is_empty()
+    );
+    // With `accept`, a signed answer goes both ways, for agents that read no signatures.
+    let mut e = signed_node(5, SigningMode::Accept);
+    e.assume_members(NOW, [b.id()]);
+    e.take_effects();
+    let snap = web_snapshot(NOW, &[5]);
+    e.apply_registry_answer(NOW, snap.clone(), sign::sign_snapshot(&registry(), &snap));
+    assert_eq!(snapshot_items(&sent_items(&e.take_effects())), (1, 1));
 }

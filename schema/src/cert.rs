@@ -17,14 +17,15 @@ use ed25519_dalek::Signer as _;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::ServiceName;
 use crate::codec;
+use crate::{Endpoint, ServiceName};
 
 pub const PUBLIC_KEY_LEN: usize = 32;
 pub const SEED_LEN: usize = 32;
 pub const SIGNATURE_LEN: usize = 64;
 
 const CERT_TAG: &[u8] = b"tidings-cert-v1\0";
+const LISTING_TAG: &[u8] = b"tidings-listing-v1\0";
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SignKeyError {
@@ -93,6 +94,16 @@ impl Signature {
         out[..32].copy_from_slice(&self.0);
         out[32..].copy_from_slice(&self.1);
         out
+    }
+
+    /// The text form in a catalog answer's `signatures`.
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.to_bytes())
+    }
+
+    /// Parses [`to_base64`](Self::to_base64)'s form; `None` if it is not 64 bytes of base64.
+    pub fn from_base64(s: &str) -> Option<Self> {
+        Self::from_slice(&B64.decode(s.trim()).ok()?)
     }
 
     /// A signature from its 64 wire bytes; `None` when the length is wrong.
@@ -213,4 +224,24 @@ impl Certificate {
         let bytes = B64.decode(s.trim()).ok()?;
         codec::decode_file(&bytes).ok()
     }
+}
+
+/// The bytes the registry signs for one service's listing at `generated_at_ms` (registry
+/// clock): the service, the date and every endpoint listed, in key order whatever order
+/// they come in. Both the registry (which answers) and gossip (which checks the snapshot an
+/// agent made of the answer) build it here, from the domain type, so neither depends on
+/// the other's JSON.
+///
+/// Check-in times are not covered: a delta answer does not carry a host whose only change
+/// is its check-in, so an agent's copy of them is older than the registry's, and a
+/// signature over them could not be checked by the agent that received it. They change no
+/// routing (docs/ARCHITECTURE.md#signed-gossip).
+pub fn listing_message<'a>(
+    service: &ServiceName,
+    generated_at_ms: u64,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+) -> Option<Vec<u8>> {
+    let mut endpoints: Vec<&Endpoint> = endpoints.into_iter().collect();
+    endpoints.sort_by_key(|e| e.key());
+    tagged(LISTING_TAG, &(service, generated_at_ms, endpoints))
 }

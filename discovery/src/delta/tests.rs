@@ -58,6 +58,7 @@ fn arb_catalog() -> impl Strategy<Value = Catalog> {
             warming: false,
             stale: false,
             services,
+            signatures: BTreeMap::new(),
         }
     })
 }
@@ -76,6 +77,7 @@ fn delta(a: &Catalog, b: &Catalog) -> CatalogChanges {
         services: changes.services,
         removed: changes.removed,
         removed_services: changes.removed_services,
+        signatures: BTreeMap::new(),
     }
 }
 
@@ -155,6 +157,7 @@ fn the_digest_matches_a_fixed_value() {
         warming: false,
         stale: false,
         services: BTreeMap::new(),
+        signatures: BTreeMap::new(),
     };
     assert_eq!(
         Replica::new(c.clone()).digest_hex(),
