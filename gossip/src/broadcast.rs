@@ -180,6 +180,22 @@ pub(crate) fn merge_row(
     }
 }
 
+/// [`merge_row`] of a row whose signature was verified (in a batch, with its certificate's
+/// dates and scope): no second check.
+pub(crate) fn merge_verified_row(
+    store: &mut Store,
+    row: Row,
+    sig: Signature,
+) -> Option<BroadcastKey> {
+    if !store.rows.would_apply(&row) {
+        if store.rows.lacks_sig(&row) {
+            store.rows.attach_sig(&row, sig);
+        }
+        return None;
+    }
+    apply_row(store, row, Some(sig))
+}
+
 fn apply_row(store: &mut Store, row: Row, sig: Option<Signature>) -> Option<BroadcastKey> {
     let key = BroadcastKey::Row {
         owner: row.owner,
@@ -198,14 +214,30 @@ pub(crate) fn merge_cert(
     owner: SocketAddr,
     cert: Certificate,
 ) -> Option<BroadcastKey> {
+    merge_cert_checked(store, owner, cert, false)
+}
+
+/// [`merge_cert`], told whether the registry's signature was already verified (in a batch).
+pub(crate) fn merge_cert_checked(
+    store: &mut Store,
+    owner: SocketAddr,
+    cert: Certificate,
+    signed: bool,
+) -> Option<BroadcastKey> {
     if store.trust.mode == SigningMode::Off {
         return None;
     }
     if store.certs.get(&owner) == Some(&cert) {
         return None;
     }
+    let now = store.now_ms;
+    let checked = if signed {
+        store.trust.check_cert_signed(owner, &cert, now)
+    } else {
+        store.trust.check_cert(owner, &cert, now)
+    };
     // Checked before it is compared, so a forged one is counted whatever its dates.
-    if let Err(why) = store.trust.check_cert(owner, &cert, store.now_ms) {
+    if let Err(why) = checked {
         store.reject(why);
         return None;
     }

@@ -345,20 +345,18 @@ impl Node {
             }
         };
         let before = self.store.rows_received;
+        if let RepairFrame::SignedResponse(_, proofs) | RepairFrame::SignedPush(_, proofs) = &frame
+        {
+            repair::apply_certs(&mut self.store, proofs);
+        }
         // Rows refused while being re-broadcast are refused (and counted) again when the
-        // frame is applied below: count them there only.
+        // frame is applied below: count them there only (certificates, above, once).
         let rejected = self.store.rejected;
         match &frame {
             RepairFrame::Response(r) => self.rebroadcast(&r.rows, &[]),
             RepairFrame::Push(p) => self.rebroadcast(&p.rows, &[]),
-            RepairFrame::SignedResponse(r, proofs) => {
-                repair::apply_certs(&mut self.store, proofs);
-                self.rebroadcast(&r.rows, &proofs.sigs);
-            }
-            RepairFrame::SignedPush(p, proofs) => {
-                repair::apply_certs(&mut self.store, proofs);
-                self.rebroadcast(&p.rows, &proofs.sigs);
-            }
+            RepairFrame::SignedResponse(r, proofs) => self.rebroadcast(&r.rows, &proofs.sigs),
+            RepairFrame::SignedPush(p, proofs) => self.rebroadcast(&p.rows, &proofs.sigs),
             RepairFrame::Request(_) | RepairFrame::SignedRequest(_) => {}
         }
         self.store.rejected = rejected;

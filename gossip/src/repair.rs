@@ -232,11 +232,47 @@ pub fn proofs(store: &Store, rows: &[Row], snapshots: &[Snapshot]) -> Proofs {
     }
 }
 
-/// Takes a frame's certificates (each checked), before its rows are.
+/// Takes a frame's certificates (each checked), before its rows are. Their registry
+/// signatures are verified as one batch; if that fails, one by one, which tells the bad ones.
 pub fn apply_certs(store: &mut Store, proofs: &Proofs) {
-    for (owner, cert) in &proofs.certs {
-        broadcast::merge_cert(store, *owner, cert.clone());
+    let fresh: Vec<&(SocketAddr, Certificate)> = proofs
+        .certs
+        .iter()
+        .filter(|(o, c)| store.certs.get(o) != Some(c))
+        .collect();
+    let certs: Vec<&Certificate> = fresh.iter().map(|(_, c)| c).collect();
+    let signed =
+        store.trust.mode != SigningMode::Off && certs.len() > 1 && store.trust.certs_signed(&certs);
+    for (owner, cert) in fresh {
+        broadcast::merge_cert_checked(store, *owner, cert.clone(), signed);
     }
+}
+
+/// Which of a frame's rows (`sigs[i]` signs `rows[i]`) were verified as one batch with
+/// their owners' stored certificates: every row that is news and signed, or none when the
+/// batch fails (each is then checked on its own, which counts why). Old news is left out,
+/// as [`broadcast::merge_row`] checks it only to keep a signature it lacks.
+fn batch_verified(store: &Store, rows: &[Row], sigs: &[Option<Signature>]) -> Vec<bool> {
+    let mut verified = vec![false; rows.len()];
+    if store.trust.mode == SigningMode::Off {
+        return verified;
+    }
+    let mut batch = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let (Some(Some(sig)), Some(cert)) = (sigs.get(i), store.certs.get(&row.owner)) else {
+            continue;
+        };
+        if store.rows.would_apply(row) || store.rows.lacks_sig(row) {
+            batch.push((i, (row, sig, cert)));
+        }
+    }
+    let items: Vec<_> = batch.iter().map(|(_, item)| *item).collect();
+    if items.len() > 1 && store.trust.check_rows_batch(&items, store.now_ms) {
+        for (i, _) in batch {
+            verified[i] = true;
+        }
+    }
+    verified
 }
 
 fn owner_summaries(store: &Store, buckets: &BTreeSet<u8>) -> Vec<OwnerSummary> {
@@ -376,6 +412,7 @@ pub fn apply(
     proofs: &Proofs,
 ) -> usize {
     let sigs = &proofs.sigs;
+    let verified = batch_verified(store, &rows, sigs);
     let mut applied = 0;
     let mut own: Option<BTreeSet<_>> = None;
     for (i, row) in rows.into_iter().enumerate() {
@@ -383,7 +420,11 @@ pub fn apply(
             own.get_or_insert_default().insert(row.key.clone());
         }
         let sig = sigs.get(i).copied().flatten();
-        applied += usize::from(broadcast::merge_row(store, row, sig).is_some());
+        let merged = match sig {
+            Some(sig) if verified[i] => broadcast::merge_verified_row(store, row, sig),
+            _ => broadcast::merge_row(store, row, sig),
+        };
+        applied += usize::from(merged.is_some());
     }
     if store.trust.mode == SigningMode::Require {
         own = None;

@@ -217,6 +217,16 @@ impl Trust {
             return Ok(());
         };
         let cert = cert.ok_or(Reject::NoCertificate)?;
+        self.check_row_scope(row, cert, now_ms)?;
+        row_message(row)
+            .is_some_and(|m| cert.body.owner_key.verifies(&m, sig))
+            .then_some(())
+            .ok_or(Reject::BadSignature)
+    }
+
+    /// Everything [`check_row_stored`](Self::check_row_stored) checks of a signed row but
+    /// its signature: the certificate's dates and scope.
+    fn check_row_scope(&self, row: &Row, cert: &Certificate, now_ms: u64) -> Result<(), Reject> {
         if self.registry.is_none() {
             return Err(Reject::BadCertificate);
         }
@@ -224,10 +234,33 @@ impl Trust {
         if !cert.covers(row) {
             return Err(Reject::OutOfScope);
         }
-        row_message(row)
-            .is_some_and(|m| cert.body.owner_key.verifies(&m, sig))
-            .then_some(())
-            .ok_or(Reject::BadSignature)
+        Ok(())
+    }
+
+    /// Whether every one of `rows` (a row, its signature, its owner's stored certificate)
+    /// passes [`check_row_stored`](Self::check_row_stored), its signatures verified as one
+    /// batch ([`schema::cert::verify_all`]). `false` means at least one does not: check them
+    /// one by one to tell which (and count why).
+    pub fn check_rows_batch(&self, rows: &[(&Row, &Signature, &Certificate)], now_ms: u64) -> bool {
+        if self.mode == SigningMode::Off {
+            return false;
+        }
+        let mut messages = Vec::with_capacity(rows.len());
+        for (row, _, cert) in rows {
+            if self.check_row_scope(row, cert, now_ms).is_err() {
+                return false;
+            }
+            let Some(m) = row_message(row) else {
+                return false;
+            };
+            messages.push(m);
+        }
+        let items: Vec<_> = rows
+            .iter()
+            .zip(&messages)
+            .map(|((_, sig, cert), m)| (&cert.body.owner_key, m.as_slice(), *sig))
+            .collect();
+        schema::cert::verify_all(&items)
     }
 
     /// Checks a registry snapshot with its signature (if any).
@@ -251,6 +284,45 @@ impl Trust {
     ) -> Result<(), Reject> {
         let registry = self.registry.as_ref().ok_or(Reject::BadCertificate)?;
         cert.check(registry, now_ms, self.grace_ms)?;
+        if owner.ip() != cert.body.ip {
+            return Err(Reject::OutOfScope);
+        }
+        Ok(())
+    }
+
+    /// Whether the registry key signed every one of `certs`, verified as one batch
+    /// ([`schema::cert::verify_all`]); their dates and scope are still checked one by one.
+    pub fn certs_signed(&self, certs: &[&Certificate]) -> bool {
+        let Some(registry) = self.registry.as_ref() else {
+            return false;
+        };
+        let Some(messages) = certs
+            .iter()
+            .map(|c| c.message())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return false;
+        };
+        let items: Vec<_> = certs
+            .iter()
+            .zip(&messages)
+            .map(|(c, m)| (registry, m.as_slice(), &c.sig))
+            .collect();
+        schema::cert::verify_all(&items)
+    }
+
+    /// [`check_cert`](Self::check_cert) for a certificate whose registry signature is
+    /// known good ([`certs_signed`](Self::certs_signed)).
+    pub fn check_cert_signed(
+        &self,
+        owner: SocketAddr,
+        cert: &Certificate,
+        now_ms: u64,
+    ) -> Result<(), Reject> {
+        if self.registry.is_none() {
+            return Err(Reject::BadCertificate);
+        }
+        cert.check_dates(now_ms, self.grace_ms)?;
         if owner.ip() != cert.body.ip {
             return Err(Reject::OutOfScope);
         }

@@ -98,6 +98,18 @@ fn sent_items(effects: &[Effect]) -> Vec<BroadcastItem> {
         .collect()
 }
 
+/// A repair response from node 1 carrying `rows` and `snapshots`.
+fn response_from_1(rows: Vec<Row>, snapshots: Vec<Snapshot>) -> RepairResponse {
+    RepairResponse {
+        from: addr(1),
+        buckets: Default::default(),
+        rows,
+        snapshots,
+        owners: Vec::new(),
+        snapshot_summaries: Vec::new(),
+    }
+}
+
 /// The owner's rows, signed, and its certificate reach a peer: taken.
 fn honest_pair(mode: SigningMode) -> (Node, Node) {
     let owner_key = key(2);
@@ -176,14 +188,7 @@ fn repair_carries_signatures_and_a_claimed_sender_cannot_prune_its_rows() {
     let proofs = repair::proofs(&a.store, &rows, &[]);
     assert!(proofs.sigs.iter().all(Option::is_some));
     assert_eq!(proofs.certs.len(), 1);
-    let resp = RepairResponse {
-        from: addr(1),
-        buckets: Default::default(),
-        rows: rows.clone(),
-        snapshots: Vec::new(),
-        owners: Vec::new(),
-        snapshot_summaries: Vec::new(),
-    };
+    let resp = response_from_1(rows.clone(), Vec::new());
     let frame = encode_frame(&RepairFrame::SignedResponse(resp.clone(), proofs)).unwrap();
     c.handle_repair_frame(NOW, &frame);
     assert_eq!(rows_of(&c), rows);
@@ -202,6 +207,55 @@ fn repair_carries_signatures_and_a_claimed_sender_cannot_prune_its_rows() {
     let frame = encode_frame(&RepairFrame::SignedPush(push, Proofs::default())).unwrap();
     b.handle_repair_frame(NOW, &frame);
     assert_eq!(rows_of(&b), rows);
+}
+
+#[test]
+fn a_repair_frame_checked_in_a_batch_still_refuses_its_one_forged_row() {
+    let owner_key = key(2);
+    let mut a = signed_node(1, SigningMode::Require);
+    a.set_owner_key(owner_key);
+    a.set_certificate(NOW, cert(&key(2), 1));
+    a.publish_local(NOW, (80..90).map(|p| ep(1, p)).collect());
+    let mut rows = rows_of(&a);
+    let mut proofs = repair::proofs(&a.store, &rows, &[]);
+    // A relay changes one row's port and keeps its signature: the batch fails, each row
+    // is then checked alone, and only the forged one is refused.
+    let i = rows.iter().position(|r| r.key.port.get() == 85).unwrap();
+    rows[i] = up(1, 1, 9999, rows[i].version());
+    proofs.certs.push((addr(3), cert(&key(3), 3)));
+    let resp = response_from_1(rows.clone(), Vec::new());
+    let mut c = signed_node(3, SigningMode::Require);
+    let frame = encode_frame(&RepairFrame::SignedResponse(resp.clone(), proofs.clone())).unwrap();
+    c.handle_repair_frame(NOW, &frame);
+    let mut want = rows.clone();
+    want.remove(i);
+    assert_eq!(rows_of(&c), want);
+    assert_eq!(c.store.rejected[Reject::BadSignature.index()], 1);
+    assert_eq!(
+        c.store.certs.len(),
+        2,
+        "both certificates taken in one batch"
+    );
+    // A self-made certificate among good ones is refused alone.
+    let mut d = signed_node(4, SigningMode::Require);
+    let self_made = Certificate::issue(
+        &key(9),
+        CertBody {
+            owner_key: key(9).public(),
+            ip: addr(5).ip(),
+            services: None,
+            not_before_ms: NOW - HOUR,
+            not_after_ms: NOW + HOUR,
+        },
+    )
+    .unwrap();
+    proofs.certs.push((addr(5), self_made));
+    let frame = encode_frame(&RepairFrame::SignedResponse(resp, proofs)).unwrap();
+    d.handle_repair_frame(NOW, &frame);
+    assert_eq!(d.store.certs.len(), 2);
+    // Counted: a refusal while applying a repair frame's certificates was not, before.
+    assert_eq!(d.store.rejected[Reject::BadCertificate.index()], 1);
+    assert_eq!(rows_of(&d), want);
 }
 
 #[test]
