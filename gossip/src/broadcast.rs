@@ -9,7 +9,7 @@ use schema::codec::{self, CodecError};
 use schema::{EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
 
-use crate::rows::{Merge, Row, RowStore, Version};
+use crate::rows::{Merge, OwnerSummary, Row, RowStore, Version};
 use crate::sign::{Certificate, Reject, Signature, SigningMode, Trust};
 use crate::snapshot::{Snapshot, SnapshotMerge, SnapshotStore};
 
@@ -27,9 +27,46 @@ pub struct Store {
     pub certs: BTreeMap<SocketAddr, Certificate>,
     /// Items refused for their signature, by [`Reject::index`].
     pub rejected: [u64; Reject::ALL.len()],
+    /// Each owner's signature of its whole row set ([`crate::sign::row_set_message`]), with
+    /// the summary of the rows it was checked against: it vouches for what is held only
+    /// while that summary is the owner's here ([`Store::row_set`]).
+    pub row_sets: BTreeMap<SocketAddr, (Signature, OwnerSummary)>,
 }
 
 impl Store {
+    /// The owner's row-set signature, if it covers exactly the rows held of it now.
+    pub fn row_set(&self, owner: &SocketAddr) -> Option<Signature> {
+        let (sig, at) = self.row_sets.get(owner)?;
+        (self.rows.summary(owner).as_ref() == Some(at)).then_some(*sig)
+    }
+
+    /// Keeps `sig` as the owner's row-set signature if it is one of the rows held of it
+    /// (checked by the caller, or checked here when `check`): news when it was not held.
+    pub(crate) fn keep_row_set(
+        &mut self,
+        owner: SocketAddr,
+        sig: Signature,
+        check: bool,
+    ) -> Option<BroadcastKey> {
+        if self.row_set(&owner) == Some(sig) {
+            return None;
+        }
+        let summary = self.rows.summary(&owner)?;
+        if check {
+            let cert = self.certs.get(&owner)?;
+            let rows = self.rows.owner_rows(&owner);
+            let items = [(rows.iter().collect(), &sig, cert, true)];
+            if rows.is_empty() || !self.trust.check_batch(&items, self.now_ms) {
+                // Not counted as a refusal: an honest set arrives before its rows as often
+                // as a forged one, and neither changes anything here.
+                return None;
+            }
+        }
+        let max = summary.max;
+        self.row_sets.insert(owner, (sig, summary));
+        Some(BroadcastKey::RowSet { owner, max })
+    }
+
     /// Tombstone collection ([`RowStore::gc_tombstones`]), keeping the tombstones
     /// that hide an entry of a registry snapshot held here.
     pub fn gc_tombstones(
@@ -60,6 +97,8 @@ pub enum BroadcastItem {
     SignedRow(Box<Row>, Signature),
     Cert(SocketAddr, Box<Certificate>),
     SignedSnapshot(Snapshot, Signature),
+    /// An owner's signature of its whole row set, sent after the rows it covers.
+    RowSet(SocketAddr, Signature),
 }
 
 impl BroadcastItem {
@@ -83,6 +122,10 @@ pub enum BroadcastKey {
     Cert {
         owner: SocketAddr,
         not_after_ms: u64,
+    },
+    RowSet {
+        owner: SocketAddr,
+        max: Version,
     },
 }
 
@@ -119,6 +162,9 @@ impl BroadcastKey {
                     not_after_ms: n2,
                 },
             ) => owner == o2 && not_after_ms > n2,
+            (Self::RowSet { owner, max }, Self::RowSet { owner: o2, max: m2 }) => {
+                owner == o2 && max > m2
+            }
             _ => false,
         }
     }
@@ -134,6 +180,10 @@ pub(crate) fn merge(store: &mut Store, item: BroadcastItem) -> Option<BroadcastK
         BroadcastItem::Cert(owner, cert) => merge_cert(store, owner, *cert),
         BroadcastItem::Snapshot(snap) => merge_snapshot(store, snap, None, now),
         BroadcastItem::SignedSnapshot(snap, sig) => merge_snapshot(store, snap, Some(sig), now),
+        BroadcastItem::RowSet(owner, sig) if store.trust.mode != SigningMode::Off => {
+            store.keep_row_set(owner, sig, true)
+        }
+        BroadcastItem::RowSet(..) => None,
     }
 }
 
@@ -185,15 +235,17 @@ pub(crate) fn merge_row(
 pub(crate) fn merge_verified_row(
     store: &mut Store,
     row: Row,
-    sig: Signature,
+    sig: Option<Signature>,
 ) -> Option<BroadcastKey> {
     if !store.rows.would_apply(&row) {
-        if store.rows.lacks_sig(&row) {
+        if let Some(sig) = sig
+            && store.rows.lacks_sig(&row)
+        {
             store.rows.attach_sig(&row, sig);
         }
         return None;
     }
-    apply_row(store, row, Some(sig))
+    apply_row(store, row, sig)
 }
 
 fn apply_row(store: &mut Store, row: Row, sig: Option<Signature>) -> Option<BroadcastKey> {

@@ -550,6 +550,7 @@ impl Node {
                 .map(|k| (k.clone(), RowStatus::Deregistered)),
         );
         self.local = new;
+        let changed = !changes.is_empty();
         for (key, status) in changes {
             self.seq += 1;
             let version = Version {
@@ -565,6 +566,9 @@ impl Node {
                 Some(sig) => BroadcastItem::SignedRow(row, sig),
                 None => BroadcastItem::Row(row),
             });
+        }
+        if changed {
+            self.sign_row_set();
         }
         self.spread_now();
         self.drain();

@@ -69,6 +69,22 @@ impl Node {
         }
     }
 
+    /// Signs this node's whole row set after it changed, and passes the signature on after
+    /// the rows (queued after them, so a receiver holds them when it checks it). With it a
+    /// repair of this node's rows costs one verification, not one per row.
+    pub(crate) fn sign_row_set(&mut self) {
+        let (Some(key), SigningMode::Accept | SigningMode::Require) =
+            (&self.signer, self.store.trust.mode)
+        else {
+            return;
+        };
+        let me = self.me.addr;
+        let rows = self.store.rows.owner_rows(&me);
+        if let Some(sig) = crate::sign::sign_row_set(key, me, &rows) {
+            self.learn(BroadcastItem::RowSet(me, sig));
+        }
+    }
+
     /// This node's certificate, as peers see it.
     pub fn certificate(&self) -> Option<&Certificate> {
         self.store.certs.get(&self.me.addr)

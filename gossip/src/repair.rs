@@ -190,11 +190,15 @@ pub struct RepairPush {
 /// The owners' signatures of a frame's rows (`sigs[i]` signs `rows[i]`), the certificates
 /// of those owners, and the registry's signatures of its snapshots (`snapshot_sigs[i]` signs
 /// `snapshots[i]`) (signed gossip).
+///
+/// `row_sets` holds, for owners whose every row the frame carries, the owner's signature of
+/// that whole set ([`crate::sign::row_set_message`]): one verification for all of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proofs {
     pub sigs: Vec<Option<Signature>>,
     pub certs: Vec<(SocketAddr, Certificate)>,
     pub snapshot_sigs: Vec<Option<Signature>>,
+    pub row_sets: Vec<(SocketAddr, Signature)>,
 }
 
 /// One TCP frame of a repair exchange. The signed forms go last, so the unsigned ones keep
@@ -218,8 +222,14 @@ pub fn proofs(store: &Store, rows: &[Row], snapshots: &[Snapshot]) -> Proofs {
         .collect();
     let owners: BTreeSet<SocketAddr> = rows.iter().map(|r| r.owner).collect();
     let certs = owners
+        .iter()
+        .filter_map(|o| store.certs.get(o).map(|c| (*o, c.clone())))
+        .collect();
+    // Repair sends every row held of an owner (`rows_they_lack`), which is what the set
+    // signature held covers, if it covers what is held now.
+    let row_sets = owners
         .into_iter()
-        .filter_map(|o| store.certs.get(&o).map(|c| (o, c.clone())))
+        .filter_map(|o| store.row_set(&o).map(|s| (o, s)))
         .collect();
     let snapshot_sigs = snapshots
         .iter()
@@ -229,6 +239,7 @@ pub fn proofs(store: &Store, rows: &[Row], snapshots: &[Snapshot]) -> Proofs {
         sigs,
         certs,
         snapshot_sigs,
+        row_sets,
     }
 }
 
@@ -248,32 +259,61 @@ pub fn apply_certs(store: &mut Store, proofs: &Proofs) {
     }
 }
 
-/// Which of a frame's rows (`sigs[i]` signs `rows[i]`) were verified as one batch with
-/// their owners' stored certificates: every row that is news and signed, or none when the
-/// batch fails (each is then checked on its own, which counts why). Old news is left out,
-/// as [`broadcast::merge_row`] checks it only to keep a signature it lacks.
-fn batch_verified(store: &Store, rows: &[Row], sigs: &[Option<Signature>]) -> Vec<bool> {
+/// Which of a frame's rows were verified as one batch with their owners' stored
+/// certificates: each owner with a row-set signature in `proofs` by that signature over all
+/// its rows in the frame, every other row that is news by its own (`proofs.sigs[i]` signs
+/// `rows[i]`). None when the batch fails: each row is then checked on its own, which counts
+/// why. Old news is left out, as [`broadcast::merge_row`] checks it only to keep a
+/// signature it lacks. Also returns the sets that verified (owner, signature, row count).
+fn batch_verified(store: &Store, rows: &[Row], proofs: &Proofs) -> (Vec<bool>, Vec<RowSet>) {
     let mut verified = vec![false; rows.len()];
     if store.trust.mode == SigningMode::Off {
-        return verified;
+        return (verified, Vec::new());
     }
-    let mut batch = Vec::new();
+    let wanted = |row: &Row| store.rows.would_apply(row) || store.rows.lacks_sig(row);
+    let mut by_owner: BTreeMap<SocketAddr, (Vec<usize>, Vec<&Row>)> = BTreeMap::new();
     for (i, row) in rows.iter().enumerate() {
-        let (Some(Some(sig)), Some(cert)) = (sigs.get(i), store.certs.get(&row.owner)) else {
+        let (is, rs) = by_owner.entry(row.owner).or_default();
+        is.push(i);
+        rs.push(row);
+    }
+    let sets: BTreeMap<SocketAddr, &Signature> =
+        proofs.row_sets.iter().map(|(o, s)| (*o, s)).collect();
+    let mut covered = Vec::new();
+    let mut items = Vec::new();
+    let mut kept = Vec::new();
+    for (owner, (is, rs)) in &by_owner {
+        let Some(cert) = store.certs.get(owner) else {
             continue;
         };
-        if store.rows.would_apply(row) || store.rows.lacks_sig(row) {
-            batch.push((i, (row, sig, cert)));
+        if let Some(sig) = sets.get(owner) {
+            if rs.iter().any(|r| wanted(r)) {
+                items.push((rs.clone(), *sig, cert, true));
+                covered.extend(is.iter().copied());
+                kept.push((*owner, **sig, rs.len()));
+            }
+            continue;
+        }
+        for &i in is {
+            if let Some(Some(sig)) = proofs.sigs.get(i)
+                && wanted(&rows[i])
+            {
+                items.push((vec![&rows[i]], sig, cert, false));
+                covered.push(i);
+            }
         }
     }
-    let items: Vec<_> = batch.iter().map(|(_, item)| *item).collect();
-    if items.len() > 1 && store.trust.check_rows_batch(&items, store.now_ms) {
-        for (i, _) in batch {
+    if !items.is_empty() && store.trust.check_batch(&items, store.now_ms) {
+        for i in covered {
             verified[i] = true;
         }
+        return (verified, kept);
     }
-    verified
+    (verified, Vec::new())
 }
+
+/// An owner's row-set signature and how many rows it was verified over.
+type RowSet = (SocketAddr, Signature, usize);
 
 fn owner_summaries(store: &Store, buckets: &BTreeSet<u8>) -> Vec<OwnerSummary> {
     store
@@ -412,19 +452,36 @@ pub fn apply(
     proofs: &Proofs,
 ) -> usize {
     let sigs = &proofs.sigs;
-    let verified = batch_verified(store, &rows, sigs);
+    let (verified, sets) = batch_verified(store, &rows, proofs);
     let mut applied = 0;
     let mut own: Option<BTreeSet<_>> = None;
+    let mut applied_of: BTreeMap<SocketAddr, usize> = BTreeMap::new();
     for (i, row) in rows.into_iter().enumerate() {
         if row.owner == from {
             own.get_or_insert_default().insert(row.key.clone());
         }
+        let owner = row.owner;
         let sig = sigs.get(i).copied().flatten();
-        let merged = match sig {
-            Some(sig) if verified[i] => broadcast::merge_verified_row(store, row, sig),
-            _ => broadcast::merge_row(store, row, sig),
+        // A row vouched for by its owner's set signature keeps its own signature unchecked,
+        // to pass on; a relay that spoiled it only spoils its own broadcasts of the row.
+        let merged = if verified[i] {
+            broadcast::merge_verified_row(store, row, sig)
+        } else {
+            broadcast::merge_row(store, row, sig)
         };
         applied += usize::from(merged.is_some());
+        if verified[i] && merged.is_some() {
+            *applied_of.entry(owner).or_default() += 1;
+        }
+    }
+    for (owner, sig, count) in sets {
+        // Kept (with no second check) when every row it covers was taken and nothing else
+        // is held of the owner: then what is held is the set it signed. A set kept wrongly
+        // would only cost its receivers the fallback, as they check it against what they get.
+        let all = applied_of.get(&owner) == Some(&count);
+        if all && store.rows.row_count(&owner) == count {
+            store.keep_row_set(owner, sig, false);
+        }
     }
     if store.trust.mode == SigningMode::Require {
         own = None;

@@ -32,6 +32,7 @@ use crate::rows::Row;
 use crate::snapshot::Snapshot;
 
 const ROW_TAG: &[u8] = b"tidings-row-v1\0";
+const ROW_SET_TAG: &[u8] = b"tidings-rowset-v1\0";
 
 /// What gossip asks of a [`Certificate`] (the type lives in `schema`, shared with the
 /// registry that issues it).
@@ -79,6 +80,30 @@ pub fn row_message(row: &Row) -> Option<Vec<u8>> {
 
 pub fn sign_row(owner: &SigningKey, row: &Row) -> Option<Signature> {
     row_message(row).map(|m| owner.sign(&m))
+}
+
+/// The bytes an owner signs for its whole row set: the owner and every row it holds of
+/// itself (tombstones too), in key order whatever order they come in. One verification
+/// then covers all of an owner's rows in a repair frame, where one per row made a node
+/// joining a large cluster pay one per row. `None` if a row is another owner's.
+pub fn row_set_message<'r>(
+    owner: SocketAddr,
+    rows: impl IntoIterator<Item = &'r Row>,
+) -> Option<Vec<u8>> {
+    let mut rows: Vec<&Row> = rows.into_iter().collect();
+    if rows.iter().any(|r| r.owner != owner) {
+        return None;
+    }
+    rows.sort_by(|a, b| a.key.cmp(&b.key));
+    tagged(ROW_SET_TAG, &(owner, rows))
+}
+
+pub fn sign_row_set<'r>(
+    owner_key: &SigningKey,
+    owner: SocketAddr,
+    rows: impl IntoIterator<Item = &'r Row>,
+) -> Option<Signature> {
+    row_set_message(owner, rows).map(|m| owner_key.sign(&m))
 }
 
 /// The bytes the registry signs for a snapshot: its service, date and endpoints
@@ -242,25 +267,49 @@ impl Trust {
     /// batch ([`schema::cert::verify_all`]). `false` means at least one does not: check them
     /// one by one to tell which (and count why).
     pub fn check_rows_batch(&self, rows: &[(&Row, &Signature, &Certificate)], now_ms: u64) -> bool {
+        let items: Vec<_> = rows
+            .iter()
+            .map(|(row, sig, cert)| (vec![*row], *sig, *cert, false))
+            .collect();
+        self.check_batch(&items, now_ms)
+    }
+
+    /// [`check_rows_batch`](Self::check_rows_batch) over items that are each either one
+    /// row and its own signature (`set: false`) or all of an owner's rows and its row-set
+    /// signature ([`row_set_message`], `set: true`): every row's certificate dates and
+    /// scope are checked, then every signature in one batch.
+    pub fn check_batch(
+        &self,
+        items: &[(Vec<&Row>, &Signature, &Certificate, bool)],
+        now_ms: u64,
+    ) -> bool {
         if self.mode == SigningMode::Off {
             return false;
         }
-        let mut messages = Vec::with_capacity(rows.len());
-        for (row, _, cert) in rows {
-            if self.check_row_scope(row, cert, now_ms).is_err() {
+        let mut messages = Vec::with_capacity(items.len());
+        for (rows, _, cert, set) in items {
+            if rows
+                .iter()
+                .any(|r| self.check_row_scope(r, cert, now_ms).is_err())
+            {
                 return false;
             }
-            let Some(m) = row_message(row) else {
+            let m = match (set, rows.as_slice()) {
+                (false, [row]) => row_message(row),
+                (true, [first, ..]) => row_set_message(first.owner, rows.iter().copied()),
+                _ => None,
+            };
+            let Some(m) = m else {
                 return false;
             };
             messages.push(m);
         }
-        let items: Vec<_> = rows
+        let batch: Vec<_> = items
             .iter()
             .zip(&messages)
-            .map(|((_, sig, cert), m)| (&cert.body.owner_key, m.as_slice(), *sig))
+            .map(|((_, sig, cert, _), m)| (&cert.body.owner_key, m.as_slice(), *sig))
             .collect();
-        schema::cert::verify_all(&items)
+        schema::cert::verify_all(&batch)
     }
 
     /// Checks a registry snapshot with its signature (if any).

@@ -406,3 +406,52 @@ fn an_answer_the_registry_did_not_sign_as_held_stays_with_the_agent_under_requir
     e.apply_registry_answer(NOW, snap.clone(), sign::sign_snapshot(&registry(), &snap));
     assert_eq!(snapshot_items(&sent_items(&e.take_effects())), (1, 1));
 }
+
+#[test]
+fn an_owner_row_set_travels_after_its_rows_and_vouches_for_them_in_repair() {
+    let (mut a, mut b) = honest_pair(SigningMode::Require);
+    a.publish_local(NOW, (80..85).map(|p| ep(1, p)).collect());
+    let items = sent_items(&a.take_effects());
+    let set_at = items
+        .iter()
+        .position(|i| matches!(i, BroadcastItem::RowSet(..)))
+        .expect("the row set is sent");
+    assert!(
+        items[..set_at]
+            .iter()
+            .any(|i| matches!(i, BroadcastItem::SignedRow(..))),
+        "after the rows it covers"
+    );
+    b.handle_packet(NOW, addr(1), &packet(&items));
+    assert_eq!(rows_of(&b), rows_of(&a));
+    assert_eq!(b.store.row_set(&addr(1)), a.store.row_set(&addr(1)));
+    assert!(b.store.row_set(&addr(1)).is_some());
+    // b's repair frame carries it; a node that gets the rows with no row signatures at all
+    // takes them on the set's one signature, and keeps it to pass on.
+    let rows = rows_of(&b);
+    let mut proofs = repair::proofs(&b.store, &rows, &[]);
+    assert_eq!(proofs.row_sets.len(), 1);
+    proofs.sigs = vec![None; rows.len()];
+    let frame = encode_frame(&RepairFrame::SignedResponse(
+        response_from_1(rows.clone(), Vec::new()),
+        proofs.clone(),
+    ))
+    .unwrap();
+    let mut c = signed_node(3, SigningMode::Require);
+    c.handle_repair_frame(NOW, &frame);
+    assert_eq!(rows_of(&c), rows);
+    assert!(c.store.row_set(&addr(1)).is_some());
+    // One row changed under the set: the set fails, and with no row signatures to fall
+    // back on, nothing is taken.
+    let mut forged = rows.clone();
+    forged[0] = up(1, 1, 9999, forged[0].version());
+    let frame = encode_frame(&RepairFrame::SignedResponse(
+        response_from_1(forged, Vec::new()),
+        proofs,
+    ))
+    .unwrap();
+    let mut d = signed_node(4, SigningMode::Require);
+    d.handle_repair_frame(NOW, &frame);
+    assert!(rows_of(&d).is_empty());
+    assert!(d.store.row_set(&addr(1)).is_none());
+}

@@ -360,3 +360,37 @@ fn a_batch_refuses_a_weak_key_as_strict_verification_does() {
     ];
     assert!(!schema::cert::verify_all(&items));
 }
+
+#[test]
+fn an_owner_signs_its_row_set_once_and_any_change_to_the_set_breaks_it() {
+    let (registry, owner) = (key(1), key(2));
+    let t = trust(&registry, SigningMode::Require);
+    let c = cert(&registry, &owner, "10.0.0.5", None);
+    let me: SocketAddr = "10.0.0.5:7702".parse().unwrap();
+    let mut rows: Vec<Row> = (80..85)
+        .map(|p| up_row("10.0.0.5:7702", "web", "10.0.0.5", p, u64::from(p)))
+        .collect();
+    rows.push(tombstone("10.0.0.5:7702", "web", "10.0.0.5", 79));
+    let sig = sign_row_set(&owner, me, &rows).unwrap();
+    let check = |rows: &[Row]| {
+        let items = [(rows.iter().collect(), &sig, &c, true)];
+        t.check_batch(&items, NOW)
+    };
+    assert!(check(&rows));
+    let reversed: Vec<Row> = rows.iter().rev().cloned().collect();
+    assert!(check(&reversed), "in any order");
+    assert!(!check(&rows[1..]), "a row left out");
+    let mut added = rows.clone();
+    added.push(up_row("10.0.0.5:7702", "web", "10.0.0.5", 99, 1));
+    assert!(!check(&added), "a row added");
+    let mut older = rows.clone();
+    older[0] = up_row("10.0.0.5:7702", "web", "10.0.0.5", 80, 1);
+    assert!(!check(&older), "a row's version moved");
+    // Another owner's row cannot be slipped into the set.
+    let mut foreign = rows.clone();
+    foreign.push(up_row("10.0.0.6:7702", "web", "10.0.0.5", 77, 1));
+    assert!(!check(&foreign));
+    // Nor is it a row signature, or the reverse.
+    let one = [(vec![&rows[0]], &sig, &c, false)];
+    assert!(!t.check_batch(&one, NOW));
+}

@@ -212,7 +212,7 @@ fn encodings(item: &BroadcastItem, mode: SigningMode) -> Option<Vec<Vec<u8>>> {
         (BroadcastItem::SignedSnapshot(s, _), SigningMode::Accept) => {
             Some(vec![encode(item)?, encode(&plain_snap(s))?])
         }
-        (BroadcastItem::Cert(..), SigningMode::Off) => Some(Vec::new()),
+        (BroadcastItem::Cert(..) | BroadcastItem::RowSet(..), SigningMode::Off) => Some(Vec::new()),
         // Peers that require signatures drop unsigned snapshots (lower bounds, restamped
         // answers): no use sending them.
         (BroadcastItem::Snapshot(_), SigningMode::Require) => Some(Vec::new()),
