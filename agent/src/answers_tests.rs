@@ -114,6 +114,7 @@ fn fresh_catalog(view: &MergedView, generated_at_ms: u64, stale: bool) -> Bytes 
             .services()
             .map(|(s, h)| (s.to_string(), v1_hosts(&h.hosts)))
             .collect(),
+        signatures: Default::default(),
     })
 }
 

@@ -120,6 +120,8 @@ pub struct Answer {
     pub removed: BTreeMap<String, Vec<HostKey>>,
     #[serde(default)]
     pub removed_services: Vec<String>,
+    #[serde(default)]
+    pub signatures: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -178,6 +180,7 @@ impl From<CatalogChanges> for Answer {
                 .collect(),
             removed: c.removed,
             removed_services: c.removed_services,
+            signatures: c.signatures,
         }
     }
 }
@@ -190,6 +193,9 @@ pub struct Replica {
     pub warming: bool,
     pub stale: bool,
     services: BTreeMap<String, Held>,
+    /// The last answer's signatures of the listings it sent, as of `generated_at_ms` (see
+    /// `crate::signing::registry_signatures`).
+    pub signatures: BTreeMap<String, String>,
 }
 
 /// A whole catalog as a replica (the form tests and tools hold).
@@ -206,6 +212,7 @@ impl From<Catalog> for Replica {
             services: c.services,
             removed: BTreeMap::new(),
             removed_services: Vec::new(),
+            signatures: c.signatures,
         }))
     }
 }
@@ -224,6 +231,7 @@ impl Replica {
             warming: changes.warming,
             stale: changes.stale,
             services,
+            signatures: changes.signatures,
         }
     }
 
@@ -283,6 +291,7 @@ impl Replica {
         self.generated_at_ms = changes.generated_at_ms;
         self.warming = changes.warming;
         self.stale = changes.stale;
+        self.signatures = changes.signatures;
         Ok(self)
     }
 

@@ -64,6 +64,7 @@ fn arb_catalog() -> impl Strategy<Value = Catalog> {
             warming: false,
             stale: false,
             services,
+            signatures: BTreeMap::new(),
         }
     })
 }
@@ -146,6 +147,7 @@ fn a_whole_answer_parses_into_the_catalog_it_lists() {
             ],
         )]
         .into(),
+        signatures: BTreeMap::new(),
     };
     let json = serde_json::json!({
         "index": 4, "generated_at_ms": 9, "warming": false, "stale": false,

@@ -7,13 +7,19 @@
 //! less than half its validity left: with the default day of validity, one per agent every
 //! twelve hours. A kept certificate is handed to gossip at start, so a restart while the
 //! registry is down still signs under a certificate peers honour (fail-static).
+//!
+//! A registry with a signing key also signs each listing of a catalog answer the agent asks
+//! with `signed=true` ([`registry_signatures`]); gossip checks each signature and passes the
+//! snapshot on with it.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use gossip::GossipHandle;
 use gossip::owner_key::{self, OwnerKeyError};
-use gossip::sign::Certificate;
+use gossip::sign::{Certificate, Signature};
+use gossip::{GossipHandle, Snapshot};
+
+use crate::replica::Replica;
 
 /// What the check-in loop needs to ask for and adopt certificates.
 #[derive(Debug)]
@@ -84,6 +90,28 @@ pub fn renewal_due(held: Option<&Certificate>, offered: &Certificate, now_ms: u6
     }
     let half = h.not_after_ms.saturating_sub(h.not_before_ms) / 2;
     o.not_after_ms > h.not_after_ms && now_ms >= h.not_after_ms.saturating_sub(half)
+}
+
+/// Pairs each snapshot an answer made with the registry's signature of its listing, when
+/// the answer had one and the snapshot is the answer's listing as it came: dated by the
+/// answer and not from a warming answer, whose snapshots are lower bounds this agent made
+/// (unions with what it held), which no registry signed. A signature that does not match
+/// (a host this agent could not read) is caught by gossip's check.
+pub fn registry_signatures(
+    snapshots: Vec<Snapshot>,
+    catalog: &Replica,
+    warming: bool,
+) -> Vec<(Snapshot, Option<Signature>)> {
+    snapshots
+        .into_iter()
+        .map(|s| {
+            let sig = (!warming && s.generated_at_ms == catalog.generated_at_ms)
+                .then(|| catalog.signatures.get(s.service.as_str()))
+                .flatten()
+                .and_then(|b| Signature::from_base64(b));
+            (s, sig)
+        })
+        .collect()
 }
 
 #[cfg(test)]

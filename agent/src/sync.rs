@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use discovery::ReadMeta;
 use discovery::delta::DeltaError;
+use gossip::sign::Signature;
 use gossip::{MemberInfo, Snapshot, SnapshotEntry};
 use schema::api::Catalog;
 use schema::{EndpointKey, ServiceName};
@@ -145,12 +146,17 @@ pub fn plan_scoped(
     // snapshot it holds, so an honest answer still replaces one from a replica whose clock
     // ran ahead. A service with entries from the disk cache always gets one from an
     // authoritative answer: only a snapshot at least as new as the cached entries makes them
-    // give way, even when gossip already holds an older snapshot with the same hosts.
+    // give way, even when gossip already holds an older snapshot with the same hosts. So
+    // does a service held only as a lower bound: the registry's own listing replaces the
+    // union this agent made while it warmed up, and only it can carry the registry's
+    // signature to peers that require one.
     let snapshots = fresh
         .into_values()
         .filter(|s| {
-            (!warming && cached_by.contains_key(&s.service))
-                || held.get(&s.service).is_none_or(|old| !same_hosts(old, s))
+            let held = held.get(&s.service);
+            (!warming
+                && (cached_by.contains_key(&s.service) || held.is_some_and(|h| h.is_lower_bound())))
+                || held.is_none_or(|old| !same_hosts(old, s))
         })
         .collect();
     Plan {
@@ -340,6 +346,9 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
         full_reason: "start",
         warming_noted: false,
     };
+    // Only a signing agent asks for the registry's signatures: they cost the registry one
+    // signature per listing it sends.
+    let signed = cfg.gossip.signing != gossip::sign::SigningMode::Off;
     loop {
         let started = Instant::now();
         let sent_ms = shared.now_ms();
@@ -350,7 +359,7 @@ async fn sync_loop(shared: &Shared, stop: &CancellationToken) {
         );
         let answer = tokio::select! {
             () = stop.cancelled() => return,
-            r = shared.client.catalog_changes_as::<Answer>(state.index, Some(cfg.sync_wait)) => r,
+            r = shared.client.catalog_changes_as::<Answer>(state.index, Some(cfg.sync_wait), signed) => r,
         };
         let pause = match answer {
             Err(e) => Some(state.failed(shared, &e)),
@@ -531,7 +540,7 @@ impl SyncState {
         let members = shared.gossip.members();
         // Joining more agents is harmless, so a warming listing is good enough.
         let join = seeds_to_join(catalog, shared.gossip_addr, &members);
-        let snapshots = plan.snapshots;
+        let snapshots = crate::signing::registry_signatures(plan.snapshots, catalog, plan.warming);
         let changed = snapshots.len();
         feed_gossip(shared, snapshots, join, plan.listed).await;
         if plan.warming {
@@ -579,7 +588,7 @@ impl SyncState {
 /// Feeds an answer into gossip: its snapshots, the agents to join, then the keys it lists.
 async fn feed_gossip(
     shared: &Shared,
-    snapshots: Vec<Snapshot>,
+    snapshots: Vec<(Snapshot, Option<Signature>)>,
     join: Vec<SocketAddr>,
     listed: Option<BTreeSet<EndpointKey>>,
 ) {
@@ -587,7 +596,7 @@ async fn feed_gossip(
     if !snapshots.is_empty()
         && shared
             .gossip
-            .apply_registry_snapshots(snapshots)
+            .apply_registry_answers(snapshots)
             .await
             .is_err()
     {

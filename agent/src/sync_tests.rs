@@ -36,6 +36,7 @@ fn catalog(at: u64, warming: bool, services: &[(&str, &[u16])]) -> Catalog {
             .iter()
             .map(|(s, ports)| (s.to_string(), ports.iter().map(|p| host(s, *p)).collect()))
             .collect(),
+        signatures: Default::default(),
     }
 }
 
@@ -408,4 +409,77 @@ proptest::proptest! {
         proptest::prop_assert_eq!(full.snapshots, scoped.snapshots);
         proptest::prop_assert!(scoped.listed.is_none());
     }
+}
+
+/// `c` with the registry's signature of each listing, as a registry with `key` answers.
+fn signed(mut c: Catalog, key: &gossip::sign::SigningKey) -> Catalog {
+    for (name, hosts) in &c.services {
+        let service = ServiceName::new(name.clone()).expect("name");
+        let eps: Vec<Endpoint> = hosts
+            .iter()
+            .map(|h| h.to_endpoint().expect("valid").0)
+            .collect();
+        let msg =
+            schema::cert::listing_message(&service, c.generated_at_ms, &eps).expect("encodes");
+        c.signatures
+            .insert(name.clone(), key.sign(&msg).to_base64());
+    }
+    c
+}
+
+#[test]
+fn the_snapshots_of_a_signed_answer_carry_signatures_gossip_verifies() {
+    let key = gossip::sign::SigningKey::generate();
+    let trust = gossip::sign::Trust {
+        registry: Some(key.public()),
+        mode: gossip::sign::SigningMode::Require,
+        grace_ms: 0,
+    };
+    let answer = signed(
+        catalog(5, false, &[("web", &[80, 81]), ("db", &[5432])]),
+        &key,
+    );
+    let p = plan(&answer, &ReadMeta::default(), &[] as &[Snapshot], &[]);
+    let paired =
+        crate::signing::registry_signatures(p.snapshots, &Replica::from(answer.clone()), p.warming);
+    assert_eq!(paired.len(), 2);
+    for (snap, sig) in &paired {
+        assert_eq!(trust.check_snapshot(snap, sig.as_ref()), Ok(()), "{snap:?}");
+        // A host added or the date moved: the signature no longer holds.
+        let mut added = snap.clone();
+        added.entries.push(entry(snap.service.as_str(), 9, 1));
+        assert!(trust.check_snapshot(&added, sig.as_ref()).is_err());
+        let mut later = snap.clone();
+        later.generated_at_ms += 1;
+        assert!(trust.check_snapshot(&later, sig.as_ref()).is_err());
+    }
+    // A warming answer's snapshots are lower bounds this agent made: none is signed, even
+    // where the registry signed its own listing.
+    let warming = signed(catalog(6, true, &[("web", &[82])]), &key);
+    let held = [snapshot("web", 5, &[80, 81])];
+    let p = plan(&warming, &ReadMeta::default(), &held, &[]);
+    assert!(p.warming);
+    let paired = crate::signing::registry_signatures(
+        p.snapshots,
+        &Replica::from(warming.clone()),
+        p.warming,
+    );
+    assert!(!paired.is_empty() && paired.iter().all(|(_, sig)| sig.is_none()));
+}
+
+#[test]
+fn an_answer_after_the_warm_up_replaces_a_lower_bound_listing_the_same_hosts() {
+    let mut lower = snapshot("web", 0, &[80]);
+    lower.generated_at_ms = gossip::LOWER_BOUND_MS;
+    let answer = catalog(7, false, &[("web", &[80])]);
+    let p = plan(&answer, &ReadMeta::default(), &[lower], &[]);
+    assert_eq!(summary(&snaps(p)), [("web", vec![80], 7)]);
+    // A dated snapshot with the same hosts needs none.
+    let p = plan(
+        &answer,
+        &ReadMeta::default(),
+        &[snapshot("web", 3, &[80])],
+        &[],
+    );
+    assert!(snaps(p).is_empty());
 }

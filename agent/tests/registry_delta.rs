@@ -19,7 +19,7 @@ use support::*;
 async fn registry_digest(registry: &TestRegistry) -> String {
     let (c, _) = registry
         .client()
-        .catalog_changes(None, None)
+        .catalog_changes(None, None, false)
         .await
         .expect("catalog");
     assert!(c.full);

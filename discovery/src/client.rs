@@ -251,13 +251,15 @@ impl RegistryClient {
 
     /// `GET /v2/catalog?delta=true&index=&wait=`: the changes since `index` when the registry
     /// still holds that view, else the whole catalog (`full`); blocks while `index` is
-    /// current. Apply it with [`crate::delta::Replica`].
+    /// current. Apply it with [`crate::delta::Replica`]. With `signed`, also the registry's
+    /// signatures of the listings (`signatures`), from a registry with a signing key.
     pub async fn catalog_changes(
         &self,
         index: Option<u64>,
         wait: Option<Duration>,
+        signed: bool,
     ) -> Result<(CatalogChanges, ReadMeta), ClientError> {
-        self.catalog_changes_as(index, wait).await
+        self.catalog_changes_as(index, wait, signed).await
     }
 
     /// [`RegistryClient::catalog_changes`] decoded into the caller's own form of the answer
@@ -267,10 +269,12 @@ impl RegistryClient {
         &self,
         index: Option<u64>,
         wait: Option<Duration>,
+        signed: bool,
     ) -> Result<(T, ReadMeta), ClientError> {
         let query = blocking_query(index, wait);
         let sep = if query.is_empty() { '?' } else { '&' };
-        let path = format!("/v2/catalog{query}{sep}delta=true");
+        let signed = if signed { "&signed=true" } else { "" };
+        let path = format!("/v2/catalog{query}{sep}delta=true{signed}");
         let (headers, bytes) = self
             .send(Method::GET, &path, None, self.blocking_timeout(index, wait))
             .await?;

@@ -302,6 +302,8 @@ impl Replica {
         self.catalog.generated_at_ms = changes.generated_at_ms;
         self.catalog.warming = changes.warming;
         self.catalog.stale = changes.stale;
+        // Signatures are of this answer's listings at its date: the held ones are spent.
+        self.catalog.signatures = changes.signatures;
         Ok(self)
     }
 }
@@ -345,6 +347,7 @@ pub fn between(a: &Catalog, b: &Catalog) -> CatalogChanges {
         services: changes.services,
         removed: changes.removed,
         removed_services: changes.removed_services,
+        signatures: BTreeMap::new(),
     }
 }
 
@@ -355,6 +358,7 @@ pub fn full_catalog(changes: CatalogChanges) -> Catalog {
         warming: changes.warming,
         stale: changes.stale,
         services: changes.services,
+        signatures: changes.signatures,
     }
 }
 

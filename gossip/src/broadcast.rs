@@ -9,7 +9,7 @@ use schema::codec::{self, CodecError};
 use schema::{EndpointKey, ServiceName};
 use serde::{Deserialize, Serialize};
 
-use crate::rows::{Merge, Row, RowStore, Version};
+use crate::rows::{Merge, OwnerSummary, Row, RowStore, Version};
 use crate::sign::{Certificate, Reject, Signature, SigningMode, Trust};
 use crate::snapshot::{Snapshot, SnapshotMerge, SnapshotStore};
 
@@ -27,9 +27,46 @@ pub struct Store {
     pub certs: BTreeMap<SocketAddr, Certificate>,
     /// Items refused for their signature, by [`Reject::index`].
     pub rejected: [u64; Reject::ALL.len()],
+    /// Each owner's signature of its whole row set ([`crate::sign::row_set_message`]), with
+    /// the summary of the rows it was checked against: it vouches for what is held only
+    /// while that summary is the owner's here ([`Store::row_set`]).
+    pub row_sets: BTreeMap<SocketAddr, (Signature, OwnerSummary)>,
 }
 
 impl Store {
+    /// The owner's row-set signature, if it covers exactly the rows held of it now.
+    pub fn row_set(&self, owner: &SocketAddr) -> Option<Signature> {
+        let (sig, at) = self.row_sets.get(owner)?;
+        (self.rows.summary(owner).as_ref() == Some(at)).then_some(*sig)
+    }
+
+    /// Keeps `sig` as the owner's row-set signature if it is one of the rows held of it
+    /// (checked by the caller, or checked here when `check`): news when it was not held.
+    pub(crate) fn keep_row_set(
+        &mut self,
+        owner: SocketAddr,
+        sig: Signature,
+        check: bool,
+    ) -> Option<BroadcastKey> {
+        if self.row_set(&owner) == Some(sig) {
+            return None;
+        }
+        let summary = self.rows.summary(&owner)?;
+        if check {
+            let cert = self.certs.get(&owner)?;
+            let rows = self.rows.owner_rows(&owner);
+            let items = [(rows.iter().collect(), &sig, cert, true)];
+            if rows.is_empty() || !self.trust.check_batch(&items, self.now_ms) {
+                // Not counted as a refusal: an honest set arrives before its rows as often
+                // as a forged one, and neither changes anything here.
+                return None;
+            }
+        }
+        let max = summary.max;
+        self.row_sets.insert(owner, (sig, summary));
+        Some(BroadcastKey::RowSet { owner, max })
+    }
+
     /// Tombstone collection ([`RowStore::gc_tombstones`]), keeping the tombstones
     /// that hide an entry of a registry snapshot held here.
     pub fn gc_tombstones(
@@ -60,6 +97,8 @@ pub enum BroadcastItem {
     SignedRow(Box<Row>, Signature),
     Cert(SocketAddr, Box<Certificate>),
     SignedSnapshot(Snapshot, Signature),
+    /// An owner's signature of its whole row set, sent after the rows it covers.
+    RowSet(SocketAddr, Signature),
 }
 
 impl BroadcastItem {
@@ -83,6 +122,10 @@ pub enum BroadcastKey {
     Cert {
         owner: SocketAddr,
         not_after_ms: u64,
+    },
+    RowSet {
+        owner: SocketAddr,
+        max: Version,
     },
 }
 
@@ -119,6 +162,9 @@ impl BroadcastKey {
                     not_after_ms: n2,
                 },
             ) => owner == o2 && not_after_ms > n2,
+            (Self::RowSet { owner, max }, Self::RowSet { owner: o2, max: m2 }) => {
+                owner == o2 && max > m2
+            }
             _ => false,
         }
     }
@@ -134,11 +180,15 @@ pub(crate) fn merge(store: &mut Store, item: BroadcastItem) -> Option<BroadcastK
         BroadcastItem::Cert(owner, cert) => merge_cert(store, owner, *cert),
         BroadcastItem::Snapshot(snap) => merge_snapshot(store, snap, None, now),
         BroadcastItem::SignedSnapshot(snap, sig) => merge_snapshot(store, snap, Some(sig), now),
+        BroadcastItem::RowSet(owner, sig) if store.trust.mode != SigningMode::Off => {
+            store.keep_row_set(owner, sig, true)
+        }
+        BroadcastItem::RowSet(..) => None,
     }
 }
 
 impl Store {
-    fn reject(&mut self, why: Reject) {
+    pub(crate) fn reject(&mut self, why: Reject) {
         self.rejected[why.index()] += 1;
     }
 }
@@ -180,6 +230,24 @@ pub(crate) fn merge_row(
     }
 }
 
+/// [`merge_row`] of a row whose signature was verified (in a batch, with its certificate's
+/// dates and scope): no second check.
+pub(crate) fn merge_verified_row(
+    store: &mut Store,
+    row: Row,
+    sig: Option<Signature>,
+) -> Option<BroadcastKey> {
+    if !store.rows.would_apply(&row) {
+        if let Some(sig) = sig
+            && store.rows.lacks_sig(&row)
+        {
+            store.rows.attach_sig(&row, sig);
+        }
+        return None;
+    }
+    apply_row(store, row, sig)
+}
+
 fn apply_row(store: &mut Store, row: Row, sig: Option<Signature>) -> Option<BroadcastKey> {
     let key = BroadcastKey::Row {
         owner: row.owner,
@@ -198,14 +266,30 @@ pub(crate) fn merge_cert(
     owner: SocketAddr,
     cert: Certificate,
 ) -> Option<BroadcastKey> {
+    merge_cert_checked(store, owner, cert, false)
+}
+
+/// [`merge_cert`], told whether the registry's signature was already verified (in a batch).
+pub(crate) fn merge_cert_checked(
+    store: &mut Store,
+    owner: SocketAddr,
+    cert: Certificate,
+    signed: bool,
+) -> Option<BroadcastKey> {
     if store.trust.mode == SigningMode::Off {
         return None;
     }
     if store.certs.get(&owner) == Some(&cert) {
         return None;
     }
+    let now = store.now_ms;
+    let checked = if signed {
+        store.trust.check_cert_signed(owner, &cert, now)
+    } else {
+        store.trust.check_cert(owner, &cert, now)
+    };
     // Checked before it is compared, so a forged one is counted whatever its dates.
-    if let Err(why) = store.trust.check_cert(owner, &cert, store.now_ms) {
+    if let Err(why) = checked {
         store.reject(why);
         return None;
     }
@@ -234,22 +318,25 @@ fn merge_snapshot(
         store.reject(why);
         return None;
     }
+    // Kept only when checked: with signing off a signature is neither checked nor passed on.
+    let sig = sig.filter(|_| store.trust.mode != SigningMode::Off);
     let key = snapshot_key(&snap);
-    (store.snapshots.merge(snap, now) == SnapshotMerge::Applied).then_some(key)
+    (store.snapshots.merge_signed(snap, sig, now) == SnapshotMerge::Applied).then_some(key)
 }
 
 /// [`merge`] for a registry answer this node fetched itself ([`SnapshotStore::merge_direct`]).
+/// A signature comes checked (`Node::apply_registry_answer`).
 ///
 /// [`SnapshotStore::merge_direct`]: crate::snapshot::SnapshotStore::merge_direct
 pub(crate) fn merge_direct(store: &mut Store, item: BroadcastItem) -> Option<BroadcastKey> {
-    match item {
-        BroadcastItem::Snapshot(snap) => {
-            let key = snapshot_key(&snap);
-            let now = store.now_ms;
-            (store.snapshots.merge_direct(snap, now) == SnapshotMerge::Applied).then_some(key)
-        }
-        row => merge(store, row),
-    }
+    let (snap, sig) = match item {
+        BroadcastItem::Snapshot(snap) => (snap, None),
+        BroadcastItem::SignedSnapshot(snap, sig) => (snap, Some(sig)),
+        row => return merge(store, row),
+    };
+    let key = snapshot_key(&snap);
+    let now = store.now_ms;
+    (store.snapshots.merge_direct(snap, sig, now) == SnapshotMerge::Applied).then_some(key)
 }
 
 fn snapshot_key(snap: &Snapshot) -> BroadcastKey {

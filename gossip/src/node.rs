@@ -20,7 +20,7 @@ use crate::config::{ConfigError, GossipConfig, foca_config};
 use crate::crypto::{KeyRing, Sealer};
 use crate::metrics::Metrics;
 use crate::probing::ProbeHealth;
-use crate::repair::{self, Digest, RepairFrame};
+use crate::repair::{self, Digest, Proofs, RepairFrame};
 use crate::returning::Returning;
 use crate::rows::{Row, RowStatus, Version};
 use crate::sign::{self, Signature, SigningKey, SigningMode};
@@ -345,20 +345,18 @@ impl Node {
             }
         };
         let before = self.store.rows_received;
+        if let RepairFrame::SignedResponse(_, proofs) | RepairFrame::SignedPush(_, proofs) = &frame
+        {
+            repair::apply_certs(&mut self.store, proofs);
+        }
         // Rows refused while being re-broadcast are refused (and counted) again when the
-        // frame is applied below: count them there only.
+        // frame is applied below: count them there only (certificates, above, once).
         let rejected = self.store.rejected;
         match &frame {
             RepairFrame::Response(r) => self.rebroadcast(&r.rows, &[]),
             RepairFrame::Push(p) => self.rebroadcast(&p.rows, &[]),
-            RepairFrame::SignedResponse(r, proofs) => {
-                repair::apply_certs(&mut self.store, proofs);
-                self.rebroadcast(&r.rows, &proofs.sigs);
-            }
-            RepairFrame::SignedPush(p, proofs) => {
-                repair::apply_certs(&mut self.store, proofs);
-                self.rebroadcast(&p.rows, &proofs.sigs);
-            }
+            RepairFrame::SignedResponse(r, proofs) => self.rebroadcast(&r.rows, &proofs.sigs),
+            RepairFrame::SignedPush(p, proofs) => self.rebroadcast(&p.rows, &proofs.sigs),
             RepairFrame::Request(_) | RepairFrame::SignedRequest(_) => {}
         }
         self.store.rejected = rejected;
@@ -373,24 +371,24 @@ impl Node {
                 RepairFrame::SignedRequest(req) => {
                     repair::note_own_summary(store, req.from, &req.owners);
                     let resp = repair::respond(store, me, &req);
-                    let proofs = repair::proofs(store, &resp.rows);
+                    let proofs = repair::proofs(store, &resp.rows, &resp.snapshots);
                     Some(RepairFrame::SignedResponse(resp, proofs))
                 }
                 RepairFrame::Response(resp) => {
-                    repair::on_response(store, me, resp, &[]).map(RepairFrame::Push)
+                    repair::on_response(store, me, resp, &Proofs::default()).map(RepairFrame::Push)
                 }
                 RepairFrame::SignedResponse(resp, proofs) => {
-                    repair::on_response(store, me, resp, &proofs.sigs).map(|push| {
-                        let proofs = repair::proofs(store, &push.rows);
+                    repair::on_response(store, me, resp, &proofs).map(|push| {
+                        let proofs = repair::proofs(store, &push.rows, &push.snapshots);
                         RepairFrame::SignedPush(push, proofs)
                     })
                 }
                 RepairFrame::Push(p) => {
-                    repair::apply(store, p.from, p.rows, &[], p.snapshots);
+                    repair::apply(store, p.from, p.rows, p.snapshots, &Proofs::default());
                     None
                 }
                 RepairFrame::SignedPush(p, proofs) => {
-                    repair::apply(store, p.from, p.rows, &proofs.sigs, p.snapshots);
+                    repair::apply(store, p.from, p.rows, p.snapshots, &proofs);
                     None
                 }
             };
@@ -552,6 +550,7 @@ impl Node {
                 .map(|k| (k.clone(), RowStatus::Deregistered)),
         );
         self.local = new;
+        let changed = !changes.is_empty();
         for (key, status) in changes {
             self.seq += 1;
             let version = Version {
@@ -568,6 +567,9 @@ impl Node {
                 None => BroadcastItem::Row(row),
             });
         }
+        if changed {
+            self.sign_row_set();
+        }
         self.spread_now();
         self.drain();
     }
@@ -583,16 +585,32 @@ impl Node {
     /// the bound. An answer dated beyond the bound ahead of the registry data held is refused
     /// and counted (see [`crate::snapshot::SnapshotStore::merge_direct`]), so a replica far
     /// ahead changes nothing, and the first answer after it is back wins.
-    pub fn apply_registry_snapshot(&mut self, now_ms: u64, mut snapshot: Snapshot) {
+    pub fn apply_registry_snapshot(&mut self, now_ms: u64, snapshot: Snapshot) {
+        self.apply_registry_answer(now_ms, snapshot, None);
+    }
+
+    /// [`apply_registry_snapshot`](Self::apply_registry_snapshot) with the registry's
+    /// signature of the listing, if the answer had one: the snapshot then travels signed
+    /// (see [`Node::registry_sig`]).
+    pub fn apply_registry_answer(
+        &mut self,
+        now_ms: u64,
+        mut snapshot: Snapshot,
+        sig: Option<Signature>,
+    ) {
         self.set_now(now_ms);
+        let answered_at = snapshot.generated_at_ms;
         if let Some(held) = self.store.snapshots.summary(&snapshot.service) {
-            snapshot.generated_at_ms = snapshot
-                .generated_at_ms
-                .max(held.generated_at_ms.saturating_add(1));
+            snapshot.generated_at_ms = answered_at.max(held.generated_at_ms.saturating_add(1));
         }
         let (service, at) = (snapshot.service.clone(), snapshot.generated_at_ms);
+        let restamped = at != answered_at;
+        let item = match self.registry_sig(&snapshot, sig, restamped) {
+            Some(sig) => BroadcastItem::SignedSnapshot(snapshot, sig),
+            None => BroadcastItem::Snapshot(snapshot),
+        };
         let refusals = self.store.snapshots.refusals().future;
-        self.learn_direct(BroadcastItem::Snapshot(snapshot));
+        self.learn_direct(item);
         if self.store.snapshots.refusals().future > refusals {
             tracing::warn!(
                 %service,

@@ -187,12 +187,18 @@ pub struct RepairPush {
     pub snapshots: Vec<Snapshot>,
 }
 
-/// The owners' signatures of a frame's rows (`sigs[i]` signs `rows[i]`) and the
-/// certificates of those owners (signed gossip).
+/// The owners' signatures of a frame's rows (`sigs[i]` signs `rows[i]`), the certificates
+/// of those owners, and the registry's signatures of its snapshots (`snapshot_sigs[i]` signs
+/// `snapshots[i]`) (signed gossip).
+///
+/// `row_sets` holds, for owners whose every row the frame carries, the owner's signature of
+/// that whole set ([`crate::sign::row_set_message`]): one verification for all of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proofs {
     pub sigs: Vec<Option<Signature>>,
     pub certs: Vec<(SocketAddr, Certificate)>,
+    pub snapshot_sigs: Vec<Option<Signature>>,
+    pub row_sets: Vec<(SocketAddr, Signature)>,
 }
 
 /// One TCP frame of a repair exchange. The signed forms go last, so the unsigned ones keep
@@ -208,26 +214,106 @@ pub enum RepairFrame {
     SignedPush(RepairPush, Proofs),
 }
 
-/// The signatures and certificates this node holds for `rows`.
-pub fn proofs(store: &Store, rows: &[Row]) -> Proofs {
+/// The signatures and certificates this node holds for `rows` and `snapshots`.
+pub fn proofs(store: &Store, rows: &[Row], snapshots: &[Snapshot]) -> Proofs {
     let sigs = rows
         .iter()
         .map(|r| store.rows.sig(&r.owner, &r.key, r.version()))
         .collect();
     let owners: BTreeSet<SocketAddr> = rows.iter().map(|r| r.owner).collect();
     let certs = owners
-        .into_iter()
-        .filter_map(|o| store.certs.get(&o).map(|c| (o, c.clone())))
+        .iter()
+        .filter_map(|o| store.certs.get(o).map(|c| (*o, c.clone())))
         .collect();
-    Proofs { sigs, certs }
-}
-
-/// Takes a frame's certificates (each checked), before its rows are.
-pub fn apply_certs(store: &mut Store, proofs: &Proofs) {
-    for (owner, cert) in &proofs.certs {
-        broadcast::merge_cert(store, *owner, cert.clone());
+    // Repair sends every row held of an owner (`rows_they_lack`), which is what the set
+    // signature held covers, if it covers what is held now.
+    let row_sets = owners
+        .into_iter()
+        .filter_map(|o| store.row_set(&o).map(|s| (o, s)))
+        .collect();
+    let snapshot_sigs = snapshots
+        .iter()
+        .map(|s| store.snapshots.sig(&s.service).copied())
+        .collect();
+    Proofs {
+        sigs,
+        certs,
+        snapshot_sigs,
+        row_sets,
     }
 }
+
+/// Takes a frame's certificates (each checked), before its rows are. Their registry
+/// signatures are verified as one batch; if that fails, one by one, which tells the bad ones.
+pub fn apply_certs(store: &mut Store, proofs: &Proofs) {
+    let fresh: Vec<&(SocketAddr, Certificate)> = proofs
+        .certs
+        .iter()
+        .filter(|(o, c)| store.certs.get(o) != Some(c))
+        .collect();
+    let certs: Vec<&Certificate> = fresh.iter().map(|(_, c)| c).collect();
+    let signed =
+        store.trust.mode != SigningMode::Off && certs.len() > 1 && store.trust.certs_signed(&certs);
+    for (owner, cert) in fresh {
+        broadcast::merge_cert_checked(store, *owner, cert.clone(), signed);
+    }
+}
+
+/// Which of a frame's rows were verified as one batch with their owners' stored
+/// certificates: each owner with a row-set signature in `proofs` by that signature over all
+/// its rows in the frame, every other row that is news by its own (`proofs.sigs[i]` signs
+/// `rows[i]`). None when the batch fails: each row is then checked on its own, which counts
+/// why. Old news is left out, as [`broadcast::merge_row`] checks it only to keep a
+/// signature it lacks. Also returns the sets that verified (owner, signature, row count).
+fn batch_verified(store: &Store, rows: &[Row], proofs: &Proofs) -> (Vec<bool>, Vec<RowSet>) {
+    let mut verified = vec![false; rows.len()];
+    if store.trust.mode == SigningMode::Off {
+        return (verified, Vec::new());
+    }
+    let wanted = |row: &Row| store.rows.would_apply(row) || store.rows.lacks_sig(row);
+    let mut by_owner: BTreeMap<SocketAddr, (Vec<usize>, Vec<&Row>)> = BTreeMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        let (is, rs) = by_owner.entry(row.owner).or_default();
+        is.push(i);
+        rs.push(row);
+    }
+    let sets: BTreeMap<SocketAddr, &Signature> =
+        proofs.row_sets.iter().map(|(o, s)| (*o, s)).collect();
+    let mut covered = Vec::new();
+    let mut items = Vec::new();
+    let mut kept = Vec::new();
+    for (owner, (is, rs)) in &by_owner {
+        let Some(cert) = store.certs.get(owner) else {
+            continue;
+        };
+        if let Some(sig) = sets.get(owner) {
+            if rs.iter().any(|r| wanted(r)) {
+                items.push((rs.clone(), *sig, cert, true));
+                covered.extend(is.iter().copied());
+                kept.push((*owner, **sig, rs.len()));
+            }
+            continue;
+        }
+        for &i in is {
+            if let Some(Some(sig)) = proofs.sigs.get(i)
+                && wanted(&rows[i])
+            {
+                items.push((vec![&rows[i]], sig, cert, false));
+                covered.push(i);
+            }
+        }
+    }
+    if !items.is_empty() && store.trust.check_batch(&items, store.now_ms) {
+        for i in covered {
+            verified[i] = true;
+        }
+        return (verified, kept);
+    }
+    (verified, Vec::new())
+}
+
+/// An owner's row-set signature and how many rows it was verified over.
+type RowSet = (SocketAddr, Signature, usize);
 
 fn owner_summaries(store: &Store, buckets: &BTreeSet<u8>) -> Vec<OwnerSummary> {
     store
@@ -283,6 +369,11 @@ fn snapshots_they_lack(
                 let young = now.saturating_sub(mine.generated_at_ms) < REGISTRY_SPREAD_MS;
                 hash != mine.hash && (at, hash) < (mine.generated_at_ms, mine.hash) && !young
             })
+        })
+        // With `require`, peers drop a snapshot the registry did not sign (a lower bound, a
+        // restamped answer): it stays with the agent that made it.
+        .filter(|mine| {
+            store.trust.mode != SigningMode::Require || store.snapshots.sig(&mine.service).is_some()
         })
         .filter_map(|mine| store.snapshots.get(&mine.service).cloned())
         .collect()
@@ -348,8 +439,8 @@ pub fn respond(store: &Store, me: SocketAddr, req: &RepairRequest) -> RepairResp
     }
 }
 
-/// Applies rows and snapshots from a peer, each checked as a broadcast one would be
-/// (`sigs[i]` signs `rows[i]`). A peer's full row set of its *own* rows is authoritative:
+/// Applies rows and snapshots from a peer, each checked as a broadcast one would be, against
+/// the frame's `proofs` (empty for an unsigned frame). A peer's full row set of its *own* rows is authoritative:
 /// rows of it we hold and it no longer has were deleted — except with signing `require`,
 /// where `from` is only the frame's word and a member holding the cluster key could
 /// otherwise delete another's rows by claiming to be it.
@@ -357,17 +448,40 @@ pub fn apply(
     store: &mut Store,
     from: SocketAddr,
     rows: Vec<Row>,
-    sigs: &[Option<Signature>],
     snapshots: Vec<Snapshot>,
+    proofs: &Proofs,
 ) -> usize {
+    let sigs = &proofs.sigs;
+    let (verified, sets) = batch_verified(store, &rows, proofs);
     let mut applied = 0;
     let mut own: Option<BTreeSet<_>> = None;
+    let mut applied_of: BTreeMap<SocketAddr, usize> = BTreeMap::new();
     for (i, row) in rows.into_iter().enumerate() {
         if row.owner == from {
             own.get_or_insert_default().insert(row.key.clone());
         }
+        let owner = row.owner;
         let sig = sigs.get(i).copied().flatten();
-        applied += usize::from(broadcast::merge_row(store, row, sig).is_some());
+        // A row vouched for by its owner's set signature keeps its own signature unchecked,
+        // to pass on; a relay that spoiled it only spoils its own broadcasts of the row.
+        let merged = if verified[i] {
+            broadcast::merge_verified_row(store, row, sig)
+        } else {
+            broadcast::merge_row(store, row, sig)
+        };
+        applied += usize::from(merged.is_some());
+        if verified[i] && merged.is_some() {
+            *applied_of.entry(owner).or_default() += 1;
+        }
+    }
+    for (owner, sig, count) in sets {
+        // Kept (with no second check) when every row it covers was taken and nothing else
+        // is held of the owner: then what is held is the set it signed. A set kept wrongly
+        // would only cost its receivers the fallback, as they check it against what they get.
+        let all = applied_of.get(&owner) == Some(&count);
+        if all && store.rows.row_count(&owner) == count {
+            store.keep_row_set(owner, sig, false);
+        }
     }
     if store.trust.mode == SigningMode::Require {
         own = None;
@@ -377,8 +491,12 @@ pub fn apply(
         // We now hold exactly what the owner holds of itself.
         store.rows.mark_synced(&from, from);
     }
-    for snap in snapshots {
-        let news = broadcast::merge(store, BroadcastItem::Snapshot(snap)).is_some();
+    for (i, snap) in snapshots.into_iter().enumerate() {
+        let item = match proofs.snapshot_sigs.get(i).copied().flatten() {
+            Some(sig) => BroadcastItem::SignedSnapshot(snap, sig),
+            None => BroadcastItem::Snapshot(snap),
+        };
+        let news = broadcast::merge(store, item).is_some();
         store.rows_received += u64::from(news);
         applied += usize::from(news);
     }
@@ -400,7 +518,7 @@ pub fn on_response(
     store: &mut Store,
     me: SocketAddr,
     resp: RepairResponse,
-    sigs: &[Option<Signature>],
+    proofs: &Proofs,
 ) -> Option<RepairPush> {
     let RepairResponse {
         from,
@@ -410,7 +528,7 @@ pub fn on_response(
         owners,
         snapshot_summaries,
     } = resp;
-    apply(store, from, rows, sigs, snapshots);
+    apply(store, from, rows, snapshots, proofs);
     note_own_summary(store, from, &owners);
     let push = RepairPush {
         from: me,

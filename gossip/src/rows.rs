@@ -351,6 +351,11 @@ impl RowStore {
         })
     }
 
+    /// How many rows (tombstones included) are held of `owner`.
+    pub fn row_count(&self, owner: &SocketAddr) -> usize {
+        self.owners.get(owner).map_or(0, |o| o.rows.len())
+    }
+
     /// Highest version seen for `owner` (kept even after its tombstones are dropped).
     pub fn max_version(&self, owner: &SocketAddr) -> Option<Version> {
         self.owners.get(owner).map(|o| o.max)

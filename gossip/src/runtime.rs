@@ -20,6 +20,7 @@ use crate::crypto::{KeyRing, Sealer};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::node::{Effect, MAX_DATAGRAM, Node, Timer};
 use crate::repair_tcp::{self, ConnError, Repair};
+use crate::sign::Signature;
 use crate::snapshot::Snapshot;
 use crate::view::{GossipView, MemberInfo};
 use crate::view_entries::ViewCache;
@@ -42,7 +43,7 @@ pub enum RuntimeError {
 
 pub(crate) enum Command {
     PublishLocal(Vec<Endpoint>),
-    Snapshots(Vec<Snapshot>),
+    Snapshots(Vec<(Snapshot, Option<Signature>)>),
     KeyRing(Option<KeyRing>),
     Join(Vec<SocketAddr>),
     OwnerKey(Box<crate::sign::SigningKey>),
@@ -76,6 +77,17 @@ impl GossipHandle {
     pub async fn apply_registry_snapshots(
         &self,
         snapshots: Vec<Snapshot>,
+    ) -> Result<(), RuntimeError> {
+        let unsigned = snapshots.into_iter().map(|s| (s, None)).collect();
+        self.send(Command::Snapshots(unsigned)).await
+    }
+
+    /// [`apply_registry_snapshots`](Self::apply_registry_snapshots) with the registry's
+    /// signature of each listing where the answer had one
+    /// ([`crate::Node::apply_registry_answer`]).
+    pub async fn apply_registry_answers(
+        &self,
+        snapshots: Vec<(Snapshot, Option<Signature>)>,
     ) -> Result<(), RuntimeError> {
         self.send(Command::Snapshots(snapshots)).await
     }
@@ -321,8 +333,8 @@ impl NodeTask {
                     Some(Command::PublishLocal(eps)) => self.node.publish_local(now_ms(), eps),
                     Some(Command::Snapshots(batch)) => {
                         let now = now_ms();
-                        for s in batch {
-                            self.node.apply_registry_snapshot(now, s);
+                        for (s, sig) in batch {
+                            self.node.apply_registry_answer(now, s, sig);
                         }
                     }
                     Some(Command::KeyRing(r)) => {

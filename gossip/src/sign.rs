@@ -32,7 +32,7 @@ use crate::rows::Row;
 use crate::snapshot::Snapshot;
 
 const ROW_TAG: &[u8] = b"tidings-row-v1\0";
-const SNAPSHOT_TAG: &[u8] = b"tidings-snapshot-v1\0";
+const ROW_SET_TAG: &[u8] = b"tidings-rowset-v1\0";
 
 /// What gossip asks of a [`Certificate`] (the type lives in `schema`, shared with the
 /// registry that issues it).
@@ -82,8 +82,42 @@ pub fn sign_row(owner: &SigningKey, row: &Row) -> Option<Signature> {
     row_message(row).map(|m| owner.sign(&m))
 }
 
+/// The bytes an owner signs for its whole row set: the owner and every row it holds of
+/// itself (tombstones too), in key order whatever order they come in. One verification
+/// then covers all of an owner's rows in a repair frame, where one per row made a node
+/// joining a large cluster pay one per row. `None` if a row is another owner's.
+pub fn row_set_message<'r>(
+    owner: SocketAddr,
+    rows: impl IntoIterator<Item = &'r Row>,
+) -> Option<Vec<u8>> {
+    let mut rows: Vec<&Row> = rows.into_iter().collect();
+    if rows.iter().any(|r| r.owner != owner) {
+        return None;
+    }
+    rows.sort_by(|a, b| a.key.cmp(&b.key));
+    tagged(ROW_SET_TAG, &(owner, rows))
+}
+
+pub fn sign_row_set<'r>(
+    owner_key: &SigningKey,
+    owner: SocketAddr,
+    rows: impl IntoIterator<Item = &'r Row>,
+) -> Option<Signature> {
+    row_set_message(owner, rows).map(|m| owner_key.sign(&m))
+}
+
+/// The bytes the registry signs for a snapshot: its service, date and endpoints
+/// ([`schema::cert::listing_message`], which the registry builds from its own answer). Not
+/// the hosts' check-in times: see there.
+pub fn snapshot_message(snap: &Snapshot) -> Option<Vec<u8>> {
+    let endpoints = snap.entries.iter().map(|e| &*e.endpoint);
+    schema::cert::listing_message(&snap.service, snap.generated_at_ms, endpoints)
+}
+
+/// The registry's signature of `snap` (as the registry gives it in a catalog answer; for
+/// tests and the simulator, which play the registry).
 pub fn sign_snapshot(registry: &SigningKey, snap: &Snapshot) -> Option<Signature> {
-    tagged(SNAPSHOT_TAG, snap).map(|m| registry.sign(&m))
+    snapshot_message(snap).map(|m| registry.sign(&m))
 }
 
 /// Why a signed item was not accepted. Never changes any state. The label is the `reason`
@@ -208,6 +242,16 @@ impl Trust {
             return Ok(());
         };
         let cert = cert.ok_or(Reject::NoCertificate)?;
+        self.check_row_scope(row, cert, now_ms)?;
+        row_message(row)
+            .is_some_and(|m| cert.body.owner_key.verifies(&m, sig))
+            .then_some(())
+            .ok_or(Reject::BadSignature)
+    }
+
+    /// Everything [`check_row_stored`](Self::check_row_stored) checks of a signed row but
+    /// its signature: the certificate's dates and scope.
+    fn check_row_scope(&self, row: &Row, cert: &Certificate, now_ms: u64) -> Result<(), Reject> {
         if self.registry.is_none() {
             return Err(Reject::BadCertificate);
         }
@@ -215,10 +259,57 @@ impl Trust {
         if !cert.covers(row) {
             return Err(Reject::OutOfScope);
         }
-        row_message(row)
-            .is_some_and(|m| cert.body.owner_key.verifies(&m, sig))
-            .then_some(())
-            .ok_or(Reject::BadSignature)
+        Ok(())
+    }
+
+    /// Whether every one of `rows` (a row, its signature, its owner's stored certificate)
+    /// passes [`check_row_stored`](Self::check_row_stored), its signatures verified as one
+    /// batch ([`schema::cert::verify_all`]). `false` means at least one does not: check them
+    /// one by one to tell which (and count why).
+    pub fn check_rows_batch(&self, rows: &[(&Row, &Signature, &Certificate)], now_ms: u64) -> bool {
+        let items: Vec<_> = rows
+            .iter()
+            .map(|(row, sig, cert)| (vec![*row], *sig, *cert, false))
+            .collect();
+        self.check_batch(&items, now_ms)
+    }
+
+    /// [`check_rows_batch`](Self::check_rows_batch) over items that are each either one
+    /// row and its own signature (`set: false`) or all of an owner's rows and its row-set
+    /// signature ([`row_set_message`], `set: true`): every row's certificate dates and
+    /// scope are checked, then every signature in one batch.
+    pub fn check_batch(
+        &self,
+        items: &[(Vec<&Row>, &Signature, &Certificate, bool)],
+        now_ms: u64,
+    ) -> bool {
+        if self.mode == SigningMode::Off {
+            return false;
+        }
+        let mut messages = Vec::with_capacity(items.len());
+        for (rows, _, cert, set) in items {
+            if rows
+                .iter()
+                .any(|r| self.check_row_scope(r, cert, now_ms).is_err())
+            {
+                return false;
+            }
+            let m = match (set, rows.as_slice()) {
+                (false, [row]) => row_message(row),
+                (true, [first, ..]) => row_set_message(first.owner, rows.iter().copied()),
+                _ => None,
+            };
+            let Some(m) = m else {
+                return false;
+            };
+            messages.push(m);
+        }
+        let batch: Vec<_> = items
+            .iter()
+            .zip(&messages)
+            .map(|((_, sig, cert, _), m)| (&cert.body.owner_key, m.as_slice(), *sig))
+            .collect();
+        schema::cert::verify_all(&batch)
     }
 
     /// Checks a registry snapshot with its signature (if any).
@@ -227,7 +318,7 @@ impl Trust {
             return Ok(());
         };
         let registry = self.registry.as_ref().ok_or(Reject::BadSignature)?;
-        tagged(SNAPSHOT_TAG, snap)
+        snapshot_message(snap)
             .is_some_and(|m| registry.verifies(&m, sig))
             .then_some(())
             .ok_or(Reject::BadSignature)
@@ -242,6 +333,45 @@ impl Trust {
     ) -> Result<(), Reject> {
         let registry = self.registry.as_ref().ok_or(Reject::BadCertificate)?;
         cert.check(registry, now_ms, self.grace_ms)?;
+        if owner.ip() != cert.body.ip {
+            return Err(Reject::OutOfScope);
+        }
+        Ok(())
+    }
+
+    /// Whether the registry key signed every one of `certs`, verified as one batch
+    /// ([`schema::cert::verify_all`]); their dates and scope are still checked one by one.
+    pub fn certs_signed(&self, certs: &[&Certificate]) -> bool {
+        let Some(registry) = self.registry.as_ref() else {
+            return false;
+        };
+        let Some(messages) = certs
+            .iter()
+            .map(|c| c.message())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return false;
+        };
+        let items: Vec<_> = certs
+            .iter()
+            .zip(&messages)
+            .map(|(c, m)| (registry, m.as_slice(), &c.sig))
+            .collect();
+        schema::cert::verify_all(&items)
+    }
+
+    /// [`check_cert`](Self::check_cert) for a certificate whose registry signature is
+    /// known good ([`certs_signed`](Self::certs_signed)).
+    pub fn check_cert_signed(
+        &self,
+        owner: SocketAddr,
+        cert: &Certificate,
+        now_ms: u64,
+    ) -> Result<(), Reject> {
+        if self.registry.is_none() {
+            return Err(Reject::BadCertificate);
+        }
+        cert.check_dates(now_ms, self.grace_ms)?;
         if owner.ip() != cert.body.ip {
             return Err(Reject::OutOfScope);
         }

@@ -98,6 +98,18 @@ fn sent_items(effects: &[Effect]) -> Vec<BroadcastItem> {
         .collect()
 }
 
+/// A repair response from node 1 carrying `rows` and `snapshots`.
+fn response_from_1(rows: Vec<Row>, snapshots: Vec<Snapshot>) -> RepairResponse {
+    RepairResponse {
+        from: addr(1),
+        buckets: Default::default(),
+        rows,
+        snapshots,
+        owners: Vec::new(),
+        snapshot_summaries: Vec::new(),
+    }
+}
+
 /// The owner's rows, signed, and its certificate reach a peer: taken.
 fn honest_pair(mode: SigningMode) -> (Node, Node) {
     let owner_key = key(2);
@@ -173,17 +185,10 @@ fn repair_carries_signatures_and_a_claimed_sender_cannot_prune_its_rows() {
     let mut c = signed_node(3, SigningMode::Require);
     // A repair response from `a` with proofs: taken.
     let rows = rows_of(&a);
-    let proofs = repair::proofs(&a.store, &rows);
+    let proofs = repair::proofs(&a.store, &rows, &[]);
     assert!(proofs.sigs.iter().all(Option::is_some));
     assert_eq!(proofs.certs.len(), 1);
-    let resp = RepairResponse {
-        from: addr(1),
-        buckets: Default::default(),
-        rows: rows.clone(),
-        snapshots: Vec::new(),
-        owners: Vec::new(),
-        snapshot_summaries: Vec::new(),
-    };
+    let resp = response_from_1(rows.clone(), Vec::new());
     let frame = encode_frame(&RepairFrame::SignedResponse(resp.clone(), proofs)).unwrap();
     c.handle_repair_frame(NOW, &frame);
     assert_eq!(rows_of(&c), rows);
@@ -202,6 +207,55 @@ fn repair_carries_signatures_and_a_claimed_sender_cannot_prune_its_rows() {
     let frame = encode_frame(&RepairFrame::SignedPush(push, Proofs::default())).unwrap();
     b.handle_repair_frame(NOW, &frame);
     assert_eq!(rows_of(&b), rows);
+}
+
+#[test]
+fn a_repair_frame_checked_in_a_batch_still_refuses_its_one_forged_row() {
+    let owner_key = key(2);
+    let mut a = signed_node(1, SigningMode::Require);
+    a.set_owner_key(owner_key);
+    a.set_certificate(NOW, cert(&key(2), 1));
+    a.publish_local(NOW, (80..90).map(|p| ep(1, p)).collect());
+    let mut rows = rows_of(&a);
+    let mut proofs = repair::proofs(&a.store, &rows, &[]);
+    // A relay changes one row's port and keeps its signature: the batch fails, each row
+    // is then checked alone, and only the forged one is refused.
+    let i = rows.iter().position(|r| r.key.port.get() == 85).unwrap();
+    rows[i] = up(1, 1, 9999, rows[i].version());
+    proofs.certs.push((addr(3), cert(&key(3), 3)));
+    let resp = response_from_1(rows.clone(), Vec::new());
+    let mut c = signed_node(3, SigningMode::Require);
+    let frame = encode_frame(&RepairFrame::SignedResponse(resp.clone(), proofs.clone())).unwrap();
+    c.handle_repair_frame(NOW, &frame);
+    let mut want = rows.clone();
+    want.remove(i);
+    assert_eq!(rows_of(&c), want);
+    assert_eq!(c.store.rejected[Reject::BadSignature.index()], 1);
+    assert_eq!(
+        c.store.certs.len(),
+        2,
+        "both certificates taken in one batch"
+    );
+    // A self-made certificate among good ones is refused alone.
+    let mut d = signed_node(4, SigningMode::Require);
+    let self_made = Certificate::issue(
+        &key(9),
+        CertBody {
+            owner_key: key(9).public(),
+            ip: addr(5).ip(),
+            services: None,
+            not_before_ms: NOW - HOUR,
+            not_after_ms: NOW + HOUR,
+        },
+    )
+    .unwrap();
+    proofs.certs.push((addr(5), self_made));
+    let frame = encode_frame(&RepairFrame::SignedResponse(resp, proofs)).unwrap();
+    d.handle_repair_frame(NOW, &frame);
+    assert_eq!(d.store.certs.len(), 2);
+    // Counted: a refusal while applying a repair frame's certificates was not, before.
+    assert_eq!(d.store.rejected[Reject::BadCertificate.index()], 1);
+    assert_eq!(rows_of(&d), want);
 }
 
 #[test]
@@ -230,4 +284,174 @@ fn accept_mode_sends_both_forms_and_takes_unsigned_rows() {
     );
     assert!(rows_of(&b).contains(&old));
     assert_eq!(b.metrics().snapshot().rejected_unsigned, 0);
+}
+
+fn web_snapshot(at: u64, hosts: &[u8]) -> Snapshot {
+    Snapshot {
+        service: ServiceName::new("web").unwrap(),
+        generated_at_ms: at,
+        entries: hosts
+            .iter()
+            .map(|h| crate::SnapshotEntry {
+                endpoint: ep(*h, 80).into(),
+                last_check_in_ms: at,
+            })
+            .collect(),
+    }
+}
+
+fn held(n: &Node) -> Option<&Snapshot> {
+    n.store.snapshots.get(&ServiceName::new("web").unwrap())
+}
+
+fn snapshot_items(items: &[BroadcastItem]) -> (usize, usize) {
+    let signed = items
+        .iter()
+        .filter(|i| matches!(i, BroadcastItem::SignedSnapshot(..)))
+        .count();
+    let plain = items
+        .iter()
+        .filter(|i| matches!(i, BroadcastItem::Snapshot(..)))
+        .count();
+    (signed, plain)
+}
+
+#[test]
+fn a_registry_signed_answer_travels_signed_in_broadcasts_and_repair() {
+    let (mut a, mut b) = (
+        signed_node(1, SigningMode::Require),
+        signed_node(2, SigningMode::Require),
+    );
+    a.assume_members(NOW, [b.id()]);
+    a.take_effects();
+    // A host only the registry knows (a cron check-in), as the registry signed it.
+    let snap = web_snapshot(NOW, &[5]);
+    let sig = sign::sign_snapshot(&registry(), &snap);
+    a.apply_registry_answer(NOW, snap.clone(), sig);
+    let items = sent_items(&a.take_effects());
+    assert_eq!(snapshot_items(&items), (1, 0), "signed only under require");
+    b.handle_packet(NOW, addr(1), &packet(&items));
+    assert_eq!(held(&b), Some(&snap));
+    // Repair carries the registry's signature with the snapshot.
+    let mut c = signed_node(3, SigningMode::Require);
+    let snapshots = vec![snap.clone()];
+    let proofs = repair::proofs(&a.store, &[], &snapshots);
+    assert_eq!(proofs.snapshot_sigs, vec![sig]);
+    let resp = RepairResponse {
+        from: addr(1),
+        buckets: Default::default(),
+        rows: Vec::new(),
+        snapshots,
+        owners: Vec::new(),
+        snapshot_summaries: Vec::new(),
+    };
+    let frame = encode_frame(&RepairFrame::SignedResponse(resp, proofs)).unwrap();
+    c.handle_repair_frame(NOW, &frame);
+    assert_eq!(held(&c), Some(&snap));
+    // Tampered copies of it are refused: a host added, the date moved.
+    let mut d = signed_node(4, SigningMode::Require);
+    let mut added = snap.clone();
+    added.entries.extend(web_snapshot(NOW, &[6]).entries);
+    let mut later = snap.clone();
+    later.generated_at_ms += 1;
+    let sig = sig.unwrap();
+    let forged = [
+        BroadcastItem::SignedSnapshot(added, sig),
+        BroadcastItem::SignedSnapshot(later, sig),
+        BroadcastItem::Snapshot(snap),
+    ];
+    d.handle_packet(NOW, addr(1), &packet(&forged));
+    assert_eq!(held(&d), None);
+    let m = d.metrics().snapshot();
+    assert_eq!((m.rejected_bad_signature, m.rejected_unsigned), (2, 1));
+}
+
+#[test]
+fn an_answer_the_registry_did_not_sign_as_held_stays_with_the_agent_under_require() {
+    let mut a = signed_node(1, SigningMode::Require);
+    let b = signed_node(2, SigningMode::Require);
+    a.assume_members(NOW, [b.id()]);
+    a.take_effects();
+    // A signature that is not of this listing: taken (it is this agent's own answer),
+    // counted, and kept from peers.
+    let other = sign::sign_snapshot(&registry(), &web_snapshot(NOW, &[9]));
+    a.apply_registry_answer(NOW, web_snapshot(NOW, &[5]), other);
+    assert_eq!(held(&a), Some(&web_snapshot(NOW, &[5])));
+    assert_eq!(a.metrics().snapshot().rejected_bad_signature, 1);
+    assert_eq!(snapshot_items(&sent_items(&a.take_effects())), (0, 0));
+    // A signed answer dated before what is held is restamped after it: the registry did
+    // not sign that date, so it stays here too. So does a lower bound.
+    let early = web_snapshot(NOW - 5, &[7]);
+    let sig = sign::sign_snapshot(&registry(), &early);
+    a.apply_registry_answer(NOW, early, sig);
+    assert_eq!(held(&a).map(|s| s.generated_at_ms), Some(NOW + 1));
+    assert_eq!(snapshot_items(&sent_items(&a.take_effects())), (0, 0));
+    // Nor does repair send what it holds unsigned to a peer that would drop it.
+    let req = repair::RepairRequest {
+        from: addr(2),
+        buckets: (0..repair::DIGEST_BUCKETS as u8).collect(),
+        owners: Vec::new(),
+        snapshots: Vec::new(),
+    };
+    assert!(
+        repair::respond(&a.store, addr(1), &req)
+            .snapshots
+            .is_empty()
+    );
+    // With `accept`, a signed answer goes both ways, for agents that read no signatures.
+    let mut e = signed_node(5, SigningMode::Accept);
+    e.assume_members(NOW, [b.id()]);
+    e.take_effects();
+    let snap = web_snapshot(NOW, &[5]);
+    e.apply_registry_answer(NOW, snap.clone(), sign::sign_snapshot(&registry(), &snap));
+    assert_eq!(snapshot_items(&sent_items(&e.take_effects())), (1, 1));
+}
+
+#[test]
+fn an_owner_row_set_travels_after_its_rows_and_vouches_for_them_in_repair() {
+    let (mut a, mut b) = honest_pair(SigningMode::Require);
+    a.publish_local(NOW, (80..85).map(|p| ep(1, p)).collect());
+    let items = sent_items(&a.take_effects());
+    let set_at = items
+        .iter()
+        .position(|i| matches!(i, BroadcastItem::RowSet(..)))
+        .expect("the row set is sent");
+    assert!(
+        items[..set_at]
+            .iter()
+            .any(|i| matches!(i, BroadcastItem::SignedRow(..))),
+        "after the rows it covers"
+    );
+    b.handle_packet(NOW, addr(1), &packet(&items));
+    assert_eq!(rows_of(&b), rows_of(&a));
+    assert_eq!(b.store.row_set(&addr(1)), a.store.row_set(&addr(1)));
+    assert!(b.store.row_set(&addr(1)).is_some());
+    // b's repair frame carries it; a node that gets the rows with no row signatures at all
+    // takes them on the set's one signature, and keeps it to pass on.
+    let rows = rows_of(&b);
+    let mut proofs = repair::proofs(&b.store, &rows, &[]);
+    assert_eq!(proofs.row_sets.len(), 1);
+    proofs.sigs = vec![None; rows.len()];
+    let frame = encode_frame(&RepairFrame::SignedResponse(
+        response_from_1(rows.clone(), Vec::new()),
+        proofs.clone(),
+    ))
+    .unwrap();
+    let mut c = signed_node(3, SigningMode::Require);
+    c.handle_repair_frame(NOW, &frame);
+    assert_eq!(rows_of(&c), rows);
+    assert!(c.store.row_set(&addr(1)).is_some());
+    // One row changed under the set: the set fails, and with no row signatures to fall
+    // back on, nothing is taken.
+    let mut forged = rows.clone();
+    forged[0] = up(1, 1, 9999, forged[0].version());
+    let frame = encode_frame(&RepairFrame::SignedResponse(
+        response_from_1(forged, Vec::new()),
+        proofs,
+    ))
+    .unwrap();
+    let mut d = signed_node(4, SigningMode::Require);
+    d.handle_repair_frame(NOW, &frame);
+    assert!(rows_of(&d).is_empty());
+    assert!(d.store.row_set(&addr(1)).is_none());
 }

@@ -299,3 +299,98 @@ proptest! {
         prop_assert_eq!(t.check_cert("10.0.0.1:1".parse().unwrap(), &c, NOW), Err(Reject::BadCertificate));
     }
 }
+
+#[test]
+fn a_batch_of_rows_verifies_only_when_every_row_would_alone() {
+    let (registry, owner) = (key(1), key(2));
+    let t = trust(&registry, SigningMode::Require);
+    let c = cert(&registry, &owner, "10.0.0.5", None);
+    let rows: Vec<Row> = (80..90)
+        .map(|p| up_row("10.0.0.5:7702", "web", "10.0.0.5", p, 1))
+        .collect();
+    let sigs: Vec<Signature> = rows.iter().map(|r| sign_row(&owner, r).unwrap()).collect();
+    let batch = |rows: &[Row], sigs: &[Signature]| {
+        let items: Vec<_> = rows.iter().zip(sigs).map(|(r, s)| (r, s, &c)).collect();
+        t.check_rows_batch(&items, NOW)
+    };
+    assert!(batch(&rows, &sigs));
+    // One signature of another row, one row changed after signing, one out of scope, one
+    // under a certificate past its grace: each alone fails the batch.
+    let mut swapped = sigs.clone();
+    swapped.swap(0, 1);
+    assert!(!batch(&rows, &swapped));
+    let mut changed = rows.clone();
+    changed[3] = up_row("10.0.0.5:7702", "web", "10.0.0.5", 9999, 1);
+    assert!(!batch(&changed, &sigs));
+    let mut foreign = rows.clone();
+    foreign[2] = up_row("10.0.0.5:7702", "web", "10.0.0.6", 80, 1);
+    let mut foreign_sigs = sigs.clone();
+    foreign_sigs[2] = sign_row(&owner, &foreign[2]).unwrap();
+    assert!(!batch(&foreign, &foreign_sigs));
+    let items: Vec<_> = rows.iter().zip(&sigs).map(|(r, s)| (r, s, &c)).collect();
+    assert!(!t.check_rows_batch(&items, NOW + 30 * HOUR));
+    // Certificates: the registry's batch holds, a self-made one breaks it.
+    let other = cert(&registry, &key(3), "10.0.0.6", None);
+    assert!(t.certs_signed(&[&c, &other]));
+    let self_made = cert(&owner, &owner, "10.0.0.7", None);
+    assert!(!t.certs_signed(&[&c, &self_made]));
+}
+
+#[test]
+fn a_batch_refuses_a_weak_key_as_strict_verification_does() {
+    // The identity point (small order): any signature (R = identity, s = 0) verifies
+    // under it with the unstrict equation.
+    let mut weak = [0u8; PUBLIC_KEY_LEN];
+    weak[0] = 1;
+    let weak = PublicKey(weak);
+    let mut sig = [0u8; SIGNATURE_LEN];
+    sig[0] = 1;
+    let sig = Signature::from_slice(&sig).unwrap();
+    let good = key(2);
+    let good_sig = good.sign(b"m");
+    assert!(schema::cert::verify_all(&[(
+        &good.public(),
+        b"m",
+        &good_sig
+    )]));
+    assert!(!weak.verifies(b"anything", &sig));
+    let items = [
+        (&good.public(), &b"m"[..], &good_sig),
+        (&weak, &b"anything"[..], &sig),
+    ];
+    assert!(!schema::cert::verify_all(&items));
+}
+
+#[test]
+fn an_owner_signs_its_row_set_once_and_any_change_to_the_set_breaks_it() {
+    let (registry, owner) = (key(1), key(2));
+    let t = trust(&registry, SigningMode::Require);
+    let c = cert(&registry, &owner, "10.0.0.5", None);
+    let me: SocketAddr = "10.0.0.5:7702".parse().unwrap();
+    let mut rows: Vec<Row> = (80..85)
+        .map(|p| up_row("10.0.0.5:7702", "web", "10.0.0.5", p, u64::from(p)))
+        .collect();
+    rows.push(tombstone("10.0.0.5:7702", "web", "10.0.0.5", 79));
+    let sig = sign_row_set(&owner, me, &rows).unwrap();
+    let check = |rows: &[Row]| {
+        let items = [(rows.iter().collect(), &sig, &c, true)];
+        t.check_batch(&items, NOW)
+    };
+    assert!(check(&rows));
+    let reversed: Vec<Row> = rows.iter().rev().cloned().collect();
+    assert!(check(&reversed), "in any order");
+    assert!(!check(&rows[1..]), "a row left out");
+    let mut added = rows.clone();
+    added.push(up_row("10.0.0.5:7702", "web", "10.0.0.5", 99, 1));
+    assert!(!check(&added), "a row added");
+    let mut older = rows.clone();
+    older[0] = up_row("10.0.0.5:7702", "web", "10.0.0.5", 80, 1);
+    assert!(!check(&older), "a row's version moved");
+    // Another owner's row cannot be slipped into the set.
+    let mut foreign = rows.clone();
+    foreign.push(up_row("10.0.0.6:7702", "web", "10.0.0.5", 77, 1));
+    assert!(!check(&foreign));
+    // Nor is it a row signature, or the reverse.
+    let one = [(vec![&rows[0]], &sig, &c, false)];
+    assert!(!t.check_batch(&one, NOW));
+}

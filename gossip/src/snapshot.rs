@@ -19,6 +19,7 @@ use schema::{Endpoint, ServiceName};
 use serde::{Deserialize, Serialize};
 
 use crate::rows::stable_hash;
+use crate::sign::Signature;
 
 /// One registry endpoint and its last check-in (registry clock, ms since the Unix epoch).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -185,6 +186,9 @@ pub struct SnapshotStore {
     /// Shared with every published [`crate::GossipView`]: a view holds the snapshots, not
     /// copies of them.
     by_service: BTreeMap<ServiceName, (Arc<Snapshot>, SnapshotSummary)>,
+    /// The registry's signature of the snapshot held, where it has one (signed gossip):
+    /// kept to pass on with it, in broadcasts and in repair.
+    sigs: BTreeMap<ServiceName, Signature>,
     /// At most one per service held; an entry no longer in flight counts for nothing.
     changes_in_flight: BTreeMap<ServiceName, Change>,
     changes: u64,
@@ -203,6 +207,7 @@ impl SnapshotStore {
     pub fn with_max_skew(max_skew_ms: u64) -> Self {
         SnapshotStore {
             by_service: BTreeMap::new(),
+            sigs: BTreeMap::new(),
             changes_in_flight: BTreeMap::new(),
             changes: 0,
             max_skew_ms,
@@ -213,6 +218,18 @@ impl SnapshotStore {
     /// Keeps `snap` if it is newer than what we hold for its service and not dated beyond
     /// the skew bound ahead of `now_ms` (this node's clock).
     pub fn merge(&mut self, snap: Snapshot, now_ms: u64) -> SnapshotMerge {
+        self.merge_signed(snap, None, now_ms)
+    }
+
+    /// [`merge`](Self::merge) of a snapshot with the registry's signature `sig` (checked by
+    /// the caller), kept with it. A union of lower bounds is no registry's listing: unsigned.
+    pub fn merge_signed(
+        &mut self,
+        snap: Snapshot,
+        sig: Option<Signature>,
+        now_ms: u64,
+    ) -> SnapshotMerge {
+        let mut sig = sig;
         if !snap.is_consistent() {
             self.refused.inconsistent += 1;
             return SnapshotMerge::Inconsistent;
@@ -239,11 +256,16 @@ impl SnapshotStore {
                 }
                 snap = union;
                 summary = snap.summary();
+                sig = None;
             } else if cur.rank() >= summary.rank() {
                 return SnapshotMerge::Stale;
             }
         }
         self.note_change(&summary, now_ms);
+        match sig {
+            Some(sig) => self.sigs.insert(snap.service.clone(), sig),
+            None => self.sigs.remove(&snap.service),
+        };
         self.by_service
             .insert(snap.service.clone(), (Arc::new(snap), summary));
         self.changes += 1;
@@ -285,6 +307,7 @@ impl SnapshotStore {
     /// thousand nodes the same catalog.
     pub(crate) fn insert_shared(&mut self, snap: Arc<Snapshot>) {
         let summary = snap.summary();
+        self.sigs.remove(&snap.service);
         self.by_service
             .insert(snap.service.clone(), (snap, summary));
         self.changes += 1;
@@ -300,12 +323,22 @@ impl SnapshotStore {
     /// next answer. (A lower bound held counts as held: an agent restarted without its cache
     /// during a warm-up with its clock far behind keeps its lower bound until its clock is
     /// right.) Snapshots from peers stay judged by this node's clock alone.
-    pub fn merge_direct(&mut self, snap: Snapshot, now_ms: u64) -> SnapshotMerge {
+    pub fn merge_direct(
+        &mut self,
+        snap: Snapshot,
+        sig: Option<Signature>,
+        now_ms: u64,
+    ) -> SnapshotMerge {
         let clock = match self.by_service.get(&snap.service) {
             Some((_, held)) => now_ms.max(held.generated_at_ms),
             None => u64::MAX,
         };
-        self.merge(snap, clock)
+        self.merge_signed(snap, sig, clock)
+    }
+
+    /// The registry's signature of the snapshot held for `service`, if it has one.
+    pub fn sig(&self, service: &ServiceName) -> Option<&Signature> {
+        self.sigs.get(service)
     }
 
     /// The newest `generated_at_ms` accepted at `now_ms`.

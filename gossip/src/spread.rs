@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::node::{MAX_BROADCAST_ITEM, MAX_DATAGRAM, Node};
 use crate::rows::Row;
 use crate::sign::SigningMode;
+use crate::snapshot::Snapshot;
 
 /// Members each round sends to (memberlist's and serf's gossip fan-out).
 pub const FANOUT: usize = 3;
@@ -199,14 +200,21 @@ impl Node {
 fn encodings(item: &BroadcastItem, mode: SigningMode) -> Option<Vec<Vec<u8>>> {
     let encode = |i: &BroadcastItem| i.encode().ok().filter(|b| b.len() <= MAX_BROADCAST_ITEM);
     let plain = |row: &Row| BroadcastItem::Row(Box::new(row.clone()));
+    let plain_snap = |s: &Snapshot| BroadcastItem::Snapshot(s.clone());
     match (item, mode) {
         (BroadcastItem::SignedRow(row, _), SigningMode::Off) => Some(vec![encode(&plain(row))?]),
         (BroadcastItem::SignedRow(row, _), SigningMode::Accept) => {
             Some(vec![encode(item)?, encode(&plain(row))?])
         }
-        (BroadcastItem::Cert(..), SigningMode::Off) => Some(Vec::new()),
-        // Peers that require signatures drop unsigned snapshots: no use sending them (each
-        // agent fetches its registry's answers itself).
+        (BroadcastItem::SignedSnapshot(s, _), SigningMode::Off) => {
+            Some(vec![encode(&plain_snap(s))?])
+        }
+        (BroadcastItem::SignedSnapshot(s, _), SigningMode::Accept) => {
+            Some(vec![encode(item)?, encode(&plain_snap(s))?])
+        }
+        (BroadcastItem::Cert(..) | BroadcastItem::RowSet(..), SigningMode::Off) => Some(Vec::new()),
+        // Peers that require signatures drop unsigned snapshots (lower bounds, restamped
+        // answers): no use sending them.
         (BroadcastItem::Snapshot(_), SigningMode::Require) => Some(Vec::new()),
         _ => Some(vec![encode(item)?]),
     }

@@ -350,6 +350,11 @@ pub struct Catalog {
     /// Self-preservation is on or the store could not be read: expiry is paused.
     pub stale: bool,
     pub services: BTreeMap<String, Vec<V1Host>>,
+    /// Per service, the registry's signature of its listing as of `generated_at_ms`
+    /// ([`crate::cert::listing_message`], base64): asked for with `signed=true`, given by a
+    /// registry with a signing key for the services it lists, when not warming.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub signatures: BTreeMap<String, String>,
 }
 
 /// The key of a host in a catalog: its address within its service.
@@ -398,6 +403,10 @@ pub struct CatalogChanges {
     /// Delta: services with no host left.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed_services: Vec<String>,
+    /// As [`Catalog::signatures`], for each service the answer lists or changes (an empty
+    /// listing for a service removed), of the whole listing the client rebuilds.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub signatures: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {

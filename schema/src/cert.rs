@@ -17,14 +17,15 @@ use ed25519_dalek::Signer as _;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::ServiceName;
 use crate::codec;
+use crate::{Endpoint, ServiceName};
 
 pub const PUBLIC_KEY_LEN: usize = 32;
 pub const SEED_LEN: usize = 32;
 pub const SIGNATURE_LEN: usize = 64;
 
 const CERT_TAG: &[u8] = b"tidings-cert-v1\0";
+const LISTING_TAG: &[u8] = b"tidings-listing-v1\0";
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SignKeyError {
@@ -69,6 +70,38 @@ impl PublicKey {
     }
 }
 
+/// Whether every `(key, message, signature)` verifies, checked as one batch (ed25519-dalek's
+/// `verify_batch`: one multiscalar multiplication for all, several times cheaper per
+/// signature than one by one). For a repair frame's rows and certificates: `false` says
+/// only that one of them failed, so the caller checks them one by one to learn which.
+///
+/// The batch equation is not the strict one ([`PublicKey::verifies`]): weak (small-order)
+/// keys are refused here first, as strict verification refuses them; what it still takes
+/// that strict would not is a signature with a small-order component of `R`, which only its
+/// own signer can make (no forgery) and which strict receivers downstream refuse.
+pub fn verify_all(items: &[(&PublicKey, &[u8], &Signature)]) -> bool {
+    use std::collections::HashMap;
+    let mut keys: HashMap<[u8; PUBLIC_KEY_LEN], ed25519_dalek::VerifyingKey> = HashMap::new();
+    let mut verifying = Vec::with_capacity(items.len());
+    for (key, _, _) in items {
+        // Decompressing a key costs a tenth of a verification: once per owner, not per row.
+        let k = match keys.get(&key.0) {
+            Some(k) => *k,
+            None => match ed25519_dalek::VerifyingKey::from_bytes(&key.0) {
+                Ok(k) if !k.is_weak() => *keys.entry(key.0).or_insert(k),
+                _ => return false,
+            },
+        };
+        verifying.push(k);
+    }
+    let messages: Vec<&[u8]> = items.iter().map(|(_, m, _)| *m).collect();
+    let sigs: Vec<ed25519_dalek::Signature> = items
+        .iter()
+        .map(|(_, _, s)| ed25519_dalek::Signature::from_bytes(&s.to_bytes()))
+        .collect();
+    ed25519_dalek::verify_batch(&messages, &sigs, &verifying).is_ok()
+}
+
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKey({})", self.to_base64())
@@ -93,6 +126,16 @@ impl Signature {
         out[..32].copy_from_slice(&self.0);
         out[32..].copy_from_slice(&self.1);
         out
+    }
+
+    /// The text form in a catalog answer's `signatures`.
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.to_bytes())
+    }
+
+    /// Parses [`to_base64`](Self::to_base64)'s form; `None` if it is not 64 bytes of base64.
+    pub fn from_base64(s: &str) -> Option<Self> {
+        Self::from_slice(&B64.decode(s.trim()).ok()?)
     }
 
     /// A signature from its 64 wire bytes; `None` when the length is wrong.
@@ -190,6 +233,11 @@ impl Certificate {
         Some(Certificate { body, sig })
     }
 
+    /// The bytes the registry signs for this certificate.
+    pub fn message(&self) -> Option<Vec<u8>> {
+        tagged(CERT_TAG, &self.body)
+    }
+
     /// Whether the registry key signed this certificate.
     pub fn signed_by(&self, registry: &PublicKey) -> bool {
         tagged(CERT_TAG, &self.body).is_some_and(|m| registry.verifies(&m, &self.sig))
@@ -213,4 +261,24 @@ impl Certificate {
         let bytes = B64.decode(s.trim()).ok()?;
         codec::decode_file(&bytes).ok()
     }
+}
+
+/// The bytes the registry signs for one service's listing at `generated_at_ms` (registry
+/// clock): the service, the date and every endpoint listed, in key order whatever order
+/// they come in. Both the registry (which answers) and gossip (which checks the snapshot an
+/// agent made of the answer) build it here, from the domain type, so neither depends on
+/// the other's JSON.
+///
+/// Check-in times are not covered: a delta answer does not carry a host whose only change
+/// is its check-in, so an agent's copy of them is older than the registry's, and a
+/// signature over them could not be checked by the agent that received it. They change no
+/// routing (docs/ARCHITECTURE.md#signed-gossip).
+pub fn listing_message<'a>(
+    service: &ServiceName,
+    generated_at_ms: u64,
+    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+) -> Option<Vec<u8>> {
+    let mut endpoints: Vec<&Endpoint> = endpoints.into_iter().collect();
+    endpoints.sort_by_key(|e| e.key());
+    tagged(LISTING_TAG, &(service, generated_at_ms, endpoints))
 }

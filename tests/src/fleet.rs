@@ -416,6 +416,49 @@ pub fn gossip_counter(base: &str, field: &str) -> Result<u64> {
         .with_context(|| format!("{name} not in /metrics"))
 }
 
+/// A v2 check-in of `endpoints` (service, port) on `ip` straight to the registry at
+/// `registry` (a cron job's, owned by no agent); asserts it succeeded.
+pub fn registry_check_in(registry: &str, ip: &str, endpoints: &[(String, u16)]) -> Result<()> {
+    let body = checkin_body(ip, endpoints, "1");
+    let r = http::request(
+        "POST",
+        &format!("{registry}/v2/checkin"),
+        Some("application/json"),
+        body.as_bytes(),
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        r.status == 200,
+        "check-in: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    Ok(())
+}
+
+/// A [`keyed_agent`] with `--gossip-signing require` under the registry key in `pubkey`,
+/// joining `seed` unless it is the agent's own gossip address.
+pub fn signed_agent(
+    ip: &str,
+    seed: &str,
+    dir: &Path,
+    registry: &str,
+    keys: &SigningKeys,
+    extra: &[&str],
+) -> Result<Proc> {
+    let pubkey = keys.registry_public.display().to_string();
+    let mut args = vec![
+        "--gossip-signing",
+        "require",
+        "--registry-key-file",
+        &pubkey,
+    ];
+    if seed != format!("{ip}:7702") {
+        args.extend_from_slice(&["--join", seed]);
+    }
+    args.extend_from_slice(extra);
+    keyed_agent(ip, dir, registry, &keys.cluster, &args)
+}
+
 /// A v2 check-in body: `endpoints` as (service, port), every one with `revision`.
 pub fn checkin_body(ip: &str, endpoints: &[(String, u16)], revision: &str) -> String {
     let endpoints: Vec<_> = endpoints

@@ -19,8 +19,8 @@ use gossip::crypto::{KeyRing, Sealer};
 use gossip::sign::{CertBody, Certificate, SigningKey, sign_row, sign_snapshot};
 use gossip::{Row, RowStatus, Snapshot, SnapshotEntry, Version};
 use schema::{Endpoint, ServiceName};
-use tests::fleet::{self, checkin_body, set};
-use tests::{Proc, START, http, poll};
+use tests::fleet::{self, set};
+use tests::{Proc, START, poll};
 
 /// A per-run /24 of loopback, apart from the other suites' ranges.
 fn ip(host: u8) -> String {
@@ -40,21 +40,10 @@ fn url(host: u8) -> String {
 
 const YEAR_2100_MS: u64 = 4_102_444_800_000;
 
-fn signed_agent(host: u8, dir: &Path, registry: &str, key: &Path, pubkey: &Path) -> Result<Proc> {
+fn signed_agent(host: u8, dir: &Path, registry: &str, keys: &fleet::SigningKeys) -> Result<Proc> {
     let seed = format!("{}:7702", ip(1));
-    let pubkey = pubkey.display().to_string();
-    let mut extra = vec![
-        "--gossip-signing",
-        "require",
-        "--registry-key-file",
-        &pubkey,
-        "--endpoint",
-        "web:8080",
-    ];
-    if host != 1 {
-        extra.extend_from_slice(&["--join", &seed]);
-    }
-    fleet::keyed_agent(&ip(host), dir, registry, key, &extra)
+    let extra = ["--endpoint", "web:8080"];
+    fleet::signed_agent(&ip(host), &seed, dir, registry, keys, &extra)
 }
 
 fn counter(host: u8, field: &str) -> Result<u64> {
@@ -151,30 +140,17 @@ fn views() -> Result<Vec<BTreeSet<String>>> {
 fn a_member_without_the_registrys_trust_changes_no_view() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let keys = fleet::SigningKeys::create(tmp.path())?;
-    let (cluster_key, reg_pub) = (keys.cluster.clone(), keys.registry_public.clone());
-    let key = std::fs::read_to_string(&cluster_key)?;
+    let key = std::fs::read_to_string(&keys.cluster)?;
     let reg_addr = format!("{}:7700", ip(100));
     let reg_url = format!("http://{reg_addr}");
     let _reg = keys.registry(&reg_addr)?;
     // A cron-only host: listed by the registry, owned by no agent.
-    let body = checkin_body(&ip(5), &[("cron".to_string(), 9000)], "1");
-    let r = http::request(
-        "POST",
-        &format!("{reg_url}/v2/checkin"),
-        Some("application/json"),
-        body.as_bytes(),
-        Duration::from_secs(5),
-    )?;
-    ensure!(
-        r.status == 200,
-        "cron check-in: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    fleet::registry_check_in(&reg_url, &ip(5), &[("cron".to_string(), 9000)])?;
 
     let dir = |n: u8| tmp.path().join(format!("agent-{n}"));
     let _agents = [1, 2, 3]
         .iter()
-        .map(|h| signed_agent(*h, &dir(*h), &reg_url, &cluster_key, &reg_pub))
+        .map(|h| signed_agent(*h, &dir(*h), &reg_url, &keys))
         .collect::<Result<Vec<_>>>()?;
     let web: BTreeSet<String> = set(&[1, 2, 3].map(|h| format!("{}:8080", ip(h))));
     let cron = format!("cron {}:9000", ip(5));

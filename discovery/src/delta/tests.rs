@@ -58,6 +58,7 @@ fn arb_catalog() -> impl Strategy<Value = Catalog> {
             warming: false,
             stale: false,
             services,
+            signatures: BTreeMap::new(),
         }
     })
 }
@@ -143,6 +144,7 @@ fn the_digest_matches_a_fixed_value() {
         warming: false,
         stale: false,
         services: BTreeMap::new(),
+        signatures: BTreeMap::new(),
     };
     assert_eq!(
         Replica::new(c.clone()).digest_hex(),

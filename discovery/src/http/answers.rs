@@ -115,11 +115,24 @@ fn join(mut head: Vec<u8>, rest: impl IntoIterator<Item = Bytes>) -> Parts {
 const SERVICES_KEY: Bytes = Bytes::from_static(br#","services":"#);
 const CLOSE: Bytes = Bytes::from_static(b"}");
 
-/// `GET /v2/catalog` as of `generated_at_ms`, with the registry warming or not.
+/// The `signatures` member that ends a catalog answer (the last field of both answer
+/// structs), with its leading comma; empty when there are none, as serde skips it.
+fn signatures_member(signatures: &BTreeMap<String, String>) -> Result<Bytes, serde_json::Error> {
+    if signatures.is_empty() {
+        return Ok(Bytes::new());
+    }
+    let mut out = br#","signatures":"#.to_vec();
+    serde_json::to_writer(&mut out, signatures)?;
+    Ok(Bytes::from(out))
+}
+
+/// `GET /v2/catalog` as of `generated_at_ms`, with the registry warming or not, and the
+/// listings' `signatures` if any.
 pub(crate) fn catalog(
     view: &View,
     generated_at_ms: u64,
     warming: bool,
+    signatures: &BTreeMap<String, String>,
 ) -> Result<Parts, serde_json::Error> {
     let services = catalog_services(view)?;
     let head = serde_json::to_vec(&CatalogHead {
@@ -129,7 +142,8 @@ pub(crate) fn catalog(
         stale: view.stale(),
     })?;
     // `{"index":…,"stale":…}` loses its closing brace and gains `,"services":{…}}`.
-    Ok(join(head, [SERVICES_KEY, services, CLOSE]))
+    let sigs = signatures_member(signatures)?;
+    Ok(join(head, [SERVICES_KEY, services, sigs, CLOSE]))
 }
 
 /// The fields of [`schema::api::CatalogChanges`] before `services`, in its order.
@@ -154,7 +168,9 @@ pub(crate) fn catalog_changes(
     base: Option<&CatalogEntry>,
     generated_at_ms: u64,
     warming: bool,
+    signatures: &BTreeMap<String, String>,
 ) -> Result<Parts, serde_json::Error> {
+    let sigs = signatures_member(signatures)?;
     let head = serde_json::to_vec(&ChangesHead {
         index: view.data.index,
         generated_at_ms,
@@ -166,7 +182,7 @@ pub(crate) fn catalog_changes(
     })?;
     let Some(base) = base else {
         let services = catalog_services(view)?;
-        return Ok(join(head, [SERVICES_KEY, services, CLOSE]));
+        return Ok(join(head, [SERVICES_KEY, services, sigs, CLOSE]));
     };
     let fresh = || encode(&delta::diff(&base.services, &current.services));
     let memo = view.data.deltas.cell(base.index);
@@ -177,9 +193,13 @@ pub(crate) fn catalog_changes(
         Some(b) => b,
         None => fresh()?,
     };
-    // `{"services":…}` loses its opening brace and follows the head's fields.
-    let members = changes.slice(1.min(changes.len())..);
-    Ok(join(head, [Bytes::from_static(b","), members]))
+    // `{"services":…}` loses its opening brace and follows the head's fields, and its
+    // closing brace, which the signatures (if any) go before.
+    let members = match changes.len() {
+        n if n >= 2 => changes.slice(1..n - 1),
+        _ => Bytes::new(),
+    };
+    Ok(join(head, [Bytes::from_static(b","), members, sigs, CLOSE]))
 }
 
 /// `POST /v3/discovery:endpoints` for `service` at its current version (the index).

@@ -8,6 +8,7 @@ pub mod blocking;
 pub(crate) mod caller;
 pub mod errors;
 mod layers;
+mod listing_sigs;
 pub(crate) mod openapi;
 pub mod parts;
 pub(crate) mod router;

@@ -12,9 +12,9 @@ use schema::api::{CheckInRequest, CheckInResponse};
 
 use crate::auth::Scope;
 use crate::errors::ApiError;
-use crate::http::answers;
 use crate::http::blocking::{Blocking, BlockingParams, block};
 use crate::http::router::{ApiPath, HeadersAndBody};
+use crate::http::{answers, listing_sigs};
 use crate::registry::{Registry, View};
 
 /// How far back a certificate's validity starts, for receivers whose clock is behind.
@@ -153,43 +153,73 @@ pub async fn service(
     answers::respond(&registry, body, &view)
 }
 
-/// `GET /v2/catalog?index=I&wait=30s[&delta=true]`: every service at once, blocking. What
-/// agents sync. With `delta=true`, the changes since `index` when the registry still holds
-/// that view, else the whole catalog marked `full`; either with the catalog's digest.
+/// `GET /v2/catalog?index=I&wait=30s[&delta=true][&signed=true]`: every service at once,
+/// blocking. What agents sync. With `delta=true`, the changes since `index` when the registry
+/// still holds that view, else the whole catalog marked `full`; either with the catalog's
+/// digest. With `signed=true` and a signing key, the registry's signature of each listing the
+/// answer gives, for agents to gossip (`listing_sigs`); none while warming, where agents make
+/// lower bounds of the answer rather than take it.
 pub async fn catalog(
     State(registry): State<Registry>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let delta = wants_delta(query.as_deref())?;
+    let flags = Flags::parse(query.as_deref())?;
     let view = block_on(&registry, query.as_deref(), || registry.read_catalog()).await?;
     let (at, warming) = (registry.now_ms(), registry.is_warming());
-    let body = if delta {
-        let since = BlockingParams::parse(query.as_deref())?.index;
-        let current = registry.catalog_entry(&view);
-        let base = since.and_then(|i| registry.catalog_base(i));
-        answers::catalog_changes(&view, &current, base.as_deref(), at, warming)
-    } else {
-        answers::catalog(&view, at, warming)
+    let current = (flags.delta || flags.signed).then(|| registry.catalog_entry(&view));
+    let base = match (&current, flags.delta) {
+        (Some(_), true) => BlockingParams::parse(query.as_deref())?
+            .index
+            .and_then(|i| registry.catalog_base(i)),
+        _ => None,
+    };
+    let signatures = match (&registry.inner.signer, &current) {
+        (Some(signer), Some(current)) if flags.signed && !warming => {
+            listing_sigs::sign(signer, current, base.as_deref(), at)
+        }
+        _ => Default::default(),
+    };
+    let body = match &current {
+        Some(current) if flags.delta => {
+            answers::catalog_changes(&view, current, base.as_deref(), at, warming, &signatures)
+        }
+        _ => answers::catalog(&view, at, warming, &signatures),
     };
     answers::respond(&registry, body, &view)
 }
 
-/// The `delta` parameter of `GET /v2/catalog`: `true`/`1` or `false`/`0`/absent.
-fn wants_delta(query: Option<&str>) -> Result<bool, ApiError> {
-    #[derive(Default, serde::Deserialize)]
-    struct Raw {
-        delta: Option<String>,
+/// The flags of `GET /v2/catalog`, each `true`/`1` or `false`/`0`/absent.
+#[derive(Debug, Default)]
+struct Flags {
+    delta: bool,
+    signed: bool,
+}
+
+impl Flags {
+    fn parse(query: Option<&str>) -> Result<Flags, ApiError> {
+        #[derive(Default, serde::Deserialize)]
+        struct Raw {
+            delta: Option<String>,
+            signed: Option<String>,
+        }
+        let raw: Raw = match query {
+            Some(q) => serde_urlencoded::from_str(q)
+                .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,
+            None => Raw::default(),
+        };
+        Ok(Flags {
+            delta: flag("delta", raw.delta.as_deref())?,
+            signed: flag("signed", raw.signed.as_deref())?,
+        })
     }
-    let raw: Raw = match query {
-        Some(q) => serde_urlencoded::from_str(q)
-            .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?,
-        None => Raw::default(),
-    };
-    match raw.delta.as_deref().map(str::trim) {
+}
+
+fn flag(name: &str, value: Option<&str>) -> Result<bool, ApiError> {
+    match value.map(str::trim) {
         None | Some("" | "false" | "0") => Ok(false),
         Some("true" | "1") => Ok(true),
         Some(other) => Err(ApiError::BadRequest(format!(
-            "delta must be true or false, got {other:?}"
+            "{name} must be true or false, got {other:?}"
         ))),
     }
 }

@@ -15,6 +15,7 @@ mod fuzz;
 mod limits;
 mod lyft;
 mod preservation;
+mod signed_catalog;
 mod socket;
 mod tls;
 mod ui;

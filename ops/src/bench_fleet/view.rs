@@ -118,7 +118,8 @@ pub enum Answer {
     /// A delta, and its result once one client applied it (every client that can apply it
     /// holds the same verified view at `from`, so the result is the same for all).
     Delta {
-        changes: CatalogChanges,
+        // Boxed: a delta-mode answer is several times the size of the whole variant.
+        changes: Box<CatalogChanges>,
         applied: OnceLock<Result<Arc<View>, DeltaError>>,
     },
 }
@@ -139,7 +140,7 @@ impl Answer {
         let mut c: CatalogChanges = serde_json::from_slice(body).map_err(|e| e.to_string())?;
         if !c.full {
             return Ok(Answer::Delta {
-                changes: c,
+                changes: Box::new(c),
                 applied: OnceLock::new(),
             });
         }
@@ -276,6 +277,7 @@ mod tests {
                 .iter()
                 .map(|(s, h)| (s.to_string(), h.clone()))
                 .collect(),
+            signatures: Default::default(),
         }
     }
 
@@ -328,6 +330,7 @@ mod tests {
             )]
             .into(),
             removed_services: vec!["b".into()],
+            signatures: Default::default(),
         };
         let view = View::whole(before.index, before.services.clone());
         let replica = Replica::new(before).apply(changes.clone());

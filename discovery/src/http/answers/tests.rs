@@ -72,7 +72,12 @@ fn fresh<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("encodes")
 }
 
-fn fresh_catalog(view: &View, generated_at_ms: u64, warming: bool) -> Catalog {
+fn fresh_catalog(
+    view: &View,
+    generated_at_ms: u64,
+    warming: bool,
+    signatures: &BTreeMap<String, String>,
+) -> Catalog {
     let mut services: BTreeMap<String, Vec<V1Host>> = BTreeMap::new();
     for r in &view.data.rows {
         services
@@ -86,6 +91,7 @@ fn fresh_catalog(view: &View, generated_at_ms: u64, warming: bool) -> Catalog {
         warming,
         stale: view.stale(),
         services,
+        signatures: signatures.clone(),
     }
 }
 
@@ -143,6 +149,7 @@ proptest! {
         rows in arb_rows(),
         preserving in any::<bool>(),
         requests in proptest::collection::vec((any::<bool>(), any::<u64>(), any::<bool>()), 1..5),
+        signed in any::<bool>(),
     ) {
         let registry = registry();
         let data = Arc::new(ViewData::new(rows, preserving));
@@ -162,8 +169,13 @@ proptest! {
             let body = services(&view).expect("encodes");
             same_answer(&registry, body, &fresh_services(&view), &view);
 
-            let body = catalog(&view, generated_at_ms, warming).expect("encodes");
-            let whole = fresh_catalog(&view, generated_at_ms, warming);
+            let signatures: BTreeMap<String, String> = if signed {
+                [("svc-a".to_string(), "c2ln".to_string())].into()
+            } else {
+                BTreeMap::new()
+            };
+            let body = catalog(&view, generated_at_ms, warming, &signatures).expect("encodes");
+            let whole = fresh_catalog(&view, generated_at_ms, warming, &signatures);
             let parsed: Catalog = serde_json::from_slice(&body.concat()).expect("parses");
             same_answer(&registry, body, &whole, &view);
             // The index contract: the body's index is the view's, which the header carries.
