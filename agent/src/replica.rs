@@ -295,11 +295,6 @@ impl Replica {
         Ok(self)
     }
 
-    /// The services' names, in order.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.services.keys().map(String::as_str)
-    }
-
     /// Per service in `in_scope`: the entries a snapshot lists (sorted by key), and how many
     /// hosts did not validate. A name that is not a valid service name counts its hosts as
     /// invalid.

@@ -340,7 +340,7 @@ impl Freshness {
     /// A lower bound (a warming answer dated at the start of time) says nothing of when the
     /// data was current.
     pub fn relayed(&mut self, newest: u64, now: u64) {
-        if newest < gossip::LOWER_BOUNDS_BEFORE_MS {
+        if gossip::is_lower_bound_date(newest) {
             return;
         }
         if newest > self.relayed_ms {

@@ -231,7 +231,7 @@ fn cached_registry_entries(view: &crate::view::MergedView) -> Vec<CachedEntry> {
                     endpoint: h.endpoint.clone(),
                     last_check_in_ms: h.last_check_in_ms,
                 },
-                dated: generated_at_ms >= gossip::LOWER_BOUNDS_BEFORE_MS,
+                dated: !gossip::is_lower_bound_date(generated_at_ms),
             }),
             Origin::Row { .. } => None,
         })

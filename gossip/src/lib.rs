@@ -77,6 +77,8 @@ pub use node::{Effect, Node, Timer};
 pub use rows::{Row, RowStatus, Version};
 pub use runtime::{GossipHandle, RuntimeError, epoch_now, run, run_with_epoch};
 pub use sim::{RegistryLoad, RegistryReport, SimConfig, SimReport, simulate, simulate_registry};
-pub use snapshot::{LOWER_BOUND_MS, LOWER_BOUNDS_BEFORE_MS, Snapshot, SnapshotEntry};
+pub use snapshot::{
+    LOWER_BOUND_MS, LOWER_BOUNDS_BEFORE_MS, Snapshot, SnapshotEntry, is_lower_bound_date,
+};
 pub use view::{GossipView, MemberInfo, Source, ViewEntry};
 pub use view_entries::{ViewCache, ViewEntries};

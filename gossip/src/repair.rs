@@ -362,7 +362,7 @@ fn snapshots_they_lack(
             theirs.get(&mine.service).is_none_or(|&(at, hash)| {
                 // Two different lower bounds: each side sends its own, and both add them up
                 // (`union_of_lower_bounds`), whichever is dated later.
-                let lower = |t: u64| t < crate::LOWER_BOUNDS_BEFORE_MS;
+                let lower = crate::snapshot::is_lower_bound_date;
                 if lower(at) && lower(mine.generated_at_ms) {
                     return hash != mine.hash;
                 }

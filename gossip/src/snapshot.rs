@@ -37,6 +37,12 @@ pub const LOWER_BOUND_MS: u64 = 1;
 /// each time a holder republishes): no registry answers with a date in January 1970.
 pub const LOWER_BOUNDS_BEFORE_MS: u64 = 1_000_000_000;
 
+/// Whether a snapshot dated `generated_at_ms` is a lower bound (see [`LOWER_BOUND_MS`]):
+/// the one place the rule is written, for snapshots, their summaries and bare dates.
+pub fn is_lower_bound_date(generated_at_ms: u64) -> bool {
+    generated_at_ms < LOWER_BOUNDS_BEFORE_MS
+}
+
 /// The registry's listing of one service at `generated_at_ms` (registry clock).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -49,7 +55,7 @@ impl Snapshot {
     /// A warming answer's lower bound from an agent that held nothing real of the service
     /// (see [`LOWER_BOUND_MS`]).
     pub fn is_lower_bound(&self) -> bool {
-        self.generated_at_ms < LOWER_BOUNDS_BEFORE_MS
+        is_lower_bound_date(self.generated_at_ms)
     }
 
     /// A deterministic hash of what the snapshot *lists*: its service, its hosts (every
@@ -348,18 +354,6 @@ impl SnapshotStore {
 
     pub fn refusals(&self) -> Refusals {
         self.refused
-    }
-
-    /// Whether a snapshot with this summary would be news to us.
-    pub fn is_newer(&self, s: &SnapshotSummary) -> bool {
-        self.by_service.get(&s.service).is_none_or(|(held, cur)| {
-            let lower = s.generated_at_ms < LOWER_BOUNDS_BEFORE_MS;
-            if lower && held.is_lower_bound() {
-                s.hash != cur.hash
-            } else {
-                s.rank() > cur.rank()
-            }
-        })
     }
 
     pub fn get(&self, service: &ServiceName) -> Option<&Snapshot> {
