@@ -25,7 +25,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::Shared;
-use crate::view::{CachedHost, Host, MergedView};
+use crate::view::{CachedHost, MergedView};
 
 /// Identifies our files before the codec's own version byte.
 const MAGIC: &[u8; 8] = b"TDNGSAC\0";
@@ -78,6 +78,41 @@ impl CacheError {
             self,
             CacheError::Foreign | CacheError::Oversized { .. } | CacheError::Codec(_)
         )
+    }
+}
+
+/// What [`store`] writes, borrowed from a published view: the same bytes as a [`CacheFile`]
+/// of that content (bincode names no fields or types), without a `CachedHost` per endpoint.
+#[derive(Serialize)]
+pub struct CacheFileRef<'a> {
+    pub written_at_ms: u64,
+    pub last_sync_ms: u64,
+    pub hosts: HostsOf<'a>,
+    pub runtime: &'a [Endpoint],
+}
+
+/// Every host of a view, serialized as a `Vec<CachedHost>` is.
+pub struct HostsOf<'a>(pub &'a MergedView);
+
+#[derive(Serialize)]
+struct CachedHostRef<'a> {
+    endpoint: &'a Endpoint,
+    origin: crate::view::Origin,
+    last_check_in_ms: u64,
+}
+
+impl Serialize for HostsOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for h in self.0.all_hosts() {
+            seq.serialize_element(&CachedHostRef {
+                endpoint: &h.endpoint,
+                origin: h.origin,
+                last_check_in_ms: h.last_check_in_ms,
+            })?;
+        }
+        seq.end()
     }
 }
 
@@ -152,23 +187,36 @@ pub fn set_aside(dir: &Path, now_ms: u64) -> std::io::Result<PathBuf> {
 }
 
 /// Writes atomically: a reader (or a crash) sees the old file or the new one, never a mix.
-/// A file over `max` bytes is not written: the next start would refuse it.
-pub fn store(dir: &Path, file: &CacheFile, max: u64) -> Result<(), CacheError> {
-    let bytes = encode(file)?;
-    let len = bytes.len() as u64;
-    if len > max {
-        return Err(CacheError::Oversized { len, max });
-    }
+/// A file over `max` bytes is not written: the next start would refuse it. `file` is a
+/// [`CacheFile`] or a [`CacheFileRef`]; it is encoded straight into the file.
+pub fn store<T: Serialize>(dir: &Path, file: &T, max: u64) -> Result<(), CacheError> {
     let target = path(dir);
     let tmp = dir.join(format!("{FILE_NAME}.tmp"));
     let werr = |source| CacheError::Write {
         path: tmp.clone(),
         source,
     };
-    let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-    f.write_all(&bytes).map_err(werr)?;
-    f.sync_all().map_err(werr)?;
-    drop(f);
+    let f = std::fs::File::create(&tmp).map_err(werr)?;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, f);
+    let body_max = usize::try_from(max.saturating_sub(MAGIC.len() as u64)).unwrap_or(usize::MAX);
+    let written = out
+        .write_all(MAGIC)
+        .map_err(werr)
+        .and_then(|()| match codec::encode_file_to(file, &mut out, body_max) {
+            Ok(_) => Ok(()),
+            Err(CodecError::TooLarge { len, .. }) => Err(CacheError::Oversized {
+                len: (MAGIC.len() + len) as u64,
+                max,
+            }),
+            Err(e) => Err(e.into()),
+        })
+        .and_then(|()| out.into_inner().map_err(|e| werr(e.into_error())))
+        .and_then(|f| f.sync_all().map_err(werr));
+    if let Err(e) = written {
+        // Best effort: a stale temp file is replaced by the next write.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, &target).map_err(|source| CacheError::Write {
         path: target.clone(),
         source,
@@ -214,20 +262,25 @@ pub async fn run_writer(shared: Arc<Shared>, stop: CancellationToken) {
         let runtime: Vec<Endpoint> = shared.local().runtime.values().cloned().collect();
         let digest = content_digest(&current, &runtime, last_sync_ms);
         if last != Some(digest) {
-            let file = CacheFile {
-                written_at_ms: unix_ms_now(),
-                last_sync_ms,
-                hosts: current.all_hosts().map(Host::to_cached).collect(),
-                runtime,
-            };
             let dir2 = dir.clone();
-            let res = tokio::task::spawn_blocking(move || store(&dir2, &file, max)).await;
+            let index = current.index();
+            let view = current.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                let file = CacheFileRef {
+                    written_at_ms: unix_ms_now(),
+                    last_sync_ms,
+                    hosts: HostsOf(&view),
+                    runtime: &runtime,
+                };
+                store(&dir2, &file, max)
+            })
+            .await;
             match res {
                 Ok(Ok(())) => {
                     shared.metrics.cache_writes.increment(1);
                     shared
                         .cache_index
-                        .store(current.index(), std::sync::atomic::Ordering::Relaxed);
+                        .store(index, std::sync::atomic::Ordering::Relaxed);
                     last = Some(digest);
                 }
                 Ok(Err(e)) => {
@@ -255,7 +308,7 @@ mod tests {
     use schema::ServiceName;
 
     use super::*;
-    use crate::view::Origin;
+    use crate::view::{Host, Origin};
 
     fn file() -> CacheFile {
         let ep = Endpoint::new(
@@ -395,6 +448,70 @@ mod tests {
             left,
             ["view.cache.bad-3", "view.cache.bad-4", "view.cache.bad-5"]
         );
+    }
+
+    /// The writer stores a view through `CacheFileRef` without building a `CacheFile`; the
+    /// file must be byte for byte the one a `CacheFile` of the same content makes, or a
+    /// restart would refuse (or misread) every cache written since.
+    #[test]
+    fn a_file_stored_from_a_view_is_the_file_of_its_hosts() {
+        let me: std::net::SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let mut f = file();
+        let other = Endpoint::new(
+            ServiceName::new("api").expect("name"),
+            "10.0.0.2".parse().expect("ip"),
+            NonZeroU16::new(81).expect("port"),
+        );
+        f.hosts.push(CachedHost {
+            endpoint: other.into(),
+            origin: Origin::Registry { generated_at_ms: 9 },
+            last_check_in_ms: 8,
+        });
+        let view = crate::view::Merger::new(me, u64::MAX, f.hosts.clone())
+            .merge(&gossip::GossipView::default(), 0);
+        // The view holds its cached hosts by service: the file lists them in that order.
+        let owned = CacheFile {
+            hosts: view.all_hosts().map(Host::to_cached).collect(),
+            ..f.clone()
+        };
+        assert_eq!(owned.hosts.len(), 2);
+        let borrowed = CacheFileRef {
+            written_at_ms: f.written_at_ms,
+            last_sync_ms: f.last_sync_ms,
+            hosts: HostsOf(&view),
+            runtime: &f.runtime,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        store(dir.path(), &borrowed, MAX_BYTES).expect("stores");
+        let bytes = std::fs::read(path(dir.path())).expect("reads");
+        assert_eq!(bytes, encode(&owned).expect("encodes"));
+        assert_eq!(load(dir.path(), MAX_BYTES).expect("loads"), Some(owned));
+    }
+
+    /// A write past the size limit stops there: the old file stays whole and no temp file
+    /// is left behind.
+    #[test]
+    fn a_write_over_the_limit_keeps_the_old_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let small = file();
+        store(dir.path(), &small, MAX_BYTES).expect("stores");
+        let mut big = small.clone();
+        big.runtime = vec![small.runtime[0].clone(); 1000];
+        let len = encode(&big).expect("encodes").len() as u64;
+        let err = store(dir.path(), &big, len - 1).expect_err("over the limit");
+        assert!(
+            matches!(err, CacheError::Oversized { max, .. } if max == len - 1),
+            "{err}"
+        );
+        store(dir.path(), &big, len).expect("exactly at the limit");
+        assert_eq!(load(dir.path(), len).expect("loads"), Some(big));
+        let err = store(dir.path(), &small.clone(), 3).expect_err("shorter than the magic");
+        assert!(matches!(err, CacheError::Oversized { .. }), "{err}");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        assert_eq!(names, ["view.cache"]);
     }
 
     /// The writer's digest tells apart every change a write would store, and nothing else.

@@ -383,12 +383,7 @@ impl RegistryClient {
                 }
             })?;
             let (parts, body) = resp.into_parts();
-            let limited = http_body_util::Limited::new(body, MAX_RESPONSE);
-            let bytes = limited
-                .collect()
-                .await
-                .map_err(|e| ClientError::Transport(e.to_string()))?
-                .to_bytes();
+            let bytes = read_body(&parts.headers, body).await?;
             Ok::<_, ClientError>((parts, bytes))
         };
         let (parts, bytes) = tokio::time::timeout(timeout, exchange)
@@ -457,6 +452,38 @@ fn blocking_query(index: Option<u64>, wait: Option<Duration>) -> String {
     } else {
         format!("?{}", q.join("&"))
     }
+}
+
+/// Reads a whole body into one buffer, reserved from `Content-Length` (capped at
+/// [`MAX_RESPONSE`]). `collect()` holds every chunk until the end and then copies them into
+/// one buffer: twice the body at once, 50 MB for a whole catalog of 100 000 endpoints.
+async fn read_body(
+    headers: &HeaderMap,
+    mut body: hyper::body::Incoming,
+) -> Result<Bytes, ClientError> {
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(announced.min(MAX_RESPONSE));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ClientError::Transport(root_cause(&e)))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if out.len() + data.len() > MAX_RESPONSE {
+            return Err(ClientError::Transport(format!(
+                "response body over the limit of {MAX_RESPONSE} bytes"
+            )));
+        }
+        if out.is_empty() && http_body::Body::is_end_stream(&body) {
+            // One chunk holds the whole (small) body: no copy.
+            return Ok(data);
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(out))
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ClientError> {

@@ -123,3 +123,67 @@ fn client_refuses_bad_urls() {
         );
     }
 }
+
+/// Serves one connection on a loopback listener: reads the request head, then writes
+/// `head` and the chunks `body` yields (chunked transfer coding), and stops when a write
+/// fails (the client hung up).
+async fn one_chunked_answer(
+    listener: TcpListener,
+    body: impl Iterator<Item = Vec<u8>> + Send + 'static,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok((mut conn, _)) = listener.accept().await else {
+        return;
+    };
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let answer =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    if conn.write_all(answer).await.is_err() {
+        return;
+    }
+    for chunk in body {
+        let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+        framed.extend_from_slice(&chunk);
+        framed.extend_from_slice(b"\r\n");
+        if conn.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+    let _ = conn.write_all(b"0\r\n\r\n").await;
+}
+
+/// The client reads a body chunk by chunk into one buffer: a many-chunk answer arrives
+/// whole, and an endless one stops at the response limit with an error (no panic, no
+/// unbounded buffer).
+#[tokio::test]
+async fn chunked_answers_are_read_whole_and_endless_ones_stop_at_the_limit() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let json = br#"{"index":7,"services":[{"service":"web","hosts":3}]}"#.to_vec();
+    let pieces: Vec<Vec<u8>> = json.chunks(5).map(<[u8]>::to_vec).collect();
+    let server = tokio::spawn(one_chunked_answer(listener, pieces.into_iter()));
+    let client = RegistryClient::new(&base, None, Duration::from_secs(10)).expect("client");
+    let services = client.services().await.expect("a many-chunk answer");
+    assert_eq!((services.index, services.services.len()), (7, 1));
+    server.await.expect("server");
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    // 1 MiB chunks, 80 of them: past the client's 64 MiB limit, bounded all the same.
+    let endless = std::iter::repeat_n(vec![b' '; 1 << 20], 80);
+    let server = tokio::spawn(one_chunked_answer(listener, endless));
+    let client = RegistryClient::new(&base, None, Duration::from_secs(20)).expect("client");
+    let err = client.services().await.expect_err("over the limit");
+    assert!(
+        matches!(&err, ClientError::Transport(m) if m.contains("over the limit")),
+        "{err}"
+    );
+    server.abort();
+}
