@@ -10,6 +10,8 @@ else
   bin="$root/target/release/tidings"
 fi
 work="$(mktemp -d)"
+# Agents serve DNS on a port of their own unless a script says otherwise (7753 is one per host).
+export TIDINGS_DNS="${TIDINGS_DNS:-127.0.0.1:0}"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
