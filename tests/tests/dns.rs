@@ -18,7 +18,7 @@ use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::{Resolver, TokioResolver};
 use rand::{RngExt, SeedableRng};
-use tests::fleet::{self, Agent, AgentSpec, lookup};
+use tests::fleet::{self, Agent, lookup};
 use tests::{START, http, poll};
 
 /// The gossip delay a new host must be seen within (as tests/tests/agent.rs asks of the API).
@@ -40,20 +40,7 @@ fn agent(
     let dns = format!("{ip}:7753");
     let mut all = vec!["--dns", &dns, "--dns-ttl", "0s"];
     all.extend_from_slice(extra);
-    Agent::start_env(
-        AgentSpec {
-            name: name.to_string(),
-            netns: None,
-            gossip: format!("{ip}:7702"),
-            api: format!("{ip}:7701"),
-            url: format!("http://{ip}:7701"),
-            registry,
-            dir,
-            extra: &all,
-        },
-        Vec::new(),
-        config_top,
-    )
+    fleet::local_agent_with(name, ip, dir, registry, &all, config_top)
 }
 
 fn dns_addr(ip: &str) -> SocketAddr {

@@ -217,6 +217,7 @@ struct Records<'q> {
     name: &'q Name,
     qtype: RecordType,
     ttl: u32,
+    ns_addr: IpAddr,
 }
 
 impl<'q> Records<'q> {
@@ -225,6 +226,7 @@ impl<'q> Records<'q> {
             name: query.name(),
             qtype: query.query_type(),
             ttl: s.ttl,
+            ns_addr: s.ns_addr,
         }
     }
 
@@ -241,6 +243,16 @@ impl<'q> Records<'q> {
             }
             _ => None,
         }
+    }
+
+    /// The A or AAAA record of `ip` at `name`, whatever was asked: additional data.
+    fn glue(&self, name: &Name, ip: IpAddr) -> Option<Record> {
+        let qtype = if ip.is_ipv4() {
+            RecordType::A
+        } else {
+            RecordType::AAAA
+        };
+        self.address_record(name, ip, qtype)
     }
 
     fn address(&self, ips: &[IpAddr]) -> Found {
@@ -281,14 +293,7 @@ impl<'q> Records<'q> {
                         .push(self.record(self.name.clone(), RData::SRV(srv)));
                     if !targets.contains(&ep.ip) {
                         targets.push(ep.ip);
-                        let qtype = if ep.ip.is_ipv4() {
-                            RecordType::A
-                        } else {
-                            RecordType::AAAA
-                        };
-                        found
-                            .additionals
-                            .extend(self.address_record(&target, ep.ip, qtype));
+                        found.additionals.extend(self.glue(&target, ep.ip));
                     }
                 }
                 found
@@ -305,8 +310,8 @@ impl<'q> Records<'q> {
                 additionals: Vec::new(),
             },
             RecordType::NS => Found {
+                additionals: self.glue(&ns, self.ns_addr).into_iter().collect(),
                 answers: vec![self.record(self.name.clone(), RData::NS(NS(ns)))],
-                additionals: Vec::new(),
             },
             _ => Found::default(),
         }
