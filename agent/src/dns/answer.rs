@@ -10,6 +10,8 @@ use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
+use schema::ServiceName;
+
 use super::names::{self, Target};
 use crate::view::{Host, MergedView};
 
@@ -75,9 +77,29 @@ pub fn handle(
         // Answering responses could make two servers loop.
         return Reply::dropped();
     }
-    let response = respond(&msg, view, settings, rng);
-    let rcode = response.response_code();
     let limit = size_limit(&msg, query.len(), transport, settings);
+    if let Some((bytes, truncated)) =
+        super::fast::addresses(query, &msg, view, settings, limit, rng)
+    {
+        return Reply {
+            bytes: Some(bytes),
+            rcode: ResponseCode::NoError,
+            truncated,
+        };
+    }
+    general(&msg, limit, view, settings, rng)
+}
+
+/// The answer built as records and encoded by hickory-proto: every case, the fast one too.
+pub(super) fn general(
+    msg: &Message,
+    limit: usize,
+    view: &MergedView,
+    settings: &Settings,
+    rng: &mut impl Rng,
+) -> Reply {
+    let response = respond(msg, view, settings, rng);
+    let rcode = response.response_code();
     match encode(response, limit) {
         Some((bytes, truncated)) => Reply {
             bytes: Some(bytes),
@@ -108,7 +130,12 @@ fn form_error(query: &[u8]) -> Reply {
 }
 
 /// The largest answer for this query.
-fn size_limit(msg: &Message, query_len: usize, transport: Transport, s: &Settings) -> usize {
+pub(super) fn size_limit(
+    msg: &Message,
+    query_len: usize,
+    transport: Transport,
+    s: &Settings,
+) -> usize {
     match (transport, msg.extensions()) {
         (Transport::Tcp, _) => usize::from(u16::MAX),
         (Transport::Udp, Some(edns)) => usize::from(edns.max_payload())
@@ -163,13 +190,7 @@ pub fn respond(msg: &Message, view: &MergedView, s: &Settings, rng: &mut impl Rn
     let found = match &target {
         Target::Missing => None,
         Target::Service { service, zone } => {
-            let hosts = view.hosts(service);
-            let hosts: Vec<&Host> = match zone {
-                None => hosts.iter().collect(),
-                Some(z) => hosts.iter().filter(|h| in_zone(h, z)).collect(),
-            };
-            // A zone with no hosts is not a name; a listed service with none is.
-            (zone.is_none() || !hosts.is_empty()).then(|| records.service(&hosts, rng))
+            service_hosts(view, service, zone.as_deref()).map(|hosts| records.service(&hosts, rng))
         }
         Target::Addr(ip) => Some(records.address(&[*ip])),
         Target::NameServer => Some(records.address(&[s.ns_addr])),
@@ -198,12 +219,45 @@ fn with_rcode(mut out: Message, rcode: ResponseCode) -> Message {
     out
 }
 
-fn in_zone(host: &Host, zone: &str) -> bool {
-    host.endpoint
-        .tags
-        .az
-        .as_ref()
-        .is_some_and(|az| az.as_str().eq_ignore_ascii_case(zone))
+/// The hosts a service name designates: all the service's, or one zone's; `None` for a zone
+/// with no hosts, which is not a name (a listed service with none is).
+pub(super) fn service_hosts<'v>(
+    view: &'v MergedView,
+    service: &ServiceName,
+    zone: Option<&str>,
+) -> Option<Vec<&'v Host>> {
+    let hosts = view.hosts(service);
+    let in_zone = |h: &&Host| {
+        h.endpoint
+            .tags
+            .az
+            .as_ref()
+            .is_some_and(|az| zone.is_some_and(|z| az.as_str().eq_ignore_ascii_case(z)))
+    };
+    let hosts: Vec<&Host> = match zone {
+        None => hosts.iter().collect(),
+        Some(_) => hosts.iter().filter(in_zone).collect(),
+    };
+    (zone.is_none() || !hosts.is_empty()).then_some(hosts)
+}
+
+/// The addresses of `hosts` in `qtype`'s family (A: IPv4, AAAA: IPv6), each once, in a new
+/// random order every answer, so clients that take the first spread over the hosts.
+pub(super) fn shuffled_addresses(
+    hosts: &[&Host],
+    qtype: RecordType,
+    rng: &mut impl Rng,
+) -> Vec<IpAddr> {
+    let want_v4 = qtype == RecordType::A;
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let ip = h.endpoint.ip;
+        if ip.is_ipv4() == want_v4 && !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips.shuffle(rng);
+    ips
 }
 
 #[derive(Debug, Default)]
@@ -265,22 +319,16 @@ impl<'q> Records<'q> {
         }
     }
 
-    /// A/AAAA: each address once; SRV: each host, its address records as additionals. In a
-    /// new random order per answer, so clients that take the first spread over the hosts.
+    /// A/AAAA: each address once ([`shuffled_addresses`]); SRV: each host, in a new random
+    /// order per answer, its address records as additionals.
     fn service(&self, hosts: &[&Host], rng: &mut impl Rng) -> Found {
-        let mut hosts = hosts.to_vec();
-        hosts.shuffle(rng);
         match self.qtype {
             RecordType::A | RecordType::AAAA => {
-                let mut ips: Vec<IpAddr> = Vec::with_capacity(hosts.len());
-                for h in &hosts {
-                    if !ips.contains(&h.endpoint.ip) {
-                        ips.push(h.endpoint.ip);
-                    }
-                }
-                self.address(&ips)
+                self.address(&shuffled_addresses(hosts, self.qtype, rng))
             }
             RecordType::SRV => {
+                let mut hosts = hosts.to_vec();
+                hosts.shuffle(rng);
                 let mut found = Found::default();
                 let mut targets: Vec<IpAddr> = Vec::new();
                 for h in &hosts {
