@@ -533,6 +533,10 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             deregister_on_shutdown: false,
             gossip: gossip::GossipConfig::for_tests(SocketAddr::from(([127, 0, 0, 1], 0))),
+            dns: crate::dns::DnsConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");
