@@ -19,12 +19,15 @@ done
 # verified), iproute2 (network namespaces, veths and a bridge for the chaos tests), nftables
 # (their partitions and packet loss: this kernel has no netem qdisc) and chromium (headless,
 # loads the dashboards in tests/tests/dashboard.rs).
-step "Debian packages (systemd, iproute2, nftables, chromium)"
+step "Debian packages (systemd, iproute2, nftables, chromium, bind9-dnsutils, dnsmasq-base)"
 missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v nft >/dev/null || missing+=(nftables)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# tests/tests/dns.rs queries the agent's DNS with dig and through dnsmasq.
+command -v dig >/dev/null || missing+=(bind9-dnsutils)
+command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

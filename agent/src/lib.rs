@@ -11,6 +11,7 @@
 //!   on change).
 //! - [`view`]: the sans-IO [`Merger`] — gossip's merged view (docs/ARCHITECTURE.md#what-the-agent-answers) plus disk-cache entries
 //!   until live data covers them, with per-host provenance and content-hash indexes.
+//! - [`dns`]: the `tidings.` zone over UDP and TCP on loopback, from the same view.
 //! - [`api`]: the local API router (v1, v2 blocking, EDS, `/v1/agent/*`, probes, metrics);
 //!   [`ui`]: the web dashboard it serves at `/ui`; [`guard`]: the API's `Host` check
 //!   (against DNS rebinding) and its rule that runtime registrations name this host's own
@@ -32,6 +33,7 @@ pub mod api;
 pub mod cache;
 pub mod checkin;
 pub mod config;
+pub mod dns;
 pub mod guard;
 pub mod metrics;
 pub mod replica;

@@ -61,6 +61,7 @@ pub struct Metrics {
     local_endpoints: Gauge,
     /// The local API listener's connections.
     pub connections: serve::ConnMetrics,
+    pub dns: crate::dns::DnsMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,6 +121,7 @@ impl Metrics {
         let full: Family<Counter, 1> = reg.family(FULL, FULL_HELP, ["reason"]);
         let connections = serve::ConnMetrics::register(&recorder, "agent");
         Metrics {
+            dns: crate::dns::DnsMetrics::register(&reg),
             connections,
             checkins_ok: reg.get(&checkins, ["ok"]),
             checkins_failed: reg.get(&checkins, ["failed"]),

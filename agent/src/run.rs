@@ -39,6 +39,11 @@ pub enum AgentError {
     Signing(#[from] gossip::owner_key::OwnerKeyError),
     #[error("local API: {0}")]
     Serve(std::io::Error),
+    #[error("cannot listen for DNS on {addr}: {source}")]
+    Dns {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("local API TLS: {0}")]
     Tls(#[from] serve::TlsError),
     #[error("cannot read the operator token file {path}: {source}")]
@@ -81,6 +86,7 @@ pub async fn run(
         source,
     })?;
     let (cached, cache_failed) = load_cache(&config);
+    let dns = bind_dns(&config.dns).await?;
 
     let gcfg = gossip_config(&config, &cached, &client).await?;
     let gossip_stop = CancellationToken::new();
@@ -126,6 +132,20 @@ pub async fn run(
 
     let loops = Loops::spawn(&shared, merger, &gossip, view_tx);
     let api = ApiServer::spawn(api, &shared, api_limits, api_tls);
+    let dns_stop = CancellationToken::new();
+    let dns = dns.map(|bound| {
+        // Logged once gossip is up, after the lines callers wait for at start.
+        if let Ok(addr) = bound.local_addr() {
+            tracing::info!(%addr, "dns listening");
+        }
+        let config = shared.config.dns.clone();
+        tokio::spawn(crate::dns::serve(
+            bound,
+            shared.clone(),
+            config,
+            dns_stop.clone(),
+        ))
+    });
     shutdown.cancelled().await;
     let running = Running {
         shared,
@@ -135,7 +155,25 @@ pub async fn run(
         loops,
         api,
     };
-    running.shut_down().await
+    let result = running.shut_down().await;
+    // Last, with the API: local resolvers keep answers from the last view until then.
+    dns_stop.cancel();
+    if let Some(dns) = dns {
+        let _ = tokio::time::timeout(API_DRAIN_TIMEOUT, dns).await;
+    }
+    result
+}
+
+/// Binds the DNS sockets when DNS is on, and logs where.
+async fn bind_dns(config: &crate::dns::DnsConfig) -> Result<Option<crate::dns::Bound>, AgentError> {
+    if !config.enabled {
+        return Ok(None);
+    }
+    let addr = config.listen;
+    let bound = crate::dns::bind(addr)
+        .await
+        .map_err(|source| AgentError::Dns { addr, source })?;
+    Ok(Some(bound))
 }
 
 /// Reads the operator token from its file when the config names only the file.
@@ -495,6 +533,10 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             deregister_on_shutdown: false,
             gossip: gossip::GossipConfig::for_tests(SocketAddr::from(([127, 0, 0, 1], 0))),
+            dns: crate::dns::DnsConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -10,6 +10,8 @@ else
   bin="$root/target/release/tidings"
 fi
 work="$(mktemp -d)"
+# Agents serve DNS on a port of their own unless a script says otherwise (7753 is one per host).
+export TIDINGS_DNS="${TIDINGS_DNS:-127.0.0.1:0}"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -30,6 +32,23 @@ hwm() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 # ticks PID: the process's utime + stime, in clock ticks (fields 14 and 15 of /proc/PID/stat,
 # counted after the parenthesised command name, which may hold spaces).
 ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
+
+# sized_registry PORT SERVICES HOSTS LOG: starts a memory registry on 127.0.0.1:PORT (CPU 1),
+# fills it with SERVICES x HOSTS endpoints, waits out its warm-up and sets `reg_pid`. A short
+# check-in interval ends the warm-up before an agent starts; the long TTL keeps the filled
+# endpoints (nobody renews them) for the whole run.
+sized_registry() {
+  local port="$1" services="$2" hosts="$3" log="$4" url="http://127.0.0.1:$1"
+  taskset -c 1 "$bin" --log-level warn registry --listen "127.0.0.1:$port" --ttl 1h \
+    --check-in-interval 2s --max-endpoints-per-ip "$services" >"$log" 2>&1 &
+  reg_pid=$!; pids+=("$reg_pid")
+  wait_http "$url/live"
+  taskset -c 1 "$bin" bench registry-lookup --url "$url" --fill --services "$services" --hosts "$hosts" >/dev/null
+  for _ in $(seq 100); do
+    curl -fsS -D - -o /dev/null "$url/v1/registration/svc-000" | grep -qi '^x-tidings-warming: *true' || break
+    sleep 0.1
+  done
+}
 
 # filled_registry: starts a memory registry on a free loopback port, fills it with 100 services x
 # 100 hosts (`tidings bench registry-lookup --fill`), and sets `reg` to its URL.

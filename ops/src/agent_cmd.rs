@@ -85,6 +85,13 @@ pub struct AgentArgs {
     /// Leave this host's endpoints registered on SIGTERM (default: deregister them).
     #[arg(long)]
     pub keep_registered: bool,
+    /// DNS for the `tidings.` zone, UDP and TCP: a loopback IP:PORT, or `off`
+    /// [default: 127.0.0.1:7753].
+    #[arg(long, value_name = "ADDR|off", env = "TIDINGS_DNS", value_parser = agent::dns::parse_flag)]
+    pub dns: Option<agent::dns::DnsFlag>,
+    /// TTL of DNS answers, 0 to 5 s [default: 2s].
+    #[arg(long, value_parser = parse_duration)]
+    pub dns_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +173,17 @@ pub fn settings(args: &AgentArgs) -> Result<AgentConfig> {
     }
     if args.zone.is_some() {
         cfg.zone.clone_from(&args.zone);
+    }
+    match args.dns {
+        Some(agent::dns::DnsFlag(Some(addr))) => {
+            cfg.dns.enabled = true;
+            cfg.dns.listen = addr;
+        }
+        Some(agent::dns::DnsFlag(None)) => cfg.dns.enabled = false,
+        None => {}
+    }
+    if let Some(ttl) = args.dns_ttl {
+        cfg.dns.ttl = ttl;
     }
     if args.keep_registered {
         cfg.deregister_on_shutdown = false;

@@ -136,16 +136,32 @@ pub fn local_agent(
     registry: &str,
     extra: &[&str],
 ) -> Result<Agent> {
-    Agent::start(AgentSpec {
-        name: name.to_string(),
-        netns: None,
-        gossip: format!("{ip}:7702"),
-        api: format!("{ip}:7701"),
-        url: format!("http://{ip}:7701"),
-        registry,
-        dir,
-        extra,
-    })
+    local_agent_with(name, ip, dir, registry, extra, "")
+}
+
+/// [`local_agent`] with top-level config keys (or whole sections) ahead of the gossip section.
+pub fn local_agent_with(
+    name: &str,
+    ip: &str,
+    dir: &Path,
+    registry: &str,
+    extra: &[&str],
+    config_top: &str,
+) -> Result<Agent> {
+    Agent::start_env(
+        AgentSpec {
+            name: name.to_string(),
+            netns: None,
+            gossip: format!("{ip}:7702"),
+            api: format!("{ip}:7701"),
+            url: format!("http://{ip}:7701"),
+            registry,
+            dir,
+            extra,
+        },
+        Vec::new(),
+        config_top,
+    )
 }
 
 /// Agents `hosts` on `ip(host)`, each with a `web:8080` endpoint, all joining the first;

@@ -110,6 +110,8 @@ impl Proc {
             None => Command::new(&bin),
         };
         let mut child = cmd
+            // Agents serve DNS on a port of their own (the default port is one per host).
+            .env("TIDINGS_DNS", "127.0.0.1:0")
             .envs(env.iter().copied())
             .args(["--log-format", "json", "--log-level", &filter])
             .args(args)

@@ -149,6 +149,11 @@ pub fn config_for(url: &str, dir: &Path) -> AgentConfig {
         sync_retry_max: Duration::from_secs(1),
         deregister_on_shutdown: false,
         gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
+        // A DNS port of its own: several agents run in one test.
+        dns: agent::dns::DnsConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

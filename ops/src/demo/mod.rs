@@ -207,6 +207,8 @@ fn agent_args(i: usize, registry_addr: SocketAddr, dir: &Path, key_file: &Path) 
         &format!("{ip}:0"),
         "--gossip",
         &format!("{ip}:0"),
+        "--dns",
+        &format!("{ip}:0"),
     ]));
     a.extend(strings(&[
         "--data-dir",
