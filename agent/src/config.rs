@@ -125,6 +125,8 @@ pub struct AgentConfig {
     /// This host's endpoints; `ip` defaults to `host_ip`.
     pub endpoints: Vec<EndpointSpec>,
     pub gossip: GossipConfig,
+    /// The xDS (ADS over gRPC) server (`[xds]`).
+    pub xds: crate::xds::XdsConfig,
 }
 
 impl Default for AgentConfig {
@@ -157,6 +159,7 @@ impl Default for AgentConfig {
             gossip_key_file: None,
             endpoints: Vec::new(),
             gossip: GossipConfig::default(),
+            xds: crate::xds::XdsConfig::default(),
         }
     }
 }
@@ -203,6 +206,7 @@ impl AgentConfig {
             return Err(ConfigError::Invalid("max_blocking_waiters must be > 0"));
         }
         self.zone_tag()?;
+        self.xds.validate(self.api).map_err(ConfigError::Invalid)?;
         // Endpoint validity with a placeholder ip: the real one is known once gossip binds.
         self.endpoints(self.host_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])))?;
         Ok(())

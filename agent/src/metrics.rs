@@ -61,6 +61,7 @@ pub struct Metrics {
     local_endpoints: Gauge,
     /// The local API listener's connections.
     pub connections: serve::ConnMetrics,
+    pub xds: crate::xds::XdsMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -120,6 +121,7 @@ impl Metrics {
         let full: Family<Counter, 1> = reg.family(FULL, FULL_HELP, ["reason"]);
         let connections = serve::ConnMetrics::register(&recorder, "agent");
         Metrics {
+            xds: crate::xds::XdsMetrics::register(&reg),
             connections,
             checkins_ok: reg.get(&checkins, ["ok"]),
             checkins_failed: reg.get(&checkins, ["failed"]),
@@ -199,7 +201,9 @@ impl Metrics {
                 c.absolute(value);
             }
         });
-        self.handle.render()
+        let mut text = self.handle.render();
+        self.xds.render_last_nacks(&mut text);
+        text
     }
 }
 

@@ -39,6 +39,8 @@ pub enum AgentError {
     Signing(#[from] gossip::owner_key::OwnerKeyError),
     #[error("local API: {0}")]
     Serve(std::io::Error),
+    #[error("xDS listener: {0}")]
+    Xds(std::io::Error),
     #[error("local API TLS: {0}")]
     Tls(#[from] serve::TlsError),
     #[error("cannot read the operator token file {path}: {source}")]
@@ -64,6 +66,8 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     config.validate()?;
     let api_limits = config.api_limits().map_err(ConfigError::from)?;
+    // From the configured API address: a test's port 0 gives the xDS listener port 0 too.
+    let xds = crate::xds::bind(&config).await.map_err(AgentError::Xds)?;
     // The address actually bound (the configured one may name port 0): the API's Host check
     // accepts it.
     if let Ok(bound) = api.local_addr() {
@@ -126,6 +130,7 @@ pub async fn run(
 
     let loops = Loops::spawn(&shared, merger, &gossip, view_tx);
     let api = ApiServer::spawn(api, &shared, api_limits, api_tls);
+    let xds = xds.map(|l| crate::xds::spawn(l, &shared));
     shutdown.cancelled().await;
     let running = Running {
         shared,
@@ -134,6 +139,7 @@ pub async fn run(
         draining,
         loops,
         api,
+        xds,
     };
     running.shut_down().await
 }
@@ -300,6 +306,7 @@ struct Running {
     draining: CancellationToken,
     loops: Loops,
     api: ApiServer,
+    xds: Option<crate::xds::XdsServer>,
 }
 
 impl Running {
@@ -325,6 +332,9 @@ impl Running {
         self.loops.writer_stop.cancel();
         if let Err(e) = self.loops.writer.await {
             tracing::warn!(error = %e, "cache writer failed");
+        }
+        if let Some(xds) = self.xds {
+            xds.stop().await;
         }
         self.api.stop.cancel();
         let served = tokio::time::timeout(API_DRAIN_TIMEOUT, self.api.server).await;
@@ -495,6 +505,10 @@ mod tests {
             data_dir: dir.path().to_path_buf(),
             deregister_on_shutdown: false,
             gossip: gossip::GossipConfig::for_tests(SocketAddr::from(([127, 0, 0, 1], 0))),
+            xds: crate::xds::XdsConfig {
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");

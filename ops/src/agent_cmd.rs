@@ -85,6 +85,12 @@ pub struct AgentArgs {
     /// Leave this host's endpoints registered on SIGTERM (default: deregister them).
     #[arg(long)]
     pub keep_registered: bool,
+    /// xDS (ADS over gRPC) address, loopback only [default: the --api address's ip, port 7703].
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_xds")]
+    pub xds: Option<SocketAddr>,
+    /// Do not serve xDS.
+    #[arg(long)]
+    pub no_xds: bool,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +175,13 @@ pub fn settings(args: &AgentArgs) -> Result<AgentConfig> {
     }
     if args.keep_registered {
         cfg.deregister_on_shutdown = false;
+    }
+    if let Some(addr) = args.xds {
+        cfg.xds.enabled = true;
+        cfg.xds.listen = Some(addr);
+    }
+    if args.no_xds {
+        cfg.xds.enabled = false;
     }
     if args.gossip_insecure {
         cfg.gossip.insecure = true;

@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use crate::{Endpoint, ValidationError};
 
 pub const CLA_TYPE_URL: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// The metadata namespace (`filter_metadata`) holding an endpoint's tags.
+pub const METADATA_NAMESPACE: &str = "tidings";
 
 /// The parts of Envoy's `DiscoveryRequest` we use; everything else (node, nonce) is ignored.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -105,8 +107,11 @@ fn cluster_load_assignment(
             "health_status": "HEALTHY",
             "load_balancing_weight": ep.tags.load_balancing_weight.get(),
         });
+        // Every tag under `tidings` (the flat v1 object), for clients that pick hosts by
+        // tag; `canary` also where Envoy's subset load balancer looks for it.
+        lb["metadata"] = json!({"filter_metadata": {METADATA_NAMESPACE: ep.tags.to_json()}});
         if ep.tags.canary {
-            lb["metadata"] = json!({"filter_metadata": {"envoy.lb": {"canary": true}}});
+            lb["metadata"]["filter_metadata"]["envoy.lb"] = json!({"canary": true});
         }
         localities.entry((region, zone)).or_default().push(lb);
     }
