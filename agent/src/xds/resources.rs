@@ -165,6 +165,25 @@ impl Catalog {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Sets one resource to a placeholder body at `version` (protocol tests).
+    #[cfg(test)]
+    pub(crate) fn put(&mut self, kind: Kind, name: &str, version: &str) {
+        let r = Resource {
+            version: version.to_string(),
+            body: Any {
+                type_url: kind.type_url().to_string(),
+                value: format!("{name}@{version}").into_bytes(),
+            },
+        };
+        self.by_kind[kind.index()].insert(name.to_string(), Arc::new(r));
+    }
+
+    /// Drops one resource (protocol tests).
+    #[cfg(test)]
+    pub(crate) fn remove(&mut self, kind: Kind, name: &str) {
+        self.by_kind[kind.index()].remove(name);
+    }
 }
 
 /// The version of a service's assignment: its content index, as the REST answer's, plus a
