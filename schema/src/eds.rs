@@ -117,7 +117,12 @@ fn cluster_load_assignment(
     }
     let endpoints: Vec<Value> = localities
         .into_iter()
-        .map(|((region, zone), lb_endpoints)| json!({"locality": {"region": region, "zone": zone}, "lb_endpoints": lb_endpoints}))
+        .map(|((region, zone), lb_endpoints)| {
+            let weight = locality_weight(lb_endpoints.iter().map(|e| {
+                e["load_balancing_weight"].as_u64().unwrap_or(1)
+            }));
+            json!({"locality": {"region": region, "zone": zone}, "lb_endpoints": lb_endpoints, "load_balancing_weight": weight})
+        })
         .collect();
     let mut cla =
         json!({"@type": CLA_TYPE_URL, "cluster_name": cluster_name, "endpoints": endpoints});
@@ -125,6 +130,12 @@ fn cluster_load_assignment(
         cla["policy"] = json!({"endpoint_stale_after": format!("{secs}s")});
     }
     cla
+}
+
+/// A locality's weight: the sum of its endpoints' weights. Envoy reads it only with
+/// locality-weighted load balancing; gRPC's xDS client ignores a locality without one.
+pub fn locality_weight(weights: impl Iterator<Item = u64>) -> u32 {
+    u32::try_from(weights.fold(0u64, u64::saturating_add)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

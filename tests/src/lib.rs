@@ -284,4 +284,5 @@ pub mod hammer;
 pub mod http;
 pub mod netns;
 pub mod proxy;
+pub mod python;
 pub mod traffic;

@@ -324,6 +324,11 @@ pub fn assignment(
                     zone,
                     ..Default::default()
                 }),
+                load_balancing_weight: Some(UInt32Value {
+                    value: schema::eds::locality_weight(lb_endpoints.iter().map(|e| {
+                        u64::from(e.load_balancing_weight.as_ref().map_or(1, |w| w.value))
+                    })),
+                }),
                 lb_endpoints,
                 ..Default::default()
             })
