@@ -149,6 +149,10 @@ pub fn config_for(url: &str, dir: &Path) -> AgentConfig {
         sync_retry_max: Duration::from_secs(1),
         deregister_on_shutdown: false,
         gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
+        xds: agent::xds::XdsConfig {
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
