@@ -115,9 +115,7 @@ impl XdsMetrics {
             streams: reg.one("tidings_agent_xds_streams", "Open ADS streams."),
             refused_streams: reg.get(&refused, ["max_streams"]),
             bad_requests: reg.get(&refused, ["bad_request"]),
-            responses: Kind::ALL
-                .map(|k| reg.get(&responses, [k.label()]))
-                .to_vec(),
+            responses: Kind::ALL.map(|k| reg.get(&responses, [k.label()])).to_vec(),
             nacks: Kind::ALL.map(|k| reg.get(&nacks, [k.label()])).to_vec(),
             last_nack: Mutex::new(Default::default()),
         }

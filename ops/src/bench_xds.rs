@@ -177,15 +177,14 @@ async fn follow(
         .map_err(|e| e.to_string())?
         .max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel(8);
-    let request = |type_url: &str, names: Vec<String>, last: Option<&DiscoveryResponse>| {
-        DiscoveryRequest {
+    let request =
+        |type_url: &str, names: Vec<String>, last: Option<&DiscoveryResponse>| DiscoveryRequest {
             type_url: type_url.to_string(),
             resource_names: names,
             version_info: last.map(|r| r.version_info.clone()).unwrap_or_default(),
             response_nonce: last.map(|r| r.nonce.clone()).unwrap_or_default(),
             ..Default::default()
-        }
-    };
+        };
     let send = |r| {
         let tx = tx.clone();
         async move { tx.send(r).await.map_err(|_| "stream closed".to_string()) }
@@ -264,7 +263,13 @@ mod api {
         }
 
         /// `PUT /v1/agent/endpoints`: one endpoint of `service` on `ip:port`.
-        pub async fn register(&self, api: &str, service: &str, ip: &str, port: u32) -> Result<(), String> {
+        pub async fn register(
+            &self,
+            api: &str,
+            service: &str,
+            ip: &str,
+            port: u32,
+        ) -> Result<(), String> {
             let body = format!(r#"{{"service":"{service}","ip":"{ip}","port":{port}}}"#);
             let req = hyper::Request::put(format!("{api}/v1/agent/endpoints"))
                 .header("content-type", "application/json")

@@ -22,7 +22,9 @@ pub fn python() -> PathBuf {
 
 /// Path of a script under `tests/py`.
 pub fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("py").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("py")
+        .join(name)
 }
 
 /// A running Python process whose stdout lines are kept. Killed on drop.

@@ -55,7 +55,10 @@ fn ip(t: u8, host: u8) -> String {
 /// warm-up after start (while warming, its answers do not remove hosts): a short one.
 fn registry(t: u8) -> Result<(Proc, String)> {
     let addr = format!("{}:7700", ip(t, 9));
-    Ok((fleet::registry(&addr, "60s", "1s")?, format!("http://{addr}")))
+    Ok((
+        fleet::registry(&addr, "60s", "1s")?,
+        format!("http://{addr}"),
+    ))
 }
 
 fn agent(t: u8, dir: &Path, registry: &str) -> Result<Agent> {
@@ -71,14 +74,22 @@ fn check_in(registry: &str, service: &str, ip: &str, port: u16, tags: Value) -> 
         body.to_string().as_bytes(),
         Duration::from_secs(5),
     )?;
-    ensure!(r.status == 200, "check-in: {}", String::from_utf8_lossy(&r.body));
+    ensure!(
+        r.status == 200,
+        "check-in: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     Ok(())
 }
 
 fn deregister(registry: &str, service: &str, ip: &str, port: u16) -> Result<()> {
     let url = format!("{registry}/v1/registration/{service}/{ip}?port={port}");
     let r = http::request("DELETE", &url, None, b"", Duration::from_secs(5))?;
-    ensure!(r.status == 200, "deregister: {}", String::from_utf8_lossy(&r.body));
+    ensure!(
+        r.status == 200,
+        "deregister: {}",
+        String::from_utf8_lossy(&r.body)
+    );
     Ok(())
 }
 
@@ -210,7 +221,9 @@ struct Sotw {
     rx: Streaming<DiscoveryResponse>,
 }
 
-async fn connect(addr: &str) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
+async fn connect(
+    addr: &str,
+) -> Result<AggregatedDiscoveryServiceClient<tonic::transport::Channel>> {
     let c = tokio::time::timeout(
         ANSWER,
         AggregatedDiscoveryServiceClient::connect(format!("http://{addr}")),
@@ -231,7 +244,12 @@ impl Sotw {
         Ok(Sotw { tx, rx })
     }
 
-    async fn send(&self, type_url: &str, names: &[&str], last: Option<&DiscoveryResponse>) -> Result<()> {
+    async fn send(
+        &self,
+        type_url: &str,
+        names: &[&str],
+        last: Option<&DiscoveryResponse>,
+    ) -> Result<()> {
         let req = DiscoveryRequest {
             type_url: type_url.to_string(),
             resource_names: names.iter().map(|s| s.to_string()).collect(),
@@ -361,8 +379,19 @@ fn hosts_of(cla: &ClusterLoadAssignment) -> BTreeSet<(String, i32)> {
     for l in j["endpoints"].as_array().into_iter().flatten() {
         for e in l["lb_endpoints"].as_array().into_iter().flatten() {
             let sa = &e["endpoint"]["address"]["socket_address"];
-            let health = if e["health_status"] == "DRAINING" { 3 } else { 1 };
-            out.insert((format!("{}:{}", sa["address"].as_str().unwrap_or(""), sa["port_value"]), health));
+            let health = if e["health_status"] == "DRAINING" {
+                3
+            } else {
+                1
+            };
+            out.insert((
+                format!(
+                    "{}:{}",
+                    sa["address"].as_str().unwrap_or(""),
+                    sa["port_value"]
+                ),
+                health,
+            ));
         }
     }
     out
@@ -375,10 +404,19 @@ fn answers_decode_with_envoys_types_and_follow_the_view() -> Result<()> {
     let (reg, reg_url) = registry(t)?;
     let mut agent = agent(t, dir.path(), &reg_url)?;
     let xds = agent.proc.addr("xds")?.to_string();
-    check_in(&reg_url, "web", &ip(t, 2), 8080, json!({"az": "a", "team": "blue"}))?;
+    check_in(
+        &reg_url,
+        "web",
+        &ip(t, 2),
+        8080,
+        json!({"az": "a", "team": "blue"}),
+    )?;
     let tags = json!({"az": "b", "canary": true, "load_balancing_weight": 5});
     check_in(&reg_url, "web", &ip(t, 3), 8080, tags)?;
-    let web: BTreeSet<String> = [2, 3].iter().map(|h| format!("{}:8080", ip(t, *h))).collect();
+    let web: BTreeSet<String> = [2, 3]
+        .iter()
+        .map(|h| format!("{}:8080", ip(t, *h)))
+        .collect();
     wait_listed(&agent, "web", &web)?;
     // The test's HTTP helpers block on a runtime of their own: they run between these.
     let rt = rt()?;
@@ -394,16 +432,23 @@ fn answers_decode_with_envoys_types_and_follow_the_view() -> Result<()> {
         cla_json(&cla),
         rest["resources"][0]
     );
-    ensure!(e.version_info != "" && rest["version_info"].is_string());
+    ensure!(!e.version_info.is_empty() && rest["version_info"].is_string());
     rt.block_on(s.send(CLA, &["web", "later"], Some(&e)))?;
 
     // A service appearing is pushed to the subscription waiting for it.
     let t0 = Instant::now();
     check_in(&reg_url, "later", &ip(t, 4), 9000, json!({}))?;
     let later = rt.block_on(s.next_of(CLA))?;
-    ensure!(later.type_url == CLA && later.resources.len() == 1, "{later:?}");
+    ensure!(
+        later.type_url == CLA && later.resources.len() == 1,
+        "{later:?}"
+    );
     let cla: ClusterLoadAssignment = decode(&later.resources[0])?;
-    ensure!(cla.cluster_name == "later", "only what changed: {}", cla.cluster_name);
+    ensure!(
+        cla.cluster_name == "later",
+        "only what changed: {}",
+        cla.cluster_name
+    );
     eprintln!("check-in to push: {:?}", t0.elapsed());
 
     // A NACK: counted, with its error, in /metrics; nothing is sent again.
@@ -443,7 +488,10 @@ fn answers_decode_with_envoys_types_and_follow_the_view() -> Result<()> {
         let cla: ClusterLoadAssignment =
             decode(next.resources[0].resource.as_ref().context("resource")?)?;
         let hosts = hosts_of(&cla);
-        ensure!(!hosts.contains(&(gone, 1)), "the deregistered host is not live: {hosts:?}");
+        ensure!(
+            !hosts.contains(&(gone, 1)),
+            "the deregistered host is not live: {hosts:?}"
+        );
         drop(tx);
         Ok::<_, anyhow::Error>(())
     })?;
@@ -451,7 +499,8 @@ fn answers_decode_with_envoys_types_and_follow_the_view() -> Result<()> {
     // Bad input: an unknown type URL ends the stream with INVALID_ARGUMENT.
     rt.block_on(async {
         let mut s = Sotw::open(&xds).await?;
-        s.send("type.googleapis.com/no.such.Type", &[], None).await?;
+        s.send("type.googleapis.com/no.such.Type", &[], None)
+            .await?;
         let err = match tokio::time::timeout(ANSWER, s.rx.message()).await? {
             Err(status) => status,
             Ok(other) => bail!("not refused: {other:?}"),
@@ -529,7 +578,10 @@ async fn walk(s: &mut Sotw) -> Result<DiscoveryResponse> {
 /// An incremental stream subscribed to `web`'s endpoints, its first answer acknowledged.
 async fn delta(
     xds: &str,
-) -> Result<(mpsc::Sender<DeltaDiscoveryRequest>, Streaming<DeltaDiscoveryResponse>)> {
+) -> Result<(
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    Streaming<DeltaDiscoveryResponse>,
+)> {
     let mut c = connect(xds).await?;
     let (tx, rx) = mpsc::channel(16);
     let mut stream = c

@@ -40,7 +40,9 @@ pub struct Limits {
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ProtocolError {
-    #[error("unknown type_url {0:?}: this server serves only Listener, RouteConfiguration, Cluster and ClusterLoadAssignment (v3)")]
+    #[error(
+        "unknown type_url {0:?}: this server serves only Listener, RouteConfiguration, Cluster and ClusterLoadAssignment (v3)"
+    )]
     UnknownType(String),
     #[error("{kind} subscription of {got} resource names is over the limit of {max}")]
     TooManyNames {
@@ -200,7 +202,9 @@ impl StreamState {
         Some(match error {
             Some(error) => Received::Nack {
                 kind,
-                kept: version.map(str::to_string).or_else(|| state.accepted.clone()),
+                kept: version
+                    .map(str::to_string)
+                    .or_else(|| state.accepted.clone()),
                 error,
             },
             None => Received::Ack(kind),
@@ -383,9 +387,11 @@ impl StreamState {
             for n in &removed {
                 state.have.remove(n);
             }
-            state
-                .have
-                .extend(resources.iter().map(|r| (r.name.clone(), r.version.clone())));
+            state.have.extend(
+                resources
+                    .iter()
+                    .map(|r| (r.name.clone(), r.version.clone())),
+            );
             state.nonce = Some(nonce.clone());
             return Some(DeltaDiscoveryResponse {
                 system_version_info: version,

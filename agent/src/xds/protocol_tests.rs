@@ -66,7 +66,13 @@ fn ack_then_change_then_nack_keeps_the_accepted_version_and_does_not_resend() {
     assert_eq!(names(&r2), ["a@2", "b@1"], "clusters: the whole set");
     assert_ne!(r2.version_info, r1.version_info);
     assert_ne!(r2.nonce, r1.nonce);
-    let rejected = nack(Kind::Cluster, &[], &r1.version_info, &r2.nonce, "bad cluster");
+    let rejected = nack(
+        Kind::Cluster,
+        &[],
+        &r1.version_info,
+        &r2.nonce,
+        "bad cluster",
+    );
     assert_eq!(
         s.on_sotw(&rejected).expect("ok"),
         Received::Nack {
@@ -75,7 +81,10 @@ fn ack_then_change_then_nack_keeps_the_accepted_version_and_does_not_resend() {
             error: "bad cluster".into()
         }
     );
-    assert!(s.next_sotw().is_none(), "the rejected set is not sent again");
+    assert!(
+        s.next_sotw().is_none(),
+        "the rejected set is not sent again"
+    );
     s.set_catalog(catalog(&[("a", "3"), ("b", "1")]));
     assert_eq!(names(&s.next_sotw().expect("next change")), ["a@3", "b@1"]);
 }
@@ -89,7 +98,10 @@ fn a_stale_nonce_is_ignored() {
     let r2 = s.next_sotw().expect("answer");
     // A late ACK of r1 changing the subscription: ignored whole.
     let late = sotw(Kind::Cluster, &["zzz"], &r1.version_info, &r1.nonce);
-    assert_eq!(s.on_sotw(&late).expect("ok"), Received::Stale(Kind::Cluster));
+    assert_eq!(
+        s.on_sotw(&late).expect("ok"),
+        Received::Stale(Kind::Cluster)
+    );
     assert!(s.next_sotw().is_none());
     let ack = sotw(Kind::Cluster, &[], &r2.version_info, &r2.nonce);
     assert_eq!(s.on_sotw(&ack).expect("ok"), Received::Ack(Kind::Cluster));
@@ -114,7 +126,8 @@ fn wildcard_rules_per_type() {
 #[test]
 fn an_unknown_name_is_answered_when_the_service_appears() {
     let mut s = StreamState::new(LIMITS, catalog(&[("a", "1")]));
-    s.on_sotw(&sotw(Kind::Endpoint, &["b"], "", "")).expect("ok");
+    s.on_sotw(&sotw(Kind::Endpoint, &["b"], "", ""))
+        .expect("ok");
     let r = s.next_sotw().expect("answered at once, empty");
     assert!(r.resources.is_empty());
     s.set_catalog(catalog(&[("a", "2")]));
@@ -126,7 +139,8 @@ fn an_unknown_name_is_answered_when_the_service_appears() {
 #[test]
 fn state_of_the_world_endpoints_carry_only_what_changed() {
     let mut s = StreamState::new(LIMITS, catalog(&[("a", "1"), ("b", "1")]));
-    s.on_sotw(&sotw(Kind::Endpoint, &["a", "b"], "", "")).expect("ok");
+    s.on_sotw(&sotw(Kind::Endpoint, &["a", "b"], "", ""))
+        .expect("ok");
     assert_eq!(names(&s.next_sotw().expect("first")), ["a@1", "b@1"]);
     s.set_catalog(catalog(&[("a", "1"), ("b", "2")]));
     assert_eq!(names(&s.next_sotw().expect("change")), ["b@2"]);
@@ -141,10 +155,18 @@ fn state_of_the_world_endpoints_carry_only_what_changed() {
 #[test]
 fn listeners_go_out_before_endpoints_and_removal_resends_the_whole_set() {
     let mut s = StreamState::new(LIMITS, catalog(&[("a", "1"), ("b", "1")]));
-    s.on_sotw(&sotw(Kind::Endpoint, &["a"], "", "")).expect("ok");
-    s.on_sotw(&sotw(Kind::Listener, &["a", "b"], "", "")).expect("ok");
-    assert_eq!(s.next_sotw().expect("1").type_url, Kind::Listener.type_url());
-    assert_eq!(s.next_sotw().expect("2").type_url, Kind::Endpoint.type_url());
+    s.on_sotw(&sotw(Kind::Endpoint, &["a"], "", ""))
+        .expect("ok");
+    s.on_sotw(&sotw(Kind::Listener, &["a", "b"], "", ""))
+        .expect("ok");
+    assert_eq!(
+        s.next_sotw().expect("1").type_url,
+        Kind::Listener.type_url()
+    );
+    assert_eq!(
+        s.next_sotw().expect("2").type_url,
+        Kind::Endpoint.type_url()
+    );
     let mut c = (*catalog(&[("a", "1"), ("b", "1")])).clone();
     c.remove(Kind::Listener, "b");
     s.set_catalog(Arc::new(c));
@@ -167,7 +189,11 @@ fn delta_subscribe_unsubscribe_and_removal() {
     s.on_delta(&delta(Kind::Endpoint, &["a", "x"], &[], ""))
         .expect("ok");
     let r = s.next_delta().expect("a");
-    let got: Vec<_> = r.resources.iter().map(|r| (&*r.name, &*r.version)).collect();
+    let got: Vec<_> = r
+        .resources
+        .iter()
+        .map(|r| (&*r.name, &*r.version))
+        .collect();
     assert_eq!(got, [("a", "1")], "x is unknown: nothing yet");
     assert!(s.next_delta().is_none());
     s.on_delta(&delta(Kind::Endpoint, &["b"], &[], &r.nonce))
@@ -211,7 +237,10 @@ fn delta_wildcard_and_initial_versions() {
     };
     assert!(matches!(
         s.on_delta(&nack).expect("ok"),
-        Received::Nack { kind: Kind::Cluster, .. }
+        Received::Nack {
+            kind: Kind::Cluster,
+            ..
+        }
     ));
     assert!(s.next_delta().is_none(), "not resent after a NACK");
 }
@@ -224,7 +253,10 @@ fn bad_requests_are_errors_not_panics() {
         ..Default::default()
     };
     let e = s.on_sotw(&garbage).expect_err("refused");
-    assert!(matches!(&e, ProtocolError::UnknownType(t) if t.len() == 200), "{e}");
+    assert!(
+        matches!(&e, ProtocolError::UnknownType(t) if t.len() == 200),
+        "{e}"
+    );
     let many: Vec<String> = (0..9).map(|i| format!("s{i}")).collect();
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
     assert!(matches!(
@@ -233,8 +265,15 @@ fn bad_requests_are_errors_not_panics() {
     ));
     // Delta: many requests of a few names each cannot grow a subscription past the limit.
     for chunk in refs.chunks(4).take(2) {
-        s.on_delta(&delta(Kind::Endpoint, chunk, &[], "")).expect("ok");
+        s.on_delta(&delta(Kind::Endpoint, chunk, &[], ""))
+            .expect("ok");
     }
-    assert!(s.on_delta(&delta(Kind::Endpoint, &refs[8..], &[], "")).is_err());
-    assert!(s.on_delta(&delta(Kind::Endpoint, &[], &[], "no-such-nonce")).is_ok());
+    assert!(
+        s.on_delta(&delta(Kind::Endpoint, &refs[8..], &[], ""))
+            .is_err()
+    );
+    assert!(
+        s.on_delta(&delta(Kind::Endpoint, &[], &[], "no-such-nonce"))
+            .is_ok()
+    );
 }

@@ -339,19 +339,24 @@ pub fn assignment(
 
 fn lb_endpoint(ep: &Endpoint, health: HealthStatus) -> LbEndpoint {
     let address = Address {
-        address: Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(
-            SocketAddress {
-                address: ep.ip.to_string(),
-                port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
-                    ep.port.get(),
-                ))),
-                ..Default::default()
-            },
-        )),
+        address: Some(
+            envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(
+                SocketAddress {
+                    address: ep.ip.to_string(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                        ep.port.get(),
+                    ))),
+                    ..Default::default()
+                },
+            ),
+        ),
     };
     let mut filter_metadata = std::collections::HashMap::new();
     if ep.tags.canary {
-        let canary = [("canary".to_string(), json_value(&serde_json::Value::Bool(true)))];
+        let canary = [(
+            "canary".to_string(),
+            json_value(&serde_json::Value::Bool(true)),
+        )];
         filter_metadata.insert(
             ENVOY_LB.to_string(),
             Struct {
@@ -376,7 +381,7 @@ fn lb_endpoint(ep: &Endpoint, health: HealthStatus) -> LbEndpoint {
             ..Default::default()
         }),
         load_balancing_weight: Some(UInt32Value {
-            value: u32::try_from(ep.tags.load_balancing_weight.get()).unwrap_or(u32::MAX),
+            value: u32::from(ep.tags.load_balancing_weight.get()),
         }),
     }
 }
@@ -384,7 +389,10 @@ fn lb_endpoint(ep: &Endpoint, health: HealthStatus) -> LbEndpoint {
 /// A JSON object as a protobuf `Struct` (how Envoy's JSON maps to it).
 fn json_struct(map: &serde_json::Map<String, serde_json::Value>) -> Struct {
     Struct {
-        fields: map.iter().map(|(k, v)| (k.clone(), json_value(v))).collect(),
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_value(v)))
+            .collect(),
     }
 }
 

@@ -37,7 +37,7 @@ fn view(endpoints: &[Endpoint]) -> MergedView {
             })
             .collect::<Vec<_>>()
             .into(),
-        snapshots: Vec::new().into(),
+        snapshots: Vec::new(),
         members: Vec::new(),
         deregistered: Vec::new(),
     };
@@ -51,10 +51,10 @@ fn decode<M: Message + Default>(any: &Any) -> M {
 #[test]
 fn the_assignment_holds_what_the_rest_answer_holds_plus_draining_hosts() {
     let mut canary = ep("web", "10.0.0.2", "b", 7, true);
-    canary
-        .tags
-        .extra
-        .insert(TagKey::new("team").expect("key"), TagValue::new("x").expect("value"));
+    canary.tags.extra.insert(
+        TagKey::new("team").expect("key"),
+        TagValue::new("x").expect("value"),
+    );
     let live = [ep("web", "10.0.0.1", "a", 100, false), canary];
     let gone = ep("web", "10.0.0.3", "a", 100, false);
     let cla = assignment(&name("web"), &live.iter().collect::<Vec<_>>(), &[&gone]);
@@ -83,9 +83,15 @@ fn the_assignment_holds_what_the_rest_answer_holds_plus_draining_hosts() {
     assert_eq!(sa.address, "10.0.0.2");
     let meta = &b.metadata.as_ref().expect("metadata").filter_metadata;
     let tidings = &meta[METADATA_NAMESPACE].fields;
-    assert_eq!(tidings["team"].kind, Some(value::Kind::StringValue("x".into())));
+    assert_eq!(
+        tidings["team"].kind,
+        Some(value::Kind::StringValue("x".into()))
+    );
     assert_eq!(tidings["canary"].kind, Some(value::Kind::BoolValue(true)));
-    assert_eq!(meta[ENVOY_LB].fields["canary"].kind, Some(value::Kind::BoolValue(true)));
+    assert_eq!(
+        meta[ENVOY_LB].fields["canary"].kind,
+        Some(value::Kind::BoolValue(true))
+    );
     let rest_meta = &rest["endpoints"][1]["lb_endpoints"][0]["metadata"]["filter_metadata"];
     assert_eq!(rest_meta[METADATA_NAMESPACE]["team"], "x");
     assert_eq!(rest_meta[ENVOY_LB]["canary"], true);
@@ -95,8 +101,12 @@ fn the_assignment_holds_what_the_rest_answer_holds_plus_draining_hosts() {
 fn listener_route_and_cluster_lead_a_grpc_client_to_the_service() {
     let l: Listener = decode(&named(Kind::Listener, "web"));
     assert_eq!(l.name, "web");
-    let hcm: HttpConnectionManager =
-        decode(l.api_listener.and_then(|a| a.api_listener).as_ref().expect("api listener"));
+    let hcm: HttpConnectionManager = decode(
+        l.api_listener
+            .and_then(|a| a.api_listener)
+            .as_ref()
+            .expect("api listener"),
+    );
     let Some(http_connection_manager::RouteSpecifier::Rds(rds)) = hcm.route_specifier else {
         panic!("routes from RDS");
     };
@@ -120,18 +130,30 @@ fn listener_route_and_cluster_lead_a_grpc_client_to_the_service() {
     assert_eq!(c.name, "web");
     assert_eq!(
         c.cluster_discovery_type,
-        Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32))
+        Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32
+        ))
     );
 }
 
 #[test]
 fn a_new_catalog_reuses_the_resources_of_unchanged_services() {
-    let v1 = view(&[ep("web", "10.0.0.1", "a", 100, false), ep("db", "10.0.0.9", "a", 100, false)]);
+    let v1 = view(&[
+        ep("web", "10.0.0.1", "a", 100, false),
+        ep("db", "10.0.0.9", "a", 100, false),
+    ]);
     let c1 = Catalog::build(&Catalog::default(), &v1);
     assert_eq!(c1.len(), 2);
     let web = c1.get(Kind::Endpoint, "web").expect("web");
-    assert_eq!(web.version, v1.service_index(&name("web")).to_string(), "the REST version");
-    let v2 = view(&[ep("web", "10.0.0.1", "a", 50, false), ep("db", "10.0.0.9", "a", 100, false)]);
+    assert_eq!(
+        web.version,
+        v1.service_index(&name("web")).to_string(),
+        "the REST version"
+    );
+    let v2 = view(&[
+        ep("web", "10.0.0.1", "a", 50, false),
+        ep("db", "10.0.0.9", "a", 100, false),
+    ]);
     let c2 = Catalog::build(&c1, &v2);
     let same = |k, n| Arc::ptr_eq(c1.get(k, n).expect("old"), c2.get(k, n).expect("new"));
     assert!(same(Kind::Endpoint, "db"), "db did not change");
@@ -139,5 +161,8 @@ fn a_new_catalog_reuses_the_resources_of_unchanged_services() {
     assert!(same(Kind::Cluster, "web") && same(Kind::Listener, "web"));
     let v3 = view(&[ep("db", "10.0.0.9", "a", 100, false)]);
     let c3 = Catalog::build(&c2, &v3);
-    assert!(c3.get(Kind::Cluster, "web").is_none(), "a service that leaves leaves");
+    assert!(
+        c3.get(Kind::Cluster, "web").is_none(),
+        "a service that leaves leaves"
+    );
 }

@@ -64,7 +64,10 @@ impl XdsServer {
     /// Ends every stream and stops listening.
     pub async fn stop(self) {
         self.stop.cancel();
-        if tokio::time::timeout(STOP_TIMEOUT, self.server).await.is_err() {
+        if tokio::time::timeout(STOP_TIMEOUT, self.server)
+            .await
+            .is_err()
+        {
             tracing::warn!("xds server did not stop in time");
         }
         let _ = self.catalog.await;
@@ -88,8 +91,8 @@ pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) -> XdsServer {
         shared: shared.clone(),
         stop: stop.clone(),
     };
-    let svc = AggregatedDiscoveryServiceServer::new(service)
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let svc =
+        AggregatedDiscoveryServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
     let server = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -299,7 +302,10 @@ impl<R: Send + 'static> Stream<R> {
                 Ok(())
             }
             Ok(Received::Stale(kind)) => {
-                tracing::debug!(r#type = kind.label(), "xds request with a stale nonce ignored");
+                tracing::debug!(
+                    r#type = kind.label(),
+                    "xds request with a stale nonce ignored"
+                );
                 Ok(())
             }
             Ok(_) => Ok(()),
