@@ -75,20 +75,10 @@ for size in "${sizes[@]}"; do
   want=$((services * hosts))
   echo "== $services services x $hosts hosts = $want endpoints" >&2
 
-  reg_port="$(free_port)"; api_port="$(free_port)"; gossip_port="$(free_port)"
-  reg="http://127.0.0.1:$reg_port"; api="http://127.0.0.1:$api_port"
+  api_port="$(free_port)"; gossip_port="$(free_port)"
+  api="http://127.0.0.1:$api_port"
   data="$work/agent-$size"
-  # A short check-in interval ends the registry's warm-up before the agent starts; the long
-  # TTL keeps the filled endpoints (nobody renews them) for the whole run.
-  taskset -c 1 "$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" --ttl 1h \
-    --check-in-interval 2s --max-endpoints-per-ip "$services" >"$work/registry-$size.log" 2>&1 &
-  reg_pid=$!; pids+=("$reg_pid")
-  wait_http "$reg/live"
-  taskset -c 1 "$bin" bench registry-lookup --url "$reg" --fill --services "$services" --hosts "$hosts" >/dev/null
-  for _ in $(seq 100); do
-    curl -fsS -D - -o /dev/null "$reg/v1/registration/svc-000" | grep -qi '^x-tidings-warming: *true' || break
-    sleep 0.1
-  done
+  sized_registry "$services" "$hosts" "$work/registry-$size.log"
 
   agent=(taskset -c 0 "$bin" --log-level warn agent --registry "$reg" --api "127.0.0.1:$api_port"
     --gossip "127.0.0.1:$gossip_port" --data-dir "$data" --gossip-insecure --keep-registered)

@@ -25,17 +25,9 @@ view_size() {
 }
 
 want=$((services * hosts))
-reg_port="$(free_port)"; api_port="$(free_port)"; gossip_port="$(free_port)"; xds_port="$(free_port)"
-reg="http://127.0.0.1:$reg_port"; api="http://127.0.0.1:$api_port"
-taskset -c 1 "$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" --ttl 1h \
-  --check-in-interval 2s --max-endpoints-per-ip "$services" >"$work/registry.log" 2>&1 &
-pids+=($!)
-wait_http "$reg/live"
-taskset -c 1 "$bin" bench registry-lookup --url "$reg" --fill --services "$services" --hosts "$hosts" >/dev/null
-for _ in $(seq 100); do
-  curl -fsS -D - -o /dev/null "$reg/v1/registration/svc-000" | grep -qi '^x-tidings-warming: *true' || break
-  sleep 0.1
-done
+api_port="$(free_port)"; gossip_port="$(free_port)"; xds_port="$(free_port)"
+api="http://127.0.0.1:$api_port"
+sized_registry "$services" "$hosts" "$work/registry.log"
 
 taskset -c 0 "$bin" --log-level warn agent --registry "$reg" --api "127.0.0.1:$api_port" \
   --xds "127.0.0.1:$xds_port" --gossip "127.0.0.1:$gossip_port" --data-dir "$work/agent" \

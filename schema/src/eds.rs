@@ -95,13 +95,6 @@ fn cluster_load_assignment(
 ) -> Value {
     let mut localities: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
     for ep in endpoints {
-        let region = ep
-            .tags
-            .region
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_default();
-        let zone = ep.tags.zone().unwrap_or_default().to_string();
         let mut lb = json!({
             "endpoint": {"address": {"socket_address": {"address": ep.ip.to_string(), "port_value": ep.port.get()}}},
             "health_status": "HEALTHY",
@@ -113,7 +106,7 @@ fn cluster_load_assignment(
         if ep.tags.canary {
             lb["metadata"]["filter_metadata"]["envoy.lb"] = json!({"canary": true});
         }
-        localities.entry((region, zone)).or_default().push(lb);
+        localities.entry(locality(ep)).or_default().push(lb);
     }
     let endpoints: Vec<Value> = localities
         .into_iter()
@@ -130,6 +123,17 @@ fn cluster_load_assignment(
         cla["policy"] = json!({"endpoint_stale_after": format!("{secs}s")});
     }
     cla
+}
+
+/// An endpoint's locality, (region, zone): how assignments group endpoints, in this order.
+pub fn locality(ep: &Endpoint) -> (String, String) {
+    let region = ep
+        .tags
+        .region
+        .as_ref()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    (region, ep.tags.zone().unwrap_or_default().to_string())
 }
 
 /// A locality's weight: the sum of its endpoints' weights. Envoy reads it only with

@@ -67,19 +67,7 @@ fn agent(t: u8, dir: &Path, registry: &str) -> Result<Agent> {
 
 fn check_in(registry: &str, service: &str, ip: &str, port: u16, tags: Value) -> Result<()> {
     let body = json!({"ip": ip, "endpoints": [{"service": service, "port": port, "tags": tags}]});
-    let r = http::request(
-        "POST",
-        &format!("{registry}/v2/checkin"),
-        Some("application/json"),
-        body.to_string().as_bytes(),
-        Duration::from_secs(5),
-    )?;
-    ensure!(
-        r.status == 200,
-        "check-in: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    Ok(())
+    fleet::post_check_in(registry, &body.to_string())
 }
 
 fn deregister(registry: &str, service: &str, ip: &str, port: u16) -> Result<()> {

@@ -18,7 +18,6 @@
 //! not change, so a change re-encodes only the services it touched.
 
 use std::collections::BTreeMap;
-use std::hash::Hash;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -41,9 +40,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::google::protobuf::{Any, ListValue, Struct, UInt32Value, Value, value};
 use envoy_types::util::pack_any;
 use schema::{Endpoint, ServiceName};
-use sha2::{Digest, Sha256};
 
-use crate::view::{MergedView, Sha256Hasher};
+use crate::view::MergedView;
 
 /// The metadata namespace of an endpoint's tags (`filter_metadata["tidings"]`).
 pub use schema::eds::METADATA_NAMESPACE;
@@ -131,7 +129,7 @@ impl Catalog {
                 next.by_kind[kind.index()].insert(key.to_string(), r);
             }
             let drains = view.draining(name);
-            let version = eds_version(s.index, drains.iter().map(|d| &*d.endpoint));
+            let version = eds_version(s.index, drains);
             let r = match prev.get(Kind::Endpoint, key) {
                 Some(r) if r.version == version => r.clone(),
                 _ => {
@@ -188,18 +186,13 @@ impl Catalog {
 
 /// The version of a service's assignment: its content index, as the REST answer's, plus a
 /// digest of the draining hosts while there are any.
-fn eds_version<'a>(index: u64, drains: impl Iterator<Item = &'a Endpoint>) -> String {
-    let mut h = Sha256Hasher(Sha256::new());
-    let mut n = 0usize;
-    for ep in drains {
-        ep.hash(&mut h);
-        n += 1;
-    }
-    if n == 0 {
+fn eds_version<'a>(index: u64, drains: &'a [crate::view::Drain]) -> String {
+    if drains.is_empty() {
         return index.to_string();
     }
-    let digest = h.0.finalize();
-    format!("{index}-{}", hex::encode(&digest[..6]))
+    // The same digest as a content index, over the draining hosts.
+    let drained = crate::view::service_index(drains.iter().map(|d| &*d.endpoint));
+    format!("{index}-{drained:x}")
 }
 
 /// A resource made from the name alone.
@@ -302,15 +295,8 @@ pub fn assignment(
         .map(|e| (e, HealthStatus::Healthy))
         .chain(draining.iter().map(|e| (e, HealthStatus::Draining)));
     for (ep, health) in all {
-        let region = ep
-            .tags
-            .region
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_default();
-        let zone = ep.tags.zone().unwrap_or_default().to_string();
         localities
-            .entry((region, zone))
+            .entry(schema::eds::locality(ep))
             .or_default()
             .push(lb_endpoint(ep, health));
     }
