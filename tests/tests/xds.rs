@@ -463,7 +463,15 @@ fn answers_decode_with_envoys_types_and_follow_the_view() -> Result<()> {
     let line = r#"tidings_agent_xds_last_nack_info{type="eds",error="test nack: \"bad\""} 1"#;
     ensure!(text.contains(line), "{text}");
 
-    // Incremental: subscribe, then a deregistration shows the host as DRAINING.
+    // A client that subscribes to every assignment and never reads: the pushes below still
+    // reach the other streams (it holds one pending response, not a queue).
+    let _stuck = rt.block_on(async {
+        let s = Sotw::open(&xds).await?;
+        s.send(CLA, &["*"], None).await?;
+        Ok::<_, anyhow::Error>(s)
+    })?;
+
+    // Incremental: subscribe, then a deregistration is pushed.
     let (tx, mut stream) = rt.block_on(delta(&xds))?;
     let gone = format!("{}:8080", ip(t, 2));
     deregister(&reg_url, "web", &ip(t, 2), 8080)?;
@@ -484,18 +492,31 @@ fn answers_decode_with_envoys_types_and_follow_the_view() -> Result<()> {
         Ok::<_, anyhow::Error>(())
     })?;
 
-    // Bad input: an unknown type URL ends the stream with INVALID_ARGUMENT.
-    rt.block_on(async {
-        let mut s = Sotw::open(&xds).await?;
-        s.send("type.googleapis.com/no.such.Type", &[], None)
-            .await?;
-        let err = match tokio::time::timeout(ANSWER, s.rx.message()).await? {
-            Err(status) => status,
-            Ok(other) => bail!("not refused: {other:?}"),
-        };
-        ensure!(err.code() == tonic::Code::InvalidArgument, "{err}");
-        Ok::<_, anyhow::Error>(())
-    })?;
+    // Bad input: an unknown type URL, or more names than a subscription may hold, ends the
+    // stream with INVALID_ARGUMENT.
+    let many: Vec<String> = (0..20_000).map(|i| format!("s{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    for (type_url, names) in [
+        ("type.googleapis.com/no.such.Type", &[][..]),
+        (CLA, &many[..]),
+    ] {
+        rt.block_on(async {
+            let mut s = Sotw::open(&xds).await?;
+            s.send(type_url, names, None).await?;
+            let err = match tokio::time::timeout(ANSWER, s.rx.message()).await? {
+                Err(status) => status,
+                Ok(other) => bail!("not refused: {other:?}"),
+            };
+            ensure!(err.code() == tonic::Code::InvalidArgument, "{err}");
+            Ok::<_, anyhow::Error>(())
+        })?;
+    }
+    let refused = http::metric(
+        &agent.url(),
+        "tidings_agent_xds_refused_total",
+        "bad_request",
+    )?;
+    ensure!(refused >= 2.0, "{refused} bad requests counted");
 
     // Registry dead, agent killed and restarted: the cached view is served at once.
     reg.signal("KILL")?;
