@@ -23,7 +23,6 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use super::resources::{Catalog, Kind};
@@ -81,6 +80,9 @@ struct TypeState {
     accepted: Option<String>,
     /// Answer even if nothing changed (a first request, a changed subscription).
     must_answer: bool,
+    /// The catalog (by `seq`) everything due from was sent: from the next one, only its
+    /// changed names need a look.
+    synced: Option<u64>,
 }
 
 impl TypeState {
@@ -115,6 +117,25 @@ impl TypeState {
         Vec<(&'a String, &'a Arc<super::resources::Resource>)>,
         Vec<String>,
     ) {
+        let seq = catalog.seq();
+        if !self.must_answer && seq >= 2 && self.synced == Some(seq - 1) {
+            // Caught up with the previous catalog: only what changed since can be due.
+            let names = catalog.changed(kind).iter().filter(|n| self.wants(n));
+            let mut updated = Vec::new();
+            let mut removed = Vec::new();
+            for n in names {
+                match catalog.all(kind).get_key_value(n) {
+                    Some((n, r)) if self.have.get(n) != Some(&r.version) => updated.push((n, r)),
+                    Some(_) => {}
+                    None if self.have.contains_key(n) => removed.push(n.clone()),
+                    None => {}
+                }
+            }
+            return (updated, removed);
+        }
+        if !self.must_answer && self.synced == Some(seq) && seq >= 1 {
+            return (Vec::new(), Vec::new());
+        }
         let updated = self
             .current(kind, catalog)
             .filter(|(n, r)| self.have.get(*n) != Some(&r.version))
@@ -129,17 +150,10 @@ impl TypeState {
     }
 }
 
-/// A digest of the (name, version) pairs of a set of resources: a response's version.
-fn set_version<'a>(items: impl Iterator<Item = (&'a String, &'a String)>) -> String {
-    let mut h = Sha256::new();
-    for (n, v) in items {
-        h.update((n.len() as u64).to_be_bytes());
-        h.update(n.as_bytes());
-        h.update((v.len() as u64).to_be_bytes());
-        h.update(v.as_bytes());
-    }
-    hex::encode(&h.finalize()[..8])
-}
+/// Most resources in one response where the protocol allows a part (state-of-the-world
+/// routes and endpoints, every incremental response): a stream catching up with a large
+/// catalog sends it in pieces, so what waits to be sent stays small.
+pub const MAX_PER_RESPONSE: usize = 100;
 
 /// The protocol state of one stream (either variant).
 #[derive(Debug)]
@@ -229,23 +243,22 @@ impl StreamState {
             _ => {}
         }
         // Every state-of-the-world request carries the whole subscription.
-        let names: BTreeSet<String> = req
-            .resource_names
-            .iter()
-            .filter(|n| n.as_str() != WILDCARD)
-            .cloned()
-            .collect();
         let wildcard = req.resource_names.iter().any(|n| n == WILDCARD)
             || (req.resource_names.is_empty()
                 && kind.wildcard_by_default()
                 && (first || state.wildcard));
-        if first || names != state.names || wildcard != state.wildcard {
-            state.names = names;
+        // Clients repeat the whole subscription in every ACK: compare before building.
+        let explicit = || req.resource_names.iter().filter(|n| *n != WILDCARD);
+        let same =
+            explicit().count() == state.names.len() && explicit().all(|n| state.names.contains(n));
+        if first || !same || wildcard != state.wildcard {
+            state.names = explicit().cloned().collect();
             state.wildcard = wildcard;
             // The client drops what it no longer asks for.
             let (wildcard, names) = (state.wildcard, &state.names);
             state.have.retain(|n, _| wildcard || names.contains(n));
             state.must_answer = true;
+            state.synced = None;
             if !matches!(received, Received::Subscribe(_) | Received::Nack { .. }) {
                 return Ok(Received::Subscribe(kind));
             }
@@ -300,6 +313,7 @@ impl StreamState {
         }
         let (wildcard, names) = (state.wildcard, &state.names);
         state.have.retain(|n, _| wildcard || names.contains(n));
+        state.synced = None;
         Ok(received)
     }
 
@@ -316,40 +330,37 @@ impl StreamState {
             let Some(state) = self.types[kind as usize].as_ref() else {
                 continue;
             };
-            let (updated, removed) = state.changes(kind, &catalog);
+            let (mut updated, removed) = state.changes(kind, &catalog);
             let full = matches!(kind, Kind::Listener | Kind::Cluster);
             let due = state.must_answer || !updated.is_empty() || (full && !removed.is_empty());
-            if !due {
-                // The client may drop them: nothing to tell in this variant.
-                if !removed.is_empty() {
-                    let state = self.types[kind as usize].as_mut()?;
-                    for n in removed {
-                        state.have.remove(&n);
-                    }
-                }
-                continue;
-            }
-            let send: Vec<_> = if full {
-                state.current(kind, &catalog).collect()
-            } else {
-                updated
+            let more = !full && updated.len() > MAX_PER_RESPONSE;
+            updated.truncate(if full { usize::MAX } else { MAX_PER_RESPONSE });
+            let send: Vec<_> = match (due, full) {
+                (false, _) => Vec::new(),
+                (true, true) => state.current(kind, &catalog).collect(),
+                (true, false) => updated,
             };
-            let version = set_version(state.current(kind, &catalog).map(|(n, r)| (n, &r.version)));
             let resources = send.iter().map(|(_, r)| r.body.clone()).collect();
             let have: Vec<(String, String)> = send
                 .iter()
                 .map(|(n, r)| ((*n).clone(), r.version.clone()))
                 .collect();
-            let nonce = self.nonce();
+            let nonce = due.then(|| self.nonce());
             let state = self.types[kind as usize].as_mut()?;
+            // Routes and endpoints that are gone are not announced in this variant: the
+            // client may drop them (their cluster or listener goes).
             for n in removed {
                 state.have.remove(&n);
             }
             state.have.extend(have);
+            state.synced = (!more).then_some(catalog.seq());
+            let Some(nonce) = nonce else {
+                continue;
+            };
             state.nonce = Some(nonce.clone());
             state.must_answer = false;
             return Some(DiscoveryResponse {
-                version_info: version,
+                version_info: catalog.version().to_string(),
                 resources,
                 type_url: kind.type_url().to_string(),
                 nonce,
@@ -366,13 +377,11 @@ impl StreamState {
             let Some(state) = self.types[kind as usize].as_ref() else {
                 continue;
             };
-            let (updated, removed) = state.changes(kind, &catalog);
             // Names the client holds but no longer asks for were dropped on unsubscribe;
             // what is left in `removed` is gone from the catalog.
-            if updated.is_empty() && removed.is_empty() {
-                continue;
-            }
-            let version = set_version(state.current(kind, &catalog).map(|(n, r)| (n, &r.version)));
+            let (mut updated, removed) = state.changes(kind, &catalog);
+            let more = updated.len() > MAX_PER_RESPONSE;
+            updated.truncate(MAX_PER_RESPONSE);
             let resources: Vec<Resource> = updated
                 .iter()
                 .map(|(n, r)| Resource {
@@ -382,8 +391,13 @@ impl StreamState {
                     ..Default::default()
                 })
                 .collect();
-            let nonce = self.nonce();
+            let due = !resources.is_empty() || !removed.is_empty();
+            let nonce = due.then(|| self.nonce());
             let state = self.types[kind as usize].as_mut()?;
+            state.synced = (!more).then_some(catalog.seq());
+            let Some(nonce) = nonce else {
+                continue;
+            };
             for n in &removed {
                 state.have.remove(n);
             }
@@ -394,7 +408,7 @@ impl StreamState {
             );
             state.nonce = Some(nonce.clone());
             return Some(DeltaDiscoveryResponse {
-                system_version_info: version,
+                system_version_info: catalog.version().to_string(),
                 resources,
                 type_url: kind.type_url().to_string(),
                 removed_resources: removed,

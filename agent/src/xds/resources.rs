@@ -17,7 +17,7 @@
 //! there are any. A new catalog reuses every resource of the previous one whose version did
 //! not change, so a change re-encodes only the services it touched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
@@ -110,12 +110,23 @@ pub struct Resource {
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
     by_kind: [BTreeMap<String, Arc<Resource>>; 4],
+    /// Names whose resource differs from the previous catalog's (new, changed or gone): a
+    /// stream that had caught up with the previous catalog looks at these alone.
+    changed: [BTreeSet<String>; 4],
+    /// One more than the previous catalog's.
+    seq: u64,
+    /// The view's index: the `version_info` of every response made from this catalog.
+    version: String,
 }
 
 impl Catalog {
     /// The catalog of `view`, reusing `prev`'s resources whose version did not change.
     pub fn build(prev: &Catalog, view: &MergedView) -> Catalog {
-        let mut next = Catalog::default();
+        let mut next = Catalog {
+            seq: prev.seq + 1,
+            version: view.index().to_string(),
+            ..Catalog::default()
+        };
         for (name, s) in view.services() {
             let key = name.as_str();
             for kind in [Kind::Listener, Kind::Route, Kind::Cluster] {
@@ -143,7 +154,22 @@ impl Catalog {
             };
             next.by_kind[Kind::Endpoint.index()].insert(key.to_string(), r);
         }
+        next.changed = Kind::ALL.map(|k| changed(prev.all(k), next.all(k)));
         next
+    }
+
+    /// Names of `kind` whose resource differs from the previous catalog's.
+    pub fn changed(&self, kind: Kind) -> &BTreeSet<String> {
+        &self.changed[kind.index()]
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The `version_info` of responses made from it (the view's index).
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     pub fn get(&self, kind: Kind, name: &str) -> Option<&Arc<Resource>> {
@@ -175,6 +201,7 @@ impl Catalog {
             },
         };
         self.by_kind[kind.index()].insert(name.to_string(), Arc::new(r));
+        self.version = format!("{}{name}@{version};", self.version);
     }
 
     /// Drops one resource (protocol tests).
@@ -182,6 +209,19 @@ impl Catalog {
     pub(crate) fn remove(&mut self, kind: Kind, name: &str) {
         self.by_kind[kind.index()].remove(name);
     }
+}
+
+/// Names new in `next`, gone from it, or whose resource is another (not the same `Arc`).
+fn changed(
+    prev: &BTreeMap<String, Arc<Resource>>,
+    next: &BTreeMap<String, Arc<Resource>>,
+) -> BTreeSet<String> {
+    let moved = next
+        .iter()
+        .filter(|(n, r)| !prev.get(*n).is_some_and(|p| Arc::ptr_eq(p, r)))
+        .map(|(n, _)| n.clone());
+    let gone = prev.keys().filter(|n| !next.contains_key(*n)).cloned();
+    moved.chain(gone).collect()
 }
 
 /// The version of a service's assignment: its content index, as the REST answer's, plus a

@@ -166,3 +166,47 @@ fn a_new_catalog_reuses_the_resources_of_unchanged_services() {
         "a service that leaves leaves"
     );
 }
+
+#[test]
+fn a_stream_catches_up_in_pieces_then_gets_only_what_changed() {
+    use super::super::protocol::{Limits, MAX_PER_RESPONSE, StreamState};
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+
+    let n = MAX_PER_RESPONSE + 50;
+    let eps = |w: u64| -> Vec<Endpoint> {
+        (0..n)
+            .map(|i| {
+                ep(
+                    &format!("s{i:03}"),
+                    "10.0.0.1",
+                    "a",
+                    if i == 7 { w } else { 1 },
+                    false,
+                )
+            })
+            .collect()
+    };
+    let c1 = Arc::new(Catalog::build(&Catalog::default(), &view(&eps(1))));
+    let mut s = StreamState::new(Limits { max_names: 1000 }, c1.clone());
+    let req = DiscoveryRequest {
+        type_url: Kind::Endpoint.type_url().into(),
+        resource_names: vec!["*".into()],
+        ..Default::default()
+    };
+    s.on_sotw(&req).expect("ok");
+    let first = s.next_sotw().expect("a first piece");
+    let second = s.next_sotw().expect("the rest");
+    assert_eq!(
+        (first.resources.len(), second.resources.len()),
+        (MAX_PER_RESPONSE, 50)
+    );
+    assert!(s.next_sotw().is_none());
+    let c2 = Arc::new(Catalog::build(&c1, &view(&eps(9))));
+    assert_eq!(c2.changed(Kind::Endpoint).len(), 1, "one service changed");
+    s.set_catalog(c2);
+    let r = s.next_sotw().expect("the change");
+    assert_eq!(r.resources.len(), 1);
+    let cla: ClusterLoadAssignment = decode(&r.resources[0]);
+    assert_eq!(cla.cluster_name, "s007");
+    assert!(s.next_sotw().is_none());
+}
