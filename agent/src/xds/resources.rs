@@ -226,7 +226,7 @@ fn changed(
 
 /// The version of a service's assignment: its content index, as the REST answer's, plus a
 /// digest of the draining hosts while there are any.
-fn eds_version<'a>(index: u64, drains: &'a [crate::view::Drain]) -> String {
+fn eds_version(index: u64, drains: &[crate::view::Drain]) -> String {
     if drains.is_empty() {
         return index.to_string();
     }
