@@ -61,6 +61,11 @@ fn registry(t: u8) -> Result<(Proc, String)> {
     ))
 }
 
+/// The agent's xDS address: its API's ip, port 7703 (the default).
+fn xds_addr(t: u8) -> String {
+    format!("{}:7703", ip(t, 1))
+}
+
 fn agent(t: u8, dir: &Path, registry: &str) -> Result<Agent> {
     fleet::local_agent("agent", &ip(t, 1), &dir.join("agent"), registry, &[])
 }
@@ -126,7 +131,7 @@ fn grpcio_follows_the_agent_through_changes_and_a_dead_registry() -> Result<()> 
     let dir = tempfile::tempdir()?;
     let (mut reg, reg_url) = registry(t)?;
     let agent = agent(t, dir.path(), &reg_url)?;
-    let xds = agent.proc.addr("xds")?;
+    let xds = xds_addr(t);
     let port = 50_051;
     let backends: Vec<String> = (2..=4).map(|h| format!("{}:{port}", ip(t, h))).collect();
     let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
@@ -149,7 +154,7 @@ fn grpcio_follows_the_agent_through_changes_and_a_dead_registry() -> Result<()> 
     std::fs::write(
         &bootstrap,
         json!({
-            "xds_servers": [{"server_uri": xds.to_string(), "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
+            "xds_servers": [{"server_uri": xds, "channel_creds": [{"type": "insecure"}], "server_features": ["xds_v3"]}],
             "node": {"id": "xds-test", "locality": {"zone": "a"}}
         })
         .to_string(),
@@ -391,7 +396,7 @@ fn answers_decode_with_envoys_types_and_follow_the_view() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (reg, reg_url) = registry(t)?;
     let mut agent = agent(t, dir.path(), &reg_url)?;
-    let xds = agent.proc.addr("xds")?.to_string();
+    let xds = xds_addr(t);
     check_in(
         &reg_url,
         "web",

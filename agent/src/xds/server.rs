@@ -45,11 +45,7 @@ pub async fn bind(config: &AgentConfig) -> std::io::Result<Option<TcpListener>> 
     let Some(addr) = config.xds.address(config.api) else {
         return Ok(None);
     };
-    let listener = TcpListener::bind(addr).await?;
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "xds listening");
-    }
-    Ok(Some(listener))
+    Ok(Some(TcpListener::bind(addr).await?))
 }
 
 /// The running xDS server.
@@ -78,6 +74,11 @@ impl XdsServer {
 pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) -> XdsServer {
     let stop = CancellationToken::new();
     let addr = listener.local_addr().ok();
+    // Logged once serving, after the API's and gossip's lines: tools that wait for the
+    // agent's first two "listening" lines (the demo, the test harness) see those.
+    if let Some(addr) = addr {
+        tracing::info!(%addr, "xds listening");
+    }
     let first = Arc::new(Catalog::build(&Catalog::default(), &shared.current_view()));
     let (tx, rx) = watch::channel(first);
     let catalog = tokio::spawn(follow_view(shared.view.clone(), tx, stop.clone()));
