@@ -34,8 +34,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # moto_server is a real DynamoDB-compatible server; discovery's DynamoDB tests start it on
-# an ephemeral loopback port. Pinned in ops/moto-requirements.txt, installed in ./.venv.
-step "Python venv with moto_server (pinned in ops/moto-requirements.txt)"
+# an ephemeral loopback port. grpcio is the xDS tests' gRPC client. Pinned in
+# ops/moto-requirements.txt, installed in ./.venv.
+step "Python venv with moto_server and grpcio (pinned in ops/moto-requirements.txt)"
 if [ -f ops/moto-requirements.txt ]; then
   want="$(sha256sum ops/moto-requirements.txt | cut -d' ' -f1)"
   have="$(cat .venv/.requirements.sha 2>/dev/null || true)"
@@ -46,6 +47,9 @@ if [ -f ops/moto-requirements.txt ]; then
   fi
   export TIDINGS_MOTO_SERVER="$root/.venv/bin/moto_server"
   "$TIDINGS_MOTO_SERVER" --help >/dev/null
+  # grpcio (same file): the xDS tests' proxyless gRPC client.
+  export TIDINGS_PYTHON="$root/.venv/bin/python"
+  "$TIDINGS_PYTHON" -c "import grpc"
 fi
 
 step "cargo fmt --check"

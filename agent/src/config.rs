@@ -127,6 +127,8 @@ pub struct AgentConfig {
     pub gossip: GossipConfig,
     /// DNS on loopback (`[dns]`).
     pub dns: crate::dns::DnsConfig,
+    /// The xDS (ADS over gRPC) server (`[xds]`).
+    pub xds: crate::xds::XdsConfig,
 }
 
 impl Default for AgentConfig {
@@ -160,6 +162,7 @@ impl Default for AgentConfig {
             endpoints: Vec::new(),
             gossip: GossipConfig::default(),
             dns: crate::dns::DnsConfig::default(),
+            xds: crate::xds::XdsConfig::default(),
         }
     }
 }
@@ -207,6 +210,7 @@ impl AgentConfig {
         }
         self.zone_tag()?;
         self.dns.validate().map_err(ConfigError::Invalid)?;
+        self.xds.validate(self.api).map_err(ConfigError::Invalid)?;
         // Endpoint validity with a placeholder ip: the real one is known once gossip binds.
         self.endpoints(self.host_ip.unwrap_or(IpAddr::from([127, 0, 0, 1])))?;
         Ok(())

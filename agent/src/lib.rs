@@ -16,6 +16,8 @@
 //!   [`ui`]: the web dashboard it serves at `/ui`; [`guard`]: the API's `Host` check
 //!   (against DNS rebinding) and its rule that runtime registrations name this host's own
 //!   addresses unless they bear the operator token.
+//! - [`xds`]: the ADS server (gRPC, both variants) for Envoy and proxyless gRPC clients, on
+//!   its own loopback listener.
 //!
 //! Invariants: a failed registry answer changes nothing, and an answer from a registry
 //! still warming up only adds and updates entries; registry entries stay until a newer
@@ -43,6 +45,7 @@ mod state;
 pub mod sync;
 pub mod ui;
 pub mod view;
+pub mod xds;
 
 pub use config::{AGENT_SERVICE, AgentConfig, ConfigError, parse_endpoint_flag};
 pub use metrics::Metrics;

@@ -62,6 +62,7 @@ pub struct Metrics {
     /// The local API listener's connections.
     pub connections: serve::ConnMetrics,
     pub dns: crate::dns::DnsMetrics,
+    pub xds: crate::xds::XdsMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -122,6 +123,7 @@ impl Metrics {
         let connections = serve::ConnMetrics::register(&recorder, "agent");
         Metrics {
             dns: crate::dns::DnsMetrics::register(&reg),
+            xds: crate::xds::XdsMetrics::register(&reg),
             connections,
             checkins_ok: reg.get(&checkins, ["ok"]),
             checkins_failed: reg.get(&checkins, ["failed"]),
@@ -201,7 +203,9 @@ impl Metrics {
                 c.absolute(value);
             }
         });
-        self.handle.render()
+        let mut text = self.handle.render();
+        self.xds.render_last_nacks(&mut text);
+        text
     }
 }
 

@@ -44,6 +44,8 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("xDS listener: {0}")]
+    Xds(std::io::Error),
     #[error("local API TLS: {0}")]
     Tls(#[from] serve::TlsError),
     #[error("cannot read the operator token file {path}: {source}")]
@@ -69,6 +71,8 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     config.validate()?;
     let api_limits = config.api_limits().map_err(ConfigError::from)?;
+    // From the configured API address: a test's port 0 gives the xDS listener port 0 too.
+    let xds = crate::xds::bind(&config).await.map_err(AgentError::Xds)?;
     // The address actually bound (the configured one may name port 0): the API's Host check
     // accepts it.
     if let Ok(bound) = api.local_addr() {
@@ -146,6 +150,7 @@ pub async fn run(
             dns_stop.clone(),
         ))
     });
+    let xds = xds.map(|l| crate::xds::spawn(l, &shared));
     shutdown.cancelled().await;
     let running = Running {
         shared,
@@ -154,6 +159,7 @@ pub async fn run(
         draining,
         loops,
         api,
+        xds,
     };
     let result = running.shut_down().await;
     // Last, with the API: local resolvers keep answers from the last view until then.
@@ -338,6 +344,7 @@ struct Running {
     draining: CancellationToken,
     loops: Loops,
     api: ApiServer,
+    xds: Option<crate::xds::XdsServer>,
 }
 
 impl Running {
@@ -363,6 +370,9 @@ impl Running {
         self.loops.writer_stop.cancel();
         if let Err(e) = self.loops.writer.await {
             tracing::warn!(error = %e, "cache writer failed");
+        }
+        if let Some(xds) = self.xds {
+            xds.stop().await;
         }
         self.api.stop.cancel();
         let served = tokio::time::timeout(API_DRAIN_TIMEOUT, self.api.server).await;
@@ -535,6 +545,10 @@ mod tests {
             gossip: gossip::GossipConfig::for_tests(SocketAddr::from(([127, 0, 0, 1], 0))),
             dns: crate::dns::DnsConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                ..Default::default()
+            },
+            xds: crate::xds::XdsConfig {
+                listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
                 ..Default::default()
             },
             ..Default::default()

@@ -153,7 +153,7 @@ fn index_of(h: Sha256Hasher) -> u64 {
 /// registry hashes a JSON encoding of each endpoint so that every replica computes the same
 /// index; the agent's index is its own (the API says so), and encoding every endpoint as
 /// JSON was half of a 100 000-endpoint start from the disk cache.
-fn service_index<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> u64 {
+pub(crate) fn service_index<'a>(endpoints: impl IntoIterator<Item = &'a Endpoint>) -> u64 {
     let mut h = Sha256Hasher(Sha256::new());
     let mut n = 0usize;
     for ep in endpoints {

@@ -97,6 +97,14 @@ async fn a_refused_endpoint_does_not_stop_the_hosts_others_from_checking_in() {
         request_timeout: Duration::from_secs(1),
         deregister_on_shutdown: false,
         gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
+        dns: agent::dns::DnsConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Default::default()
+        },
+        xds: agent::xds::XdsConfig {
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("api");

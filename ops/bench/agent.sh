@@ -75,10 +75,10 @@ for size in "${sizes[@]}"; do
   want=$((services * hosts))
   echo "== $services services x $hosts hosts = $want endpoints" >&2
 
-  reg_port="$(free_port)"; api_port="$(free_port)"; gossip_port="$(free_port)"
-  reg="http://127.0.0.1:$reg_port"; api="http://127.0.0.1:$api_port"
+  api_port="$(free_port)"; gossip_port="$(free_port)"
+  api="http://127.0.0.1:$api_port"
   data="$work/agent-$size"
-  sized_registry "$reg_port" "$services" "$hosts" "$work/registry-$size.log"
+  sized_registry "$services" "$hosts" "$work/registry-$size.log"
 
   agent=(taskset -c 0 "$bin" --log-level warn agent --registry "$reg" --api "127.0.0.1:$api_port"
     --gossip "127.0.0.1:$gossip_port" --data-dir "$data" --gossip-insecure --keep-registered)

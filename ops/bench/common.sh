@@ -33,19 +33,21 @@ hwm() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 # counted after the parenthesised command name, which may hold spaces).
 ticks() { cut -d')' -f2- "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
-# sized_registry PORT SERVICES HOSTS LOG: starts a memory registry on 127.0.0.1:PORT (CPU 1),
-# fills it with SERVICES x HOSTS endpoints, waits out its warm-up and sets `reg_pid`. A short
-# check-in interval ends the warm-up before an agent starts; the long TTL keeps the filled
-# endpoints (nobody renews them) for the whole run.
+# sized_registry SERVICES HOSTS LOG: on CPU 1, a memory registry on a free loopback port
+# (TTL 1 h: nobody renews the fill), filled with SERVICES x HOSTS endpoints, its warm-up over
+# (a short check-in interval ends it before an agent starts). Sets `reg` (its URL) and
+# `reg_pid`.
 sized_registry() {
-  local port="$1" services="$2" hosts="$3" log="$4" url="http://127.0.0.1:$1"
+  local port
+  port="$(free_port)"
   taskset -c 1 "$bin" --log-level warn registry --listen "127.0.0.1:$port" --ttl 1h \
-    --check-in-interval 2s --max-endpoints-per-ip "$services" >"$log" 2>&1 &
+    --check-in-interval 2s --max-endpoints-per-ip "$1" >"$3" 2>&1 &
   reg_pid=$!; pids+=("$reg_pid")
-  wait_http "$url/live"
-  taskset -c 1 "$bin" bench registry-lookup --url "$url" --fill --services "$services" --hosts "$hosts" >/dev/null
+  reg="http://127.0.0.1:$port"
+  wait_http "$reg/live"
+  taskset -c 1 "$bin" bench registry-lookup --url "$reg" --fill --services "$1" --hosts "$2" >/dev/null
   for _ in $(seq 100); do
-    curl -fsS -D - -o /dev/null "$url/v1/registration/svc-000" | grep -qi '^x-tidings-warming: *true' || break
+    curl -fsS -D - -o /dev/null "$reg/v1/registration/svc-000" | grep -qi '^x-tidings-warming: *true' || break
     sleep 0.1
   done
 }

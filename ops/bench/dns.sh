@@ -30,10 +30,10 @@ fi
 source "$root/ops/bench/common.sh"
 
 want=$((services * hosts))
-reg_port="$(free_port)"; api_port="$(free_port)"; gossip_port="$(free_port)"
+api_port="$(free_port)"; gossip_port="$(free_port)"
 dns_port="$(free_port)"; peer_port="$(free_port)"
-reg="http://127.0.0.1:$reg_port"; api="http://127.0.0.1:$api_port"
-sized_registry "$reg_port" "$services" "$hosts" "$work/registry.log"
+api="http://127.0.0.1:$api_port"
+sized_registry "$services" "$hosts" "$work/registry.log"
 
 taskset -c 0 "$bin" --log-level warn agent --registry "$reg" --api "127.0.0.1:$api_port" \
   --gossip "127.0.0.1:$gossip_port" --data-dir "$work/agent" --gossip-insecure --keep-registered \

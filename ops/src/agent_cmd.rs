@@ -92,6 +92,12 @@ pub struct AgentArgs {
     /// TTL of DNS answers, 0 to 5 s [default: 2s].
     #[arg(long, value_parser = parse_duration)]
     pub dns_ttl: Option<Duration>,
+    /// xDS (ADS over gRPC) address, loopback only [default: the --api address's ip, port 7703].
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_xds")]
+    pub xds: Option<SocketAddr>,
+    /// Do not serve xDS.
+    #[arg(long)]
+    pub no_xds: bool,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +193,13 @@ pub fn settings(args: &AgentArgs) -> Result<AgentConfig> {
     }
     if args.keep_registered {
         cfg.deregister_on_shutdown = false;
+    }
+    if let Some(addr) = args.xds {
+        cfg.xds.enabled = true;
+        cfg.xds.listen = Some(addr);
+    }
+    if args.no_xds {
+        cfg.xds.enabled = false;
     }
     if args.gossip_insecure {
         cfg.gossip.insecure = true;

@@ -31,6 +31,8 @@ pub enum BenchTarget {
     EtcdGet(LoadArgs),
     /// A fleet of agent-like sync clients under a churn of changes (ops/bench/fleet.sh).
     Fleet(crate::bench_fleet::FleetArgs),
+    /// Many ADS streams on one agent: change-to-all-streams latency (ops/bench/xds.sh).
+    Xds(crate::bench_xds::XdsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -72,6 +74,7 @@ pub async fn main(args: crate::cli::BenchArgs) -> ExitCode {
         BenchTarget::EtcdPut(a) => (Kind::EtcdPut, a),
         BenchTarget::EtcdGet(a) => (Kind::EtcdGet, a),
         BenchTarget::Fleet(a) => return crate::bench_fleet::main(a).await,
+        BenchTarget::Xds(a) => return crate::bench_xds::main(a).await,
     };
     if !is_loopback_url(&load.url) {
         eprintln!(
@@ -115,7 +118,7 @@ pub(crate) fn is_loopback_url(url: &str) -> bool {
     host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
 }
 
-fn service(i: u32) -> String {
+pub(crate) fn service(i: u32) -> String {
     format!("svc-{i:03}")
 }
 

@@ -8,6 +8,7 @@ use clap::Parser;
 mod agent_cmd;
 mod bench;
 mod bench_fleet;
+mod bench_xds;
 mod checkin;
 mod cli;
 mod demo;

@@ -15,6 +15,8 @@ use serde_json::{Value, json};
 use crate::{Endpoint, ValidationError};
 
 pub const CLA_TYPE_URL: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// The metadata namespace (`filter_metadata`) holding an endpoint's tags.
+pub const METADATA_NAMESPACE: &str = "tidings";
 
 /// The parts of Envoy's `DiscoveryRequest` we use; everything else (node, nonce) is ignored.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -93,26 +95,27 @@ fn cluster_load_assignment(
 ) -> Value {
     let mut localities: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
     for ep in endpoints {
-        let region = ep
-            .tags
-            .region
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_default();
-        let zone = ep.tags.zone().unwrap_or_default().to_string();
         let mut lb = json!({
             "endpoint": {"address": {"socket_address": {"address": ep.ip.to_string(), "port_value": ep.port.get()}}},
             "health_status": "HEALTHY",
             "load_balancing_weight": ep.tags.load_balancing_weight.get(),
         });
+        // Every tag under `tidings` (the flat v1 object), for clients that pick hosts by
+        // tag; `canary` also where Envoy's subset load balancer looks for it.
+        lb["metadata"] = json!({"filter_metadata": {METADATA_NAMESPACE: ep.tags.to_json()}});
         if ep.tags.canary {
-            lb["metadata"] = json!({"filter_metadata": {"envoy.lb": {"canary": true}}});
+            lb["metadata"]["filter_metadata"]["envoy.lb"] = json!({"canary": true});
         }
-        localities.entry((region, zone)).or_default().push(lb);
+        localities.entry(locality(ep)).or_default().push(lb);
     }
     let endpoints: Vec<Value> = localities
         .into_iter()
-        .map(|((region, zone), lb_endpoints)| json!({"locality": {"region": region, "zone": zone}, "lb_endpoints": lb_endpoints}))
+        .map(|((region, zone), lb_endpoints)| {
+            let weight = locality_weight(lb_endpoints.iter().map(|e| {
+                e["load_balancing_weight"].as_u64().unwrap_or(1)
+            }));
+            json!({"locality": {"region": region, "zone": zone}, "lb_endpoints": lb_endpoints, "load_balancing_weight": weight})
+        })
         .collect();
     let mut cla =
         json!({"@type": CLA_TYPE_URL, "cluster_name": cluster_name, "endpoints": endpoints});
@@ -120,6 +123,23 @@ fn cluster_load_assignment(
         cla["policy"] = json!({"endpoint_stale_after": format!("{secs}s")});
     }
     cla
+}
+
+/// An endpoint's locality, (region, zone): how assignments group endpoints, in this order.
+pub fn locality(ep: &Endpoint) -> (String, String) {
+    let region = ep
+        .tags
+        .region
+        .as_ref()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    (region, ep.tags.zone().unwrap_or_default().to_string())
+}
+
+/// A locality's weight: the sum of its endpoints' weights. Envoy reads it only with
+/// locality-weighted load balancing; gRPC's xDS client ignores a locality without one.
+pub fn locality_weight(weights: impl Iterator<Item = u64>) -> u32 {
+    u32::try_from(weights.fold(0u64, u64::saturating_add)).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]

@@ -435,7 +435,11 @@ pub fn gossip_counter(base: &str, field: &str) -> Result<u64> {
 /// A v2 check-in of `endpoints` (service, port) on `ip` straight to the registry at
 /// `registry` (a cron job's, owned by no agent); asserts it succeeded.
 pub fn registry_check_in(registry: &str, ip: &str, endpoints: &[(String, u16)]) -> Result<()> {
-    let body = checkin_body(ip, endpoints, "1");
+    post_check_in(registry, &checkin_body(ip, endpoints, "1"))
+}
+
+/// `POST /v2/checkin` of a JSON `body` to `registry`; asserts it succeeded.
+pub fn post_check_in(registry: &str, body: &str) -> Result<()> {
     let r = http::request(
         "POST",
         &format!("{registry}/v2/checkin"),

@@ -286,4 +286,5 @@ pub mod hammer;
 pub mod http;
 pub mod netns;
 pub mod proxy;
+pub mod python;
 pub mod traffic;

@@ -154,6 +154,10 @@ pub fn config_for(url: &str, dir: &Path) -> AgentConfig {
             listen: "127.0.0.1:0".parse().expect("addr"),
             ..Default::default()
         },
+        xds: agent::xds::XdsConfig {
+            listen: Some("127.0.0.1:0".parse().expect("addr")),
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

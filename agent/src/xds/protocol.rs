@@ -1,0 +1,425 @@
+//! The xDS protocol state of one ADS stream, sans IO: subscriptions per type, what the
+//! client holds, nonces, ACK and NACK. The gRPC shell ([`super::server`]) feeds it requests
+//! and catalogs and sends what [`StreamState::next_sotw`] / [`StreamState::next_delta`]
+//! return, one response at a time, so a slow client never queues more than one: whatever
+//! changes meanwhile is folded into the next response (only the latest version matters).
+//!
+//! Rules (docs/API.md#xds):
+//! - A request whose `response_nonce` is not the last one sent for its type is stale and
+//!   ignored whole, as the protocol allows. A request with the current nonce acknowledges
+//!   (ACK) or, with `error_detail`, rejects (NACK) that response; the client keeps its last
+//!   accepted version, and the same resources are not sent again: only a later change is.
+//! - The first request of a type with no names subscribes listeners and clusters to every
+//!   resource (legacy wildcard); the name `*` does so for any type.
+//! - A name the catalog lacks is remembered and answered once the service appears.
+//! - State of the world: every listener and cluster response holds every subscribed
+//!   resource; route and endpoint responses hold only the resources that changed (the
+//!   protocol lets clients keep the others). Incremental: changed resources, and the names
+//!   of removed ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use thiserror::Error;
+
+use super::resources::{Catalog, Kind};
+
+/// The wildcard resource name.
+pub const WILDCARD: &str = "*";
+
+/// Bounds on what one stream may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Names one type's subscription may hold (and one request may carry).
+    pub max_names: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProtocolError {
+    #[error(
+        "unknown type_url {0:?}: this server serves only Listener, RouteConfiguration, Cluster and ClusterLoadAssignment (v3)"
+    )]
+    UnknownType(String),
+    #[error("{kind} subscription of {got} resource names is over the limit of {max}")]
+    TooManyNames {
+        kind: &'static str,
+        got: usize,
+        max: usize,
+    },
+}
+
+/// What a request was, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// A first request of its type, or a change of subscription.
+    Subscribe(Kind),
+    Ack(Kind),
+    /// A rejection: the client keeps `kept` (the version it last accepted, if any).
+    Nack {
+        kind: Kind,
+        kept: Option<String>,
+        error: String,
+    },
+    /// A request answering an older response than the last one sent: ignored.
+    Stale(Kind),
+}
+
+/// One type's subscription on a stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds (as far as we sent it), by name: the version.
+    have: BTreeMap<String, String>,
+    /// The last nonce sent for this type.
+    nonce: Option<String>,
+    /// State of the world: the `version_info` the client last accepted.
+    accepted: Option<String>,
+    /// Answer even if nothing changed (a first request, a changed subscription).
+    must_answer: bool,
+    /// The catalog (by `seq`) everything due from was sent: from the next one, only its
+    /// changed names need a look.
+    synced: Option<u64>,
+}
+
+impl TypeState {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// Requested resources the catalog holds, by name.
+    fn current<'a>(
+        &'a self,
+        kind: Kind,
+        catalog: &'a Catalog,
+    ) -> Box<dyn Iterator<Item = (&'a String, &'a Arc<super::resources::Resource>)> + 'a> {
+        if self.wildcard {
+            Box::new(catalog.all(kind).iter())
+        } else {
+            Box::new(
+                self.names
+                    .iter()
+                    .filter_map(move |n| catalog.get(kind, n).map(|r| (n, r))),
+            )
+        }
+    }
+
+    /// The resources whose version the client does not hold, and the names it holds that
+    /// are gone (or no longer asked for).
+    fn changes<'a>(
+        &'a self,
+        kind: Kind,
+        catalog: &'a Catalog,
+    ) -> (
+        Vec<(&'a String, &'a Arc<super::resources::Resource>)>,
+        Vec<String>,
+    ) {
+        let seq = catalog.seq();
+        if !self.must_answer && seq >= 2 && self.synced == Some(seq - 1) {
+            // Caught up with the previous catalog: only what changed since can be due.
+            let names = catalog.changed(kind).iter().filter(|n| self.wants(n));
+            let mut updated = Vec::new();
+            let mut removed = Vec::new();
+            for n in names {
+                match catalog.all(kind).get_key_value(n) {
+                    Some((n, r)) if self.have.get(n) != Some(&r.version) => updated.push((n, r)),
+                    Some(_) => {}
+                    None if self.have.contains_key(n) => removed.push(n.clone()),
+                    None => {}
+                }
+            }
+            return (updated, removed);
+        }
+        if !self.must_answer && self.synced == Some(seq) && seq >= 1 {
+            return (Vec::new(), Vec::new());
+        }
+        let updated = self
+            .current(kind, catalog)
+            .filter(|(n, r)| self.have.get(*n) != Some(&r.version))
+            .collect();
+        let removed = self
+            .have
+            .keys()
+            .filter(|n| !self.wants(n) || catalog.get(kind, n).is_none())
+            .cloned()
+            .collect();
+        (updated, removed)
+    }
+}
+
+/// Most resources in one response where the protocol allows a part (state-of-the-world
+/// routes and endpoints, every incremental response): a stream catching up with a large
+/// catalog sends it in pieces, so what waits to be sent stays small.
+pub const MAX_PER_RESPONSE: usize = 100;
+
+/// The protocol state of one stream (either variant).
+#[derive(Debug)]
+pub struct StreamState {
+    types: [Option<TypeState>; 4],
+    nonces: u64,
+    limits: Limits,
+    catalog: Arc<Catalog>,
+}
+
+impl StreamState {
+    pub fn new(limits: Limits, catalog: Arc<Catalog>) -> Self {
+        StreamState {
+            types: Default::default(),
+            nonces: 0,
+            limits,
+            catalog,
+        }
+    }
+
+    /// A new view: the next responses are made from it.
+    pub fn set_catalog(&mut self, catalog: Arc<Catalog>) {
+        self.catalog = catalog;
+    }
+
+    fn kind(&self, type_url: &str) -> Result<Kind, ProtocolError> {
+        Kind::of_type_url(type_url).ok_or_else(|| {
+            // A type URL from a client can be anything: keep the error (and log line) short.
+            let shown: String = type_url.chars().take(200).collect();
+            ProtocolError::UnknownType(shown)
+        })
+    }
+
+    fn check_count(&self, kind: Kind, got: usize) -> Result<(), ProtocolError> {
+        if got > self.limits.max_names {
+            return Err(ProtocolError::TooManyNames {
+                kind: kind.label(),
+                got,
+                max: self.limits.max_names,
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether a request with `nonce` answers the last response of its type; `None`: the
+    /// request is stale. An empty nonce is a (re)subscription.
+    fn classify(
+        state: &TypeState,
+        kind: Kind,
+        nonce: &str,
+        error: Option<String>,
+        version: Option<&str>,
+    ) -> Option<Received> {
+        if nonce.is_empty() {
+            return Some(Received::Subscribe(kind));
+        }
+        if state.nonce.as_deref() != Some(nonce) {
+            return None;
+        }
+        Some(match error {
+            Some(error) => Received::Nack {
+                kind,
+                kept: version
+                    .map(str::to_string)
+                    .or_else(|| state.accepted.clone()),
+                error,
+            },
+            None => Received::Ack(kind),
+        })
+    }
+
+    /// A state-of-the-world request.
+    pub fn on_sotw(&mut self, req: &DiscoveryRequest) -> Result<Received, ProtocolError> {
+        let kind = self.kind(&req.type_url)?;
+        self.check_count(kind, req.resource_names.len())?;
+        let first = self.types[kind as usize].is_none();
+        let state = self.types[kind as usize].get_or_insert_with(TypeState::default);
+        let error = req.error_detail.as_ref().map(|s| s.message.clone());
+        let version = Some(req.version_info.as_str()).filter(|v| !v.is_empty());
+        let Some(received) = Self::classify(state, kind, &req.response_nonce, error, version)
+        else {
+            return Ok(Received::Stale(kind));
+        };
+        match &received {
+            Received::Ack(_) => state.accepted = version.map(str::to_string),
+            Received::Nack { kept, .. } => state.accepted.clone_from(kept),
+            _ => {}
+        }
+        // Every state-of-the-world request carries the whole subscription.
+        let wildcard = req.resource_names.iter().any(|n| n == WILDCARD)
+            || (req.resource_names.is_empty()
+                && kind.wildcard_by_default()
+                && (first || state.wildcard));
+        // Clients repeat the whole subscription in every ACK: compare before building.
+        let explicit = || req.resource_names.iter().filter(|n| *n != WILDCARD);
+        let same =
+            explicit().count() == state.names.len() && explicit().all(|n| state.names.contains(n));
+        if first || !same || wildcard != state.wildcard {
+            state.names = explicit().cloned().collect();
+            state.wildcard = wildcard;
+            // The client drops what it no longer asks for.
+            let (wildcard, names) = (state.wildcard, &state.names);
+            state.have.retain(|n, _| wildcard || names.contains(n));
+            state.must_answer = true;
+            state.synced = None;
+            if !matches!(received, Received::Subscribe(_) | Received::Nack { .. }) {
+                return Ok(Received::Subscribe(kind));
+            }
+        }
+        Ok(received)
+    }
+
+    /// An incremental request.
+    pub fn on_delta(&mut self, req: &DeltaDiscoveryRequest) -> Result<Received, ProtocolError> {
+        let kind = self.kind(&req.type_url)?;
+        let asked = req.resource_names_subscribe.len()
+            + req.resource_names_unsubscribe.len()
+            + req.initial_resource_versions.len();
+        self.check_count(kind, asked)?;
+        let first = self.types[kind as usize].is_none();
+        let state = self.types[kind as usize].get_or_insert_with(TypeState::default);
+        let error = req.error_detail.as_ref().map(|s| s.message.clone());
+        let Some(received) = Self::classify(state, kind, &req.response_nonce, error, None) else {
+            return Ok(Received::Stale(kind));
+        };
+        if first {
+            state.wildcard = req.resource_names_subscribe.is_empty() && kind.wildcard_by_default();
+            // What a reconnecting client still holds: only what differs is sent.
+            state.have.extend(
+                req.initial_resource_versions
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.clone())),
+            );
+        }
+        for n in &req.resource_names_subscribe {
+            if n == WILDCARD {
+                state.wildcard = true;
+            } else {
+                state.names.insert(n.clone());
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == WILDCARD {
+                state.wildcard = false;
+            } else {
+                state.names.remove(n);
+            }
+            // The client forgets it itself; it is not announced as removed.
+            state.have.remove(n);
+        }
+        if state.names.len() > self.limits.max_names {
+            return Err(ProtocolError::TooManyNames {
+                kind: kind.label(),
+                got: state.names.len(),
+                max: self.limits.max_names,
+            });
+        }
+        let (wildcard, names) = (state.wildcard, &state.names);
+        state.have.retain(|n, _| wildcard || names.contains(n));
+        state.synced = None;
+        Ok(received)
+    }
+
+    fn nonce(&mut self) -> String {
+        self.nonces += 1;
+        self.nonces.to_string()
+    }
+
+    /// The next state-of-the-world response due, if any (listeners first, so a client
+    /// learns of a service's listener before its endpoints).
+    pub fn next_sotw(&mut self) -> Option<DiscoveryResponse> {
+        for kind in Kind::ALL {
+            let catalog = self.catalog.clone();
+            let Some(state) = self.types[kind as usize].as_ref() else {
+                continue;
+            };
+            let (mut updated, removed) = state.changes(kind, &catalog);
+            let full = matches!(kind, Kind::Listener | Kind::Cluster);
+            let due = state.must_answer || !updated.is_empty() || (full && !removed.is_empty());
+            let more = !full && updated.len() > MAX_PER_RESPONSE;
+            updated.truncate(if full { usize::MAX } else { MAX_PER_RESPONSE });
+            let send: Vec<_> = match (due, full) {
+                (false, _) => Vec::new(),
+                (true, true) => state.current(kind, &catalog).collect(),
+                (true, false) => updated,
+            };
+            let resources = send.iter().map(|(_, r)| r.body.clone()).collect();
+            let have: Vec<(String, String)> = send
+                .iter()
+                .map(|(n, r)| ((*n).clone(), r.version.clone()))
+                .collect();
+            let nonce = due.then(|| self.nonce());
+            let state = self.types[kind as usize].as_mut()?;
+            // Routes and endpoints that are gone are not announced in this variant: the
+            // client may drop them (their cluster or listener goes).
+            for n in removed {
+                state.have.remove(&n);
+            }
+            state.have.extend(have);
+            state.synced = (!more).then_some(catalog.seq());
+            let Some(nonce) = nonce else {
+                continue;
+            };
+            state.nonce = Some(nonce.clone());
+            state.must_answer = false;
+            return Some(DiscoveryResponse {
+                version_info: catalog.version().to_string(),
+                resources,
+                type_url: kind.type_url().to_string(),
+                nonce,
+                ..Default::default()
+            });
+        }
+        None
+    }
+
+    /// The next incremental response due, if any.
+    pub fn next_delta(&mut self) -> Option<DeltaDiscoveryResponse> {
+        for kind in Kind::ALL {
+            let catalog = self.catalog.clone();
+            let Some(state) = self.types[kind as usize].as_ref() else {
+                continue;
+            };
+            // Names the client holds but no longer asks for were dropped on unsubscribe;
+            // what is left in `removed` is gone from the catalog.
+            let (mut updated, removed) = state.changes(kind, &catalog);
+            let more = updated.len() > MAX_PER_RESPONSE;
+            updated.truncate(MAX_PER_RESPONSE);
+            let resources: Vec<Resource> = updated
+                .iter()
+                .map(|(n, r)| Resource {
+                    name: (*n).clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect();
+            let due = !resources.is_empty() || !removed.is_empty();
+            let nonce = due.then(|| self.nonce());
+            let state = self.types[kind as usize].as_mut()?;
+            state.synced = (!more).then_some(catalog.seq());
+            let Some(nonce) = nonce else {
+                continue;
+            };
+            for n in &removed {
+                state.have.remove(n);
+            }
+            state.have.extend(
+                resources
+                    .iter()
+                    .map(|r| (r.name.clone(), r.version.clone())),
+            );
+            state.nonce = Some(nonce.clone());
+            return Some(DeltaDiscoveryResponse {
+                system_version_info: catalog.version().to_string(),
+                resources,
+                type_url: kind.type_url().to_string(),
+                removed_resources: removed,
+                nonce,
+                ..Default::default()
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+#[path = "protocol_tests.rs"]
+mod tests;

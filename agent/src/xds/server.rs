@@ -1,0 +1,320 @@
+//! The tonic shell around [`StreamState`]: the listener, the catalog task that follows the
+//! merged view, and one task per ADS stream.
+//!
+//! A stream's task sends one response at a time into a channel of one, so a client that
+//! does not read holds at most a response or two (plus HTTP/2's window) however many views
+//! go by: the catalog is a watch, and each response is made from the latest one when there
+//! is room to send it. Streams end when the agent shuts down.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::protocol::{Limits, ProtocolError, Received, StreamState};
+use super::resources::{Catalog, Kind};
+use crate::config::AgentConfig;
+use crate::state::Shared;
+use crate::view::MergedView;
+
+/// Largest request accepted (a subscription of `max_resource_names` fits well within).
+const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Pings on idle connections, so a vanished client's stream ends.
+const KEEPALIVE: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a last error message may wait for a client to read it.
+const ERROR_SEND: Duration = Duration::from_secs(1);
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Binds the xDS listener when it is enabled (before anything starts: a port in use is an
+/// error at start, as the local API's is).
+pub async fn bind(config: &AgentConfig) -> std::io::Result<Option<TcpListener>> {
+    let Some(addr) = config.xds.address(config.api) else {
+        return Ok(None);
+    };
+    Ok(Some(TcpListener::bind(addr).await?))
+}
+
+/// The running xDS server.
+pub struct XdsServer {
+    stop: CancellationToken,
+    server: JoinHandle<()>,
+    catalog: JoinHandle<()>,
+    pub addr: Option<SocketAddr>,
+}
+
+impl XdsServer {
+    /// Ends every stream and stops listening.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if tokio::time::timeout(STOP_TIMEOUT, self.server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("xds server did not stop in time");
+        }
+        let _ = self.catalog.await;
+    }
+}
+
+/// Serves ADS on `listener` from the view `shared` publishes.
+pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) -> XdsServer {
+    let stop = CancellationToken::new();
+    let addr = listener.local_addr().ok();
+    // Logged once serving, after the API's and gossip's lines: tools that wait for the
+    // agent's first two "listening" lines (the demo, the test harness) see those.
+    if let Some(addr) = addr {
+        tracing::info!(%addr, "xds listening");
+    }
+    let first = Arc::new(Catalog::build(&Catalog::default(), &shared.current_view()));
+    let (tx, rx) = watch::channel(first);
+    let catalog = tokio::spawn(follow_view(shared.view.clone(), tx, stop.clone()));
+    let cfg = &shared.config.xds;
+    let service = Ads {
+        catalog: rx,
+        permits: Arc::new(Semaphore::new(cfg.max_streams.min(Semaphore::MAX_PERMITS))),
+        limits: Limits {
+            max_names: cfg.max_resource_names,
+        },
+        shared: shared.clone(),
+        stop: stop.clone(),
+    };
+    let svc =
+        AggregatedDiscoveryServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(KEEPALIVE))
+                .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+                .tcp_nodelay(true)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    stop.cancelled_owned(),
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "xds server failed");
+            }
+        })
+    };
+    XdsServer {
+        stop,
+        server,
+        catalog,
+        addr,
+    }
+}
+
+/// Rebuilds the catalog on every view change; unchanged services keep their resources.
+async fn follow_view(
+    mut view: watch::Receiver<Arc<MergedView>>,
+    tx: watch::Sender<Arc<Catalog>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = view.changed() => if r.is_err() { return },
+        }
+        let v = view.borrow_and_update().clone();
+        let next = Catalog::build(&tx.borrow(), &v);
+        tx.send_replace(Arc::new(next));
+    }
+}
+
+struct Ads {
+    catalog: watch::Receiver<Arc<Catalog>>,
+    permits: Arc<Semaphore>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+type Outbound<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+impl Ads {
+    fn open<V: Variant>(&self, inbound: Streaming<V::Req>) -> Result<Outbound<V::Resp>, Status> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.shared.metrics.xds.refused_streams.increment(1);
+            return Err(Status::resource_exhausted(
+                "too many ADS streams on this agent (xds.max_streams)",
+            ));
+        };
+        let (tx, rx) = mpsc::channel(1);
+        let stream = Stream {
+            state: StreamState::new(self.limits, self.catalog.borrow().clone()),
+            catalog: self.catalog.clone(),
+            shared: self.shared.clone(),
+            stop: self.stop.clone(),
+            tx,
+            _permit: permit,
+        };
+        tokio::spawn(stream.run::<V>(inbound));
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = Outbound<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Outbound<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.open::<Sotw>(request.into_inner()).map(Response::new)
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.open::<Delta>(request.into_inner()).map(Response::new)
+    }
+}
+
+/// The two variants of ADS, over one [`StreamState`].
+trait Variant: 'static {
+    type Req: prost::Message + Default + Send + 'static;
+    type Resp: Send + 'static;
+    fn on(state: &mut StreamState, req: &Self::Req) -> Result<Received, ProtocolError>;
+    fn next(state: &mut StreamState) -> Option<Self::Resp>;
+    fn type_url(resp: &Self::Resp) -> &str;
+}
+
+struct Sotw;
+impl Variant for Sotw {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    fn on(state: &mut StreamState, req: &DiscoveryRequest) -> Result<Received, ProtocolError> {
+        state.on_sotw(req)
+    }
+    fn next(state: &mut StreamState) -> Option<DiscoveryResponse> {
+        state.next_sotw()
+    }
+    fn type_url(resp: &DiscoveryResponse) -> &str {
+        &resp.type_url
+    }
+}
+
+struct Delta;
+impl Variant for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    fn on(state: &mut StreamState, req: &DeltaDiscoveryRequest) -> Result<Received, ProtocolError> {
+        state.on_delta(req)
+    }
+    fn next(state: &mut StreamState) -> Option<DeltaDiscoveryResponse> {
+        state.next_delta()
+    }
+    fn type_url(resp: &DeltaDiscoveryResponse) -> &str {
+        &resp.type_url
+    }
+}
+
+/// One open stream's task.
+struct Stream<R> {
+    state: StreamState,
+    catalog: watch::Receiver<Arc<Catalog>>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tx: mpsc::Sender<Result<R, Status>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<R: Send + 'static> Stream<R> {
+    async fn run<V: Variant<Resp = R>>(mut self, mut inbound: Streaming<V::Req>) {
+        let metrics = &self.shared.metrics.xds;
+        metrics.streams.increment(1.0);
+        let end = self.serve::<V>(&mut inbound).await;
+        self.shared.metrics.xds.streams.decrement(1.0);
+        if let Err(status) = end {
+            // The client may not be reading: the error waits a little, never for ever.
+            let _ = tokio::time::timeout(ERROR_SEND, self.tx.send(Err(status))).await;
+        }
+    }
+
+    /// Serves the stream until the client goes, the agent stops, or a request is refused.
+    async fn serve<V: Variant<Resp = R>>(
+        &mut self,
+        inbound: &mut Streaming<V::Req>,
+    ) -> Result<(), Status> {
+        loop {
+            // Everything due, one response at a time, each from the newest catalog.
+            loop {
+                if self.catalog.has_changed().unwrap_or(false) {
+                    let c = self.catalog.borrow_and_update().clone();
+                    self.state.set_catalog(c);
+                }
+                let Some(resp) = V::next(&mut self.state) else {
+                    break;
+                };
+                if let Some(kind) = Kind::of_type_url(V::type_url(&resp)) {
+                    self.shared.metrics.xds.responded(kind);
+                }
+                tokio::select! {
+                    () = self.stop.cancelled() => return Ok(()),
+                    r = self.tx.send(Ok(resp)) => if r.is_err() { return Ok(()) },
+                }
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return Ok(()),
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        let r = V::on(&mut self.state, &req);
+                        self.received(r)?;
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(status),
+                },
+                r = self.catalog.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    let c = self.catalog.borrow_and_update().clone();
+                    self.state.set_catalog(c);
+                }
+            }
+        }
+    }
+
+    fn received(&self, r: Result<Received, ProtocolError>) -> Result<(), Status> {
+        let metrics = &self.shared.metrics.xds;
+        match r {
+            Ok(Received::Nack { kind, kept, error }) => {
+                metrics.nacked(kind, &error);
+                tracing::warn!(r#type = kind.label(), kept = ?kept, %error, "xds client rejected a response (NACK)");
+                Ok(())
+            }
+            Ok(Received::Stale(kind)) => {
+                tracing::debug!(
+                    r#type = kind.label(),
+                    "xds request with a stale nonce ignored"
+                );
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                metrics.bad_requests.increment(1);
+                tracing::info!(error = %e, "xds request refused; stream ended");
+                Err(Status::invalid_argument(e.to_string()))
+            }
+        }
+    }
+}
