@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use agent::{AgentConfig, parse_endpoint_flag};
 use discovery::{ManualClock, MemoryStore, Registry, RegistryClient, RegistryConfig};
-use gossip::GossipConfig;
 use schema::ServiceName;
 use schema::timefmt::unix_ms_now;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+mod support;
 
 const DEADLINE: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(20);
@@ -83,10 +84,8 @@ async fn a_refused_endpoint_does_not_stop_the_hosts_others_from_checking_in() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a: std::net::IpAddr = "127.0.0.1".parse().expect("ip");
     let config = AgentConfig {
-        registry: Some(url.clone()),
         // A host token for A only: the endpoint on B is refused (403).
         registry_token: Some(discovery::host_token(SECRET, a)),
-        data_dir: dir.path().to_path_buf(),
         host_ip: Some(a),
         endpoints: vec![
             parse_endpoint_flag("web:8080").expect("flag"),
@@ -94,18 +93,7 @@ async fn a_refused_endpoint_does_not_stop_the_hosts_others_from_checking_in() {
             parse_endpoint_flag("db:5432@10.0.0.9").expect("flag"),
         ],
         check_in_interval: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(1),
-        deregister_on_shutdown: false,
-        gossip: GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr")),
-        dns: agent::dns::DnsConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            ..Default::default()
-        },
-        xds: agent::xds::XdsConfig {
-            listen: Some("127.0.0.1:0".parse().expect("addr")),
-            ..Default::default()
-        },
-        ..Default::default()
+        ..support::config_for(&url, dir.path())
     };
     let api_listener = TcpListener::bind("127.0.0.1:0").await.expect("api");
     let api = api_listener.local_addr().expect("api addr");
