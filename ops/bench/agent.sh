@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The agent's footprint at a given catalog size: peak memory once it holds the whole catalog
 # and after a steady spell, its disk cache file, its start-up time from that cache with the
-# registry down and the CPU it spends serving from it (nothing asking), and its lookup rate
-# under wrk.
+# registry down and the CPU it spends serving from it (nothing asking), its lookup rate
+# under wrk (closed loop: the tail at saturation), and its latency at a fixed rate (h2load).
 #
 #   ops/bench/agent.sh [SERVICESxHOSTS ...]      (default: 100x100 1000x100)
 #
 # Per size: an in-memory registry filled with SERVICES x HOSTS endpoints (`tidings bench
 # registry-lookup --fill`), one agent on it (gossip on 127.0.0.1, insecure, no peers). The
-# agent runs on CPU 0, the registry, the fill and wrk on CPU 1. STEADY_SECS (20) and WRK_SECS
-# (10) set the two timed phases. Exits non-zero when a step fails or misses its deadline.
+# agent runs on CPU 0, the registry, the fill, wrk and h2load on CPU 1. STEADY_SECS (20) and
+# WRK_SECS (10) set the timed phases, FIXED_RATE (30000) the fixed lookup rate. Exits non-zero when a step fails or misses its deadline.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -17,9 +17,13 @@ sizes=("$@")
 [[ $# -gt 0 ]] || sizes=(100x100 1000x100)
 steady="${STEADY_SECS:-20}"
 wrk_secs="${WRK_SECS:-10}"
+fixed_rate="${FIXED_RATE:-30000}"
 
-if ! command -v wrk >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v h2load >/dev/null || need+=(nghttp2-client)
+if [[ ${#need[@]} -gt 0 ]]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 # shellcheck source=ops/bench/common.sh
 source "$root/ops/bench/common.sh"
@@ -100,6 +104,12 @@ for size in "${sizes[@]}"; do
   cache_bytes=$(stat -c %s "$cache")
 
   taskset -c 1 wrk -t1 -c8 -d"${wrk_secs}s" --latency -s "$work/rotate.lua" "$api" -- "$services" >"$work/wrk-$size.txt"
+  # wrk runs closed-loop, so its p99 is the tail at the agent's saturation; the same 8
+  # connections at a fixed 30 000 lookups/s (the issue's rate) give the tail a client sees
+  # at that load.
+  for ((i = 0; i < services; i++)); do printf '%s/v1/registration/svc-%03d\n' "$api" "$i"; done >"$work/uris-$size"
+  taskset -c 1 h2load --h1 -c8 -t1 --rps="$((fixed_rate / 8))" -D "$wrk_secs" --warm-up-time=1 \
+    --log-file="$work/fixed-$size.log" -i "$work/uris-$size" >"$work/fixed-$size.txt"
   hwm_wrk=$(hwm "$agent_pid")
 
   # Start from the cache with the registry down: the same ports, a dead registry.
@@ -123,10 +133,10 @@ for size in "${sizes[@]}"; do
   stop "$agent_pid"
 
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$want" "$synced" "$hwm_synced" "$hwm_steady" \
-    "$rss_steady" "$cache_bytes" "$from_cache" "$hwm_cached" "$outage_cpu" "$hwm_wrk" "$work/wrk-$size.txt" >>"$results"
+    "$rss_steady" "$cache_bytes" "$from_cache" "$hwm_cached" "$outage_cpu" "$hwm_wrk" "$work/wrk-$size.txt" "$work/fixed-$size.log" >>"$results"
 done
 
-python3 - "$results" "$steady" "$wrk_secs" <<'PY'
+python3 - "$results" "$steady" "$wrk_secs" "$fixed_rate" <<'PY'
 import re, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 mib = lambda kb: int(kb) / 1024
@@ -138,20 +148,30 @@ def wrk(path):
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors = re.search(r"Socket errors: (.*)", text)
     return rate, pct["50"], pct["99"], (int(bad.group(1)) if bad else 0), errors.group(1) if errors else ""
+def fixed(path):
+    # h2load's log: start (us since the epoch), status, latency (us); one line per request.
+    lines = [l.split() for l in open(path) if l.strip()]
+    lat = sorted(int(l[2]) for l in lines)
+    bad = sum(1 for l in lines if l[1] != "200")
+    n = len(lat)
+    return lat[n // 2] / 1000, lat[min(n - 1, n * 99 // 100)] / 1000, bad
 print(f"agent footprint: one agent, in-memory registry on loopback; steady {sys.argv[2]} s; "
       f"wrk -t1 -c8 -d{sys.argv[3]}s rotating over services; MiB = 2^20 bytes")
 head = ("endpoints", "sync s", "HWM synced", "HWM steady", "RSS steady", "cache file",
-        "start from cache", "HWM cached", "CPU registry down", "lookups/s", "p50", "p99", "HWM after wrk")
+        "start from cache", "HWM cached", "CPU registry down", "lookups/s", "p50", "p99",
+        f"p50 · p99 at {int(sys.argv[4]):,}/s", "HWM after wrk")
 print("| " + " | ".join(head) + " |")
 print("|" + "---|" * len(head))
 failed = False
-for n, synced, hs, hst, rs, cache, fc, hc, cpu, hw, wpath in rows:
+for n, synced, hs, hst, rs, cache, fc, hc, cpu, hw, wpath, fpath in rows:
     rate, p50, p99, bad, errors = wrk(wpath)
+    f50, f99, fbad = fixed(fpath)
+    bad += fbad
     failed |= bad > 0 or bool(errors)
     print(f"| {int(n):,} | {int(synced)/1000:.2f} | {mib(hs):.1f} MiB | {mib(hst):.1f} MiB | {mib(rs):.1f} MiB "
           f"| {int(cache)/2**20:.2f} MiB | {fc} ms | {mib(hc):.1f} MiB | {cpu} ms/s | {rate:,.0f} | {p50:.2f} ms | {p99:.2f} ms "
-          f"| {mib(hw):.1f} MiB |")
+          f"| {f50:.2f} · {f99:.2f} ms | {mib(hw):.1f} MiB |")
     if bad or errors:
-        print(f"  wrk: {bad} non-2xx answers; socket errors: {errors or 'none'}")
+        print(f"  wrk and h2load: {bad} non-2xx answers; wrk socket errors: {errors or 'none'}")
 sys.exit(1 if failed else 0)
 PY
