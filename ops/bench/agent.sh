@@ -132,7 +132,7 @@ for size in "${sizes[@]}"; do
   hwm_cached=$(hwm "$agent_pid")
   stop "$agent_pid"
 
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$want" "$synced" "$hwm_synced" "$hwm_steady" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$want" "$synced" "$hwm_synced" "$hwm_steady" \
     "$rss_steady" "$cache_bytes" "$from_cache" "$hwm_cached" "$outage_cpu" "$hwm_wrk" "$work/wrk-$size.txt" "$work/fixed-$size.log" >>"$results"
 done
 

@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -79,12 +79,14 @@ pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) -> XdsServer {
     if let Some(addr) = addr {
         tracing::info!(%addr, "xds listening");
     }
-    let first = Arc::new(Catalog::build(&Catalog::default(), &shared.current_view()));
-    let (tx, rx) = watch::channel(first);
-    let catalog = tokio::spawn(follow_view(shared.view.clone(), tx, stop.clone()));
+    let feed = Arc::new(Feed {
+        tx: watch::Sender::new(Arc::new(Catalog::default())),
+        built: Mutex::new(false),
+    });
+    let catalog = tokio::spawn(follow_view(shared.view.clone(), feed.clone(), stop.clone()));
     let cfg = &shared.config.xds;
     let service = Ads {
-        catalog: rx,
+        feed,
         permits: Arc::new(Semaphore::new(cfg.max_streams.min(Semaphore::MAX_PERMITS))),
         limits: Limits {
             max_names: cfg.max_resource_names,
@@ -120,10 +122,54 @@ pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) -> XdsServer {
     }
 }
 
-/// Rebuilds the catalog on every view change; unchanged services keep their resources.
+/// The catalog streams read, built only while a stream is open: an agent nobody asks over
+/// xDS keeps no encoded copy of its view (at 100 000 endpoints that copy, four resources per
+/// service, was 12 MB of its RSS, and its upkeep CPU on every change).
+struct Feed {
+    tx: watch::Sender<Arc<Catalog>>,
+    /// Whether `tx` holds the catalog of a view (else an empty one). The lock also orders
+    /// the view task's builds with a first stream's.
+    built: Mutex<bool>,
+}
+
+impl Feed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.built.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new view: rebuilt while streams read the catalog; dropped once none does.
+    fn follow(&self, view: &MergedView) {
+        let mut built = self.lock();
+        if self.tx.receiver_count() > 0 {
+            let next = Catalog::build(&self.tx.borrow(), view);
+            self.tx.send_replace(Arc::new(next));
+            *built = true;
+        } else if *built {
+            // An empty catalog after the built one, so its sequence still moves on.
+            let next = Catalog::build(&self.tx.borrow(), &MergedView::default());
+            self.tx.send_replace(Arc::new(next));
+            *built = false;
+        }
+    }
+
+    /// A stream's receiver of a catalog of the current view (built now if none is).
+    fn subscribe(&self, view: &MergedView) -> watch::Receiver<Arc<Catalog>> {
+        let rx = self.tx.subscribe();
+        let mut built = self.lock();
+        if !*built {
+            let next = Catalog::build(&self.tx.borrow(), view);
+            self.tx.send_replace(Arc::new(next));
+            *built = true;
+        }
+        rx
+    }
+}
+
+/// Follows the view: every change reaches the catalog (see [`Feed`]); unchanged services
+/// keep their resources.
 async fn follow_view(
     mut view: watch::Receiver<Arc<MergedView>>,
-    tx: watch::Sender<Arc<Catalog>>,
+    feed: Arc<Feed>,
     stop: CancellationToken,
 ) {
     loop {
@@ -132,13 +178,12 @@ async fn follow_view(
             r = view.changed() => if r.is_err() { return },
         }
         let v = view.borrow_and_update().clone();
-        let next = Catalog::build(&tx.borrow(), &v);
-        tx.send_replace(Arc::new(next));
+        feed.follow(&v);
     }
 }
 
 struct Ads {
-    catalog: watch::Receiver<Arc<Catalog>>,
+    feed: Arc<Feed>,
     permits: Arc<Semaphore>,
     limits: Limits,
     shared: Arc<Shared>,
@@ -156,9 +201,11 @@ impl Ads {
             ));
         };
         let (tx, rx) = mpsc::channel(1);
+        let mut catalog = self.feed.subscribe(&self.shared.current_view());
+        let first = catalog.borrow_and_update().clone();
         let stream = Stream {
-            state: StreamState::new(self.limits, self.catalog.borrow().clone()),
-            catalog: self.catalog.clone(),
+            state: StreamState::new(self.limits, first),
+            catalog,
             shared: self.shared.clone(),
             stop: self.stop.clone(),
             tx,
@@ -316,5 +363,69 @@ impl<R: Send + 'static> Stream<R> {
                 Err(Status::invalid_argument(e.to_string()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU16;
+
+    use schema::{Endpoint, ServiceName};
+
+    use super::*;
+    use crate::view::{CachedHost, Merger, Origin};
+
+    fn view_of(services: &[&str]) -> MergedView {
+        let hosts = services
+            .iter()
+            .map(|s| CachedHost {
+                endpoint: Arc::new(Endpoint::new(
+                    ServiceName::new(*s).expect("name"),
+                    "10.0.0.1".parse().expect("ip"),
+                    NonZeroU16::new(80).expect("port"),
+                )),
+                origin: Origin::Registry { generated_at_ms: 1 },
+                last_check_in_ms: 1,
+            })
+            .collect();
+        let me = "127.0.0.1:1".parse().expect("addr");
+        Merger::new(me, u64::MAX, hosts).merge(&gossip::GossipView::default(), 0)
+    }
+
+    /// No stream, no catalog: views go by without one being built; the first stream gets
+    /// the current view's at once, later views reach it, and once the last stream is gone
+    /// the next view drops the catalog again.
+    #[test]
+    fn the_catalog_is_built_only_while_a_stream_reads_it() {
+        let feed = Feed {
+            tx: watch::Sender::new(Arc::new(Catalog::default())),
+            built: Mutex::new(false),
+        };
+        feed.follow(&view_of(&["web"]));
+        assert!(
+            feed.tx.borrow().all(Kind::Cluster).is_empty(),
+            "built with no stream"
+        );
+
+        let mut rx = feed.subscribe(&view_of(&["web", "db"]));
+        let names = |rx: &mut watch::Receiver<Arc<Catalog>>| {
+            let c = rx.borrow_and_update().clone();
+            c.all(Kind::Cluster).keys().cloned().collect::<Vec<_>>()
+        };
+        assert_eq!(names(&mut rx), ["db", "web"]);
+        feed.follow(&view_of(&["web", "db", "api"]));
+        assert!(rx.has_changed().expect("open"));
+        assert_eq!(names(&mut rx), ["api", "db", "web"]);
+
+        let seq = feed.tx.borrow().seq();
+        drop(rx);
+        feed.follow(&view_of(&["web"]));
+        assert!(
+            feed.tx.borrow().all(Kind::Cluster).is_empty(),
+            "kept with no stream"
+        );
+        assert!(feed.tx.borrow().seq() > seq, "the sequence goes on");
+        let mut again = feed.subscribe(&view_of(&["web"]));
+        assert_eq!(names(&mut again), ["web"]);
     }
 }
