@@ -5,7 +5,7 @@
 //! - [`answer`]: the sans-IO core, query bytes and a view in, response bytes out (the
 //!   common A/AAAA answer written directly by `fast`, equal byte for byte);
 //!   [`names`]: what each name of the zone designates.
-//! - [`server`]: the shell, one UDP loop and a bounded TCP listener.
+//! - [`server`]: the shell, one UDP loop on a thread of its own and a bounded TCP listener.
 //!
 //! Built on `hickory-proto` for the wire format, with our own loop rather than
 //! `hickory-server`: its `Authority` trait answers one name lookup at a time through async

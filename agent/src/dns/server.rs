@@ -64,44 +64,66 @@ pub async fn serve(bound: Bound, shared: Arc<Shared>, config: DnsConfig, stop: C
         max_udp_payload: config.max_udp_payload,
         ns_addr: config.listen.ip(),
     };
-    let tracker = TaskTracker::new();
-    tracker.spawn(serve_udp(
-        bound.udp,
-        shared.clone(),
-        settings.clone(),
-        stop.clone(),
-    ));
-    tracker.spawn(serve_tcp(bound.tcp, shared, settings, config, stop));
-    tracker.close();
-    tracker.wait().await;
+    // The UDP loop has an OS thread of its own: on the agent's tokio worker, every query
+    // parked and woke the worker, and queries waited behind whatever else the worker ran —
+    // at 20 000 queries/s on one core, p99 2.4–5.3 ms against dnsmasq's 0.8 ms.
+    let udp = match bound.udp.into_std() {
+        Ok(udp) => Some(udp),
+        Err(e) => {
+            tracing::error!(error = %e, "dns: the UDP socket cannot be served");
+            None
+        }
+    };
+    let udp_thread = udp.and_then(|udp| {
+        let (shared, settings, stop) = (shared.clone(), settings.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("dns-udp".into())
+            .spawn(move || serve_udp(&udp, &shared, &settings, &stop))
+            .map_err(|e| tracing::error!(error = %e, "dns: no thread for UDP"))
+            .ok()
+    });
+    serve_tcp(bound.tcp, shared, settings, config, stop).await;
+    if let Some(t) = udp_thread {
+        // It notices the stop within one receive timeout.
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
 }
 
-async fn serve_udp(
-    udp: UdpSocket,
-    shared: Arc<Shared>,
-    settings: Settings,
-    stop: CancellationToken,
+/// How long a blocking receive waits before the UDP thread looks at the stop token.
+const UDP_STOP_CHECK: Duration = Duration::from_millis(100);
+
+fn serve_udp(
+    udp: &std::net::UdpSocket,
+    shared: &Shared,
+    settings: &Settings,
+    stop: &CancellationToken,
 ) {
+    if let Err(e) = udp
+        .set_nonblocking(false)
+        .and_then(|()| udp.set_read_timeout(Some(UDP_STOP_CHECK)))
+    {
+        tracing::error!(error = %e, "dns: the UDP socket cannot block");
+        return;
+    }
     let metrics = &shared.metrics.dns;
     // One byte over the limit tells an oversized packet from one that just fits.
     let mut buf = vec![0u8; MAX_QUERY + 1];
     let mut rng = StdRng::seed_from_u64(rand::random());
-    loop {
-        let received = tokio::select! {
-            r = udp.recv_from(&mut buf) => r,
-            () = stop.cancelled() => return,
+    while !stop.is_cancelled() {
+        // Errors of a UDP receive concern one datagram (or an ICMP report), or are the
+        // timeout that lets the stop token be seen: go on.
+        let Ok((n, peer)) = udp.recv_from(&mut buf) else {
+            continue;
         };
-        // Errors of a UDP receive concern one datagram (or an ICMP report): go on.
-        let Ok((n, peer)) = received else { continue };
         if n > MAX_QUERY {
             metrics.dropped_oversized.increment(1);
             continue;
         }
         let view = shared.current_view();
-        let reply = handle(&buf[..n], Transport::Udp, &view, &settings, &mut rng);
+        let reply = handle(&buf[..n], Transport::Udp, &view, settings, &mut rng);
         metrics.count(&reply);
         if let Some(bytes) = reply.bytes {
-            let _ = udp.send_to(&bytes, peer).await;
+            let _ = udp.send_to(&bytes, peer);
         }
     }
 }
