@@ -120,12 +120,6 @@ pub fn path(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
-pub fn encode(file: &CacheFile) -> Result<Vec<u8>, CacheError> {
-    let mut out = MAGIC.to_vec();
-    out.extend(codec::encode_file(file)?);
-    Ok(out)
-}
-
 pub fn decode(bytes: &[u8]) -> Result<CacheFile, CacheError> {
     let body = bytes
         .strip_prefix(MAGIC.as_slice())
@@ -308,7 +302,15 @@ mod tests {
     use schema::ServiceName;
 
     use super::*;
-    use crate::view::{Host, Origin};
+    use crate::view::Origin;
+
+    /// A whole file in memory, the form `load` reads: the oracle for what `store` writes
+    /// (the writer itself encodes straight into the file).
+    fn encode(file: &CacheFile) -> Result<Vec<u8>, CacheError> {
+        let mut out = MAGIC.to_vec();
+        out.extend(codec::encode_file(file)?);
+        Ok(out)
+    }
 
     fn file() -> CacheFile {
         let ep = Endpoint::new(
@@ -471,7 +473,14 @@ mod tests {
             .merge(&gossip::GossipView::default(), 0);
         // The view holds its cached hosts by service: the file lists them in that order.
         let owned = CacheFile {
-            hosts: view.all_hosts().map(Host::to_cached).collect(),
+            hosts: view
+                .all_hosts()
+                .map(|h| CachedHost {
+                    endpoint: h.endpoint.clone(),
+                    origin: h.origin,
+                    last_check_in_ms: h.last_check_in_ms,
+                })
+                .collect(),
             ..f.clone()
         };
         assert_eq!(owned.hosts.len(), 2);

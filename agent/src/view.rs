@@ -80,16 +80,6 @@ pub struct Host {
     pub origin: Origin,
 }
 
-impl Host {
-    pub fn to_cached(&self) -> CachedHost {
-        CachedHost {
-            endpoint: self.endpoint.clone(),
-            origin: self.origin,
-            last_check_in_ms: self.last_check_in_ms,
-        }
-    }
-}
-
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ServiceHosts {
     pub hosts: Vec<Host>,
