@@ -8,6 +8,9 @@
 //!   view change, re-encoding only the services that changed.
 //! - [`protocol`]: one stream's protocol state, sans IO (subscriptions, nonces, ACK/NACK).
 //! - `server`: the tonic shell: one task per stream, pushing as soon as the view changes.
+//! - `grpc`: the ADS methods' routing and response encoding (each message in a buffer of
+//!   its own size, freed once written).
+//! - `held`: what a client holds of a type, shared with the catalog once it has caught up.
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -17,6 +20,8 @@ use metrics_exporter_prometheus::PrometheusRecorder;
 use serde::{Deserialize, Serialize};
 use serve::{Family, Registrar};
 
+mod grpc;
+mod held;
 pub mod protocol;
 pub mod resources;
 mod server;

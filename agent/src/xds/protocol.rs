@@ -17,15 +17,16 @@
 //!   protocol lets clients keep the others). Incremental: changed resources, and the names
 //!   of removed ones.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    self as pb, DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use thiserror::Error;
 
-use super::resources::{Catalog, Kind};
+use super::held::Held;
+use super::resources::{Catalog, Kind, Name, Resource, digest};
 
 /// The wildcard resource name.
 pub const WILDCARD: &str = "*";
@@ -71,9 +72,10 @@ pub enum Received {
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client holds (as far as we sent it), by name: the version.
-    have: BTreeMap<String, String>,
+    /// Explicitly subscribed names (the catalog's shared copy where it has the name).
+    names: BTreeSet<Name>,
+    /// What the client holds (as far as we sent it).
+    have: Held,
     /// The last nonce sent for this type.
     nonce: Option<String>,
     /// State of the world: the `version_info` the client last accepted.
@@ -85,6 +87,9 @@ struct TypeState {
     synced: Option<u64>,
 }
 
+/// What is due to a client: resources to send, and held names that are gone.
+type Changes<'a> = (Vec<(&'a Name, &'a Arc<Resource>)>, Vec<Name>);
+
 impl TypeState {
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
@@ -95,39 +100,31 @@ impl TypeState {
         &'a self,
         kind: Kind,
         catalog: &'a Catalog,
-    ) -> Box<dyn Iterator<Item = (&'a String, &'a Arc<super::resources::Resource>)> + 'a> {
+    ) -> Box<dyn Iterator<Item = (&'a Name, &'a Arc<Resource>)> + 'a> {
+        let all = catalog.all(kind);
         if self.wildcard {
-            Box::new(catalog.all(kind).iter())
+            Box::new(all.iter())
         } else {
-            Box::new(
-                self.names
-                    .iter()
-                    .filter_map(move |n| catalog.get(kind, n).map(|r| (n, r))),
-            )
+            Box::new(self.names.iter().filter_map(|n| all.get_key_value(n)))
         }
     }
 
     /// The resources whose version the client does not hold, and the names it holds that
-    /// are gone (or no longer asked for).
-    fn changes<'a>(
-        &'a self,
-        kind: Kind,
-        catalog: &'a Catalog,
-    ) -> (
-        Vec<(&'a String, &'a Arc<super::resources::Resource>)>,
-        Vec<String>,
-    ) {
+    /// are gone.
+    fn changes<'a>(&'a self, kind: Kind, catalog: &'a Catalog) -> Changes<'a> {
         let seq = catalog.seq();
+        let all = catalog.all(kind);
         if !self.must_answer && seq >= 2 && self.synced == Some(seq - 1) {
             // Caught up with the previous catalog: only what changed since can be due.
             let names = catalog.changed(kind).iter().filter(|n| self.wants(n));
             let mut updated = Vec::new();
             let mut removed = Vec::new();
             for n in names {
-                match catalog.all(kind).get_key_value(n) {
-                    Some((n, r)) if self.have.get(n) != Some(&r.version) => updated.push((n, r)),
+                let held = self.have.get(n);
+                match all.get_key_value(n) {
+                    Some((n, r)) if held != Some(r.digest) => updated.push((n, r)),
                     Some(_) => {}
-                    None if self.have.contains_key(n) => removed.push(n.clone()),
+                    None if held.is_some() => removed.push(n.clone()),
                     None => {}
                 }
             }
@@ -138,22 +135,74 @@ impl TypeState {
         }
         let updated = self
             .current(kind, catalog)
-            .filter(|(n, r)| self.have.get(*n) != Some(&r.version))
+            .filter(|(n, r)| self.have.get(n) != Some(r.digest))
             .collect();
         let removed = self
             .have
-            .keys()
-            .filter(|n| !self.wants(n) || catalog.get(kind, n).is_none())
-            .cloned()
+            .iter(|n| self.wants(n))
+            .filter(|(n, _)| !all.contains_key(&***n))
+            .map(|(n, _)| n.clone())
             .collect();
         (updated, removed)
     }
+
+    /// The client was sent `sent` and told (or may assume) `removed` are gone; `done`: that
+    /// was everything due from `catalog`.
+    fn sent(&mut self, kind: Kind, catalog: &Catalog, sent: &[Name], removed: &[Name], done: bool) {
+        if done {
+            self.have.settle(catalog.all(kind));
+        } else {
+            // A piece: the first resources due in name order, so up to its last name the
+            // client holds the catalog's version of everything it wants.
+            if let Some(last) = sent.last() {
+                let (wildcard, names) = (self.wildcard, &self.names);
+                let wants = |n: &str| wildcard || names.contains(n);
+                self.have.advance(catalog.all(kind), last, wants);
+            }
+            for n in removed {
+                self.have.set(n, None);
+            }
+        }
+        self.synced = done.then_some(catalog.seq());
+    }
+
+    /// A new subscription: what the client holds of names it drops is no longer held.
+    fn subscribe(&mut self, wildcard: bool, names: BTreeSet<Name>) {
+        let (was_wildcard, was) = (self.wildcard, std::mem::take(&mut self.names));
+        self.have.resubscribe(
+            |n| was_wildcard || was.contains(n),
+            |n| wildcard || names.contains(n),
+        );
+        self.wildcard = wildcard;
+        self.names = names;
+        self.synced = None;
+    }
+}
+
+/// The catalog's own copy of `name` where it has the service (one allocation shared by
+/// every stream), else a new one.
+fn name_of(catalog: &Catalog, name: &str) -> Name {
+    catalog.name(name).unwrap_or_else(|| Name::from(name))
 }
 
 /// Most resources in one response where the protocol allows a part (state-of-the-world
 /// routes and endpoints, every incremental response): a stream catching up with a large
 /// catalog sends it in pieces, so what waits to be sent stays small.
 pub const MAX_PER_RESPONSE: usize = 100;
+/// Most bytes of resource bodies in one such response (at least one resource goes): what
+/// a stream has in flight stays small however large each assignment is.
+pub const MAX_RESPONSE_BYTES: usize = 32 << 10;
+
+/// How many of `updated` go in one piece: at most [`MAX_PER_RESPONSE`] resources and
+/// [`MAX_RESPONSE_BYTES`] of bodies, and at least one.
+fn piece(updated: &[(&Name, &Arc<Resource>)]) -> usize {
+    let mut bytes = 0;
+    let fits = updated.iter().take(MAX_PER_RESPONSE).take_while(|(_, r)| {
+        bytes += r.body.value.len() + r.body.type_url.len();
+        bytes <= MAX_RESPONSE_BYTES
+    });
+    fits.count().max(1).min(updated.len())
+}
 
 /// The protocol state of one stream (either variant).
 #[derive(Debug)]
@@ -249,16 +298,13 @@ impl StreamState {
                 && (first || state.wildcard));
         // Clients repeat the whole subscription in every ACK: compare before building.
         let explicit = || req.resource_names.iter().filter(|n| *n != WILDCARD);
-        let same =
-            explicit().count() == state.names.len() && explicit().all(|n| state.names.contains(n));
+        let same = explicit().count() == state.names.len()
+            && explicit().all(|n| state.names.contains(n.as_str()));
         if first || !same || wildcard != state.wildcard {
-            state.names = explicit().cloned().collect();
-            state.wildcard = wildcard;
             // The client drops what it no longer asks for.
-            let (wildcard, names) = (state.wildcard, &state.names);
-            state.have.retain(|n, _| wildcard || names.contains(n));
+            let names = explicit().map(|n| name_of(&self.catalog, n)).collect();
+            state.subscribe(wildcard, names);
             state.must_answer = true;
-            state.synced = None;
             if !matches!(received, Received::Subscribe(_) | Received::Nack { .. }) {
                 return Ok(Received::Subscribe(kind));
             }
@@ -282,37 +328,43 @@ impl StreamState {
         if first {
             state.wildcard = req.resource_names_subscribe.is_empty() && kind.wildcard_by_default();
             // What a reconnecting client still holds: only what differs is sent.
-            state.have.extend(
-                req.initial_resource_versions
-                    .iter()
-                    .map(|(n, v)| (n.clone(), v.clone())),
-            );
-        }
-        for n in &req.resource_names_subscribe {
-            if n == WILDCARD {
-                state.wildcard = true;
-            } else {
-                state.names.insert(n.clone());
+            for (n, v) in &req.initial_resource_versions {
+                state.have.set(&name_of(&self.catalog, n), Some(digest(v)));
             }
         }
-        for n in &req.resource_names_unsubscribe {
-            if n == WILDCARD {
-                state.wildcard = false;
-            } else {
-                state.names.remove(n);
+        let resubscribes = first
+            || !req.resource_names_subscribe.is_empty()
+            || !req.resource_names_unsubscribe.is_empty();
+        if resubscribes {
+            let (mut wildcard, mut names) = (state.wildcard, state.names.clone());
+            for n in &req.resource_names_subscribe {
+                if n == WILDCARD {
+                    wildcard = true;
+                } else {
+                    names.insert(name_of(&self.catalog, n));
+                }
             }
-            // The client forgets it itself; it is not announced as removed.
-            state.have.remove(n);
+            for n in &req.resource_names_unsubscribe {
+                if n == WILDCARD {
+                    wildcard = false;
+                } else {
+                    names.remove(n.as_str());
+                }
+            }
+            if names.len() > self.limits.max_names {
+                return Err(ProtocolError::TooManyNames {
+                    kind: kind.label(),
+                    got: names.len(),
+                    max: self.limits.max_names,
+                });
+            }
+            state.subscribe(wildcard, names);
+            for n in &req.resource_names_unsubscribe {
+                // The client forgets it itself (even one a wildcard still covers); it is
+                // not announced as removed.
+                state.have.set(&name_of(&self.catalog, n), None);
+            }
         }
-        if state.names.len() > self.limits.max_names {
-            return Err(ProtocolError::TooManyNames {
-                kind: kind.label(),
-                got: state.names.len(),
-                max: self.limits.max_names,
-            });
-        }
-        let (wildcard, names) = (state.wildcard, &state.names);
-        state.have.retain(|n, _| wildcard || names.contains(n));
         state.synced = None;
         Ok(received)
     }
@@ -333,27 +385,21 @@ impl StreamState {
             let (mut updated, removed) = state.changes(kind, &catalog);
             let full = matches!(kind, Kind::Listener | Kind::Cluster);
             let due = state.must_answer || !updated.is_empty() || (full && !removed.is_empty());
-            let more = !full && updated.len() > MAX_PER_RESPONSE;
-            updated.truncate(if full { usize::MAX } else { MAX_PER_RESPONSE });
+            let n = if full { updated.len() } else { piece(&updated) };
+            let more = updated.len() > n;
+            updated.truncate(n);
             let send: Vec<_> = match (due, full) {
                 (false, _) => Vec::new(),
                 (true, true) => state.current(kind, &catalog).collect(),
                 (true, false) => updated,
             };
             let resources = send.iter().map(|(_, r)| r.body.clone()).collect();
-            let have: Vec<(String, String)> = send
-                .iter()
-                .map(|(n, r)| ((*n).clone(), r.version.clone()))
-                .collect();
+            let sent: Vec<Name> = send.iter().map(|(n, _)| (*n).clone()).collect();
             let nonce = due.then(|| self.nonce());
             let state = self.types[kind as usize].as_mut()?;
             // Routes and endpoints that are gone are not announced in this variant: the
             // client may drop them (their cluster or listener goes).
-            for n in removed {
-                state.have.remove(&n);
-            }
-            state.have.extend(have);
-            state.synced = (!more).then_some(catalog.seq());
+            state.sent(kind, &catalog, &sent, &removed, !more);
             let Some(nonce) = nonce else {
                 continue;
             };
@@ -380,38 +426,32 @@ impl StreamState {
             // Names the client holds but no longer asks for were dropped on unsubscribe;
             // what is left in `removed` is gone from the catalog.
             let (mut updated, removed) = state.changes(kind, &catalog);
-            let more = updated.len() > MAX_PER_RESPONSE;
-            updated.truncate(MAX_PER_RESPONSE);
-            let resources: Vec<Resource> = updated
+            let n = piece(&updated);
+            let more = updated.len() > n;
+            updated.truncate(n);
+            let resources: Vec<pb::Resource> = updated
                 .iter()
-                .map(|(n, r)| Resource {
-                    name: (*n).clone(),
+                .map(|(n, r)| pb::Resource {
+                    name: n.to_string(),
                     version: r.version.clone(),
                     resource: Some(r.body.clone()),
                     ..Default::default()
                 })
                 .collect();
+            let sent: Vec<Name> = updated.iter().map(|(n, _)| (*n).clone()).collect();
             let due = !resources.is_empty() || !removed.is_empty();
             let nonce = due.then(|| self.nonce());
             let state = self.types[kind as usize].as_mut()?;
-            state.synced = (!more).then_some(catalog.seq());
+            state.sent(kind, &catalog, &sent, &removed, !more);
             let Some(nonce) = nonce else {
                 continue;
             };
-            for n in &removed {
-                state.have.remove(n);
-            }
-            state.have.extend(
-                resources
-                    .iter()
-                    .map(|r| (r.name.clone(), r.version.clone())),
-            );
             state.nonce = Some(nonce.clone());
             return Some(DeltaDiscoveryResponse {
                 system_version_info: catalog.version().to_string(),
                 resources,
                 type_url: kind.type_url().to_string(),
-                removed_resources: removed,
+                removed_resources: removed.iter().map(|n| n.to_string()).collect(),
                 nonce,
                 ..Default::default()
             });
@@ -423,3 +463,7 @@ impl StreamState {
 #[cfg(test)]
 #[path = "protocol_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "protocol_props.rs"]
+mod props;

@@ -103,16 +103,45 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Resource {
     pub version: String,
+    /// [`digest`] of `version`: what a stream keeps of what its client holds.
+    pub digest: u64,
     pub body: Any,
 }
 
-/// Every resource of the view, by kind and name. Immutable once built; streams share it.
+impl Resource {
+    pub fn new(version: String, body: Any) -> Self {
+        Resource {
+            digest: digest(&version),
+            version,
+            body,
+        }
+    }
+}
+
+/// A 64-bit digest of a version string. Streams keep these instead of the strings: two
+/// versions with one digest (odds 2^-64 per pair) would leave one change unsent until the
+/// next. Never leaves the process, so the hasher need only be stable within it.
+pub fn digest(version: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    version.hash(&mut h);
+    h.finish()
+}
+
+/// A resource's name: one allocation per service, shared by every kind, every catalog
+/// that has it, and every stream that subscribes to it or holds it.
+pub type Name = Arc<str>;
+/// One kind's resources, by name.
+pub type KindMap = BTreeMap<Name, Arc<Resource>>;
+
+/// Every resource of the view, by kind and name. Immutable once built; streams share it,
+/// and a kind none of whose resources changed shares its map with the previous catalog.
 #[derive(Debug, Default, Clone)]
 pub struct Catalog {
-    by_kind: [BTreeMap<String, Arc<Resource>>; 4],
+    by_kind: [Arc<KindMap>; 4],
     /// Names whose resource differs from the previous catalog's (new, changed or gone): a
     /// stream that had caught up with the previous catalog looks at these alone.
-    changed: [BTreeSet<String>; 4],
+    changed: [BTreeSet<Name>; 4],
     /// One more than the previous catalog's.
     seq: u64,
     /// The view's index: the `version_info` of every response made from this catalog.
@@ -122,22 +151,16 @@ pub struct Catalog {
 impl Catalog {
     /// The catalog of `view`, reusing `prev`'s resources whose version did not change.
     pub fn build(prev: &Catalog, view: &MergedView) -> Catalog {
-        let mut next = Catalog {
-            seq: prev.seq + 1,
-            version: view.index().to_string(),
-            ..Catalog::default()
-        };
+        let mut maps: [KindMap; 4] = Default::default();
         for (name, s) in view.services() {
             let key = name.as_str();
+            let shared = prev.name(key).unwrap_or_else(|| Name::from(key));
             for kind in [Kind::Listener, Kind::Route, Kind::Cluster] {
                 let r = match prev.get(kind, key) {
                     Some(r) => r.clone(),
-                    None => Arc::new(Resource {
-                        version: FIXED_VERSION.to_string(),
-                        body: named(kind, key),
-                    }),
+                    None => Arc::new(Resource::new(FIXED_VERSION.to_string(), named(kind, key))),
                 };
-                next.by_kind[kind.index()].insert(key.to_string(), r);
+                maps[kind.index()].insert(shared.clone(), r);
             }
             let drains = view.draining(name);
             let version = eds_version(s.index, drains);
@@ -146,20 +169,47 @@ impl Catalog {
                 _ => {
                     let live: Vec<&Endpoint> = s.hosts.iter().map(|h| &*h.endpoint).collect();
                     let drained: Vec<&Endpoint> = drains.iter().map(|d| &*d.endpoint).collect();
-                    Arc::new(Resource {
+                    Arc::new(Resource::new(
                         version,
-                        body: pack_any(assignment(name, &live, &drained)),
-                    })
+                        pack_any(assignment(name, &live, &drained)),
+                    ))
                 }
             };
-            next.by_kind[Kind::Endpoint.index()].insert(key.to_string(), r);
+            maps[Kind::Endpoint.index()].insert(shared, r);
         }
-        next.changed = Kind::ALL.map(|k| changed(prev.all(k), next.all(k)));
+        Catalog::after(prev, maps, view.index().to_string())
+    }
+
+    /// The catalog after `prev` with `maps`: what changed, and the maps of unchanged kinds
+    /// shared with `prev`.
+    fn after(prev: &Catalog, maps: [KindMap; 4], version: String) -> Catalog {
+        let mut next = Catalog {
+            seq: prev.seq + 1,
+            version,
+            ..Catalog::default()
+        };
+        for (kind, map) in Kind::ALL.into_iter().zip(maps) {
+            let k = kind.index();
+            next.changed[k] = changed(prev.all(kind), &map);
+            // Unchanged: the previous map itself, so streams settled on it stay settled.
+            next.by_kind[k] = if next.changed[k].is_empty() {
+                prev.by_kind[k].clone()
+            } else {
+                Arc::new(map)
+            };
+        }
         next
     }
 
+    /// The catalog's own copy of a service's name, if it has the service.
+    pub fn name(&self, name: &str) -> Option<Name> {
+        self.by_kind[Kind::Cluster.index()]
+            .get_key_value(name)
+            .map(|(n, _)| n.clone())
+    }
+
     /// Names of `kind` whose resource differs from the previous catalog's.
-    pub fn changed(&self, kind: Kind) -> &BTreeSet<String> {
+    pub fn changed(&self, kind: Kind) -> &BTreeSet<Name> {
         &self.changed[kind.index()]
     }
 
@@ -177,7 +227,7 @@ impl Catalog {
     }
 
     /// Every resource of a kind, by name.
-    pub fn all(&self, kind: Kind) -> &BTreeMap<String, Arc<Resource>> {
+    pub fn all(&self, kind: Kind) -> &Arc<KindMap> {
         &self.by_kind[kind.index()]
     }
 
@@ -193,29 +243,52 @@ impl Catalog {
     /// Sets one resource to a placeholder body at `version` (protocol tests).
     #[cfg(test)]
     pub(crate) fn put(&mut self, kind: Kind, name: &str, version: &str) {
-        let r = Resource {
-            version: version.to_string(),
-            body: Any {
-                type_url: kind.type_url().to_string(),
-                value: format!("{name}@{version}").into_bytes(),
-            },
-        };
-        self.by_kind[kind.index()].insert(name.to_string(), Arc::new(r));
+        let r = placeholder(kind, name, version);
+        let shared = self.name(name).unwrap_or_else(|| Name::from(name));
+        Arc::make_mut(&mut self.by_kind[kind.index()]).insert(shared, Arc::new(r));
         self.version = format!("{}{name}@{version};", self.version);
+    }
+
+    /// The catalog after `prev` whose services are `services` (name to version), every kind
+    /// a placeholder at that version, reusing `prev`'s resources as [`Catalog::build`] does
+    /// (protocol tests).
+    #[cfg(test)]
+    pub(crate) fn derive(prev: &Catalog, services: &BTreeMap<String, String>) -> Catalog {
+        let mut maps: [KindMap; 4] = Default::default();
+        for (name, version) in services {
+            let shared = prev.name(name).unwrap_or_else(|| Name::from(name.as_str()));
+            for kind in Kind::ALL {
+                let r = match prev.get(kind, name) {
+                    Some(r) if r.version == *version => r.clone(),
+                    _ => Arc::new(placeholder(kind, name, version)),
+                };
+                maps[kind.index()].insert(shared.clone(), r);
+            }
+        }
+        Catalog::after(prev, maps, format!("seq{}", prev.seq + 1))
     }
 
     /// Drops one resource (protocol tests).
     #[cfg(test)]
     pub(crate) fn remove(&mut self, kind: Kind, name: &str) {
-        self.by_kind[kind.index()].remove(name);
+        Arc::make_mut(&mut self.by_kind[kind.index()]).remove(name);
     }
 }
 
+/// A resource whose body is `name@version` (protocol tests).
+#[cfg(test)]
+fn placeholder(kind: Kind, name: &str, version: &str) -> Resource {
+    Resource::new(
+        version.to_string(),
+        Any {
+            type_url: kind.type_url().to_string(),
+            value: format!("{name}@{version}").into_bytes(),
+        },
+    )
+}
+
 /// Names new in `next`, gone from it, or whose resource is another (not the same `Arc`).
-fn changed(
-    prev: &BTreeMap<String, Arc<Resource>>,
-    next: &BTreeMap<String, Arc<Resource>>,
-) -> BTreeSet<String> {
+fn changed(prev: &KindMap, next: &KindMap) -> BTreeSet<Name> {
     let moved = next
         .iter()
         .filter(|(n, r)| !prev.get(*n).is_some_and(|p| Arc::ptr_eq(p, r)))

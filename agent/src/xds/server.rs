@@ -1,37 +1,34 @@
 //! The tonic shell around [`StreamState`]: the listener, the catalog task that follows the
 //! merged view, and one task per ADS stream.
 //!
-//! A stream's task sends one response at a time into a channel of one, so a client that
-//! does not read holds at most a response or two (plus HTTP/2's window) however many views
-//! go by: the catalog is a watch, and each response is made from the latest one when there
-//! is room to send it. Streams end when the agent shuts down.
+//! A stream's task makes its next response only once the previous one has been written to
+//! the socket ([`grpc::message`]), so a client that does not read holds one response of
+//! the agent's memory however many views go by: the catalog is a watch, and each response
+//! is made from the latest one when there is room to send it. Streams end when the agent
+//! shuts down.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
+use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
+use super::grpc::{self, Outbound, Requests, Streams};
 use super::protocol::{Limits, ProtocolError, Received, StreamState};
 use super::resources::{Catalog, Kind};
 use crate::config::AgentConfig;
 use crate::state::Shared;
 use crate::view::MergedView;
 
-/// Largest request accepted (a subscription of `max_resource_names` fits well within).
-const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// Pings on idle connections, so a vanished client's stream ends.
 const KEEPALIVE: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,8 +91,7 @@ pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) -> XdsServer {
         shared: shared.clone(),
         stop: stop.clone(),
     };
-    let svc =
-        AggregatedDiscoveryServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let svc = grpc::Ads(Arc::new(service));
     let server = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -190,10 +186,8 @@ struct Ads {
     stop: CancellationToken,
 }
 
-type Outbound<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
-
 impl Ads {
-    fn open<V: Variant>(&self, inbound: Streaming<V::Req>) -> Result<Outbound<V::Resp>, Status> {
+    fn open<V: Variant>(&self, inbound: Requests<V::Req>) -> Result<Outbound, Status> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.shared.metrics.xds.refused_streams.increment(1);
             return Err(Status::resource_exhausted(
@@ -212,34 +206,24 @@ impl Ads {
             _permit: permit,
         };
         tokio::spawn(stream.run::<V>(inbound));
-        Ok(Box::pin(ReceiverStream::new(rx)))
+        Ok(rx)
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = Outbound<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = Outbound<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        self.open::<Sotw>(request.into_inner()).map(Response::new)
+impl Streams for Ads {
+    fn sotw(&self, inbound: Requests<DiscoveryRequest>) -> Result<Outbound, Status> {
+        self.open::<Sotw>(inbound)
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        self.open::<Delta>(request.into_inner()).map(Response::new)
+    fn delta(&self, inbound: Requests<DeltaDiscoveryRequest>) -> Result<Outbound, Status> {
+        self.open::<Delta>(inbound)
     }
 }
 
 /// The two variants of ADS, over one [`StreamState`].
 trait Variant: 'static {
     type Req: prost::Message + Default + Send + 'static;
-    type Resp: Send + 'static;
+    type Resp: prost::Message + Send + 'static;
     fn on(state: &mut StreamState, req: &Self::Req) -> Result<Received, ProtocolError>;
     fn next(state: &mut StreamState) -> Option<Self::Resp>;
     fn type_url(resp: &Self::Resp) -> &str;
@@ -276,17 +260,18 @@ impl Variant for Delta {
 }
 
 /// One open stream's task.
-struct Stream<R> {
+struct Stream {
     state: StreamState,
     catalog: watch::Receiver<Arc<Catalog>>,
     shared: Arc<Shared>,
     stop: CancellationToken,
-    tx: mpsc::Sender<Result<R, Status>>,
+    /// Encoded responses ([`grpc::message`]): each freed once HTTP/2 has written it.
+    tx: mpsc::Sender<Result<Bytes, Status>>,
     _permit: OwnedSemaphorePermit,
 }
 
-impl<R: Send + 'static> Stream<R> {
-    async fn run<V: Variant<Resp = R>>(mut self, mut inbound: Streaming<V::Req>) {
+impl Stream {
+    async fn run<V: Variant>(mut self, mut inbound: Requests<V::Req>) {
         let metrics = &self.shared.metrics.xds;
         metrics.streams.increment(1.0);
         let end = self.serve::<V>(&mut inbound).await;
@@ -298,30 +283,42 @@ impl<R: Send + 'static> Stream<R> {
     }
 
     /// Serves the stream until the client goes, the agent stops, or a request is refused.
-    async fn serve<V: Variant<Resp = R>>(
-        &mut self,
-        inbound: &mut Streaming<V::Req>,
-    ) -> Result<(), Status> {
+    async fn serve<V: Variant>(&mut self, inbound: &mut Requests<V::Req>) -> Result<(), Status> {
+        // The response in flight: resolves once HTTP/2 has written it.
+        let mut in_flight: Option<grpc::Written> = None;
         loop {
-            // Everything due, one response at a time, each from the newest catalog.
-            loop {
+            if in_flight.is_none() {
+                // The next response due, made from the newest catalog.
                 if self.catalog.has_changed().unwrap_or(false) {
                     let c = self.catalog.borrow_and_update().clone();
                     self.state.set_catalog(c);
                 }
-                let Some(resp) = V::next(&mut self.state) else {
-                    break;
-                };
-                if let Some(kind) = Kind::of_type_url(V::type_url(&resp)) {
-                    self.shared.metrics.xds.responded(kind);
-                }
-                tokio::select! {
-                    () = self.stop.cancelled() => return Ok(()),
-                    r = self.tx.send(Ok(resp)) => if r.is_err() { return Ok(()) },
+                if let Some(resp) = V::next(&mut self.state) {
+                    if let Some(kind) = Kind::of_type_url(V::type_url(&resp)) {
+                        self.shared.metrics.xds.responded(kind);
+                    }
+                    let (message, written) = grpc::message(&resp)?;
+                    drop(resp);
+                    // The channel is empty: the last message was written, so taken.
+                    if self.tx.try_send(Ok(message)).is_err() {
+                        return Ok(());
+                    }
+                    in_flight = Some(written);
+                    continue;
                 }
             }
+            // One response in flight, and requests read meanwhile: a client that reads
+            // slowly holds one response of the agent's memory, not HTTP/2's send buffer of
+            // them, and its requests do not wait in HTTP/2's receive buffers either.
             tokio::select! {
                 () = self.stop.cancelled() => return Ok(()),
+                () = async {
+                    if let Some(w) = in_flight.as_mut() {
+                        let _ = w.await;
+                    }
+                }, if in_flight.is_some() => {
+                    in_flight = None;
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
                         let r = V::on(&mut self.state, &req);
@@ -330,7 +327,7 @@ impl<R: Send + 'static> Stream<R> {
                     Ok(None) => return Ok(()),
                     Err(status) => return Err(status),
                 },
-                r = self.catalog.changed() => {
+                r = self.catalog.changed(), if in_flight.is_none() => {
                     if r.is_err() {
                         return Ok(());
                     }
@@ -410,7 +407,10 @@ mod tests {
         let mut rx = feed.subscribe(&view_of(&["web", "db"]));
         let names = |rx: &mut watch::Receiver<Arc<Catalog>>| {
             let c = rx.borrow_and_update().clone();
-            c.all(Kind::Cluster).keys().cloned().collect::<Vec<_>>()
+            c.all(Kind::Cluster)
+                .keys()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
         };
         assert_eq!(names(&mut rx), ["db", "web"]);
         feed.follow(&view_of(&["web", "db", "api"]));
