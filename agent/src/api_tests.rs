@@ -63,7 +63,7 @@ pub(crate) async fn fixture() -> Fixture {
     fixture_with(|_| {}).await
 }
 
-async fn fixture_with(tune: impl FnOnce(&mut AgentConfig)) -> Fixture {
+pub(crate) async fn fixture_with(tune: impl FnOnce(&mut AgentConfig)) -> Fixture {
     let stop = tokio_util::sync::CancellationToken::new();
     let gcfg = GossipConfig::for_tests("127.0.0.1:0".parse().expect("addr"));
     let gossip = gossip::run(gcfg, Vec::new(), stop.clone())

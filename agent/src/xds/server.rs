@@ -76,21 +76,12 @@ pub fn spawn(listener: TcpListener, shared: &Arc<Shared>) -> XdsServer {
     if let Some(addr) = addr {
         tracing::info!(%addr, "xds listening");
     }
-    let feed = Arc::new(Feed {
-        tx: watch::Sender::new(Arc::new(Catalog::default())),
-        built: Mutex::new(false),
-    });
-    let catalog = tokio::spawn(follow_view(shared.view.clone(), feed.clone(), stop.clone()));
-    let cfg = &shared.config.xds;
-    let service = Ads {
-        feed,
-        permits: Arc::new(Semaphore::new(cfg.max_streams.min(Semaphore::MAX_PERMITS))),
-        limits: Limits {
-            max_names: cfg.max_resource_names,
-        },
-        shared: shared.clone(),
-        stop: stop.clone(),
-    };
+    let service = Ads::new(shared, stop.clone());
+    let catalog = tokio::spawn(follow_view(
+        shared.view.clone(),
+        service.feed.clone(),
+        stop.clone(),
+    ));
     let svc = grpc::Ads(Arc::new(service));
     let server = {
         let stop = stop.clone();
@@ -187,6 +178,22 @@ struct Ads {
 }
 
 impl Ads {
+    fn new(shared: &Arc<Shared>, stop: CancellationToken) -> Ads {
+        let cfg = &shared.config.xds;
+        Ads {
+            feed: Arc::new(Feed {
+                tx: watch::Sender::new(Arc::new(Catalog::default())),
+                built: Mutex::new(false),
+            }),
+            permits: Arc::new(Semaphore::new(cfg.max_streams.min(Semaphore::MAX_PERMITS))),
+            limits: Limits {
+                max_names: cfg.max_resource_names,
+            },
+            shared: shared.clone(),
+            stop,
+        }
+    }
+
     fn open<V: Variant>(&self, inbound: Requests<V::Req>) -> Result<Outbound, Status> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.shared.metrics.xds.refused_streams.increment(1);
@@ -387,6 +394,51 @@ mod tests {
             .collect();
         let me = "127.0.0.1:1".parse().expect("addr");
         Merger::new(me, u64::MAX, hosts).merge(&gossip::GossipView::default(), 0)
+    }
+
+    /// `max_streams` open streams: one more is refused with RESOURCE_EXHAUSTED and counted
+    /// in `/metrics`; once one ends, a new one is served.
+    #[tokio::test]
+    async fn streams_over_the_limit_are_refused_until_one_ends() {
+        use crate::api::tests::fixture_with;
+        use http_body::Frame;
+
+        let f = fixture_with(|c| c.xds.max_streams = 2).await;
+        let ads = Ads::new(&f.shared, f.stop.clone());
+        // A request body that stays open until its sender goes.
+        let open = || {
+            let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Status>>(1);
+            let body =
+                http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            (
+                tx,
+                Requests::<DiscoveryRequest>::new(tonic::body::Body::new(body)),
+            )
+        };
+        let (first, r) = open();
+        let _one = ads.sotw(r).expect("first stream");
+        let (_second, r) = open();
+        let _two = ads.sotw(r).expect("second stream");
+        let (_third, r) = open();
+        let refused = ads.sotw(r).expect_err("over the limit");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let metrics = f.shared.render_metrics();
+        assert!(
+            metrics.contains("tidings_agent_xds_refused_total{reason=\"max_streams\"} 1"),
+            "{metrics}"
+        );
+
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_tx, r) = open();
+            if let Ok(_rx) = ads.sotw(r) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no stream ended");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        f.stop.cancel();
     }
 
     /// No stream, no catalog: views go by without one being built; the first stream gets
