@@ -124,6 +124,24 @@ pub enum Sent<R, E> {
 }
 
 impl<R, E> Sent<R, E> {
+    /// The same attempt with its response (or connection) turned into another by `f`, which
+    /// may still find it unusable.
+    pub fn then<R2>(self, f: impl FnOnce(R) -> Result<R2, E>) -> Sent<R2, E> {
+        match self {
+            Sent::Response(r, status) => match f(r) {
+                Ok(r) => Sent::Response(r, status),
+                Err(e) => Sent::Reset(e),
+            },
+            Sent::Connected(r) => match f(r) {
+                Ok(r) => Sent::Connected(r),
+                Err(e) => Sent::Reset(e),
+            },
+            Sent::Connect { error, overflow } => Sent::Connect { error, overflow },
+            Sent::Reset(e) => Sent::Reset(e),
+            Sent::Timeout => Sent::Timeout,
+        }
+    }
+
     /// The attempt's outcome, and whether it never left because the connection limit was hit
     /// (then outlier detection and retries ignore it).
     pub fn classify(&self) -> (AttemptOutcome, bool) {

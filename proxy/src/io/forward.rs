@@ -10,23 +10,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Incoming};
 use tokio::time::{Instant, Sleep};
 
 use crate::cluster::{ActiveGuard, Cluster, HostHandle};
+use crate::config::Scheme;
 use crate::core::breaker::Permit;
 pub use crate::core::policy::OVERFLOW;
 use crate::core::policy::{LocalAnswer, Sent};
 use crate::core::retry;
 use crate::io::attempts::{self, Admission, Attempts, Transport};
+use crate::io::h1::RawTransport;
 use crate::io::upstream::{Conn, ProxyBody, UpstreamError};
 
 mod body;
 mod headers;
 
-use self::body::{Guarded, ReqBody};
+use self::body::{Guarded, ReqBody, Upstreamed};
 pub use self::headers::{REQUEST_ID, is_hop_by_hop, strip_hop_by_hop};
 
 /// Bodies up to this size are buffered so idempotent requests can be retried; larger ones
@@ -147,7 +149,15 @@ pub async fn forward(
         Err(a) => return answer(a),
     };
     let (mut parts, body) = req.into_parts();
-    let body = match request_body(cluster, &parts, body, deadline).await {
+    // An HTTP/1.0 request may come without a Host: each attempt then names its own upstream.
+    let host_is_upstream =
+        parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST);
+    let bridged = parts.version == Version::HTTP_2
+        && !host_is_upstream
+        && cluster.scheme == Scheme::Http
+        && !cluster.config.http2
+        && (body.is_end_stream() || content_length(&parts).is_some_and(|n| n <= MAX_RETRY_BODY));
+    let body = match request_body(cluster, &parts, body, deadline, bridged).await {
         Ok(b) => b,
         Err(a) => return answer(a),
     };
@@ -157,10 +167,33 @@ pub async fn forward(
         .as_deref()
         .and_then(|h| parts.headers.get(h))
         .map(|v| xxhash_rust::xxh64::xxh64(v.as_bytes(), 0));
-    // An HTTP/1.0 request may come without a Host: each attempt then names its own upstream.
-    let host_is_upstream =
-        parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST);
-    let downstream = Some(std::mem::take(&mut parts.headers));
+    let downstream = std::mem::take(&mut parts.headers);
+    // One timer for the whole request, response body included (see `Guarded`).
+    let timeout = Box::pin(tokio::time::sleep_until(deadline));
+    if let (true, Some(bytes)) = (bridged, body.buffered()) {
+        // HTTP/2 downstream, HTTP/1.1 upstream on the fast path's raw connections.
+        let headers = headers::upstream_headers(
+            downstream, &parts.uri, // Not needed: a bridged request has an authority.
+            None, request_id, peer_ip,
+        );
+        let attempts = Attempts {
+            cluster,
+            method: &parts.method,
+            hash,
+            // The request's bytes are kept: every attempt can send them again.
+            replayable: true,
+            deadline,
+        };
+        let mut transport = RawTransport::new(cluster, &parts, &headers, bytes, timeout);
+        return match attempts.run(&mut transport, out).await {
+            Ok((resp, guard)) => {
+                let (rp, body) = resp.into_parts();
+                let inner = Upstreamed::Raw(body);
+                respond(rp, inner, guard, transport.timeout, permit, cluster)
+            }
+            Err(a) => answer(a),
+        };
+    }
     let attempts = Attempts {
         cluster,
         method: &parts.method,
@@ -171,17 +204,24 @@ pub async fn forward(
     let mut transport = HyperTransport {
         cluster,
         host_is_upstream,
-        downstream,
+        downstream: Some(downstream),
         parts: &parts,
         body,
         prepared: None,
         request_id,
         peer_ip,
-        // One timer for the whole request, response body included (see `Guarded`).
-        timeout: Box::pin(tokio::time::sleep_until(deadline)),
+        timeout,
     };
     match attempts.run(&mut transport, out).await {
-        Ok(((resp, conn), guard)) => respond(resp, conn, guard, transport.timeout, permit, cluster),
+        Ok(((resp, conn), guard)) => {
+            let (mut rp, body) = resp.into_parts();
+            strip_hop_by_hop(&mut rp.headers);
+            let inner = Upstreamed::Hyper {
+                body,
+                conn: Some(conn),
+            };
+            respond(rp, inner, guard, transport.timeout, permit, cluster)
+        }
         Err(a) => answer(a),
     }
 }
@@ -214,7 +254,13 @@ impl Transport for HyperTransport<'_> {
             (&mut self.downstream, self.request_id, self.peer_ip);
         let headers = self.prepared.get_or_insert_with(|| {
             let downstream = downstream.take().unwrap_or_default();
-            headers::upstream_headers(downstream, &parts.uri, &host.authority, request_id, peer_ip)
+            headers::upstream_headers(
+                downstream,
+                &parts.uri,
+                Some(&host.authority),
+                request_id,
+                peer_ip,
+            )
         });
         if self.host_is_upstream {
             if let Ok(v) = HeaderValue::from_str(host.authority.as_str()) {
@@ -261,22 +307,19 @@ impl Transport for HyperTransport<'_> {
     }
 }
 
-/// The downstream response around the upstream one: hop-by-hop headers stripped, the body
-/// wrapped so it keeps its counts, its timeout and its connection until it is complete.
+/// The downstream response around the upstream one's head (hop-by-hop headers stripped): the
+/// body wrapped so it keeps its counts, its timeout and its connection until it is complete.
 fn respond(
-    resp: Response<Incoming>,
-    conn: Conn,
+    rp: http::response::Parts,
+    inner: Upstreamed,
     guard: ActiveGuard,
     deadline: Pin<Box<Sleep>>,
     permit: Permit,
     cluster: &Arc<Cluster>,
 ) -> Response<ProxyBody> {
-    let (mut rp, rb) = resp.into_parts();
-    strip_hop_by_hop(&mut rp.headers);
     let guarded = Guarded {
-        inner: rb,
+        inner,
         deadline,
-        conn: Some(conn),
         done: false,
         guard,
         _permit: permit,
@@ -285,21 +328,29 @@ fn respond(
     Response::from_parts(rp, guarded.boxed_unsync())
 }
 
-/// Buffers small bodies of retryable requests so they can be sent again; everything else
-/// streams through with a single attempt.
+/// The request's `Content-Length`, if it has a valid one.
+fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+}
+
+/// Buffers small bodies of retryable requests so they can be sent again, and every body of a
+/// request that goes on a raw connection (`keep`, where the caller checked its size);
+/// everything else streams through with a single attempt.
 async fn request_body(
     cluster: &Cluster,
     parts: &Parts,
     body: Incoming,
     deadline: Instant,
+    keep: bool,
 ) -> Result<ReqBody, LocalAnswer> {
-    let small = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|n| n <= MAX_RETRY_BODY)
+    let small = content_length(parts).is_some_and(|n| n <= MAX_RETRY_BODY)
         || (body.is_end_stream() && !parts.headers.contains_key(header::TRANSFER_ENCODING));
-    if cluster.retry_policy.num_retries == 0 || !retry::is_idempotent(&parts.method) || !small {
+    let retryable =
+        cluster.retry_policy.num_retries > 0 && retry::is_idempotent(&parts.method) && small;
+    if !keep && !retryable {
         return Ok(ReqBody::Streamed(Some(body)));
     }
     if body.is_end_stream() {

@@ -26,6 +26,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub mod scripted;
+
 pub const SERVICE: &str = "svc";
 
 /// Polls `cond` every 20 ms until it holds or `within` passes.
@@ -389,6 +391,18 @@ pub async fn start(cfg: ProxyConfig) -> Running {
 
 /// Two backends listed by a membership server and a proxy (the default test config) that
 /// routes to both.
+/// A proxy routing to `backend` alone (no health checks), once it routes there.
+pub async fn routed_to(backend: SocketAddr) -> (Running, Membership) {
+    let m = Membership::start(vec![Listed::up(backend)]).await;
+    let p = start(without_health_checks(
+        config(&m.url()),
+        HealthCheckKind::None,
+    ))
+    .await;
+    p.wait_routed(&[backend]).await;
+    (p, m)
+}
+
 pub async fn two_routed() -> (Backend, Backend, Membership, Running) {
     let (a, b) = (
         Backend::start(1, Duration::ZERO).await,

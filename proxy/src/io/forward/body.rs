@@ -12,6 +12,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cluster::{ActiveGuard, ActiveRequest, Cluster};
 use crate::core::breaker::Permit;
+use crate::io::h1::RawBody;
 use crate::io::upstream::{BoxError, Conn, ProxyBody};
 
 use super::full;
@@ -35,9 +36,25 @@ impl ReqBody {
         }
     }
 
+    /// The body, if it was read whole.
+    pub(super) fn buffered(&self) -> Option<&Bytes> {
+        match self {
+            ReqBody::Buffered(b) => Some(b),
+            ReqBody::Streamed(_) => None,
+        }
+    }
+
     pub(super) fn replayable(&self) -> bool {
         matches!(self, ReqBody::Buffered(_))
     }
+}
+
+/// Where a response body comes from: hyper's client (with the pooled connection to give
+/// back), or a raw connection of the fast path's (`crate::io::h1::bridge`), which the body
+/// reads itself.
+pub(crate) enum Upstreamed {
+    Hyper { body: Incoming, conn: Option<Conn> },
+    Raw(RawBody),
 }
 
 /// The upstream response body. It holds the host's active count, the request's breaker slot
@@ -46,11 +63,10 @@ impl ReqBody {
 /// back to the host's pool once the body is complete (never earlier: HTTP/1 cannot start the
 /// next request while this one is being read).
 pub(super) struct Guarded {
-    pub(super) inner: Incoming,
+    pub(super) inner: Upstreamed,
     /// The route timeout runs until the response is complete, as in Envoy: a backend that
     /// sends headers and then stalls cannot hold the stream forever.
     pub(super) deadline: Pin<Box<tokio::time::Sleep>>,
-    pub(super) conn: Option<Conn>,
     pub(super) done: bool,
     pub(super) guard: ActiveGuard,
     pub(super) _permit: Permit,
@@ -59,14 +75,18 @@ pub(super) struct Guarded {
 
 impl Drop for Guarded {
     fn drop(&mut self) {
-        // A body dropped half-read leaves the connection mid-message: hyper closes it.
-        if let Some(conn) = self.conn.take() {
-            if self.done || self.inner.is_end_stream() {
-                self.active
-                    .cluster()
-                    .upstream
-                    .release(&self.guard.host().conns, conn);
+        let cluster = self.active.cluster();
+        let conns = &self.guard.host().conns;
+        match &mut self.inner {
+            // A body dropped half-read leaves the connection mid-message: hyper closes it.
+            Upstreamed::Hyper { body, conn } => {
+                if let Some(conn) = conn.take() {
+                    if self.done || body.is_end_stream() {
+                        cluster.upstream.release(conns, conn);
+                    }
+                }
             }
+            Upstreamed::Raw(body) => body.release(cluster, conns),
         }
     }
 }
@@ -80,7 +100,13 @@ impl Body for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = match &mut this.inner {
+            Upstreamed::Hyper { body, .. } => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            Upstreamed::Raw(body) => Pin::new(body).poll_frame(cx),
+        };
+        match polled {
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(
                     "route timeout while streaming the response".into(),
@@ -91,15 +117,21 @@ impl Body for Guarded {
                 this.done = true;
                 Poll::Ready(None)
             }
-            ready => ready.map_err(|e| Box::new(e) as BoxError),
+            ready => ready,
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Upstreamed::Hyper { body, .. } => body.is_end_stream(),
+            Upstreamed::Raw(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Upstreamed::Hyper { body, .. } => body.size_hint(),
+            Upstreamed::Raw(body) => body.size_hint(),
+        }
     }
 }

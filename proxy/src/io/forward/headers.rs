@@ -84,12 +84,12 @@ fn strip_named_by_connection(headers: &mut HeaderMap) {
 }
 
 /// Turns the downstream request's headers into those every attempt sends: hop-by-hop headers
-/// stripped, `Host` kept (or taken from the request's authority, else the upstream's, as
-/// HTTP/1.1 requires one), `x-request-id` set, the peer appended to `x-forwarded-for`.
+/// stripped, `Host` kept (or taken from the request's authority, else the upstream's if
+/// given, as HTTP/1.1 requires one), `x-request-id` set, the peer appended to `x-forwarded-for`.
 pub fn upstream_headers(
     mut headers: HeaderMap,
     uri: &Uri,
-    upstream: &Authority,
+    upstream: Option<&Authority>,
     request_id: &HeaderValue,
     peer_ip: &HeaderValue,
 ) -> HeaderMap {
@@ -98,7 +98,7 @@ pub fn upstream_headers(
         let host = uri
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| HeaderValue::from_str(upstream.as_str()).ok());
+            .or_else(|| HeaderValue::from_str(upstream?.as_str()).ok());
         if let Some(host) = host {
             headers.insert(header::HOST, host);
         }

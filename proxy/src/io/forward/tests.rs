@@ -109,7 +109,7 @@ fn upstream_headers_add_the_request_id_and_the_peer_and_keep_a_host() {
     h.insert("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
     h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
     let uri = Uri::from_static("/x");
-    let out = headers::upstream_headers(h, &uri, &upstream, &rid, &peer);
+    let out = headers::upstream_headers(h, &uri, Some(&upstream), &rid, &peer);
     assert_eq!(out.get("host").map(|v| v.as_bytes()), Some(&b"web"[..]));
     assert_eq!(
         out.get("x-request-id").map(|v| v.as_bytes()),
@@ -122,7 +122,7 @@ fn upstream_headers_add_the_request_id_and_the_peer_and_keep_a_host() {
     assert!(out.get("keep-alive").is_none());
 
     // HTTP/1.0 without Host: the upstream's authority, as HTTP/1.1 needs one.
-    let out = headers::upstream_headers(HeaderMap::new(), &uri, &upstream, &rid, &peer);
+    let out = headers::upstream_headers(HeaderMap::new(), &uri, Some(&upstream), &rid, &peer);
     assert_eq!(
         out.get("host").map(|v| v.as_bytes()),
         Some(&b"10.0.0.1:8080"[..])

@@ -1,6 +1,9 @@
 //! Finds where a chunked message body ends, so the fast path can pass the chunks through
-//! unchanged (RFC 9112 §7.1) and still know when the upstream connection is free again.
-//! Sans IO: fed whatever bytes have arrived, it says how many belong to the body.
+//! unchanged (RFC 9112 §7.1) and still know when the upstream connection is free again; and,
+//! for a body going on to an HTTP/2 client, where the chunks' data lie. Sans IO: fed whatever
+//! bytes have arrived, it says how many belong to the body.
+
+use std::ops::Range;
 
 /// Chunk sizes above this are refused: no real body needs them, and it keeps the arithmetic
 /// far from overflow.
@@ -76,6 +79,16 @@ impl Chunked {
     /// and whether the body (last chunk and trailers) is complete; bytes after the end are not
     /// consumed.
     pub fn scan(&mut self, data: &[u8]) -> Result<(usize, bool), ChunkError> {
+        self.decode(data, |_| {})
+    }
+
+    /// [`Chunked::scan`], also telling `on_data` where the chunks' data lie in `data` (for a
+    /// body that leaves HTTP/1.1 and must lose its chunk framing), in order.
+    pub fn decode(
+        &mut self,
+        data: &[u8],
+        mut on_data: impl FnMut(Range<usize>),
+    ) -> Result<(usize, bool), ChunkError> {
         let mut i = 0;
         while i < data.len() {
             let b = data[i];
@@ -101,6 +114,7 @@ impl Chunked {
                     let take =
                         (data.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
                     self.size -= take as u64;
+                    on_data(i..i + take);
                     i += take;
                     if self.size == 0 {
                         self.state = State::DataCr;
@@ -180,6 +194,25 @@ mod tests {
             let (n, done) = c.scan(std::slice::from_ref(b)).expect("valid");
             assert_eq!(n, 1);
             assert_eq!(done, i == body.len() - 1, "at byte {i}");
+        }
+    }
+
+    #[test]
+    fn decoding_gives_the_data_in_every_split() {
+        let body = b"3\r\nabc\r\n10;name=v\r\n0123456789abcdef\r\n0\r\nt: v\r\n\r\n";
+        for split in 0..=body.len() {
+            let mut c = Chunked::default();
+            let mut data = Vec::new();
+            let mut done = false;
+            for part in [&body[..split], &body[split..]] {
+                let (n, d) = c
+                    .decode(part, |r| data.extend_from_slice(&part[r]))
+                    .expect("valid");
+                assert_eq!(n, part.len());
+                done = d;
+            }
+            assert!(done);
+            assert_eq!(data, b"abc0123456789abcdef", "split at {split}");
         }
     }
 

@@ -160,9 +160,6 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
     }
 
     /// Sends the request to `host` and reads the response head, within the route timeout.
-    /// A reused connection that gives nothing back was closed by the backend while idle: an
-    /// idempotent request then goes out again on another (as hyper does for a request its
-    /// pooled connection never sent).
     async fn attempt(
         &mut self,
         cluster: &Cluster,
@@ -176,36 +173,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Conn<'_, IO> {
             route_timer,
             ..
         } = self;
-        let is_head = head.method == http::Method::HEAD;
-        let replay = retry::is_idempotent(&head.method);
-        let tries = async {
-            for _ in 0..STALE_TRIES {
-                let Some(mut conn) = cluster.upstream.pop_raw(&host.conns) else {
-                    break;
-                };
-                match response_head(&mut conn, msg, up, up_fields, is_head).await {
-                    Err(HeadError::Nothing) if replay => continue,
-                    r => return sent(r, conn),
-                }
-            }
-            let mut dialled = cluster.upstream.connect_raw(host.addr).await;
-            if matches!(dialled, Err(ConnectError::Overflow))
-                && cluster.close_an_idle_connection(host.addr)
-            {
-                dialled = cluster.upstream.connect_raw(host.addr).await;
-            }
-            let mut conn = match dialled {
-                Ok(c) => c,
-                Err(e) => {
-                    return Sent::Connect {
-                        overflow: matches!(e, ConnectError::Overflow),
-                        error: FastError::Connect(e),
-                    };
-                }
-            };
-            let r = response_head(&mut conn, msg, up, up_fields, is_head).await;
-            sent(r, conn)
-        };
+        let tries = attempt(cluster, host, &head.method, msg, up, up_fields);
         within(route_timer.as_mut(), tries)
             .await
             .unwrap_or(Sent::Timeout)
@@ -309,9 +277,50 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Transport for FastTransport<'_, '_, '_,
     }
 }
 
+/// Sends the request in `msg` to `host` over a pooled raw connection (a new one when none is
+/// idle) and reads the response head into `up`. A reused connection that gives nothing back
+/// was closed by the backend while idle: an idempotent request then goes out again on another
+/// (as hyper does for a request its pooled connection never sent).
+pub(crate) async fn attempt(
+    cluster: &Cluster,
+    host: &HostHandle,
+    method: &http::Method,
+    msg: &[u8],
+    up: &mut Vec<u8>,
+    up_fields: &mut Vec<Field>,
+) -> Sent<(ResponseHead, RawConn), FastError> {
+    let is_head = method == http::Method::HEAD;
+    let replay = retry::is_idempotent(method);
+    for _ in 0..STALE_TRIES {
+        let Some(mut conn) = cluster.upstream.pop_raw(&host.conns) else {
+            break;
+        };
+        match response_head(&mut conn, msg, up, up_fields, is_head).await {
+            Err(HeadError::Nothing) if replay => continue,
+            r => return sent(r, conn),
+        }
+    }
+    let mut dialled = cluster.upstream.connect_raw(host.addr).await;
+    if matches!(dialled, Err(ConnectError::Overflow)) && cluster.close_an_idle_connection(host.addr)
+    {
+        dialled = cluster.upstream.connect_raw(host.addr).await;
+    }
+    let mut conn = match dialled {
+        Ok(c) => c,
+        Err(e) => {
+            return Sent::Connect {
+                overflow: matches!(e, ConnectError::Overflow),
+                error: FastError::Connect(e),
+            };
+        }
+    };
+    let r = response_head(&mut conn, msg, up, up_fields, is_head).await;
+    sent(r, conn)
+}
+
 /// Why a fast-path attempt got no response.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum FastError {
+pub(crate) enum FastError {
     #[error(transparent)]
     Connect(ConnectError),
     /// The upstream closed, reset or answered garbage.

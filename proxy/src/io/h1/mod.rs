@@ -14,7 +14,8 @@
 //! `Expect`, chunked or large request bodies, malformed or oversized heads, requests no route
 //! takes — hands the connection to hyper at a request boundary, the bytes read so far
 //! replayed ([`Prefixed`]), and it stays there. Malformed requests therefore get hyper's
-//! answers, as before.
+//! answers, as before. HTTP/2 requests that hyper's server takes still go upstream on this
+//! path's raw connections when they can (`bridge`).
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -32,12 +33,14 @@ use crate::config::Scheme;
 use crate::io::forward::{self, Route};
 use crate::io::server::{self, RequestIds};
 
+mod bridge;
 mod chunked;
 mod exchange;
 mod head;
 mod prefixed;
 mod probe;
 
+pub(crate) use self::bridge::{RawBody, RawTransport};
 use self::head::{Field, RequestHead};
 pub use self::prefixed::Prefixed;
 pub use self::probe::health_check;
