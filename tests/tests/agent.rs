@@ -204,9 +204,24 @@ fn agents_serve_through_a_registry_outage_and_restarts() -> Result<()> {
         "restarted agent lost hosts: {:?}",
         first.hosts
     );
-    assert_eq!(
-        first.source, "cache",
-        "first answer after a restart comes from the disk cache"
+    // Whether the cache or gossip's join (milliseconds on loopback, from the peers the cache
+    // names) answers the first lookup is a race; what must hold is that the agent served the
+    // cache's whole view from its first moment, before any peer was heard.
+    ensure!(
+        first.source == "cache" || first.source == "gossip",
+        "first answer after a restart: {}",
+        first.source
+    );
+    let from_cache = poll("the first view's log line", Duration::from_secs(5), || {
+        a3.proc.log_text().lines().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "serving the view").then(|| v["from_cache"].as_u64())?
+        })
+    })?;
+    let known = all_web.len() + billing.len();
+    ensure!(
+        from_cache >= known as u64,
+        "the first view after a restart held {from_cache} cached hosts, not the {known} of web and billing"
     );
     ensure!(lookup(&a3.url(), "billing")?.hosts == billing);
     hammer.set_targets(vec![a1.url(), a2.url(), a3.url(), a4.url(), a5.url()])?;
