@@ -214,8 +214,7 @@ pub async fn forward(
     };
     match attempts.run(&mut transport, out).await {
         Ok(((resp, conn), guard)) => {
-            let (mut rp, body) = resp.into_parts();
-            strip_hop_by_hop(&mut rp.headers);
+            let (rp, body) = resp.into_parts();
             let inner = Upstreamed::Hyper {
                 body,
                 conn: Some(conn),
@@ -307,16 +306,17 @@ impl Transport for HyperTransport<'_> {
     }
 }
 
-/// The downstream response around the upstream one's head (hop-by-hop headers stripped): the
+/// The downstream response around the upstream one's head: hop-by-hop headers stripped, the
 /// body wrapped so it keeps its counts, its timeout and its connection until it is complete.
 fn respond(
-    rp: http::response::Parts,
+    mut rp: http::response::Parts,
     inner: Upstreamed,
     guard: ActiveGuard,
     deadline: Pin<Box<Sleep>>,
     permit: Permit,
     cluster: &Arc<Cluster>,
 ) -> Response<ProxyBody> {
+    strip_hop_by_hop(&mut rp.headers);
     let guarded = Guarded {
         inner,
         deadline,

@@ -75,14 +75,13 @@ pub(crate) fn encode_request(parts: &Parts, headers: &HeaderMap, body: &[u8]) ->
     msg.push(b' ');
     msg.extend_from_slice(target.as_bytes());
     msg.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut cookies = 0;
+    let mut cookie_written = false;
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH {
             continue;
         }
         if name == header::COOKIE {
-            cookies += 1;
-            if cookies > 1 {
+            if std::mem::replace(&mut cookie_written, true) {
                 continue;
             }
             msg.extend_from_slice(b"cookie: ");
@@ -145,8 +144,9 @@ impl Transport for RawTransport<'_> {
     }
 }
 
-/// The downstream response: the upstream's status and headers without the hop-by-hop ones,
-/// and a body that reads the rest from `conn`. `None` when a header cannot be carried.
+/// The downstream response: the upstream's status and headers (`forward` strips the
+/// hop-by-hop ones, as for hyper's), and a body that reads the rest from `conn`. `None` when
+/// a header cannot be carried.
 fn response(
     head: &ResponseHead,
     up: &[u8],
@@ -159,7 +159,6 @@ fn response(
         let value = HeaderValue::from_bytes(&up[f.value.clone()]).ok()?;
         headers.append(name, value);
     }
-    crate::io::forward::strip_hop_by_hop(&mut headers);
     let mut resp = Response::new(RawBody::new(head, &up[head.len..], conn));
     *resp.status_mut() = StatusCode::from_u16(head.status).ok()?;
     *resp.headers_mut() = headers;
