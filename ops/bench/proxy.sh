@@ -3,7 +3,8 @@
 #
 #   ops/bench/proxy.sh [--mode a|b|c|d|e|f|g | --all] [seconds-per-phase]   (default: a, 10 s)
 #   env: CONNECTIONS (wrk, default 64), RATE (fixed-rate phase, requests/s, default 5000),
-#        ROUNDS (default 3), HOSTS (backend addresses in the cluster, default 1; mode f: 1000),
+#        ROUNDS (default 3; 5 with --all, as two or three rounds swing p99 ratios by half
+#        on two cores), HOSTS (backend addresses in the cluster, default 1; mode f: 1000),
 #        TIDINGS_BIN (skip the release build and use this binary)
 #
 # Modes (issue #18), each one run with all three proxies taking turns:
@@ -45,7 +46,7 @@ cd "$root"
 mode=a
 if [[ "${1:-}" == --all ]]; then
   shift
-  export TIDINGS_BIN="${TIDINGS_BIN:-}"
+  export TIDINGS_BIN="${TIDINGS_BIN:-}" ROUNDS="${ROUNDS:-5}"
   if [[ -z "$TIDINGS_BIN" ]]; then
     cargo build --release --quiet --bin tidings
     TIDINGS_BIN="$root/target/release/tidings"

@@ -164,6 +164,15 @@ async fn connections_are_reused_after_clean_bodies_only() {
         .expect("after a stale one");
     assert_eq!(status, 200);
     assert!(body.starts_with(b"GET /e "));
+    // An answer longer than its Content-Length: the client gets what the length says, and
+    // the rest goes with the connection, never to the next request.
+    let before = counts.accepted.load(Ordering::SeqCst);
+    let (status, headers, body) = send(&c, get(p.addr, "/overlong")).await.expect("overlong");
+    assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+    assert_eq!(headers["x-custom"], "kept as sent");
+    let (_, _, body) = send(&c, get(p.addr, "/f")).await.expect("after overlong");
+    assert!(body.starts_with(b"GET /f "), "{body:?}");
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), before + 1);
     p.stop().await;
 }
 

@@ -118,6 +118,9 @@ async fn serve_scripted(mut s: TcpStream) {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
                 return;
             }
+            // More than the length said, in the same write: bytes of no request's, which
+            // must reach nobody (the connection cannot be reused).
+            "/overlong" => b"HTTP/1.1 200 OK\r\nX-Custom: kept as sent\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale".to_vec(),
             "/cut" => {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await;
                 return;

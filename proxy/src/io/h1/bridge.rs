@@ -60,7 +60,8 @@ impl<'a> RawTransport<'a> {
             method: &parts.method,
             msg: encode_request(parts, headers, body),
             up: Vec::new(),
-            up_fields: Vec::new(),
+            // Room for a usual response's fields without growing.
+            up_fields: Vec::with_capacity(16),
             timeout,
         }
     }
@@ -138,7 +139,9 @@ impl Transport for RawTransport<'_> {
             () = timeout.as_mut() => return Sent::Timeout,
         };
         sent.then(|(head, conn)| {
-            response(&head, up, up_fields, conn)
+            // The read bytes become the response's: its header values and the body's first
+            // bytes are slices of them, copied nowhere.
+            response(&head, Bytes::from(std::mem::take(up)), up_fields, conn)
                 .ok_or(FastError::Reset("response header not valid for HTTP/2"))
         })
     }
@@ -149,17 +152,17 @@ impl Transport for RawTransport<'_> {
 /// a header cannot be carried.
 fn response(
     head: &ResponseHead,
-    up: &[u8],
+    up: Bytes,
     fields: &[Field],
     conn: RawConn,
 ) -> Option<Response<RawBody>> {
     let mut headers = HeaderMap::with_capacity(fields.len());
     for f in fields {
         let name = HeaderName::from_bytes(&up[f.name.clone()]).ok()?;
-        let value = HeaderValue::from_bytes(&up[f.value.clone()]).ok()?;
+        let value = HeaderValue::from_maybe_shared(up.slice(f.value.clone())).ok()?;
         headers.append(name, value);
     }
-    let mut resp = Response::new(RawBody::new(head, &up[head.len..], conn));
+    let mut resp = Response::new(RawBody::new(head, up.slice(head.len..), conn));
     *resp.status_mut() = StatusCode::from_u16(head.status).ok()?;
     *resp.headers_mut() = headers;
     Some(resp)
@@ -177,6 +180,9 @@ enum State {
 /// A response body read from its raw upstream connection as the downstream side asks for it.
 pub(crate) struct RawBody {
     conn: Option<RawConn>,
+    /// Body bytes of a `Content-Length` response that came with its head, not yet given out
+    /// (a slice of the head's buffer).
+    first: Bytes,
     /// Read from the connection, not yet given out.
     buf: BytesMut,
     state: State,
@@ -186,7 +192,7 @@ pub(crate) struct RawBody {
 }
 
 impl RawBody {
-    fn new(head: &ResponseHead, first: &[u8], conn: RawConn) -> Self {
+    fn new(head: &ResponseHead, first: Bytes, conn: RawConn) -> Self {
         let state = match head.framing {
             Framing::Empty => State::Done,
             Framing::Length(0) => State::Done,
@@ -197,12 +203,16 @@ impl RawBody {
         let reusable = !head.close && head.framing != Framing::UntilClose;
         let mut body = RawBody {
             conn: Some(conn),
-            buf: BytesMut::from(first),
+            first: Bytes::new(),
+            buf: BytesMut::new(),
             state,
             reusable,
         };
-        if matches!(body.state, State::Done) {
-            body.reusable &= body.buf.is_empty();
+        match body.state {
+            State::Done => body.reusable &= first.is_empty(),
+            // The usual small body came whole with the head: given out as it is.
+            State::Length(_) => body.first = first,
+            _ => body.buf.extend_from_slice(&first),
         }
         body
     }
@@ -221,20 +231,23 @@ impl RawBody {
     fn take(&mut self) -> Result<Option<Bytes>, BoxError> {
         match &mut self.state {
             State::Done => Ok(None),
-            _ if self.buf.is_empty() => Ok(None),
             State::Length(left) => {
-                let n = self
-                    .buf
-                    .len()
-                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
-                let data = self.buf.split_to(n).freeze();
-                *left -= n as u64;
+                let n = |len: usize| len.min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let data = if !self.first.is_empty() {
+                    self.first.split_to(n(self.first.len()))
+                } else if !self.buf.is_empty() {
+                    self.buf.split_to(n(self.buf.len())).freeze()
+                } else {
+                    return Ok(None);
+                };
+                *left -= data.len() as u64;
                 if *left == 0 {
                     self.state = State::Done;
-                    self.reusable &= self.buf.is_empty();
+                    self.reusable &= self.buf.is_empty() && self.first.is_empty();
                 }
                 Ok(Some(data))
             }
+            _ if self.buf.is_empty() => Ok(None),
             State::UntilClose => Ok(Some(self.buf.split().freeze())),
             State::Chunked(chunks) => {
                 let mut ranges = Vec::new();
