@@ -107,8 +107,12 @@ async fn the_forwarded_request_carries_our_headers_one_cookie_and_the_body() {
         .header("te", "trailers")
         .body(Full::new(Bytes::from_static(b"hello")))
         .expect("request");
-    let (status, _, body) = send(&c, req).await.expect("echo");
+    let (status, headers, body) = send(&c, req).await.expect("echo");
     assert_eq!(status, 200);
+    assert_eq!(
+        headers["x-request-id"], "rid-7",
+        "the request's id comes back"
+    );
     let echo = String::from_utf8_lossy(&body).to_lowercase();
     assert!(echo.starts_with("post /echo?q=1 http/1.1\r\n"), "{echo}");
     assert!(echo.contains(&format!("host: {}\r\n", p.addr)), "{echo}");
