@@ -1,7 +1,8 @@
 //! HTTP/2 clients through the proxy to HTTP/1.1 backends, over real sockets: the requests go
 //! on the fast path's raw upstream connections (`io::h1::bridge`). Every framing of a
 //! response body reaches the client as its data (chunk framing removed), the forwarded
-//! request carries the proxy's headers, its body and one joined `cookie`, connections are
+//! request carries the proxy's headers, its body and one joined `cookie`, hop-by-hop response
+//! fields (and those `Connection` names) stay behind, connections are
 //! reused only after a clean body, a body cut short fails the stream and not the proxy,
 //! concurrent streams each get their own answer, and a streamed upload still goes through.
 
@@ -133,6 +134,28 @@ async fn the_forwarded_request_carries_our_headers_one_cookie_and_the_body() {
     let (_, _, body) = send(&c, req).await.expect("empty post");
     let echo = String::from_utf8_lossy(&body).to_lowercase();
     assert!(echo.contains("content-length: 0\r\n"), "{echo}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_fields_stay_behind() {
+    let (backend, _) = scripted_backend().await;
+    let (p, _m) = routed_to(backend).await;
+    let c = h2_client();
+    for path in ["/hop", "/hop-named"] {
+        let (status, headers, body) = send(&c, get(p.addr, path)).await.expect(path);
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]), "{path}");
+        assert_eq!(headers["x-kept"], "k", "{path}");
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "proxy-authenticate",
+            "trailer",
+        ] {
+            assert!(!headers.contains_key(gone), "{path}: {gone} forwarded");
+        }
+    }
     p.stop().await;
 }
 

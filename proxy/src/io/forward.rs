@@ -22,11 +22,11 @@ pub use crate::core::policy::OVERFLOW;
 use crate::core::policy::{LocalAnswer, Sent};
 use crate::core::retry;
 use crate::io::attempts::{self, Admission, Attempts, Transport};
-use crate::io::h1::RawTransport;
+use crate::io::h1::{Forwarded, RawTransport};
 use crate::io::upstream::{Conn, ProxyBody, UpstreamError};
 
 mod body;
-mod headers;
+pub(crate) mod headers;
 
 use self::body::{Guarded, ReqBody, Upstreamed};
 pub use self::headers::{REQUEST_ID, is_hop_by_hop, strip_hop_by_hop};
@@ -154,6 +154,9 @@ pub async fn forward(
         parts.uri.authority().is_none() && !parts.headers.contains_key(header::HOST);
     let bridged = parts.version == Version::HTTP_2
         && !host_is_upstream
+        // HTTP/2 forbids it (the h2 crate refuses such a request); the bridge's encoding
+        // relies on it, as it drops hop-by-hop fields by name only.
+        && !parts.headers.contains_key(header::CONNECTION)
         && cluster.scheme == Scheme::Http
         && !cluster.config.http2
         && (body.is_end_stream() || content_length(&parts).is_some_and(|n| n <= MAX_RETRY_BODY));
@@ -167,15 +170,15 @@ pub async fn forward(
         .as_deref()
         .and_then(|h| parts.headers.get(h))
         .map(|v| xxhash_rust::xxh64::xxh64(v.as_bytes(), 0));
-    let downstream = std::mem::take(&mut parts.headers);
     // One timer for the whole request, response body included (see `Guarded`).
     let timeout = Box::pin(tokio::time::sleep_until(deadline));
     if let (true, Some(bytes)) = (bridged, body.buffered()) {
-        // HTTP/2 downstream, HTTP/1.1 upstream on the fast path's raw connections.
-        let headers = headers::upstream_headers(
-            downstream, &parts.uri, // Not needed: a bridged request has an authority.
-            None, request_id, peer_ip,
-        );
+        // HTTP/2 downstream, HTTP/1.1 upstream on the fast path's raw connections; the
+        // request's bytes are written from its own headers.
+        let ids = Forwarded {
+            request_id,
+            peer_ip,
+        };
         let attempts = Attempts {
             cluster,
             method: &parts.method,
@@ -184,7 +187,7 @@ pub async fn forward(
             replayable: true,
             deadline,
         };
-        let mut transport = RawTransport::new(cluster, &parts, &headers, bytes, timeout);
+        let mut transport = RawTransport::new(cluster, &parts, ids, bytes, timeout);
         return match attempts.run(&mut transport, out).await {
             Ok((resp, guard)) => {
                 let (rp, body) = resp.into_parts();
@@ -194,6 +197,7 @@ pub async fn forward(
             Err(a) => answer(a),
         };
     }
+    let downstream = std::mem::take(&mut parts.headers);
     let attempts = Attempts {
         cluster,
         method: &parts.method,
@@ -306,7 +310,8 @@ impl Transport for HyperTransport<'_> {
     }
 }
 
-/// The downstream response around the upstream one's head: hop-by-hop headers stripped, the
+/// The downstream response around the upstream one's head: hop-by-hop headers stripped (by
+/// the bridge itself for raw connections), the
 /// body wrapped so it keeps its counts, its timeout and its connection until it is complete.
 fn respond(
     mut rp: http::response::Parts,
@@ -316,7 +321,10 @@ fn respond(
     permit: Permit,
     cluster: &Arc<Cluster>,
 ) -> Response<ProxyBody> {
-    strip_hop_by_hop(&mut rp.headers);
+    // The bridge left them out already, as it read the head.
+    if matches!(inner, Upstreamed::Hyper { .. }) {
+        strip_hop_by_hop(&mut rp.headers);
+    }
     let guarded = Guarded {
         inner,
         deadline,

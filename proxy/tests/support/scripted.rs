@@ -121,6 +121,9 @@ async fn serve_scripted(mut s: TcpStream) {
             // More than the length said, in the same write: bytes of no request's, which
             // must reach nobody (the connection cannot be reused).
             "/overlong" => b"HTTP/1.1 200 OK\r\nX-Custom: kept as sent\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale".to_vec(),
+            // Fields of one hop only, the first time with a Connection that names another.
+            "/hop-named" => b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Kept: k\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            "/hop" => b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Kept: k\r\nTrailer: x-t\r\nContent-Length: 2\r\n\r\nok".to_vec(),
             "/cut" => {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").await;
                 return;

@@ -17,18 +17,22 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+mod request;
+
+pub(crate) use self::request::{Forwarded, encode_request};
 use super::chunked::Chunked;
 use super::exchange::{self, FastError};
 use super::head::{Field, Framing, ResponseHead};
 use crate::cluster::{Cluster, HostHandle};
 use crate::core::policy::{LocalAnswer, Sent};
 use crate::io::attempts::Transport;
+use crate::io::forward::{is_hop_by_hop, strip_hop_by_hop};
 use crate::io::upstream::{BoxError, HostConns, RawConn};
 
 /// Read size for response bodies.
@@ -47,72 +51,24 @@ pub(crate) struct RawTransport<'a> {
 }
 
 impl<'a> RawTransport<'a> {
-    /// `headers` are the upstream ones (`forward::headers::upstream_headers`), `Host` included.
+    /// `parts` are the downstream request's, headers included (see [`encode_request`]).
     pub(crate) fn new(
         cluster: &'a Cluster,
         parts: &'a Parts,
-        headers: &HeaderMap,
+        ids: Forwarded<'_>,
         body: &[u8],
         timeout: Pin<Box<Sleep>>,
     ) -> Self {
         RawTransport {
             cluster,
             method: &parts.method,
-            msg: encode_request(parts, headers, body),
+            msg: encode_request(parts, ids, body),
             up: Vec::new(),
             // Room for a usual response's fields without growing.
             up_fields: Vec::with_capacity(16),
             timeout,
         }
     }
-}
-
-/// The request as HTTP/1.1 bytes: origin-form target, the headers as given (several `cookie`
-/// fields, which HTTP/2 allows, joined into one as HTTP/1.1 requires), the body's length.
-pub(crate) fn encode_request(parts: &Parts, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut msg = Vec::with_capacity(256 + body.len());
-    msg.extend_from_slice(parts.method.as_str().as_bytes());
-    msg.push(b' ');
-    msg.extend_from_slice(target.as_bytes());
-    msg.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut cookie_written = false;
-    for (name, value) in headers {
-        if name == header::CONTENT_LENGTH {
-            continue;
-        }
-        if name == header::COOKIE {
-            if std::mem::replace(&mut cookie_written, true) {
-                continue;
-            }
-            msg.extend_from_slice(b"cookie: ");
-            for (i, v) in headers.get_all(header::COOKIE).iter().enumerate() {
-                if i > 0 {
-                    msg.extend_from_slice(b"; ");
-                }
-                msg.extend_from_slice(v.as_bytes());
-            }
-            msg.extend_from_slice(b"\r\n");
-            continue;
-        }
-        msg.extend_from_slice(name.as_str().as_bytes());
-        msg.extend_from_slice(b": ");
-        msg.extend_from_slice(value.as_bytes());
-        msg.extend_from_slice(b"\r\n");
-    }
-    // A length whenever there is a body, or the method usually has one (an empty POST).
-    let expects_body = !matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
-    );
-    if !body.is_empty() || expects_body {
-        msg.extend_from_slice(b"content-length: ");
-        msg.extend_from_slice(body.len().to_string().as_bytes());
-        msg.extend_from_slice(b"\r\n");
-    }
-    msg.extend_from_slice(b"\r\n");
-    msg.extend_from_slice(body);
-    msg
 }
 
 impl Transport for RawTransport<'_> {
@@ -147,9 +103,8 @@ impl Transport for RawTransport<'_> {
     }
 }
 
-/// The downstream response: the upstream's status and headers (`forward` strips the
-/// hop-by-hop ones, as for hyper's), and a body that reads the rest from `conn`. `None` when
-/// a header cannot be carried.
+/// The downstream response: the upstream's status and headers without the hop-by-hop ones,
+/// and a body that reads the rest from `conn`. `None` when a header cannot be carried.
 fn response(
     head: &ResponseHead,
     up: Bytes,
@@ -157,15 +112,36 @@ fn response(
     conn: RawConn,
 ) -> Option<Response<RawBody>> {
     let mut headers = HeaderMap::with_capacity(fields.len());
+    // Hop-by-hop fields are left out as they are met (cheaper than adding and removing
+    // them); only a `Connection` that names other fields needs the general strip.
+    let mut names_others = false;
     for f in fields {
-        let name = HeaderName::from_bytes(&up[f.name.clone()]).ok()?;
+        let name = &up[f.name.clone()];
+        if is_hop_by_hop(name) {
+            if !name.eq_ignore_ascii_case(b"connection") || only_persistence(&up[f.value.clone()]) {
+                continue;
+            }
+            names_others = true;
+        }
+        let name = HeaderName::from_bytes(name).ok()?;
         let value = HeaderValue::from_maybe_shared(up.slice(f.value.clone())).ok()?;
         headers.append(name, value);
+    }
+    if names_others {
+        strip_hop_by_hop(&mut headers);
     }
     let mut resp = Response::new(RawBody::new(head, up.slice(head.len..), conn));
     *resp.status_mut() = StatusCode::from_u16(head.status).ok()?;
     *resp.headers_mut() = headers;
     Some(resp)
+}
+
+/// Whether a `Connection` value only says `keep-alive` or `close`, naming no other field.
+fn only_persistence(value: &[u8]) -> bool {
+    value.split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty() || t.eq_ignore_ascii_case(b"keep-alive") || t.eq_ignore_ascii_case(b"close")
+    })
 }
 
 /// Where a response body stands.

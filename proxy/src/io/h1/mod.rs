@@ -40,7 +40,7 @@ mod head;
 mod prefixed;
 mod probe;
 
-pub(crate) use self::bridge::{RawBody, RawTransport};
+pub(crate) use self::bridge::{Forwarded, RawBody, RawTransport};
 use self::head::{Field, RequestHead};
 pub use self::prefixed::Prefixed;
 pub use self::probe::health_check;
