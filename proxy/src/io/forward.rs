@@ -29,7 +29,7 @@ mod body;
 pub(crate) mod headers;
 
 use self::body::{Guarded, ReqBody, Upstreamed};
-pub use self::headers::{REQUEST_ID, is_hop_by_hop, strip_hop_by_hop};
+pub use self::headers::{REQUEST_ID, X_FORWARDED_FOR, is_hop_by_hop, strip_hop_by_hop};
 
 /// Bodies up to this size are buffered so idempotent requests can be retried; larger ones
 /// stream through and get a single attempt.
@@ -218,7 +218,9 @@ pub async fn forward(
     };
     match attempts.run(&mut transport, out).await {
         Ok(((resp, conn), guard)) => {
-            let (rp, body) = resp.into_parts();
+            let (mut rp, body) = resp.into_parts();
+            // The bridge leaves them out itself, as it reads the head.
+            strip_hop_by_hop(&mut rp.headers);
             let inner = Upstreamed::Hyper {
                 body,
                 conn: Some(conn),
@@ -310,21 +312,16 @@ impl Transport for HyperTransport<'_> {
     }
 }
 
-/// The downstream response around the upstream one's head: hop-by-hop headers stripped (by
-/// the bridge itself for raw connections), the
+/// The downstream response around the upstream one's head (hop-by-hop headers stripped): the
 /// body wrapped so it keeps its counts, its timeout and its connection until it is complete.
 fn respond(
-    mut rp: http::response::Parts,
+    rp: http::response::Parts,
     inner: Upstreamed,
     guard: ActiveGuard,
     deadline: Pin<Box<Sleep>>,
     permit: Permit,
     cluster: &Arc<Cluster>,
 ) -> Response<ProxyBody> {
-    // The bridge left them out already, as it read the head.
-    if matches!(inner, Upstreamed::Hyper { .. }) {
-        strip_hop_by_hop(&mut rp.headers);
-    }
     let guarded = Guarded {
         inner,
         deadline,

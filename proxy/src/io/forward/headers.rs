@@ -10,7 +10,7 @@ use http::{Method, Request, Uri};
 use crate::io::upstream::ProxyBody;
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Connection-specific headers (RFC 9110 §7.6.1) besides those `Connection` names, for both
 /// request paths (hyper's and `crate::io::h1`).

@@ -4,12 +4,10 @@
 //! so no second map is built and hashed for each request.
 
 use http::Method;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 
-use crate::io::forward::{REQUEST_ID, is_hop_by_hop};
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+use crate::io::forward::{REQUEST_ID, X_FORWARDED_FOR, is_hop_by_hop};
 
 /// What the proxy adds to a forwarded request.
 #[derive(Clone, Copy)]
