@@ -63,3 +63,59 @@ filled_registry() {
   wait_http "$reg/live"
   "$bin" bench registry-lookup --url "$reg" --fill >/dev/null
 }
+
+# ok_backend [PREFIX...]: one nginx worker on a free loopback port answering every path with
+# "ok\n", checked in as service `web` in a memory registry of its own; both run under PREFIX
+# (`taskset -c 1`, or nothing). Sets `backend_port` and `reg_port`. Stop it with
+# `stop_ok_backend` before `cleanup`: a SIGKILLed nginx master leaves its worker holding the port.
+ok_backend() {
+  backend_port="$(free_port)"; reg_port="$(free_port)"
+  mkdir -p "$work/backend/logs"
+  # nginx's worker drops root: it must be able to enter the scratch directory.
+  chmod 755 "$work"
+  cat >"$work/backend/nginx.conf" <<CONF
+worker_processes 1;
+pid $work/backend/nginx.pid;
+error_log $work/backend/logs/error.log warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  client_body_temp_path $work/b; proxy_temp_path $work/p; fastcgi_temp_path $work/f;
+  uwsgi_temp_path $work/u; scgi_temp_path $work/s;
+  server { listen 127.0.0.1:$backend_port; location / { return 200 "ok\n"; } } }
+CONF
+  "$@" nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$backend_port/"
+  "$@" "$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" >"$work/registry.log" 2>&1 &
+  pids+=($!)
+  wait_http "http://127.0.0.1:$reg_port/healthcheck"
+  "$bin" checkin --registry "http://127.0.0.1:$reg_port" --service web --ip 127.0.0.1 \
+    --port "$backend_port" --no-splay >/dev/null
+}
+stop_ok_backend() {
+  [[ -f $work/backend/nginx.pid ]] && kill -TERM "$(cat "$work/backend/nginx.pid")" 2>/dev/null
+  sleep 0.3
+}
+
+# ok_backend_haproxy THREADS BIND: $work/haproxy.cfg, HAProxy with THREADS threads in front
+# of ok_backend's nginx (keep-alive on both sides, a check every 5 s), listening as BIND says
+# (`127.0.0.1:PORT`, maybe followed by `proto h2`).
+ok_backend_haproxy() {
+  cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread $1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend in
+  bind $2
+  default_backend web
+backend web
+  server b0 127.0.0.1:$backend_port check inter 5s
+CONF
+}

@@ -28,68 +28,13 @@ if ((${#need[@]})); then
 fi
 # shellcheck source=ops/bench/common.sh
 source "$root/ops/bench/common.sh"
-stop_nginx() { [[ -f $work/backend/nginx.pid ]] && kill -TERM "$(cat "$work/backend/nginx.pid")" 2>/dev/null; sleep 0.3; }
-trap 'stop_nginx; cleanup' EXIT
-chmod 755 "$work"
+trap 'stop_ok_backend; cleanup' EXIT
 
-backend_port="$(free_port)"; reg_port="$(free_port)"; ours_port="$(free_port)"
-admin_port="$(free_port)"; hap_port="$(free_port)"
-mkdir -p "$work/backend/logs"
-cat >"$work/backend/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/backend/nginx.pid;
-error_log $work/backend/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/backend/body; proxy_temp_path $work/backend/proxy;
-  fastcgi_temp_path $work/backend/fcgi; uwsgi_temp_path $work/backend/uwsgi;
-  scgi_temp_path $work/backend/scgi;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:$backend_port; location / { return 200 "ok\n"; } }
-}
-EOF
-nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
-pids+=($!)
-wait_http "http://127.0.0.1:$backend_port/"
-"$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" >"$work/registry.log" 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$reg_port/healthcheck"
-"$bin" checkin --registry "http://127.0.0.1:$reg_port" --service web --ip 127.0.0.1 \
-  --port "$backend_port" --no-splay >/dev/null
-
-cat >"$work/proxy.toml" <<EOF
-[admin]
-address = "127.0.0.1:$admin_port"
-[[listeners]]
-address = "127.0.0.1:$ours_port"
-[[routes]]
-path_prefix = "/"
-cluster = "web"
-[[clusters]]
-name = "web"
-service = "web"
-membership_url = "http://127.0.0.1:$reg_port"
-EOF
-hap_bind="bind 127.0.0.1:$hap_port"
+ok_backend
+ours_port="$(free_port)"; admin_port="$(free_port)"; hap_port="$(free_port)"
+hap_bind="127.0.0.1:$hap_port"
 ((h1)) || hap_bind+=" proto h2"
-cat >"$work/haproxy.cfg" <<EOF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
-frontend in
-  $hap_bind
-  default_backend web
-backend web
-  server b0 127.0.0.1:$backend_port check inter 5s
-EOF
+ok_backend_haproxy 1 "$hap_bind"
 
 load=(h2load -c10 -m10 -t1)
 probe=(curl -fsS -o /dev/null --http2-prior-knowledge)
@@ -115,7 +60,8 @@ measure() { # name port command... -> instructions per request
   kill -KILL "$pid" 2>/dev/null || true
   echo "$((ir / n))"
 }
-ours="$(measure ours "$ours_port" "$bin" --log-level warn proxy --config "$work/proxy.toml" --worker-threads 1)"
+ours="$(measure ours "$ours_port" "$bin" --log-level warn proxy --listen "127.0.0.1:$ours_port" \
+  --admin "127.0.0.1:$admin_port" --agent "http://127.0.0.1:$reg_port" --route web=/ --worker-threads 1)"
 hap="$(measure haproxy "$hap_port" haproxy -db -f "$work/haproxy.cfg")"
 proto="HTTP/2 (10 connections x 10 streams)"
 ((h1)) && proto="HTTP/1.1 keep-alive (10 connections)"

@@ -19,52 +19,17 @@ pin="${PIN:-0}"
 command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
 # shellcheck source=ops/bench/common.sh
 source "$root/ops/bench/common.sh"
-stop_nginx() { [[ -f $work/backend/nginx.pid ]] && kill -TERM "$(cat "$work/backend/nginx.pid")" 2>/dev/null; sleep 0.3; }
-trap 'stop_nginx; cleanup' EXIT
+trap 'stop_ok_backend; cleanup' EXIT
 on0=(); on1=()
 if ((pin)); then on0=(taskset -c 0); on1=(taskset -c 1); fi
 
-backend_port="$(free_port)"; reg_port="$(free_port)"; ours_port="$(free_port)"
-admin_port="$(free_port)"; hap_port="$(free_port)"
-mkdir -p "$work/backend/logs"
-cat >"$work/backend/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/backend/nginx.pid;
-error_log $work/backend/logs/error.log warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  client_body_temp_path $work/b; proxy_temp_path $work/p; fastcgi_temp_path $work/f;
-  uwsgi_temp_path $work/u; scgi_temp_path $work/s;
-  server { listen 127.0.0.1:$backend_port; location / { return 200 "ok\n"; } } }
-EOF
-"${on1[@]}" nginx -p "$work/backend" -c "$work/backend/nginx.conf" -g 'daemon off;' &
-pids+=($!)
-wait_http "http://127.0.0.1:$backend_port/"
-"${on1[@]}" "$bin" --log-level warn registry --listen "127.0.0.1:$reg_port" >"$work/registry.log" 2>&1 &
-pids+=($!)
-wait_http "http://127.0.0.1:$reg_port/healthcheck"
-"$bin" checkin --registry "http://127.0.0.1:$reg_port" --service web --ip 127.0.0.1 \
-  --port "$backend_port" --no-splay >/dev/null
+ok_backend "${on1[@]}"
+ours_port="$(free_port)"; admin_port="$(free_port)"; hap_port="$(free_port)"
 "${on0[@]}" "$bin" --log-level warn proxy --listen "127.0.0.1:$ours_port" --admin "127.0.0.1:$admin_port" \
   --agent "http://127.0.0.1:$reg_port" --route web=/ --worker-threads "$threads" >"$work/proxy.log" 2>&1 &
 ours_pid=$!
 pids+=($ours_pid)
-cat >"$work/haproxy.cfg" <<EOF
-global
-  nbthread $threads
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  option http-keep-alive
-  http-reuse always
-frontend in
-  bind 127.0.0.1:$hap_port
-  default_backend web
-backend web
-  server b0 127.0.0.1:$backend_port check inter 5s
-EOF
+ok_backend_haproxy "$threads" "127.0.0.1:$hap_port"
 "${on0[@]}" haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
 hap_pid=$!
 pids+=($hap_pid)
